@@ -1,0 +1,135 @@
+"""The ``tagger`` command line: the public surface of the offline and live tools.
+
+Offline commands live here; live-service commands (worker, stack, publish, tail, demo,
+promote, bench, chaos) are registered by ``stream.cli`` so that ``trainer`` never imports
+``stream`` at module level. Every ``TaggerError`` becomes a one-line message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trainer.errors import TaggerError
+
+
+def _progress(args) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def cmd_generate(args) -> int:
+    from trainer.generate import generate
+    stats = generate(args.sessions, args.seed, args.out, images_dir=args.images, progress=_progress(args))
+    print(f"wrote {stats['events']} events in {stats['sessions']} sessions to {stats['path']}")
+    for name, n in sorted(stats["steps"].items(), key=lambda kv: -kv[1]):
+        print(f"  {n:7d}  {name}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from trainer.config import load_config
+    from trainer.train import train
+    cfg = load_config(args.config)
+    overrides = {}
+    if args.arch:
+        overrides["model"] = {"arch": args.arch}
+    if args.epochs:
+        overrides["train"] = {"epochs": args.epochs}
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    train(args.data, args.out, cfg, progress=_progress(args), skip_bad_rows=args.skip_bad_rows)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from trainer.evaluate import evaluate
+    from trainer.report import format_summary
+    res = evaluate(args.model, args.data, args.json, streaming=args.streaming,
+                   skip_bad_rows=args.skip_bad_rows, progress=_progress(args))
+    print(f"{res['events']} events in {res['sessions']} sessions, model {res['model_version']}")
+    summary = {"offline": res["offline"], "classification": res["details"]["classification"]}
+    if "streaming" in res:
+        summary["streaming"] = res["streaming"]
+    print(format_summary(summary))
+    if args.json:
+        print(f"report written to {args.json}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from trainer.evaluate import predict
+    out = predict(args.model, args.data, args.out, skip_bad_rows=args.skip_bad_rows)
+    print(f"labelled {len(out)} events ({int(out['abstained'].sum())} abstained) -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tagger", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="write realistic generated task-mining logs")
+    g.add_argument("--sessions", type=int, default=1000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="CSV file to write")
+    g.add_argument("--images", help="also render one screenshot per event into this folder")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train, calibrate and score a model; write an artifact folder")
+    t.add_argument("--data", required=True, help="training CSV or Parquet (label column step_name)")
+    t.add_argument("--out", required=True, help="artifact folder to write")
+    t.add_argument("--config", help="YAML config (data/model/train sections)")
+    t.add_argument("--arch", help="override model.arch (bilstm, transformer, tcn, bilstm_attn, logreg, crf)")
+    t.add_argument("--epochs", type=int, help="override train.epochs")
+    t.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report them")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a model on a labelled log")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--json", help="write the report as JSON here (plots beside it)")
+    e.add_argument("--streaming", action="store_true",
+                   help="also replay sessions event by event through the live tagging code")
+    e.add_argument("--skip-bad-rows", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="label a log with a model (batch inference)")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--data", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--skip-bad-rows", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    try:
+        from stream.cli import register
+    except ImportError as exc:  # the live side is part of the same distribution
+        if "stream.cli" not in str(exc) and "stream" not in str(exc):
+            raise
+    else:
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("aiokafka", "faust", "mode", "sentence_transformers", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except TaggerError as exc:
+        print(f"tagger {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

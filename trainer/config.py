@@ -1,0 +1,220 @@
+"""Typed, frozen configuration for data, model and training, loaded from one YAML file.
+
+Every field has a default, so an empty file (or a file with only a ``data:`` section, the
+DESIGN.md contract) is valid. An unknown key is an error that names it with its full path
+(``model.hiden_dim``), and a value of the wrong type names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from trainer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # The contract part (DESIGN.md): optional columns the model uses.
+    cat_features: tuple[str, ...] = ()
+    num_features: tuple[str, ...] = ()
+    text_features: tuple[str, ...] = ()
+    image_col: Optional[str] = None
+    # Embed event names with the offline text model too (the seed's "event names as text").
+    event_name_text: bool = False
+    # Tokens/event names seen fewer times than this in training map to UNK.
+    min_freq: int = 2
+    # Use these well-known columns automatically when the file has them.
+    auto_columns: tuple[str, ...] = ("group_id", "target_app", "file_extension")
+    test_size: float = 0.10
+    val_size: float = 0.10
+    # Long sessions are cut into chunks of this many events for training (with overlap).
+    chunk_len: int = 128
+    image_size: int = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # logreg and crf are the classic baselines, trained and scored the same way
+    arch: Literal["bilstm", "transformer", "tcn", "bilstm_attn", "logreg", "crf"] = "bilstm"
+    fusion: Literal["concat", "gated", "sum", "cross_attention"] = "concat"
+    # Each event sees every earlier event (within `context`) and at most `lookahead` later
+    # ones, in training and live alike: a live label is final after `lookahead` more events.
+    # null means unbounded (offline-only, full bidirectional).
+    lookahead: Optional[int] = 4
+    context: int = 64
+    emb_event_dim: int = 64
+    emb_token_dim: int = 32
+    emb_cat_dim: int = 16
+    num_proj_dim: int = 16
+    text_proj_dim: int = 32
+    image_proj_dim: int = 32
+    hidden_dim: int = 128
+    num_layers: int = 2
+    nhead: int = 4
+    ff_dim: int = 256
+    dropout: float = 0.2
+    crf: bool = False
+
+
+@dataclass(frozen=True)
+class HPOConfig:
+    enabled: bool = False
+    k_folds: int = 3
+    n_trials: int = 10
+    epochs_per_fold: int = 8
+    timeout_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    epochs: int = 30
+    patience: int = 4
+    batch_size: int = 32
+    grad_clip: float = 1.0
+    loss: Literal["ce", "focal"] = "ce"
+    class_weights: bool = True
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    # Abstain unless the calibrated confidence clears a threshold chosen on validation so
+    # that precision reaches this target (with `guarantee_confidence` via a binomial bound).
+    precision_target: float = 0.95
+    guarantee_confidence: float = 0.9
+    seed: int = 42
+    device: str = "auto"
+    hpo: HPOConfig = field(default_factory=HPOConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some fields overridden, e.g. ``cfg.replace(model={"arch": "tcn"})``."""
+        merged = self.to_dict()
+        for name, values in sections.items():
+            if name not in merged:
+                raise ConfigError(f"unknown config section {name!r}")
+            merged[name] = {**merged[name], **values}
+        return from_dict(merged)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            path = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any] | None) -> Config:
+    cfg = _build(Config, values or {}, "")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.lookahead is not None and m.lookahead < 0:
+        raise ConfigError("model.lookahead: must be >= 0 or null")
+    if m.context < 1:
+        raise ConfigError("model.context: must be >= 1")
+    if m.arch == "transformer" and m.hidden_dim % m.nhead:
+        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nhead ({m.nhead})")
+    if not 0 < t.precision_target <= 1:
+        raise ConfigError("train.precision_target: must be in (0, 1]")
+    if not 0 <= d.test_size < 1 or not 0 <= d.val_size < 1 or d.test_size + d.val_size >= 1:
+        raise ConfigError("data.test_size and data.val_size must be in [0, 1) and sum below 1")
+    if d.chunk_len < 8:
+        raise ConfigError("data.chunk_len: must be >= 8")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a YAML config; None gives the defaults."""
+    if path is None:
+        return from_dict({})
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,101 @@
+"""``tagger evaluate`` and ``tagger predict``: score or apply a saved model on a log file.
+
+The JSON written by ``evaluate --json`` follows the DESIGN.md contract: ``events``,
+``sessions``, the ``offline`` block and, with ``--streaming``, the ``streaming`` block, plus
+details (per-class report, confusions, risk-coverage curve) beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from trainer.artifacts import LoadedModel, _json_default, load_artifact
+from trainer.loading import read_events
+from trainer.metrics import ABSTAIN, offline_metrics
+
+
+def label_ids(names: Sequence[str], labels: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Gold names -> ids; names the model has never seen get ids past its label list (they
+    count as errors and appear in macro-F1, since the contract averages over test labels)."""
+    extended = list(labels)
+    index = {s: i for i, s in enumerate(extended)}
+    ids = []
+    for s in names:
+        if s not in index:
+            index[s] = len(extended)
+            extended.append(s)
+        ids.append(index[s])
+    return np.asarray(ids, dtype=np.int64), extended
+
+
+def score(gold: Sequence[str], probs: np.ndarray, labels: list[str], threshold: float) -> dict[str, Any]:
+    """The offline report for flat gold names and calibrated probabilities (n, C)."""
+    y_true, extended = label_ids(gold, labels)
+    y_pred = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=np.int64)
+    conf = probs.max(-1) if len(probs) else np.zeros(0)
+    return offline_metrics(y_true, y_pred, conf, threshold, extended)
+
+
+def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | None = None, *,
+             streaming: bool = False, skip_bad_rows: bool = False, plots: bool = True,
+             progress: bool = False) -> dict[str, Any]:
+    lm = load_artifact(model_dir)
+    frame, report = read_events(data, require_label=True, skip_bad_rows=skip_bad_rows,
+                                numeric_columns=lm.encoder.data.num_features)
+    base_dir = Path(data).parent
+    sids, probs = lm.predict_proba(frame, base_dir=base_dir)
+    flat = np.concatenate(probs) if probs else np.zeros((0, len(lm.labels)))
+    res = score(frame["step_name"].tolist(), flat, lm.labels, lm.threshold)
+    out: dict[str, Any] = {"events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
+                           "model_version": lm.version, "model_kind": lm.kind,
+                           "offline": res["offline"]}
+    if streaming:
+        from stream.replay import streaming_evaluation
+        out["streaming"] = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)),
+                                                base_dir=base_dir, progress=progress)
+    out["details"] = {k: res[k] for k in ("classification", "selective", "risk_coverage")}
+    if report.bad_rows:
+        out["skipped_rows"] = [str(b) for b in report.bad_rows]
+    if json_out:
+        json_out = Path(json_out)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(out, indent=2, default=_json_default), encoding="utf-8")
+        if plots:
+            from trainer.report import write_report
+            write_report(res, json_out.parent / (json_out.stem + "_plots"))
+    return out
+
+
+def predict(model_dir: str | Path, data: str | Path, out_csv: str | Path, *,
+            skip_bad_rows: bool = False) -> pd.DataFrame:
+    """Label every event; abstained events get an empty ``pred_step_name``, id -1."""
+    lm: LoadedModel = load_artifact(model_dir)
+    frame, _ = read_events(data, require_label=False, skip_bad_rows=skip_bad_rows,
+                           numeric_columns=lm.encoder.data.num_features)
+    _, probs = lm.predict_proba(frame, base_dir=Path(data).parent)
+    flat = np.concatenate(probs)
+    ids = flat.argmax(-1)
+    conf = flat.max(-1)
+    abstained = conf < lm.threshold
+    result = pd.DataFrame({
+        "session_id": frame["session_id"].values,
+        "event_name": frame["event_name"].values,
+        "pred_step_name": np.where(abstained, "", np.asarray(lm.labels, dtype=object)[ids]),
+        "pred_confidence": np.round(conf, 6),
+        "pred_step_id": np.where(abstained, -1, ids),
+        "abstained": abstained,
+        "event_id": frame["event_id"].values,
+        "timestamp": frame["timestamp"].values,
+    })
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    result.to_csv(out_csv, index=False)
+    return result
+
+
+__all__ = ["evaluate", "predict", "score", "label_ids", "ABSTAIN"]

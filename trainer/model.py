@@ -1,0 +1,501 @@
+"""The sequence-labelling network: multimodal event embedding, fusion, encoder, token classifier.
+
+Everything about the network is in this file (nanoGPT style): ``ModelArgs`` holds every
+constructor argument and is stored in the checkpoint, so ``Tagger(ModelArgs(**ckpt["model_args"]))``
+rebuilds it.
+
+Bounded lookahead is the key idea. With ``lookahead = L`` each event sees every earlier event
+(within ``context`` for attention) and at most L later ones, in training and live alike. So
+a live label is final after L more events, and the live model sees exactly what it saw in
+training. ``step()`` advances many sessions by one event each using cached state, with work
+per event bounded by L and ``context``, never by the session's length:
+
+- BiLSTM: a causal multi-layer forward LSTM (state cached) plus a backward LSTM that reads
+  only the window of the event and its L successors.
+- Transformer: causal self-attention layers over the last ``context`` events (their outputs
+  are cached: a causal layer's output never changes), and a last layer that may also look L
+  events ahead. Positions are relative (a learned bias per head and distance), so position
+  1000 of a session costs what position 10 does.
+- TCN: causal dilated convolutions (receptive field cached as a buffer), then a lookahead
+  convolution over the next L events.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+IGNORE = -100
+
+
+@dataclass
+class ModelArgs:
+    n_labels: int
+    n_events: int
+    n_tokens: int
+    cat_sizes: tuple[int, ...] = ()
+    n_nums: int = 0
+    text_dim: int = 0
+    image_size: int = 0
+    arch: str = "bilstm"            # bilstm | transformer | tcn | bilstm_attn
+    fusion: str = "concat"          # concat | gated | sum | cross_attention
+    lookahead: Optional[int] = 4    # None = unbounded (offline only)
+    context: int = 64
+    emb_event_dim: int = 64
+    emb_token_dim: int = 32
+    emb_cat_dim: int = 16
+    num_proj_dim: int = 16
+    text_proj_dim: int = 32
+    image_proj_dim: int = 32
+    hidden_dim: int = 128
+    num_layers: int = 2
+    nhead: int = 4
+    ff_dim: int = 256
+    dropout: float = 0.2
+    crf: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cat_sizes"] = list(self.cat_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
+        d = dict(d)
+        d["cat_sizes"] = tuple(d.get("cat_sizes", ()))
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------
+# Event embedding and fusion
+# ------------------------------------------------------------------------------------------
+
+class SmallCNN(nn.Module):
+    """Screenshot encoder trained with the tagger: no pretrained backbone is needed."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, out_dim))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        # img: (N, 3, S, S) uint8 -> (N, out_dim)
+        return self.net(img.float() / 255.0)
+
+
+class EventEmbedder(nn.Module):
+    """Per-event multimodal features -> one vector of ``hidden_dim`` (the fusion layer)."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.event = nn.Embedding(a.n_events, a.emb_event_dim, padding_idx=0)
+        self.token = nn.Embedding(a.n_tokens, a.emb_token_dim, padding_idx=0)
+        self.cats = nn.ModuleList(nn.Embedding(n, min(a.emb_cat_dim, max(2, n)), padding_idx=0)
+                                  for n in a.cat_sizes)
+        self.nums = nn.Linear(a.n_nums, a.num_proj_dim) if a.n_nums else None
+        tab_dim = a.emb_event_dim + a.emb_token_dim + sum(e.embedding_dim for e in self.cats) + (
+            a.num_proj_dim if a.n_nums else 0)
+        self.text = nn.Linear(a.text_dim, a.text_proj_dim) if a.text_dim else None
+        self.image = SmallCNN(a.image_proj_dim) if a.image_size else None
+        extra = [d for d, m in ((a.text_proj_dim, self.text), (a.image_proj_dim, self.image)) if m is not None]
+        h = a.hidden_dim
+        if a.fusion == "concat":
+            self.proj = nn.Linear(tab_dim + sum(extra), h)
+        elif a.fusion in ("gated", "sum", "cross_attention"):
+            self.proj = nn.Linear(tab_dim, h)
+            self.extra_proj = nn.ModuleList(nn.Linear(d, h) for d in extra)
+            if a.fusion == "gated":
+                self.gates = nn.ModuleList(nn.Linear(2 * h, h) for _ in extra)
+            if a.fusion == "cross_attention":
+                self.xattn = nn.MultiheadAttention(h, 1, batch_first=True)
+        else:
+            raise ValueError(f"unknown fusion {a.fusion!r}")
+        self.norm = nn.LayerNorm(h)
+        self.drop = nn.Dropout(a.dropout)
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        # every input is (B, T, ...); output (B, T, hidden)
+        tok = b["tokens"]
+        tok_emb = self.token(tok)                                     # (B, T, MT, Et)
+        n_tok = (tok != 0).sum(-1, keepdim=True).clamp(min=1)
+        parts = [self.event(b["event"]), tok_emb.sum(-2) / n_tok]
+        parts += [emb(b["cats"][..., j]) for j, emb in enumerate(self.cats)]
+        if self.nums is not None:
+            parts.append(self.nums(b["nums"]))
+        tab = torch.cat(parts, -1)
+        extra = []
+        if self.text is not None:
+            extra.append(self.text(b["text"]))
+        if self.image is not None:
+            img = b["image"]
+            B, T = img.shape[:2]
+            extra.append(self.image(img.reshape(B * T, *img.shape[2:])).reshape(B, T, -1))
+        if self.a.fusion == "concat":
+            x = self.proj(torch.cat([tab] + extra, -1))
+        else:
+            x = self.proj(tab)
+            mods = [p(e) for p, e in zip(self.extra_proj, extra)]
+            if self.a.fusion == "sum":
+                x = x + sum(mods) if mods else x
+            elif self.a.fusion == "gated":
+                for gate, m in zip(self.gates, mods):
+                    x = x + torch.sigmoid(gate(torch.cat([x, m], -1))) * m
+            elif mods:  # cross_attention: the event attends over its own modalities
+                B, T, H = x.shape
+                kv = torch.stack([x] + mods, 2).reshape(B * T, 1 + len(mods), H)
+                att, _ = self.xattn(x.reshape(B * T, 1, H), kv, kv, need_weights=False)
+                x = x + att.reshape(B, T, H)
+        return self.drop(self.norm(F.gelu(x)))
+
+
+# ------------------------------------------------------------------------------------------
+# Encoders. Each maps (B, T, H) + lengths -> (B, T, H_out) and has a cached one-step twin.
+# ------------------------------------------------------------------------------------------
+
+class LookaheadLSTM(nn.Module):
+    """Causal forward LSTM + backward LSTM over each event's next L events (or all, L=None)."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        h = a.hidden_dim
+        self.L = a.lookahead
+        self.fwd = nn.LSTM(h, h, a.num_layers, batch_first=True,
+                           dropout=a.dropout if a.num_layers > 1 else 0.0)
+        self.bwd = nn.LSTM(h, h, 1, batch_first=True)
+        self.out_dim = 2 * h
+
+    def backward_windows(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, H). Position i's window is x[i+l-1], ..., x[i] with l = min(L+1, len-i):
+        # read in reverse, so the final state has seen i's future within the lookahead.
+        B, T, H = x.shape
+        L = self.L
+        i = torch.arange(T, device=x.device)
+        l = torch.minimum(torch.full((B, T), L + 1, device=x.device), lengths[:, None].to(x.device) - i)
+        l = l.clamp(min=1)                                             # (B, T)
+        k = torch.arange(L + 1, device=x.device)
+        idx = (i[None, :, None] + l[:, :, None] - 1 - k).clamp(0, T - 1)  # (B, T, L+1)
+        flat = (idx + torch.arange(B, device=x.device)[:, None, None] * T).reshape(-1)
+        win = x.reshape(B * T, H)[flat].reshape(B * T, L + 1, H)
+        packed = pack_padded_sequence(win, l.reshape(-1).cpu(), batch_first=True, enforce_sorted=False)
+        _, (hn, _) = self.bwd(packed)
+        return hn[-1].reshape(B, T, H)
+
+    def full_backward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        i = torch.arange(T, device=x.device)
+        rev = (lengths[:, None].to(x.device) - 1 - i).clamp(min=0)     # reverse the valid part
+        xr = torch.gather(x, 1, rev[..., None].expand(B, T, H))
+        packed = pack_padded_sequence(xr, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.bwd(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+        return torch.gather(out, 1, rev[..., None].expand(B, T, H))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        f, _ = self.fwd(x)                                             # causal: pads are at the end
+        b = self.full_backward(x, lengths) if self.L is None else self.backward_windows(x, lengths)
+        return torch.cat([f, b], -1)
+
+    # ---- streaming ---------------------------------------------------------------------
+    def init_state(self, device) -> dict[str, torch.Tensor]:
+        H, N = self.fwd.hidden_size, self.fwd.num_layers
+        return {"h": torch.zeros(N, H, device=device), "c": torch.zeros(N, H, device=device),
+                "x": torch.zeros(0, H, device=device), "f": torch.zeros(0, H, device=device)}
+
+    def step(self, states: list[dict], x_new: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
+        # x_new: (B, H), one new event per session. Returns new states and, per session, the
+        # encoder outputs of the positions whose labels may change: (v, 2H), oldest first.
+        h = torch.stack([s["h"] for s in states], 1)
+        c = torch.stack([s["c"] for s in states], 1)
+        f_new, (h2, c2) = self.fwd(x_new[:, None, :], (h, c))         # (B, 1, H)
+        keep = self.L + 1
+        xs = [torch.cat([s["x"], x_new[i:i + 1]])[-keep:] for i, s in enumerate(states)]
+        fs = [torch.cat([s["f"], f_new[i]])[-keep:] for i, s in enumerate(states)]
+        lengths = torch.tensor([len(v) for v in xs])
+        T = int(lengths.max())
+        xpad = torch.stack([F.pad(v, (0, 0, 0, T - len(v))) for v in xs])
+        b = self.backward_windows(xpad, lengths)                       # (B, T, H)
+        new_states, outs = [], []
+        for i in range(len(states)):
+            n = len(xs[i])
+            new_states.append({"h": h2[:, i], "c": c2[:, i], "x": xs[i], "f": fs[i]})
+            outs.append(torch.cat([fs[i], b[i, :n]], -1))
+        return new_states, outs
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block whose queries and keys may be different slices of a sequence."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        h = a.hidden_dim
+        self.nhead = a.nhead
+        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.q, self.kv, self.o = nn.Linear(h, h), nn.Linear(h, 2 * h), nn.Linear(h, h)
+        self.ff = nn.Sequential(nn.Linear(h, a.ff_dim), nn.GELU(), nn.Linear(a.ff_dim, h))
+        self.drop = nn.Dropout(a.dropout)
+
+    def forward(self, xq: torch.Tensor, xkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # xq: (B, Tq, H), xkv: (B, Tk, H), bias: (B or 1, nh, Tq, Tk) with -inf where masked
+        B, Tq, H = xq.shape
+        nh = self.nhead
+        q = self.q(self.ln1(xq)).reshape(B, Tq, nh, H // nh).transpose(1, 2)
+        k, v = self.kv(self.ln1(xkv)).reshape(B, -1, 2, nh, H // nh).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = xq + self.drop(self.o(att.transpose(1, 2).reshape(B, Tq, H)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class LookaheadTransformer(nn.Module):
+    """Causal windowed attention layers, then one layer that may look L events ahead."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.L, self.C, self.nhead = a.lookahead, a.context, a.nhead
+        self.blocks = nn.ModuleList(Block(a) for _ in range(max(1, a.num_layers)))
+        self.max_future = a.context if a.lookahead is None else a.lookahead
+        # relative position bias per layer and head, for distances -C+1 .. +max_future
+        self.rel = nn.Parameter(torch.zeros(len(self.blocks), a.nhead, a.context + self.max_future))
+        self.ln = nn.LayerNorm(a.hidden_dim)
+        self.out_dim = a.hidden_dim
+
+    def _bias(self, layer: int, qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor) -> torch.Tensor:
+        # qpos: (Tq,), kpos: (Tk,) absolute positions; kvalid: (B, Tk) -> (B, nh, Tq, Tk)
+        d = kpos[None, :] - qpos[:, None]                             # key - query
+        last = layer == len(self.blocks) - 1
+        future = (self.L if self.L is not None else 10 ** 9) if last else 0
+        if self.L is None:
+            future = 10 ** 9
+        allowed = (d > -self.C) & (d <= future)
+        idx = d.clamp(-self.C + 1, self.max_future) + self.C - 1
+        bias = self.rel[layer][:, idx]                                 # (nh, Tq, Tk)
+        # a query always sees itself, so padded rows are never all -inf (NaN in softmax)
+        mask = (allowed[None, None] & kvalid[:, None, None, :]) | (d == 0)[None, None]
+        return torch.where(mask, bias[None], torch.tensor(float("-inf"), device=bias.device))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        valid = pos[None, :] < lengths[:, None].to(x.device)
+        for layer, blk in enumerate(self.blocks):
+            x = blk(x, x, self._bias(layer, pos, pos, valid))
+        return self.ln(x)
+
+    # ---- streaming ---------------------------------------------------------------------
+    def init_state(self, device) -> dict[str, Any]:
+        H = self.blocks[0].q.in_features
+        return {"n": 0, "layers": [torch.zeros(0, H, device=device) for _ in self.blocks]}
+
+    def step(self, states: list[dict], x_new: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
+        # Per session, layers[l] caches layer l's inputs for the last C + L positions. Causal
+        # layers' outputs never change, so only the new position runs through them; the last
+        # layer re-runs for the positions still inside the lookahead (at most L + 1).
+        L = self.L if self.L is not None else 0
+        keep = self.C + L
+        new_states, outs = [], []
+        for i, s in enumerate(states):  # B is small per round; buffers differ in length
+            n = s["n"]
+            layers = [lay for lay in s["layers"]]
+            h = x_new[i:i + 1]                                          # (1, H)
+            for l, blk in enumerate(self.blocks[:-1]):
+                buf = torch.cat([layers[l], h])[-keep:]
+                layers[l] = buf
+                kpos = torch.arange(n + 1 - len(buf), n + 1, device=h.device)
+                qpos = kpos[-1:]
+                valid = torch.ones(1, len(buf), dtype=torch.bool, device=h.device)
+                h = blk(h[None], buf[None], self._bias(l, qpos, kpos, valid))[0]
+            last = len(self.blocks) - 1
+            buf = torch.cat([layers[last], h])[-keep:]
+            layers[last] = buf
+            kpos = torch.arange(n + 1 - len(buf), n + 1, device=h.device)
+            v = min(L + 1, len(buf))
+            qpos = kpos[-v:]
+            valid = torch.ones(1, len(buf), dtype=torch.bool, device=h.device)
+            out = self.blocks[last](buf[None, -v:], buf[None], self._bias(last, qpos, kpos, valid))[0]
+            outs.append(self.ln(out))
+            new_states.append({"n": n + 1, "layers": layers})
+        return new_states, outs
+
+
+class LookaheadTCN(nn.Module):
+    """Causal dilated residual convolutions, then a convolution over the next L events."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        h = a.hidden_dim
+        self.L = a.lookahead if a.lookahead is not None else 8
+        self.dil = [2 ** i for i in range(max(1, a.num_layers + 1))]
+        self.convs = nn.ModuleList(nn.Conv1d(h, h, 3, dilation=d) for d in self.dil)
+        self.ahead = nn.Conv1d(h, h, self.L + 1)
+        self.drop = nn.Dropout(a.dropout)
+        self.receptive = sum(2 * d for d in self.dil)
+        self.out_dim = 2 * h
+
+    def _causal(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T) -> (B, H, T), position t sees t - receptive .. t
+        for conv, d in zip(self.convs, self.dil):
+            x = x + self.drop(F.gelu(conv(F.pad(x, (2 * d, 0)))))
+        return x
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        mask = (torch.arange(T, device=x.device)[None] < lengths[:, None].to(x.device)).float()
+        c = self._causal((x * mask[..., None]).transpose(1, 2)) * mask[:, None]
+        a = self.ahead(F.pad(c, (0, self.L)))                        # sees t .. t+L (zeros past end)
+        return torch.cat([c, a], 1).transpose(1, 2)
+
+    def init_state(self, device) -> dict[str, Any]:
+        H = self.ahead.in_channels
+        return {"x": torch.zeros(0, H, device=device), "c": torch.zeros(0, H, device=device)}
+
+    def step(self, states: list[dict], x_new: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
+        new_states, outs = [], []
+        for i, s in enumerate(states):
+            # the buffer holds exactly the receptive field, so the newest causal output is exact
+            xs = torch.cat([s["x"], x_new[i:i + 1]])[-(self.receptive + 1):]
+            c_new = self._causal(xs.T[None])[0, :, -1]
+            cs = torch.cat([s["c"], c_new[None]])[-(self.L + 1):]
+            a = self.ahead(F.pad(cs.T[None], (0, self.L)))[0].T         # (v, H)
+            outs.append(torch.cat([cs, a], -1))
+            new_states.append({"x": xs, "c": cs})
+        return new_states, outs
+
+
+class AttentionLSTM(LookaheadLSTM):
+    """BiLSTM + attention: each event also attends over the forward states of its context."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__(a)
+        self.C = a.context
+        self.att = nn.MultiheadAttention(a.hidden_dim, a.nhead, batch_first=True)
+        self.out_dim = 3 * a.hidden_dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        fb = super().forward(x, lengths)
+        f = fb[..., :self.fwd.hidden_size]
+        T = x.shape[1]
+        i = torch.arange(T, device=x.device)
+        d = i[None, :] - i[:, None]
+        blocked = (d > 0) | (d <= -self.C)                             # causal, within context
+        ctx, _ = self.att(f, f, f, attn_mask=blocked, need_weights=False)
+        return torch.cat([fb, ctx], -1)
+
+    def init_state(self, device):
+        s = super().init_state(device)
+        s["hist"] = torch.zeros(0, self.fwd.hidden_size, device=device)
+        return s
+
+    def step(self, states, x_new):
+        new_states, outs = super().step(states, x_new)
+        res = []
+        for s_old, s, o in zip(states, new_states, outs):
+            hist = torch.cat([s_old["hist"], s["f"][-1:]])[-(self.C + self.L):]
+            s["hist"] = hist
+            v = len(o)
+            # position j (of the v affected) attends over history up to itself
+            ctxs = []
+            for j in range(v):
+                upto = len(hist) - (v - 1 - j)
+                kv = hist[max(0, upto - self.C):upto][None]
+                c, _ = self.att(kv[:, -1:], kv, kv, need_weights=False)
+                ctxs.append(c[0, 0])
+            res.append(torch.cat([o, torch.stack(ctxs)], -1))
+        return new_states, res
+
+
+ENCODERS = {"bilstm": LookaheadLSTM, "transformer": LookaheadTransformer, "tcn": LookaheadTCN,
+            "bilstm_attn": AttentionLSTM}
+
+
+# ------------------------------------------------------------------------------------------
+# The tagger
+# ------------------------------------------------------------------------------------------
+
+class Tagger(nn.Module):
+    def __init__(self, args: ModelArgs, class_weights: Optional[torch.Tensor] = None,
+                 loss: str = "ce", focal_gamma: float = 2.0, label_smoothing: float = 0.0):
+        super().__init__()
+        if args.arch not in ENCODERS:
+            raise ValueError(f"unknown arch {args.arch!r}; choose from {sorted(ENCODERS)}")
+        self.args = args
+        self.embed = EventEmbedder(args)
+        self.encoder = ENCODERS[args.arch](args)
+        self.head = nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
+        self.register_buffer("class_weights", class_weights if class_weights is not None
+                             else torch.ones(args.n_labels), persistent=False)
+        self.loss_kind, self.focal_gamma, self.label_smoothing = loss, focal_gamma, label_smoothing
+
+    def forward(self, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
+        """batch tensors are (B, T, ...) with ``lengths`` (B,); returns (logits (B,T,C), loss)."""
+        x = self.embed(batch)                                          # (B, T, H)
+        h = self.encoder(x, batch["lengths"])                          # (B, T, H_out)
+        logits = self.head(h)                                          # (B, T, C)
+        loss = None
+        if targets is not None:
+            loss = self.loss(logits, targets)
+        return logits, loss
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        if self.loss_kind == "focal":
+            keep = tgt != IGNORE
+            flat, tgt = flat[keep], tgt[keep]
+            logp = F.log_softmax(flat, -1).gather(1, tgt[:, None])[:, 0]
+            w = self.class_weights[tgt]
+            return (-(1 - logp.exp()) ** self.focal_gamma * logp * w).sum() / w.sum().clamp(min=1e-9)
+        return F.cross_entropy(flat, tgt, weight=self.class_weights, ignore_index=IGNORE,
+                               label_smoothing=self.label_smoothing)
+
+    # ---- streaming: advance sessions one event at a time ---------------------------------
+    @property
+    def streamable(self) -> bool:
+        return self.args.lookahead is not None
+
+    def init_state(self, device=None) -> dict[str, Any]:
+        return self.encoder.init_state(device or next(self.parameters()).device)
+
+    @torch.no_grad()
+    def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
+        """Append one event to each session. ``events`` tensors are (B, 1, ...).
+
+        Returns the new states and, per session, logits (v, C) for its last v events (the ones
+        whose label the new event may still change, oldest first; the oldest is final when
+        v == lookahead + 1)."""
+        x = self.embed(events)[:, 0]                                   # (B, H)
+        states, outs = self.encoder.step(states, x)
+        return states, [self.head(o) for o in outs]
+
+
+def collate(sessions, device=None, with_targets: bool = False):
+    """Encoded sessions (``features.EncodedSession``) -> padded (B, T, ...) tensors.
+
+    Pads at the end, so causal parts of the encoders never see padding."""
+    lengths = [len(s) for s in sessions]
+    B, T = len(sessions), max(lengths)
+
+    def pad(name, dtype):
+        first = getattr(sessions[0], name)
+        out = torch.zeros((B, T) + first.shape[1:], dtype=dtype)
+        for i, s in enumerate(sessions):
+            out[i, :len(s)] = torch.from_numpy(getattr(s, name))
+        return out.to(device) if device is not None else out
+
+    batch = {"event": pad("event", torch.long), "tokens": pad("tokens", torch.long),
+             "cats": pad("cats", torch.long), "nums": pad("nums", torch.float32),
+             "text": pad("text", torch.float32), "image": pad("image", torch.uint8),
+             "lengths": torch.tensor(lengths, dtype=torch.long)}
+    if not with_targets:
+        return batch
+    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
+    for i, s in enumerate(sessions):
+        tgt[i, :len(s)] = torch.from_numpy(s.labels)
+    return batch, (tgt.to(device) if device is not None else tgt)

@@ -1,0 +1,388 @@
+"""Training: splits by session, chunking, the training loop, calibration, and the whole
+``tagger train`` pipeline that ends in an artifact folder.
+
+Pipeline (``train``): load -> split sessions into train / validation / test -> fit encoders on
+train only -> (optional) k-fold HPO grouped by session on train+val -> fit with early stopping
+on validation -> temperature scaling and an abstention threshold chosen on validation (or on
+out-of-fold predictions when HPO refits on train+val) -> the held-out test split is scored
+once -> artifact with manifest, metrics and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from trainer.config import Config
+from trainer.features import EncodedSession, FeatureEncoder, LabelMap
+from trainer.model import IGNORE, ModelArgs, Tagger, collate
+
+log = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def chunk_sessions(sessions: Sequence[EncodedSession], chunk_len: int, context: int,
+                   lookahead: int | None) -> list[EncodedSession]:
+    """Cut long sessions into overlapping chunks; every event is trained on exactly once, in
+    the chunk where it has its full history (``context``) and future (``lookahead``)."""
+    L = lookahead if lookahead is not None else 16
+    chunk_len = max(chunk_len, context + L + 32)
+    stride = chunk_len - context - L
+    out = []
+    for s in sessions:
+        n = len(s)
+        if n <= chunk_len:
+            out.append(s)
+            continue
+        start = 0
+        while True:
+            stop = min(n, start + chunk_len)
+            part = s.rows(start, stop)
+            part.labels = part.labels.copy()
+            if start > 0:
+                part.labels[:context] = IGNORE
+            if stop < n:
+                part.labels[len(part) - L:] = IGNORE
+            out.append(part)
+            if stop >= n:
+                break
+            start += stride
+    return out
+
+
+def class_weights(sessions: Sequence[EncodedSession], n_labels: int) -> torch.Tensor:
+    """Inverse square-root frequency, mean 1: rare steps count more without drowning the rest."""
+    counts = np.zeros(n_labels)
+    for s in sessions:
+        lab = s.labels[s.labels != IGNORE]
+        counts += np.bincount(lab, minlength=n_labels)[:n_labels]
+    w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+    w = w / w[counts > 0].mean() if (counts > 0).any() else np.ones(n_labels)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def model_args(spec: dict[str, Any], n_labels: int, cfg: Config) -> ModelArgs:
+    m = cfg.model
+    return ModelArgs(
+        n_labels=n_labels, n_events=spec["n_events"], n_tokens=spec["n_tokens"],
+        cat_sizes=tuple(spec["cat_sizes"]), n_nums=len(spec["num_names"]), text_dim=spec["text_dim"],
+        image_size=spec["image_size"], arch=m.arch, fusion=m.fusion, lookahead=m.lookahead,
+        context=m.context, emb_event_dim=m.emb_event_dim, emb_token_dim=m.emb_token_dim,
+        emb_cat_dim=m.emb_cat_dim, num_proj_dim=m.num_proj_dim, text_proj_dim=m.text_proj_dim,
+        image_proj_dim=m.image_proj_dim, hidden_dim=m.hidden_dim, num_layers=m.num_layers,
+        nhead=m.nhead, ff_dim=m.ff_dim, dropout=m.dropout, crf=m.crf)
+
+
+@dataclass
+class FitResult:
+    model: Tagger
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _logits_for(model: Tagger, sessions: Sequence[EncodedSession], device: str, batch_size: int = 32
+                ) -> list[np.ndarray]:
+    model.eval()
+    out: list[np.ndarray] = [None] * len(sessions)  # type: ignore[list-item]
+    order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
+    with torch.no_grad():
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
+            logits, _ = model(collate([sessions[i] for i in idx], device))
+            for j, i in enumerate(idx):
+                out[i] = logits[j, :len(sessions[i])].float().cpu().numpy()
+    return out
+
+
+def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession],
+              cfg: Config, *, epochs: int | None = None, progress: bool = False,
+              desc: str = "train") -> FitResult:
+    """Train one model; early stopping on validation loss when ``val`` is given, otherwise a
+    fixed number of epochs. Returns the best (or last) weights."""
+    t = cfg.train
+    set_seed(t.seed)
+    device = pick_device(t.device)
+    chunks = chunk_sessions(train, cfg.data.chunk_len, args.context, args.lookahead)
+    weights = class_weights(train, args.n_labels) if t.class_weights else None
+    model = Tagger(args, weights, loss=t.loss, focal_gamma=t.focal_gamma,
+                   label_smoothing=t.label_smoothing).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    n_epochs = epochs or t.epochs
+    steps_per_epoch = math.ceil(len(chunks) / t.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=max(1, n_epochs * steps_per_epoch),
+                                                pct_start=0.1)
+    rng = np.random.default_rng(t.seed)
+    val_chunks = chunk_sessions(val, 4096, args.context, args.lookahead) if val else []
+    best, best_epoch, best_loss, bad = None, 0, float("inf"), 0
+    history = []
+    start = time.perf_counter()
+    bar = _bar(n_epochs, desc, progress)
+    for epoch in range(1, n_epochs + 1):
+        model.train()
+        # batches of similar length waste less padding; shuffled order within and across
+        order = rng.permutation(len(chunks))
+        order = sorted(order, key=lambda i: (len(chunks[i]) // 16, rng.random()))
+        batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        rng.shuffle(batches)
+        total, count = 0.0, 0
+        for idx in batches:
+            batch, tgt = collate([chunks[i] for i in idx], device, with_targets=True)
+            _, loss = model(batch, tgt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            count += len(idx)
+        row = {"epoch": epoch, "train_loss": total / max(count, 1)}
+        if val_chunks:
+            row.update(_val_scores(model, val_chunks, device))
+            if row["val_loss"] < best_loss - 1e-4:
+                best_loss, best_epoch, bad = row["val_loss"], epoch, 0
+                best = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+        else:
+            best_epoch, best = epoch, None
+        history.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
+        if val_chunks and bad >= t.patience:
+            break
+    if bar is not None:
+        bar.close()
+    if best is not None:
+        model.load_state_dict(best)
+    model.eval()
+    return FitResult(model, best_epoch, history, time.perf_counter() - start)
+
+
+def _val_scores(model: Tagger, chunks: Sequence[EncodedSession], device: str) -> dict[str, float]:
+    model.eval()
+    loss_sum, n, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for k in range(0, len(chunks), 32):
+            batch, tgt = collate(chunks[k:k + 32], device, with_targets=True)
+            logits, _ = model(batch, None)
+            keep = tgt != IGNORE
+            # unweighted NLL: the early-stopping signal should not depend on class weights
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[keep], tgt[keep], reduction="sum"))
+            correct += int((logits.argmax(-1)[keep] == tgt[keep]).sum())
+            n += int(keep.sum())
+    return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1)}
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
+    keep = labels != IGNORE
+    if keep.sum() < 2:
+        return 1.0
+    z = torch.tensor(logits[keep], dtype=torch.float64)
+    y = torch.tensor(labels[keep], dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.exp())
+    return t if np.isfinite(t) and 0.05 < t < 20 else 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# The `tagger train` pipeline
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A loaded log split by session and encoded with encoders fit on the training part."""
+
+    frame: Any
+    encoder: FeatureEncoder
+    label_map: LabelMap
+    splits: dict[str, list[str]]                     # split -> session ids
+    encoded: dict[str, list[EncodedSession]]         # split -> encoded sessions
+    base_dir: Path
+    fingerprint: str
+    load_summary: str
+
+
+def prepare(data_path: str | Path, cfg: Config, *, skip_bad_rows: bool = False,
+            text_embedder=None) -> Prepared:
+    from trainer.loading import fingerprint, read_events, split_sessions
+    data_path = Path(data_path)
+    frame, report = read_events(data_path, require_label=True, skip_bad_rows=skip_bad_rows,
+                                numeric_columns=cfg.data.num_features)
+    tr, va, te = split_sessions(frame, cfg.data.test_size, cfg.data.val_size, cfg.train.seed)
+    splits = {"train": tr, "val": va, "test": te}
+    encoder = FeatureEncoder.fit(frame[frame["session_id"].isin(set(tr))], cfg.data,
+                                 text_embedder=text_embedder)
+    label_map = LabelMap(sorted(frame["step_name"].unique()))
+    sids, enc = encoder.transform_frame(frame, label_map, base_dir=data_path.parent)
+    by_id = dict(zip(sids, enc))
+    encoded = {name: [by_id[s] for s in ids] for name, ids in splits.items()}
+    return Prepared(frame, encoder, label_map, splits, encoded, data_path.parent,
+                    fingerprint(data_path), report.summary())
+
+
+def calibrate(logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], cfg: Config
+              ) -> tuple[float, dict[str, Any]]:
+    """Temperature on held-out logits, then the abstention threshold for the precision target."""
+    from trainer.artifacts import softmax_t
+    from trainer.metrics import choose_threshold
+    z = np.concatenate(logits) if logits else np.zeros((0, 1))
+    y = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    keep = y != IGNORE
+    temperature = fit_temperature(z, y)
+    probs = softmax_t(z[keep], temperature)
+    correct = probs.argmax(-1) == y[keep]
+    chosen = choose_threshold(correct, probs.max(-1), cfg.train.precision_target,
+                              cfg.train.guarantee_confidence, method="binomial")
+    return temperature, chosen
+
+
+def train(data_path: str | Path, out_dir: str | Path, cfg: Config, *, progress: bool = True,
+          skip_bad_rows: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train, calibrate and score a model; write the artifact folder. Returns the metrics."""
+    from trainer.artifacts import save_artifact, softmax_t
+    from trainer.evaluate import score
+    started = time.perf_counter()
+    p = prepare(data_path, cfg, skip_bad_rows=skip_bad_rows)
+    echo(p.load_summary)
+    echo(f"sessions: {len(p.splits['train'])} train, {len(p.splits['val'])} validation, "
+         f"{len(p.splits['test'])} test; {len(p.label_map)} steps")
+    arch = cfg.model.arch
+    hpo_info: dict[str, Any] | None = None
+    if arch in ("logreg", "crf"):
+        return _train_baseline(p, out_dir, cfg, started, echo)
+    if cfg.train.hpo.enabled:
+        from trainer.hpo import search
+        hpo_info = search(p, cfg, progress=progress, echo=echo)
+        cfg = hpo_info.pop("config")
+        args = model_args(p.encoder.spec(), len(p.label_map), cfg)
+        fit = fit_model(args, p.encoded["train"] + p.encoded["val"], [], cfg,
+                        epochs=hpo_info["epochs"], progress=progress, desc="final fit (train+val)")
+        cal_logits, cal_labels = hpo_info.pop("oof_logits"), hpo_info.pop("oof_labels")
+    else:
+        args = model_args(p.encoder.spec(), len(p.label_map), cfg)
+        fit = fit_model(args, p.encoded["train"], p.encoded["val"], cfg, progress=progress)
+        held = p.encoded["val"] or p.encoded["train"]
+        cal_logits = _logits_for(fit.model, held, pick_device(cfg.train.device))
+        cal_labels = [s.labels for s in held]
+    temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
+    echo(f"trained {arch} in {fit.seconds:.1f}s (best epoch {fit.best_epoch}); temperature "
+         f"{temperature:.3f}; threshold {chosen['threshold']:.4f} for precision >= "
+         f"{cfg.train.precision_target} (coverage {chosen['coverage'] or 0:.3f} on validation)")
+    metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen},
+                               "history": fit.history, "train_seconds": fit.seconds}
+    if hpo_info:
+        metrics["hpo"] = hpo_info
+    test_report = None
+    if p.encoded["test"]:
+        logits = _logits_for(fit.model, p.encoded["test"], pick_device(cfg.train.device))
+        probs = np.concatenate([softmax_t(l, temperature) for l in logits])
+        gold = p.frame.set_index("session_id").loc[p.splits["test"], "step_name"].tolist()
+        test_report = score(gold, probs, p.label_map.labels, chosen["threshold"])
+        metrics["test"] = {**test_report["offline"], "classification": test_report["classification"],
+                           "selective": test_report["selective"]}
+    out = save_artifact(Path(out_dir), model=fit.model, encoder=p.encoder, labels=p.label_map.labels,
+                        temperature=temperature, threshold=chosen["threshold"],
+                        calibration={k: chosen[k] for k in ("coverage", "precision", "lower_bound",
+                                                             "feasible", "method", "confidence",
+                                                             "target_precision")},
+                        metrics=metrics, training=_training_info(p, cfg, time.perf_counter() - started),
+                        config=cfg.to_dict())
+    if test_report is not None:
+        from trainer.report import format_summary, write_report
+        write_report(test_report, out)
+        echo(format_summary(test_report))
+    echo(f"artifact written to {out}")
+    return metrics
+
+
+def _training_info(p: Prepared, cfg: Config, seconds: float) -> dict[str, Any]:
+    return {"data_fingerprint": p.fingerprint, "events": int(len(p.frame)),
+            "sessions": {k: len(v) for k, v in p.splits.items()}, "seconds": round(seconds, 2),
+            "seed": cfg.train.seed, "device": pick_device(cfg.train.device)}
+
+
+def _train_baseline(p: Prepared, out_dir, cfg: Config, started: float, echo) -> dict[str, Any]:
+    """The classic per-event baselines, calibrated and scored exactly like the network."""
+    from trainer.artifacts import save_artifact
+    from trainer.baseline import BaselineLabeller
+    from trainer.evaluate import score
+    frame = p.frame
+    part = {k: frame[frame["session_id"].isin(set(v))] for k, v in p.splits.items()}
+    t0 = time.perf_counter()
+    model = BaselineLabeller.fit(part["train"], cfg.data, kind=cfg.model.arch, seed=cfg.train.seed)
+    seconds = time.perf_counter() - t0
+    index = {s: i for i, s in enumerate(p.label_map.labels)}
+
+    def aligned(df):
+        # baseline columns follow its own label list; reorder to the artifact's label map
+        probs = model.predict_proba(df)
+        cols = [index[s] for s in model.labels]
+        out = []
+        for pr in probs:
+            full = np.full((len(pr), len(index)), 1e-12)
+            full[:, cols] = pr
+            out.append(full / full.sum(-1, keepdims=True))
+        return out
+
+    held = part["val"] if len(part["val"]) else part["train"]
+    cal = aligned(held)
+    gold = [p.label_map.encode(g["step_name"]) for _, g in held.groupby("session_id", sort=False)]
+    temperature, chosen = calibrate([np.log(c) for c in cal], gold, cfg)
+    metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen}, "train_seconds": seconds}
+    test_report = None
+    if len(part["test"]):
+        from trainer.artifacts import softmax_t
+        probs = np.concatenate([softmax_t(np.log(c), temperature) for c in aligned(part["test"])])
+        test_report = score(part["test"]["step_name"].tolist(), probs, p.label_map.labels, chosen["threshold"])
+        metrics["test"] = {**test_report["offline"], "classification": test_report["classification"]}
+    model.labels_full = p.label_map.labels
+    out = save_artifact(Path(out_dir), model=None, encoder=p.encoder, labels=model.labels,
+                        temperature=temperature, threshold=chosen["threshold"],
+                        calibration={k: chosen[k] for k in ("coverage", "precision", "feasible", "method")},
+                        metrics=metrics, training=_training_info(p, cfg, time.perf_counter() - started),
+                        config=cfg.to_dict(), kind=cfg.model.arch, baseline=model)
+    if test_report is not None:
+        from trainer.report import format_summary, write_report
+        write_report(test_report, out)
+        echo(format_summary(test_report))
+    echo(f"artifact written to {out}")
+    return metrics
