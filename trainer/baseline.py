@@ -32,9 +32,10 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -110,12 +111,10 @@ class _Featurizer:
         names = list(DERIVED_NUMS) + list(data.num_features)
         raw = np.array([[d["nums"].get(n, math.nan) for n in names] for s in sessions for d in s],
                        dtype=np.float64).reshape(-1, len(names))
-        with np.errstate(all="ignore"):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-                mean = np.nan_to_num(np.nanmean(raw, axis=0)) if len(raw) else np.zeros(len(names))
-                std = np.nan_to_num(np.nanstd(raw, axis=0)) if len(raw) else np.ones(len(names))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column gives mean 0, std 1
+            mean = np.nan_to_num(np.nanmean(raw, axis=0)) if len(raw) else np.zeros(len(names))
+            std = np.nan_to_num(np.nanstd(raw, axis=0)) if len(raw) else np.ones(len(names))
         std[std < 1e-6] = 1.0
         return cls(data, auto_cols, window, names, mean, std)
 
@@ -285,7 +284,6 @@ class BaselineLabeller:
         clf = LogisticRegression(C=hyper["C"], class_weight=hyper["class_weight"],
                                  solver=hyper["solver"], max_iter=hyper["max_iter"],
                                  tol=hyper["tol"], random_state=seed)
-        import warnings
         from sklearn.exceptions import ConvergenceWarning
         from threadpoolctl import threadpool_limits
         # One thread: the problem is small and sparse, and on a shared, busy box OpenMP and
@@ -438,7 +436,8 @@ class BaselineLabeller:
 
 
 def predict_labels(model: BaselineLabeller, frame: pd.DataFrame) -> list[str]:
-    """Arg-max label per event of ``frame``, in frame order (a convenience for reports)."""
+    """Arg-max label per event, sessions in order of first appearance (so, for a canonical
+    frame, in frame order)."""
     probs = model.predict_proba(frame)
     if not probs:
         return []

@@ -171,7 +171,9 @@ class LookaheadLSTM(nn.Module):
         self.L = a.lookahead
         self.fwd = nn.LSTM(h, h, a.num_layers, batch_first=True,
                            dropout=a.dropout if a.num_layers > 1 else 0.0)
-        self.bwd = nn.LSTM(h, h, 1, batch_first=True)
+        # bounded lookahead: a cell stepped over each event's short window (no packing needed);
+        # unbounded: an ordinary backward LSTM over the whole sequence
+        self.bwd = nn.LSTM(h, h, 1, batch_first=True) if self.L is None else nn.LSTMCell(h, h)
         self.out_dim = 2 * h
 
     def backward_windows(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -182,13 +184,17 @@ class LookaheadLSTM(nn.Module):
         i = torch.arange(T, device=x.device)
         l = torch.minimum(torch.full((B, T), L + 1, device=x.device), lengths[:, None].to(x.device) - i)
         l = l.clamp(min=1)                                             # (B, T)
-        k = torch.arange(L + 1, device=x.device)
-        idx = (i[None, :, None] + l[:, :, None] - 1 - k).clamp(0, T - 1)  # (B, T, L+1)
-        flat = (idx + torch.arange(B, device=x.device)[:, None, None] * T).reshape(-1)
-        win = x.reshape(B * T, H)[flat].reshape(B * T, L + 1, H)
-        packed = pack_padded_sequence(win, l.reshape(-1).cpu(), batch_first=True, enforce_sorted=False)
-        _, (hn, _) = self.bwd(packed)
-        return hn[-1].reshape(B, T, H)
+        # window step k reads x[i + l - 1 - k]; steps k >= l are padding and leave the state
+        h = x.new_zeros(B * T, H)
+        c = x.new_zeros(B * T, H)
+        base = (torch.arange(B, device=x.device)[:, None] * T + i[None, :]).reshape(-1)
+        lf = l.reshape(-1)
+        for k in range(L + 1):
+            valid = (k < lf)[:, None]
+            src = (base + (lf - 1 - k).clamp(min=0)).clamp(max=B * T - 1)
+            h2, c2 = self.bwd(x.reshape(B * T, H)[src], (h, c))
+            h, c = torch.where(valid, h2, h), torch.where(valid, c2, c)
+        return h.reshape(B, T, H)
 
     def full_backward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape

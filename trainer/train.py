@@ -154,7 +154,7 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         row = {"epoch": epoch, "train_loss": total / max(count, 1)}
         if val_chunks:

@@ -1,0 +1,330 @@
+"""The topic contracts in code: input events, output labels and dead letters.
+
+Owns the wire formats of ``tagger.events`` (parsed and validated by :func:`parse_event`),
+``tagger.labels`` (built by :func:`label_record`, serialised by :func:`encode_label`) and
+``tagger.events.dlq`` (:func:`dlq_record`). The JSON Schemas shipped next to this module
+(``schemas/event.schema.json``, ``schemas/label.schema.json``) are the structural half of the
+contracts; this module adds what a schema cannot say (timestamps parse and lie in 1990..2100,
+text is valid Unicode) and normalises values the way ``trainer.loading.read_events`` does, so
+an event read from a CSV and the same event read from Kafka look alike to the model.
+
+Validation order, and the DLQ reason code for each failure::
+
+    too_large -> invalid_utf8 -> invalid_json -> not_object -> missing_field -> wrong_type
+      -> bad_timestamp -> timestamp_out_of_range
+
+(A wrong ``type`` value is reported before a missing field, since which fields are required
+depends on it; a lone UTF-16 surrogate escape such as ``"\\ud800"`` is ``invalid_utf8``, found
+after parsing because the raw bytes themselves are valid UTF-8.)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from dataclasses import dataclass, field as dc_field
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any, Mapping
+
+from trainer.errors import StreamError
+from trainer.loading import derive_event_id, parse_timestamp
+
+MAX_BYTES = 1_000_000
+TS_MIN = 631_152_000.0     # 1990-01-01T00:00:00Z
+TS_MAX = 4_102_444_800.0   # 2100-01-01T00:00:00Z
+CONTRACT_FIELDS = ("session_id", "timestamp", "event_name", "event_id", "type")
+LABEL_FIELDS = ("session_id", "event_id", "seq", "timestamp", "event_name", "step_name",
+                "confidence", "abstained", "revision", "final", "model_version", "emitted_at")
+DLQ_TEXT_CHARS = 2000
+
+_EXPECTED = {
+    "session_id": "a non-blank string or an integer",
+    "timestamp": "an ISO 8601 string or epoch milliseconds (an integer or a string of digits)",
+    "event_name": "a non-blank string",
+    "event_id": "a non-blank string or an integer",
+    "type": "'event' or 'session_end'",
+}
+
+
+class InvalidEvent(StreamError):
+    """A message on the events topic breaks the input contract; it belongs in the DLQ.
+
+    ``reason`` is a short machine-readable code (see the module docstring), ``detail`` a
+    sentence for people, ``field`` the offending field or None.
+    """
+
+    def __init__(self, reason: str, detail: str, field: str | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.field = reason, detail, field
+
+
+@dataclass(frozen=True)
+class EventIn:
+    """One accepted input message, normalised.
+
+    ``session_end`` messages need only ``session_id``: without a timestamp they carry
+    ``timestamp=""`` and ``ts=0.0`` (earlier than any real event, so ``max(session_max, ts)``
+    keeps the session's current maximum), and without an event name ``event_name=""``.
+    """
+
+    session_id: str     # ints accepted on the wire, normalised to str; stripped like read_events
+    event_id: str       # given (stripped; ints as str), else derive_event_id(session_id, timestamp, event_name, 0)
+    timestamp: str      # as received (epoch ms rendered as its digits)
+    ts: float           # seconds since the epoch, UTC
+    event_name: str     # stripped like read_events
+    type: str           # "event" | "session_end"
+    fields: dict = dc_field(hash=False)   # the whole original JSON object
+
+    @property
+    def is_session_end(self) -> bool:
+        return self.type == "session_end"
+
+    def as_row(self) -> dict:
+        """The event as a row of the canonical frame of ``read_events`` (without ``seq``):
+        every original field, with the contract fields normalised and ``_ts`` added."""
+        row = dict(self.fields)
+        row.update(session_id=self.session_id, event_id=self.event_id, timestamp=self.timestamp,
+                   event_name=self.event_name, _ts=self.ts)
+        row.pop("type", None)
+        return row
+
+
+# ------------------------------------------------------------------------------ schemas
+
+_validators: dict[str, Any] = {}
+
+
+def load_schema(name: str) -> dict:
+    """A shipped schema (``"event"`` or ``"label"``) as a dict, read from package data."""
+    text = resources.files("stream").joinpath("schemas", f"{name}.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def _validator(name: str):
+    # Compiled once per process, on first use: building a validator costs ~1 ms, using one µs.
+    v = _validators.get(name)
+    if v is None:
+        from jsonschema import Draft202012Validator
+        schema = load_schema(name)
+        Draft202012Validator.check_schema(schema)
+        v = _validators[name] = Draft202012Validator(
+            schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return v
+
+
+# ------------------------------------------------------------------------------ input
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _describe(value: Any) -> str:
+    kind = "null" if value is None else "boolean" if isinstance(value, bool) else type(value).__name__
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{kind} {shown}"
+
+
+def _schema_failure(obj: dict) -> InvalidEvent:
+    """The most useful single complaint among the schema's errors, naming the field."""
+    best: tuple[int, int, InvalidEvent] | None = None
+    for err in _validator("event").iter_errors(obj):
+        if err.validator == "required":
+            missing = [f for f in err.validator_value if f not in obj]
+            name = min(missing, key=CONTRACT_FIELDS.index) if missing else None
+            what = " (type 'session_end' needs only session_id)" if name != "session_id" else ""
+            cand = (1, InvalidEvent("missing_field", f"field {name!r} is required{what}", name))
+        else:
+            name = str(err.path[0]) if err.path else None
+            if name in _EXPECTED:
+                cand = (0 if name == "type" else 2, InvalidEvent(
+                    "wrong_type", f"field {name!r} must be {_EXPECTED[name]}; got "
+                    f"{_describe(obj.get(name))}", name))
+            else:   # not reachable with the shipped schema; kept so a schema edit cannot crash us
+                cand = (3, InvalidEvent("wrong_type", err.message, name))
+        key = (cand[0], CONTRACT_FIELDS.index(name) if name in CONTRACT_FIELDS else 99)
+        if best is None or key < best[:2]:
+            best = (*key, cand[1])
+    assert best is not None
+    return best[2]
+
+
+def _surrogate_field(obj: dict) -> str | None:
+    """The first top-level field whose value holds a lone surrogate (cannot be UTF-8)."""
+    for k, v in obj.items():
+        try:
+            json.dumps({k: v}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return k
+    return None
+
+
+def _timestamp_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))     # 1.7e12 and 1700000000000 are one timestamp, one event id
+    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+
+
+def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
+    """Validate and normalise one message value. Raises only :class:`InvalidEvent`."""
+    if raw is None:
+        raise InvalidEvent("invalid_json", "the message has no value (a tombstone)")
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidEvent("invalid_utf8", f"text is not valid Unicode: {exc.reason}") from None
+    if len(raw) > max_bytes:
+        raise InvalidEvent("too_large", f"message is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("invalid_utf8", f"not UTF-8: byte {exc.start}: {exc.reason}") from None
+    if text.startswith("\ufeff"):   # RFC 8259 lets parsers ignore a byte order mark
+        text = text[1:]
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidEvent("invalid_json", "not JSON: nested too deeply") from None
+    except ValueError as exc:   # JSONDecodeError, NaN/Infinity, integers over the digit limit
+        raise InvalidEvent("invalid_json", f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidEvent("not_object", f"the message must be a JSON object; got {_describe(obj)}")
+    if "\\u" in text:   # only an escape can smuggle in a lone surrogate; skip the check otherwise
+        bad = _surrogate_field(obj)
+        if bad is not None:
+            raise InvalidEvent("invalid_utf8", f"field {bad!r} holds a lone UTF-16 surrogate "
+                               "escape, which is not valid Unicode", bad)
+    if not _validator("event").is_valid(obj):
+        raise _schema_failure(obj)
+
+    sid = obj["session_id"]
+    session_id = sid.strip() if isinstance(sid, str) else str(sid)
+    kind = obj.get("type", "event")
+    event_name = obj["event_name"].strip() if "event_name" in obj else ""
+    if "timestamp" in obj:
+        raw_ts = obj["timestamp"]
+        timestamp = _timestamp_text(raw_ts)
+        try:
+            ts = parse_timestamp(raw_ts)
+        except OverflowError:
+            ts = math.inf
+        except ValueError as exc:
+            raise InvalidEvent("bad_timestamp", f"field 'timestamp': {exc}", "timestamp") from None
+        if not TS_MIN <= ts < TS_MAX:
+            raise InvalidEvent("timestamp_out_of_range", f"field 'timestamp' {timestamp[:60]!r} is "
+                               "outside 1990-01-01..2100-01-01 UTC (epoch milliseconds, not seconds?)",
+                               "timestamp")
+    else:   # only a session_end may omit it (the schema checked)
+        timestamp, ts = "", 0.0
+    eid = obj.get("event_id")
+    if eid is None:
+        event_id = derive_event_id(session_id, timestamp, event_name, 0)
+    else:
+        event_id = eid.strip() if isinstance(eid, str) else str(eid)
+    return EventIn(session_id, event_id, timestamp, ts, event_name, kind, obj)
+
+
+# ------------------------------------------------------------------------------ output
+
+def iso_utc(epoch_s: float | None = None) -> str:
+    """ISO 8601 UTC with milliseconds and ``Z``: ``2024-03-01T12:00:00.123Z``. None = now."""
+    if epoch_s is None:
+        epoch_s = time.time()
+    dt = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def label_record(*, session_id, event_id, seq, timestamp, event_name, step_name, confidence,
+                 abstained, revision, final, model_version, emitted_at=None) -> dict:
+    """One ``tagger.labels`` record, fields in contract order and coerced to contract types.
+
+    ``step_name`` is forced to None when ``abstained`` (the contract); ``emitted_at`` may be
+    epoch seconds, an aware datetime, an ISO string already in contract form, or None (now).
+    """
+    abstained = bool(abstained)
+    if not abstained and step_name is None:
+        raise ValueError("a label that is not abstained needs a step_name")
+    confidence = float(confidence)
+    if not 0.0 <= confidence <= 1.0:   # also rejects NaN
+        raise ValueError(f"confidence must lie in [0, 1]; got {confidence!r}")
+    if isinstance(emitted_at, datetime):
+        emitted_at = iso_utc(emitted_at.timestamp())
+    elif emitted_at is None or isinstance(emitted_at, (int, float)):
+        emitted_at = iso_utc(emitted_at)
+    return {
+        "session_id": str(session_id),
+        "event_id": str(event_id),
+        "seq": int(seq),
+        "timestamp": str(timestamp),
+        "event_name": str(event_name),
+        "step_name": None if abstained else str(step_name),
+        "confidence": confidence,
+        "abstained": abstained,
+        "revision": int(revision),
+        "final": bool(final),
+        "model_version": str(model_version),
+        "emitted_at": str(emitted_at),
+    }
+
+
+def validate_label(record: Mapping[str, Any]) -> None:
+    """Raise ValueError, naming the field, if ``record`` breaks ``label.schema.json``."""
+    errors = sorted(_validator("label").iter_errors(dict(record)), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = f"field {err.path[0]!r}: " if err.path else ""
+        raise ValueError(f"label record breaks the contract: {where}{err.message}")
+
+
+def _dumps(obj: Any) -> bytes:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate: escape it rather than fail the worker
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_label(record: dict) -> bytes:
+    """Compact JSON, UTF-8."""
+    return _dumps(record)
+
+
+_DEFAULT_DETAIL = {
+    "too_large": "message too large", "invalid_utf8": "not UTF-8", "invalid_json": "not JSON",
+    "not_object": "not a JSON object", "missing_field": "a required field is missing",
+    "wrong_type": "a field has the wrong type", "bad_timestamp": "unparseable timestamp",
+    "timestamp_out_of_range": "timestamp outside 1990..2100",
+}
+
+
+def dlq_record(raw: bytes | None, reason: str, field: str | None, topic: str, partition: int,
+               offset: int, key: bytes | None, *, detail: str | None = None,
+               dlq_at: float | None = None) -> bytes:
+    """The ``tagger.events.dlq`` value for a rejected message.
+
+    Holds the original bytes exactly (base64), a readable preview, why, and where it came
+    from — and nothing else: no headers, settings or credentials. Pass an
+    :class:`InvalidEvent`'s ``reason``, ``field`` and ``detail``; other failures may use
+    their own reason code.
+    """
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if isinstance(key, str):
+        key = key.encode("utf-8", "surrogatepass")
+    payload = {
+        "original": None if raw is None else base64.b64encode(bytes(raw)).decode("ascii"),
+        "original_text": None if raw is None else
+        bytes(raw[:DLQ_TEXT_CHARS * 4]).decode("utf-8", errors="replace")[:DLQ_TEXT_CHARS],
+        "reason": str(reason),
+        "detail": detail if detail is not None else _DEFAULT_DETAIL.get(reason, str(reason)),
+        "field": field,
+        "source": {"topic": topic, "partition": int(partition), "offset": int(offset)},
+        "key": None if key is None else base64.b64encode(bytes(key)).decode("ascii"),
+        "dlq_at": iso_utc(dlq_at),
+    }
+    return _dumps(payload)

@@ -1,0 +1,337 @@
+"""The tagging loop: accepted events in, label records out. No Kafka, no Redis, no asyncio.
+
+``LiveTagger`` keeps the open sessions it owns in memory (encoder context, the model's cached
+forward state, the labels still pending) and turns a batch of events into label records:
+
+- every new event gets a first record (``revision`` 0) at once;
+- an earlier event whose label or abstention changes under the revision policy gets a new
+  record (``revision`` + 1);
+- an event gets exactly one ``final`` record, when it leaves the model's lookahead (no later
+  event can change it any more) or when its session ends; nothing follows it.
+
+Work per event is bounded: the model advances each session by one cached ``step`` (cost
+independent of the session's length), and sessions in a batch are stepped together.
+
+Persistence is the caller's job: ``snapshot(sid)`` gives a JSON-able dict of everything needed
+to resume (the raw window, the feature context, pending labels and revision numbers);
+``restore`` rebuilds the model state from the raw window. The live worker writes snapshots
+through to Redis; ``evaluate --streaming`` keeps them in memory. Both run this same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from stream.revisions import Decision, RevisionPolicy
+from trainer.artifacts import LoadedModel
+from trainer.features import EncodedSession, EventContext
+from trainer.model import collate
+
+log = logging.getLogger(__name__)
+
+
+def iso_now(clock: Callable[[], float] = time.time) -> str:
+    return datetime.fromtimestamp(clock(), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass
+class Pending:
+    """An event whose final record has not been emitted yet."""
+
+    seq: int
+    event_id: str
+    timestamp: str
+    event_name: str
+    shown: Optional[Decision] = None
+    revision: int = -1                 # last emitted revision (-1: none yet)
+    probs: Optional[np.ndarray] = None  # latest calibrated probabilities (not persisted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "event_id": self.event_id, "timestamp": self.timestamp,
+                "event_name": self.event_name, "revision": self.revision,
+                "label": None if self.shown is None else self.shown.label,
+                "conf": None if self.shown is None else self.shown.confidence}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Pending":
+        shown = None if d.get("revision", -1) < 0 else Decision(d.get("label"), float(d.get("conf") or 0.0))
+        return cls(d["seq"], d["event_id"], d["timestamp"], d["event_name"], shown, d.get("revision", -1))
+
+
+@dataclass
+class LiveSession:
+    session_id: str
+    n: int = 0                                   # events accepted so far (next seq)
+    ctx: EventContext = field(default_factory=EventContext)
+    state: Any = None                            # the model's cached forward state
+    pending: list[Pending] = field(default_factory=list)
+    window: list[dict[str, Any]] = field(default_factory=list)  # last raw events, for rebuilds
+    ids: set[str] = field(default_factory=set)
+    model_version: Optional[str] = None
+    last_seen: float = 0.0
+    closed: bool = False
+    partition: Optional[int] = None
+    new_raw: list[dict[str, Any]] = field(default_factory=list)  # raw events since last snapshot
+    new_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """What one ``process`` call produced."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    accepted: int = 0
+    duplicates: int = 0
+    touched: set[str] = field(default_factory=set)
+    closed: set[str] = field(default_factory=set)
+
+
+class LiveTagger:
+    def __init__(self, model: LoadedModel, policy: RevisionPolicy | None = None, *,
+                 window: int | None = None, clock: Callable[[], float] = time.time,
+                 max_events_per_session: int = 100_000):
+        self.policy = policy or RevisionPolicy()
+        self.clock = clock
+        self.sessions: dict[str, LiveSession] = {}
+        self.max_events = max_events_per_session
+        self._window = window
+        self.model = model
+        self._check(model)
+
+    # ---- the model ----------------------------------------------------------------------
+    @staticmethod
+    def _check(model: LoadedModel) -> None:
+        if model.kind != "neural" or model.model is None:
+            raise ValueError(f"model {model.version} is a {model.kind} baseline; the live tagger needs a "
+                             f"neural model with bounded lookahead")
+        if model.lookahead is None:
+            raise ValueError(f"model {model.version} has unbounded lookahead (offline only); train it "
+                             f"with model.lookahead set to serve it live")
+
+    @property
+    def lookahead(self) -> int:
+        return int(self.model.lookahead)
+
+    @property
+    def window_size(self) -> int:
+        a = self.model.model.args
+        return self._window or (a.context + a.lookahead)
+
+    def swap(self, model: LoadedModel) -> None:
+        """Serve a new model from the next event on. Open sessions keep their pending labels
+        and revision numbers; their model state is rebuilt from the raw window (re-encoded
+        with the new encoders) the next time they are touched."""
+        self._check(model)
+        self.model = model
+        for s in self.sessions.values():
+            s.state = None
+
+    # ---- events -------------------------------------------------------------------------
+    def process(self, events: Sequence[Any], partitions: Sequence[Optional[int]] | None = None) -> Batch:
+        """Tag a batch of parsed events (``stream.records.EventIn``), in arrival order."""
+        out = Batch()
+        rounds: list[list[tuple[LiveSession, Any]]] = []
+        depth: dict[str, int] = {}
+        ends: list[LiveSession] = []
+        now = self.clock()
+        for i, ev in enumerate(events):
+            sess = self.sessions.get(ev.session_id)
+            if sess is None:
+                sess = self.sessions[ev.session_id] = LiveSession(ev.session_id)
+            sess.last_seen = now
+            if partitions is not None:
+                sess.partition = partitions[i]
+            if ev.type == "session_end":
+                ends.append(sess)
+                continue
+            if ev.event_id in sess.ids:
+                out.duplicates += 1
+                continue
+            if sess.n + depth.get(ev.session_id, 0) >= self.max_events:
+                out.duplicates += 1  # over the per-session limit: the worker DLQs these first
+                continue
+            sess.ids.add(ev.event_id)
+            sess.new_ids.append(ev.event_id)
+            if sess.closed:
+                sess.closed = False  # a late event reopens the session; earlier finals stand
+            k = depth.get(ev.session_id, 0)
+            depth[ev.session_id] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append((sess, ev))
+            out.accepted += 1
+        for rnd in rounds:
+            self._step(rnd, out.records)
+            out.touched.update(s.session_id for s, _ in rnd)
+        for sess in ends:
+            out.records.extend(self._finalize(sess))
+            out.touched.add(sess.session_id)
+            out.closed.add(sess.session_id)
+        return out
+
+    def finalize(self, session_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """End sessions (inactivity timeout): every pending event gets its final record."""
+        records = []
+        for sid in session_ids:
+            sess = self.sessions.get(sid)
+            if sess is not None:
+                records.extend(self._finalize(sess))
+        return records
+
+    def inactive(self, now: float, timeout: float) -> list[str]:
+        return [sid for sid, s in self.sessions.items()
+                if not s.closed and s.pending and now - s.last_seen >= timeout]
+
+    def drop(self, session_ids: Iterable[str]) -> None:
+        """Forget sessions held in memory (closed ones, or after losing their partition)."""
+        for sid in session_ids:
+            self.sessions.pop(sid, None)
+
+    # ---- internals ----------------------------------------------------------------------
+    def _raw(self, ev: Any) -> dict[str, Any]:
+        raw = dict(ev.fields)
+        raw.update(session_id=ev.session_id, event_id=ev.event_id, timestamp=ev.timestamp,
+                   event_name=ev.event_name, _ts=ev.ts)
+        return raw
+
+    def _encode(self, sess: LiveSession, raw: Mapping[str, Any]) -> EncodedSession:
+        enc, sess.ctx = self.model.encoder.transform_one(raw, sess.ctx, base_dir=self.model.base_dir)
+        return enc
+
+    def _ensure_state(self, sessions: Iterable[LiveSession]) -> None:
+        """Sessions without model state (new, restored, or after a swap) get it: fresh, or
+        rebuilt by running their raw window through the current encoder and model."""
+        model = self.model.model
+        for sess in sessions:
+            if sess.state is not None and sess.model_version == self.model.version:
+                continue
+            state = model.init_state()
+            if sess.window:
+                ctx = EventContext(start_ts=sess.ctx.start_ts)
+                enc = []
+                for raw in sess.window:
+                    e, ctx = self.model.encoder.transform_one(raw, ctx, base_dir=self.model.base_dir)
+                    enc.append(e)
+                logits = None
+                for e in enc:
+                    [state], [logits] = model.step([state], _as_step_batch([e], model))
+                if logits is not None:
+                    self._refresh_probs(sess, logits)
+            sess.state = state
+            sess.model_version = self.model.version
+
+    def _refresh_probs(self, sess: LiveSession, logits: torch.Tensor) -> None:
+        probs = _calibrated(logits, self.model.temperature)
+        v = len(probs)
+        first = sess.n - v
+        for p in sess.pending:
+            j = p.seq - first
+            if 0 <= j < v:
+                p.probs = probs[j]
+
+    def _step(self, rnd: list[tuple[LiveSession, Any]], records: list[dict[str, Any]]) -> None:
+        self._ensure_state(s for s, _ in rnd)
+        model = self.model.model
+        raws = [self._raw(ev) for _, ev in rnd]
+        encs = [self._encode(sess, raw) for (sess, _), raw in zip(rnd, raws)]
+        states, outs = model.step([s.state for s, _ in rnd], _as_step_batch(encs, model))
+        L, W = self.lookahead, self.window_size
+        thr, version = self.model.threshold, self.model.version
+        emitted_at = iso_now(self.clock)
+        for (sess, ev), raw, state, logits in zip(rnd, raws, states, outs):
+            sess.state = state
+            sess.window.append(raw)
+            if len(sess.window) > W:
+                del sess.window[:len(sess.window) - W]
+            sess.new_raw.append(raw)
+            sess.pending.append(Pending(sess.n, ev.event_id, ev.timestamp, ev.event_name))
+            sess.n += 1
+            probs = _calibrated(logits, self.model.temperature)        # (v, C), oldest first
+            v = len(probs)
+            first = sess.n - v
+            keep = []
+            for p in sess.pending:
+                j = p.seq - first
+                if j < 0:       # fell out of the model's view without a final (cannot happen
+                    keep.append(p)  # with a bounded lookahead; kept for the session end)
+                    continue
+                p.probs = probs[j]
+                is_final = p.seq <= sess.n - 1 - L
+                if is_final:
+                    d = self.policy.final(p.probs, thr)
+                else:
+                    d = self.policy.decide(p.shown, p.probs, thr)
+                    keep.append(p)
+                if is_final or not d.same_as(p.shown):
+                    p.revision += 1
+                    p.shown = d
+                    records.append(_record(sess.session_id, p, d, is_final, self.model.labels, version, emitted_at))
+            sess.pending = keep
+
+    def _finalize(self, sess: LiveSession) -> list[dict[str, Any]]:
+        if sess.pending and any(p.probs is None for p in sess.pending):
+            sess.state = None
+            self._ensure_state([sess])
+        thr, version = self.model.threshold, self.model.version
+        emitted_at = iso_now(self.clock)
+        records = []
+        for p in sess.pending:
+            if p.probs is not None:
+                d = self.policy.final(p.probs, thr)
+            else:  # context lost (e.g. Redis restarted): final as last shown, or abstain
+                d = p.shown or Decision(None, 0.0)
+            p.revision += 1
+            p.shown = d
+            records.append(_record(sess.session_id, p, d, True, self.model.labels, version, emitted_at))
+        sess.pending = []
+        sess.closed = True
+        return records
+
+    # ---- persistence --------------------------------------------------------------------
+    def snapshot(self, sid: str) -> dict[str, Any]:
+        """The session's resumable state, JSON-able. ``new_raw``/``new_ids`` are the raw events
+        and ids added since the previous snapshot, so a store can append instead of rewrite."""
+        s = self.sessions[sid]
+        snap = {"session_id": sid, "n": s.n, "ctx": s.ctx.to_dict(), "closed": s.closed,
+                "pending": [p.to_dict() for p in s.pending], "model_version": s.model_version,
+                "last_seen": s.last_seen, "partition": s.partition,
+                "new_raw": list(s.new_raw), "new_ids": list(s.new_ids)}
+        s.new_raw.clear()
+        s.new_ids.clear()
+        return snap
+
+    def restore(self, snap: Mapping[str, Any], window: Sequence[Mapping[str, Any]], ids: Iterable[str]) -> LiveSession:
+        """Resume a session from a store (after a restart or rebalance)."""
+        sess = LiveSession(snap["session_id"], n=int(snap["n"]), ctx=EventContext.from_dict(snap.get("ctx")),
+                           pending=[Pending.from_dict(p) for p in snap.get("pending", [])],
+                           window=[dict(w) for w in window][-self.window_size:], ids=set(ids),
+                           model_version=None, last_seen=float(snap.get("last_seen") or self.clock()),
+                           closed=bool(snap.get("closed")), partition=snap.get("partition"))
+        self.sessions[sess.session_id] = sess
+        return sess
+
+
+def _calibrated(logits: torch.Tensor, temperature: float) -> np.ndarray:
+    return torch.softmax(logits.float() / max(temperature, 1e-6), -1).cpu().numpy()
+
+
+def _as_step_batch(encs: Sequence[EncodedSession], model) -> dict[str, torch.Tensor]:
+    """One encoded event per session -> (B, 1, ...) tensors for ``Tagger.step``."""
+    batch = collate(list(encs), next(model.parameters()).device)
+    batch.pop("lengths")
+    return batch
+
+
+def _record(sid: str, p: Pending, d: Decision, final: bool, labels: Sequence[str], version: str,
+            emitted_at: str) -> dict[str, Any]:
+    return {"session_id": sid, "event_id": p.event_id, "seq": p.seq, "timestamp": p.timestamp,
+            "event_name": p.event_name, "step_name": None if d.label is None else labels[d.label], "confidence": round(d.confidence, 6),
+            "abstained": d.label is None, "revision": p.revision, "final": final,
+            "model_version": version, "emitted_at": emitted_at}

@@ -1,0 +1,100 @@
+"""Feature derivation and encoders: parsing of event names, fitting on training data only,
+JSON round trips, and one-event encoding identical to whole-session encoding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from trainer.config import DataConfig, from_dict
+from trainer.errors import ConfigError, DataError
+from trainer.features import (UNK, EventContext, FeatureEncoder, LabelMap, derive, identifier_keys,
+                              name_shape, split_event_name)
+from trainer.loading import records_to_frame
+
+
+def test_event_name_parts():
+    assert split_event_name("Read: 4695744561 . A543 . in sharepoint") == ("Read", "4695744561 . A543 .", "sharepoint")
+    assert split_event_name("Action*: Context in Terminal") == ("Action*", "Context", "Terminal")
+    # a Windows path is not a prefix
+    assert split_event_name(r"C:\Users\agent\Desktop in Explorer") == (None, r"C:\Users\agent\Desktop", "Explorer")
+    assert split_event_name("Komax") == (None, "Komax", None)
+
+
+def test_shapes_and_identifiers():
+    assert name_shape("4214758435 . A226 .") == "9 . A9 ."
+    assert "8435" in identifier_keys("5 8435") and "8435" in identifier_keys("4214758435 . A226 .")
+    assert "A226" in identifier_keys("4214758435 . A226 .")
+
+
+@given(st.text(max_size=80))
+def test_derive_never_crashes_and_is_deterministic(name):
+    ev = {"event_name": name, "_ts": 1.0}
+    d1, c1 = derive(ev, EventContext(), DataConfig(), [])
+    d2, c2 = derive(ev, EventContext(), DataConfig(), [])
+    assert d1 == d2 and c1 == c2
+    assert d1["cats"]["action_type"] not in ("", "Unknown")
+
+
+def test_missing_prefix_is_mapped_to_an_action_not_unknown():
+    d, _ = derive({"event_name": r"C:\Users\a\IAS.tpx in Terminal", "_ts": 0.0}, EventContext(), DataConfig(), [])
+    assert d["cats"]["action_type"] == "Action*" and d["cats"]["file_extension"] == "tpx"
+    assert d["nums"]["has_prefix"] == 0.0 and d["nums"]["path_depth"] == 3
+
+
+def _frame():
+    recs = []
+    for s in range(6):
+        for i, (name, step) in enumerate([("Read: 4214758435 . A226 . in sharepoint", "Look"),
+                                          ("Write: 5 8435 in Acrobat", "Look"),
+                                          (f"Action*: Rare{chr(65 + s)}x in Terminal", "Paper")]):
+            recs.append({"session_id": str(s), "timestamp": f"2024-01-01T00:00:{i * 3:02d}",
+                         "event_name": name, "step_name": step, "group_id": f"g{i}",
+                         "duration_s": str(i) if i else "", "app_col": "X"})
+    return records_to_frame(recs, require_label=True)
+
+
+def test_vocab_frequency_cutoff_and_unknowns():
+    frame = _frame()
+    frame["duration_s"] = frame["duration_s"].replace("", np.nan).astype(float)
+    enc = FeatureEncoder.fit(frame, DataConfig(num_features=("duration_s",), cat_features=("app_col",), min_freq=2))
+    _, sessions = enc.transform_frame(frame, LabelMap(["Look", "Paper"]))
+    # "Rare{s}" templates occur once each -> UNK; the shared ones have ids
+    assert (sessions[0].event[2] == UNK) and (sessions[0].event[0] > UNK)
+    assert sessions[0].labels.tolist() == [0, 0, 1]
+    # the identifier typed in shortened form is recognised as recurring
+    assert enc.num_names.index("id_seen_prev") >= 0
+    assert "missing:duration_s" in enc.num_names
+    assert np.isfinite(sessions[0].nums).all()
+
+
+def test_json_round_trip_and_transform_one_equals_transform_frame():
+    frame = _frame()
+    enc = FeatureEncoder.fit(frame, DataConfig())
+    again = FeatureEncoder.from_dict(json.loads(json.dumps(enc.to_dict())))
+    assert again.spec() == enc.spec()
+    sids, whole = enc.transform_frame(frame)
+    ctx = None
+    rows = []
+    for rec in frame[frame.session_id == sids[1]].to_dict("records"):
+        one, ctx = again.transform_one(rec, ctx)
+        rows.append(one)
+    for field in ("event", "tokens", "cats", "nums"):
+        np.testing.assert_array_equal(np.concatenate([getattr(r, field) for r in rows]), getattr(whole[1], field))
+
+
+def test_configured_column_must_exist():
+    with pytest.raises(DataError, match="'nope'"):
+        FeatureEncoder.fit(_frame(), DataConfig(cat_features=("nope",)))
+
+
+def test_config_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="'model.hiden_dim'"):
+        from_dict({"model": {"hiden_dim": 3}})
+    with pytest.raises(ConfigError, match="train.lr"):
+        from_dict({"train": {"lr": "fast"}})
+    cfg = from_dict({"data": {"cat_features": ["target_app"], "image_col": "screenshot_path"}})
+    assert cfg.data.cat_features == ("target_app",) and cfg.model.arch == "bilstm"

@@ -1,0 +1,139 @@
+"""The encoder contract: every architecture x fusion variant passes the same suite."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.features import EncodedSession
+from trainer.model import ENCODERS, IGNORE, ModelArgs, Tagger, collate
+
+ARCHS = sorted(ENCODERS)
+FUSIONS = ["concat", "gated", "sum", "cross_attention"]
+VARIANTS = list(itertools.product(ARCHS, FUSIONS))
+
+
+def make_args(arch, fusion, lookahead=2, **kw):
+    base = dict(n_labels=5, n_events=20, n_tokens=30, cat_sizes=(5, 7), n_nums=4, text_dim=6,
+                image_size=8, arch=arch, fusion=fusion, lookahead=lookahead, context=6,
+                hidden_dim=16, nhead=2, ff_dim=32, num_layers=2, dropout=0.1)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def session(n, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    return EncodedSession(
+        event=rng.integers(0, 20, n), tokens=rng.integers(0, 30, (n, 16)), cats=rng.integers(0, 5, (n, 2)),
+        nums=rng.normal(size=(n, 4)).astype(np.float32), text=rng.normal(size=(n, 6)).astype(np.float32),
+        image=rng.integers(0, 255, (n, 3, 8, 8)).astype(np.uint8),
+        labels=rng.integers(0, 5, n) if labels else None)
+
+
+def stream_outputs(model, s):
+    """Label a growing prefix event by event; return the logits each position had when final."""
+    final = {}
+    state = [model.init_state()]
+    for t in range(len(s)):
+        batch = collate([s.rows(t, t + 1)])
+        batch.pop("lengths")
+        state, outs = model.step(state, batch)
+        o = outs[0]
+        for j in range(len(o)):
+            final[t - len(o) + 1 + j] = o[j]
+    return torch.stack([final[i] for i in range(len(s))])
+
+
+@pytest.mark.parametrize("arch,fusion", VARIANTS)
+def test_shapes_loss_and_gradients(arch, fusion):
+    torch.manual_seed(0)
+    model = Tagger(make_args(arch, fusion))
+    batch, tgt = collate([session(9, 1), session(4, 2)], with_targets=True)
+    logits, loss = model(batch, tgt)
+    assert logits.shape == (2, 9, 5)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("arch,fusion", VARIANTS)
+def test_padding_does_not_change_predictions(arch, fusion):
+    torch.manual_seed(0)
+    model = Tagger(make_args(arch, fusion)).eval()
+    short = session(5, 3)
+    alone, _ = model(collate([short]))
+    padded, _ = model(collate([short, session(12, 4)]))
+    assert torch.allclose(alone[0], padded[0, :5], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,fusion", VARIANTS)
+def test_prefix_labelling_matches_whole_session(arch, fusion):
+    """Labelling a growing prefix event by event ends where the offline forward pass is."""
+    torch.manual_seed(0)
+    model = Tagger(make_args(arch, fusion)).eval()
+    s = session(15, 5)  # longer than context + lookahead: windows slide
+    full, _ = model(collate([s]))
+    assert torch.allclose(stream_outputs(model, s), full[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lookahead_bounds_what_an_event_sees(arch):
+    """Changing event t+L+1 must not change the output at t; changing t+L may."""
+    torch.manual_seed(0)
+    L = 2
+    model = Tagger(make_args(arch, "concat", lookahead=L)).eval()
+    s = session(12, 6)
+    base, _ = model(collate([s]))
+    t = 3
+    far = session(12, 6)
+    far.event = far.event.copy()
+    far.event[t + L + 1] = (far.event[t + L + 1] + 7) % 20
+    changed, _ = model(collate([far]))
+    assert torch.allclose(base[0, t], changed[0, t], atol=1e-6)
+    near = session(12, 6)
+    near.event = near.event.copy()
+    near.event[t + L] = (near.event[t + L] + 7) % 20
+    changed, _ = model(collate([near]))
+    assert not torch.allclose(base[0, t], changed[0, t], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bilstm", "transformer"])
+def test_unbounded_lookahead_sees_the_whole_future(arch):
+    torch.manual_seed(0)
+    model = Tagger(make_args(arch, "concat", lookahead=None, context=32)).eval()
+    assert not model.streamable
+    s = session(12, 7)
+    base, _ = model(collate([s]))
+    far = session(12, 7)
+    far.event = far.event.copy()
+    far.event[11] = (far.event[11] + 7) % 20
+    changed, _ = model(collate([far]))
+    assert not torch.allclose(base[0, 0], changed[0, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,fusion", VARIANTS)
+def test_save_and_load_give_identical_predictions(arch, fusion, tmp_path):
+    torch.manual_seed(0)
+    args = make_args(arch, fusion)
+    model = Tagger(args).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    again = Tagger(ModelArgs.from_dict(args.to_dict())).eval()
+    again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    batch = collate([session(7, 8)])
+    assert torch.equal(model(batch)[0], again(batch)[0])
+
+
+def test_focal_loss_and_class_weights_ignore_padding():
+    torch.manual_seed(0)
+    args = make_args("bilstm", "concat")
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0])
+    for kind in ("ce", "focal"):
+        model = Tagger(args, weights, loss=kind)
+        batch, tgt = collate([session(6, 9), session(3, 10)], with_targets=True)
+        assert (tgt[1, 3:] == IGNORE).all()
+        _, loss = model(batch, tgt)
+        assert torch.isfinite(loss) and loss > 0
