@@ -1,0 +1,328 @@
+"""The live worker: the Faust app, its topics and the agent that tags events.
+
+``faust -A stream.app worker`` (or ``tagger worker``) runs it; ``create_app(settings)`` builds
+an app for tests. The app is the only global object (STYLE.md); everything else hangs off
+``app.tagger`` (a ``WorkerService``) and is built from ``Settings`` at start-up.
+
+Per batch of input messages (``take_events``): validate (bad messages go to the DLQ with the
+original bytes, the reason and the source topic/partition/offset) -> load sessions this
+worker does not hold from Redis -> tag in a single-thread executor (model compute stays off
+the event loop) -> produce all label records at once and wait for the broker's acks ->
+write the touched sessions through to Redis -> the batch's offsets are committed. A crash
+anywhere before the commit replays the batch: records may repeat (same session, event and
+revision, so they deduplicate) but none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import faust
+
+from stream.metrics import Metrics
+from stream.model_holder import ModelHolder
+from stream.records import InvalidEvent, dlq_record, encode_label, parse_event
+from stream.revisions import RevisionPolicy
+from stream.session_store import RedisSessionStore, SessionStore, StoreUnavailable
+from stream.settings import Settings, faust_broker_settings
+from stream.tagging import LiveTagger
+
+log = logging.getLogger("tagger.worker")
+
+BATCH_MAX = 500
+BATCH_WITHIN_S = 0.02
+
+
+class WorkerService:
+    """The worker's state and its batch loop (everything but the Faust wiring)."""
+
+    def __init__(self, app: faust.App, settings: Settings, *, metrics: Metrics | None = None,
+                 store: SessionStore | None = None, policy: RevisionPolicy | None = None):
+        self.app, self.settings = app, settings
+        self.metrics = metrics or Metrics.create()
+        self.store = store or RedisSessionStore(settings.redis_url, prefix=settings.redis_prefix,
+                                                ttl_s=settings.session_ttl_s)
+        self.holder = ModelHolder(settings.artifacts_dir, on_event=self._on_model_event)
+        self.policy = policy or RevisionPolicy()
+        self.tagger: Optional[LiveTagger] = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger-model")
+        self.lock = asyncio.Lock()
+        self.assigned: set[int] = set()
+        self._finals = deque(maxlen=2000)  # recent final outcomes, for the coverage gauge
+        self.started_at = time.time()
+        self.processed = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        import torch
+        torch.set_num_threads(1)  # small per-batch work: threads cost more than they give
+        loop = asyncio.get_running_loop()
+        lm = await loop.run_in_executor(self.executor, self.holder.load_initial)
+        self.tagger = LiveTagger(lm, self.policy, max_events_per_session=self.settings.max_events_per_session)
+        log.info("serving model %s (lookahead %s, labels %d)", lm.version, lm.lookahead, len(lm.labels))
+
+    async def stop(self) -> None:
+        await self.store.close()
+        self.executor.shutdown(wait=False)
+
+    def _on_model_event(self, result: str, version: str, detail: str) -> None:
+        self.metrics.model_swaps.labels(result=result).inc()
+        if result == "ok" and version:
+            self.metrics.set_model(version)
+
+    # ---- the batch loop -----------------------------------------------------------------
+    async def handle(self, events: list) -> None:
+        """Process a batch; if it fails unexpectedly, process its events one by one so that
+        a poison message goes to the DLQ (reason ``processing_error``) and the rest flow."""
+        async with self.lock:
+            try:
+                await self._handle(events)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                log.exception("batch of %d failed; retrying its events one by one", len(events))
+                for ev in events:
+                    try:
+                        await self._handle([ev])
+                    except Exception as exc:
+                        await self._dead_letter(ev, "processing_error", f"{type(exc).__name__}: {exc}", None)
+
+    async def _dead_letter(self, ev, reason: str, detail: str, field) -> Any:
+        msg = ev.message
+        raw = ev.value if isinstance(ev.value, (bytes, bytearray)) else b""
+        key = msg.key if isinstance(msg.key, (bytes, type(None))) else None
+        payload = dlq_record(bytes(raw), reason, field, msg.topic, msg.partition, msg.offset, key, detail=detail)
+        self.metrics.dlq.labels(reason=reason).inc()
+        self.metrics.events.labels(result="invalid").inc()
+        log.warning("message at %s[%s]@%s sent to the DLQ: %s: %s", msg.topic, msg.partition, msg.offset,
+                    reason, detail)
+        return await self.app.producer.send(self.settings.dlq_topic, key, payload, None, None, None)
+
+    async def _handle(self, events: list) -> None:
+        assert self.tagger is not None
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        candidate = self.holder.take_candidate()
+        if candidate is not None:
+            self.tagger.swap(candidate)
+            log.info("now serving model %s", candidate.version)
+        producer = self.app.producer
+        s = self.settings
+        parsed, partitions, published, sends = [], [], {}, []
+        for ev in events:
+            msg = ev.message
+            try:
+                e = parse_event(ev.value if isinstance(ev.value, (bytes, bytearray)) else bytes(ev.value or b""),
+                                max_bytes=s.max_message_bytes)
+            except InvalidEvent as exc:
+                sends.append(await self._dead_letter(ev, exc.reason, exc.detail, exc.field))
+                continue
+            parsed.append(e)
+            partitions.append(msg.partition)
+            if e.type != "session_end":
+                pub = e.fields.get("published_at")
+                published[(e.session_id, e.event_id)] = float(pub) if isinstance(pub, (int, float)) else (
+                    msg.timestamp if msg.timestamp else time.time())
+        if parsed:
+            missing = list({e.session_id for e in parsed} - self.tagger.sessions.keys())
+            if missing:
+                try:
+                    for sid, (meta, window, ids) in (await self.store.load(missing)).items():
+                        self.tagger.restore(meta, window, ids)
+                except StoreUnavailable as exc:
+                    log.error("%s; continuing with in-memory state only", exc)
+            t0 = time.perf_counter()
+            batch = await loop.run_in_executor(self.executor, self.tagger.process, parsed, partitions)
+            model_s = time.perf_counter() - t0
+            sends += await self._produce(batch.records)
+            await asyncio.gather(*sends)
+            now = time.time()
+            for rec in batch.records:
+                if rec["revision"] == 0:
+                    pub = published.get((rec["session_id"], rec["event_id"]))
+                    if pub is not None:
+                        self.metrics.latency.observe(max(0.0, now - pub))
+            await self._persist(batch.touched, batch.closed)
+            n_ends = sum(1 for e in parsed if e.type == "session_end")
+            self.metrics.events.labels(result="accepted").inc(batch.accepted)
+            self.metrics.events.labels(result="duplicate").inc(batch.duplicates)
+            self.metrics.events.labels(result="session_end").inc(n_ends)
+            if batch.accepted:
+                self.metrics.inference.observe(model_s / batch.accepted)
+            self.metrics.batch_size.observe(len(events))
+            self.processed += batch.accepted
+        elif sends:
+            await asyncio.gather(*sends)
+        self.metrics.open_sessions.set(len(self.tagger.sessions))
+        log.debug("batch of %d in %.1f ms", len(events), 1000 * (time.perf_counter() - started))
+
+    async def _produce(self, records: list[dict[str, Any]]) -> list:
+        """Queue every record with the producer at once (it batches them into few requests)
+        and return the delivery futures; the caller awaits them all before committing."""
+        producer, topic = self.app.producer, self.settings.output_topic
+        futs = []
+        for rec in records:
+            futs.append(await producer.send(topic, rec["session_id"].encode(), encode_label(rec), None, None, None))
+            kind = "final" if rec["final"] else ("first" if rec["revision"] == 0 else "revision")
+            self.metrics.label_records.labels(kind=kind).inc()
+            if rec["final"]:
+                self._finals.append(not rec["abstained"])
+                self.metrics.finals.labels(outcome="abstained" if rec["abstained"] else "labelled").inc()
+        if self._finals:
+            self.metrics.coverage.set(sum(self._finals) / len(self._finals))
+        return futs
+
+    async def _persist(self, touched, closed) -> None:
+        snaps = [self.tagger.snapshot(sid) for sid in touched if sid in self.tagger.sessions]
+        try:
+            await self.store.save(snaps, self.tagger.window_size)
+        except StoreUnavailable as exc:
+            log.error("%s; sessions stay in memory", exc)
+        self.tagger.drop(closed)
+
+    # ---- timers -------------------------------------------------------------------------
+    async def sweep(self) -> None:
+        """Finalise sessions idle longer than the inactivity timeout: those in memory, and
+        those of this worker's partitions known only to Redis (left by a crashed worker)."""
+        if self.tagger is None:
+            return
+        async with self.lock:
+            now = time.time()
+            idle = self.tagger.inactive(now, self.settings.inactivity_s)
+            try:
+                for p in sorted(self.assigned):
+                    stale = [sid for sid in await self.store.idle(p, now - self.settings.inactivity_s)
+                             if sid not in self.tagger.sessions]
+                    for sid, (meta, window, ids) in (await self.store.load(stale)).items():
+                        self.tagger.restore(meta, window, ids)
+                        idle.append(sid)
+            except StoreUnavailable as exc:
+                log.error("%s; idle sweep of stored sessions skipped", exc)
+            except Exception as exc:  # Redis client errors other than connectivity
+                log.error("idle sweep failed: %r", exc)
+            if not idle:
+                return
+            loop = asyncio.get_running_loop()
+            records = await loop.run_in_executor(self.executor, self.tagger.finalize, idle)
+            await asyncio.gather(*await self._produce(records))
+            await self._persist(idle, idle)
+            log.info("finalised %d idle sessions (%d records)", len(idle), len(records))
+
+    async def poll_model(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.holder.poll)
+
+    def update_lag(self) -> None:
+        consumer = self.app.consumer
+        try:
+            for tp in consumer.assignment():
+                if tp.topic != self.settings.input_topic:
+                    continue
+                hw = consumer.highwater(tp)
+                pos = consumer._last_read_offset.get(tp) if hasattr(consumer, "_last_read_offset") else None
+                if hw is not None and pos is not None:
+                    self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, hw - pos - 1))
+        except Exception:  # lag is best-effort observability
+            pass
+
+    # ---- rebalances ---------------------------------------------------------------------
+    async def on_assigned(self, assigned) -> None:
+        self.assigned = {tp.partition for tp in assigned if tp.topic == self.settings.input_topic}
+        self.metrics.partitions.set(len(self.assigned))
+
+    async def on_revoked(self, revoked) -> None:
+        lost = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
+        if not lost or self.tagger is None:
+            return
+        async with self.lock:
+            gone = [sid for sid, sess in self.tagger.sessions.items() if sess.partition in lost]
+            self.tagger.drop(gone)  # their state is in Redis; the new owner resumes them
+            self.assigned -= lost
+        self.metrics.partitions.set(len(self.assigned))
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None, store: SessionStore | None = None,
+               policy: RevisionPolicy | None = None) -> faust.App:
+    app = faust.App(settings.app_id, **faust_broker_settings(settings))
+    events = app.topic(settings.input_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw", partitions=settings.partitions)
+    labels = app.topic(settings.output_topic, key_serializer="raw", value_serializer="raw",
+                       partitions=settings.partitions)
+    dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=1)
+    service = WorkerService(app, settings, metrics=metrics, store=store, policy=policy)
+    app.tagger = service  # type: ignore[attr-defined]
+
+    @app.task
+    async def _startup() -> None:
+        for topic in (events, labels, dlq):
+            try:
+                await topic.maybe_declare()
+            except Exception as exc:  # the broker may auto-create; a real cluster has them
+                log.warning("could not declare topic %s: %r", topic.get_topic_name(), exc)
+
+    @app.service
+    class _Lifecycle(faust.Service):  # noqa: N801 - Faust registers the class
+        async def on_start(self) -> None:
+            await service.start()
+
+        async def on_stop(self) -> None:
+            await service.stop()
+
+    @app.agent(events)
+    async def tag(stream):
+        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await service.handle(batch)
+
+    @app.timer(interval=max(0.5, min(5.0, settings.inactivity_s / 4)))
+    async def _sweep() -> None:
+        await service.sweep()
+
+    @app.timer(interval=2.0)
+    async def _poll_model() -> None:
+        await service.poll_model()
+        service.update_lag()
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender, assigned, **kwargs) -> None:
+        await service.on_assigned(assigned)
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender, revoked, **kwargs) -> None:
+        await service.on_revoked(revoked)
+
+    @app.page("/metrics")
+    async def _metrics(web, request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return web.bytes(generate_latest(service.metrics.registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/healthz")
+    async def _healthz(web, request):
+        return web.json({"status": "ok", "uptime_s": round(time.time() - service.started_at, 1)})
+
+    @app.page("/readyz")
+    async def _readyz(web, request):
+        checks = {"model_loaded": service.tagger is not None,
+                  "partitions_assigned": bool(service.assigned),
+                  "redis": await service.store.ping()}
+        ok = all(checks.values())
+        return web.json({"ready": ok, **checks,
+                         "model_version": service.tagger.model.version if service.tagger else None},
+                        status=200 if ok else 503)
+
+    return app
+
+
+def _module_app() -> faust.App:
+    return create_app(Settings.from_env())
+
+
+def __getattr__(name: str):
+    # `faust -A stream.app` looks up `app`; build it on first access, not on import.
+    if name == "app":
+        globals()["app"] = _module_app()
+        return globals()["app"]
+    raise AttributeError(name)

@@ -1,0 +1,65 @@
+"""The worker's Prometheus metrics: one bundle built on an injectable registry, so each test
+(and each worker in one process) gets a fresh set. Base units, ``_total`` on counters, and
+no per-session labels (sessions are unbounded; label cardinality must not be)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    events: Counter
+    label_records: Counter
+    latency: Histogram
+    inference: Histogram
+    batch_size: Histogram
+    coverage: Gauge
+    open_sessions: Gauge
+    model_info: Gauge
+    model_swaps: Counter
+    dlq: Counter
+    consumer_lag: Gauge
+    partitions: Gauge
+    finals: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
+        r = registry if registry is not None else CollectorRegistry()
+        return cls(
+            registry=r,
+            events=Counter("tagger_events", "Input messages by outcome (accepted, duplicate, invalid, session_end)",
+                           ["result"], registry=r),
+            label_records=Counter("tagger_label_records", "Label records emitted, by kind (first, revision, final)",
+                                  ["kind"], registry=r),
+            latency=Histogram("tagger_end_to_end_latency_seconds",
+                              "From an event's publication to its first label record being produced",
+                              buckets=LATENCY_BUCKETS, registry=r),
+            inference=Histogram("tagger_inference_seconds", "Model time per event (batch time / batch events)",
+                                buckets=INFERENCE_BUCKETS, registry=r),
+            batch_size=Histogram("tagger_batch_events", "Events per processed batch",
+                                 buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000), registry=r),
+            coverage=Gauge("tagger_coverage_ratio", "Share of recent final labels that were not abstentions",
+                           registry=r),
+            open_sessions=Gauge("tagger_open_sessions", "Sessions held open by this worker", registry=r),
+            model_info=Gauge("tagger_model_info", "The model version being served (value 1)", ["version"],
+                             registry=r),
+            model_swaps=Counter("tagger_model_swaps", "Hot-swap attempts by result (ok, rejected)", ["result"],
+                                registry=r),
+            dlq=Counter("tagger_dlq", "Messages sent to the dead-letter topic, by reason", ["reason"], registry=r),
+            consumer_lag=Gauge("tagger_consumer_lag", "Messages behind the end of each input partition",
+                               ["partition"], registry=r),
+            partitions=Gauge("tagger_assigned_partitions", "Input partitions assigned to this worker", registry=r),
+            finals=Counter("tagger_final_labels", "Final labels by outcome (labelled, abstained)", ["outcome"],
+                           registry=r),
+        )
+
+    def set_model(self, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version=version).set(1)

@@ -1,0 +1,171 @@
+"""Where session snapshots live between events: Redis, behind a small interface.
+
+The worker keeps the sessions of its partitions in memory (``stream.tagging.LiveTagger``) and
+writes each processed batch through to the store in one pipelined round trip; it reads a
+session back only when it does not hold it (after a restart, a rebalance or a model swap).
+
+Redis layout (every key of a session shares the hash tag ``{sid}``, so a session lives in one
+Redis Cluster slot):
+
+    <prefix>s:{<sid>}:meta   JSON snapshot: counts, feature context, pending labels, revisions
+    <prefix>s:{<sid>}:win    list of the last W raw events (JSON), for rebuilding model state
+    <prefix>s:{<sid>}:ids    set of accepted event ids (idempotency on redelivery)
+    <prefix>open:<p>         sorted set: open sessions of input partition p by last activity,
+                             so a worker that takes over a partition can finalise idle ones
+
+All keys carry a TTL. ``MemorySessionStore`` is the in-memory twin with the same behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+
+from trainer.errors import StreamError
+
+
+class StoreUnavailable(StreamError):
+    """The session store could not be reached."""
+
+
+class SessionStore(Protocol):
+    async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]: ...
+    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None: ...
+    async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]: ...
+    async def ping(self) -> bool: ...
+    async def close(self) -> None: ...
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+class RedisSessionStore:
+    def __init__(self, url: str, *, prefix: str = "tagger:", ttl_s: int = 3600,
+                 closed_ttl_s: int = 900, client=None):
+        import redis.asyncio as aioredis
+        self.client = client or aioredis.from_url(url, decode_responses=False,
+                                                  socket_timeout=5, socket_connect_timeout=5,
+                                                  health_check_interval=10)
+        self.prefix, self.ttl, self.closed_ttl = prefix, ttl_s, closed_ttl_s
+
+    def _k(self, sid: str, part: str) -> str:
+        return f"{self.prefix}s:{{{sid}}}:{part}"
+
+    def _open(self, partition: Optional[int]) -> str:
+        return f"{self.prefix}open:{partition if partition is not None else 'x'}"
+
+    async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]:
+        import redis.exceptions as rexc
+        if not session_ids:
+            return {}
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for sid in session_ids:
+                pipe.get(self._k(sid, "meta"))
+                pipe.lrange(self._k(sid, "win"), 0, -1)
+                pipe.smembers(self._k(sid, "ids"))
+            res = await pipe.execute()
+        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable while loading sessions: {exc}") from exc
+        out = {}
+        for i, sid in enumerate(session_ids):
+            meta, win, ids = res[3 * i:3 * i + 3]
+            if meta is None:
+                continue
+            out[sid] = (json.loads(meta), [json.loads(w) for w in win], {x.decode() for x in ids})
+        return out
+
+    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None:
+        import redis.exceptions as rexc
+        if not snapshots:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for snap in snapshots:
+            sid = snap["session_id"]
+            meta = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids")}
+            closed = bool(snap.get("closed"))
+            ttl = self.closed_ttl if closed else self.ttl
+            pipe.set(self._k(sid, "meta"), _dumps(meta), ex=ttl)
+            win = self._k(sid, "win")
+            if closed:
+                pipe.delete(win)
+                pipe.zrem(self._open(snap.get("partition")), sid)
+            else:
+                if snap.get("new_raw"):
+                    pipe.rpush(win, *[_dumps(r) for r in snap["new_raw"]])
+                    pipe.ltrim(win, -window, -1)
+                pipe.expire(win, ttl)
+                pipe.zadd(self._open(snap.get("partition")), {sid: float(snap.get("last_seen") or 0)})
+            ids = self._k(sid, "ids")
+            if snap.get("new_ids"):
+                pipe.sadd(ids, *snap["new_ids"])
+            pipe.expire(ids, ttl)
+        try:
+            await pipe.execute()
+        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable while saving sessions: {exc}") from exc
+
+    async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]:
+        res = await self.client.zrangebyscore(self._open(partition), "-inf", older_than, start=0, num=limit)
+        return [r.decode() for r in res]
+
+    async def forget_open(self, partition: int, session_ids: Iterable[str]) -> None:
+        ids = list(session_ids)
+        if ids:
+            await self.client.zrem(self._open(partition), *ids)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except Exception:  # any failure means "not ready"
+            return False
+
+    async def memory_usage(self, session_id: str) -> int:
+        total = 0
+        for part in ("meta", "win", "ids"):
+            total += int(await self.client.memory_usage(self._k(session_id, part)) or 0)
+        return total
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class MemorySessionStore:
+    """The in-memory twin of ``RedisSessionStore`` (same semantics, no TTL expiry)."""
+
+    def __init__(self):
+        self.meta: dict[str, dict] = {}
+        self.win: dict[str, list[dict]] = {}
+        self.ids: dict[str, set[str]] = {}
+        self.open: dict[Any, dict[str, float]] = {}
+
+    async def load(self, session_ids):
+        return {sid: (json.loads(_dumps(self.meta[sid])), list(self.win.get(sid, [])), set(self.ids.get(sid, ())))
+                for sid in session_ids if sid in self.meta}
+
+    async def save(self, snapshots, window):
+        for snap in snapshots:
+            sid = snap["session_id"]
+            self.meta[sid] = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids")}
+            part = self.open.setdefault(snap.get("partition"), {})
+            if snap.get("closed"):
+                self.win.pop(sid, None)
+                part.pop(sid, None)
+            else:
+                self.win[sid] = (self.win.get(sid, []) + list(snap.get("new_raw", [])))[-window:]
+                part[sid] = float(snap.get("last_seen") or 0)
+            self.ids.setdefault(sid, set()).update(snap.get("new_ids", []))
+
+    async def idle(self, partition, older_than, limit=1000):
+        return [sid for sid, t in self.open.get(partition, {}).items() if t <= older_than][:limit]
+
+    async def forget_open(self, partition, session_ids):
+        for sid in session_ids:
+            self.open.get(partition, {}).pop(sid, None)
+
+    async def ping(self):
+        return True
+
+    async def close(self):
+        pass

