@@ -8,8 +8,9 @@ JSON. :func:`replay` turns a labelled or unlabelled log into a live-looking stre
 interleaved in time order, optionally paced, the truth kept back from the tagger.
 
 ``security`` is passed to ``aiokafka.AIOKafkaProducer`` as keyword arguments, e.g.
-``{"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
-"sasl_plain_username": ..., "sasl_plain_password": ..., "ssl_context": ...}``.
+``stream.settings.kafka_client_kwargs(settings)`` or ``{"security_protocol": "SASL_SSL",
+"sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": ..., "sasl_plain_password": ...,
+"ssl_context": ...}`` (a ``bootstrap_servers`` key in it is ignored: ``bootstrap`` wins).
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ class EventPublisher:
                  security: dict | None = None, linger_ms: int = 5,
                  client_id: str = "tagger-publisher"):
         self.bootstrap, self.topic = bootstrap, topic
-        self._config = dict(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all",
-                            client_id=client_id, **(security or {}))
+        self._config = dict(linger_ms=linger_ms, acks="all", client_id=client_id)
+        # security may be stream.settings.kafka_client_kwargs(...), which names the bootstrap too
+        self._config.update(security or {})
+        self._config["bootstrap_servers"] = bootstrap
         self._producer: AIOKafkaProducer | None = None
         self._pending: set[asyncio.Future] = set()
         self._failure: BaseException | None = None

@@ -70,10 +70,10 @@ async def tail(bootstrap: str, topic: str = DEFAULT_TOPIC, *, json_lines: bool =
                security: dict | None = None, idle_s: float | None = None) -> int:
     """Print label records from ``topic`` until ``limit`` records, ``idle_s`` seconds without
     one, or cancellation. Returns how many records were shown."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-        auto_offset_reset="earliest" if from_beginning else "latest",
-        client_id="tagger-tail", **(security or {}))
+    config: dict[str, Any] = {"client_id": "tagger-tail", **(security or {})}
+    config.update(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                  auto_offset_reset="earliest" if from_beginning else "latest")
+    consumer = AIOKafkaConsumer(topic, **config)
     try:
         await consumer.start()
     except KafkaError as exc:
@@ -108,12 +108,16 @@ def _show(value: bytes | None, out: TextIO, json_lines: bool, marks: dict[str, s
         if isinstance(record, dict):
             out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
         else:   # stdout stays pure JSON lines; say so on stderr
-            print(f"tail: skipped a record that is not a JSON object: {value[:80]!r}", file=sys.stderr)
+            print(f"tail: skipped a record that is not a JSON object: {_preview(value)}", file=sys.stderr)
         return
     if isinstance(record, dict):
         out.write(format_label(record, marks) + "\n")
     else:
-        out.write(f"?? not a label record: {value[:80]!r}\n")
+        out.write(f"?? not a label record: {_preview(value)}\n")
+
+
+def _preview(value: bytes | None) -> str:
+    return "(no value)" if value is None else repr(value[:80])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,7 +109,7 @@ def _docker_services():
 @pytest.fixture(scope="session")
 def services(tmp_path_factory) -> Services:
     mode = _mode()
-    started = False
+    started, error = False, None
     try:
         if mode == "given":
             missing = [v for v in ("TAGGER_KAFKA", "TAGGER_REDIS") if not os.environ.get(v)]
@@ -137,9 +137,11 @@ def services(tmp_path_factory) -> Services:
     except Exception as exc:
         if started:  # a teardown problem, not a start-up one
             raise
-        pytest.fail(f"test services ({mode}) are not available: {exc}\n"
-                    f"Choose them with {SERVICES_ENV}=embedded|docker|given (given uses "
-                    f"TAGGER_KAFKA and TAGGER_REDIS).", pytrace=False)
+        error = (f"test services ({mode}) are not available: {exc}\n"
+                 f"Choose them with {SERVICES_ENV}=embedded|docker|given (given uses "
+                 f"TAGGER_KAFKA and TAGGER_REDIS).")
+    if error:  # outside the except block, so the report is this message alone
+        pytest.fail(error, pytrace=False)
 
 
 def _check_redis(url: str) -> None:

@@ -219,7 +219,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return loss
 
     opt.step(closure)
-    t = float(log_t.exp())
+    t = float(log_t.detach().exp())
     return t if np.isfinite(t) and 0.05 < t < 20 else 1.0
 
 

@@ -1,0 +1,27 @@
+"""Factories shared by the test packages: generated logs and small trained models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.config import from_dict
+from trainer.generate import generate
+from trainer.train import train
+
+TINY = {"model": {"hidden_dim": 32, "emb_event_dim": 32, "num_layers": 1, "lookahead": 3, "context": 32},
+        "train": {"epochs": 6, "patience": 3, "batch_size": 16}}
+
+
+def make_log(folder: Path, sessions: int, seed: int, name: str | None = None) -> Path:
+    path = Path(folder) / (name or f"gen_{sessions}_{seed}.csv")
+    if not path.exists():
+        generate(sessions, seed, path)
+    return path
+
+
+def train_tiny(data: Path, out: Path, **overrides) -> Path:
+    cfg = from_dict(TINY)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    train(data, out, cfg, progress=False, echo=lambda *_: None)
+    return out
