@@ -298,9 +298,13 @@ def faust_worker(tmp_path) -> Callable[..., WorkerProcess]:
             [str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])])
         child_env.update(env or {})
         log = workdir / "worker.log"
+        # `faust worker` overrides web_enabled from its own --with-web flag (default on), so
+        # web_port=0 must be said on the command line too.
+        web = (["--without-web"] if settings.web_port == 0
+               else ["--web-port", str(settings.web_port)])
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "faust", "-A", app, "worker", "-l", "info"],
+                [sys.executable, "-m", "faust", "-A", app, "worker", "-l", "info", *web],
                 cwd=workdir, env=child_env, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
         worker = WorkerProcess(proc, log)
