@@ -139,8 +139,13 @@ class WorkerService:
             t0 = time.perf_counter()
             batch = await loop.run_in_executor(self.executor, self.tagger.process, parsed, partitions)
             model_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
             sends += await self._produce(batch.records)
+            t2 = time.perf_counter()
             await asyncio.gather(*sends)
+            t3 = time.perf_counter()
+            log.debug("phases: model %.1f queue %.1f ack %.1f ms (%d records)", 1000 * model_s,
+                     1000 * (t2 - t1), 1000 * (t3 - t2), len(batch.records))
             now = time.time()
             for rec in batch.records:
                 if rec["revision"] == 0:

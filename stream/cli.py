@@ -60,10 +60,11 @@ def cmd_stack(args) -> int:
 
 def cmd_publish(args) -> int:
     from stream.publisher import replay
-    from stream.settings import Settings
+    from stream.settings import Settings, kafka_client_kwargs
     settings = Settings.from_env()
+    security = {k: v for k, v in kafka_client_kwargs(settings).items() if k != "bootstrap_servers"}
     res = asyncio.run(replay(args.data, settings.kafka, settings.input_topic, rate=args.rate,
-                             sessions=args.sessions, end_sessions=not args.no_end,
+                             sessions=args.sessions, end_sessions=not args.no_end, security=security,
                              progress=not args.quiet and sys.stderr.isatty()))
     print(f"published {res['events']} events in {res['sessions']} sessions in {res['seconds']:.1f}s "
           f"to {settings.input_topic}")
@@ -71,11 +72,12 @@ def cmd_publish(args) -> int:
 
 
 def cmd_tail(args) -> int:
-    from stream.settings import Settings
+    from stream.settings import Settings, kafka_client_kwargs
     from stream.tail import tail
     settings = Settings.from_env()
+    security = {k: v for k, v in kafka_client_kwargs(settings).items() if k != "bootstrap_servers"}
     try:
-        asyncio.run(tail(settings.kafka, settings.output_topic, json_lines=args.json,
+        asyncio.run(tail(settings.kafka, settings.output_topic, json_lines=args.json, security=security,
                          from_beginning=args.from_beginning, limit=args.limit))
     except KeyboardInterrupt:
         pass

@@ -177,8 +177,14 @@ def wait_for_kafka(target: Settings | str, timeout_s: float = 30.0,
         finally:
             await admin.close()
 
-    _wait(lambda: _run(probe()), f"Kafka at {kwargs['bootstrap_servers']}", timeout_s,
-          process, log)
+    def check():
+        # A plain TCP connect first: aiokafka logs every refused connection at ERROR level,
+        # which would litter `tagger stack up` output while the broker is still starting.
+        host, _, port = kwargs["bootstrap_servers"].split(",")[0].strip().rpartition(":")
+        socket.create_connection((host, int(port)), timeout=2).close()
+        _run(probe())
+
+    _wait(check, f"Kafka at {kwargs['bootstrap_servers']}", timeout_s, process, log)
 
 
 def ensure_topics(settings: Settings, topics: Optional[list[str]] = None,
@@ -409,14 +415,18 @@ def _proc_start(pid: int) -> Optional[str]:
 
 
 def _raise_on_sigterm():
-    """Make SIGTERM unwind like Ctrl-C so ``finally`` blocks stop the stack. Returns undo."""
+    """Make SIGTERM unwind like Ctrl-C so ``finally`` blocks stop the stack. Returns undo.
+
+    KeyboardInterrupt rather than SystemExit: pytest turns SystemExit inside a test into one
+    failure and carries on, but stops the session on KeyboardInterrupt.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return lambda: None  # someone (pytest-timeout, Faust, ...) already handles it
 
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
+        raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -73,6 +73,8 @@ def parse_timestamp(value: Any) -> float:
     if isinstance(value, bool) or value is None:
         raise ValueError(f"not a timestamp: {value!r}")
     if isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, int) and abs(value) > 10 ** 15:
+            raise ValueError(f"timestamp out of range: {value!r}")
         if not np.isfinite(value):
             raise ValueError(f"not a timestamp: {value!r}")
         return float(value) / 1000.0

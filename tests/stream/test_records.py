@@ -8,7 +8,7 @@ import math
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stream.records import (CONTRACT_FIELDS, LABEL_FIELDS, EventIn, InvalidEvent, TS_MAX, TS_MIN,
                             dlq_record, encode_label, iso_utc, label_record, load_schema,
