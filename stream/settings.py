@@ -111,8 +111,8 @@ class Settings:
         if self.security_protocol.startswith("SASL_"):
             check(self.sasl_mechanism in SASL_MECHANISMS, "sasl_mechanism",
                   " or ".join(SASL_MECHANISMS))
-            check(bool(self.sasl_username), "sasl_username", f"a user name with {self.security_protocol}")
-            check(bool(self.sasl_password), "sasl_password", f"a password with {self.security_protocol}")
+            for name in ("sasl_username", "sasl_password"):
+                check(bool(getattr(self, name)), name, f"a value with {self.security_protocol}")
         if self.ssl_cafile is not None:
             check(Path(self.ssl_cafile).is_file(), "ssl_cafile", "an existing CA bundle file")
 
