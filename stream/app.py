@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Optional
 
 import faust
@@ -252,7 +254,9 @@ class WorkerService:
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None, store: SessionStore | None = None,
                policy: RevisionPolicy | None = None) -> faust.App:
-    app = faust.App(settings.app_id, **faust_broker_settings(settings))
+    # sessions live in Redis; Faust's table data folder would only litter the working directory
+    datadir = Path(tempfile.gettempdir()) / f"tagger-faust-{settings.app_id}"
+    app = faust.App(settings.app_id, **faust_broker_settings(settings, datadir=datadir))
     events = app.topic(settings.input_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=settings.partitions)
     labels = app.topic(settings.output_topic, key_serializer="raw", value_serializer="raw",
