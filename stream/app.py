@@ -65,7 +65,9 @@ class WorkerService:
         torch.set_num_threads(1)  # small per-batch work: threads cost more than they give
         loop = asyncio.get_running_loop()
         lm = await loop.run_in_executor(self.executor, self.holder.load_initial)
-        self.tagger = LiveTagger(lm, self.policy, max_events_per_session=self.settings.max_events_per_session)
+        self.tagger = LiveTagger(lm, self.policy, max_events_per_session=self.settings.max_events_per_session,
+                                 lateness_s=self.settings.lateness_s,
+                                 max_sessions=self.settings.max_sessions_in_memory)
         log.info("serving model %s (lookahead %s, labels %d)", lm.version, lm.lookahead, len(lm.labels))
 
     async def stop(self) -> None:
@@ -115,7 +117,7 @@ class WorkerService:
             log.info("now serving model %s", candidate.version)
         producer = self.app.producer
         s = self.settings
-        parsed, partitions, published, sends = [], [], {}, []
+        parsed, partitions, published, sends, sources = [], [], {}, [], []
         for ev in events:
             msg = ev.message
             try:
@@ -125,6 +127,7 @@ class WorkerService:
                 sends.append(await self._dead_letter(ev, exc.reason, exc.detail, exc.field))
                 continue
             parsed.append(e)
+            sources.append(ev)
             partitions.append(msg.partition)
             if e.type != "session_end":
                 pub = e.fields.get("published_at")
@@ -141,6 +144,8 @@ class WorkerService:
             t0 = time.perf_counter()
             batch = await loop.run_in_executor(self.executor, self.tagger.process, parsed, partitions)
             model_s = time.perf_counter() - t0
+            for i, reason, detail in batch.rejected:
+                sends.append(await self._dead_letter(sources[i], reason, detail, "session_id"))
             t1 = time.perf_counter()
             sends += await self._produce(batch.records)
             t2 = time.perf_counter()

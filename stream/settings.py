@@ -58,6 +58,12 @@ class Settings:
     context: int = _var("TAGGER_CONTEXT", 64, int)
     max_message_bytes: int = _var("TAGGER_MAX_MESSAGE_BYTES", 1_000_000, int)
     max_events_per_session: int = _var("TAGGER_MAX_EVENTS_PER_SESSION", 100_000, int)
+    # sessions a worker keeps in memory; beyond it the least recently seen are read back from
+    # Redis when they return
+    max_sessions_in_memory: int = _var("TAGGER_MAX_SESSIONS_IN_MEMORY", 50_000, int)
+    # events of a session arriving out of timestamp order within this many seconds are put
+    # back in order before labelling (at the cost of holding first labels that long); 0 = off
+    lateness_s: float = _var("TAGGER_LATENESS_S", 0.0, float)
     # Consumer-group session timeout. tansu holds every JoinGroup for half of it, so it sets
     # how long a worker takes to start and a rebalance to finish; Apache Kafka rejects
     # values under its group.min.session.timeout.ms (6 s by default).
@@ -102,8 +108,9 @@ class Settings:
         for name in ("metrics_port", "web_port"):
             check(0 <= getattr(self, name) <= 65535, name, "a port 0-65535 (0 = off)")
         for name in ("partitions", "session_ttl_s", "inactivity_s", "context",
-                     "max_message_bytes", "max_events_per_session"):
+                     "max_message_bytes", "max_events_per_session", "max_sessions_in_memory"):
             check(getattr(self, name) >= 1, name, "an integer >= 1")
+        check(0.0 <= self.lateness_s <= 3600.0, "lateness_s", "seconds between 0 and 3600")
         check(1.0 <= self.kafka_session_timeout_s <= 300.0, "kafka_session_timeout_s",
               "seconds between 1 and 300")
         check(self.security_protocol in SECURITY_PROTOCOLS, "security_protocol",

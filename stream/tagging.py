@@ -31,7 +31,7 @@ import torch
 
 from stream.revisions import Decision, RevisionPolicy
 from trainer.artifacts import LoadedModel
-from trainer.features import EncodedSession, EventContext
+from trainer.features import EncodedSession, EventContext, derive
 from trainer.model import collate
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class LiveSession:
     partition: Optional[int] = None
     new_raw: list[dict[str, Any]] = field(default_factory=list)  # raw events since last snapshot
     new_ids: list[str] = field(default_factory=list)
+    held: list[Any] = field(default_factory=list)   # accepted, waiting out the lateness window
+    max_ts: float = float("-inf")
 
 
 @dataclass
@@ -91,16 +93,21 @@ class Batch:
     duplicates: int = 0
     touched: set[str] = field(default_factory=set)
     closed: set[str] = field(default_factory=set)
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (index, reason, detail)
 
 
 class LiveTagger:
     def __init__(self, model: LoadedModel, policy: RevisionPolicy | None = None, *,
                  window: int | None = None, clock: Callable[[], float] = time.time,
-                 max_events_per_session: int = 100_000):
+                 max_events_per_session: int = 100_000, lateness_s: float = 0.0,
+                 max_sessions: int = 50_000):
         self.policy = policy or RevisionPolicy()
         self.clock = clock
         self.sessions: dict[str, LiveSession] = {}
         self.max_events = max_events_per_session
+        self.lateness_s = lateness_s
+        self.max_sessions = max_sessions
+        self.evicted: list[str] = []
         self._window = window
         self.model = model
         self._check(model)
@@ -135,12 +142,26 @@ class LiveTagger:
 
     # ---- events -------------------------------------------------------------------------
     def process(self, events: Sequence[Any], partitions: Sequence[Optional[int]] | None = None) -> Batch:
-        """Tag a batch of parsed events (``stream.records.EventIn``), in arrival order."""
+        """Tag a batch of parsed events (``stream.records.EventIn``).
+
+        Events reach the model in arrival order, or, with a lateness window, in timestamp
+        order: an event is held until the session has seen an event at least ``lateness_s``
+        later (or ends), so events that arrive out of order within the window are put back in
+        order before they are labelled. Events later than the window are labelled on arrival
+        (they are never dropped)."""
         out = Batch()
         rounds: list[list[tuple[LiveSession, Any]]] = []
         depth: dict[str, int] = {}
         ends: list[LiveSession] = []
         now = self.clock()
+
+        def schedule(sess: LiveSession, ev: Any) -> None:
+            k = depth.get(sess.session_id, 0)
+            depth[sess.session_id] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append((sess, ev))
+
         for i, ev in enumerate(events):
             sess = self.sessions.get(ev.session_id)
             if sess is None:
@@ -149,45 +170,78 @@ class LiveTagger:
             if partitions is not None:
                 sess.partition = partitions[i]
             if ev.type == "session_end":
+                for held in sess.held:
+                    schedule(sess, held)
+                sess.held = []
                 ends.append(sess)
                 continue
             if ev.event_id in sess.ids:
                 out.duplicates += 1
                 continue
-            if sess.n + depth.get(ev.session_id, 0) >= self.max_events:
-                out.duplicates += 1  # over the per-session limit: the worker DLQs these first
+            if len(sess.ids) >= self.max_events:
+                out.rejected.append((i, "session_too_long",
+                                     f"session {ev.session_id!r} already has {len(sess.ids)} events "
+                                     f"(limit {self.max_events})"))
                 continue
             sess.ids.add(ev.event_id)
             sess.new_ids.append(ev.event_id)
             if sess.closed:
                 sess.closed = False  # a late event reopens the session; earlier finals stand
-            k = depth.get(ev.session_id, 0)
-            depth[ev.session_id] = k + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append((sess, ev))
             out.accepted += 1
+            if self.lateness_s <= 0:
+                schedule(sess, ev)
+                continue
+            sess.held.append(ev)
+            sess.held.sort(key=lambda e: e.ts)  # stable: ties keep arrival order
+            sess.max_ts = max(sess.max_ts, ev.ts)
+            while sess.held and sess.held[0].ts <= sess.max_ts - self.lateness_s:
+                schedule(sess, sess.held.pop(0))
         for rnd in rounds:
             self._step(rnd, out.records)
             out.touched.update(s.session_id for s, _ in rnd)
+        for i, ev in enumerate(events):
+            if ev.type != "session_end" and ev.session_id in self.sessions:
+                out.touched.add(ev.session_id)  # held events must reach the store too
         for sess in ends:
             out.records.extend(self._finalize(sess))
             out.touched.add(sess.session_id)
             out.closed.add(sess.session_id)
+        self._evict(out.touched)
         return out
 
     def finalize(self, session_ids: Iterable[str]) -> list[dict[str, Any]]:
-        """End sessions (inactivity timeout): every pending event gets its final record."""
-        records = []
-        for sid in session_ids:
-            sess = self.sessions.get(sid)
-            if sess is not None:
-                records.extend(self._finalize(sess))
+        """End sessions (inactivity timeout): held events are labelled, then every pending
+        event gets its final record."""
+        records: list[dict[str, Any]] = []
+        sessions = [self.sessions[sid] for sid in session_ids if sid in self.sessions]
+        held = [(s, list(s.held)) for s in sessions if s.held]
+        for s, _ in held:
+            s.held = []
+        k = 0
+        while True:
+            rnd = [(s, evs[k]) for s, evs in held if k < len(evs)]
+            if not rnd:
+                break
+            self._step(rnd, records)
+            k += 1
+        for sess in sessions:
+            records.extend(self._finalize(sess))
         return records
+
+    def _evict(self, keep: set[str]) -> None:
+        """Bound the sessions held in memory: the least recently seen ones go (their state is
+        in the store and is read back if they return)."""
+        excess = len(self.sessions) - self.max_sessions
+        if excess <= 0:
+            return
+        victims = sorted((s.last_seen, sid) for sid, s in self.sessions.items() if sid not in keep)
+        for _, sid in victims[:excess]:
+            self.evicted.append(sid)
+            del self.sessions[sid]
 
     def inactive(self, now: float, timeout: float) -> list[str]:
         return [sid for sid, s in self.sessions.items()
-                if not s.closed and s.pending and now - s.last_seen >= timeout]
+                if not s.closed and (s.pending or s.held) and now - s.last_seen >= timeout]
 
     def drop(self, session_ids: Iterable[str]) -> None:
         """Forget sessions held in memory (closed ones, or after losing their partition)."""
@@ -239,9 +293,15 @@ class LiveTagger:
     def _step(self, rnd: list[tuple[LiveSession, Any]], records: list[dict[str, Any]]) -> None:
         self._ensure_state(s for s, _ in rnd)
         model = self.model.model
+        enc = self.model.encoder
         raws = [self._raw(ev) for _, ev in rnd]
-        encs = [self._encode(sess, raw) for (sess, _), raw in zip(rnd, raws)]
-        states, outs = model.step([s.state for s, _ in rnd], _as_step_batch(encs, model))
+        derived = []
+        for (sess, _), raw in zip(rnd, raws):
+            d, sess.ctx = derive(raw, sess.ctx, enc.data, enc.auto_cols)
+            derived.append(d)
+        # one encoding call for the whole round: the per-call numpy overhead dominates per event
+        encoded = enc._encode(derived, self.model.base_dir)
+        states, outs = model.step([s.state for s, _ in rnd], _rows_as_step_batch(encoded, model))
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
         emitted_at = iso_now(self.clock)
@@ -302,7 +362,9 @@ class LiveTagger:
         snap = {"session_id": sid, "n": s.n, "ctx": s.ctx.to_dict(), "closed": s.closed,
                 "pending": [p.to_dict() for p in s.pending], "model_version": s.model_version,
                 "last_seen": s.last_seen, "partition": s.partition,
-                "new_raw": list(s.new_raw), "new_ids": list(s.new_ids)}
+                "new_raw": list(s.new_raw), "new_ids": list(s.new_ids),
+                "held": [_event_dict(e) for e in s.held],
+                "max_ts": s.max_ts if s.max_ts != float("-inf") else None}
         s.new_raw.clear()
         s.new_ids.clear()
         return snap
@@ -313,13 +375,33 @@ class LiveTagger:
                            pending=[Pending.from_dict(p) for p in snap.get("pending", [])],
                            window=[dict(w) for w in window][-self.window_size:], ids=set(ids),
                            model_version=None, last_seen=float(snap.get("last_seen") or self.clock()),
-                           closed=bool(snap.get("closed")), partition=snap.get("partition"))
+                           closed=bool(snap.get("closed")), partition=snap.get("partition"),
+                           held=[_event_from_dict(d) for d in snap.get("held", [])],
+                           max_ts=float(snap["max_ts"]) if snap.get("max_ts") is not None else float("-inf"))
         self.sessions[sess.session_id] = sess
         return sess
 
 
+def _event_dict(ev: Any) -> dict[str, Any]:
+    return {"session_id": ev.session_id, "event_id": ev.event_id, "timestamp": ev.timestamp, "ts": ev.ts,
+            "event_name": ev.event_name, "type": ev.type, "fields": dict(ev.fields)}
+
+
+def _event_from_dict(d: Mapping[str, Any]) -> Any:
+    from stream.records import EventIn
+    return EventIn(d["session_id"], d["event_id"], d["timestamp"], float(d["ts"]), d["event_name"],
+                   d.get("type", "event"), dict(d.get("fields", {})))
+
+
 def _calibrated(logits: torch.Tensor, temperature: float) -> np.ndarray:
     return torch.softmax(logits.float() / max(temperature, 1e-6), -1).cpu().numpy()
+
+
+def _rows_as_step_batch(enc: EncodedSession, model) -> dict[str, torch.Tensor]:
+    """An encoded round (row i = session i's new event) -> (B, 1, ...) tensors."""
+    device = next(model.parameters()).device
+    return {name: torch.from_numpy(np.ascontiguousarray(getattr(enc, name)))[:, None].to(device)
+            for name in ("event", "tokens", "cats", "nums", "text", "image")}
 
 
 def _as_step_batch(encs: Sequence[EncodedSession], model) -> dict[str, torch.Tensor]:

@@ -170,3 +170,52 @@ def test_policy_hysteresis():
     assert pol.decide(shown, np.array([0.4, 0.4, 0.2]), 0.5).label is None  # lost confidence
     assert pol.decide(Decision(None, 0.4), np.array([0.52, 0.48]), 0.5).label is None  # inside band
     assert RevisionPolicy.final(np.array([0.52, 0.48]), 0.5).label == 0
+
+
+def test_lateness_window_puts_out_of_order_events_back_in_order(lm, sessions):
+    """Events of a session that arrive shuffled within the lateness window are labelled as
+    if they had arrived in timestamp order."""
+    _, evs = sessions
+    sid, events = max(evs.items(), key=lambda kv: len(kv[1]))
+    end = EventIn(sid, "", "", 0.0, "", "session_end", {})
+    in_order = LiveTagger(lm).process(list(events) + [end]).records
+    shuffled = list(events)
+    for i in range(0, len(shuffled) - 1, 2):  # swap neighbours: each is at most one event late
+        shuffled[i], shuffled[i + 1] = shuffled[i + 1], shuffled[i]
+    tagger = LiveTagger(lm, lateness_s=60.0)
+    records = []
+    for ev in shuffled:
+        records += tagger.process([ev]).records
+    records += tagger.process([end]).records
+    final = {r["event_id"]: (r["seq"], r["step_name"]) for r in records if r["final"]}
+    expected = {r["event_id"]: (r["seq"], r["step_name"]) for r in in_order if r["final"]}
+    assert final == expected
+
+
+def test_session_event_limit_rejects_extra_events(lm, sessions):
+    _, evs = sessions
+    sid, events = max(evs.items(), key=lambda kv: len(kv[1]))
+    tagger = LiveTagger(lm, max_events_per_session=5)
+    out = tagger.process(events[:8])
+    assert out.accepted == 5
+    assert [i for i, reason, _ in out.rejected] == [5, 6, 7]
+    assert all(reason == "session_too_long" for _, reason, _ in out.rejected)
+
+
+def test_sessions_beyond_the_memory_limit_are_evicted_and_can_be_restored(lm, sessions):
+    _, evs = sessions
+    items = sorted(evs.items(), key=lambda kv: -len(kv[1]))[:4]
+    clock = [0.0]
+    tagger = LiveTagger(lm, max_sessions=2, clock=lambda: clock[0])
+    store = MemorySessionStore()
+    for sid, events in items:
+        clock[0] += 1
+        tagger.process(events[:3])
+        asyncio.run(store.save([tagger.snapshot(sid)], tagger.window_size))
+    assert len(tagger.sessions) == 2 and set(tagger.evicted) == {items[0][0], items[1][0]}
+    sid, events = items[0]
+    meta, window, ids = asyncio.run(store.load([sid]))[sid]
+    tagger.restore(meta, window, ids)
+    out = tagger.process(events[3:] + [EventIn(sid, "", "", 0.0, "", "session_end", {})])
+    finals = [r for r in out.records if r["final"]]
+    assert len(finals) == len(events)  # the 3 pending from before eviction plus the rest
