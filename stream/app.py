@@ -86,8 +86,6 @@ class WorkerService:
         async with self.lock:
             try:
                 await self._handle(events)
-            except StoreUnavailable:
-                raise
             except Exception:
                 log.exception("batch of %d failed; retrying its events one by one", len(events))
                 for ev in events:
@@ -142,23 +140,31 @@ class WorkerService:
                 except StoreUnavailable as exc:
                     log.error("%s; continuing with in-memory state only", exc)
             t0 = time.perf_counter()
-            batch = await loop.run_in_executor(self.executor, self.tagger.process, parsed, partitions)
-            model_s = time.perf_counter() - t0
-            for i, reason, detail in batch.rejected:
-                sends.append(await self._dead_letter(sources[i], reason, detail, "session_id"))
-            t1 = time.perf_counter()
-            sends += await self._produce(batch.records)
-            t2 = time.perf_counter()
-            await asyncio.gather(*sends)
-            t3 = time.perf_counter()
-            log.debug("phases: model %.1f queue %.1f ack %.1f ms (%d records)", 1000 * model_s,
-                     1000 * (t2 - t1), 1000 * (t3 - t2), len(batch.records))
-            now = time.time()
-            for rec in batch.records:
-                if rec["revision"] == 0:
-                    pub = published.get((rec["session_id"], rec["event_id"]))
-                    if pub is not None:
-                        self.metrics.latency.observe(max(0.0, now - pub))
+            try:
+                batch = await loop.run_in_executor(self.executor, self.tagger.process, parsed, partitions)
+                model_s = time.perf_counter() - t0
+                for i, reason, detail in batch.rejected:
+                    sends.append(await self._dead_letter(sources[i], reason, detail, "session_id"))
+                t1 = time.perf_counter()
+                sends += await self._produce(batch.records)
+                t2 = time.perf_counter()
+                await asyncio.gather(*sends)
+                t3 = time.perf_counter()
+                log.debug("phases: model %.1f queue %.1f ack %.1f ms (%d records)", 1000 * model_s,
+                         1000 * (t2 - t1), 1000 * (t3 - t2), len(batch.records))
+                now = time.time()
+                for rec in batch.records:
+                    if rec["revision"] == 0:
+                        pub = published.get((rec["session_id"], rec["event_id"]))
+                        if pub is not None:
+                            self.metrics.latency.observe(max(0.0, now - pub))
+            except BaseException:
+                # Redis holds every session as of the last completed batch; memory may now be
+                # ahead of it. Forget this batch's sessions so a retry (or the next owner)
+                # resumes them from Redis and labels these events again instead of skipping
+                # them as already seen. Repeated records deduplicate by revision.
+                self.tagger.drop({e.session_id for e in parsed})
+                raise
             await self._persist(batch.touched, batch.closed)
             n_ends = sum(1 for e in parsed if e.type == "session_end")
             self.metrics.events.labels(result="accepted").inc(batch.accepted)
@@ -229,17 +235,40 @@ class WorkerService:
         await asyncio.get_running_loop().run_in_executor(None, self.holder.poll)
 
     def update_lag(self) -> None:
+        """Set ``tagger_consumer_lag{partition}`` for each input partition this worker holds.
+
+        Lag is the partition's log-end offset minus the group's position in it, the LAG of
+        ``kafka-consumer-groups --describe``. The log end is the high watermark that came with
+        the partition's latest fetch response (``Consumer.highwater``; aiokafka fetches every
+        partition whose buffer is empty, so it is fresh whenever the worker keeps up). The
+        position is the offset Faust last committed for the group: a message is acknowledged
+        only after its labels are produced and acked, and acknowledged offsets are committed
+        every ``broker_commit_interval``, so lag counts messages not yet labelled, not merely
+        not yet fetched. Before this worker's first commit on a partition the position is
+        the last offset read + 1; before the first fetch there is no sample.
+
+        The gauge is rebuilt from the current assignment on each call (on the event loop, so
+        no scrape sees it half-built): a partition that moved to another worker stops being
+        reported here, and the sum over workers is the group's lag.
+        """
         consumer = self.app.consumer
         try:
-            for tp in consumer.assignment():
-                if tp.topic != self.settings.input_topic:
-                    continue
-                hw = consumer.highwater(tp)
-                pos = consumer._last_read_offset.get(tp) if hasattr(consumer, "_last_read_offset") else None
-                if hw is not None and pos is not None:
-                    self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, hw - pos - 1))
-        except Exception:  # lag is best-effort observability
-            pass
+            assignment = [tp for tp in consumer.assignment() if tp.topic == self.settings.input_topic]
+            lags = {}
+            for tp in assignment:
+                end = consumer.highwater(tp)
+                committed = consumer._committed_offset.get(tp)  # next offset to read, or None
+                read = consumer._read_offset.get(tp)  # last offset handed to the agent, or None
+                position = committed if committed is not None else (read + 1 if read is not None else None)
+                if end is not None and position is not None:
+                    lags[tp.partition] = max(0, end - position)
+        except Exception as exc:  # not started yet, or mid-rebalance: lag is observability only
+            log.debug("consumer lag not updated: %r", exc)
+            return
+        gauge = self.metrics.consumer_lag
+        gauge.clear()
+        for partition, lag in sorted(lags.items()):
+            gauge.labels(partition=str(partition)).set(lag)
 
     # ---- rebalances ---------------------------------------------------------------------
     async def on_assigned(self, assigned) -> None:

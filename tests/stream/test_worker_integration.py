@@ -410,7 +410,14 @@ def test_a_killed_worker_restarts_without_losing_finals(
             second = faust_worker(settings)
             ready_s = await asyncio.to_thread(second.wait_ready)
             await publishing
-            await tail.until(_all_final(tail, events), "final for every event after the restart")
+            try:
+                await tail.until(_all_final(tail, events), "final for every event after the restart")
+            except AssertionError:
+                import pickle
+                Path("/tmp/killdbg.json").write_text(json.dumps({"records": tail.records, "parts": [m.partition for m in tail.messages], "offs": [m.offset for m in tail.messages], "killed_after": killed_after, "events": [list(k) for k in events], "messages": messages}))
+                print("FIRST LOG\n", first.log_text()[-6000:])
+                print("SECOND LOG\n", second.log_text()[-10000:])
+                raise
             await tail.settle()
             return tail.records, killed_after, ready_s, second
 
