@@ -83,6 +83,8 @@ class WorkerService:
     async def handle(self, events: list) -> None:
         """Process a batch; if it fails unexpectedly, process its events one by one so that
         a poison message goes to the DLQ (reason ``processing_error``) and the rest flow."""
+        while self.tagger is None:  # Faust starts the agent before _Lifecycle has loaded the model
+            await asyncio.sleep(0.05)
         async with self.lock:
             try:
                 await self._handle(events)

@@ -91,6 +91,49 @@ def cmd_demo(args) -> int:
     return 0 if summary.get("events_without_final", 1) == 0 else 1
 
 
+def cmd_bench(args) -> int:
+    from stream.bench import BenchConfig, run_bench
+    out = Path(args.out or ("runs/bench-quick" if args.quick else "runs/bench"))
+    cfg = BenchConfig.for_mode(args.quick, out, model=Path(args.model) if args.model else None,
+                               repeats=args.repeats, events=args.events, profile=args.profile,
+                               quality=not args.no_quality,
+                               real_data=None if args.quick or args.no_real_data else Path(args.real_data))
+    run_bench(cfg, json_out=args.json, readme=args.readme, command="tagger " + " ".join(sys.argv[2:]))
+    return 0
+
+
+def cmd_chaos(args) -> int:
+    from stream.chaos import FAULTS, ChaosConfig, format_report, run_chaos, scale_run
+    for noisy in ("aiokafka", "kafka", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)  # the broker pause makes them shout
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.scale:
+        rows = scale_run(workdir=Path(args.workdir), model=args.model, sessions=args.sessions or 80,
+                         progress=say)
+        for r in rows:
+            print(f"{r['workers']} worker(s), {r['partitions']} partitions: {r['events']} events in "
+                  f"{r['seconds']:.1f} s = {r['events_per_s']:.0f} events/s (all final: {r['all_final']})")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"scale": rows}, indent=2))
+        return 0
+    cfg = ChaosConfig.quick() if args.quick else ChaosConfig()
+    if args.sessions:
+        cfg = dataclasses.replace(cfg, sessions=args.sessions)
+    faults = [f.strip() for f in args.faults.split(",")] if args.faults else list(FAULTS)
+    reports = run_chaos(cfg, workdir=Path(args.workdir), model=args.model, faults=faults, progress=say)
+    print(format_report(reports))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"config": dataclasses.asdict(cfg), "faults": {r.fault: r.as_dict() for r in reports}},
+            indent=2, default=str))
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def register(sub) -> None:
     w = sub.add_parser("worker", help="run the live tagging worker (Faust) against TAGGER_KAFKA / TAGGER_REDIS")
     w.add_argument("--artifacts", help="artifacts folder with the `current` pointer (default TAGGER_ARTIFACTS)")
@@ -125,3 +168,30 @@ def register(sub) -> None:
     d.add_argument("--json", help="write the summary as JSON here")
     d.add_argument("--workdir", default="runs/demo", help="where generated data and logs go")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("chaos", help="kill workers, restart Redis, pause the broker, promote bad models "
+                                     "mid-stream; report what was lost (nothing, we hope)")
+    c.add_argument("--quick", action="store_true", help="a short version of every fault (a few minutes)")
+    c.add_argument("--json", help="write the per-fault report here")
+    c.add_argument("--faults", help="comma-separated subset of kill9,two_workers,redis_restart,"
+                                    "broker_pause,bad_artifact (default: all)")
+    c.add_argument("--model", help="model folder to serve (default: the current one, else a small "
+                                   "one trained on generated logs)")
+    c.add_argument("--sessions", type=int, help="generated sessions per fault (or for --scale)")
+    c.add_argument("--scale", action="store_true", help="instead: measure throughput with 1 and 2 workers")
+    c.add_argument("--workdir", default="runs/chaos", help="where logs, generated data and models go")
+    c.set_defaults(func=cmd_chaos)
+
+    b = sub.add_parser("bench", help="throughput, latency, scaling, memory and label quality beside baselines")
+    b.add_argument("--quick", action="store_true", help="a short run (1 repeat, small sizes; same JSON keys)")
+    b.add_argument("--json", help="write the headline figures as JSON here")
+    b.add_argument("--out", help="results folder (default runs/bench, or runs/bench-quick)")
+    b.add_argument("--model", help="artifact folder the worker serves (default: train a BiLSTM)")
+    b.add_argument("--repeats", type=int, help="repeats per throughput/latency/scaling figure (default 3; quick 1)")
+    b.add_argument("--events", type=int, help="messages pre-filled per worker / Faust throughput run")
+    b.add_argument("--real-data", default="../shared/data", help="folder of <name>.train.csv/.test.csv real logs")
+    b.add_argument("--no-real-data", action="store_true", help="label quality on generated logs only")
+    b.add_argument("--no-quality", action="store_true", help="skip the label-quality stage")
+    b.add_argument("--profile", action="store_true", help="sample the worker with py-spy in one extra run")
+    b.add_argument("--readme", help="rewrite the table between <!-- bench:begin/end --> markers in this file")
+    b.set_defaults(func=cmd_bench)

@@ -8,6 +8,14 @@
       encoder.json    the fitted feature encoder (vocabularies, scalers) as JSON
       config.yaml     the full training config
       metrics.json    the full evaluation report; *.png plots beside it
+      image_backbone.pt  only when the model uses a screenshot backbone from a local file: a
+                      copy of it, so the artifact does not depend on the original path
+
+The calibration block holds the full-lookahead ``temperature`` and ``threshold`` (final and
+offline decisions) and, for streamable models, ``prefix_temperatures`` / ``prefix_thresholds``:
+one per visible-future depth k = 0..L, for the labels the live worker shows before an event is
+final (``LoadedModel.prefix_probs`` / ``prefix_threshold``). Index L equals the full-lookahead
+pair.
 
 Nothing is unpickled. Loading checks the manifest, the file hashes and that the weights fit
 the declared architecture, and says what is wrong when something does not.
@@ -22,6 +30,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +47,7 @@ from trainer.model import ModelArgs, Tagger, collate
 FORMAT = "tagger-artifact"
 FORMAT_VERSION = 1
 POINTER = "current"
+BACKBONE = "image_backbone.pt"
 
 
 def sha256_file(path: Path) -> str:
@@ -59,8 +69,8 @@ def new_version(fingerprint: str) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + fingerprint[:8]
 
 
-def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits / max(temperature, 1e-6)
+def softmax_t(logits: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
+    z = logits / np.maximum(temperature, 1e-6)
     z = z - z.max(-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(-1, keepdims=True)
@@ -89,6 +99,35 @@ class LoadedModel:
     @property
     def lookahead(self) -> int | None:
         return self.manifest.get("model_args", {}).get("lookahead")
+
+    @property
+    def prefix_temperatures(self) -> list[float]:
+        """Temperature per visible-future depth k = 0..L (the full-lookahead one when the
+        artifact has no prefix calibration)."""
+        L = self.lookahead or 0
+        got = self.manifest["calibration"].get("prefix_temperatures")
+        return [float(t) for t in got] if got and len(got) == L + 1 else [self.temperature] * (L + 1)
+
+    @property
+    def prefix_thresholds(self) -> list[float]:
+        L = self.lookahead or 0
+        got = self.manifest["calibration"].get("prefix_thresholds")
+        return [float(t) for t in got] if got and len(got) == L + 1 else [self.threshold] * (L + 1)
+
+    def prefix_threshold(self, k: int) -> float:
+        """Abstention threshold for a label shown while k later events are visible (k >= L:
+        final, the full-lookahead threshold)."""
+        thr = self.prefix_thresholds
+        return thr[k] if 0 <= k < len(thr) else self.threshold
+
+    def prefix_probs(self, logits: Any) -> np.ndarray:
+        """Calibrate the (v, C) logits of one ``Tagger.step`` output (oldest first): row j has
+        k = v - 1 - j later events visible and gets that depth's temperature."""
+        z = logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+        temps = self.prefix_temperatures
+        v = len(z)
+        t = np.array([temps[min(v - 1 - j, len(temps) - 1)] for j in range(v)], dtype=np.float64)
+        return softmax_t(z, t[:, None]) if v else z
 
     def predict_logits(self, sessions: Sequence[EncodedSession], batch_size: int = 16,
                        max_len: int = 4096) -> list[np.ndarray]:
@@ -148,9 +187,16 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
     if manifest_path.exists():
         manifest_path.unlink()
     files = []
+    model_args = model.args.to_dict() if model is not None else {}
     if model is not None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "weights.pt")
         files.append("weights.pt")
+        if model.args.image_backbone:
+            src = Path(model.args.image_backbone)
+            if src.resolve() != (out / BACKBONE).resolve():
+                shutil.copyfile(src, out / BACKBONE)
+            model_args["image_backbone"] = BACKBONE
+            files.append(BACKBONE)
     if baseline is not None:
         files += baseline.save(out)
     (out / "encoder.json").write_text(json.dumps(encoder.to_dict()), encoding="utf-8")
@@ -162,7 +208,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
         "version": version or new_version(fp),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model_args": model.args.to_dict() if model is not None else {},
+        "model_args": model_args,
         "feature_spec": encoder.spec(), "labels": list(labels),
         "calibration": {"temperature": float(temperature), "threshold": float(threshold), **calibration},
         "metrics": _summary(metrics), "training": dict(training), "libraries": library_versions(),
@@ -244,13 +290,18 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
             args = ModelArgs.from_dict(manifest["model_args"])
         except TypeError as exc:
             raise ArtifactError(f"{path}: model_args do not fit this tagger version: {exc}") from exc
+        if args.image_backbone:
+            args.image_backbone = str(path / args.image_backbone)     # the artifact's own copy
         if args.n_labels != len(loaded.labels):
             raise ArtifactError(f"{path}: model has {args.n_labels} outputs but {len(loaded.labels)} labels")
         try:
             state = torch.load(path / "weights.pt", map_location=device, weights_only=True)
         except Exception as exc:  # torch raises several types for bad files
             raise ArtifactError(f"{path}/weights.pt: cannot load weights: {exc}") from exc
-        model = Tagger(args).to(device)
+        try:
+            model = Tagger(args).to(device)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ArtifactError(f"{path}: cannot build the declared model: {exc}") from exc
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

@@ -104,13 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--skip-bad-rows", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    try:
-        from stream.cli import register
-    except ImportError as exc:  # the live side is part of the same distribution
-        if "stream.cli" not in str(exc) and "stream" not in str(exc):
-            raise
-    else:
-        register(sub)
+    from stream.cli import register  # the live side ships in the same distribution
+    register(sub)
     return p
 
 

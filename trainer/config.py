@@ -37,13 +37,23 @@ class DataConfig:
     # Long sessions are cut into chunks of this many events for training (with overlap).
     chunk_len: int = 128
     image_size: int = 32
+    # Screenshot encoder from a local file instead of the SmallCNN trained from scratch: a
+    # TorchScript module or a SmallCNN state dict (see trainer.model.ImageBackbone). Never
+    # downloaded; the artifact keeps a copy, so serving does not need the original path.
+    image_backbone: Optional[str] = None
+    freeze_backbone: bool = True
+    # "group_id_only" keeps only the group_id column (as the event identity) and drops every
+    # other feature: it measures how much the UI element / window grouping alone predicts.
+    feature_set: Literal["full", "group_id_only"] = "full"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # logreg and crf are the classic baselines, trained and scored the same way
-    arch: Literal["bilstm", "transformer", "tcn", "bilstm_attn", "logreg", "crf"] = "bilstm"
-    fusion: Literal["concat", "gated", "sum", "cross_attention"] = "concat"
+    arch: Literal["bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "logreg",
+                  "crf"] = "bilstm"
+    # late: one encoder and classifier per modality, logits summed
+    fusion: Literal["concat", "gated", "sum", "cross_attention", "late"] = "concat"
     # Each event sees every earlier event (within `context`) and at most `lookahead` later
     # ones, in training and live alike: a live label is final after `lookahead` more events.
     # null means unbounded (offline-only, full bidirectional).
@@ -60,7 +70,11 @@ class ModelConfig:
     nhead: int = 4
     ff_dim: int = 256
     dropout: float = 0.2
+    # A linear-chain CRF output layer: forward messages over the past, backward messages over
+    # half the lookahead (the encoder gets the other half), so the lookahead bound holds.
     crf: bool = False
+    # ht_transformer: a history token after every this many events
+    history_every: int = 8
 
 
 @dataclass(frozen=True)
@@ -82,12 +96,18 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss: Literal["ce", "focal"] = "ce"
     class_weights: bool = True
+    # Oversample training chunks that hold rare steps (weight: mean inverse-sqrt frequency
+    # of their labels), drawn with replacement each epoch.
+    resample: bool = False
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     # Abstain unless the calibrated confidence clears a threshold chosen on validation so
     # that precision reaches this target (with `guarantee_confidence` via a binomial bound).
     precision_target: float = 0.95
     guarantee_confidence: float = 0.9
+    # Also fit a temperature and threshold per visible-future depth k = 0..lookahead on the
+    # validation sessions replayed through Tagger.step (what the live worker emits).
+    prefix_calibration: bool = True
     seed: int = 42
     device: str = "auto"
     hpo: HPOConfig = field(default_factory=HPOConfig)
@@ -197,6 +217,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.test_size and data.val_size must be in [0, 1) and sum below 1")
     if d.chunk_len < 8:
         raise ConfigError("data.chunk_len: must be >= 8")
+    if m.history_every < 1:
+        raise ConfigError("model.history_every: must be >= 1")
+    if m.arch == "ht_transformer" and m.hidden_dim % m.nhead:
+        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nhead ({m.nhead})")
+    if d.feature_set == "group_id_only" and (d.text_features or d.image_col or d.event_name_text
+                                             or d.cat_features or d.num_features):
+        raise ConfigError("data.feature_set: group_id_only uses no other column; remove "
+                          "cat_features, num_features, text_features, event_name_text and image_col")
+    if d.image_backbone and not d.image_col:
+        raise ConfigError("data.image_backbone: needs data.image_col")
 
 
 def load_config(path: str | Path | None) -> Config:

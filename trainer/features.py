@@ -182,6 +182,12 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
                  + ([name] if data.event_name_text else []),
         "image": _text(event.get(data.image_col)) if data.image_col else None,
     }
+    if data.feature_set == "group_id_only":
+        # the event is its group_id and nothing else: the same keys and shapes as "full", so
+        # the model and the live loop are unchanged, but every other feature is constant
+        derived = {"template": f"group:{group or 'none'}", "tokens": [],
+                   "cats": {k: (v if k == "col:group_id" else "none") for k, v in cats.items()},
+                   "nums": {k: 0.0 for k in nums}, "texts": [], "image": None}
     new_recent = (recent + [ids])[-RECENT:]
     nxt = EventContext(start_ts=start, prev_ts=max(ts, ctx.prev_ts) if ctx.prev_ts is not None else ts,
                        prev_app=app, prev_group=group, recent_ids=new_recent)

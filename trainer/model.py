@@ -18,12 +18,27 @@ per event bounded by L and ``context``, never by the session's length:
   1000 of a session costs what position 10 does.
 - TCN: causal dilated convolutions (receptive field cached as a buffer), then a lookahead
   convolution over the next L events.
+- History-token Transformer (after HT-Transformer, arXiv 2508.01474): the Transformer above
+  plus a history token after every ``history_every`` events. Token j attends to its span of
+  events and to token j-1, so it summarises the whole prefix at bounded cost; the lookahead
+  layer lets each event attend to the latest complete history token besides its context
+  window. Tokens are causal, so they are computed once and cached.
+
+Two options sit around any encoder:
+
+- ``crf``: a linear-chain CRF output layer read as marginals with bounded lookahead. The
+  label distribution at t is softmax(alpha_t + beta_t): alpha is the forward message
+  (causal; cached in ``step()``), beta the backward message over only the next W = L // 2
+  events. The encoder then gets lookahead L - W, so the whole model still sees exactly L
+  events ahead. Trained by cross-entropy on these marginals, which are what is served.
+- ``fusion="late"``: one encoder and classifier per modality (tabular, text, image) whose
+  logits are summed, instead of fusing the modalities before the encoder.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -43,8 +58,8 @@ class ModelArgs:
     n_nums: int = 0
     text_dim: int = 0
     image_size: int = 0
-    arch: str = "bilstm"            # bilstm | transformer | tcn | bilstm_attn
-    fusion: str = "concat"          # concat | gated | sum | cross_attention
+    arch: str = "bilstm"            # bilstm | transformer | tcn | bilstm_attn | ht_transformer
+    fusion: str = "concat"          # concat | gated | sum | cross_attention | late
     lookahead: Optional[int] = 4    # None = unbounded (offline only)
     context: int = 64
     emb_event_dim: int = 64
@@ -59,6 +74,11 @@ class ModelArgs:
     ff_dim: int = 256
     dropout: float = 0.2
     crf: bool = False
+    history_every: int = 8          # ht_transformer: one history token per this many events
+    # screenshots: a local TorchScript or SmallCNN state-dict file (never downloaded); inside
+    # an artifact it is the file name of the copy kept beside the weights
+    image_backbone: Optional[str] = None
+    freeze_backbone: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,8 +112,64 @@ class SmallCNN(nn.Module):
         return self.net(img.float() / 255.0)
 
 
+class ImageBackbone(nn.Module):
+    """A screenshot encoder loaded from a local file, then a trained projection.
+
+    The file is a TorchScript module (any network mapping (N, 3, S, S) floats in [0, 1] to
+    (N, D) or (N, D, ...) features) or a state dict of ``SmallCNN`` (for example one trained
+    with an earlier tagger). Nothing is ever downloaded. Frozen by default: its weights stay
+    as loaded and it runs in eval mode, so batch statistics never drift."""
+
+    def __init__(self, path: str, out_dim: int, image_size: int, freeze: bool = True):
+        super().__init__()
+        self.frozen = freeze
+        try:
+            net = torch.jit.load(path, map_location="cpu")
+        except (RuntimeError, ValueError):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "net.7.weight" not in state:
+                raise ValueError(f"{path}: neither a TorchScript module nor a SmallCNN state dict")
+            net = SmallCNN(state["net.7.weight"].shape[0])
+            net.load_state_dict(state)
+            net = _Scaled(net)
+        self.net = net
+        with torch.no_grad():
+            dim = self.net(torch.zeros(1, 3, image_size, image_size)).reshape(1, -1).shape[1]
+        self.proj = nn.Linear(dim, out_dim)
+        if freeze:
+            for p in self.net.parameters():
+                p.requires_grad_(False)
+            self.net.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.net.eval()
+        return self
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        # img: (N, 3, S, S) uint8 -> (N, out_dim)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            f = self.net(img.float() / 255.0)
+        return self.proj(f.reshape(len(img), -1))
+
+
+class _Scaled(nn.Module):
+    """SmallCNN takes uint8 pixels; a backbone takes [0, 1] floats."""
+
+    def __init__(self, cnn: SmallCNN):
+        super().__init__()
+        self.cnn = cnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cnn.net(x)
+
+
 class EventEmbedder(nn.Module):
-    """Per-event multimodal features -> one vector of ``hidden_dim`` (the fusion layer)."""
+    """Per-event multimodal features -> one vector of ``hidden_dim`` (the fusion layer).
+
+    With ``fusion="late"`` it fuses nothing: ``forward`` returns one vector per modality
+    (tabular first, then text, then image) for the tagger's per-modality encoders."""
 
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -106,10 +182,20 @@ class EventEmbedder(nn.Module):
         tab_dim = a.emb_event_dim + a.emb_token_dim + sum(e.embedding_dim for e in self.cats) + (
             a.num_proj_dim if a.n_nums else 0)
         self.text = nn.Linear(a.text_dim, a.text_proj_dim) if a.text_dim else None
-        self.image = SmallCNN(a.image_proj_dim) if a.image_size else None
+        if not a.image_size:
+            self.image = None
+        elif a.image_backbone:
+            self.image = ImageBackbone(a.image_backbone, a.image_proj_dim, a.image_size, a.freeze_backbone)
+        else:
+            self.image = SmallCNN(a.image_proj_dim)
         extra = [d for d, m in ((a.text_proj_dim, self.text), (a.image_proj_dim, self.image)) if m is not None]
+        self.n_streams = 1 + len(extra) if a.fusion == "late" else 1
         h = a.hidden_dim
-        if a.fusion == "concat":
+        if a.fusion == "late":
+            self.proj = nn.Linear(tab_dim, h)
+            self.extra_proj = nn.ModuleList(nn.Linear(d, h) for d in extra)
+            self.extra_norm = nn.ModuleList(nn.LayerNorm(h) for _ in extra)
+        elif a.fusion == "concat":
             self.proj = nn.Linear(tab_dim + sum(extra), h)
         elif a.fusion in ("gated", "sum", "cross_attention"):
             self.proj = nn.Linear(tab_dim, h)
@@ -123,8 +209,8 @@ class EventEmbedder(nn.Module):
         self.norm = nn.LayerNorm(h)
         self.drop = nn.Dropout(a.dropout)
 
-    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        # every input is (B, T, ...); output (B, T, hidden)
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        # every input is (B, T, ...); output (B, T, hidden), or a list of them for late fusion
         tok = b["tokens"]
         tok_emb = self.token(tok)                                     # (B, T, MT, Et)
         n_tok = (tok != 0).sum(-1, keepdim=True).clamp(min=1)
@@ -140,6 +226,10 @@ class EventEmbedder(nn.Module):
             img = b["image"]
             B, T = img.shape[:2]
             extra.append(self.image(img.reshape(B * T, *img.shape[2:])).reshape(B, T, -1))
+        if self.a.fusion == "late":
+            out = [self.drop(self.norm(F.gelu(self.proj(tab))))]
+            out += [self.drop(n(F.gelu(p(e)))) for p, n, e in zip(self.extra_proj, self.extra_norm, extra)]
+            return out
         if self.a.fusion == "concat":
             x = self.proj(torch.cat([tab] + extra, -1))
         else:
@@ -332,6 +422,191 @@ class LookaheadTransformer(nn.Module):
         return new_states, outs
 
 
+class HistoryTransformer(LookaheadTransformer):
+    """Transformer with history tokens (after HT-Transformer, arXiv 2508.01474).
+
+    After every S = ``history_every`` events a history token is formed: it attends to the S
+    events of its span (their inputs to the lookahead layer, which are causal) and to the
+    previous history token, so token j summarises events 0 .. (j+1)S - 1 at a cost bounded by
+    S. In the lookahead layer each event attends, besides its context window, to the latest
+    history token complete at its own position: history beyond ``context`` reaches it at
+    constant cost. History tokens are causal, so ``step()`` forms each one once and keeps the
+    few the positions still inside the lookahead refer to."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__(a)
+        self.S = max(1, a.history_every)
+        self.hist0 = nn.Parameter(torch.zeros(a.hidden_dim))
+        self.hist_block = Block(a)
+        self.hist_ln = nn.LayerNorm(a.hidden_dim)
+        self.hist_bias = nn.Parameter(torch.zeros(a.nhead))
+        L = a.lookahead if a.lookahead is not None else 0
+        self.keep_hist = (L + 1) // self.S + 2
+
+    def _history(self, m: torch.Tensor, span: torch.Tensor, span_valid: torch.Tensor) -> torch.Tensor:
+        # m: (B, H) previous token; span: (B, S, H); span_valid: (B, S) -> next token (B, H)
+        q = m[:, None]
+        kv = torch.cat([q, span], 1)
+        ok = torch.cat([torch.ones_like(span_valid[:, :1]), span_valid], 1)
+        bias = torch.zeros(ok.shape, dtype=span.dtype, device=span.device).masked_fill(~ok, float("-inf"))
+        return self.hist_ln(self.hist_block(q, kv, bias[:, None, None, :])[:, 0])
+
+    def _hist_bias(self, qpos: torch.Tensor, hidx: torch.Tensor) -> torch.Tensor:
+        # qpos: (Tq,) positions; hidx: (J,) history token numbers -> (1, nh, Tq, J)
+        latest = (qpos + 1) // self.S - 1                               # token complete at qpos
+        allowed = hidx[None, :] == latest[:, None]
+        return torch.where(allowed[None, None], self.hist_bias[None, :, None, None],
+                           torch.tensor(float("-inf"), device=qpos.device))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        valid = pos[None, :] < lengths[:, None].to(x.device)
+        for layer, blk in enumerate(self.blocks[:-1]):
+            x = blk(x, x, self._bias(layer, pos, pos, valid))
+        last = len(self.blocks) - 1
+        bias = self._bias(last, pos, pos, valid)                       # (B, nh, T, T)
+        J = T // self.S
+        if J:
+            m, hist = self.hist0.expand(B, -1), []
+            for j in range(J):
+                sl = slice(j * self.S, (j + 1) * self.S)
+                m = self._history(m, x[:, sl], valid[:, sl])
+                hist.append(m)
+            hist = torch.stack(hist, 1)                                # (B, J, H)
+            hb = self._hist_bias(pos, torch.arange(J, device=x.device)).expand(B, -1, -1, -1)
+            x = self.blocks[last](x, torch.cat([x, hist], 1), torch.cat([bias, hb], -1))
+        else:
+            x = self.blocks[last](x, x, bias)
+        return self.ln(x)
+
+    def init_state(self, device) -> dict[str, Any]:
+        s = super().init_state(device)
+        s["m"] = self.hist0.detach().clone()
+        s["hist"] = []                                                 # [(j, token (H,))], recent
+        return s
+
+    def step(self, states: list[dict], x_new: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
+        L = self.L if self.L is not None else 0
+        keep = max(self.C + L, self.S)
+        last = len(self.blocks) - 1
+        new_states, outs = [], []
+        for i, s in enumerate(states):
+            n = s["n"]
+            layers = list(s["layers"])
+            h = x_new[i:i + 1]
+            for l, blk in enumerate(self.blocks[:-1]):
+                buf = torch.cat([layers[l], h])[-keep:]
+                layers[l] = buf
+                kpos = torch.arange(n + 1 - len(buf), n + 1, device=h.device)
+                valid = torch.ones(1, len(buf), dtype=torch.bool, device=h.device)
+                h = blk(h[None], buf[None], self._bias(l, kpos[-1:], kpos, valid))[0]
+            buf = torch.cat([layers[last], h])[-keep:]
+            layers[last] = buf
+            m, hist = s["m"], list(s["hist"])
+            if (n + 1) % self.S == 0:                                  # a span just completed
+                span = buf[-self.S:][None]
+                m = self._history(m[None], span, torch.ones(1, self.S, dtype=torch.bool, device=h.device))[0]
+                hist = (hist + [((n + 1) // self.S - 1, m)])[-self.keep_hist:]
+            kpos = torch.arange(n + 1 - len(buf), n + 1, device=h.device)
+            v = min(L + 1, len(buf))
+            qpos = kpos[-v:]
+            valid = torch.ones(1, len(buf), dtype=torch.bool, device=h.device)
+            bias = self._bias(last, qpos, kpos, valid)
+            if hist:
+                hidx = torch.tensor([j for j, _ in hist], device=h.device)
+                kv = torch.cat([buf, torch.stack([t for _, t in hist])])
+                bias = torch.cat([bias, self._hist_bias(qpos, hidx)], -1)
+            else:
+                kv = buf
+            out = self.blocks[last](buf[None, -v:], kv[None], bias)[0]
+            outs.append(self.ln(out))
+            new_states.append({"n": n + 1, "layers": layers, "m": m, "hist": hist})
+        return new_states, outs
+
+
+class LookaheadCRF(nn.Module):
+    """Linear-chain CRF marginals with a bounded backward window.
+
+    Output at t: log softmax(alpha_t + beta_t). alpha_t(y) = e_t(y) + logsumexp_y'(alpha_{t-1}(y')
+    + A[y', y]) is the forward message (causal, so ``step()`` caches it); beta_t sums over the
+    label paths of only the next ``window`` events (None: to the session's end). Messages are
+    renormalised as they go, which the final log-softmax makes harmless."""
+
+    def __init__(self, n_labels: int, window: Optional[int]):
+        super().__init__()
+        self.trans = nn.Parameter(torch.zeros(n_labels, n_labels))     # A[from, to]
+        self.W = window
+
+    def _advance(self, alpha: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        # alpha: (B, C) previous forward message, e: (B, C) emissions -> (B, C)
+        a = e + torch.logsumexp(alpha[:, :, None] + self.trans[None], 1)
+        return a - torch.logsumexp(a, -1, keepdim=True)
+
+    def _beta(self, e: torch.Tensor, next_valid: torch.Tensor, window: int) -> torch.Tensor:
+        # e: (B, T, C); next_valid: (B, T) whether t + 1 exists -> beta (B, T, C)
+        B, T, C = e.shape
+        beta = e.new_zeros(B, T, C)
+        for _ in range(window):
+            nxt = torch.cat([e[:, 1:] + beta[:, 1:], e.new_zeros(B, 1, C)], 1)
+            b = torch.logsumexp(self.trans[None, None] + nxt[:, :, None, :], -1)
+            b = b - torch.logsumexp(b, -1, keepdim=True)
+            beta = torch.where(next_valid[..., None], b, torch.zeros_like(b))
+        return beta
+
+    def forward(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, C = e.shape
+        a = e[:, 0] - torch.logsumexp(e[:, 0], -1, keepdim=True)
+        alphas = [a]
+        for t in range(1, T):
+            a = self._advance(a, e[:, t])
+            alphas.append(a)
+        alpha = torch.stack(alphas, 1)
+        pos = torch.arange(T, device=e.device)
+        next_valid = pos[None, :] + 1 < lengths[:, None].to(e.device)
+        W = T - 1 if self.W is None else self.W
+        return torch.log_softmax(alpha + self._beta(e, next_valid, W), -1)
+
+    def init_state(self, device) -> dict[str, Any]:
+        C = self.trans.shape[0]
+        return {"n": 0, "e": torch.zeros(0, C, device=device), "a": torch.zeros(0, C, device=device)}
+
+    def step(self, s: dict[str, Any], e_prov: torch.Tensor, enc_lookahead: int) -> tuple[dict, torch.Tensor]:
+        """One session advanced by one event. ``e_prov``: (v_enc, C) current emissions of its
+        last v_enc events (from the encoder's step; the oldest is final when v_enc is
+        ``enc_lookahead + 1``). Returns the new state and log-marginals of the last
+        ``enc_lookahead + W + 1`` events, oldest first."""
+        n = s["n"] + 1                                                 # events seen
+        W = self.W or 0
+        L = enc_lookahead + W
+        f = n - 1 - enc_lookahead                                      # newest final emission
+        e_fin, a_fin = s["e"], s["a"]
+        if f >= 0:                                                     # e_prov[0] just became final
+            a_f = (e_prov[0] - torch.logsumexp(e_prov[0], -1) if f == 0
+                   else self._advance(a_fin[-1:], e_prov[:1])[0])
+            e_fin = torch.cat([e_fin, e_prov[:1]])[-(W + 1):]
+            a_fin = torch.cat([a_fin, a_f[None]])[-(W + 1):]
+        # positions s0 .. n-1: final ones from the cache, the newest L_enc from e_prov
+        s0 = max(0, n - 1 - L)
+        n_fin = max(0, f + 1 - s0)
+        # emissions: final positions s0..f are e_fin's tail (s0's own is never read by beta)
+        fin_e = e_fin[len(e_fin) - n_fin:] if n_fin else e_fin[:0]
+        prov_e = e_prov[1:] if f >= 0 else e_prov
+        e_seg = torch.cat([fin_e, prov_e])                             # (n - s0, C)
+        alphas = [a_fin[len(a_fin) - n_fin:]] if n_fin else []
+        a = a_fin[-1:] if f >= 0 else None
+        for k in range(len(prov_e)):
+            a = (prov_e[k:k + 1] - torch.logsumexp(prov_e[k:k + 1], -1, keepdim=True) if a is None
+                 else self._advance(a, prov_e[k:k + 1]))
+            alphas.append(a)
+        alpha = torch.cat(alphas)                                      # (n - s0, C)
+        T = len(e_seg)
+        next_valid = (torch.arange(T, device=e_seg.device) + 1 < T)[None]
+        beta = self._beta(e_seg[None], next_valid, W)[0]
+        state = {"n": n, "e": e_fin, "a": a_fin}
+        return state, torch.log_softmax(alpha + beta, -1)
+
+
 class LookaheadTCN(nn.Module):
     """Causal dilated residual convolutions, then a convolution over the next L events."""
 
@@ -419,7 +694,17 @@ class AttentionLSTM(LookaheadLSTM):
 
 
 ENCODERS = {"bilstm": LookaheadLSTM, "transformer": LookaheadTransformer, "tcn": LookaheadTCN,
-            "bilstm_attn": AttentionLSTM}
+            "bilstm_attn": AttentionLSTM, "ht_transformer": HistoryTransformer}
+
+
+def crf_split(lookahead: Optional[int], crf: bool) -> tuple[Optional[int], Optional[int]]:
+    """(encoder lookahead, CRF backward window) that together see ``lookahead`` events ahead."""
+    if not crf:
+        return lookahead, 0
+    if lookahead is None:
+        return None, None
+    w = lookahead // 2
+    return lookahead - w, w
 
 
 # ------------------------------------------------------------------------------------------
@@ -427,6 +712,12 @@ ENCODERS = {"bilstm": LookaheadLSTM, "transformer": LookaheadTransformer, "tcn":
 # ------------------------------------------------------------------------------------------
 
 class Tagger(nn.Module):
+    """Embedder -> encoder(s) -> classifier(s) -> optional CRF layer.
+
+    ``encoder``/``head`` serve the fused features (or, with late fusion, the tabular
+    modality; ``extra_encoders``/``extra_heads`` serve text and image). Emissions are the sum
+    of the heads; with ``crf`` the output is the CRF's bounded-lookahead log-marginals."""
+
     def __init__(self, args: ModelArgs, class_weights: Optional[torch.Tensor] = None,
                  loss: str = "ce", focal_gamma: float = 2.0, label_smoothing: float = 0.0):
         super().__init__()
@@ -434,17 +725,31 @@ class Tagger(nn.Module):
             raise ValueError(f"unknown arch {args.arch!r}; choose from {sorted(ENCODERS)}")
         self.args = args
         self.embed = EventEmbedder(args)
-        self.encoder = ENCODERS[args.arch](args)
+        self.enc_lookahead, crf_window = crf_split(args.lookahead, args.crf)
+        enc_args = replace(args, lookahead=self.enc_lookahead)
+        self.encoder = ENCODERS[args.arch](enc_args)
         self.head = nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
+        extra = self.embed.n_streams - 1
+        self.extra_encoders = nn.ModuleList(ENCODERS[args.arch](enc_args) for _ in range(extra))
+        self.extra_heads = nn.ModuleList(
+            nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
+            for _ in range(extra))
+        self.crf = LookaheadCRF(args.n_labels, crf_window) if args.crf else None
         self.register_buffer("class_weights", class_weights if class_weights is not None
                              else torch.ones(args.n_labels), persistent=False)
         self.loss_kind, self.focal_gamma, self.label_smoothing = loss, focal_gamma, label_smoothing
 
+    def _streams(self):
+        return [(self.encoder, self.head)] + list(zip(self.extra_encoders, self.extra_heads))
+
     def forward(self, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
         """batch tensors are (B, T, ...) with ``lengths`` (B,); returns (logits (B,T,C), loss)."""
-        x = self.embed(batch)                                          # (B, T, H)
-        h = self.encoder(x, batch["lengths"])                          # (B, T, H_out)
-        logits = self.head(h)                                          # (B, T, C)
+        xs = self.embed(batch)                                         # (B, T, H) or a list
+        if not isinstance(xs, list):
+            xs = [xs]
+        logits = sum(head(enc(x, batch["lengths"])) for (enc, head), x in zip(self._streams(), xs))
+        if self.crf is not None:
+            logits = self.crf(logits, batch["lengths"])                # (B, T, C) log-marginals
         loss = None
         if targets is not None:
             loss = self.loss(logits, targets)
@@ -467,7 +772,11 @@ class Tagger(nn.Module):
         return self.args.lookahead is not None
 
     def init_state(self, device=None) -> dict[str, Any]:
-        return self.encoder.init_state(device or next(self.parameters()).device)
+        device = device or next(self.parameters()).device
+        state = {"enc": [enc.init_state(device) for enc, _ in self._streams()]}
+        if self.crf is not None:
+            state["crf"] = self.crf.init_state(device)
+        return state
 
     @torch.no_grad()
     def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
@@ -476,9 +785,24 @@ class Tagger(nn.Module):
         Returns the new states and, per session, logits (v, C) for its last v events (the ones
         whose label the new event may still change, oldest first; the oldest is final when
         v == lookahead + 1)."""
-        x = self.embed(events)[:, 0]                                   # (B, H)
-        states, outs = self.encoder.step(states, x)
-        return states, [self.head(o) for o in outs]
+        xs = self.embed(events)
+        if not isinstance(xs, list):
+            xs = [xs]
+        new = [{"enc": []} for _ in states]
+        emissions = None
+        for m, ((enc, head), x) in enumerate(zip(self._streams(), xs)):
+            enc_states, outs = enc.step([s["enc"][m] for s in states], x[:, 0])
+            for ns, es in zip(new, enc_states):
+                ns["enc"].append(es)
+            logits = [head(o) for o in outs]
+            emissions = logits if emissions is None else [a + b for a, b in zip(emissions, logits)]
+        if self.crf is None:
+            return new, emissions
+        outs = []
+        for s, ns, e in zip(states, new, emissions):
+            ns["crf"], out = self.crf.step(s["crf"], e, self.enc_lookahead)
+            outs.append(out)
+        return new, outs
 
 
 def collate(sessions, device=None, with_targets: bool = False):

@@ -90,7 +90,21 @@ def model_args(spec: dict[str, Any], n_labels: int, cfg: Config) -> ModelArgs:
         context=m.context, emb_event_dim=m.emb_event_dim, emb_token_dim=m.emb_token_dim,
         emb_cat_dim=m.emb_cat_dim, num_proj_dim=m.num_proj_dim, text_proj_dim=m.text_proj_dim,
         image_proj_dim=m.image_proj_dim, hidden_dim=m.hidden_dim, num_layers=m.num_layers,
-        nhead=m.nhead, ff_dim=m.ff_dim, dropout=m.dropout, crf=m.crf)
+        nhead=m.nhead, ff_dim=m.ff_dim, dropout=m.dropout, crf=m.crf, history_every=m.history_every,
+        image_backbone=_backbone_path(cfg) if spec["image_size"] else None,
+        freeze_backbone=cfg.data.freeze_backbone)
+
+
+def _backbone_path(cfg: Config) -> str | None:
+    path = cfg.data.image_backbone
+    if not path:
+        return None
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        from trainer.errors import ConfigError
+        raise ConfigError(f"data.image_backbone: no such file {path!r} (backbones are local files, "
+                          f"never downloaded)")
+    return str(p)
 
 
 @dataclass
@@ -133,6 +147,7 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=max(1, n_epochs * steps_per_epoch),
                                                 pct_start=0.1)
     rng = np.random.default_rng(t.seed)
+    sample_p = _chunk_sampling(chunks, args.n_labels) if t.resample else None
     val_chunks = chunk_sessions(val, 4096, args.context, args.lookahead) if val else []
     best, best_epoch, best_loss, bad = None, 0, float("inf"), 0
     history = []
@@ -141,7 +156,10 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
     for epoch in range(1, n_epochs + 1):
         model.train()
         # batches of similar length waste less padding; shuffled order within and across
-        order = rng.permutation(len(chunks))
+        if sample_p is not None:
+            order = rng.choice(len(chunks), size=len(chunks), replace=True, p=sample_p)
+        else:
+            order = rng.permutation(len(chunks))
         order = sorted(order, key=lambda i: (len(chunks[i]) // 16, rng.random()))
         batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
         rng.shuffle(batches)
@@ -178,6 +196,17 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
         model.load_state_dict(best)
     model.eval()
     return FitResult(model, best_epoch, history, time.perf_counter() - start)
+
+
+def _chunk_sampling(chunks: Sequence[EncodedSession], n_labels: int) -> np.ndarray:
+    """Resampling for imbalance: a chunk's draw probability is the mean inverse-sqrt
+    frequency of its labels, so chunks holding rare steps come up more often."""
+    w = class_weights(chunks, n_labels).numpy()
+    score = np.array([w[c.labels[c.labels != IGNORE]].mean() if (c.labels != IGNORE).any() else 0.0
+                      for c in chunks])
+    if score.sum() <= 0:
+        return np.full(len(chunks), 1.0 / len(chunks))
+    return score / score.sum()
 
 
 def _val_scores(model: Tagger, chunks: Sequence[EncodedSession], device: str) -> dict[str, float]:
@@ -221,6 +250,66 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     opt.step(closure)
     t = float(log_t.detach().exp())
     return t if np.isfinite(t) and 0.05 < t < 20 else 1.0
+
+
+def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str, parallel: int = 64
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Replay sessions through ``Tagger.step`` as the live worker does and collect, per
+    visible-future depth k = 0..L, the logits each event had when k later events were
+    visible, with its labels: ``(logits[k] (m_k, C), labels[k] (m_k,))``. Depth L is the
+    final (offline) output."""
+    L = model.args.lookahead
+    if L is None:
+        raise ValueError("prefix logits need a bounded lookahead")
+    model.eval()
+    z: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
+    y: list[list[int]] = [[] for _ in range(L + 1)]
+    for g in range(0, len(sessions), parallel):
+        group = sessions[g:g + parallel]
+        states = [model.init_state(device) for _ in group]
+        for t in range(max(len(s) for s in group)):
+            idx = [i for i, s in enumerate(group) if t < len(s)]
+            batch = collate([group[i].rows(t, t + 1) for i in idx], device)
+            batch.pop("lengths")
+            new, outs = model.step([states[i] for i in idx], batch)
+            for i, st, o in zip(idx, new, outs):
+                states[i] = st
+                v = len(o)
+                for j in range(v):
+                    k = v - 1 - j                                      # later events visible
+                    z[k].append(o[j])
+                    y[k].append(int(group[i].labels[t - k]))
+    C = model.args.n_labels
+    return ([torch.stack(zk).float().cpu().numpy() if zk else np.zeros((0, C), np.float32) for zk in z],
+            [np.asarray(yk, dtype=np.int64) for yk in y])
+
+
+def prefix_calibration(model: Tagger, held: Sequence[EncodedSession], cfg: Config, temperature: float,
+                       threshold: float, device: str) -> dict[str, Any]:
+    """A temperature and a threshold per visible-future depth k (0..L), fit on the held-out
+    sessions' prefix-time logits: what the live worker emits before an event is final is
+    less certain than the offline output, and should be calibrated on that. Depth L keeps the
+    full-lookahead temperature and threshold, so final labels stay equal to offline ones."""
+    from trainer.artifacts import softmax_t
+    from trainer.metrics import choose_threshold
+    z, y = prefix_logits(model, held, device)
+    temps, thrs, cover = [], [], []
+    for k, (zk, yk) in enumerate(zip(z, y)):
+        keep = yk != IGNORE
+        if k == len(z) - 1:
+            t_k, thr_k = temperature, threshold
+            probs = softmax_t(zk[keep], t_k)
+            cov = float((probs.max(-1) >= thr_k).mean()) if keep.any() else None
+        else:
+            t_k = fit_temperature(zk, yk)
+            probs = softmax_t(zk[keep], t_k)
+            chosen = choose_threshold(probs.argmax(-1) == yk[keep], probs.max(-1), cfg.train.precision_target,
+                                      cfg.train.guarantee_confidence, method="binomial")
+            thr_k, cov = chosen["threshold"], chosen["coverage"]
+        temps.append(float(t_k))
+        thrs.append(float(thr_k))
+        cover.append(cov)
+    return {"prefix_temperatures": temps, "prefix_thresholds": thrs, "prefix_coverage": cover}
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,10 +393,20 @@ def train(data_path: str | Path, out_dir: str | Path, cfg: Config, *, progress: 
         cal_logits = _logits_for(fit.model, held, pick_device(cfg.train.device))
         cal_labels = [s.labels for s in held]
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
+    prefix: dict[str, Any] = {}
+    if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info:
+        # with HPO the final model is fit on train+validation: no held-out sessions are left
+        # for it, so the live worker falls back to the full-lookahead calibration
+        held = p.encoded["val"] or p.encoded["train"]
+        prefix = prefix_calibration(fit.model, held, cfg, temperature, chosen["threshold"],
+                                    pick_device(cfg.train.device))
+        echo("prefix-time calibration (k = visible later events): " + ", ".join(
+            f"k={k}: T={t:.2f} thr={h:.3f}" for k, (t, h) in
+            enumerate(zip(prefix["prefix_temperatures"], prefix["prefix_thresholds"]))))
     echo(f"trained {arch} in {fit.seconds:.1f}s (best epoch {fit.best_epoch}); temperature "
          f"{temperature:.3f}; threshold {chosen['threshold']:.4f} for precision >= "
          f"{cfg.train.precision_target} (coverage {chosen['coverage'] or 0:.3f} on validation)")
-    metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen},
+    metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen, **prefix},
                                "history": fit.history, "train_seconds": fit.seconds}
     if hpo_info:
         metrics["hpo"] = hpo_info
@@ -323,7 +422,7 @@ def train(data_path: str | Path, out_dir: str | Path, cfg: Config, *, progress: 
                         temperature=temperature, threshold=chosen["threshold"],
                         calibration={k: chosen[k] for k in ("coverage", "precision", "lower_bound",
                                                              "feasible", "method", "confidence",
-                                                             "target_precision")},
+                                                             "target_precision")} | prefix,
                         metrics=metrics, training=_training_info(p, cfg, time.perf_counter() - started),
                         config=cfg.to_dict())
     if test_report is not None:

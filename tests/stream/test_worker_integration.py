@@ -460,3 +460,28 @@ def test_health_and_readiness(tmp_path, settings_factory, faust_worker, tiny_mod
     assert info["redis"] is True and info["model_loaded"] is True
     assert info["model_version"] == _version(tiny_model)
     assert worker.proc.poll() is None
+
+
+def test_zz_probe_commits(tmp_path, settings_factory, faust_worker, tiny_model, heldout_log):
+    from aiokafka.admin import AIOKafkaAdminClient
+    settings = settings_factory(artifacts_dir=_artifacts(tmp_path, tiny_model), inactivity_s=30)
+    messages, events, _ = _traffic(heldout_log, 4)
+    w = faust_worker(settings)
+    w.wait_ready()
+
+    async def main():
+        async with Tail(settings, settings.output_topic) as tail:
+            await _publish(settings, messages)
+            await tail.until(_all_final(tail, events), "finals")
+        await asyncio.sleep(2)
+        from aiokafka import TopicPartition
+        c = AIOKafkaConsumer(group_id=settings.app_id, enable_auto_commit=False, **kafka_client_kwargs(settings))
+        await c.start()
+        try:
+            print("COMMITTED", [await c.committed(TopicPartition(settings.input_topic, p)) for p in range(4)])
+            print("END", await c.end_offsets([TopicPartition(settings.input_topic, p) for p in range(4)]))
+        finally:
+            await c.stop()
+        from collections import Counter
+        print("PER PARTITION published", len(messages))
+    _run(main())

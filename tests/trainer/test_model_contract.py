@@ -1,4 +1,5 @@
-"""The encoder contract: every architecture x fusion variant passes the same suite."""
+"""The encoder contract: every architecture x fusion variant, with and without the CRF output
+layer, passes the same suite."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from trainer.features import EncodedSession
 from trainer.model import ENCODERS, IGNORE, ModelArgs, Tagger, collate
 
 ARCHS = sorted(ENCODERS)
-FUSIONS = ["concat", "gated", "sum", "cross_attention"]
-VARIANTS = list(itertools.product(ARCHS, FUSIONS))
+FUSIONS = ["concat", "gated", "sum", "cross_attention", "late"]
+# (arch, fusion, crf): every arch x fusion, plus the CRF layer on every arch (concat and late)
+VARIANTS = ([(a, f, False) for a, f in itertools.product(ARCHS, FUSIONS)]
+            + [(a, f, True) for a, f in itertools.product(ARCHS, ["concat", "late"])])
+LOOKAHEAD_VARIANTS = [(a, crf) for a in ARCHS for crf in (False, True)]
 
 
 def make_args(arch, fusion, lookahead=2, **kw):
@@ -47,10 +51,10 @@ def stream_outputs(model, s):
     return torch.stack([final[i] for i in range(len(s))])
 
 
-@pytest.mark.parametrize("arch,fusion", VARIANTS)
-def test_shapes_loss_and_gradients(arch, fusion):
+@pytest.mark.parametrize("arch,fusion,crf", VARIANTS)
+def test_shapes_loss_and_gradients(arch, fusion, crf):
     torch.manual_seed(0)
-    model = Tagger(make_args(arch, fusion))
+    model = Tagger(make_args(arch, fusion, crf=crf))
     batch, tgt = collate([session(9, 1), session(4, 2)], with_targets=True)
     logits, loss = model(batch, tgt)
     assert logits.shape == (2, 9, 5)
@@ -60,32 +64,34 @@ def test_shapes_loss_and_gradients(arch, fusion):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("arch,fusion", VARIANTS)
-def test_padding_does_not_change_predictions(arch, fusion):
+@pytest.mark.parametrize("arch,fusion,crf", VARIANTS)
+def test_padding_does_not_change_predictions(arch, fusion, crf):
     torch.manual_seed(0)
-    model = Tagger(make_args(arch, fusion)).eval()
+    model = Tagger(make_args(arch, fusion, crf=crf)).eval()
     short = session(5, 3)
     alone, _ = model(collate([short]))
     padded, _ = model(collate([short, session(12, 4)]))
     assert torch.allclose(alone[0], padded[0, :5], atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,fusion", VARIANTS)
-def test_prefix_labelling_matches_whole_session(arch, fusion):
+@pytest.mark.parametrize("arch,fusion,crf", VARIANTS)
+def test_prefix_labelling_matches_whole_session(arch, fusion, crf):
     """Labelling a growing prefix event by event ends where the offline forward pass is."""
     torch.manual_seed(0)
-    model = Tagger(make_args(arch, fusion)).eval()
+    model = Tagger(make_args(arch, fusion, crf=crf)).eval()
     s = session(15, 5)  # longer than context + lookahead: windows slide
     full, _ = model(collate([s]))
     assert torch.allclose(stream_outputs(model, s), full[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_lookahead_bounds_what_an_event_sees(arch):
+@pytest.mark.parametrize("arch,crf", LOOKAHEAD_VARIANTS)
+def test_lookahead_bounds_what_an_event_sees(arch, crf):
     """Changing event t+L+1 must not change the output at t; changing t+L may."""
     torch.manual_seed(0)
     L = 2
-    model = Tagger(make_args(arch, "concat", lookahead=L)).eval()
+    model = Tagger(make_args(arch, "concat", lookahead=L, crf=crf)).eval()
+    if crf:  # untrained transitions are all zero, which would hide the CRF's own lookahead
+        torch.nn.init.normal_(model.crf.trans)
     s = session(12, 6)
     base, _ = model(collate([s]))
     t = 3
@@ -101,10 +107,11 @@ def test_lookahead_bounds_what_an_event_sees(arch):
     assert not torch.allclose(base[0, t], changed[0, t], atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["bilstm", "transformer"])
-def test_unbounded_lookahead_sees_the_whole_future(arch):
+@pytest.mark.parametrize("arch,crf", [("bilstm", False), ("transformer", False),
+                                      ("ht_transformer", False), ("bilstm", True)])
+def test_unbounded_lookahead_sees_the_whole_future(arch, crf):
     torch.manual_seed(0)
-    model = Tagger(make_args(arch, "concat", lookahead=None, context=32)).eval()
+    model = Tagger(make_args(arch, "concat", lookahead=None, context=32, crf=crf)).eval()
     assert not model.streamable
     s = session(12, 7)
     base, _ = model(collate([s]))
@@ -115,10 +122,10 @@ def test_unbounded_lookahead_sees_the_whole_future(arch):
     assert not torch.allclose(base[0, 0], changed[0, 0], atol=1e-6)
 
 
-@pytest.mark.parametrize("arch,fusion", VARIANTS)
-def test_save_and_load_give_identical_predictions(arch, fusion, tmp_path):
+@pytest.mark.parametrize("arch,fusion,crf", VARIANTS)
+def test_save_and_load_give_identical_predictions(arch, fusion, crf, tmp_path):
     torch.manual_seed(0)
-    args = make_args(arch, fusion)
+    args = make_args(arch, fusion, crf=crf)
     model = Tagger(args).eval()
     torch.save(model.state_dict(), tmp_path / "w.pt")
     again = Tagger(ModelArgs.from_dict(args.to_dict())).eval()

