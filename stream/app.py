@@ -58,6 +58,12 @@ class WorkerService:
         self._finals = deque(maxlen=2000)  # recent final outcomes, for the coverage gauge
         self.started_at = time.time()
         self.processed = 0
+        self.model_ready = asyncio.Event()
+        # A failed write-through leaves Redis behind memory (and a restarted Redis has lost
+        # everything): until a full rewrite of the sessions held here succeeds, Redis cannot
+        # be trusted to resume them after a crash or rebalance.
+        self._store_stale = False
+        self._last_rewrite = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -69,8 +75,12 @@ class WorkerService:
                                  lateness_s=self.settings.lateness_s,
                                  max_sessions=self.settings.max_sessions_in_memory)
         log.info("serving model %s (lookahead %s, labels %d)", lm.version, lm.lookahead, len(lm.labels))
+        self.model_ready.set()
 
     async def stop(self) -> None:
+        if self._store_stale and self.tagger is not None:
+            self._last_rewrite = 0.0
+            await self._persist([], [])  # last chance to hand the sessions on
         await self.store.close()
         self.executor.shutdown(wait=False)
 
@@ -83,8 +93,8 @@ class WorkerService:
     async def handle(self, events: list) -> None:
         """Process a batch; if it fails unexpectedly, process its events one by one so that
         a poison message goes to the DLQ (reason ``processing_error``) and the rest flow."""
-        while self.tagger is None:  # Faust starts the agent before _Lifecycle has loaded the model
-            await asyncio.sleep(0.05)
+        # Faust starts the agent before the _Lifecycle service has loaded the model
+        await self.model_ready.wait()
         async with self.lock:
             try:
                 await self._handle(events)
@@ -198,12 +208,35 @@ class WorkerService:
         return futs
 
     async def _persist(self, touched, closed) -> None:
-        snaps = [self.tagger.snapshot(sid) for sid in touched if sid in self.tagger.sessions]
+        """Write the touched sessions through to the store (their changes since the last
+        snapshot). After a store failure every session held in memory is rewritten in full
+        instead, at most once a second until it succeeds: deltas on top of a Redis that missed
+        some (or restarted empty) would leave sessions that no one could resume."""
+        if self._store_stale:
+            if time.monotonic() - self._last_rewrite < 1.0:
+                self.tagger.drop(closed)
+                return
+            self._last_rewrite = time.monotonic()
+            snaps = [self._full_snapshot(sid) for sid in list(self.tagger.sessions)]
+        else:
+            snaps = [self.tagger.snapshot(sid) for sid in touched if sid in self.tagger.sessions]
         try:
             await self.store.save(snaps, self.tagger.window_size)
+            if self._store_stale:
+                log.info("session store back: rewrote %d sessions held in memory", len(snaps))
+            self._store_stale = False
         except StoreUnavailable as exc:
-            log.error("%s; sessions stay in memory", exc)
+            if not self._store_stale:
+                log.error("%s; sessions stay in memory and are rewritten when it is back", exc)
+            self._store_stale = True
         self.tagger.drop(closed)
+
+    def _full_snapshot(self, sid: str) -> dict[str, Any]:
+        """A snapshot that replaces everything the store holds for the session."""
+        snap = self.tagger.snapshot(sid)
+        sess = self.tagger.sessions[sid]
+        snap.update(new_raw=list(sess.window), new_ids=sorted(sess.ids), replace=True)
+        return snap
 
     # ---- timers -------------------------------------------------------------------------
     async def sweep(self) -> None:
@@ -212,6 +245,8 @@ class WorkerService:
         if self.tagger is None:
             return
         async with self.lock:
+            if self._store_stale:
+                await self._persist([], [])
             now = time.time()
             idle = self.tagger.inactive(now, self.settings.inactivity_s)
             try:
@@ -282,6 +317,9 @@ class WorkerService:
         if not lost or self.tagger is None:
             return
         async with self.lock:
+            if self._store_stale:  # the new owner resumes from Redis: give it what we hold
+                self._last_rewrite = 0.0
+                await self._persist([], [])
             gone = [sid for sid, sess in self.tagger.sessions.items() if sess.partition in lost]
             self.tagger.drop(gone)  # their state is in Redis; the new owner resumes them
             self.assigned -= lost

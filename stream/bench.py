@@ -75,6 +75,7 @@ HEADLINE_KEYS = ("worker_events_per_s", "faust_passthrough_events_per_s",
                  "cost_ratio_pos1000_pos10", "redis_bytes_per_event")
 # Printed beside the figures, never asserted (the machine decides too much of them).
 TARGETS = {"worker_vs_faust": 0.5, "latency_p99_s_at_50pct": 0.050, "cost_ratio_pos1000_pos10": 1.5}
+FINAL = b'"final":true'
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 QUALITY_ARCHS = ("bilstm", "transformer", "logreg")
 SMALL_MODEL = {"hidden_dim": 32, "emb_event_dim": 32, "num_layers": 1, "lookahead": 3, "context": 32}
@@ -101,6 +102,7 @@ class BenchConfig:
     quality_train_sessions: int = 800
     quality_test_sessions: int = 200
     real_data: Optional[Path] = None      # folder of <name>.train.csv / <name>.test.csv
+    batched_baseline: bool = True         # also time the Faust agent with the worker's batch loop
     profile: bool = False
     seed: int = 5
 
@@ -109,7 +111,7 @@ class BenchConfig:
         base: dict[str, Any] = {"out_dir": Path(out_dir), "quick": quick}
         if quick:
             base.update(repeats=1, events=2500, aiokafka_events=20_000, load_seconds=3.0,
-                        lockstep_sessions=8, memory_sessions=100, pool_sessions=300,
+                        batched_baseline=False, lockstep_sessions=4, memory_sessions=100, pool_sessions=300,
                         train_sessions=150, quality_train_sessions=120, quality_test_sessions=30,
                         real_data=None)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -122,8 +124,6 @@ class BenchConfig:
 def run_bench(cfg: BenchConfig, *, json_out: str | Path | None = None, readme: str | Path | None = None,
               command: str = "tagger bench", echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage, write the results folder (and ``json_out``); returns the results."""
-    from stream.stack import embedded_stack
-
     out = Path(cfg.out_dir)
     for sub in ("logs", "models", "data"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -134,8 +134,38 @@ def run_bench(cfg: BenchConfig, *, json_out: str | Path | None = None, readme: s
     echo(f"bench {run_id}: results -> {out} ({'quick' if cfg.quick else 'full'} mode, "
          f"load average {res['machine']['loadavg_start']})")
 
+    stage_s: dict[str, float] = res.setdefault("stage_seconds", {})
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            stage_s[name] = round(time.perf_counter() - t0, 1)
+
+    # In-process model work (the engine-scaling stage, training and evaluation) runs on one
+    # thread, as the worker does: small per-batch tensors gain nothing from more threads,
+    # and on a shared machine extra threads make torch much slower (measured ~10x on 2
+    # busy cores).
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _stages(cfg, res, out, run_id, timed, echo)
+    finally:
+        torch.set_num_threads(threads)
+    res["machine"]["loadavg_end"] = _loadavg()
+    res["seconds"] = round(time.time() - started, 1)
+    res["headline"] = headline(res)
+    write_results(res, out, json_out=json_out, readme=readme)
+    echo(format_headline(res))
+    return res
+
+
+def _stages(cfg: BenchConfig, res: dict[str, Any], out: Path, run_id: str, timed, echo) -> None:
+    from stream.stack import embedded_stack
     pool = _generated(out / "data", cfg.pool_sessions, cfg.seed, "pool")
-    model_dir = Path(cfg.model) if cfg.model else _train_served_model(cfg, out, echo)
+    model_dir = Path(cfg.model) if cfg.model else timed("train_served_model", _train_served_model, cfg, out, echo)
     res["model"] = _model_info(model_dir)
 
     with ExitStack() as stack:
@@ -150,22 +180,17 @@ def run_bench(cfg: BenchConfig, *, json_out: str | Path | None = None, readme: s
         h = _Harness(cfg, base, run_id, prefix, artifacts, out, pool, echo)
         stack.callback(h.close)
 
-        res["throughput"] = h.throughput()
-        res["latency"] = h.latency(res["throughput"]["worker"]["events_per_s"]["median"])
-        res["memory"] = h.memory()
+        res["throughput"] = timed("throughput", h.throughput)
+        res["latency"] = timed("latency", h.latency, res["throughput"]["worker"]["events_per_s"]["median"])
+        res["memory"] = timed("memory", h.memory)
         h.close()  # the kept worker: the profile run should have the machine to itself
         if cfg.profile:
-            res["profile"] = h.profile()
+            res["profile"] = timed("profile", h.profile)
             h.close()
-        res["scaling"] = stage_scaling(model_dir, pool, cfg, base.redis_url, prefix + "scaling:", echo)
+        res["scaling"] = timed("scaling", stage_scaling, model_dir, pool, cfg, base.redis_url,
+                               prefix + "scaling:", echo)
     if cfg.quality:
-        res["quality"] = stage_quality(cfg, out, echo)
-    res["machine"]["loadavg_end"] = _loadavg()
-    res["seconds"] = round(time.time() - started, 1)
-    res["headline"] = headline(res)
-    write_results(res, out, json_out=json_out, readme=readme)
-    echo(format_headline(res))
-    return res
+        res["quality"] = timed("quality", stage_quality, cfg, out, echo)
 
 
 def headline(res: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +207,8 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
         "latency_p99_s_at_50pct": half["p99_s"]["median"],
         "cost_ratio_pos1000_pos10": sc["ratio_last_first"]["median"],
         "redis_bytes_per_event": mem["redis_bytes_per_event"],
-        "faust_batched_passthrough_events_per_s": tp["faust_batched_passthrough"]["events_per_s"]["median"],
+        "faust_batched_passthrough_events_per_s": (tp.get("faust_batched_passthrough") or {}).get(
+            "events_per_s", {}).get("median"),
         "worker_vs_faust": _ratio(w, f),
         "worker_vs_aiokafka": _ratio(w, a),
         "latency_p50_s_at_50pct": half["p50_s"]["median"],
@@ -214,6 +240,7 @@ class _Harness:
         self.procs: list[_Proc] = []
         self.worker: Optional[_Proc] = None          # the last worker, kept for latency/memory
         self.worker_settings: Optional[Settings] = None
+        self.worker_positions: dict[int, int] = {}   # where its output topic has been read to
         self.kw = kafka_client_kwargs(base)
         self._n = 0
 
@@ -237,7 +264,8 @@ class _Harness:
         for r in range(cfg.repeats):
             self.echo(f"throughput, repeat {r + 1}/{cfg.repeats}")
             runs["faust_passthrough"].append(self._faust_run(f"r{r}", batched=False))
-            runs["faust_batched_passthrough"].append(self._faust_run(f"r{r}", batched=True))
+            if cfg.batched_baseline:
+                runs["faust_batched_passthrough"].append(self._faust_run(f"r{r}", batched=True))
             runs["aiokafka_passthrough"].append(self._aiokafka_run(f"r{r}"))
             runs["worker"].append(self._worker_run(f"r{r}", keep=r == cfg.repeats - 1))
             for name, rs in runs.items():
@@ -246,7 +274,7 @@ class _Harness:
         res = {name: {"events_per_s": _summ([x["events_per_s"] for x in rs]), "runs": rs}
                for name, rs in runs.items()}
         w = res["worker"]["events_per_s"]["median"]
-        for name in ("faust_passthrough", "faust_batched_passthrough", "aiokafka_passthrough"):
+        for name in [n for n in runs if n != "worker"]:
             res[f"worker_vs_{name}"] = _ratio(w, res[name]["events_per_s"]["median"])
         return res
 
@@ -263,12 +291,11 @@ class _Harness:
         proc = self._start([sys.executable, "-m", "faust", "-A", f"stream.bench_apps:{name}", "worker",
                             "--without-web", "-l", "warn"], s, f"faust-{name}-{tag}")
         try:
-            _run(_wait_topic_total(self.kw, s.output_topic, s.partitions, len(msgs), proc,
-                                   _timeout(len(msgs)), f"Faust {name} output"))
+            got = _run(_collect(self.kw, s.output_topic, s.partitions, len(msgs), proc=proc,
+                                timeout_s=_timeout(len(msgs)), what=f"Faust {name} output"))
         finally:
             proc.stop()
-        ts, _ = _run(_read_topic(self.kw, s.output_topic, s.partitions))
-        return _rate(ts, len(msgs))
+        return _rate(got.ts, len(msgs))
 
     def _aiokafka_run(self, tag: str) -> dict[str, Any]:
         from stream.stack import ensure_topics
@@ -277,8 +304,9 @@ class _Harness:
         msgs = self._messages(self.cfg.aiokafka_events, f"a{tag}")
         _run(_produce(self.kw, s.input_topic, [_kv(m) for m in msgs]))
         _run(_aiokafka_loop(self.kw, s.input_topic, s.output_topic, s.partitions, len(msgs)))
-        ts, _ = _run(_read_topic(self.kw, s.output_topic, s.partitions))
-        return _rate(ts, len(msgs))
+        got = _run(_collect(self.kw, s.output_topic, s.partitions, len(msgs), timeout_s=60.0,
+                            what="aiokafka loop output"))
+        return _rate(got.ts, len(msgs))
 
     def _worker_run(self, tag: str, *, keep: bool) -> dict[str, Any]:
         from stream.stack import _free_port, ensure_topics
@@ -290,22 +318,26 @@ class _Harness:
         proc = self._start([sys.executable, "-m", "trainer.cli", "worker"], s, f"worker-{tag}")
         t0 = time.monotonic()
         try:
-            _wait(lambda: _metric(s, "tagger_label_records_total", 'kind="final"') >= n_events,
-                  proc, _timeout(n_events), "worker final labels")
+            got = _run(_collect(self.kw, s.output_topic, s.partitions, n_events, match=FINAL, proc=proc,
+                                timeout_s=_timeout(n_events), what="worker final labels"))
             wall = time.monotonic() - t0
             rss = _rss(proc.proc.pid)
+            batches = _metric(s, "tagger_batch_events_count")
+            batch_mean = _metric(s, "tagger_batch_events_sum") / max(batches, 1)
+            model_us = 1e6 * _metric(s, "tagger_inference_seconds_sum") / max(
+                _metric(s, "tagger_inference_seconds_count"), 1)
         except BaseException:
             proc.stop()
             raise
         if keep:
-            self.worker, self.worker_settings = proc, s
+            self.worker, self.worker_settings, self.worker_positions = proc, s, got.positions
         else:
             proc.stop()
-        ts, values = _run(_read_topic(self.kw, s.output_topic, s.partitions))
-        finals = [t for t, v in zip(ts, values) if b'"final":true' in v]
+        finals = [t for t, v in zip(got.ts, got.values) if FINAL in v]
         out = _rate(np.asarray(finals), n_events)
-        out.update(label_records=len(ts), records_per_event=round(len(ts) / max(n_events, 1), 3),
-                   start_to_done_s=round(wall, 2), rss_bytes=rss)
+        out.update(label_records=len(got.ts), records_per_event=round(len(got.ts) / max(n_events, 1), 3),
+                   start_to_done_s=round(wall, 2), rss_bytes=rss, batches=int(batches),
+                   batch_events_mean=round(batch_mean, 1), model_us_per_event_mean=round(model_us, 1))
         if len(finals) != n_events:
             raise StackError(f"worker run {tag}: {len(finals)} final records for {n_events} events")
         return out
@@ -323,17 +355,16 @@ class _Harness:
                 key = f"{load:g}"
                 self.echo(f"latency, repeat {r + 1}/{cfg.repeats}: {load:.0%} load = {rate:.0f} events/s, "
                           f"{n} events")
-                before = _run(_end_offsets(self.kw, s.output_topic, s.partitions))
-                done_before = _metric(s, "tagger_label_records_total", 'kind="final"')
                 msgs = self._messages(n, f"l{r}{int(load * 100)}")
                 n_events = sum(1 for m in msgs if m.get("type") != "session_end")
                 published = _run(_publish_paced(self.kw, s.input_topic, msgs, rate))
-                _wait(lambda: _metric(s, "tagger_label_records_total", 'kind="final"') >= done_before + n_events,
-                      self.worker, _timeout(n_events), "worker final labels")
-                ts, values = _run(_read_topic(self.kw, s.output_topic, s.partitions, start=before))
+                got = _run(_collect(self.kw, s.output_topic, s.partitions, n_events, match=FINAL,
+                                    start=self.worker_positions, proc=self.worker,
+                                    timeout_s=_timeout(n_events), what="worker final labels"))
+                self.worker_positions = got.positions
                 lat, first_ts = [], []
                 seen: set = set()
-                for t, v in zip(ts, values):
+                for t, v in zip(got.ts, got.values):
                     if b'"revision":0,' not in v:
                         continue
                     rec = json.loads(v)
@@ -390,7 +421,12 @@ class _Harness:
     # ---- profile ------------------------------------------------------------------------
     def profile(self) -> dict[str, Any]:
         """One more worker run with py-spy attached: the worker starts on an empty topic, the
-        sampler attaches once it is ready, then the topic is filled as fast as possible."""
+        sampler attaches once it is ready, then the topic is filled as fast as possible.
+
+        py-spy samples only the thread holding the GIL (``--gil``): the worker's Python work
+        (event loop, model executor, Faust's consumer thread) is serialised by the GIL, so
+        that profile is where its throughput goes; without ``--gil`` threads waiting for the
+        GIL show up as time in whatever call released it (socket writes, mostly)."""
         from stream.stack import _free_port, ensure_topics
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(spy).exists():
@@ -400,21 +436,22 @@ class _Harness:
         n = self.cfg.events * 2
         msgs = self._messages(n, "prof")
         n_events = sum(1 for m in msgs if m.get("type") != "session_end")
-        proc = self._start([sys.executable, "-m", "trainer.cli", "worker"], s, "worker-profile")
+        # -v: the worker logs each batch's phases (model, queueing, acks) at debug level
+        proc = self._start([sys.executable, "-m", "trainer.cli", "-v", "worker"], s, "worker-profile")
         raw = self.out / "logs" / "profile.raw.txt"
         try:
             _wait(lambda: _ready(s), proc, 120, "worker ready")
             self.echo(f"profile: py-spy on the worker (pid {proc.proc.pid}) for {n_events} events")
             sampler = subprocess.Popen([spy, "record", "--pid", str(proc.proc.pid), "--format", "raw",
-                                        "--output", str(raw), "--rate", "200", "--threads", "--nonblocking"],
+                                        "--output", str(raw), "--rate", "200", "--threads", "--gil", "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)
             if sampler.poll() is not None:
                 return {"error": f"py-spy exited: {sampler.stderr.read().decode(errors='replace')[-500:]}"}
             t0 = time.monotonic()
             _run(_produce(self.kw, s.input_topic, [_kv(m) for m in msgs]))
-            _wait(lambda: _metric(s, "tagger_label_records_total", 'kind="final"') >= n_events,
-                  proc, _timeout(n_events), "worker final labels")
+            _run(_collect(self.kw, s.output_topic, s.partitions, n_events, match=FINAL, proc=proc,
+                          timeout_s=_timeout(n_events), what="worker final labels"))
             seconds = time.monotonic() - t0
             sampler.send_signal(signal.SIGINT)
             try:
@@ -428,7 +465,8 @@ class _Harness:
             return {"error": "py-spy wrote no profile"}
         summary = summarize_pyspy(raw.read_text(errors="replace"))
         summary.update(events=n_events, seconds=round(seconds, 2), raw=str(raw.relative_to(self.out)),
-                       events_per_s_while_sampled=round(n_events / seconds, 1))
+                       events_per_s_while_sampled=round(n_events / seconds, 1),
+                       batches=batch_phases(proc.log.read_text(errors="replace")))
         return summary
 
     # ---- processes ----------------------------------------------------------------------
@@ -570,40 +608,16 @@ def _consumer(kw: dict):
                             fetch_max_bytes=64 << 20, **kw)
 
 
-async def _end_offsets(kw: dict, topic: str, partitions: int) -> dict[int, int]:
-    from aiokafka import TopicPartition
-    c = _consumer(kw)
-    await c.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        return {tp.partition: off for tp, off in (await c.end_offsets(tps)).items()}
-    finally:
-        await c.stop()
+async def _collect(kw: dict, topic: str, partitions: int, expected: int, *, match: Optional[bytes] = None,
+                   start: Optional[dict[int, int]] = None, proc: Optional["_Proc"] = None,
+                   timeout_s: float = 120.0, what: str = "outputs") -> "_Records":
+    """Consume ``topic`` (from ``start`` positions, else the beginning) until ``expected``
+    records containing ``match`` (all records when None) have been read; returns every
+    record read with its broker timestamp (ms) and the positions to continue from.
 
-
-async def _wait_topic_total(kw: dict, topic: str, partitions: int, n: int, proc: "_Proc", timeout_s: float,
-                            what: str) -> None:
-    """Wait until ``topic`` holds ``n`` records (end offsets; nothing is fetched)."""
-    from aiokafka import TopicPartition
-    c = _consumer(kw)
-    await c.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        deadline = time.monotonic() + timeout_s
-        while sum((await c.end_offsets(tps)).values()) < n:
-            if proc.proc.poll() is not None:
-                raise StackError(f"{what}: the process exited with {proc.proc.returncode}:\n{proc.tail()}")
-            if time.monotonic() > deadline:
-                raise StackError(f"{what}: fewer than {n} records after {timeout_s:.0f} s\n{proc.tail()}")
-            await asyncio.sleep(0.25)
-    finally:
-        await c.stop()
-
-
-async def _read_topic(kw: dict, topic: str, partitions: int, start: Optional[dict[int, int]] = None
-                      ) -> tuple[np.ndarray, list[bytes]]:
-    """Every record of ``topic`` (from ``start`` offsets) up to its current end: broker
-    timestamps (ms) and values."""
+    Completion is counted rather than read from end offsets: tansu reports a partition's
+    end as the last *batch* base offset + 1, which undercounts batched records.
+    """
     from aiokafka import TopicPartition
     c = _consumer(kw)
     await c.start()
@@ -612,21 +626,37 @@ async def _read_topic(kw: dict, topic: str, partitions: int, start: Optional[dic
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
         c.assign(tps)
-        end = await c.end_offsets(tps)
         for tp in tps:
             if start and tp.partition in start:
                 c.seek(tp, start[tp.partition])
             else:
                 await c.seek_to_beginning(tp)
-        while any(await c.position(tp) < end[tp] for tp in tps):
-            batch = await c.getmany(timeout_ms=200, max_records=20_000)
+        seen = 0
+        deadline = time.monotonic() + timeout_s
+        while seen < expected:
+            if proc is not None and proc.proc.poll() is not None:
+                raise StackError(f"{what}: the process exited with {proc.proc.returncode}:\n{proc.tail()}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{what}: {seen} of {expected} after {timeout_s:.0f} s"
+                                 + (f"\n{proc.tail()}" if proc else ""))
+            batch = await c.getmany(timeout_ms=250, max_records=20_000)
             for msgs in batch.values():
                 for m in msgs:
                     ts.append(m.timestamp)
                     values.append(m.value)
+                    if match is None or match in m.value:
+                        seen += 1
+        positions = {tp.partition: await c.position(tp) for tp in tps}
     finally:
         await c.stop()
-    return np.asarray(ts, dtype=np.int64), values
+    return _Records(np.asarray(ts, dtype=np.int64), values, positions)
+
+
+@dataclass
+class _Records:
+    ts: np.ndarray          # broker timestamps, ms
+    values: list[bytes]
+    positions: dict[int, int]
 
 
 async def _aiokafka_loop(kw: dict, src: str, dst: str, partitions: int, n: int) -> None:
@@ -803,10 +833,14 @@ def _delete_redis_prefix(url: str, prefix: str) -> None:
 def stage_scaling(model_dir: Path, pool: Path, cfg: BenchConfig, redis_url: str, prefix: str,
                   echo=print) -> dict[str, Any]:
     """Per-event cost of ``LiveTagger.process`` and of the Redis write-through at positions
-    10, 100, 1000 of long sessions, B sessions stepped in lockstep (one event each per call,
-    as a worker's batch of many concurrent sessions)."""
-    import torch
+    10, 100, 1000 of long sessions.
 
+    One group of B sessions per position, stepped in lockstep (one event of each session per
+    call, like a worker batch of B concurrent sessions), each advanced to just before its
+    position; then the groups' calls at positions p-8 .. p+8 are interleaved, so that load
+    from elsewhere on the machine hits every position alike. The longest group's calls also
+    give the cost-vs-position curve. After each call the touched sessions are written
+    through to Redis as the worker does (``snapshot`` + ``RedisSessionStore.save``)."""
     from stream.records import EventIn
     from stream.replay import frame_events
     from stream.session_store import RedisSessionStore
@@ -816,15 +850,14 @@ def stage_scaling(model_dir: Path, pool: Path, cfg: BenchConfig, redis_url: str,
 
     frame, _ = read_events(pool)
     flat = [ev for evs in frame_events(frame).values() for ev in evs]
-    n_pos = max(cfg.positions) + 10
+    positions = sorted(cfg.positions)
     B = cfg.lockstep_sessions
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the worker
+    half = max(1, min(8, positions[0] - 2))     # calls at positions p-half .. p+half
+    top = positions[-1]
     lm = load_artifact(model_dir)
     tagger = LiveTagger(lm)
     loop = asyncio.new_event_loop()
     store = RedisSessionStore(redis_url, prefix=prefix)
-    half = 4  # positions p-4 .. p+4 around each measured position
 
     def long_sessions(tag: str, length: int) -> list[list[EventIn]]:
         out = []
@@ -842,59 +875,69 @@ def stage_scaling(model_dir: Path, pool: Path, cfg: BenchConfig, redis_url: str,
             out.append(seq)
         return out
 
-    def run(tag: str, length: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        sessions = long_sessions(tag, length)
-        step = np.zeros(length)
-        write = np.zeros(length)
-        for i in range(length):
-            batch = [s[i] for s in sessions]
-            t0 = time.perf_counter()
-            res = tagger.process(batch)
-            t1 = time.perf_counter()
-            snaps = [tagger.snapshot(sid) for sid in res.touched]
-            loop.run_until_complete(store.save(snaps, tagger.window_size))
-            t2 = time.perf_counter()
-            step[i], write[i] = (t1 - t0) / B, (t2 - t1) / B
-        return step, write, [s[0].session_id for s in sessions]
+    def call(group: list[list[EventIn]], i: int) -> tuple[float, float]:
+        """Step every session of the group by its i-th event; seconds per event (model, Redis)."""
+        t0 = time.perf_counter()
+        res = tagger.process([s[i] for s in group])
+        t1 = time.perf_counter()
+        loop.run_until_complete(store.save([tagger.snapshot(sid) for sid in res.touched], tagger.window_size))
+        t2 = time.perf_counter()
+        return (t1 - t0) / B, (t2 - t1) / B
 
     def end(sids: list[str]) -> None:
         tagger.process([EventIn(sid, "", "", 0.0, "", "session_end", {}) for sid in sids])
         tagger.drop(sids)
 
+    measured: dict[int, list[list[tuple[float, float]]]] = {p: [] for p in positions}
+    curves, mem = [], []
     try:
-        _, _, warm = run("warmup", 30)
-        end(warm)
-        steps, writes, mem = [], [], []
+        warm = long_sessions("warmup", 20)
+        for i in range(20):
+            call(warm, i)
+        end([s[0].session_id for s in warm])
         for r in range(cfg.repeats):
-            echo(f"scaling, repeat {r + 1}/{cfg.repeats}: {B} sessions in lockstep to position {n_pos}")
-            step, write, sids = run(f"long{r}", n_pos)
-            steps.append(step)
-            writes.append(write)
-            mem.append(_redis_usage(redis_url, prefix, sids)["total"] / len(sids))
-            end(sids)
+            echo(f"scaling, repeat {r + 1}/{cfg.repeats}: {len(positions)} groups of {B} sessions in lockstep, "
+                 f"to position {top + half}")
+            groups = {p: long_sessions(f"long{r}p{p}", p + half) for p in positions}
+            curve = []
+            for p in positions:
+                for i in range(p - 1 - half):
+                    c = call(groups[p], i)
+                    if p == top:
+                        curve.append(c)
+            calls: dict[int, list[tuple[float, float]]] = {p: [] for p in positions}
+            for k in range(2 * half + 1):
+                for p in (positions if k % 2 == 0 else positions[::-1]):
+                    calls[p].append(call(groups[p], p - 1 - half + k))
+            curve += calls[top]
+            for p in positions:
+                measured[p].append(calls[p])
+            curves.append(np.asarray(curve))
+            top_sids = [s[0].session_id for s in groups[top]]
+            mem.append(_redis_usage(redis_url, prefix, top_sids)["total"] / B)
+            end([s[0].session_id for g in groups.values() for s in g])
     finally:
         loop.run_until_complete(store.close())
         loop.close()
-        torch.set_num_threads(threads)
 
-    def at(arrs: list[np.ndarray], p: int) -> list[float]:
-        i = p - 1  # position p = the p-th event of the session
-        return [1e6 * float(np.median(a[max(0, i - half):i + half + 1])) for a in arrs]
+    def med(p: int, j: int) -> list[float]:  # per repeat: median µs/event of the calls around p
+        return [1e6 * float(np.median([c[j] for c in calls])) for calls in measured[p]]
 
-    positions = {str(p): {"step_us": _summ(at(steps, p)), "redis_write_us": _summ(at(writes, p))}
-                 for p in cfg.positions}
-    first, last = str(min(cfg.positions)), str(max(cfg.positions))
-    ratios = [b / a for a, b in zip(at(steps, int(first)), at(steps, int(last)))]
-    curve = np.median(np.stack(steps), axis=0) * 1e6
-    wcurve = np.median(np.stack(writes), axis=0) * 1e6
-    return {"sessions_in_lockstep": B, "length": n_pos, "window_calls": 2 * half + 1,
-            "positions": positions, "ratio_last_first": _summ(ratios),
-            "ratio_definition": f"step cost per event at position {last} / at position {first}",
-            "step_us_per_event": _summ([1e6 * float(np.median(s)) for s in steps]),
-            "redis_write_us_per_event": _summ([1e6 * float(np.median(w)) for w in writes]),
+    first = positions[0]
+    ratios = [b / a for a, b in zip(med(first, 0), med(top, 0))]
+    curve = np.median(np.stack(curves), axis=0) * 1e6      # (positions, 2)
+    all_calls = [c for p in positions for calls in measured[p] for c in calls]
+    return {"sessions_in_lockstep": B, "length": top + half, "window_calls": 2 * half + 1,
+            "positions": {str(p): {"step_us": _summ(med(p, 0)), "redis_write_us": _summ(med(p, 1))}
+                          for p in positions},
+            "ratio_last_first": _summ(ratios),
+            "ratio_definition": f"engine cost per event at position {top} / at position {first}",
+            "step_us_per_event": {"median": 1e6 * float(np.median([c[0] for c in all_calls]))},
+            "redis_write_us_per_event": _summ([1e6 * float(np.median([c[1] for c in calls]))
+                                               for p in positions for calls in measured[p]]),
             "redis_bytes_per_session_at_end": round(float(np.median(mem)), 1),
-            "curve_step_us": [round(float(x), 2) for x in curve],
-            "curve_redis_write_us": [round(float(x), 2) for x in wcurve]}
+            "curve_step_us": [round(float(x), 2) for x in curve[:, 0]],
+            "curve_redis_write_us": [round(float(x), 2) for x in curve[:, 1]]}
 
 
 # =========================================================================== label quality
@@ -959,42 +1002,81 @@ def _quality_one(cfg: BenchConfig, folder: Path, arch: str, train_csv: Path, tes
 # =========================================================================== profile summary
 
 
+IDLE_LEAVES = re.compile(r"^(EpollSelector\.select|select|_worker|Condition\.wait|wait) "
+                         r"\((selectors|concurrent/futures/thread|threading)\.py\)$")
+
+
+# Inclusive time is shown for the project's own functions (and the library calls it makes
+# most), not for the event-loop and thread plumbing every stack passes through.
+PROJECT_PATHS = ("(redis/asyncio/client.py)", "(aiokafka/producer/producer.py)",
+                 "(faust/transport/consumer.py)", "(json/__init__.py)")
+ENTRY_FRAMES = re.compile(r"^(main|cmd_worker|<module>) \(")
+
+
 def summarize_pyspy(raw: str, top: int = 15) -> dict[str, Any]:
-    """py-spy ``--format raw`` (collapsed stacks, ``thread;frame;...;frame count``) -> samples
-    per thread and the functions with the most self and inclusive samples, in percent of the
-    samples of busy threads."""
+    """py-spy ``--format raw --threads`` output (collapsed stacks: ``thread;frame;...;frame
+    count``) -> busy samples per thread and the functions with the most self and inclusive
+    samples, in percent of all busy samples. Stacks whose leaf is an idle wait (an event
+    loop's ``select``, an executor thread waiting for work) are counted apart as idle."""
     per_thread: Counter = Counter()
     self_t: Counter = Counter()
     incl: Counter = Counter()
-    total = 0
+    thread_self: dict[str, Counter] = defaultdict(Counter)
+    total = idle = 0
     for line in raw.splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
         count = int(n)
         frames = stack.split(";")
-        thread, frames = (frames[0], frames[1:]) if frames[0].startswith(("thread", "process")) else ("", frames)
+        thread = ""
         while frames and frames[0].startswith(("thread", "process")):
             thread, frames = frames[0], frames[1:]
-        if not frames:
+        names = [_frame_name(f) for f in frames]
+        if not names or IDLE_LEAVES.match(names[-1]):
+            idle += count
             continue
         total += count
-        per_thread[_thread_name(thread)] += count
-        names = [_frame_name(f) for f in frames]
+        t = _thread_name(thread)
+        per_thread[t] += count
         self_t[names[-1]] += count
+        thread_self[t][names[-1]] += count
         for nm in set(names):
-            incl[nm] += count
+            if nm.endswith(PROJECT_PATHS) or " (stream/" in nm or " (trainer/" in nm:
+                incl[nm] += count
 
-    def pct(c: Counter) -> list[dict[str, Any]]:
+    def pct(c: Counter, n: int = top) -> list[dict[str, Any]]:
         return [{"function": k, "samples": v, "percent": round(100.0 * v / max(total, 1), 1)}
-                for k, v in c.most_common(top)]
+                for k, v in c.most_common(n)]
 
-    return {"samples": total, "threads": pct(per_thread), "self": pct(self_t), "inclusive": pct(incl)}
+    for k in [k for k in incl if ENTRY_FRAMES.match(k)]:
+        del incl[k]
+    return {"samples": total, "idle_samples": idle, "threads": pct(per_thread), "self": pct(self_t),
+            "inclusive": pct(incl, 2 * top),
+            "self_by_thread": {t: pct(c, 8) for t, c in thread_self.items()}}
+
+
+def batch_phases(log: str) -> dict[str, Any]:
+    """The worker's debug lines ``phases: model M queue Q ack A ms (R records)`` and ``batch
+    of N in T ms`` -> batch sizes and where a batch's time goes."""
+    ph = np.asarray(re.findall(r"phases: model ([\d.]+) queue ([\d.]+) ack ([\d.]+) ms \((\d+) records\)", log),
+                    dtype=float).reshape(-1, 4)
+    bt = np.asarray(re.findall(r"batch of (\d+) in ([\d.]+) ms", log), dtype=float).reshape(-1, 2)
+    if not len(ph) or not len(bt):
+        return {}
+    total = float(bt[:, 1].sum())
+    model, queue, ack = (float(x) for x in ph[:, :3].sum(0))
+    return {"batches": int(len(bt)), "events_median": float(np.median(bt[:, 0])),
+            "events_mean": round(float(bt[:, 0].mean()), 1), "events_max": int(bt[:, 0].max()),
+            "batch_ms_median": float(np.median(bt[:, 1])), "total_ms": round(total, 1),
+            "share": {"model (executor)": round(model / total, 3), "produce (queue records)": round(queue / total, 3),
+                      "broker acks": round(ack / total, 3),
+                      "other (parse, Redis load/save, metrics)": round(1 - (model + queue + ack) / total, 3)}}
 
 
 def _thread_name(frame: str) -> str:
-    m = re.search(r'"([^"]*)"', frame)
-    return m.group(1) if m else (frame or "main")
+    # "thread (0x7F..)" or "thread (1234): MainThread" (py-spy --threads)
+    return frame.rpartition("): ")[2] if "): " in frame else (frame or "main")
 
 
 def _frame_name(frame: str) -> str:
@@ -1068,6 +1150,8 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
     hi = max(xs + [wmax["max"]]) * 1.15
     ax.plot([0, hi], [0, hi], color="0.7", linestyle=":", linewidth=1, label="achieved = offered")
     for name, style in (("faust_passthrough", "--"), ("faust_batched_passthrough", "-."), ("aiokafka_passthrough", ":")):
+        if name not in tp:
+            continue
         v = tp[name]["events_per_s"]["median"]
         ax.axhline(v, linestyle=style, linewidth=1, color="0.3")
         ax.annotate(f"{name} {v:,.0f}/s", (0.01 * hi, v), fontsize=7, va="bottom")
@@ -1147,8 +1231,9 @@ def headline_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          f"≥ {TARGETS['worker_vs_faust']:.0%} of Faust agent (ratio {h['worker_vs_faust']:.2f})",
          _mark(h["worker_vs_faust"] >= TARGETS["worker_vs_faust"])),
         ("bare Faust agent (events/s)", _fmt_summ(tp["faust_passthrough"]["events_per_s"]), "", ""),
-        ("Faust agent, worker's batch loop (events/s)", _fmt_summ(tp["faust_batched_passthrough"]["events_per_s"]),
-         "", ""),
+        *([("Faust agent, worker's batch loop (events/s)",
+            _fmt_summ(tp["faust_batched_passthrough"]["events_per_s"]), "", "")]
+          if "faust_batched_passthrough" in tp else []),
         ("bare aiokafka loop (events/s)", _fmt_summ(tp["aiokafka_passthrough"]["events_per_s"]),
          f"worker/aiokafka {h['worker_vs_aiokafka']:.3f}", ""),
         ("first-label latency p50 / p95 / p99 at 50% load (ms)",
@@ -1206,6 +1291,9 @@ def format_report(res: dict[str, Any], plots: dict[str, str]) -> str:
              f"{res['model']['num_layers']} layers, context {res['model']['context']}, lookahead "
              f"{res['model']['lookahead']}). Figures: median of {res['config']['repeats']} repeat(s), "
              f"(min–max) when more than one.\n",
+             "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res.get("stage_seconds", {}).items())
+             + ". In-process model work (engine scaling, training, evaluation) runs on one torch thread, as "
+             "the worker does.\n",
              "## Headline\n", _md_table(("figure", "measured", "target", ""), headline_rows(res)),
              "\n## Throughput\n",
              "Input topic pre-filled, consumer started, rate = outputs / (last − first output timestamp). "
@@ -1214,9 +1302,11 @@ def format_report(res: dict[str, Any], plots: dict[str, str]) -> str:
                        [(name, _fmt_summ(tp[name]["events_per_s"]), tp[name]["runs"][0]["outputs"],
                          f"{tp.get('worker_vs_' + name, 1.0):.3f}" if name != "worker" else "1")
                         for name in ("worker", "faust_passthrough", "faust_batched_passthrough",
-                                     "aiokafka_passthrough")]),
-             f"\nWorker label records per event: {tp['worker']['runs'][-1]['records_per_event']} "
-             f"(first + revisions + final).\n",
+                                     "aiokafka_passthrough") if name in tp]),
+             f"\nWorker (last run): {tp['worker']['runs'][-1]['records_per_event']} label records per event "
+             f"(first + revisions + final); {tp['worker']['runs'][-1]['batch_events_mean']} events per batch on "
+             f"average; model {tp['worker']['runs'][-1]['model_us_per_event_mean']:.0f} µs per event (the "
+             f"worker's own `tagger_inference_seconds`).\n",
              "\n## Latency under load\n", f"{lat['definition']}.\n\n",
              _md_table(("load", "offered events/s", "labelled events/s", "p50 ms", "p95 ms", "p99 ms"),
                        [(f"{lv['load']:.0%}", _fmt_summ(lv["offered_events_per_s"]),
@@ -1267,13 +1357,20 @@ def format_report(res: dict[str, Any], plots: dict[str, str]) -> str:
         if "error" in prof:
             parts.append(f"Not profiled: {prof['error']}\n")
         else:
-            parts.append(f"{prof['samples']} samples over {prof['seconds']} s ({prof['events']} events, "
-                         f"{prof['events_per_s_while_sampled']} events/s while sampled); raw stacks in "
-                         f"`{prof['raw']}`.\n\nBy thread: "
+            parts.append(f"Samples of the thread holding the GIL (`py-spy record --gil`): {prof['samples']} busy "
+                         f"samples (and {prof['idle_samples']} idle ones, left out) over "
+                         f"{prof['seconds']} s ({prof['events']} events, {prof['events_per_s_while_sampled']} "
+                         f"events/s while sampled); raw stacks in `{prof['raw']}`.\n\nBusy samples by thread: "
                          + ", ".join(f"{t['function']} {t['percent']}%" for t in prof["threads"]) + "\n\n")
+            b = prof.get("batches") or {}
+            if b:
+                parts.append(f"Batches (worker debug log): {b['batches']} batches, {b['events_median']:.0f} events "
+                             f"median (mean {b['events_mean']}, max {b['events_max']}), {b['batch_ms_median']:.0f} ms "
+                             f"median; batch time spent: "
+                             + ", ".join(f"{k} {100 * v:.0f}%" for k, v in b["share"].items()) + ".\n\n")
             parts.append(_md_table(("self time", "%"), [(f"`{r['function']}`", r["percent"]) for r in prof["self"]]))
             parts.append("\n")
-            parts.append(_md_table(("inclusive time", "%"),
+            parts.append(_md_table(("inclusive time (project functions)", "%"),
                                    [(f"`{r['function']}`", r["percent"]) for r in prof["inclusive"]]))
     parts.append("\n## Plots\n")
     parts += [f"![{name}]({fname})\n" for name, fname in plots.items()]

@@ -98,7 +98,7 @@ def cmd_bench(args) -> int:
                                repeats=args.repeats, events=args.events, profile=args.profile,
                                quality=not args.no_quality,
                                real_data=None if args.quick or args.no_real_data else Path(args.real_data))
-    run_bench(cfg, json_out=args.json, readme=args.readme, command="tagger " + " ".join(sys.argv[2:]))
+    run_bench(cfg, json_out=args.json, readme=args.readme, command="tagger " + " ".join(sys.argv[1:]))
     return 0
 
 

@@ -83,11 +83,13 @@ class RedisSessionStore:
         pipe = self.client.pipeline(transaction=False)
         for snap in snapshots:
             sid = snap["session_id"]
-            meta = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids")}
+            meta = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids", "replace")}
             closed = bool(snap.get("closed"))
             ttl = self.closed_ttl if closed else self.ttl
             pipe.set(self._k(sid, "meta"), _dumps(meta), ex=ttl)
             win = self._k(sid, "win")
+            if snap.get("replace"):  # a full snapshot: window and ids are whole, not deltas
+                pipe.delete(win, self._k(sid, "ids"))
             if closed:
                 pipe.delete(win)
                 pipe.zrem(self._open(snap.get("partition")), sid)
@@ -147,7 +149,10 @@ class MemorySessionStore:
     async def save(self, snapshots, window):
         for snap in snapshots:
             sid = snap["session_id"]
-            self.meta[sid] = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids")}
+            self.meta[sid] = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids", "replace")}
+            if snap.get("replace"):
+                self.win.pop(sid, None)
+                self.ids.pop(sid, None)
             part = self.open.setdefault(snap.get("partition"), {})
             if snap.get("closed"):
                 self.win.pop(sid, None)

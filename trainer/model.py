@@ -127,9 +127,9 @@ class ImageBackbone(nn.Module):
             net = torch.jit.load(path, map_location="cpu")
         except (RuntimeError, ValueError):
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or "net.7.weight" not in state:
+            if not isinstance(state, dict) or "net.8.weight" not in state:
                 raise ValueError(f"{path}: neither a TorchScript module nor a SmallCNN state dict")
-            net = SmallCNN(state["net.7.weight"].shape[0])
+            net = SmallCNN(state["net.8.weight"].shape[0])
             net.load_state_dict(state)
             net = _Scaled(net)
         self.net = net

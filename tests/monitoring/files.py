@@ -138,6 +138,17 @@ def env_list(environment) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in environment.items()}
 
 
+def mounts(service: dict) -> dict[str, str]:
+    """A service's ``volumes`` (short syntax) as {container path: source}; a source is a named
+    volume, or a host path starting with ``.`` or ``/``."""
+    out = {}
+    for item in service.get("volumes", []):
+        parts = item.split(":")
+        source, target = parts[0], parts[1]
+        out[target] = source
+    return out
+
+
 def shell_script(service: dict) -> str | None:
     """The script of a ``sh -c SCRIPT`` / ``bash -c SCRIPT`` command, if the service has one."""
     entry = service.get("entrypoint") or []

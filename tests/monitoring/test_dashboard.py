@@ -12,7 +12,8 @@ import json
 
 from stream.metrics import Metrics
 from tests.monitoring.files import (DASHBOARD_JSON, GRAFANA, WORKER_JOB, compose, dashboard,
-                                    dashboard_targets, load_yaml, metric_family, selectors)
+                                    dashboard_targets, load_yaml, metric_family, mounts,
+                                    selectors)
 
 
 def _builder():
@@ -99,9 +100,8 @@ def test_provisioning_matches_the_compose_mounts():
     assert provider["type"] == "file"
 
     grafana = compose()["services"]["grafana"]
-    mounts = dict(reversed(v.rsplit(":", 1)[0].split(":", 1)) for v in grafana["volumes"])
-    assert mounts["/etc/grafana/provisioning"] == "./monitoring/grafana/provisioning"
-    assert mounts[provider["options"]["path"]] == "./monitoring/grafana/dashboards"
+    assert mounts(grafana)["/etc/grafana/provisioning"] == "./monitoring/grafana/provisioning"
+    assert mounts(grafana)[provider["options"]["path"]] == "./monitoring/grafana/dashboards"
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/{DASHBOARD_JSON.name}"
     json.loads(DASHBOARD_JSON.read_text())  # the file Grafana loads is valid JSON

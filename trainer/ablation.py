@@ -1,0 +1,371 @@
+"""The ablation: every model variant on generated logs and on the real logs, one table.
+
+    python -m trainer.ablation --out results/ablation [--data-dir ../shared/data]
+                               [--datasets gen,kasteren] [--variants bilstm,crf] [--workers 2]
+
+For each (dataset, variant) job it trains with ``trainer.train.train`` on the training file
+(``data.test_size: 0``, so the fixed test file is the test), then scores the test file with
+``trainer.evaluate.evaluate(..., streaming=True)``: offline metrics, and the streaming replay
+through the live tagging loop. For streamable models it also replays the test sessions
+through ``Tagger.step`` to score the labels shown *before* they are final (visible-future
+depth k = 0) under the full-lookahead calibration and under the prefix-time calibration.
+
+Each finished job is a JSON file under ``OUT/jobs``; a rerun skips finished jobs, so the run
+can be stopped and resumed. After every job the table is re-rendered from all job files into
+``OUT/ablation.json`` and ``--doc`` (default ``docs/ablation.md``), so a partial run still
+leaves a partial table. Jobs run in ``--workers`` processes with one torch thread each (on a
+small shared machine, one thread per process is several times faster than two).
+
+Generated logs are written by ``tagger generate`` under ``OUT/data`` when missing. Real logs
+are read in place and never copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---- datasets ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: str
+    test: str
+    base: dict[str, Any] = field(default_factory=dict)      # config sections for every variant
+    note: str = ""
+
+
+def datasets(out: Path, data_dir: Path) -> dict[str, Dataset]:
+    gen = out / "data"
+    small = {"model": {"hidden_dim": 64, "lookahead": 4},
+             "train": {"epochs": 60, "patience": 12, "lr": 3e-3, "batch_size": 8},
+             "data": {"min_freq": 1, "val_size": 0.2}}
+    return {
+        "gen": Dataset("gen", str(gen / "gen.train.csv"), str(gen / "gen.test.csv"),
+                       {"train": {"epochs": 6}}, "tagger generate: 1000 sessions seed 1 / 300 seed 2"),
+        "genimg": Dataset("genimg", str(gen / "genimg.train.csv"), str(gen / "genimg.test.csv"),
+                          {"train": {"epochs": 6}}, "tagger generate --images: 800 seed 11 / 300 seed 12"),
+        "rebmann_l1": Dataset("rebmann_l1", str(data_dir / "rebmann_l1.train.csv"),
+                              str(data_dir / "rebmann_l1.test.csv"),
+                              {"train": {"epochs": 25, "patience": 6, "batch_size": 8},
+                               "data": {"val_size": 0.15}}),
+        "rebmann_l2": Dataset("rebmann_l2", str(data_dir / "rebmann_l2.train.csv"),
+                              str(data_dir / "rebmann_l2.test.csv"),
+                              {"train": {"epochs": 25, "patience": 6, "batch_size": 8},
+                               "data": {"val_size": 0.15}}),
+        "kasteren": Dataset("kasteren", str(data_dir / "kasteren.train.csv"),
+                            str(data_dir / "kasteren.test.csv"), small),
+        "placelab": Dataset("placelab", str(data_dir / "placelab.train.csv"),
+                            str(data_dir / "placelab.test.csv"), small),
+    }
+
+
+GENERATE = {"gen.train.csv": (1000, 1, None), "gen.test.csv": (300, 2, None),
+            "genimg.train.csv": (800, 11, "img_train"), "genimg.test.csv": (300, 12, "img_test")}
+
+# ---- variants ------------------------------------------------------------------------------
+
+ARCHS = ["bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer"]
+
+
+def variants(ds: str) -> dict[str, dict[str, Any]]:
+    """Variant name -> config overrides, per dataset (what is worth measuring where)."""
+    v: dict[str, dict[str, Any]] = {"crf_baseline": {"model": {"arch": "crf"}},
+                                    "logreg_baseline": {"model": {"arch": "logreg"}}}
+    if ds == "genimg":
+        img = {"image_col": "screenshot_path"}
+        return {
+            "bilstm_no_image": {},
+            "bilstm_image": {"data": img},
+            "bilstm_image_gated": {"data": img, "model": {"fusion": "gated"}},
+            "bilstm_image_xattn": {"data": img, "model": {"fusion": "cross_attention"}},
+            "bilstm_image_late": {"data": img, "model": {"fusion": "late"}},
+            "bilstm_image_backbone": {"data": {**img, "image_backbone": "@backbone"}},
+        }
+    for a in ARCHS:
+        v[a] = {"model": {"arch": a}}
+    v["bilstm_crf"] = {"model": {"crf": True}}
+    if ds in ("gen", "kasteren", "placelab"):
+        v["bilstm_focal"] = {"train": {"loss": "focal"}}
+        v["bilstm_no_class_weights"] = {"train": {"class_weights": False}}
+        v["bilstm_resample"] = {"train": {"resample": True}}
+    if ds == "gen":
+        v["bilstm_text"] = {"data": {"text_features": ["text"], "event_name_text": True}}
+        v["bilstm_text_gated"] = {"data": {"text_features": ["text"], "event_name_text": True},
+                                  "model": {"fusion": "gated"}}
+        v["group_id_only"] = {"data": {"feature_set": "group_id_only"}}
+    if ds.startswith("rebmann"):
+        v["bilstm_text"] = {"data": {"text_features": ["text"]}}
+    if ds in ("gen", "kasteren"):
+        for L in (0, 1, 2, 8, None):
+            v[f"bilstm_L{'inf' if L is None else L}"] = {"model": {"lookahead": L}}
+    return v
+
+
+def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in parts:
+        for sec, vals in p.items():
+            out[sec] = {**out.get(sec, {}), **vals}
+    return out
+
+
+# ---- one job -------------------------------------------------------------------------------
+
+def run_job(ds: Dataset, name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from trainer.artifacts import load_artifact
+    from trainer.config import from_dict
+    from trainer.evaluate import evaluate
+    torch.set_num_threads(1)
+    sections = _merge({"data": {"test_size": 0.0}}, ds.base, overrides)
+    if sections.get("data", {}).get("image_backbone") == "@backbone":
+        sections["data"]["image_backbone"] = str(export_backbone(out, ds.name))
+    cfg = from_dict(sections)
+    model_dir = out / "runs" / ds.name / name
+    t0 = time.perf_counter()
+    from trainer.train import train
+    metrics = train(ds.train, model_dir, cfg, progress=False, echo=lambda s: None)
+    train_wall = time.perf_counter() - t0
+    lm = load_artifact(model_dir)
+    streamable = lm.kind == "neural" and lm.lookahead is not None
+    t1 = time.perf_counter()
+    res = evaluate(model_dir, ds.test, None, streaming=streamable, plots=False)
+    eval_wall = time.perf_counter() - t1
+    row: dict[str, Any] = {
+        "dataset": ds.name, "variant": name, "config": sections,
+        "events": res["events"], "sessions": res["sessions"], "offline": res["offline"],
+        "precision_at_threshold": res["offline"]["selective_accuracy"],
+        "train_seconds": metrics.get("train_seconds"), "train_wall_seconds": round(train_wall, 1),
+        "eval_wall_seconds": round(eval_wall, 1),
+        "lookahead": lm.lookahead if lm.kind == "neural" else "offline",
+    }
+    if streamable:
+        st = res["streaming"]
+        row["streaming"] = {k: st.get(k) for k in ("first_accuracy", "final_accuracy", "edit_overhead",
+                                                   "correction_time", "relative_correctness",
+                                                   "final_equals_offline", "us_per_event")}
+        # offline inference time per event: the streaming replay is one step per event
+        row["us_per_event"] = st.get("us_per_event")
+        row["prefix"] = _prefix_scores(lm, ds, np)
+    else:
+        # the baselines label whole sessions; time one offline pass per event
+        row["us_per_event"] = round(1e6 * eval_wall / max(res["events"], 1), 1)
+    return row
+
+
+def _prefix_scores(lm, ds: Dataset, np) -> dict[str, Any]:
+    """Labels shown at visible-future depth k = 0 (the first emission) on the test set:
+    precision and coverage under the full-lookahead calibration and the prefix one."""
+    from trainer.artifacts import softmax_t
+    from trainer.loading import read_events
+    from trainer.train import prefix_logits
+    frame, _ = read_events(ds.test, require_label=True, numeric_columns=lm.encoder.data.num_features)
+    from trainer.features import LabelMap  # test steps the model never saw get -100: wrong
+    _, enc = lm.encoder.transform_frame(frame, LabelMap(lm.labels), base_dir=Path(ds.test).parent)
+    z, y = prefix_logits(lm.model, enc, "cpu")
+    keep = y[0] != -100
+    out: dict[str, Any] = {"top1_accuracy": float((z[0].argmax(-1) == y[0]).mean()) if len(y[0]) else None,
+                           "n": int(keep.sum())}
+    for tag, temp, thr in (("global", lm.temperature, lm.threshold),
+                           ("prefix", lm.prefix_temperatures[0], lm.prefix_threshold(0))):
+        p = softmax_t(z[0], temp)
+        cov = p.max(-1) >= thr
+        ok = p.argmax(-1) == y[0]
+        out[tag] = {"threshold": float(thr), "coverage": float(cov.mean()),
+                    "precision": float(ok[cov].mean()) if cov.any() else None}
+    return out
+
+
+def export_backbone(out: Path, ds: str) -> Path:
+    """The screenshot backbone for the ``image_backbone`` variant: the SmallCNN trained by the
+    ``bilstm_image`` variant on the same training split, exported as TorchScript (a stand-in
+    for a pretrained backbone file; nothing is downloaded here)."""
+    import torch
+
+    from trainer.artifacts import load_artifact
+    from trainer.model import _Scaled
+    path = out / "backbones" / f"{ds}_smallcnn.pt"
+    if path.exists():
+        return path
+    src = out / "runs" / ds / "bilstm_image"
+    if not (src / "manifest.json").exists():
+        raise RuntimeError(f"run the bilstm_image variant on {ds} before bilstm_image_backbone")
+    lm = load_artifact(src)
+    cnn = lm.model.embed.image
+    size = lm.model.args.image_size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    traced = torch.jit.trace(_Scaled(cnn).eval(), torch.zeros(1, 3, size, size))
+    traced.save(str(path))
+    return path
+
+
+# ---- the table -----------------------------------------------------------------------------
+
+def _f(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+COLUMNS = ("dataset | variant | L | macro-F1 | token acc | cov@0.95 | prec@thr | AURC | "
+           "first acc | final acc | edit ovh | k=0 top-1 acc | k=0 prec/cov (global) | k=0 prec/cov (prefix) | "
+           "µs/event | train s")
+
+
+def render(rows: list[dict[str, Any]], order: list[str]) -> str:
+    lines = ["| " + COLUMNS + " |", "|" + "---|" * len(COLUMNS.split("|"))]
+    key = {d: i for i, d in enumerate(order)}
+    for r in sorted(rows, key=lambda r: (key.get(r["dataset"], 99), r["variant"])):
+        o, s, p = r["offline"], r.get("streaming") or {}, r.get("prefix") or {}
+
+        def pc(tag):
+            b = p.get(tag)
+            return "–" if not b else f"{_f(b['precision'], 2)}/{_f(b['coverage'], 2)}"
+        L = r.get("lookahead")
+        lines.append("| " + " | ".join([
+            r["dataset"], r["variant"], "∞" if L is None else str(L), _f(o["macro_f1"]),
+            _f(o["token_accuracy"]), _f(o["coverage"]), _f(r.get("precision_at_threshold")),
+            _f(o["aurc"], 4), _f(s.get("first_accuracy")), _f(s.get("final_accuracy")),
+            _f(s.get("edit_overhead")), _f(p.get("top1_accuracy")), pc("global"), pc("prefix"), _f(r.get("us_per_event"), 0),
+            _f(r.get("train_seconds"), 0)]) + " |")
+    return "\n".join(lines)
+
+
+HEADER = """# Ablation
+
+Generated by `{cmd}` (see `trainer/ablation.py`). Machine: 2 CPU cores shared with other
+work, one torch thread per job, 2 jobs at a time; times are wall-clock under that load and
+only comparable within this table.
+
+Columns: offline metrics on the fixed test file (`macro-F1`, `token acc`; `cov@0.95` is the
+share of test events labelled at the threshold chosen on validation sessions for precision
+>= 0.95 with 90% confidence (Clopper-Pearson, fixed-sequence), `prec@thr` the precision
+actually reached on test at that threshold; `AURC` the area under the risk-coverage curve,
+lower is better); streaming replay through the live tagging loop (`first acc` / `final acc`:
+first and final emitted label, abstentions count as wrong; `edit ovh`: edit overhead); `k=0
+prec/cov`: the label shown when an event arrives (no later event visible), precision/coverage
+with the full-lookahead calibration vs the prefix-time calibration, and `k=0 top-1 acc` the accuracy of that first label without abstention; `µs/event`: live step
+time per event (baselines: offline time per event); `train s`: fitting time. `L` is the
+lookahead (∞ = unbounded, offline only; baselines see the whole session).
+
+"""
+
+
+def write_outputs(out: Path, doc: Path, order: list[str], cmd: str, extra: str = "") -> None:
+    rows = []
+    for f in sorted((out / "jobs").glob("*.json")):
+        try:
+            rows.append(json.loads(f.read_text()))
+        except ValueError:
+            continue
+    (out / "ablation.json").write_text(json.dumps(rows, indent=1))
+    failed = sorted(p.stem for p in (out / "jobs").glob("*.failed"))
+    text = HEADER.format(cmd=cmd) + render([r for r in rows if "offline" in r], order) + "\n"
+    if failed:
+        text += "\nFailed jobs (see OUT/jobs/*.failed): " + ", ".join(failed) + "\n"
+    if extra:
+        text += "\n" + extra
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_suffix(".md.tmp")
+    keep = ""
+    if doc.exists():  # keep hand-written sections after the table
+        old = doc.read_text()
+        i = old.find("\n## ")
+        keep = old[i:] if i >= 0 else ""
+    tmp.write_text(text + keep)
+    os.replace(tmp, doc)
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+def ensure_generated(out: Path, needed: set[str]) -> None:
+    gen = out / "data"
+    gen.mkdir(parents=True, exist_ok=True)
+    from trainer.generate import generate
+    for name, (n, seed, images) in GENERATE.items():
+        if name.split(".")[0] in needed and not (gen / name).exists():
+            generate(n, seed, gen / name, images_dir=gen / images if images else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/ablation")
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "ablation.md"))
+    ap.add_argument("--datasets", default="gen,kasteren,placelab,rebmann_l1,rebmann_l2,genimg")
+    ap.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--job", help=argparse.SUPPRESS)               # internal: DATASET/VARIANT
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    all_ds = datasets(out, Path(a.data_dir))
+    order = [d for d in a.datasets.split(",") if d]
+    if a.job:
+        dname, vname = a.job.split("/")
+        ds = all_ds[dname]
+        try:
+            row = run_job(ds, vname, variants(dname)[vname], out)
+        except Exception:
+            (out / "jobs" / f"{dname}__{vname}.failed").write_text(traceback.format_exc())
+            raise
+        (out / "jobs" / f"{dname}__{vname}.json").write_text(json.dumps(row, indent=1))
+        return 0
+    ensure_generated(out, {d for d in order if d.startswith("gen")})
+    wanted = set(filter(None, a.variants.split(",")))
+    jobs = [(d, v) for d in order for v in variants(d) if not wanted or v in wanted]
+    todo = [(d, v) for d, v in jobs if not (out / "jobs" / f"{d}__{v}.json").exists()]
+    cmd = "python -m trainer.ablation --out " + str(a.out) + (f" --datasets {a.datasets}")
+    running: list[tuple[subprocess.Popen, str]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # a backbone job needs its image job first: keep each dataset's jobs in order per worker
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < a.workers:
+            d, v = _next(queue, running)
+            if d is None:
+                break
+            args = [sys.executable, "-m", "trainer.ablation", "--out", str(out), "--data-dir", a.data_dir,
+                    "--job", f"{d}/{v}"]
+            log = open(out / "jobs" / f"{d}__{v}.log", "w")
+            running.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), f"{d}/{v}"))
+            print(f"started {d}/{v}", flush=True)
+        time.sleep(2)
+        for proc, name in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, name))
+                print(f"finished {name} (exit {proc.returncode})", flush=True)
+                write_outputs(out, Path(a.doc), order, cmd)
+    write_outputs(out, Path(a.doc), order, cmd)
+    return 0
+
+
+def _next(queue: list[tuple[str, str]], running) -> tuple[str | None, str | None]:
+    busy = {name for _, name in running}
+    for i, (d, v) in enumerate(queue):
+        if v == "bilstm_image_backbone" and (f"{d}/bilstm_image" in busy
+                                              or (d, "bilstm_image") in queue):
+            continue
+        return queue.pop(i)
+    return None, None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
