@@ -16,6 +16,7 @@ revision, so they deduplicate) but none is lost.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import tempfile
 import time
@@ -38,6 +39,11 @@ log = logging.getLogger("tagger.worker")
 
 BATCH_MAX = 500
 BATCH_WITHIN_S = 0.02
+# A dead letter carries the original bytes base64-encoded (x4/3) plus a text preview; it must
+# fit the producer's max_request_size (Faust: 1,000,000) and the broker's message.max.bytes
+# (Kafka: ~1 MiB). Past this size only the head of the original is kept (the detail says so
+# and gives the sha256 of the whole): a DLQ send that fails would stop the agent.
+DLQ_MAX_ORIGINAL_BYTES = 512 * 1024
 
 
 class WorkerService:
@@ -64,6 +70,7 @@ class WorkerService:
         # be trusted to resume them after a crash or rebalance.
         self._store_stale = False
         self._last_rewrite = 0.0
+        self._closed_unsaved: set[str] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,9 +115,13 @@ class WorkerService:
 
     async def _dead_letter(self, ev, reason: str, detail: str, field) -> Any:
         msg = ev.message
-        raw = ev.value if isinstance(ev.value, (bytes, bytearray)) else b""
+        raw = bytes(ev.value) if isinstance(ev.value, (bytes, bytearray)) else b""
+        if len(raw) > DLQ_MAX_ORIGINAL_BYTES:
+            detail = (f"{detail} [the message is {len(raw)} bytes: this dead letter keeps the first "
+                      f"{DLQ_MAX_ORIGINAL_BYTES}; sha256 of all of it: {hashlib.sha256(raw).hexdigest()}]")
+            raw = raw[:DLQ_MAX_ORIGINAL_BYTES]
         key = msg.key if isinstance(msg.key, (bytes, type(None))) else None
-        payload = dlq_record(bytes(raw), reason, field, msg.topic, msg.partition, msg.offset, key, detail=detail)
+        payload = dlq_record(raw, reason, field, msg.topic, msg.partition, msg.offset, key, detail=detail)
         self.metrics.dlq.labels(reason=reason).inc()
         self.metrics.events.labels(result="invalid").inc()
         log.warning("message at %s[%s]@%s sent to the DLQ: %s: %s", msg.topic, msg.partition, msg.offset,
@@ -209,12 +220,14 @@ class WorkerService:
 
     async def _persist(self, touched, closed) -> None:
         """Write the touched sessions through to the store (their changes since the last
-        snapshot). After a store failure every session held in memory is rewritten in full
-        instead, at most once a second until it succeeds: deltas on top of a Redis that missed
-        some (or restarted empty) would leave sessions that no one could resume."""
+        snapshot), then forget the closed ones. After a store failure every session held in
+        memory is rewritten in full instead, at most once a second until it succeeds: deltas
+        on top of a Redis that missed some (or restarted empty) would leave sessions no one
+        could resume. Until then closed sessions stay in memory too, so that neither the idle
+        sweep nor a successor finalises them a second time from stale open state in Redis."""
+        self._closed_unsaved.update(closed)
         if self._store_stale:
             if time.monotonic() - self._last_rewrite < 1.0:
-                self.tagger.drop(closed)
                 return
             self._last_rewrite = time.monotonic()
             snaps = [self._full_snapshot(sid) for sid in list(self.tagger.sessions)]
@@ -222,14 +235,17 @@ class WorkerService:
             snaps = [self.tagger.snapshot(sid) for sid in touched if sid in self.tagger.sessions]
         try:
             await self.store.save(snaps, self.tagger.window_size)
-            if self._store_stale:
-                log.info("session store back: rewrote %d sessions held in memory", len(snaps))
-            self._store_stale = False
         except StoreUnavailable as exc:
             if not self._store_stale:
                 log.error("%s; sessions stay in memory and are rewritten when it is back", exc)
             self._store_stale = True
-        self.tagger.drop(closed)
+            return
+        if self._store_stale:
+            log.info("session store back: rewrote %d sessions held in memory", len(snaps))
+            self._store_stale = False
+        sessions = self.tagger.sessions
+        self.tagger.drop([sid for sid in self._closed_unsaved if sid in sessions and sessions[sid].closed])
+        self._closed_unsaved.clear()
 
     def _full_snapshot(self, sid: str) -> dict[str, Any]:
         """A snapshot that replaces everything the store holds for the session."""
@@ -277,8 +293,9 @@ class WorkerService:
         Lag is the partition's log-end offset minus the group's position in it, the LAG of
         ``kafka-consumer-groups --describe``. The log end is the high watermark that came with
         the partition's latest fetch response (``Consumer.highwater``; aiokafka fetches every
-        partition whose buffer is empty, so it is fresh whenever the worker keeps up). The
-        position is the offset Faust last committed for the group: a message is acknowledged
+        partition whose buffer is empty, so it is fresh whenever the worker keeps up; a
+        ListOffsets request would cost a round trip, and tansu answers it with the last
+        batch's base offset instead of the log end). The position is the offset Faust last committed for the group: a message is acknowledged
         only after its labels are produced and acked, and acknowledged offsets are committed
         every ``broker_commit_interval``, so lag counts messages not yet labelled, not merely
         not yet fetched. Before this worker's first commit on a partition the position is

@@ -103,6 +103,7 @@ class BenchConfig:
     quality_test_sessions: int = 200
     real_data: Optional[Path] = None      # folder of <name>.train.csv / <name>.test.csv
     batched_baseline: bool = True         # also time the Faust agent with the worker's batch loop
+    latency_floor: bool = True            # latency of the bare Faust agent at the 50% load
     profile: bool = False
     seed: int = 5
 
@@ -111,7 +112,7 @@ class BenchConfig:
         base: dict[str, Any] = {"out_dir": Path(out_dir), "quick": quick}
         if quick:
             base.update(repeats=1, events=2500, aiokafka_events=20_000, load_seconds=3.0,
-                        batched_baseline=False, lockstep_sessions=4, memory_sessions=100, pool_sessions=300,
+                        batched_baseline=False, latency_floor=False, lockstep_sessions=4, memory_sessions=100, pool_sessions=300,
                         train_sessions=150, quality_train_sessions=120, quality_test_sessions=30,
                         real_data=None)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -183,7 +184,10 @@ def _stages(cfg: BenchConfig, res: dict[str, Any], out: Path, run_id: str, timed
         res["throughput"] = timed("throughput", h.throughput)
         res["latency"] = timed("latency", h.latency, res["throughput"]["worker"]["events_per_s"]["median"])
         res["memory"] = timed("memory", h.memory)
-        h.close()  # the kept worker: the profile run should have the machine to itself
+        h.close()  # the kept worker: later runs should have the machine to themselves
+        if cfg.latency_floor:
+            half = res["latency"]["levels"].get("0.5") or next(iter(res["latency"]["levels"].values()))
+            res["latency"]["floor"] = timed("latency_floor", h.latency_floor, half["rate_events_per_s"])
         if cfg.profile:
             res["profile"] = timed("profile", h.profile)
             h.close()
@@ -213,6 +217,7 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
         "worker_vs_aiokafka": _ratio(w, a),
         "latency_p50_s_at_50pct": half["p50_s"]["median"],
         "latency_p95_s_at_50pct": half["p95_s"]["median"],
+        "faust_latency_p99_s_at_50pct": (lat.get("floor") or {}).get("p99_s"),
         "redis_bytes_per_session": mem["redis_bytes_per_session"],
         "redis_bytes_per_session_at_pos1000": sc["redis_bytes_per_session_at_end"],
         "redis_write_us_per_event": sc["redis_write_us_per_event"]["median"],
@@ -351,37 +356,14 @@ class _Harness:
         for r in range(cfg.repeats):
             for load in cfg.loads:
                 rate = max(1.0, load * max_rate)
-                n = max(50, int(rate * cfg.load_seconds))
                 key = f"{load:g}"
-                self.echo(f"latency, repeat {r + 1}/{cfg.repeats}: {load:.0%} load = {rate:.0f} events/s, "
-                          f"{n} events")
-                msgs = self._messages(n, f"l{r}{int(load * 100)}")
-                n_events = sum(1 for m in msgs if m.get("type") != "session_end")
-                published = _run(_publish_paced(self.kw, s.input_topic, msgs, rate))
-                got = _run(_collect(self.kw, s.output_topic, s.partitions, n_events, match=FINAL,
-                                    start=self.worker_positions, proc=self.worker,
-                                    timeout_s=_timeout(n_events), what="worker final labels"))
-                self.worker_positions = got.positions
-                lat, first_ts = [], []
-                seen: set = set()
-                for t, v in zip(got.ts, got.values):
-                    if b'"revision":0,' not in v:
-                        continue
-                    rec = json.loads(v)
-                    k = (rec["session_id"], rec["event_id"])
-                    if k in published["at"] and k not in seen:
-                        seen.add(k)
-                        lat.append(t / 1000.0 - published["at"][k])
-                        first_ts.append(t)
-                lat_a = np.asarray(lat)
-                samples[key].append(lat_a)
-                runs[key].append({"offered_events_per_s": round(published["events"] / published["seconds"], 1),
-                                  "achieved_events_per_s": _rate(np.asarray(first_ts), len(first_ts))["events_per_s"],
-                                  "events": n_events, "labelled": len(lat),
-                                  **{f"p{q}_s": float(np.percentile(lat_a, q)) for q in (50, 95, 99)},
-                                  "max_s": float(lat_a.max())})
-                self.echo(f"  p50 {1000 * runs[key][-1]['p50_s']:.1f} ms, p95 {1000 * runs[key][-1]['p95_s']:.1f} ms, "
-                          f"p99 {1000 * runs[key][-1]['p99_s']:.1f} ms")
+                self.echo(f"latency, repeat {r + 1}/{cfg.repeats}: {load:.0%} load = {rate:.0f} events/s")
+                lat, run, self.worker_positions = self._paced(s, self.worker, self.worker_positions, rate,
+                                                              f"l{r}{int(load * 100)}", worker=True)
+                samples[key].append(lat)
+                runs[key].append(run)
+                self.echo(f"  p50 {1000 * run['p50_s']:.1f} ms, p95 {1000 * run['p95_s']:.1f} ms, "
+                          f"p99 {1000 * run['p99_s']:.1f} ms")
         levels = {}
         for key, rs in runs.items():
             levels[key] = {"load": float(key), "rate_events_per_s": rs[0]["offered_events_per_s"],
@@ -393,6 +375,54 @@ class _Harness:
         return {"max_events_per_s": max_rate, "levels": levels, "samples_s": cdf,
                 "definition": "published_at (bench producer, just before send) -> broker timestamp of the "
                               "first label record (the worker's producer, when it queued the record)"}
+
+    def latency_floor(self, rate: float) -> dict[str, Any]:
+        """The same paced load through the bare Faust agent: what the broker, the Faust
+        consumer (fetch wait) and producer cost before any tagging."""
+        from stream.stack import ensure_topics
+        s = self._settings("faust-floor")
+        ensure_topics(s, [s.input_topic, s.output_topic])
+        self.echo(f"latency floor: bare Faust agent at {rate:.0f} events/s")
+        proc = self._start([sys.executable, "-m", "faust", "-A", "stream.bench_apps:passthrough", "worker",
+                            "--without-web", "-l", "info"], s, "faust-floor")
+        try:
+            _wait(lambda: "[^Worker]: Ready" in proc.tail(100_000), proc, 120, "Faust agent ready")
+            time.sleep(1.0)
+            lat, run, _ = self._paced(s, proc, {}, rate, "floor", worker=False)
+        finally:
+            proc.stop()
+        self.echo(f"  p50 {1000 * run['p50_s']:.1f} ms, p95 {1000 * run['p95_s']:.1f} ms, "
+                  f"p99 {1000 * run['p99_s']:.1f} ms")
+        return {**run, "samples_s": np.sort(lat).tolist(),
+                "definition": "published_at -> broker timestamp of the forwarded copy"}
+
+    def _paced(self, s: Settings, proc: "_Proc", start: dict[int, int], rate: float, tag: str, *,
+               worker: bool) -> tuple[np.ndarray, dict[str, Any], dict[int, int]]:
+        """Publish ``load_seconds`` of fresh sessions at ``rate`` and read back each event's
+        first output: (latencies in s, summary, output positions to continue from)."""
+        msgs = self._messages(max(50, int(rate * self.cfg.load_seconds)), tag)
+        n_events = sum(1 for m in msgs if m.get("type") != "session_end")
+        published = _run(_publish_paced(self.kw, s.input_topic, msgs, rate))
+        got = _run(_collect(self.kw, s.output_topic, s.partitions, n_events if worker else len(msgs),
+                            match=FINAL if worker else None, start=start, proc=proc,
+                            timeout_s=_timeout(n_events), what="outputs of the paced load"))
+        lat, first_ts = [], []
+        seen: set = set()
+        for t, v in zip(got.ts, got.values):
+            if worker and b'"revision":0,' not in v:
+                continue
+            rec = json.loads(v)
+            k = (str(rec["session_id"]), str(rec.get("event_id")))
+            if k in published["at"] and k not in seen:
+                seen.add(k)
+                lat.append(t / 1000.0 - published["at"][k])
+                first_ts.append(t)
+        lat_a = np.asarray(lat)
+        run = {"offered_events_per_s": round(published["events"] / published["seconds"], 1),
+               "achieved_events_per_s": _rate(np.asarray(first_ts), len(first_ts))["events_per_s"],
+               "events": n_events, "labelled": len(lat),
+               **{f"p{q}_s": float(np.percentile(lat_a, q)) for q in (50, 95, 99)}, "max_s": float(lat_a.max())}
+        return lat_a, run, got.positions
 
     # ---- memory -------------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:
@@ -933,8 +963,9 @@ def stage_scaling(model_dir: Path, pool: Path, cfg: BenchConfig, redis_url: str,
             "ratio_last_first": _summ(ratios),
             "ratio_definition": f"engine cost per event at position {top} / at position {first}",
             "step_us_per_event": {"median": 1e6 * float(np.median([c[0] for c in all_calls]))},
-            "redis_write_us_per_event": _summ([1e6 * float(np.median([c[1] for c in calls]))
-                                               for p in positions for calls in measured[p]]),
+            "redis_write_us_per_event": _summ([1e6 * float(np.median([c[1] for p in positions
+                                                                     for c in measured[p][r]]))
+                                               for r in range(len(curves))]),
             "redis_bytes_per_session_at_end": round(float(np.median(mem)), 1),
             "curve_step_us": [round(float(x), 2) for x in curve[:, 0]],
             "curve_redis_write_us": [round(float(x), 2) for x in curve[:, 1]]}
@@ -1127,6 +1158,10 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         if x.size:
             ax.plot(x, np.arange(1, x.size + 1) / x.size,
                     label=f"{float(key):.0%} load ({lat['levels'][key]['rate_events_per_s']:.0f} events/s)")
+    if lat.get("floor"):
+        x = 1000 * np.asarray(lat["floor"]["samples_s"])
+        ax.plot(x, np.arange(1, x.size + 1) / x.size, color="0.4", linestyle="--",
+                label="bare Faust agent, 50% load (floor)")
     ax.axvline(1000 * TARGETS["latency_p99_s_at_50pct"], color="crimson", linestyle="--", linewidth=1,
                label="p99 target at 50% load")
     ax.axhline(0.99, color="0.6", linestyle=":", linewidth=1)
@@ -1154,14 +1189,14 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
             continue
         v = tp[name]["events_per_s"]["median"]
         ax.axhline(v, linestyle=style, linewidth=1, color="0.3")
-        ax.annotate(f"{name} {v:,.0f}/s", (0.01 * hi, v), fontsize=7, va="bottom")
+        ax.annotate(f"{name} {v:,.0f}/s", (0.99 * hi, v), fontsize=7, va="bottom", ha="right")
     ax.set_xlim(0, hi)
     ax.set_ylim(0, max(hi, tp["faust_passthrough"]["events_per_s"]["median"] * 1.1))
     ax.set_xlabel("offered load (events/s)")
     ax.set_ylabel("labelled (events/s)")
     ax.set_title("Throughput vs offered load (aiokafka loop may be off the top)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     paths["throughput_vs_load"] = _save(fig, out / "throughput_vs_load.png")
 
     sc = res["scaling"]
@@ -1240,6 +1275,9 @@ def headline_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          f"{_fmt_summ(half['p50_s'], 1000, 1)} / {_fmt_summ(half['p95_s'], 1000, 1)} / "
          f"{_fmt_summ(half['p99_s'], 1000, 1)}", f"p99 < {1000 * TARGETS['latency_p99_s_at_50pct']:.0f} ms",
          _mark(half["p99_s"]["median"] < TARGETS["latency_p99_s_at_50pct"])),
+        *([("latency floor: bare Faust agent at the same load, p50 / p99 (ms)",
+            f"{1000 * lat['floor']['p50_s']:.1f} / {1000 * lat['floor']['p99_s']:.1f}", "", "")]
+          if lat.get("floor") else []),
         (f"engine cost per event at position {' / '.join(_positions(sc))} (µs)",
          " / ".join(_fmt_summ(sc["positions"][p]["step_us"], 1, 0) for p in _positions(sc)), "", ""),
         (f"cost ratio position {last} / {first}", _fmt_summ(sc["ratio_last_first"], 1, 2),
@@ -1262,7 +1300,9 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def readme_table(res: dict[str, Any]) -> str:
     m = res["machine"]
-    mode = "quick run (1 repeat, small sizes)" if res["quick"] else f"median of {res['config']['repeats']} runs (min–max)"
+    n = res["config"]["repeats"]
+    mode = ("quick run (small sizes), " if res["quick"] else "full run, ") + (
+        f"median of {n} runs (min–max)" if n > 1 else "one run")
     return (f"`{res['command']}` on {m['cpu']} ({m['cpus']} CPUs, load average {m['loadavg_start']} at start), "
             f"{res['started_at'][:10]}; {mode}; model {res['model']['arch']} "
             f"(hidden {res['model']['hidden_dim']}, lookahead {res['model']['lookahead']}).\n\n"
@@ -1312,7 +1352,11 @@ def format_report(res: dict[str, Any], plots: dict[str, str]) -> str:
                        [(f"{lv['load']:.0%}", _fmt_summ(lv["offered_events_per_s"]),
                          _fmt_summ(lv["achieved_events_per_s"]), _fmt_summ(lv["p50_s"], 1000, 1),
                          _fmt_summ(lv["p95_s"], 1000, 1), _fmt_summ(lv["p99_s"], 1000, 1))
-                        for lv in lat["levels"].values()]),
+                        for lv in lat["levels"].values()]
+                       + ([("bare Faust agent, 50% load", _fmt_summ(_summ([lat["floor"]["offered_events_per_s"]])),
+                            _fmt_summ(_summ([lat["floor"]["achieved_events_per_s"]])),
+                            f"{1000 * lat['floor']['p50_s']:.1f}", f"{1000 * lat['floor']['p95_s']:.1f}",
+                            f"{1000 * lat['floor']['p99_s']:.1f}")] if lat.get("floor") else [])),
              "\n## Scaling with session length\n",
              f"{sc['sessions_in_lockstep']} sessions stepped in lockstep to position {sc['length']} through "
              f"`LiveTagger.process`, each call followed by the worker's Redis write-through; cost per event is the "

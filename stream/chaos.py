@@ -81,6 +81,7 @@ class ChaosConfig:
     redis_down_s: float = 3.0
     wait_s: float = 120.0        # the longest we wait for every final after publishing
     ready_s: float = 120.0       # the longest a worker may take to become ready
+    lead_s: float = 0.7          # traffic flowing into a busy worker before each fault
     seed: int = 5
 
     @classmethod
@@ -378,7 +379,7 @@ class Collector:
 
 def summarise(fault: str, keys: Iterable[Key], published: dict[Key, float],
               labels: list[tuple[float, int, dict]], dlq: list[dict],
-              marks: Sequence[float]) -> FaultReport:
+              marks: Sequence[float], cuts: Sequence[float] = ()) -> FaultReport:
     """Score what a consumer saw against what was published (see the module docstring)."""
     keys = set(keys)
     rep = FaultReport(fault, events_in=len(keys), records=len(labels), dlq=len(dlq))
@@ -418,32 +419,32 @@ def summarise(fault: str, keys: Iterable[Key], published: dict[Key, float],
     unknown = {k for k in max_rev if k not in keys}
     if unknown:
         rep.details["labels_for_unknown_events"] = len(unknown)
-    rep.recovery_s = recovery_time(published, labels, marks)
+    rep.recovery_s = recovery_time(published, labels, marks, cuts)
     return rep
 
 
 def recovery_time(published: dict[Key, float], labels: list[tuple[float, int, dict]],
-                  marks: Sequence[float]) -> Optional[float]:
+                  marks: Sequence[float], cuts: Sequence[float] = ()) -> Optional[float]:
     """The worst of ``recovery_times``, or None without marks."""
-    times = recovery_times(published, labels, marks)
+    times = recovery_times(published, labels, marks, cuts)
     return max(times) if times else None
 
 
 def recovery_times(published: dict[Key, float], labels: list[tuple[float, int, dict]],
-                   marks: Sequence[float]) -> list[float]:
+                   marks: Sequence[float], cuts: Sequence[float] = ()) -> list[float]:
     """For each fault injected at ``marks[k]``: the longest any event published after it (and
-    before the next fault) waited for its first label record. The first events published
-    into an outage wait for all of it, so this is how long labelling stood still."""
+    before the next cut or fault) waited for its first label record. The first events
+    published into an outage wait for all of it, so this is how long labelling stood still."""
     first: dict[Key, float] = {}
     for arrived, _, r in labels:
         key = (r["session_id"], r["event_id"])
         if key not in first or arrived < first[key]:
             first[key] = arrived
     out = []
-    bounds = list(marks) + [float("inf")]
-    for k, t in enumerate(marks):
+    for t in marks:
+        end = min([b for b in (*marks, *cuts) if b > t], default=float("inf"))
         waits = [first[key] - pub for key, pub in published.items()
-                 if t <= pub < bounds[k + 1] and key in first]
+                 if t <= pub < end and key in first]
         if waits:
             out.append(round(max(0.0, max(waits)), 2))
     return out
@@ -468,6 +469,7 @@ class FaultRun:
         self.workers: list[WorkerProc] = []
         self.traffic = Traffic(ctx.log_path, ctx.cfg.sessions, no_end_every=no_end_every)
         self.marks: list[float] = []
+        self.cuts: list[float] = []
         self.details: dict[str, Any] = {}
         self.started = time.time()
 
@@ -502,6 +504,14 @@ class FaultRun:
         await _until(lambda: set(self.traffic.published) <= self.collector.labelled(), timeout_s,
                      "the worker to catch up")
 
+    async def release(self, gate: asyncio.Event) -> None:
+        """Open the gate and let traffic flow for a moment before the fault is injected, so
+        that it hits a worker in the middle of its work (events in flight, offsets not yet
+        committed). Events published from here to the fault count for no recovery time."""
+        self.cuts.append(time.time())
+        gate.set()
+        await asyncio.sleep(self.ctx.cfg.lead_s)
+
     def publish(self, gates: Sequence[tuple[float, asyncio.Event]] = ()) -> asyncio.Task:
         return asyncio.create_task(self.traffic.publish(self.settings, self.ctx.cfg.rate, gates))
 
@@ -511,10 +521,10 @@ class FaultRun:
             self.traffic.keys, self.ctx.cfg.wait_s)
         await asyncio.sleep(1.5)   # let trailing repeats arrive: they are counted too
         rep = summarise(self.name, self.traffic.keys, self.traffic.published, self.collector.labels,
-                        self.collector.dlq, self.marks)
+                        self.collector.dlq, self.marks, self.cuts)
         rep.details.update(self.details)
         rep.details["recovery_each_s"] = recovery_times(self.traffic.published, self.collector.labels,
-                                                        self.marks)
+                                                        self.marks, self.cuts)
         with open(self.folder / "labels.jsonl", "w") as fh:   # for a post-mortem
             for arrived, part, r in self.collector.labels:
                 fh.write(json.dumps({"arrived": arrived, "partition": part, **r}) + "\n")
@@ -542,10 +552,10 @@ async def fault_kill9(ctx: "ChaosContext") -> FaultReport:
         restarts = []
         for k in range(cycles):
             await run.at_gate(gates[k][0])
+            await run.release(gates[k][1])   # traffic keeps coming, also while no worker runs
             t = time.time()
             await asyncio.to_thread(w.kill9)
             run.marks.append(t)
-            gates[k][1].set()   # traffic keeps coming while no worker runs
             await asyncio.sleep(0.5)
             w = run.worker()
             restarts.append(round(await run.ready(w), 2))
@@ -563,10 +573,10 @@ async def fault_two_workers(ctx: "ChaosContext") -> FaultReport:
         publishing = run.publish([(0.3, gate_kill), (0.6, gate_back)])
         await run.at_gate(0.3)
         before = (metric_value(a.metrics(), parts), metric_value(b.metrics(), parts))
+        await run.release(gate_kill)
         t = time.time()
         await asyncio.to_thread(b.kill9)
         run.marks.append(t)
-        gate_kill.set()
         n = run.settings.partitions
         await _until(lambda: metric_value(a.metrics(), parts) == n, 60)
         run.details["rebalance_s"] = round(time.time() - t, 2)
@@ -575,7 +585,7 @@ async def fault_two_workers(ctx: "ChaosContext") -> FaultReport:
         await run.ready(b2)
         await _until(lambda: metric_value(a.metrics(), parts) < n, 60)
         run.details["rejoin_s"] = round(time.time() - t_back, 2)
-        gate_back.set()
+        await run.release(gate_back)
         run.details["partitions_before_kill"] = before
         run.details["partitions_after_rejoin"] = (metric_value(a.metrics(), parts),
                                                   metric_value(b2.metrics(), parts))
@@ -595,10 +605,10 @@ async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
             g_redis, g_crash = asyncio.Event(), asyncio.Event()
             publishing = run.publish([(0.35, g_redis), (0.7, g_crash)])
             await run.at_gate(0.35)
+            await run.release(g_redis)
             t = time.time()
             await asyncio.to_thread(server.kill)
             run.marks.append(t)
-            g_redis.set()
             await asyncio.sleep(ctx.cfg.redis_down_s)
             run.details["ready_while_down"] = (await asyncio.to_thread(_http, w.port, "/readyz"))[0] == 200
             await asyncio.to_thread(server.start)
@@ -611,10 +621,10 @@ async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
             run.details["store_rebuilt_from_memory"] = "session store back" in w.log_text()
             run.details["worker_survived_redis"] = w.alive
             run.details["store_errors_logged"] = w.log_text().count("Redis unavailable")
+            await run.release(g_crash)
             t = time.time()
             await asyncio.to_thread(w.kill9)
             run.marks.append(t)
-            g_crash.set()
             w2 = run.worker()
             run.details["restart_ready_s"] = round(await run.ready(w2), 2)
             rep = await run.finish(publishing)
@@ -634,11 +644,11 @@ async def fault_broker_pause(ctx: "ChaosContext") -> FaultReport:
         gate = asyncio.Event()
         publishing = run.publish([(0.4, gate)])
         await run.at_gate(0.4)
+        await run.release(gate)
         t = time.time()
         os.kill(pid, signal.SIGSTOP)
         try:
             run.marks.append(t)
-            gate.set()
             await asyncio.sleep(ctx.cfg.pause_s)
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -714,10 +724,10 @@ async def fault_bad_artifact(ctx: "ChaosContext") -> FaultReport:
         took = {}
         for k, (kind, path) in enumerate(bad.items()):
             await run.at_gate(gates[k][0])
+            await run.release(gates[k][1])
             t = time.time()
             point_at(root, path)
             run.marks.append(t)
-            gates[k][1].set()
             await _until(lambda: metric_value(w.metrics(), rejected_metric) >= k + 1, 60)
             took[kind] = round(time.time() - t, 2)
         rep = await run.finish(publishing)

@@ -98,7 +98,10 @@ def cmd_bench(args) -> int:
                                repeats=args.repeats, events=args.events, profile=args.profile,
                                quality=not args.no_quality,
                                real_data=None if args.quick or args.no_real_data else Path(args.real_data))
-    run_bench(cfg, json_out=args.json, readme=args.readme, command="tagger " + " ".join(sys.argv[1:]))
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+             if k in ("quick", "json", "out", "model", "repeats", "events", "no_quality", "no_real_data",
+                      "profile", "readme") and v not in (None, False)]
+    run_bench(cfg, json_out=args.json, readme=args.readme, command=" ".join(["tagger bench", *flags]))
     return 0
 
 

@@ -60,6 +60,18 @@ class Metrics:
                            registry=r),
         )
 
+    def __post_init__(self) -> None:
+        # Every known label value exists from the start at 0, so Prometheus sees the first
+        # increment of each (rate() and increase() need a sample before it).
+        for result in ("accepted", "duplicate", "invalid", "session_end"):
+            self.events.labels(result=result)
+        for kind in ("first", "revision", "final"):
+            self.label_records.labels(kind=kind)
+        for outcome in ("labelled", "abstained"):
+            self.finals.labels(outcome=outcome)
+        for result in ("ok", "rejected"):
+            self.model_swaps.labels(result=result)
+
     def set_model(self, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)

@@ -188,8 +188,7 @@ def settings_factory(services, test_namespace, redis_prefix, redis_client):
 
     def make(suffix: str = "", *, create_topics: bool = True, **overrides) -> Settings:
         ns = f"{test_namespace}-{suffix}" if suffix else test_namespace
-        settings = dataclasses.replace(
-            services.base,
+        values = dict(
             input_topic=f"tagger.events.{ns}",
             output_topic=f"tagger.labels.{ns}",
             dlq_topic=f"tagger.events.dlq.{ns}",
@@ -197,8 +196,9 @@ def settings_factory(services, test_namespace, redis_prefix, redis_client):
             redis_prefix=redis_prefix,
             metrics_port=0,  # parallel workers must not fight over fixed ports
             web_port=0,
-            **overrides,
         )
+        values.update(overrides)  # a test's own choices win
+        settings = dataclasses.replace(services.base, **values)
         if create_topics:
             ensure_topics(settings)
             created.extend([settings.input_topic, settings.output_topic, settings.dlq_topic])
@@ -316,3 +316,32 @@ def faust_worker(tmp_path) -> Callable[..., WorkerProcess]:
         code = worker.stop()
         tail = "\n".join(worker.log_text().splitlines()[-30:])
         print(f"--- worker {i} exited with {code}; last log lines ---\n{tail}")
+
+
+# ----------------------------------------------------------------- trained models and logs
+
+
+@pytest.fixture(scope="session")
+def gen_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gen")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(gen_dir):
+    """A small BiLSTM (lookahead 3) trained on generated logs, shared by every test package."""
+    from tests.helpers import make_log, train_tiny
+    return train_tiny(make_log(gen_dir, 150, 11), gen_dir / "model_a")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(gen_dir):
+    """A second model with different weights and lookahead, for hot-swap tests."""
+    from tests.helpers import make_log, train_tiny
+    return train_tiny(make_log(gen_dir, 150, 12), gen_dir / "model_b",
+                      model={"lookahead": 2, "hidden_dim": 48})
+
+
+@pytest.fixture(scope="session")
+def heldout_log(gen_dir):
+    from tests.helpers import make_log
+    return make_log(gen_dir, 40, 99, "heldout.csv")

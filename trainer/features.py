@@ -11,6 +11,10 @@ An event goes through two stages:
 2. ``FeatureEncoder``: vocabularies with PAD/UNK and a frequency cut-off, ordinal encoders and
    standard scalers, all fit on training sessions only, turning derived features into arrays.
 
+``data.feature_set: group_id_only`` makes ``derive`` keep only the group_id (as the event's
+identity) and blank everything else, with the same keys and shapes, to measure how much the
+UI-element grouping alone predicts.
+
 ``transform_frame`` (offline, whole sessions) is a fold of exactly the same ``derive`` and
 ``encode`` steps that ``transform_one`` (live, one event) runs, so the two cannot disagree.
 """

@@ -28,8 +28,10 @@ def suggest(trial, cfg: Config) -> Config:
         "emb_event_dim": trial.suggest_categorical("emb_event_dim", [32, 64, 96]),
         "fusion": trial.suggest_categorical("fusion", ["concat", "gated"]),
     }
-    if cfg.model.arch == "transformer":
+    if cfg.model.arch in ("transformer", "ht_transformer"):
         model["nhead"] = trial.suggest_categorical("nhead", [2, 4])
+    if cfg.model.arch == "ht_transformer":
+        model["history_every"] = trial.suggest_categorical("history_every", [4, 8, 16])
     train = {"lr": trial.suggest_float("lr", 5e-4, 5e-3, log=True),
              "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
     return cfg.replace(model=model, train=train)

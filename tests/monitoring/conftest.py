@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -23,14 +24,6 @@ import pytest
 import yaml
 
 from stream.stack import _free_port, die_with_parent
-from tests.helpers import make_log, train_tiny
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A small BiLSTM (lookahead 3) trained on generated logs (as tests/stream's fixture)."""
-    folder = tmp_path_factory.mktemp("monitoring-gen")
-    return train_tiny(make_log(folder, 150, 11), folder / "model_a")
 
 
 def require_binary(name: str) -> str:

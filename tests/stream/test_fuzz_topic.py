@@ -8,7 +8,8 @@ over the size limit, a session over the event limit, timestamps far in the past 
 duplicate event ids and a session whose events arrive out of order. What a consumer sees:
 
 - every invalid message is in the DLQ, once, at its source partition/offset, with the reason
-  ``parse_event`` gives it (or ``session_too_long``) and its original bytes;
+  ``parse_event`` gives it (or ``session_too_long``) and its original bytes (for a message
+  too big to fit a dead letter under the broker's size limit, its head and its sha256);
 - every valid event has exactly one final record, nothing follows it, and no other event
   gets a label; positions (``seq``) stay contiguous although sessions were evicted from
   memory and read back from Redis;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -34,6 +36,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from stream.app import DLQ_MAX_ORIGINAL_BYTES
 from stream.publisher import replay_messages
 from stream.records import InvalidEvent, parse_event
 from stream.settings import FETCH_MAX_WAIT_MS, kafka_client_kwargs
@@ -138,6 +141,7 @@ def build_corpus(heldout_log, rng: random.Random) -> tuple[list[tuple[bytes | No
         json.dumps({"session_id": "b12", "timestamp": "2500-01-01T00:00:00Z", "event_name": "x"}).encode(),
         json.dumps({"session_id": "b13", "timestamp": BASE_TS, "event_name": "x"}).encode(),  # seconds
         _event("b14", "e", BASE_TS, text="x" * (MAX_BYTES + 100)),  # over the size limit
+        _event("b15", "e", BASE_TS, text="y" * 900_000),  # its dead letter must still fit the broker
     ]]
     bad += [(rng.choice([None, b"raw"]), rng.randbytes(rng.randint(1, 300))) for _ in range(30)]
     bad += [(None, v) for v in hypothesis_corpus(150)]
@@ -221,7 +225,7 @@ def test_fuzzed_input_topic_every_bad_message_dead_lettered_every_valid_event_fi
     worker.wait_ready()
 
     async def main():
-        producer = AIOKafkaProducer(acks="all", max_request_size=4 * MAX_BYTES,
+        producer = AIOKafkaProducer(acks="all", max_request_size=2 ** 20,
                                     **kafka_client_kwargs(settings))
         await producer.start()
         try:
@@ -265,7 +269,11 @@ def test_fuzzed_input_topic_every_bad_message_dead_lettered_every_valid_event_fi
     for src, (reason, value) in expected_sources.items():
         d = by_source[src][0]
         assert d["reason"] == reason, (reason, d)
-        assert base64.b64decode(d["original"]) == value
+        if len(value) <= DLQ_MAX_ORIGINAL_BYTES:
+            assert base64.b64decode(d["original"]) == value
+        else:  # a dead letter must fit the broker: the head, and the hash of the whole
+            assert base64.b64decode(d["original"]) == value[:DLQ_MAX_ORIGINAL_BYTES]
+            assert hashlib.sha256(value).hexdigest() in d["detail"]
         assert d["source"]["topic"] == settings.input_topic and d["detail"]
 
     # every valid event: exactly one final, last; nothing for anything else
