@@ -13,18 +13,21 @@ worker and its baselines share the same broker, tuning and machine load. Stages:
     (``stream.bench_apps:passthrough``), the same agent with the worker's batch loop
     (``stream.bench_apps:batched``; the gap to the worker is the cost of tagging) and a bare
     aiokafka consume->produce loop (in-process). Fresh topics, consumer group and Redis
-    prefix for every run.
+    prefix for every run. Completion is counted by consuming the output topic (tansu's end
+    offsets undercount batched records, so they are not used).
 ``latency``
     The last worker is fed fresh sessions paced at 25/50/75% of its median maximum; latency
     is an event's ``published_at`` (set just before the bench's producer sends it) to the
-    broker timestamp of its first label record.
+    broker timestamp of its first label record. Full mode also sends the 50% load through
+    a fresh bare Faust agent: the floor that the broker and Faust alone impose.
 ``memory``
     K sessions left open (no ``session_end``) through that worker; Redis ``MEMORY USAGE`` of
     their keys, per session and per event; the worker's RSS (``/proc/<pid>/status``).
 ``scaling``
     The engine alone (``LiveTagger`` + ``RedisSessionStore.save``, the worker's write-through):
-    B sessions stepped in lockstep past position 1000; per-event cost at positions 10, 100
-    and 1000, and the Redis bytes a session holds at position 1000.
+    one group of B sessions per position, stepped in lockstep to just before it, then the
+    groups' calls around positions 10, 100 and 1000 interleaved (so machine load hits them
+    alike); per-event cost there, and the Redis bytes a session holds at position 1000.
 ``quality``
     bilstm, transformer and the logreg baseline trained on a generated log (and, in full
     mode, on each real log ``<real-data>/*.train.csv``), scored with ``trainer.evaluate``
@@ -35,8 +38,12 @@ sizes). The results folder gets ``report.md``, ``results.json`` (every figure an
 sample), ``headline.json`` (the keys ``--json`` writes), ``readme_table.md`` and the plots
 ``latency_cdf.png``, ``throughput_vs_load.png``, ``cost_vs_position.png`` and
 ``risk_coverage_<dataset>.png``; ``logs/`` holds the subprocesses' logs. With ``--profile``
-the worker is sampled by py-spy during one extra throughput run and the top costs go into
-the report.
+the worker is sampled by py-spy (``--gil``) during one extra throughput run, with its
+per-batch phase timings from its debug log, and the top costs go into the report.
+In-process model work runs on one torch thread, as the worker does.
+
+``run_bench(BenchConfig.for_mode(quick, out_dir), json_out=...)`` is the Python entry point;
+``tagger bench`` (``stream.cli``) the command line.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -112,7 +119,8 @@ class BenchConfig:
         base: dict[str, Any] = {"out_dir": Path(out_dir), "quick": quick}
         if quick:
             base.update(repeats=1, events=2500, aiokafka_events=20_000, load_seconds=3.0,
-                        batched_baseline=False, latency_floor=False, lockstep_sessions=4, memory_sessions=100, pool_sessions=300,
+                        batched_baseline=False, latency_floor=False, lockstep_sessions=4,
+                        memory_sessions=100, pool_sessions=300,
                         train_sessions=150, quality_train_sessions=120, quality_test_sessions=30,
                         real_data=None)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -1180,11 +1188,13 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
     ys = [lv["achieved_events_per_s"]["median"] for lv in lat["levels"].values()]
     wmax = tp["worker"]["events_per_s"]
     ax.plot(xs, ys, marker="o", label="worker, paced load")
-    ax.errorbar([wmax["median"]], [wmax["median"]], yerr=[[wmax["median"] - wmax["min"]], [wmax["max"] - wmax["median"]]],
+    ax.errorbar([wmax["median"]], [wmax["median"]],
+                yerr=[[wmax["median"] - wmax["min"]], [wmax["max"] - wmax["median"]]],
                 marker="*", markersize=12, linestyle="none", color="crimson", label="worker, saturated (backlog)")
     hi = max(xs + [wmax["max"]]) * 1.15
     ax.plot([0, hi], [0, hi], color="0.7", linestyle=":", linewidth=1, label="achieved = offered")
-    for name, style in (("faust_passthrough", "--"), ("faust_batched_passthrough", "-."), ("aiokafka_passthrough", ":")):
+    for name, style in (("faust_passthrough", "--"), ("faust_batched_passthrough", "-."),
+                        ("aiokafka_passthrough", ":")):
         if name not in tp:
             continue
         v = tp[name]["events_per_s"]["median"]
