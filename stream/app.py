@@ -171,7 +171,7 @@ class WorkerService:
                 t1 = time.perf_counter()
                 sends += await self._produce(batch.records)
                 t2 = time.perf_counter()
-                await asyncio.gather(*sends)
+                await _delivered(sends)
                 t3 = time.perf_counter()
                 log.debug("phases: model %.1f queue %.1f ack %.1f ms (%d records)", 1000 * model_s,
                          1000 * (t2 - t1), 1000 * (t3 - t2), len(batch.records))
@@ -198,7 +198,7 @@ class WorkerService:
             self.metrics.batch_size.observe(len(events))
             self.processed += batch.accepted
         elif sends:
-            await asyncio.gather(*sends)
+            await _delivered(sends)
         self.metrics.open_sessions.set(len(self.tagger.sessions))
         log.debug("batch of %d in %.1f ms", len(events), 1000 * (time.perf_counter() - started))
 
@@ -207,13 +207,26 @@ class WorkerService:
         and return the delivery futures; the caller awaits them all before committing."""
         producer, topic = self.app.producer, self.settings.output_topic
         futs = []
+        kinds = {"first": 0, "revision": 0, "final": 0}
+        labelled = abstained = 0
         for rec in records:
             futs.append(await producer.send(topic, rec["session_id"].encode(), encode_label(rec), None, None, None))
-            kind = "final" if rec["final"] else ("first" if rec["revision"] == 0 else "revision")
-            self.metrics.label_records.labels(kind=kind).inc()
             if rec["final"]:
+                kinds["final"] += 1
+                if rec["abstained"]:
+                    abstained += 1
+                else:
+                    labelled += 1
                 self._finals.append(not rec["abstained"])
-                self.metrics.finals.labels(outcome="abstained" if rec["abstained"] else "labelled").inc()
+            else:
+                kinds["first" if rec["revision"] == 0 else "revision"] += 1
+        for kind, n in kinds.items():  # once per batch, not per record
+            if n:
+                self.metrics.label_records.labels(kind=kind).inc(n)
+        if labelled:
+            self.metrics.finals.labels(outcome="labelled").inc(labelled)
+        if abstained:
+            self.metrics.finals.labels(outcome="abstained").inc(abstained)
         if self._finals:
             self.metrics.coverage.set(sum(self._finals) / len(self._finals))
         return futs
@@ -239,10 +252,12 @@ class WorkerService:
             if not self._store_stale:
                 log.error("%s; sessions stay in memory and are rewritten when it is back", exc)
             self._store_stale = True
+            self.tagger.evict_enabled = False  # memory holds the only copy until the rewrite
             return
         if self._store_stale:
             log.info("session store back: rewrote %d sessions held in memory", len(snaps))
             self._store_stale = False
+            self.tagger.evict_enabled = True
         sessions = self.tagger.sessions
         self.tagger.drop([sid for sid in self._closed_unsaved if sid in sessions and sessions[sid].closed])
         self._closed_unsaved.clear()
@@ -280,7 +295,7 @@ class WorkerService:
                 return
             loop = asyncio.get_running_loop()
             records = await loop.run_in_executor(self.executor, self.tagger.finalize, idle)
-            await asyncio.gather(*await self._produce(records))
+            await _delivered(await self._produce(records))
             await self._persist(idle, idle)
             log.info("finalised %d idle sessions (%d records)", len(idle), len(records))
 
@@ -341,6 +356,16 @@ class WorkerService:
             self.tagger.drop(gone)  # their state is in Redis; the new owner resumes them
             self.assigned -= lost
         self.metrics.partitions.set(len(self.assigned))
+
+
+async def _delivered(futures: list) -> None:
+    """Wait for the broker to acknowledge every send (cheaper than gather for thousands of
+    futures, most of which are already done); the first failure is raised."""
+    for fut in futures:
+        if not fut.done():
+            await fut
+        elif fut.exception() is not None:
+            raise fut.exception()
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None, store: SessionStore | None = None,

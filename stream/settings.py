@@ -97,8 +97,11 @@ class Settings:
 
         check(all(_is_host_port(hp) for hp in self.kafka.split(",")), "kafka",
               "host:port[,host:port...] with ports 1-65535")
-        check(urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"), "redis_url",
-              "a redis://, rediss:// or unix:// URL")
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            # never echo the URL: it may carry a password
+            raise ConfigError(f"TAGGER_REDIS: expected a redis://, rediss:// or unix:// URL, "
+                              f"got one with scheme {scheme or '(none)'!r}")
         for name in ("input_topic", "output_topic", "dlq_topic"):
             check(bool(_TOPIC.match(getattr(self, name))), name,
                   "a Kafka topic name (letters, digits, '.', '_', '-')")

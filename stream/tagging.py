@@ -108,6 +108,7 @@ class LiveTagger:
         self.lateness_s = lateness_s
         self.max_sessions = max_sessions
         self.evicted: list[str] = []
+        self.evict_enabled = True  # the worker turns it off while the store is behind
         self._window = window
         self.model = model
         self._check(model)
@@ -232,7 +233,7 @@ class LiveTagger:
         """Bound the sessions held in memory: the least recently seen ones go (their state is
         in the store and is read back if they return)."""
         excess = len(self.sessions) - self.max_sessions
-        if excess <= 0:
+        if excess <= 0 or not self.evict_enabled:
             return
         victims = sorted((s.last_seen, sid) for sid, s in self.sessions.items() if sid not in keep)
         for _, sid in victims[:excess]:
@@ -305,7 +306,10 @@ class LiveTagger:
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
         emitted_at = iso_now(self.clock)
-        for (sess, ev), raw, state, logits in zip(rnd, raws, states, outs):
+        # one softmax and one copy to numpy for the whole round, then a slice per session
+        sizes = [len(o) for o in outs]
+        all_probs = np.split(_calibrated(torch.cat(outs), self.model.temperature), np.cumsum(sizes)[:-1])
+        for (sess, ev), raw, state, probs in zip(rnd, raws, states, all_probs):
             sess.state = state
             sess.window.append(raw)
             if len(sess.window) > W:
@@ -313,8 +317,7 @@ class LiveTagger:
             sess.new_raw.append(raw)
             sess.pending.append(Pending(sess.n, ev.event_id, ev.timestamp, ev.event_name))
             sess.n += 1
-            probs = _calibrated(logits, self.model.temperature)        # (v, C), oldest first
-            v = len(probs)
+            v = len(probs)                                             # (v, C), oldest first
             first = sess.n - v
             keep = []
             for p in sess.pending:
