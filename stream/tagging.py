@@ -309,7 +309,11 @@ class LiveTagger:
         # one softmax and one copy to numpy for the whole round, then a slice per session
         sizes = [len(o) for o in outs]
         all_probs = np.split(_calibrated(torch.cat(outs), self.model.temperature), np.cumsum(sizes)[:-1])
-        for (sess, ev), raw, state, probs in zip(rnd, raws, states, all_probs):
+        prefix = bool(self.model.manifest["calibration"].get("prefix_temperatures"))
+        for (sess, ev), raw, state, probs, logits in zip(rnd, raws, states, all_probs, outs):
+            # labels shown before an event is final use the calibration of their depth k (later
+            # events visible); finals use the full-lookahead one, so they equal offline labels
+            live = self.model.prefix_probs(logits) if prefix else probs
             sess.state = state
             sess.window.append(raw)
             if len(sess.window) > W:
@@ -330,7 +334,7 @@ class LiveTagger:
                 if is_final:
                     d = self.policy.final(p.probs, thr)
                 else:
-                    d = self.policy.decide(p.shown, p.probs, thr)
+                    d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j))
                     keep.append(p)
                 if is_final or not d.same_as(p.shown):
                     p.revision += 1

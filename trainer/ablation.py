@@ -89,7 +89,6 @@ def variants(ds: str) -> dict[str, dict[str, Any]]:
         return {
             "bilstm_no_image": {},
             "bilstm_image": {"data": img},
-            "bilstm_image_gated": {"data": img, "model": {"fusion": "gated"}},
             "bilstm_image_late": {"data": img, "model": {"fusion": "late"}},
             "bilstm_image_backbone": {"data": {**img, "image_backbone": "@backbone"}},
         }
@@ -133,7 +132,6 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 # ---- one job -------------------------------------------------------------------------------
 
 def run_job(ds: Dataset, name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
-    import numpy as np
     import torch
 
     from trainer.artifacts import load_artifact
@@ -169,16 +167,18 @@ def run_job(ds: Dataset, name: str, overrides: dict[str, Any], out: Path) -> dic
                                                    "final_equals_offline", "us_per_event")}
         # offline inference time per event: the streaming replay is one step per event
         row["us_per_event"] = st.get("us_per_event")
-        row["prefix"] = _prefix_scores(lm, ds, np)
+        row["prefix"] = _prefix_scores(lm, ds)
     else:
         # the baselines label whole sessions; time one offline pass per event
         row["us_per_event"] = round(1e6 * eval_wall / max(res["events"], 1), 1)
     return row
 
 
-def _prefix_scores(lm, ds: Dataset, np) -> dict[str, Any]:
+def _prefix_scores(lm, ds: Dataset) -> dict[str, Any]:
     """Labels shown at visible-future depth k = 0 (the first emission) on the test set:
     precision and coverage under the full-lookahead calibration and the prefix one."""
+    import numpy as np
+
     from trainer.artifacts import softmax_t
     from trainer.loading import read_events
     from trainer.train import prefix_logits
