@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="training CSV or Parquet (label column step_name)")
     t.add_argument("--out", required=True, help="artifact folder to write")
     t.add_argument("--config", help="YAML config (data/model/train sections)")
-    t.add_argument("--arch", help="override model.arch (bilstm, transformer, tcn, bilstm_attn, logreg, crf)")
+    t.add_argument("--arch", help="override model.arch (bilstm, transformer, ht_transformer, tcn, bilstm_attn, logreg, crf)")
     t.add_argument("--epochs", type=int, help="override train.epochs")
     t.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report them")
     t.set_defaults(func=cmd_train)
