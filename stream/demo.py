@@ -82,7 +82,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 
     raise RuntimeError(f"worker not ready after {timeout_s:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-async def _watch(bootstrap: str, topic: str, truth: dict, published: dict, expected: int, quiet: bool,
+async def _watch(bootstrap: str, topic: str, published: dict, expected: int, quiet: bool,
                  timeout_s: float, started: asyncio.Event) -> dict[str, Any]:
     """Consume label records until every expected event has its final record."""
     from aiokafka import AIOKafkaConsumer
@@ -207,9 +207,8 @@ def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float 
             started = asyncio.Event()
             from trainer.loading import read_events
             frame, _ = read_events(heldout)
-            truth = dict(zip(zip(frame.session_id, frame.event_id), frame.step_name))
             published: dict = {}
-            watcher = asyncio.create_task(_watch(kafka, settings.output_topic, truth, published, len(frame),
+            watcher = asyncio.create_task(_watch(kafka, settings.output_topic, published, len(frame),
                                                  quiet, timeout_s=120 + len(frame) / max(rate, 1), started=started))
             await started.wait()
             _say(f"replaying {sessions} held-out sessions ({len(frame)} events) at {rate:.0f} events/s; "

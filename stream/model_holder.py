@@ -37,9 +37,9 @@ def smoke_check(lm: LoadedModel) -> None:
     for col in lm.encoder.input_columns():
         event.setdefault(col, "")
     try:
-        from stream.tagging import _as_step_batch
+        from stream.tagging import step_batch
         enc, _ = lm.encoder.transform_one(event, EventContext())
-        _, outs = lm.model.step([lm.model.init_state()], _as_step_batch([enc], lm.model))
+        _, outs = lm.model.step([lm.model.init_state()], step_batch(enc, lm.model))
         probs = outs[0].float().softmax(-1).cpu().numpy()
     except TaggerError:
         raise

@@ -32,7 +32,6 @@ import torch
 from stream.revisions import Decision, RevisionPolicy
 from trainer.artifacts import LoadedModel
 from trainer.features import EncodedSession, EventContext, derive
-from trainer.model import collate
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +255,6 @@ class LiveTagger:
                    event_name=ev.event_name, _ts=ev.ts)
         return raw
 
-    def _encode(self, sess: LiveSession, raw: Mapping[str, Any]) -> EncodedSession:
-        enc, sess.ctx = self.model.encoder.transform_one(raw, sess.ctx, base_dir=self.model.base_dir)
-        return enc
-
     def _ensure_state(self, sessions: Iterable[LiveSession]) -> None:
         """Sessions without model state (new, restored, or after a swap) get it: fresh, or
         rebuilt by running their raw window through the current encoder and model."""
@@ -269,14 +264,16 @@ class LiveTagger:
                 continue
             state = model.init_state()
             if sess.window:
+                enc = self.model.encoder
                 ctx = EventContext(start_ts=sess.ctx.start_ts)
-                enc = []
+                derived = []
                 for raw in sess.window:
-                    e, ctx = self.model.encoder.transform_one(raw, ctx, base_dir=self.model.base_dir)
-                    enc.append(e)
+                    d, ctx = derive(raw, ctx, enc.data, enc.auto_cols)
+                    derived.append(d)
+                window = enc.encode_derived(derived, self.model.base_dir)  # one call for the window
                 logits = None
-                for e in enc:
-                    [state], [logits] = model.step([state], _as_step_batch([e], model))
+                for i in range(len(window)):
+                    [state], [logits] = model.step([state], step_batch(window.rows(i, i + 1), model))
                 if logits is not None:
                     self._refresh_probs(sess, logits)
             sess.state = state
@@ -301,8 +298,8 @@ class LiveTagger:
             d, sess.ctx = derive(raw, sess.ctx, enc.data, enc.auto_cols)
             derived.append(d)
         # one encoding call for the whole round: the per-call numpy overhead dominates per event
-        encoded = enc._encode(derived, self.model.base_dir)
-        states, outs = model.step([s.state for s, _ in rnd], _rows_as_step_batch(encoded, model))
+        encoded = enc.encode_derived(derived, self.model.base_dir)
+        states, outs = model.step([s.state for s, _ in rnd], step_batch(encoded, model))
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
         emitted_at = iso_now(self.clock)
@@ -404,18 +401,11 @@ def _calibrated(logits: torch.Tensor, temperature: float) -> np.ndarray:
     return torch.softmax(logits.float() / max(temperature, 1e-6), -1).cpu().numpy()
 
 
-def _rows_as_step_batch(enc: EncodedSession, model) -> dict[str, torch.Tensor]:
-    """An encoded round (row i = session i's new event) -> (B, 1, ...) tensors."""
+def step_batch(enc: EncodedSession, model) -> dict[str, torch.Tensor]:
+    """Encoded rows (row i = session i's new event) -> (B, 1, ...) tensors for ``Tagger.step``."""
     device = next(model.parameters()).device
     return {name: torch.from_numpy(np.ascontiguousarray(getattr(enc, name)))[:, None].to(device)
             for name in ("event", "tokens", "cats", "nums", "text", "image")}
-
-
-def _as_step_batch(encs: Sequence[EncodedSession], model) -> dict[str, torch.Tensor]:
-    """One encoded event per session -> (B, 1, ...) tensors for ``Tagger.step``."""
-    batch = collate(list(encs), next(model.parameters()).device)
-    batch.pop("lengths")
-    return batch
 
 
 def _record(sid: str, p: Pending, d: Decision, final: bool, labels: Sequence[str], version: str,

@@ -336,7 +336,7 @@ class FeatureEncoder:
                                     f"but {self._embedder.name!r} is installed")
         return self._embedder
 
-    def _encode(self, derived: Sequence[dict[str, Any]], base_dir: Path | None,
+    def encode_derived(self, derived: Sequence[dict[str, Any]], base_dir: Path | None = None,
                 text_vectors: dict[str, np.ndarray] | None = None) -> EncodedSession:
         n = len(derived)
         tv, kv = self.vocabs["template"], self.vocabs["token"]
@@ -393,7 +393,7 @@ class FeatureEncoder:
             labels = {sid: label_map.encode(g["step_name"])
                       for sid, g in frame.groupby("session_id", sort=False)}
         for sid, ds in by_session.items():
-            enc = self._encode(ds, base_dir, text_vectors)
+            enc = self.encode_derived(ds, base_dir, text_vectors)
             if labels is not None:
                 enc.labels = labels[sid]
             sessions.append(sid)
@@ -404,7 +404,7 @@ class FeatureEncoder:
                       base_dir: Path | None = None) -> tuple[EncodedSession, EventContext]:
         """Encode one live event given its session's context; returns a 1-row session."""
         derived, nxt = derive(event, ctx or EventContext(), self.data, self.auto_cols)
-        return self._encode([derived], base_dir), nxt
+        return self.encode_derived([derived], base_dir), nxt
 
     # ---- persistence (JSON, never pickle) ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
