@@ -311,6 +311,7 @@ def test_demo_publisher_sends_fresh_sessions_every_round(svcs, settings_factory,
     from stream.stack import die_with_parent
 
     settings = settings_factory()
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
     publisher = svcs["publisher"]
     script = shell_script(publisher).replace("/tmp/", f"{tmp_path}/")
     env = {**os.environ, **env_list(publisher["environment"]), **settings.to_env(),
@@ -322,17 +323,28 @@ def test_demo_publisher_sends_fresh_sessions_every_round(svcs, settings_factory,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=die_with_parent())
     try:
-        sessions = _read_sessions(settings, until_rounds=2, timeout_s=120)
+        def two_full_rounds(rounds):
+            return all(len(rounds.get(f"{host}-{n}", ())) >= 3 for n in (1, 2))
+
+        sessions = _read_sessions(settings, until=two_full_rounds, timeout_s=120)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
-    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
-    rounds = {sid.rsplit("-", 1)[0] for sid in sessions}
-    assert {f"{host}-1", f"{host}-2"} <= rounds, (rounds, log.read_text()[-2000:])
-    assert len(sessions) >= 6, "3 sessions a round, each round with its own ids"
+    rounds = _by_round(sessions)
+    assert {f"{host}-1", f"{host}-2"} <= set(rounds), (rounds, log.read_text()[-2000:])
+    # Each round publishes DEMO_SESSIONS sessions under its own prefix, so no id repeats.
+    assert len(rounds[f"{host}-1"]) == 3 and len(rounds[f"{host}-2"]) == 3, rounds
 
 
-def _read_sessions(settings: Settings, until_rounds: int, timeout_s: float) -> set[str]:
+def _by_round(sessions: set[str]) -> dict[str, set[str]]:
+    rounds: dict[str, set[str]] = {}
+    for sid in sessions:
+        rounds.setdefault(sid.rsplit("-", 1)[0], set()).add(sid)
+    return rounds
+
+
+def _read_sessions(settings: Settings, until, timeout_s: float) -> set[str]:
+    """Session ids on the input topic, read until `until(sessions by round)` holds."""
     import asyncio
     import time
 
@@ -349,7 +361,7 @@ def _read_sessions(settings: Settings, until_rounds: int, timeout_s: float) -> s
                 batch = await consumer.getmany(timeout_ms=500)
                 for msgs in batch.values():
                     seen.update(json.loads(m.value)["session_id"] for m in msgs)
-                if len({s.rsplit("-", 1)[0] for s in seen}) >= until_rounds:
+                if until(_by_round(seen)):
                     break
         finally:
             await consumer.stop()
