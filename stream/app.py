@@ -37,8 +37,6 @@ from stream.tagging import LiveTagger
 
 log = logging.getLogger("tagger.worker")
 
-BATCH_MAX = 500
-BATCH_WITHIN_S = 0.02
 # A dead letter carries the original bytes base64-encoded (x4/3) plus a text preview; it must
 # fit the producer's max_request_size (Faust: 1,000,000) and the broker's message.max.bytes
 # (Kafka: ~1 MiB). Past this size only the head of the original is kept (the detail says so
@@ -399,7 +397,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
 
     @app.agent(events)
     async def tag(stream):
-        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
             await service.handle(batch)
 
     @app.timer(interval=max(0.5, min(5.0, settings.inactivity_s / 4)))

@@ -18,6 +18,7 @@ All keys carry a TTL. ``MemorySessionStore`` is the in-memory twin with the same
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 
@@ -30,7 +31,51 @@ class StoreUnavailable(StreamError):
 
 class SessionStore(Protocol):
     async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]: ...
-    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None: ...
+    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None:
+        """One pipelined round trip: per session one call of the ``SAVE_SESSION`` script (its
+        three keys share a slot), then one ``ZADD``/``ZREM`` per partition for the open index
+        (another slot). Replaces seven commands per session: building and parsing them in
+        redis-py was as much of the worker's time as the model."""
+        import redis.exceptions as rexc
+        if not snapshots:
+            return
+        opened: dict[str, dict[str, float]] = {}
+        closed_by: dict[str, list[str]] = {}
+        calls = []
+        for snap in snapshots:
+            sid = snap["session_id"]
+            meta = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids", "replace")}
+            closed = bool(snap.get("closed"))
+            raw = [] if closed else [_dumps(r) for r in snap.get("new_raw") or ()]
+            ids = list(snap.get("new_ids") or ())
+            calls.append(([self._k(sid, "meta"), self._k(sid, "win"), self._k(sid, "ids")],
+                          [self.closed_ttl if closed else self.ttl, window, int(closed),
+                           int(bool(snap.get("replace"))), _dumps(meta), len(raw), *raw, *ids]))
+            index = self._open(snap.get("partition"))
+            if closed:
+                closed_by.setdefault(index, []).append(sid)
+            else:
+                opened.setdefault(index, {})[sid] = float(snap.get("last_seen") or 0)
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(self._save_sha, len(keys), *keys, *args)
+            for index, members in opened.items():
+                pipe.zadd(index, members)
+            for index, sids in closed_by.items():
+                pipe.zrem(index, *sids)
+            try:
+                await pipe.execute()
+                return
+            except rexc.NoScriptError:
+                if attempt == 2:
+                    raise
+                # a restarted (or flushed) Redis has no scripts: load it and redo the batch;
+                # every command here may be repeated (the script did nothing without itself)
+                await self.client.script_load(SAVE_SESSION)
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+                raise StoreUnavailable(f"Redis unavailable while saving sessions: {exc}") from exc
+
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
@@ -38,6 +83,36 @@ class SessionStore(Protocol):
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+# Writes one session's snapshot. KEYS: meta, win, ids (one hash tag, so one Cluster slot).
+# ARGV: ttl, window, closed (0/1), replace (0/1: window and ids are whole, not deltas), meta
+# JSON, n (raw events that follow), the n raw events (JSON), then the new event ids.
+# RPUSH/SADD go in chunks: Lua's unpack() fails past a few thousand values, and a full
+# rewrite after a Redis loss carries every id of the session.
+SAVE_SESSION = """
+local ttl, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local closed, replace = ARGV[3] == '1', ARGV[4] == '1'
+local n_raw = tonumber(ARGV[6])
+redis.call('SET', KEYS[1], ARGV[5], 'EX', ttl)
+if replace or closed then redis.call('DEL', KEYS[2]) end
+if replace then redis.call('DEL', KEYS[3]) end
+local function chunked(cmd, key, first, last)
+  for i = first, last, 1000 do
+    redis.call(cmd, key, unpack(ARGV, i, math.min(i + 999, last)))
+  end
+end
+if not closed then
+  if n_raw > 0 then
+    chunked('RPUSH', KEYS[2], 7, 6 + n_raw)
+    if redis.call('LLEN', KEYS[2]) > window then redis.call('LTRIM', KEYS[2], -window, -1) end
+  end
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+if #ARGV > 6 + n_raw then chunked('SADD', KEYS[3], 7 + n_raw, #ARGV) end
+redis.call('EXPIRE', KEYS[3], ttl)
+return 1
+"""
 
 
 class RedisSessionStore:
@@ -48,6 +123,7 @@ class RedisSessionStore:
                                                   socket_timeout=5, socket_connect_timeout=5,
                                                   health_check_interval=10)
         self.prefix, self.ttl, self.closed_ttl = prefix, ttl_s, closed_ttl_s
+        self._save_sha = hashlib.sha1(SAVE_SESSION.encode()).hexdigest()  # the name EVALSHA uses
 
     def _k(self, sid: str, part: str) -> str:
         return f"{self.prefix}s:{{{sid}}}:{part}"

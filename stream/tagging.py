@@ -303,14 +303,17 @@ class LiveTagger:
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
         emitted_at = iso_now(self.clock)
-        # one softmax and one copy to numpy for the whole round, then a slice per session
+        # one softmax and one copy to numpy for the whole round, then a slice per session.
+        # Labels shown before an event is final use the calibration of their depth k (later
+        # events visible); finals use the full-lookahead one, so they equal offline labels.
         sizes = [len(o) for o in outs]
-        all_probs = np.split(_calibrated(torch.cat(outs), self.model.temperature), np.cumsum(sizes)[:-1])
-        prefix = bool(self.model.manifest["calibration"].get("prefix_temperatures"))
-        for (sess, ev), raw, state, probs, logits in zip(rnd, raws, states, all_probs, outs):
-            # labels shown before an event is final use the calibration of their depth k (later
-            # events visible); finals use the full-lookahead one, so they equal offline labels
-            live = self.model.prefix_probs(logits) if prefix else probs
+        cuts = np.cumsum(sizes)[:-1]
+        logits = torch.cat(outs)
+        all_probs = np.split(_calibrated(logits, self.model.temperature), cuts)
+        all_live = all_probs
+        if self.model.manifest["calibration"].get("prefix_temperatures"):
+            all_live = np.split(self.model.prefix_probs_rows(logits.float().cpu().numpy(), sizes), cuts)
+        for (sess, ev), raw, state, probs, live in zip(rnd, raws, states, all_probs, all_live):
             sess.state = state
             sess.window.append(raw)
             if len(sess.window) > W:

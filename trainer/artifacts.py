@@ -33,6 +33,7 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -100,7 +101,7 @@ class LoadedModel:
     def lookahead(self) -> int | None:
         return self.manifest.get("model_args", {}).get("lookahead")
 
-    @property
+    @cached_property
     def prefix_temperatures(self) -> list[float]:
         """Temperature per visible-future depth k = 0..L (the full-lookahead one when the
         artifact has no prefix calibration)."""
@@ -108,7 +109,7 @@ class LoadedModel:
         got = self.manifest["calibration"].get("prefix_temperatures")
         return [float(t) for t in got] if got and len(got) == L + 1 else [self.temperature] * (L + 1)
 
-    @property
+    @cached_property
     def prefix_thresholds(self) -> list[float]:
         L = self.lookahead or 0
         got = self.manifest["calibration"].get("prefix_thresholds")
@@ -124,10 +125,17 @@ class LoadedModel:
         """Calibrate the (v, C) logits of one ``Tagger.step`` output (oldest first): row j has
         k = v - 1 - j later events visible and gets that depth's temperature."""
         z = logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
-        temps = self.prefix_temperatures
-        v = len(z)
-        t = np.array([temps[min(v - 1 - j, len(temps) - 1)] for j in range(v)], dtype=np.float64)
-        return softmax_t(z, t[:, None]) if v else z
+        return self.prefix_probs_rows(z, [len(z)])
+
+    def prefix_probs_rows(self, z: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+        """``prefix_probs`` for several step outputs stacked row-wise (``sizes[i]`` rows
+        each, oldest first within each), in one pass: the live worker calibrates a whole
+        round at once."""
+        if not len(z):
+            return z
+        temps = np.asarray(self.prefix_temperatures, dtype=np.float64)
+        depth = np.concatenate([np.arange(v - 1, -1, -1) for v in sizes])  # later events visible
+        return softmax_t(z, temps[np.minimum(depth, len(temps) - 1)][:, None])
 
     def predict_logits(self, sessions: Sequence[EncodedSession], batch_size: int = 16,
                        max_len: int = 4096) -> list[np.ndarray]:

@@ -21,11 +21,12 @@ UI-element grouping alone predicts.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -60,7 +61,10 @@ class EventContext:
     recent_ids: list[list[str]] = field(default_factory=list)  # oldest first, <= RECENT
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # by hand: dataclasses.asdict deep-copies recursively and showed up in the worker's
+        # profile (one call per touched session per batch)
+        return {"start_ts": self.start_ts, "prev_ts": self.prev_ts, "prev_app": self.prev_app,
+                "prev_group": self.prev_group, "recent_ids": [list(ids) for ids in self.recent_ids]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "EventContext":
@@ -111,6 +115,27 @@ def tokens_of(name: str) -> list[str]:
     return toks[:MAX_TOKENS]
 
 
+@functools.lru_cache(maxsize=16384)
+def _name_features(name: str) -> tuple:
+    """Everything ``derive`` reads from the event name alone, memoised: live sessions repeat
+    the same few hundred names, and the regexes were a visible share of the worker's time.
+    Returns (prefix, app, extension, action type, path depth, identifier keys, digit count,
+    shape, template, tokens); tuples, so that a cached value cannot be changed by a caller."""
+    prefix, target, app = split_event_name(name)
+    ext_m = _EXT.findall(target)
+    ext = ext_m[-1].lower() if ext_m else "none"
+    if prefix is None:
+        # The seed lumped these into Unknown; they are clicks or window switches, so name them
+        # as such: Action* when the target is a file or window, Action otherwise.
+        action = "Action*" if (ext != "none" or "\\" in target or "/" in target) else "Action"
+    else:
+        action = prefix
+    depth = max(target.count("\\"), target.count("/"))
+    digits = sum(len(d) for d in _DIGITS.findall(target))
+    return (prefix, app, ext, action, depth, tuple(identifier_keys(target)), digits, name_shape(target),
+            event_template(name), tuple(tokens_of(name)))
+
+
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -129,18 +154,8 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
     """Raw event + session context -> derived features and the next context."""
     name = _text(event.get("event_name"))
     ts = float(event["_ts"])
-    prefix, target, app = split_event_name(name)
-    ext_m = _EXT.findall(target)
-    ext = ext_m[-1].lower() if ext_m else "none"
-    if prefix is None:
-        # The seed lumped these into Unknown; they are clicks or window switches, so name them
-        # as such: Action* when the target is a file or window, Action otherwise.
-        action = "Action*" if (ext != "none" or "\\" in target or "/" in target) else "Action"
-    else:
-        action = prefix
-    depth = max(target.count("\\"), target.count("/"))
-    ids = identifier_keys(target)
-    digits = sum(len(d) for d in _DIGITS.findall(target))
+    prefix, app, ext, action, depth, ids_t, digits, shape, template, toks = _name_features(name)
+    ids = list(ids_t)
     recent = ctx.recent_ids
     idset = set(ids)
     age = RECENT
@@ -173,13 +188,12 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         except (TypeError, ValueError):
             v = math.nan
         nums[col] = v
-    cats = {"action_type": action, "app": app or "none", "file_extension": ext,
-            "shape": name_shape(target)}
+    cats = {"action_type": action, "app": app or "none", "file_extension": ext, "shape": shape}
     for col in list(auto_cols) + list(data.cat_features):
         cats[f"col:{col}"] = _text(event.get(col)) or "none"
     derived = {
-        "template": event_template(name),
-        "tokens": tokens_of(name),
+        "template": template,
+        "tokens": list(toks),
         "cats": cats,
         "nums": nums,
         "texts": [_text(event.get(c)) for c in data.text_features]

@@ -302,30 +302,37 @@ class LookaheadLSTM(nn.Module):
         return torch.cat([f, b], -1)
 
     # ---- streaming ---------------------------------------------------------------------
-    def init_state(self, device) -> dict[str, torch.Tensor]:
+    def init_state(self, device) -> dict[str, Any]:
+        # x / f: the inputs and forward outputs of the last L + 1 events, right-aligned in
+        # fixed-size buffers (the first L + 1 - k rows are padding), so that a round stacks
+        # the sessions' buffers in one call whatever their lengths
         H, N = self.fwd.hidden_size, self.fwd.num_layers
+        K = (self.L or 0) + 1
         return {"h": torch.zeros(N, H, device=device), "c": torch.zeros(N, H, device=device),
-                "x": torch.zeros(0, H, device=device), "f": torch.zeros(0, H, device=device)}
+                "x": torch.zeros(K, H, device=device), "f": torch.zeros(K, H, device=device), "k": 0}
 
     def step(self, states: list[dict], x_new: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
         # x_new: (B, H), one new event per session. Returns new states and, per session, the
         # encoder outputs of the positions whose labels may change: (v, 2H), oldest first.
+        # Every op runs once for the whole round; only the final split is per session.
+        B, H = x_new.shape
+        K = self.L + 1
         h = torch.stack([s["h"] for s in states], 1)
         c = torch.stack([s["c"] for s in states], 1)
         f_new, (h2, c2) = self.fwd(x_new[:, None, :], (h, c))         # (B, 1, H)
-        keep = self.L + 1
-        xs = [torch.cat([s["x"], x_new[i:i + 1]])[-keep:] for i, s in enumerate(states)]
-        fs = [torch.cat([s["f"], f_new[i]])[-keep:] for i, s in enumerate(states)]
-        lengths = torch.tensor([len(v) for v in xs])
-        T = int(lengths.max())
-        xpad = torch.stack([F.pad(v, (0, 0, 0, T - len(v))) for v in xs])
-        b = self.backward_windows(xpad, lengths)                       # (B, T, H)
-        new_states, outs = [], []
-        for i in range(len(states)):
-            n = len(xs[i])
-            new_states.append({"h": h2[:, i], "c": c2[:, i], "x": xs[i], "f": fs[i]})
-            outs.append(torch.cat([fs[i], b[i, :n]], -1))
-        return new_states, outs
+        xs = torch.cat([torch.stack([s["x"] for s in states])[:, 1:], x_new[:, None]], 1)  # (B, K, H)
+        fs = torch.cat([torch.stack([s["f"] for s in states])[:, 1:], f_new], 1)
+        counts = [min(s["k"] + 1, K) for s in states]
+        lengths = torch.tensor(counts)
+        T = max(counts)
+        # left-align each session's valid rows (backward_windows pads at the end)
+        idx = (K - lengths[:, None] + torch.arange(T)[None]).clamp(max=K - 1).to(x_new.device)
+        idx = idx[..., None].expand(B, T, H)
+        b = self.backward_windows(torch.gather(xs, 1, idx), lengths)  # (B, T, H)
+        out = torch.cat([torch.gather(fs, 1, idx), b], -1)             # (B, T, 2H)
+        new_states = [{"h": h2[:, i], "c": c2[:, i], "x": xs[i], "f": fs[i], "k": n}
+                      for i, n in enumerate(counts)]
+        return new_states, [out[i, :n] for i, n in enumerate(counts)]
 
 
 class Block(nn.Module):
@@ -794,7 +801,8 @@ class Tagger(nn.Module):
             enc_states, outs = enc.step([s["enc"][m] for s in states], x[:, 0])
             for ns, es in zip(new, enc_states):
                 ns["enc"].append(es)
-            logits = [head(o) for o in outs]
+            # one head call for the round's outputs, then a view per session
+            logits = list(head(torch.cat(outs)).split([len(o) for o in outs]))
             emissions = logits if emissions is None else [a + b for a, b in zip(emissions, logits)]
         if self.crf is None:
             return new, emissions

@@ -1,0 +1,99 @@
+"""The Redis session store against the machine's real Redis, side by side with its in-memory
+twin: the same snapshots must read back the same, whatever path wrote them."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from stream.session_store import MemorySessionStore, RedisSessionStore
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def snap(sid, n, *, raw=(), ids=(), closed=False, replace=False, partition=3, last_seen=100.0):
+    return {"session_id": sid, "n": n, "ctx": {"prev_ts": 1.5, "recent_ids": [["A1"]]}, "closed": closed,
+            "pending": [{"seq": n - 1, "event_id": f"e{n - 1}", "revision": 0}], "model_version": "v1",
+            "last_seen": last_seen, "partition": partition, "new_raw": list(raw), "new_ids": list(ids),
+            "held": [], "max_ts": None, **({"replace": True} if replace else {})}
+
+
+def with_redis(fn):
+    """Run ``fn(store)`` on a Redis store under a fresh key prefix, then delete its keys."""
+    async def go():
+        prefix = f"tagger-test:{uuid.uuid4().hex[:8]}:"
+        store = RedisSessionStore(REDIS, prefix=prefix, ttl_s=120, closed_ttl_s=30)
+        try:
+            return await fn(store)
+        finally:
+            keys = [k async for k in store.client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await store.client.delete(*keys)
+            await store.close()
+    return asyncio.run(go())
+
+
+def run_both(steps, window, sids):
+    """Apply every batch of snapshots to the Redis store and to the in-memory one; return
+    what each loads back."""
+    async def go(store):
+        for batch in steps:
+            await store.save(batch, window)
+        return await store.load(sids)
+    return with_redis(go), asyncio.run(go(MemorySessionStore()))
+
+
+def test_deltas_window_trim_and_ids_read_back_as_in_memory():
+    raw = [{"event_id": f"e{i}", "event_name": f"Open ü {i}"} for i in range(10)]
+    steps = [[snap("a", 3, raw=raw[:3], ids=["e0", "e1", "e2"]), snap("b", 1, raw=raw[:1], ids=["e0"])],
+             [snap("a", 7, raw=raw[3:7], ids=["e3", "e4", "e5", "e6"]), snap("b", 1)],
+             [snap("a", 10, raw=raw[7:], ids=["e7", "e8", "e9", "e2"])]]
+    in_redis, in_memory = run_both(steps, window=5, sids=["a", "b", "missing"])
+    assert in_redis == in_memory
+    meta, window, ids = in_redis["a"]
+    assert [w["event_id"] for w in window] == ["e5", "e6", "e7", "e8", "e9"]  # the last 5
+    assert ids == {f"e{i}" for i in range(10)} and meta["n"] == 10
+    assert "missing" not in in_redis
+
+
+def test_closing_and_a_full_rewrite_replace_what_was_there():
+    raw = [{"event_id": f"e{i}"} for i in range(6)]
+    steps = [[snap("a", 4, raw=raw[:4], ids=["e0", "e1", "e2", "e3"]), snap("c", 2, raw=raw[:2], ids=["e0", "e1"])],
+             # after a Redis loss the worker rewrites whole sessions: stale deltas must go
+             [snap("a", 6, raw=raw[3:6], ids=["e3", "e4", "e5"], replace=True)],
+             [snap("c", 2, closed=True)]]
+    in_redis, in_memory = run_both(steps, window=8, sids=["a", "c"])
+    assert in_redis == in_memory
+    assert [w["event_id"] for w in in_redis["a"][1]] == ["e3", "e4", "e5"]
+    assert in_redis["a"][2] == {"e3", "e4", "e5"}
+    assert in_redis["c"][1] == [] and in_redis["c"][0]["closed"] is True
+
+
+def test_open_index_ttls_and_a_rewrite_with_many_ids():
+    many = [f"id-{i}" for i in range(12_000)]  # past what one Lua unpack() takes
+
+    async def go(store):
+        await store.save([snap("big", 12_000, raw=[{"i": i} for i in range(40)], ids=many, replace=True,
+                               last_seen=50.0),
+                          snap("other", 1, raw=[{"i": 0}], ids=["x"], partition=4, last_seen=500.0)], 16)
+        await store.save([snap("gone", 1, raw=[{"i": 0}], ids=["y"], last_seen=10.0)], 16)
+        await store.save([snap("gone", 1, closed=True, last_seen=10.0)], 16)
+        c, k = store.client, store._k
+        return (await c.scard(k("big", "ids")), await c.llen(k("big", "win")), await store.idle(3, 100.0),
+                await store.idle(4, 100.0), await store.idle(4, 1000.0),
+                [await c.ttl(k("big", part)) for part in ("meta", "win", "ids")], await c.ttl(k("gone", "meta")),
+                await c.exists(k("gone", "win")))
+    n_ids, n_win, idle3, idle4_early, idle4, ttls, closed_ttl, gone_win = with_redis(go)
+    assert n_ids == 12_000 and n_win == 16
+    assert idle3 == ["big"] and idle4_early == [] and idle4 == ["other"]  # "gone" left the index
+    assert all(100 < t <= 120 for t in ttls) and 0 < closed_ttl <= 30 and gone_win == 0
+
+
+def test_a_redis_that_lost_its_scripts_still_takes_saves():
+    async def go(store):
+        await store.save([snap("a", 1, raw=[{"i": 0}], ids=["e0"])], 8)
+        await store.client.script_flush()  # what a restarted Redis looks like to the script
+        await store.save([snap("a", 2, raw=[{"i": 1}], ids=["e1"])], 8)
+        return await store.load(["a"])
+    meta, window, ids = with_redis(go)["a"]
+    assert meta["n"] == 2 and window == [{"i": 0}, {"i": 1}] and ids == {"e0", "e1"}
