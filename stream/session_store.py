@@ -31,51 +31,7 @@ class StoreUnavailable(StreamError):
 
 class SessionStore(Protocol):
     async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]: ...
-    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None:
-        """One pipelined round trip: per session one call of the ``SAVE_SESSION`` script (its
-        three keys share a slot), then one ``ZADD``/``ZREM`` per partition for the open index
-        (another slot). Replaces seven commands per session: building and parsing them in
-        redis-py was as much of the worker's time as the model."""
-        import redis.exceptions as rexc
-        if not snapshots:
-            return
-        opened: dict[str, dict[str, float]] = {}
-        closed_by: dict[str, list[str]] = {}
-        calls = []
-        for snap in snapshots:
-            sid = snap["session_id"]
-            meta = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids", "replace")}
-            closed = bool(snap.get("closed"))
-            raw = [] if closed else [_dumps(r) for r in snap.get("new_raw") or ()]
-            ids = list(snap.get("new_ids") or ())
-            calls.append(([self._k(sid, "meta"), self._k(sid, "win"), self._k(sid, "ids")],
-                          [self.closed_ttl if closed else self.ttl, window, int(closed),
-                           int(bool(snap.get("replace"))), _dumps(meta), len(raw), *raw, *ids]))
-            index = self._open(snap.get("partition"))
-            if closed:
-                closed_by.setdefault(index, []).append(sid)
-            else:
-                opened.setdefault(index, {})[sid] = float(snap.get("last_seen") or 0)
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(self._save_sha, len(keys), *keys, *args)
-            for index, members in opened.items():
-                pipe.zadd(index, members)
-            for index, sids in closed_by.items():
-                pipe.zrem(index, *sids)
-            try:
-                await pipe.execute()
-                return
-            except rexc.NoScriptError:
-                if attempt == 2:
-                    raise
-                # a restarted (or flushed) Redis has no scripts: load it and redo the batch;
-                # every command here may be repeated (the script did nothing without itself)
-                await self.client.script_load(SAVE_SESSION)
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-                raise StoreUnavailable(f"Redis unavailable while saving sessions: {exc}") from exc
-
+    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None: ...
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
@@ -153,36 +109,49 @@ class RedisSessionStore:
         return out
 
     async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None:
+        """One pipelined round trip: per session one call of the ``SAVE_SESSION`` script (its
+        three keys share a slot), then one ``ZADD``/``ZREM`` per partition for the open index
+        (another slot). Replaces seven commands per session: building and parsing them in
+        redis-py was as much of the worker's time as the model."""
         import redis.exceptions as rexc
         if not snapshots:
             return
-        pipe = self.client.pipeline(transaction=False)
+        opened: dict[str, dict[str, float]] = {}
+        closed_by: dict[str, list[str]] = {}
+        calls = []
         for snap in snapshots:
             sid = snap["session_id"]
             meta = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids", "replace")}
             closed = bool(snap.get("closed"))
-            ttl = self.closed_ttl if closed else self.ttl
-            pipe.set(self._k(sid, "meta"), _dumps(meta), ex=ttl)
-            win = self._k(sid, "win")
-            if snap.get("replace"):  # a full snapshot: window and ids are whole, not deltas
-                pipe.delete(win, self._k(sid, "ids"))
+            raw = [] if closed else [_dumps(r) for r in snap.get("new_raw") or ()]
+            ids = list(snap.get("new_ids") or ())
+            calls.append(([self._k(sid, "meta"), self._k(sid, "win"), self._k(sid, "ids")],
+                          [self.closed_ttl if closed else self.ttl, window, int(closed),
+                           int(bool(snap.get("replace"))), _dumps(meta), len(raw), *raw, *ids]))
+            index = self._open(snap.get("partition"))
             if closed:
-                pipe.delete(win)
-                pipe.zrem(self._open(snap.get("partition")), sid)
+                closed_by.setdefault(index, []).append(sid)
             else:
-                if snap.get("new_raw"):
-                    pipe.rpush(win, *[_dumps(r) for r in snap["new_raw"]])
-                    pipe.ltrim(win, -window, -1)
-                pipe.expire(win, ttl)
-                pipe.zadd(self._open(snap.get("partition")), {sid: float(snap.get("last_seen") or 0)})
-            ids = self._k(sid, "ids")
-            if snap.get("new_ids"):
-                pipe.sadd(ids, *snap["new_ids"])
-            pipe.expire(ids, ttl)
-        try:
-            await pipe.execute()
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unavailable while saving sessions: {exc}") from exc
+                opened.setdefault(index, {})[sid] = float(snap.get("last_seen") or 0)
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(self._save_sha, len(keys), *keys, *args)
+            for index, members in opened.items():
+                pipe.zadd(index, members)
+            for index, sids in closed_by.items():
+                pipe.zrem(index, *sids)
+            try:
+                await pipe.execute()
+                return
+            except rexc.NoScriptError:
+                if attempt == 2:
+                    raise
+                # a restarted (or flushed) Redis has no scripts: load it and redo the batch;
+                # every command here may be repeated (the script did nothing without itself)
+                await self.client.script_load(SAVE_SESSION)
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+                raise StoreUnavailable(f"Redis unavailable while saving sessions: {exc}") from exc
 
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]:
         res = await self.client.zrangebyscore(self._open(partition), "-inf", older_than, start=0, num=limit)
