@@ -2,6 +2,7 @@
 
     python -m trainer.ablation --out results/ablation [--data-dir ../shared/data]
                                [--datasets gen,kasteren] [--variants bilstm,crf] [--workers 2]
+    python -m trainer.ablation --seeds 1,2,3 --out results/ablation_seeds --doc docs/ablation_seeds.md
 
 For each (dataset, variant) job it trains with ``trainer.train.train`` on the training file
 (``data.test_size: 0``, so the fixed test file is the test), then scores the test file with
@@ -18,6 +19,14 @@ small shared machine, one thread per process is several times faster than two).
 
 Generated logs are written by ``tagger generate`` under ``OUT/data`` when missing. Real logs
 are read in place and never copied.
+
+With ``--seeds`` every job runs once per seed with ``train.seed`` set; the seed drives the
+weight initialisation, the batch order and the train/validation session split (the test file
+is fixed), so each seed is one draw of everything that varies between reruns. Job files are
+``DATASET__VARIANT__sSEED.json`` and the doc is a table of mean ± sd over seeds with the
+per-seed difference to the CRF baseline (``render_seeds``). The two kinds of doc carry
+different titles and a run refuses to rewrite a doc of the other kind, so a seeded run can
+never replace the single-seed table.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import mean, stdev
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +131,19 @@ def variants(ds: str) -> dict[str, dict[str, Any]]:
     return v
 
 
+Job = tuple[str, str, int | None]  # dataset, variant, seed (None: the single run)
+
+
+def job_stem(dataset: str, variant: str, seed: int | None = None) -> str:
+    """A job's file name without suffix; the single-seed names predate ``--seeds`` and stay."""
+    return f"{dataset}__{variant}" if seed is None else f"{dataset}__{variant}__s{seed}"
+
+
+def run_dir(out: Path, dataset: str, seed: int | None = None) -> Path:
+    """Where a dataset's model folders go: one folder per seed, so seeds never share one."""
+    return out / "runs" / dataset / ("" if seed is None else f"s{seed}")
+
+
 def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in parts:
@@ -131,18 +154,20 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 
 # ---- one job -------------------------------------------------------------------------------
 
-def run_job(ds: Dataset, name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+def run_job(ds: Dataset, name: str, overrides: dict[str, Any], out: Path,
+            seed: int | None = None) -> dict[str, Any]:
     import torch
 
     from trainer.artifacts import load_artifact
     from trainer.config import from_dict
     from trainer.evaluate import evaluate
     torch.set_num_threads(1)
-    sections = _merge({"data": {"test_size": 0.0}}, ds.base, overrides)
+    sections = _merge({"data": {"test_size": 0.0}}, ds.base, overrides,
+                      {} if seed is None else {"train": {"seed": seed}})
     if sections.get("data", {}).get("image_backbone") == "@backbone":
-        sections["data"]["image_backbone"] = str(export_backbone(out, ds.name))
+        sections["data"]["image_backbone"] = str(export_backbone(out, ds.name, seed))
     cfg = from_dict(sections)
-    model_dir = out / "runs" / ds.name / name
+    model_dir = run_dir(out, ds.name, seed) / name
     t0 = time.perf_counter()
     from trainer.train import train
     metrics = train(ds.train, model_dir, cfg, progress=False, echo=lambda s: None)
@@ -160,6 +185,8 @@ def run_job(ds: Dataset, name: str, overrides: dict[str, Any], out: Path) -> dic
         "eval_wall_seconds": round(eval_wall, 1),
         "lookahead": lm.lookahead if lm.kind == "neural" else "offline",
     }
+    if seed is not None:  # single-seed rows keep their old shape
+        row["seed"] = seed
     if streamable:
         st = res["streaming"]
         row["streaming"] = {k: st.get(k) for k in ("first_accuracy", "final_accuracy", "edit_overhead",
@@ -199,18 +226,18 @@ def _prefix_scores(lm, ds: Dataset) -> dict[str, Any]:
     return out
 
 
-def export_backbone(out: Path, ds: str) -> Path:
+def export_backbone(out: Path, ds: str, seed: int | None = None) -> Path:
     """The screenshot backbone for the ``image_backbone`` variant: the SmallCNN trained by the
-    ``bilstm_image`` variant on the same training split, exported as TorchScript (a stand-in
-    for a pretrained backbone file; nothing is downloaded here)."""
+    ``bilstm_image`` variant on the same training split and seed, exported as TorchScript (a
+    stand-in for a pretrained backbone file; nothing is downloaded here)."""
     import torch
 
     from trainer.artifacts import load_artifact
     from trainer.model import _Scaled
-    path = out / "backbones" / f"{ds}_smallcnn.pt"
+    path = out / "backbones" / f"{ds}{'' if seed is None else f'_s{seed}'}_smallcnn.pt"
     if path.exists():
         return path
-    src = out / "runs" / ds / "bilstm_image"
+    src = run_dir(out, ds, seed) / "bilstm_image"
     if not (src / "manifest.json").exists():
         raise RuntimeError(f"run the bilstm_image variant on {ds} before bilstm_image_backbone")
     lm = load_artifact(src)
@@ -276,7 +303,116 @@ lookahead (∞ = unbounded, offline only; baselines see the whole session).
 """
 
 
-def write_outputs(out: Path, doc: Path, order: list[str], cmd: str, extra: str = "") -> None:
+SEEDS_HEADER = """# Ablation over seeds
+
+Generated by `{cmd}` (see `trainer/ablation.py`); seeds in the table: {seeds}. Machine: 2 CPU
+cores shared with other work; one torch thread per job.
+
+Each cell is the mean ± sample sd over seeds (`n`). A seed sets `train.seed`: weight
+initialisation, batch order and the train/validation session split of the training file
+(validation picks the early-stopping epoch and the calibration); the test file is fixed, so
+the CRF baseline also changes with the seed, through its training sessions. `ΔF1 vs CRF` is
+the per-seed macro-F1 minus the CRF baseline's on the same seed, as mean [min, max];
+`wins` counts the seeds where it is above 0; `lead` is `yes` when it wins on every seed (at
+least two) and the mean difference is larger than its range (max - min). `k=0 top-1 acc`:
+the label shown when an event arrives (no later event visible), without abstention.
+`final = offline`: share of test events whose final live label (at the calibrated
+threshold) equals the offline one; where it is 1, the final live top-1 accuracy is the
+offline `token acc`, so it is not repeated. `–`: not defined (baselines are offline only;
+sd of one seed).
+
+"""
+
+SEED_COLUMNS = ("dataset | variant | L | n | macro-F1 | token acc | AURC | k=0 top-1 acc | "
+                "final = offline | ΔF1 vs CRF | wins | lead")
+
+# (column, value from one job row, decimals)
+SEED_METRICS: tuple[tuple[str, Any, int], ...] = (
+    ("macro-F1", lambda r: r["offline"]["macro_f1"], 3),
+    ("token acc", lambda r: r["offline"]["token_accuracy"], 3),
+    ("AURC", lambda r: r["offline"]["aurc"], 4),
+    ("k=0 top-1 acc", lambda r: (r.get("prefix") or {}).get("top1_accuracy"), 3),
+)
+
+BASELINE = "crf_baseline"
+
+
+def mean_sd(xs: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample sd (n - 1) of the defined values; sd is None below two values."""
+    vals = [x for x in xs if x is not None]
+    if not vals:
+        return None, None
+    return mean(vals), (stdev(vals) if len(vals) > 1 else None)
+
+
+def paired_diffs(rows: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """Macro-F1 minus the baseline's, seed by seed: only seeds both have, since a seed fixes
+    the validation split and the two are compared on equal terms only within one seed."""
+    return {s: rows[s]["offline"]["macro_f1"] - base[s]["offline"]["macro_f1"]
+            for s in sorted(rows.keys() & base.keys())}
+
+
+def clear_lead(diffs: list[float]) -> bool:
+    """A lead beyond seed noise: above the baseline on every seed (two or more) and a mean
+    difference larger than the range of the differences."""
+    return len(diffs) >= 2 and min(diffs) > 0 and mean(diffs) > max(diffs) - min(diffs)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (dataset, variant) over the seeded job rows."""
+    cells: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["variant"]), {})[r["seed"]] = r
+    out = []
+    for (ds, v), by_seed in cells.items():
+        seeds = sorted(by_seed)
+        diffs = paired_diffs(by_seed, cells.get((ds, BASELINE), {})) if v != BASELINE else {}
+        out.append({
+            "dataset": ds, "variant": v, "seeds": seeds,
+            "lookahead": by_seed[seeds[0]].get("lookahead"),
+            **{name: mean_sd([get(by_seed[s]) for s in seeds]) for name, get, _ in SEED_METRICS},
+            "final_equals_offline": mean_sd([(by_seed[s].get("streaming") or {}).get("final_equals_offline")
+                                             for s in seeds])[0],
+            "diff_vs_crf": diffs,
+        })
+    return out
+
+
+def _pm(ms: tuple[float | None, float | None], nd: int) -> str:
+    m, sd = ms
+    return _f(m, nd) if sd is None else f"{_f(m, nd)} ± {_f(sd, nd)}"
+
+
+def render_seeds(rows: list[dict[str, Any]], order: list[str]) -> str:
+    """The seeded table: mean ± sd per metric and the paired macro-F1 difference to the CRF."""
+    lines = ["| " + SEED_COLUMNS + " |", "|" + "---|" * len(SEED_COLUMNS.split("|"))]
+    key = {d: i for i, d in enumerate(order)}
+    for c in sorted(aggregate(rows), key=lambda c: (key.get(c["dataset"], 99), c["variant"])):
+        d = list(c["diff_vs_crf"].values())
+        diff = f"{mean(d):+.3f} [{min(d):+.3f}, {max(d):+.3f}]" if d else "–"
+        L = c["lookahead"]
+        lines.append("| " + " | ".join([
+            c["dataset"], c["variant"], "∞" if L is None else str(L), str(len(c["seeds"])),
+            *[_pm(c[name], nd) for name, _, nd in SEED_METRICS], _f(c["final_equals_offline"]),
+            diff, f"{sum(x > 0 for x in d)}/{len(d)}" if d else "–",
+            ("yes" if clear_lead(d) else "no") if d else "–"]) + " |")
+    return "\n".join(lines)
+
+
+def check_doc(doc: Path, seeded: bool) -> None:
+    """Refuse to rewrite a doc of the other kind, told apart by its title line: a seeded run
+    pointed at the single-seed doc (or the reverse) would replace its table."""
+    title = (SEEDS_HEADER if seeded else HEADER).split("\n", 1)[0]
+    if doc.exists():
+        first = doc.read_text().split("\n", 1)[0]
+        if first != title:
+            raise ValueError(f"{doc} starts with {first!r}, not {title!r}: not a "
+                             f"{'seeded' if seeded else 'single-seed'} ablation doc; pass another --doc")
+
+
+def write_outputs(out: Path, doc: Path, order: list[str], cmd: str, extra: str = "",
+                  seeded: bool = False) -> None:
+    check_doc(doc, seeded)
     rows = []
     for f in sorted((out / "jobs").glob("*.json")):
         try:
@@ -285,7 +421,12 @@ def write_outputs(out: Path, doc: Path, order: list[str], cmd: str, extra: str =
             continue
     (out / "ablation.json").write_text(json.dumps(rows, indent=1))
     failed = sorted(p.stem for p in (out / "jobs").glob("*.failed"))
-    text = HEADER.format(cmd=cmd) + render([r for r in rows if "offline" in r], order) + "\n"
+    scored = [r for r in rows if "offline" in r and ("seed" in r) == seeded]
+    if seeded:
+        seeds = ",".join(str(s) for s in sorted({r["seed"] for r in scored})) or "none yet"
+        text = SEEDS_HEADER.format(cmd=cmd, seeds=seeds) + render_seeds(scored, order) + "\n"
+    else:
+        text = HEADER.format(cmd=cmd) + render(scored, order) + "\n"
     if failed:
         text += "\nFailed jobs (see OUT/jobs/*.failed): " + ", ".join(failed) + "\n"
     if extra:
@@ -312,70 +453,97 @@ def ensure_generated(out: Path, needed: set[str]) -> None:
             generate(n, seed, gen / name, images_dir=gen / images if images else None)
 
 
+def parse_seeds(text: str) -> list[int] | None:
+    """``--seeds 1,2,3`` -> [1, 2, 3]; empty -> None, the single run at the config's seed."""
+    seeds = [int(x) for x in text.split(",") if x.strip()]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {text}")
+    return seeds or None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/ablation")
+    ap.add_argument("--out", help="default results/ablation (with --seeds: results/ablation_seeds)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "ablation.md"))
+    ap.add_argument("--doc", help="default docs/ablation.md (with --seeds: docs/ablation_seeds.md)")
     ap.add_argument("--datasets", default="gen,kasteren,placelab,rebmann_l1,rebmann_l2,genimg")
     ap.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--seeds", default="", help="comma-separated train.seed values, one run each "
+                                                "(default: one run at the config's seed)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--job", help=argparse.SUPPRESS)               # internal: DATASET/VARIANT
+    ap.add_argument("--job", help=argparse.SUPPRESS)       # internal: DATASET/VARIANT[/SEED]
     a = ap.parse_args(argv)
-    out = Path(a.out)
+    try:
+        seeds = parse_seeds(a.seeds)
+    except ValueError as exc:
+        ap.error(str(exc))
+    seeded = seeds is not None
+    out = Path(a.out or ("results/ablation_seeds" if seeded else "results/ablation"))
+    doc = Path(a.doc or ROOT / "docs" / ("ablation_seeds.md" if seeded else "ablation.md"))
+    if not a.job:
+        try:
+            check_doc(doc, seeded)  # before anything is written or trained
+        except ValueError as exc:
+            ap.error(str(exc))
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     all_ds = datasets(out, Path(a.data_dir))
     order = [d for d in a.datasets.split(",") if d]
     if a.job:
-        dname, vname = a.job.split("/")
+        dname, vname, *s = a.job.split("/")
+        seed = int(s[0]) if s else None
         ds = all_ds[dname]
+        stem = job_stem(dname, vname, seed)
         if vname not in variants(dname):  # dropped from the plan since the driver started
             print(f"skipped {a.job}: no longer a variant of {dname}")
             return 0
         try:
-            row = run_job(ds, vname, variants(dname)[vname], out)
+            row = run_job(ds, vname, variants(dname)[vname], out, seed)
         except Exception:
-            (out / "jobs" / f"{dname}__{vname}.failed").write_text(traceback.format_exc())
+            (out / "jobs" / f"{stem}.failed").write_text(traceback.format_exc())
             raise
-        (out / "jobs" / f"{dname}__{vname}.json").write_text(json.dumps(row, indent=1))
+        (out / "jobs" / f"{stem}.json").write_text(json.dumps(row, indent=1))
         return 0
     ensure_generated(out, {d for d in order if d.startswith("gen")})
     wanted = set(filter(None, a.variants.split(",")))
-    jobs = [(d, v) for d in order for v in variants(d) if not wanted or v in wanted]
-    todo = [(d, v) for d, v in jobs if not (out / "jobs" / f"{d}__{v}.json").exists()]
-    cmd = "python -m trainer.ablation --out " + str(a.out) + (f" --datasets {a.datasets}")
+    jobs = [(d, v, s) for d in order for v in variants(d) if not wanted or v in wanted
+            for s in (seeds or [None])]
+    todo = [j for j in jobs if not (out / "jobs" / f"{job_stem(*j)}.json").exists()]
+    cmd = "python -m trainer.ablation --out " + str(out) + (f" --datasets {a.datasets}")
+    if seeded:
+        cmd += (f" --variants {a.variants}" if a.variants else "") + f" --seeds {a.seeds} --doc {doc}"
     running: list[tuple[subprocess.Popen, str]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # a backbone job needs its image job first: keep each dataset's jobs in order per worker
     queue = list(todo)
     while queue or running:
         while queue and len(running) < a.workers:
-            d, v = _next(queue, running)
-            if d is None:
+            job = _next(queue, running)
+            if job is None:
                 break
+            name = "/".join(str(x) for x in job if x is not None)
             args = [sys.executable, "-m", "trainer.ablation", "--out", str(out), "--data-dir", a.data_dir,
-                    "--job", f"{d}/{v}"]
-            log = open(out / "jobs" / f"{d}__{v}.log", "w")
-            running.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), f"{d}/{v}"))
-            print(f"started {d}/{v}", flush=True)
+                    "--job", name]
+            log = open(out / "jobs" / f"{job_stem(*job)}.log", "w")
+            running.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), name))
+            print(f"started {name}", flush=True)
         time.sleep(2)
         for proc, name in list(running):
             if proc.poll() is not None:
                 running.remove((proc, name))
                 print(f"finished {name} (exit {proc.returncode})", flush=True)
-                write_outputs(out, Path(a.doc), order, cmd)
-    write_outputs(out, Path(a.doc), order, cmd)
+                write_outputs(out, doc, order, cmd, seeded=seeded)
+    write_outputs(out, doc, order, cmd, seeded=seeded)
     return 0
 
 
-def _next(queue: list[tuple[str, str]], running) -> tuple[str | None, str | None]:
+def _next(queue: list[Job], running) -> Job | None:
     busy = {name for _, name in running}
-    for i, (d, v) in enumerate(queue):
-        if v == "bilstm_image_backbone" and (f"{d}/bilstm_image" in busy
-                                              or (d, "bilstm_image") in queue):
+    for i, (d, v, s) in enumerate(queue):
+        image = "/".join(str(x) for x in (d, "bilstm_image", s) if x is not None)
+        if v == "bilstm_image_backbone" and (image in busy or (d, "bilstm_image", s) in queue):
             continue
         return queue.pop(i)
-    return None, None
+    return None
 
 
 if __name__ == "__main__":
