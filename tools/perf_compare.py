@@ -1,0 +1,168 @@
+"""Before/after measurements of the worker's cost, for changes that ``tagger bench`` alone
+cannot attribute (its figures move by more between runs than most single changes gain).
+
+    python tools/perf_compare.py paced --tree before=/tmp/base --tree after=. --rate 700 --repeats 3
+    python tools/perf_compare.py parts --batch 10
+
+``paced`` starts one embedded stack (tansu + Redis), then alternates workers whose code comes
+from each source tree (a ``git worktree`` of the old commit, say), each fed ``--seconds`` of
+fresh sessions at ``--rate`` events/s; it prints first-label latency p50/p95/p99 and the
+worker's CPU time per event (user + system, all threads, from /proc). A tree given as
+``name=path:WAIT`` runs with ``TAGGER_BATCH_WAIT_MS=WAIT``; ``name=faust`` or
+``name=faust-batched`` runs the bare Faust agents of ``stream.bench_apps`` instead, as a
+floor. Alternating trees on one stack cancels most of the machine's drift; quote medians.
+
+``parts`` runs the worker's per-batch steps in-process (no Kafka): parse, tag, encode label
+records, snapshot, write through to the machine's Redis, and prints the thread CPU time per
+event of each. Both use the bench's generated pool and its quick BiLSTM (trained on first use
+under ``runs/perf``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stream import bench as B  # noqa: E402  (the repository root goes on the path first)
+
+
+def _fixtures(out: Path) -> tuple[B.BenchConfig, Path, Path]:
+    cfg = B.BenchConfig.for_mode(True, out)
+    for sub in ("logs", "models", "data"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    pool = B._generated(out / "data", cfg.pool_sessions, cfg.seed, "pool")
+    return cfg, pool, B._train_served_model(cfg, out, print)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks
+
+
+def paced(args: argparse.Namespace) -> None:
+    from stream.settings import Settings
+    from stream.stack import _free_port, embedded_stack, ensure_topics
+    from trainer.artifacts import promote
+    out = Path(args.out)
+    cfg, pool, model_dir = _fixtures(out)
+    cfg = dataclasses.replace(cfg, load_seconds=args.seconds)
+    trees = dict(t.split("=", 1) for t in args.tree)
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    with ExitStack() as stack:
+        info = stack.enter_context(embedded_stack(timeout_s=60))
+        base = Settings(kafka=info["kafka"], redis_url=info["redis"], kafka_session_timeout_s=3.0, web_port=0)
+        artifacts = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        promote(model_dir, artifacts)
+        h = B._Harness(cfg, base, "perf", "tagger-perf:", artifacts, out, pool, print)
+        stack.callback(h.close)
+        stack.callback(B._delete_redis_prefix, base.redis_url, "tagger-perf:")
+        for r in range(args.repeats):
+            for name, spec in trees.items():
+                path, _, wait = spec.partition(":")
+                s = dataclasses.replace(h._settings(name), web_port=_free_port(),
+                                        batch_wait_ms=float(wait) if wait else base.batch_wait_ms)
+                ensure_topics(s)
+                if path.startswith("faust"):
+                    app = "batched" if path == "faust-batched" else "passthrough"
+                    proc = h._start([sys.executable, "-m", "faust", "-A", f"stream.bench_apps:{app}", "worker",
+                                     "--without-web", "-l", "info"], s, f"perf-{name}-{r}")
+                    B._wait(lambda: "[^Worker]: Ready" in proc.tail(100_000), proc, 120, "Faust agent ready")
+                else:
+                    B.REPO_ROOT = Path(path).resolve()  # the worker imports this tree's code
+                    proc = h._start([sys.executable, "-m", "trainer.cli", "worker"], s, f"perf-{name}-{r}")
+                    B._wait(lambda: B._ready(s), proc, 120, "worker ready")
+                time.sleep(2.0)
+                c0 = _cpu_seconds(proc.proc.pid)
+                _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not path.startswith("faust"))
+                run["cpu_ms_per_event"] = 1000 * (_cpu_seconds(proc.proc.pid) - c0) / run["events"]
+                proc.stop()
+                runs[name].append(run)
+                print(f"{name} run {r + 1}: p50 {1000 * run['p50_s']:.0f} p95 {1000 * run['p95_s']:.0f} "
+                      f"p99 {1000 * run['p99_s']:.0f} ms, CPU {run['cpu_ms_per_event']:.3f} ms/event", flush=True)
+    print(f"medians over {args.repeats} runs at {args.rate:g} events/s:")
+    for name, rs in runs.items():
+        med = {k: statistics.median(x[k] for x in rs) for k in ("p50_s", "p95_s", "p99_s", "cpu_ms_per_event")}
+        print(f"  {name:12s} p50 {1000 * med['p50_s']:.0f} p95 {1000 * med['p95_s']:.0f} p99 {1000 * med['p99_s']:.0f} ms"
+              f"  CPU {med['cpu_ms_per_event']:.3f} ms/event")
+
+
+def parts(args: argparse.Namespace) -> None:
+    import torch
+
+    from stream.records import encode_label, parse_event
+    from stream.session_store import RedisSessionStore
+    from stream.tagging import LiveTagger
+    from trainer.artifacts import load_artifact
+    torch.set_num_threads(1)
+    _, pool, model_dir = _fixtures(Path(args.out))
+    msgs = B._stage_messages(B._template(pool), args.events, "parts")
+    raws = [B._kv(m)[1] for m in msgs]
+    tagger = LiveTagger(load_artifact(model_dir))
+    prefix = "tagger-perf-parts:"
+    cost = dict.fromkeys(("parse", "tag", "encode", "snapshot", "save"), 0.0)
+    counts = {"events": 0, "records": 0}
+
+    async def run() -> None:
+        store = RedisSessionStore(args.redis, prefix=prefix)
+        clock = time.thread_time
+        try:
+            for i in range(0, len(raws), args.batch):
+                t0 = clock()
+                events = [parse_event(r) for r in raws[i:i + args.batch]]
+                t1 = clock()
+                batch = tagger.process(events, [0] * len(events))
+                t2 = clock()
+                for rec in batch.records:
+                    encode_label(rec)
+                t3 = clock()
+                snaps = [tagger.snapshot(sid) for sid in batch.touched if sid in tagger.sessions]
+                t4 = clock()
+                await store.save(snaps, tagger.window_size)
+                t5 = clock()
+                tagger.drop(batch.closed)
+                for k, dt in zip(cost, np.diff([t0, t1, t2, t3, t4, t5])):
+                    cost[k] += dt
+                counts["events"] += batch.accepted
+                counts["records"] += len(batch.records)
+        finally:
+            await store.close()
+        B._delete_redis_prefix(args.redis, prefix)
+
+    asyncio.run(run())
+    n = counts["events"]
+    print(f"batch {args.batch}: {n} events, {counts['records'] / n:.2f} label records per event; thread CPU per event: "
+          + ", ".join(f"{k} {1e6 * v / n:.0f} µs" for k, v in cost.items()) + f"; total {1e6 * sum(cost.values()) / n:.0f} µs")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "perf"), help="pool, model and logs")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("paced", help="latency and CPU per event of workers from several source trees")
+    p.add_argument("--tree", action="append", required=True, help="NAME=PATH[:BATCH_WAIT_MS], NAME=faust, "
+                   "NAME=faust-batched; repeat the option")
+    p.add_argument("--rate", type=float, default=700.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=6.0)
+    q = sub.add_parser("parts", help="in-process CPU per event of each step of a batch")
+    q.add_argument("--batch", type=int, default=10)
+    q.add_argument("--events", type=int, default=6000)
+    q.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    args = ap.parse_args(argv)
+    paced(args) if args.cmd == "paced" else parts(args)
+
+
+if __name__ == "__main__":
+    main()
