@@ -85,6 +85,7 @@ TARGETS = {"worker_vs_faust": 0.5, "latency_p99_s_at_50pct": 0.050, "cost_ratio_
 FINAL = b'"final":true'
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 QUALITY_ARCHS = ("bilstm", "transformer", "logreg")
+WARMUP_EVENTS = 300  # through each fresh latency worker before it is measured
 SMALL_MODEL = {"hidden_dim": 32, "emb_event_dim": 32, "num_layers": 1, "lookahead": 3, "context": 32}
 
 
@@ -251,9 +252,8 @@ class _Harness:
         self.artifacts, self.out, self.echo = artifacts, out, echo
         self.template = _template(pool)
         self.procs: list[_Proc] = []
-        self.worker: Optional[_Proc] = None          # the last worker, kept for latency/memory
+        self.worker: Optional[_Proc] = None          # the last throughput worker, kept for the memory stage
         self.worker_settings: Optional[Settings] = None
-        self.worker_positions: dict[int, int] = {}   # where its output topic has been read to
         self.kw = kafka_client_kwargs(base)
         self._n = 0
 
@@ -343,7 +343,7 @@ class _Harness:
             proc.stop()
             raise
         if keep:
-            self.worker, self.worker_settings, self.worker_positions = proc, s, got.positions
+            self.worker, self.worker_settings = proc, s
         else:
             proc.stop()
         finals = [t for t, v in zip(got.ts, got.values) if FINAL in v]
@@ -369,9 +369,9 @@ class _Harness:
                 rate = max(1.0, load * max_rate)
                 key = f"{load:g}"
                 self.echo(f"latency, repeat {r + 1}/{cfg.repeats}: {load:.0%} load = {rate:.0f} events/s")
-                s, proc = self._idle_worker(f"latency-{r}-{int(load * 100)}")
+                s, proc, warm = self._idle_worker(f"latency-{r}-{int(load * 100)}")
                 try:
-                    lat, run, _ = self._paced(s, proc, {}, rate, f"l{r}{int(load * 100)}", worker=True)
+                    lat, run, _ = self._paced(s, proc, warm, rate, f"l{r}{int(load * 100)}", worker=True)
                 finally:
                     proc.stop()
                 samples[key].append(lat)
@@ -389,21 +389,28 @@ class _Harness:
         return {"max_events_per_s": max_rate, "levels": levels, "samples_s": cdf,
                 "definition": "published_at (bench producer, just before send) -> broker timestamp of the "
                               "first label record (the worker's producer, when it queued the record); "
-                              "each run on a fresh worker and fresh topics"}
+                              f"each run on a fresh worker and fresh topics, after {WARMUP_EVENTS} "
+                              "warm-up events"}
 
-    def _idle_worker(self, name: str) -> tuple[Settings, "_Proc"]:
-        """A worker on fresh, empty topics, started and ready (partitions assigned)."""
+    def _idle_worker(self, name: str) -> tuple[Settings, "_Proc", dict[int, int]]:
+        """A worker on fresh topics, ready and warmed up: a few sessions (not measured) have
+        been through it, so that first-call costs (allocations, torch's first kernels) are
+        not counted as latency under load. Returns the output positions after the warm-up."""
         from stream.stack import _free_port, ensure_topics
         s = dataclasses.replace(self._settings(name), web_port=_free_port())
         ensure_topics(s)
         proc = self._start([sys.executable, "-m", "trainer.cli", "worker"], s, name)
         try:
             _wait(lambda: _ready(s), proc, 120, "worker ready")
+            warm = self._messages(WARMUP_EVENTS, f"warm-{name}")
+            n_events = sum(1 for m in warm if m.get("type") != "session_end")
+            _run(_produce(self.kw, s.input_topic, [_kv(m) for m in warm]))
+            got = _run(_collect(self.kw, s.output_topic, s.partitions, n_events, match=FINAL, proc=proc,
+                                timeout_s=_timeout(n_events), what="warm-up final labels"))
         except BaseException:
             proc.stop()
             raise
-        time.sleep(1.0)
-        return s, proc
+        return s, proc, got.positions
 
     def latency_floor(self, rate: float) -> dict[str, Any]:
         """The same paced load through the bare Faust agent: what the broker, the Faust

@@ -3,6 +3,7 @@ cannot attribute (its figures move by more between runs than most single changes
 
     python tools/perf_compare.py paced --tree before=/tmp/base --tree after=. --rate 700 --repeats 3
     python tools/perf_compare.py parts --batch 10
+    python tools/perf_compare.py step --arch bilstm
 
 ``paced`` starts one embedded stack (tansu + Redis), then alternates workers whose code comes
 from each source tree (a ``git worktree`` of the old commit, say), each fed ``--seconds`` of
@@ -11,6 +12,9 @@ worker's CPU time per event (user + system, all threads, from /proc). A tree giv
 ``name=path:WAIT`` runs with ``TAGGER_BATCH_WAIT_MS=WAIT``; ``name=faust`` or
 ``name=faust-batched`` runs the bare Faust agents of ``stream.bench_apps`` instead, as a
 floor. Alternating trees on one stack cancels most of the machine's drift; quote medians.
+
+``step`` times ``Tagger.step`` rounds of 1, 10 and 64 sessions for a default-size model on
+random inputs (no data, no training): the model's share of a live batch.
 
 ``parts`` runs the worker's per-batch steps in-process (no Kafka): parse, tag, encode label
 records, snapshot, write through to the machine's Redis, and prints the thread CPU time per
@@ -146,6 +150,28 @@ def parts(args: argparse.Namespace) -> None:
           + ", ".join(f"{k} {1e6 * v / n:.0f} µs" for k, v in cost.items()) + f"; total {1e6 * sum(cost.values()) / n:.0f} µs")
 
 
+def step(args: argparse.Namespace) -> None:
+    import torch
+
+    from trainer.model import ModelArgs, Tagger
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Tagger(ModelArgs(n_labels=8, n_events=500, n_tokens=800, cat_sizes=(10, 20, 30, 40), n_nums=13,
+                             arch=args.arch)).eval()
+    for b in (1, 10, 64):
+        states = [model.init_state() for _ in range(b)]
+        events = {"event": torch.randint(1, 500, (b, 1)), "tokens": torch.randint(0, 800, (b, 1, 8)),
+                  "cats": torch.randint(0, 10, (b, 1, 4)), "nums": torch.randn(b, 1, 13),
+                  "text": torch.zeros(b, 1, 0), "image": torch.zeros(b, 1, 0, dtype=torch.uint8)}
+        times = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            states, _ = model.step(states, events)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times[args.rounds // 5:])  # past the first rounds' growing buffers
+        print(f"{args.arch}, {b:2d} sessions per round: {1000 * med:.2f} ms per round, {1e6 * med / b:.0f} µs/event")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "perf"), help="pool, model and logs")
@@ -160,8 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--batch", type=int, default=10)
     q.add_argument("--events", type=int, default=6000)
     q.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    r = sub.add_parser("step", help="Tagger.step time per round of a default-size model")
+    r.add_argument("--arch", default="bilstm")
+    r.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args(argv)
-    paced(args) if args.cmd == "paced" else parts(args)
+    {"paced": paced, "parts": parts, "step": step}[args.cmd](args)
 
 
 if __name__ == "__main__":
