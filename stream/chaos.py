@@ -829,7 +829,7 @@ def run_chaos(cfg: ChaosConfig, *, workdir: str | Path, model: Optional[str | Pa
     reports: list[FaultReport] = []
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"],
-                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S, metrics_port=0)
+                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
         ctx = ChaosContext(cfg, base, workdir, model_dir, artifacts.resolve(), traffic_log,
                            info["components"]["kafka"].get("pid"))
         try:
@@ -887,7 +887,7 @@ def scale_run(*, workdir: str | Path, model: Optional[str | Path] = None, sessio
     out = []
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"], partitions=partitions,
-                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S, metrics_port=0)
+                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
         cfg = dataclasses.replace(ChaosConfig(), sessions=sessions, rate=0.0, inactivity_s=60)
         ctx = ChaosContext(cfg, base, workdir, model_dir, artifacts.resolve(), traffic_log, None)
         try:

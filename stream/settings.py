@@ -51,7 +51,6 @@ class Settings:
     partitions: int = _var("TAGGER_PARTITIONS", 4, int)
     artifacts_dir: Path = _var("TAGGER_ARTIFACTS", Path("artifacts"), Path)
     metrics_host: str = _var("TAGGER_METRICS_HOST", "127.0.0.1")
-    metrics_port: int = _var("TAGGER_METRICS_PORT", 9464, int)  # 0 = no metrics server
     web_port: int = _var("TAGGER_WEB_PORT", 6066, int)  # Faust's web server; 0 = off
     session_ttl_s: int = _var("TAGGER_SESSION_TTL_S", 3600, int)
     inactivity_s: int = _var("TAGGER_INACTIVITY_S", 300, int)
@@ -114,8 +113,7 @@ class Settings:
         check(len({self.input_topic, self.output_topic, self.dlq_topic}) == 3, "dlq_topic",
               "input, output and DLQ topics to differ")
         check(bool(_TOPIC.match(self.app_id)), "app_id", "letters, digits, '.', '_', '-'")
-        for name in ("metrics_port", "web_port"):
-            check(0 <= getattr(self, name) <= 65535, name, "a port 0-65535 (0 = off)")
+        check(0 <= self.web_port <= 65535, "web_port", "a port 0-65535 (0 = off)")
         for name in ("partitions", "session_ttl_s", "inactivity_s", "context",
                      "max_message_bytes", "max_events_per_session", "max_sessions_in_memory"):
             check(getattr(self, name) >= 1, name, "an integer >= 1")

@@ -194,8 +194,7 @@ def settings_factory(services, test_namespace, redis_prefix, redis_client):
             dlq_topic=f"tagger.events.dlq.{ns}",
             app_id=f"tagger-test-{ns}",
             redis_prefix=redis_prefix,
-            metrics_port=0,  # parallel workers must not fight over fixed ports
-            web_port=0,
+            web_port=0,  # parallel workers must not fight over fixed ports
         )
         values.update(overrides)  # a test's own choices win
         settings = dataclasses.replace(services.base, **values)

@@ -33,11 +33,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def test_settings_parse_env():
     s = Settings.from_env({"TAGGER_KAFKA": "k1:9093,k2:9094", "TAGGER_PARTITIONS": "8",
                            "TAGGER_KAFKA_SESSION_TIMEOUT_S": "6.5", "TAGGER_APP_ID": "w",
-                           "TAGGER_ARTIFACTS": "/models", "TAGGER_METRICS_PORT": "0",
+                           "TAGGER_ARTIFACTS": "/models", "TAGGER_WEB_PORT": "0",
                            "UNRELATED": "x"})
     assert (s.kafka, s.partitions, s.kafka_session_timeout_s, s.app_id) == (
         "k1:9093,k2:9094", 8, 6.5, "w")
-    assert s.artifacts_dir == Path("/models") and s.metrics_port == 0
+    assert s.artifacts_dir == Path("/models") and s.web_port == 0
     assert s.input_topic == "tagger.events" and s.redis_url == "redis://127.0.0.1:6379/0"
     assert Settings.from_env(s.to_env()) == s
 
@@ -45,10 +45,10 @@ def test_settings_parse_env():
 @pytest.mark.parametrize("value", ["70000", "-1", "http", ""])
 def test_settings_reject_a_bad_port_naming_the_variable(value):
     if value == "":  # empty means unset: the default
-        assert Settings.from_env({"TAGGER_METRICS_PORT": value}).metrics_port == 9464
+        assert Settings.from_env({"TAGGER_WEB_PORT": value}).web_port == 6066
         return
-    with pytest.raises(ConfigError, match="TAGGER_METRICS_PORT"):
-        Settings.from_env({"TAGGER_METRICS_PORT": value})
+    with pytest.raises(ConfigError, match="TAGGER_WEB_PORT"):
+        Settings.from_env({"TAGGER_WEB_PORT": value})
 
 
 @pytest.mark.parametrize("env, var", [
