@@ -140,7 +140,6 @@ class WorkerService:
         if candidate is not None:
             self.tagger.swap(candidate)
             log.info("now serving model %s", candidate.version)
-        producer = self.app.producer
         s = self.settings
         parsed, partitions, published, sends, sources = [], [], {}, [], []
         for ev in events:

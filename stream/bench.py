@@ -369,7 +369,7 @@ class _Harness:
                 rate = max(1.0, load * max_rate)
                 key = f"{load:g}"
                 self.echo(f"latency, repeat {r + 1}/{cfg.repeats}: {load:.0%} load = {rate:.0f} events/s")
-                s, proc, warm = self._idle_worker(f"latency-{r}-{int(load * 100)}")
+                s, proc, warm = self._fresh_worker(f"latency-{r}-{int(load * 100)}")
                 try:
                     lat, run, _ = self._paced(s, proc, warm, rate, f"l{r}{int(load * 100)}", worker=True)
                 finally:
@@ -392,7 +392,7 @@ class _Harness:
                               f"each run on a fresh worker and fresh topics, after {WARMUP_EVENTS} "
                               "warm-up events"}
 
-    def _idle_worker(self, name: str) -> tuple[Settings, "_Proc", dict[int, int]]:
+    def _fresh_worker(self, name: str) -> tuple[Settings, "_Proc", dict[int, int]]:
         """A worker on fresh topics, ready and warmed up: a few sessions (not measured) have
         been through it, so that first-call costs (allocations, torch's first kernels) are
         not counted as latency under load. Returns the output positions after the warm-up."""

@@ -1,9 +1,11 @@
-"""Factories shared by the test packages: generated logs and small trained models."""
+"""Factories shared by the test packages: generated logs, small trained models, a root that
+serves one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.artifacts import promote
 from trainer.config import from_dict
 from trainer.generate import generate
 from trainer.train import train
@@ -25,3 +27,11 @@ def train_tiny(data: Path, out: Path, **overrides) -> Path:
         cfg = cfg.replace(**overrides)
     train(data, out, cfg, progress=False, echo=lambda *_: None)
     return out
+
+
+def serving_root(tmp_path: Path, model_dir: Path) -> Path:
+    """An artifacts root under ``tmp_path`` whose ``current`` pointer serves ``model_dir``
+    (what ``TAGGER_ARTIFACTS`` points a worker at)."""
+    root = Path(tmp_path) / "artifacts"
+    promote(model_dir, root)
+    return root.resolve()

@@ -204,8 +204,6 @@ def run_job(ds: Dataset, name: str, overrides: dict[str, Any], out: Path,
 def _prefix_scores(lm, ds: Dataset) -> dict[str, Any]:
     """Labels shown at visible-future depth k = 0 (the first emission) on the test set:
     precision and coverage under the full-lookahead calibration and the prefix one."""
-    import numpy as np
-
     from trainer.artifacts import softmax_t
     from trainer.loading import read_events
     from trainer.train import prefix_logits

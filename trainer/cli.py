@@ -8,10 +8,8 @@ promote, bench, chaos) are registered by ``stream.cli`` so that ``trainer`` neve
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 from trainer.errors import TaggerError
 

@@ -13,7 +13,6 @@ Kafka itself says (end offsets minus the group's committed offsets).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 import urllib.request
@@ -28,8 +27,7 @@ from stream.metrics import Metrics
 from stream.session_store import MemorySessionStore
 from stream.settings import Settings, kafka_client_kwargs
 from stream.stack import _free_port, _run
-from tests.helpers import make_log
-from trainer.artifacts import promote
+from tests.helpers import make_log, serving_root
 
 TOPIC = "tagger.events"
 
@@ -161,11 +159,8 @@ def group_lag(settings: Settings, total: int) -> dict[int, int]:
 def test_a_live_worker_reports_the_group_lag(settings_factory, faust_worker, tiny_model, tmp_path):
     from stream.publisher import replay
 
-    root = tmp_path / "artifacts"
-    promote(tiny_model, root)
     port = _free_port()
-    # settings_factory pins web_port=0 (and refuses it as an override): set it afterwards
-    settings = dataclasses.replace(settings_factory(artifacts_dir=root.resolve()), web_port=port)
+    settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()
 

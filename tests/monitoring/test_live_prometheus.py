@@ -13,7 +13,6 @@ it watches.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import pytest
 
 from stream.publisher import replay
 from stream.stack import _free_port
-from tests.helpers import make_log
+from tests.helpers import make_log, serving_root
 from tests.monitoring.files import (ALERTS_YML, PROMETHEUS_YML, WORKER_JOB, alert_rules,
                                     dashboard_targets, grafana_to_promql, load_yaml, selectors)
 from tests.monitoring.test_dockerfile import final_stage
@@ -125,11 +124,9 @@ def finite_values(answer: dict) -> list[float]:
 @pytest.mark.integration
 def test_dashboard_and_alert_queries_on_a_live_worker(settings_factory, faust_worker, tiny_model,
                                                       prometheus_server, tmp_path):
-    root = tmp_path / "artifacts"
-    promote(tiny_model, root)
+    root = serving_root(tmp_path, tiny_model)
     port = _free_port()
-    # settings_factory pins web_port=0 (and refuses it as an override): set it afterwards
-    settings = dataclasses.replace(settings_factory(artifacts_dir=root.resolve()), web_port=port)
+    settings = settings_factory(artifacts_dir=root, web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from stream.publisher import EventPublisher, replay_messages
 from stream.records import LABEL_FIELDS, validate_label
 from stream.settings import Settings, kafka_client_kwargs
 from stream.stack import _free_port
+from tests.helpers import serving_root
 from trainer.artifacts import POINTER, promote
 from trainer.loading import read_events
 
@@ -54,17 +54,6 @@ def _run(coro, timeout_s: float = 240.0):
 
 def _version(model_dir: Path) -> str:
     return json.loads((Path(model_dir) / "manifest.json").read_text())["version"]
-
-
-def _artifacts(tmp_path: Path, model_dir: Path) -> Path:
-    root = tmp_path / "artifacts"
-    promote(model_dir, root)
-    return root.resolve()
-
-
-def _with_web(settings: Settings, port: int) -> Settings:
-    # settings_factory pins web_port=0 (and refuses it as an override); the topics it made stay.
-    return dataclasses.replace(settings, web_port=port)
 
 
 def _point_at(root: Path, target: Path) -> None:
@@ -216,7 +205,7 @@ def test_every_event_gets_one_final_and_branch_steps_get_revised(
         tmp_path, settings_factory, faust_worker, tiny_model, heldout_log):
     """The output contract over live traffic, including sessions that never send
     ``session_end`` (finalised by the inactivity timeout)."""
-    settings = settings_factory(artifacts_dir=_artifacts(tmp_path, tiny_model), inactivity_s=4)
+    settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), inactivity_s=4)
     messages, events, truth = _traffic(heldout_log, 24, no_end=lambda i: i % 2 == 1)
     assert sum(m.get("type") == "session_end" for m in messages) == 12
     # Published while the worker starts: the first batches arrive before the model is loaded.
@@ -250,7 +239,7 @@ def test_every_event_gets_one_final_and_branch_steps_get_revised(
 
 def test_malformed_messages_go_to_the_dlq_and_valid_traffic_flows(
         tmp_path, settings_factory, faust_worker, tiny_model, heldout_log):
-    settings = settings_factory(artifacts_dir=_artifacts(tmp_path, tiny_model), inactivity_s=4)
+    settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), inactivity_s=4)
     messages, events, _ = _traffic(heldout_log, 6)
     sids = list(dict.fromkeys(m["session_id"] for m in messages))
     bad = [  # (value, reason); keyed by real sessions so they share their partitions
@@ -305,7 +294,7 @@ def test_malformed_messages_go_to_the_dlq_and_valid_traffic_flows(
 
 def test_hot_swap_mid_stream_loses_and_doubles_nothing(
         tmp_path, settings_factory, faust_worker, tiny_model, tiny_model_b, heldout_log):
-    root = _artifacts(tmp_path, tiny_model)
+    root = serving_root(tmp_path, tiny_model)
     old, new = _version(tiny_model), _version(tiny_model_b)
     assert old != new
     settings = settings_factory(artifacts_dir=root, inactivity_s=30)
@@ -352,10 +341,10 @@ def test_hot_swap_mid_stream_loses_and_doubles_nothing(
 
 def test_bad_artifact_is_rejected_and_the_old_model_keeps_serving(
         tmp_path, settings_factory, faust_worker, tiny_model, heldout_log):
-    root = _artifacts(tmp_path, tiny_model)
+    root = serving_root(tmp_path, tiny_model)
     old = _version(tiny_model)
     port = _free_port()
-    settings = _with_web(settings_factory(artifacts_dir=root, inactivity_s=30), port)
+    settings = settings_factory(artifacts_dir=root, inactivity_s=30, web_port=port)
     messages, events, _ = _traffic(heldout_log, 8)
     half = len(messages) // 2
     garbage = tmp_path / "bad-weights"
@@ -403,7 +392,7 @@ def test_a_killed_worker_restarts_without_losing_finals(
     With an inactivity timeout longer than that the new worker resumes the dead one's
     sessions from Redis; with a shorter one its sweep finalises them from Redis first and
     later events reopen them. Either way no event may lose its final."""
-    settings = settings_factory(artifacts_dir=_artifacts(tmp_path, tiny_model), inactivity_s=inactivity)
+    settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), inactivity_s=inactivity)
     messages, events, _ = _traffic(heldout_log, 10)
     first = faust_worker(settings)
     first.wait_ready()
@@ -449,7 +438,7 @@ def test_a_killed_worker_restarts_without_losing_finals(
 
 def test_health_and_readiness(tmp_path, settings_factory, faust_worker, tiny_model):
     port = _free_port()
-    settings = _with_web(settings_factory(artifacts_dir=_artifacts(tmp_path, tiny_model)), port)
+    settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()
     status, body = _http(port, "/healthz")

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pandas as pd
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from trainer.errors import DataError
 from trainer.loading import derive_event_id, parse_timestamp, read_events, split_sessions

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -34,7 +33,6 @@ def models(data):
 
 def branch_accuracy(pred_csv, test_csv):
     pred = pd.read_csv(pred_csv, keep_default_na=False)
-    gold = pd.read_csv(test_csv, keep_default_na=False).set_index(["session_id"])
     from trainer.loading import read_events
     frame, _ = read_events(test_csv)
     ok = frame["step_name"].isin(BRANCH).to_numpy()
