@@ -104,7 +104,7 @@ def load_weights(model: Tagger, state: dict[tuple[str, str], float],
         if what == "start":
             wide.before_start[slot, c] = w
         elif what[0] == "l":
-            wide.tables[slot].weight[int(what[1:]), c] = w
+            wide.table[int(what[1:]), slot * C + c] = w
         else:
             wide.nums[slot, int(what[1:]), c] = w
     for (a, b), w in transitions.items():

@@ -173,12 +173,21 @@ class _Scaled(nn.Module):
         return self.cnn.net(x)
 
 
-def bag(emb: nn.EmbeddingBag, ids: torch.Tensor) -> torch.Tensor:
-    """(..., X) 0-padded feature ids -> (prod(...), D); an event without features gives 0."""
+def bag(weight: torch.Tensor, ids: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """(..., X) 0-padded feature ids -> (prod(...), D) rows of ``weight`` summed (or averaged)
+    per event; an event without features gives 0. Padding is dropped before the lookup, so
+    the cost follows the features present, not the padded width."""
     flat = ids.reshape(-1, ids.shape[-1])
-    if flat.shape[1] == 0:
-        return flat.new_zeros(flat.shape[0], emb.embedding_dim, dtype=emb.weight.dtype)
-    return emb(flat)
+    N = flat.shape[0]
+    present = flat != 0
+    counts = present.sum(1)
+    offsets = torch.zeros(N, dtype=torch.long, device=flat.device)
+    if N > 1:
+        offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    out = F.embedding_bag(flat[present], weight, offsets, mode="sum")
+    if mean:
+        out = out / counts.clamp(min=1)[:, None]
+    return out
 
 
 class EventEmbedder(nn.Module):
@@ -195,7 +204,7 @@ class EventEmbedder(nn.Module):
         self.cats = nn.ModuleList(nn.Embedding(n, min(a.emb_cat_dim, max(2, n)), padding_idx=0)
                                   for n in a.cat_sizes)
         self.nums = nn.Linear(a.n_nums, a.num_proj_dim) if a.n_nums else None
-        self.lex = nn.EmbeddingBag(a.n_lex, a.lex_dim, mode="mean", padding_idx=0) if a.n_lex else None
+        self.lex = nn.Embedding(a.n_lex, a.lex_dim, padding_idx=0) if a.n_lex else None  # mean bag
         tab_dim = a.emb_event_dim + a.emb_token_dim + sum(e.embedding_dim for e in self.cats) + (
             a.num_proj_dim if a.n_nums else 0) + (a.lex_dim if a.n_lex else 0)
         self.text = nn.Linear(a.text_dim, a.text_proj_dim) if a.text_dim else None
@@ -238,7 +247,7 @@ class EventEmbedder(nn.Module):
         if self.lex is not None:
             lex = b["lex"]                                            # (B, T, X)
             B, T, X = lex.shape
-            parts.append(bag(self.lex, lex).reshape(B, T, -1))
+            parts.append(bag(self.lex.weight, lex, mean=True).reshape(B, T, -1))
         tab = torch.cat(parts, -1)
         extra = []
         if self.text is not None:
@@ -601,7 +610,8 @@ class LookaheadCRF(nn.Module):
             beta = torch.where(next_valid[..., None], b, torch.zeros_like(b))
         return beta
 
-    def forward(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, e: torch.Tensor, lengths: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+        # window: look at most that many events ahead instead of self.W (never more)
         B, T, C = e.shape
         a = e[:, 0] - torch.logsumexp(e[:, 0], -1, keepdim=True)
         alphas = [a]
@@ -612,6 +622,8 @@ class LookaheadCRF(nn.Module):
         pos = torch.arange(T, device=e.device)
         next_valid = pos[None, :] + 1 < lengths[:, None].to(e.device)
         W = T - 1 if self.W is None else self.W
+        if window is not None:
+            W = min(W, window)
         return torch.log_softmax(alpha + self._beta(e, next_valid, W), -1)
 
     def init_state(self, device) -> dict[str, Any]:
@@ -770,18 +782,17 @@ class WidePath(nn.Module):
         super().__init__()
         self.P, self.F, self.L = past, future, lookahead
         O = past + future + 1
-        self.tables = nn.ModuleList(nn.EmbeddingBag(max(n_lex, 1), n_labels, mode="sum", padding_idx=0)
-                                    for _ in range(O))
+        self.O, self.C = O, n_labels
+        # one table for every offset slot: row = feature id, columns = slot * C + label
+        self.table = nn.Parameter(torch.zeros(max(n_lex, 1), O * n_labels))
         self.nums = nn.Parameter(torch.zeros(O, n_nums, n_labels))
         self.before_start = nn.Parameter(torch.zeros(past, n_labels))   # offset -P .. -1
         self.bias = nn.Parameter(torch.zeros(n_labels))
-        for t in self.tables:
-            nn.init.zeros_(t.weight)
 
     def scores(self, lex: torch.Tensor, nums: torch.Tensor) -> torch.Tensor:
         # lex (B, T, X), nums (B, T, M) -> (B, T, O, C): each event's scores at every offset slot
         B, T = lex.shape[:2]
-        sc = torch.stack([bag(t, lex).reshape(B, T, -1) for t in self.tables], 2)
+        sc = bag(self.table, lex).reshape(B, T, self.O, self.C)
         if self.nums.shape[1]:
             sc = sc + torch.einsum("btm,omc->btoc", nums, self.nums)
         return sc
@@ -807,8 +818,7 @@ class WidePath(nn.Module):
         return out
 
     def init_state(self, device) -> dict[str, Any]:
-        O, C = len(self.tables), self.bias.shape[0]
-        return {"buf": torch.zeros(self.P + self.L + 1, O, C, device=device), "n": 0}
+        return {"buf": torch.zeros(self.P + self.L + 1, self.O, self.C, device=device), "n": 0}
 
     def step(self, states: list[dict], lex_new: torch.Tensor, nums_new: torch.Tensor, v_out: int
              ) -> tuple[list[dict], torch.Tensor]:
@@ -897,7 +907,9 @@ class Tagger(nn.Module):
         if self.wide is not None:
             logits = logits + self.wide(batch["lex"], batch["nums"], batch["lengths"], horizon)
         if self.crf is not None:
-            logits = self.crf(logits, batch["lengths"])                # (B, T, C) log-marginals
+            # with causal emissions (arch crf) a uniform horizon k is the CRF looking k ahead
+            window = int(horizon.max()) if horizon is not None and self.encoder is None else None
+            logits = self.crf(logits, batch["lengths"], window)         # (B, T, C) log-marginals
         loss = None
         if targets is not None:
             loss = self.loss(logits, targets)
@@ -918,6 +930,15 @@ class Tagger(nn.Module):
     @property
     def streamable(self) -> bool:
         return self.args.lookahead is not None
+
+    @property
+    def depth_exact(self) -> bool:
+        """Whether ``forward`` with a uniform ``horizon`` k gives exactly what ``step`` shows
+        with k later events in (the contract suite checks it): the CRF arch, or encoders that
+        take a horizon without a CRF head (whose emissions would still be provisional)."""
+        if self.encoder is None:
+            return True
+        return self.crf is None and all(getattr(enc, "supports_horizon", False) for enc, _ in self._streams())
 
     def init_state(self, device=None) -> dict[str, Any]:
         device = device or next(self.parameters()).device

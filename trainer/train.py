@@ -331,6 +331,8 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
     if L is None:
         raise ValueError("prefix logits need a bounded lookahead")
     model.eval()
+    if model.depth_exact:
+        return _depth_logits(model, sessions, device)
     z: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
     y: list[list[int]] = [[] for _ in range(L + 1)]
     for g in range(0, len(sessions), parallel):
@@ -351,6 +353,31 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
     C = model.args.n_labels
     return ([torch.stack(zk).float().cpu().numpy() if zk else np.zeros((0, C), np.float32) for zk in z],
             [np.asarray(yk, dtype=np.int64) for yk in y])
+
+
+def _depth_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str, batch_size: int = 16
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``prefix_logits`` by whole-session forward passes, one per depth k with every position
+    seeing k events ahead (exactly what ``step`` shows then, for a ``depth_exact`` model):
+    L + 1 batched passes instead of one step per event."""
+    L = model.args.lookahead
+    z: list[list[np.ndarray]] = [[] for _ in range(L + 1)]
+    y: list[list[np.ndarray]] = [[] for _ in range(L + 1)]
+    with torch.no_grad():
+        for g in range(0, len(sessions), batch_size):
+            group = sessions[g:g + batch_size]
+            batch = collate(group, device)
+            for k in range(L + 1):
+                batch["horizon"] = torch.full(batch["event"].shape[:2], k, dtype=torch.long, device=device)
+                logits, _ = model(batch)
+                for i, s in enumerate(group):
+                    n = len(s) - k                                     # depth k exists before the end
+                    if n > 0:
+                        z[k].append(logits[i, :n].float().cpu().numpy())
+                        y[k].append(s.labels[:n])
+    C = model.args.n_labels
+    return ([np.concatenate(zk) if zk else np.zeros((0, C), np.float32) for zk in z],
+            [np.concatenate(yk) if yk else np.zeros(0, np.int64) for yk in y])
 
 
 def prefix_calibration(model: Tagger, held: Sequence[EncodedSession], cfg: Config, temperature: float,
