@@ -215,25 +215,64 @@ def sample_horizons(shape: tuple[int, int], L: int, rng: np.random.Generator) ->
     return torch.from_numpy(k)
 
 
-def fit_with_folds(args: ModelArgs, sessions: Sequence[EncodedSession], cfg: Config, *,
-                   progress: bool = False, echo: Callable[[str], None] = print):
-    """Validation on session folds (``validation_plan``): one model per fold with early
-    stopping on its held-out sessions, then the final model on every session for the median
-    best epoch. Returns (final fit, held-out logits and labels per session for calibration,
-    held-out per-depth logits for prefix calibration or None)."""
+@dataclass
+class Validated:
+    """One architecture's validation: held-out logits (full lookahead) per held-out session,
+    per-depth held-out logits for prefix calibration (or None), and what the final fit needs."""
+
+    args: ModelArgs
+    cfg: Config
+    logits: list[np.ndarray]
+    labels: list[np.ndarray]
+    depth_logits: tuple[list[np.ndarray], list[np.ndarray]] | None
+    epochs: int
+    best_epochs: list[int]
+    fit: FitResult | None = None          # the split plan's model; folds fit at the end
+    seconds: float = 0.0
+
+    def scores(self, names: Sequence[str]) -> dict[str, Any]:
+        """Held-out top-1 macro-F1 and accuracy at full lookahead and on arrival (k = 0)."""
+        from trainer.metrics import classification_metrics
+        y = np.concatenate(self.labels)
+        keep = y != IGNORE
+        z = np.concatenate(self.logits)
+        full = classification_metrics(y[keep], z[keep].argmax(-1), list(names))
+        out = {"macro_f1": full["macro_f1"], "accuracy": full["token_accuracy"],
+               "first_macro_f1": None, "first_accuracy": None, "events": int(keep.sum()),
+               "seconds": round(self.seconds, 1)}
+        if self.depth_logits is not None:
+            z0, y0 = self.depth_logits[0][0], self.depth_logits[1][0]
+            k0 = y0 != IGNORE
+            first = classification_metrics(y0[k0], z0[k0].argmax(-1), list(names))
+            out["first_macro_f1"], out["first_accuracy"] = first["macro_f1"], first["token_accuracy"]
+        return out
+
+
+def validate(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
+             *, progress: bool = False) -> Validated:
+    """Fit and score on held-out sessions: on ``val`` when given (the split plan), else on
+    ``cfg.train.val_folds`` session folds of ``train``, one model per fold with early stopping
+    on its held-out part (the folds plan; ``final_fit`` then trains on every session)."""
+    started = time.perf_counter()
     device = pick_device(cfg.train.device)
-    k = max(2, min(cfg.train.val_folds, len(sessions)))
-    order = np.random.default_rng(cfg.train.seed).permutation(len(sessions))
-    folds = [order[f::k] for f in range(k)]
-    oof: list[np.ndarray | None] = [None] * len(sessions)
-    best: list[int] = []
     streamable = args.lookahead is not None and cfg.train.prefix_calibration
+    if val or len(train) < 2:
+        fit = fit_any(args, train, val, cfg, progress=progress)
+        held = list(val) or list(train)
+        depth = prefix_logits(fit.model, held, device) if streamable else None
+        return Validated(args, cfg, _logits_for(fit.model, held, device), [s.labels for s in held], depth,
+                         fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started)
+    k = max(2, min(cfg.train.val_folds, len(train)))
+    order = np.random.default_rng(cfg.train.seed).permutation(len(train))
+    oof: list[np.ndarray | None] = [None] * len(train)
+    best: list[int] = []
     depth_z: list[list[np.ndarray]] = []
     depth_y: list[list[np.ndarray]] = []
-    for f, held_idx in enumerate(folds):
+    for f in range(k):
+        held_idx = order[f::k]
         held_set = set(held_idx.tolist())
-        train_part = [s for i, s in enumerate(sessions) if i not in held_set]
-        held = [sessions[i] for i in held_idx]
+        train_part = [s for i, s in enumerate(train) if i not in held_set]
+        held = [train[i] for i in held_idx]
         fit = fit_any(args, train_part, held, cfg, progress=progress, desc=f"fold {f + 1}/{k}")
         best.append(fit.best_epoch)
         for i, logits in zip(held_idx, _logits_for(fit.model, held, device)):
@@ -242,19 +281,55 @@ def fit_with_folds(args: ModelArgs, sessions: Sequence[EncodedSession], cfg: Con
             z, y = prefix_logits(fit.model, held, device)
             depth_z.append(z)
             depth_y.append(y)
-    epochs = max(1, int(math.ceil(float(np.median(best)))))
-    if args.arch == "crf":
-        echo(f"validation on {k} session folds; final fit on all {len(sessions)} training sessions")
-    else:
-        echo(f"validation on {k} session folds: best epochs {best}; final fit on all {len(sessions)} "
-             f"training sessions for {epochs} epochs")
-    final = fit_any(args, sessions, [], cfg, progress=progress, desc="final fit", stop_after=epochs)
-    final.best_epoch = epochs
-    depth_logits = None
+    depth = None
     if streamable:
-        depth_logits = ([np.concatenate([z[d] for z in depth_z]) for d in range(len(depth_z[0]))],
-                        [np.concatenate([y[d] for y in depth_y]) for d in range(len(depth_y[0]))])
-    return final, oof, [s.labels for s in sessions], depth_logits
+        depth = ([np.concatenate([z[d] for z in depth_z]) for d in range(len(depth_z[0]))],
+                 [np.concatenate([y[d] for y in depth_y]) for d in range(len(depth_y[0]))])
+    epochs = max(1, int(math.ceil(float(np.median(best)))))
+    return Validated(args, cfg, oof, [s.labels for s in train], depth, epochs, best, None,
+                     time.perf_counter() - started)
+
+
+def final_fit(v: Validated, train: Sequence[EncodedSession], *, progress: bool = False,
+              echo: Callable[[str], None] = print) -> FitResult:
+    """The model to ship: the split plan's own fit, or (folds plan) one fit on every training
+    session, stopped at the median epoch early stopping chose on the folds."""
+    if v.fit is not None:
+        return v.fit
+    if v.args.arch == "crf":
+        echo(f"validated on {len(v.best_epochs)} session folds; final fit on all {len(train)} training sessions")
+    else:
+        echo(f"validated on {len(v.best_epochs)} session folds (best epochs {v.best_epochs}); final fit on "
+             f"all {len(train)} training sessions for {v.epochs} epochs")
+    fit = fit_any(v.args, train, [], v.cfg, progress=progress, desc="final fit", stop_after=v.epochs)
+    fit.best_epoch = v.epochs
+    return fit
+
+
+def choose_arch(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
+    """``model.arch: auto``: the architecture whose held-out labels score best, by the mean
+    of the top-1 macro-F1 at full lookahead (final labels) and on arrival (first labels);
+    ties go to the one listed first."""
+    table = {a: v.scores(names) for a, v in results.items()}
+
+    def merit(row):
+        parts = [x for x in (row["macro_f1"], row["first_macro_f1"]) if x is not None]
+        return float(np.mean(parts)) if parts else -1.0
+
+    chosen = max(results, key=lambda a: (merit(table[a]), -list(results).index(a)))
+    return {"chosen": chosen, "criterion": "mean of held-out top-1 macro-F1, final and first labels",
+            "candidates": {a: {**row, "merit": merit(row)} for a, row in table.items()}}
+
+
+def auto_table(info: dict[str, Any]) -> list[str]:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    lines = ["model.arch auto: held-out scores (top-1 macro-F1 final / first, accuracy final / first):"]
+    for a, r in info["candidates"].items():
+        mark = "  <- chosen" if a == info["chosen"] else ""
+        lines.append(f"  {a:12s} {f(r['macro_f1'])} / {f(r['first_macro_f1'])}   "
+                     f"{f(r['accuracy'])} / {f(r['first_accuracy'])}   ({r['seconds']:.0f} s){mark}")
+    return lines
 
 
 def fit_any(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
@@ -539,9 +614,14 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
          f"{len(p.splits['test'])} test; {len(p.label_map)} steps")
     arch = cfg.model.arch
     hpo_info: dict[str, Any] | None = None
+    auto_info: dict[str, Any] | None = None
+    depth_logits = None
     if arch == "logreg":
         return _train_baseline(p, out_dir, cfg, started, echo)
     if cfg.train.hpo.enabled:
+        if arch == "auto":
+            from trainer.errors import ConfigError
+            raise ConfigError("train.hpo needs one architecture; set model.arch (not auto)")
         from trainer.hpo import search
         hpo_info = search(p, cfg, progress=progress, echo=echo)
         cfg = hpo_info.pop("config")
@@ -549,19 +629,22 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         fit = fit_model(args, p.encoded["train"] + p.encoded["val"], [], cfg,
                         epochs=hpo_info["epochs"], progress=progress, desc="final fit (train+val)")
         cal_logits, cal_labels = hpo_info.pop("oof_logits"), hpo_info.pop("oof_labels")
-    elif not p.encoded["val"] and len(p.encoded["train"]) >= 2:
-        args = model_args(p.encoder.spec(), len(p.label_map), cfg)
-        fit, cal_logits, cal_labels, depth_logits = fit_with_folds(args, p.encoded["train"], cfg,
-                                                                   progress=progress, echo=echo)
     else:
-        args = model_args(p.encoder.spec(), len(p.label_map), cfg)
-        fit = fit_any(args, p.encoded["train"], p.encoded["val"], cfg, progress=progress)
-        held = p.encoded["val"] or p.encoded["train"]
-        cal_logits = _logits_for(fit.model, held, pick_device(cfg.train.device))
-        cal_labels = [s.labels for s in held]
-        depth_logits = None
-        if cfg.train.prefix_calibration and fit.model.streamable:
-            depth_logits = prefix_logits(fit.model, held, pick_device(cfg.train.device))
+        archs = list(cfg.model.auto_archs) if arch == "auto" else [arch]
+        results: dict[str, Validated] = {}
+        for a in archs:
+            acfg = cfg.replace(model={"arch": a})
+            results[a] = validate(model_args(p.encoder.spec(), len(p.label_map), acfg), p.encoded["train"],
+                                  p.encoded["val"], acfg, progress=progress)
+        if arch == "auto":
+            auto_info = choose_arch(results, p.label_map.labels)
+            for line in auto_table(auto_info):
+                echo(line)
+            arch = auto_info["chosen"]
+        v = results[arch]
+        cfg = v.cfg
+        fit = final_fit(v, p.encoded["train"], progress=progress, echo=echo)
+        cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
     prefix: dict[str, Any] = {}
     if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info and depth_logits:
@@ -580,6 +663,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                                "history": fit.history, "train_seconds": fit.seconds}
     if hpo_info:
         metrics["hpo"] = hpo_info
+    if auto_info:
+        metrics["auto"] = auto_info
     test_report = None
     if p.encoded["test"]:
         logits = _logits_for(fit.model, p.encoded["test"], pick_device(cfg.train.device))
