@@ -88,9 +88,11 @@ class ModelConfig:
     # lexical features (data.lexical): bag size into the event vector, and the wide path,
     # linear label scores of the features of events t-wide_past .. t+wide_future
     lex_dim: int = 64
-    # arch crf: CRFsuite's L1 and L2 penalties
+    # arch crf: CRFsuite's L1 and L2 penalties; later events its state features read (0:
+    # causal, labels on arrival are exact forward filtering)
     crf_c1: float = 0.05
     crf_c2: float = 0.05
+    crf_future: int = 0
     wide: bool = True
     wide_past: int = 2
     wide_future: int = 2

@@ -864,9 +864,13 @@ class Tagger(nn.Module):
             # the linear-chain CRF: causal state features (event and wide_past before it),
             # forward filtering on arrival, fixed-lag smoothing over the lookahead for finals
             self.embed = self.encoder = self.head = None
-            self.enc_lookahead, crf_window = 0, args.lookahead
+            # (with wide_future F > 0, state features also read the next F events: emissions
+            # are final F events later and the CRF's own window is the rest of the lookahead)
+            F_ = 0 if args.lookahead is None else min(args.wide_future, args.lookahead)
+            self.enc_lookahead = F_
+            crf_window = None if args.lookahead is None else args.lookahead - F_
             self.crf = LookaheadCRF(args.n_labels, crf_window)
-            self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past, 0, 0)
+            self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past, F_, F_)
         else:
             self.embed = EventEmbedder(args)
             self.enc_lookahead, crf_window = crf_split(args.lookahead, args.crf)
@@ -936,8 +940,8 @@ class Tagger(nn.Module):
         """Whether ``forward`` with a uniform ``horizon`` k gives exactly what ``step`` shows
         with k later events in (the contract suite checks it): the CRF arch, or encoders that
         take a horizon without a CRF head (whose emissions would still be provisional)."""
-        if self.encoder is None:
-            return True
+        if self.encoder is None:                                       # arch crf
+            return self.wide.F == 0
         return self.crf is None and all(getattr(enc, "supports_horizon", False) for enc, _ in self._streams())
 
     def init_state(self, device=None) -> dict[str, Any]:

@@ -93,7 +93,8 @@ def model_args(spec: dict[str, Any], n_labels: int, cfg: Config) -> ModelArgs:
         nhead=m.nhead, ff_dim=m.ff_dim, dropout=m.dropout, crf=m.crf, history_every=m.history_every,
         image_backbone=_backbone_path(cfg) if spec["image_size"] else None,
         freeze_backbone=cfg.data.freeze_backbone, n_lex=spec.get("n_lex", 0), lex_dim=m.lex_dim,
-        wide=m.wide, wide_past=m.wide_past, wide_future=m.wide_future)
+        wide=m.wide, wide_past=m.wide_past,
+        wide_future=m.crf_future if m.arch == "crf" else m.wide_future)
 
 
 def _backbone_path(cfg: Config) -> str | None:

@@ -211,6 +211,17 @@ def test_focal_loss_and_class_weights_ignore_padding():
         assert torch.isfinite(loss) and loss > 0
 
 
+@pytest.mark.parametrize("future", [0, 2])
+def test_crf_arch_streams_to_its_offline_output(future):
+    """With state features that read later events too, finals still equal offline."""
+    torch.manual_seed(0)
+    model = build(make_args("crf", "concat", lookahead=4, wide_future=future)).eval()
+    torch.nn.init.normal_(model.crf.trans)
+    s = session(15, 5)
+    full, _ = model(collate([s]))
+    assert torch.allclose(stream_outputs(model, s), full[0], atol=1e-4)
+
+
 @pytest.mark.parametrize("arch,crf", [(a, c) for a in ARCHS for c in (False, True)] + [("crf", False)])
 def test_depth_logits_equal_the_streamed_ones(arch, crf):
     """Calibration reads each depth's logits from whole-session passes when the model says
@@ -253,7 +264,7 @@ def test_crf_arch_is_exact_filtering_and_fixed_lag_smoothing():
     from trainer.baseline import crf_lag_marginals
     torch.manual_seed(0)
     L = 3
-    model = Tagger(make_args("crf", "concat", lookahead=L, n_labels=3)).eval()
+    model = Tagger(make_args("crf", "concat", lookahead=L, n_labels=3, wide_future=0)).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.wide.table)
         torch.nn.init.normal_(model.wide.nums, std=0.3)
