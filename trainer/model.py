@@ -991,6 +991,108 @@ class Tagger(nn.Module):
         return new, outs
 
 
+# ------------------------------------------------------------------------------------------
+# A mixture of taggers
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class MixtureArgs:
+    """A ``Mixture``'s constructor arguments (stored in the checkpoint like ``ModelArgs``):
+    its members' arguments and, per visible depth k = 0..L, one weight per member."""
+
+    members: list[dict[str, Any]]
+    depth_weights: list[list[float]]
+    arch: str = "mixture"
+
+    @property
+    def n_labels(self) -> int:
+        return self.members[0]["n_labels"]
+
+    @property
+    def lookahead(self) -> Optional[int]:
+        return self.members[0]["lookahead"]
+
+    @property
+    def context(self) -> int:
+        return max(m.get("context", 0) for m in self.members)
+
+    image_backbone = None
+    image_size = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "members": [dict(m) for m in self.members],
+                "depth_weights": [list(map(float, w)) for w in self.depth_weights],
+                "lookahead": self.lookahead, "n_labels": self.n_labels}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MixtureArgs":
+        return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]])
+
+
+class Mixture(nn.Module):
+    """Taggers combined by a weighted sum of their log-probabilities (a product of experts),
+    with weights that depend on how many later events the label has seen: a network and a
+    CRF, say, err differently, and which one to trust more changes between the label shown on
+    arrival and the final one. ``model.arch: auto`` fits the weights on held-out sessions.
+
+    Same interface as ``Tagger``: ``forward`` gives the final (depth L) output, ``step`` the
+    outputs of the last v events, each at its own depth; so finals still equal offline."""
+
+    def __init__(self, args: MixtureArgs):
+        super().__init__()
+        self.args = args
+        self.members = nn.ModuleList(Tagger(ModelArgs.from_dict(m)) for m in args.members)
+        L = args.lookahead
+        if L is None or any(m.args.lookahead != L for m in self.members):
+            raise ValueError("mixture members need the same bounded lookahead")
+        if len(args.depth_weights) != L + 1 or any(len(w) != len(self.members) for w in args.depth_weights):
+            raise ValueError("mixture weights: one row per depth 0..L, one weight per member")
+        self.register_buffer("weights", torch.tensor(args.depth_weights, dtype=torch.float32))
+
+    @property
+    def streamable(self) -> bool:
+        return True
+
+    @property
+    def depth_exact(self) -> bool:
+        return all(m.depth_exact for m in self.members)
+
+    def forward(self, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
+        horizon = batch.get("horizon")
+        k = self.args.lookahead if horizon is None else min(int(horizon.max()), self.args.lookahead)
+        w = self.weights[k]
+        out = sum(w[i] * torch.log_softmax(m(batch)[0], -1) for i, m in enumerate(self.members) if w[i] > 0)
+        return out, None
+
+    def init_state(self, device=None) -> dict[str, Any]:
+        return {"members": [m.init_state(device) for m in self.members]}
+
+    @torch.no_grad()
+    def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
+        outs_by_member = []
+        new = [{"members": []} for _ in states]
+        for i, m in enumerate(self.members):
+            ms, outs = m.step([s["members"][i] for s in states], events)
+            for ns, st in zip(new, ms):
+                ns["members"].append(st)
+            outs_by_member.append(outs)
+        result = []
+        for j in range(len(states)):
+            v = len(outs_by_member[0][j])
+            depth = torch.arange(v - 1, -1, -1, device=self.weights.device)    # row r has v-1-r later events
+            w = self.weights[depth]                                             # (v, M)
+            result.append(sum(w[:, i:i + 1] * torch.log_softmax(outs_by_member[i][j], -1)
+                              for i in range(len(self.members))))
+        return new, result
+
+
+def build_model(model_args: dict[str, Any]) -> nn.Module:
+    """The network a checkpoint's ``model_args`` describe: a ``Tagger`` or a ``Mixture``."""
+    if model_args.get("arch") == "mixture":
+        return Mixture(MixtureArgs.from_dict(model_args))
+    return Tagger(ModelArgs.from_dict(model_args))
+
+
 def collate(sessions, device=None, with_targets: bool = False):
     """Encoded sessions (``features.EncodedSession``) -> padded (B, T, ...) tensors.
 

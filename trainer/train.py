@@ -11,6 +11,7 @@ once -> artifact with manifest, metrics and plots.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import random
@@ -307,30 +308,96 @@ def final_fit(v: Validated, train: Sequence[EncodedSession], *, progress: bool =
     return fit
 
 
-def choose_arch(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
-    """``model.arch: auto``: the architecture whose held-out labels score best, by the mean
-    of the top-1 macro-F1 at full lookahead (final labels) and on arrival (first labels);
-    ties go to the one listed first."""
-    table = {a: v.scores(names) for a, v in results.items()}
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
-    def merit(row):
-        parts = [x for x in (row["macro_f1"], row["first_macro_f1"]) if x is not None]
-        return float(np.mean(parts)) if parts else -1.0
 
-    chosen = max(results, key=lambda a: (merit(table[a]), -list(results).index(a)))
-    return {"chosen": chosen, "criterion": "mean of held-out top-1 macro-F1, final and first labels",
-            "candidates": {a: {**row, "merit": merit(row)} for a, row in table.items()}}
+def _simplex(m: int, step: float = 0.1) -> list[tuple[float, ...]]:
+    """Weights for m members on a grid, summing to 1."""
+    n = int(round(1 / step))
+    return [tuple(c / n for c in combo) for combo in itertools.product(range(n + 1), repeat=m)
+            if sum(combo) == n]
+
+
+def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
+    """``model.arch: auto``: how to combine the validated candidates, per visible depth
+    k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
+    weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
+    then the weights nearest the first candidate). Held-out rows line up across candidates:
+    they were validated on the same folds."""
+    from trainer.metrics import classification_metrics
+    archs = list(results)
+    first = results[archs[0]]
+    L = first.args.lookahead
+    depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
+    grid = _simplex(len(archs))
+
+    def score(zs, y, w):
+        keep = y != IGNORE
+        z = sum(wi * zi for wi, zi in zip(w, zs) if wi > 0)
+        cls = classification_metrics(y[keep], z[keep].argmax(-1), list(names))
+        return cls["macro_f1"] or 0.0, cls["token_accuracy"] or 0.0
+
+    rows = []
+    for k in depths or [None]:
+        if k is None or k == L:                   # final labels: every held-out event
+            y = np.concatenate(first.labels)
+            zs = [_log_softmax(np.concatenate(results[a].logits)) for a in archs]
+        else:
+            y = first.depth_logits[1][k]
+            zs = [_log_softmax(results[a].depth_logits[0][k]) for a in archs]
+        for a in archs:
+            got = np.concatenate(results[a].labels) if (k is None or k == L) else results[a].depth_logits[1][k]
+            if not np.array_equal(got, y):
+                raise AssertionError(f"held-out rows of {a} do not line up with {archs[0]}'s")
+        singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
+                   for i, a in enumerate(archs)}
+        best = max(grid, key=lambda w: (*score(zs, y, w), w))
+        rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)),
+                     "macro_f1": score(zs, y, best)[0], "accuracy": score(zs, y, best)[1],
+                     "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc) in singles.items()}})
+    weights = [[r["weights"][a] for a in archs] for r in rows]
+    used = [a for i, a in enumerate(archs) if any(w[i] > 0 for w in weights)]
+    return {"candidates": {a: v.scores(names) for a, v in results.items()}, "depths": rows,
+            "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
+            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
 
 
 def auto_table(info: dict[str, Any]) -> list[str]:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
-    lines = ["model.arch auto: held-out scores (top-1 macro-F1 final / first, accuracy final / first):"]
-    for a, r in info["candidates"].items():
-        mark = "  <- chosen" if a == info["chosen"] else ""
-        lines.append(f"  {a:12s} {f(r['macro_f1'])} / {f(r['first_macro_f1'])}   "
-                     f"{f(r['accuracy'])} / {f(r['first_accuracy'])}   ({r['seconds']:.0f} s){mark}")
+    lines = ["model.arch auto: held-out top-1 macro-F1 by visible later events k, each candidate "
+             "alone and combined:"]
+    archs = list(info["candidates"])
+    for r in info["depths"]:
+        alone = ", ".join(f"{a} {f(r['alone'][a]['macro_f1'])}" for a in archs)
+        w = " + ".join(f"{r['weights'][a]:.1f} {a}" for a in archs if r["weights"][a] > 0)
+        lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w})")
+    lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
+
+
+def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dict[str, FitResult]):
+    """The ``Mixture`` of the final fits with the chosen weights, and its held-out logits
+    (full lookahead per session, and per depth) for calibration."""
+    from trainer.model import Mixture, MixtureArgs
+    members = info["members"]
+    weights = [[r["weights"][a] for a in members] for r in info["depths"]]
+    model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights))
+    for m, a in zip(model.members, members):
+        m.load_state_dict(fits[a].model.state_dict())
+    model.eval()
+    L = len(weights) - 1
+    n = len(results[members[0]].logits)
+    logits = [sum(weights[L][i] * _log_softmax(results[a].logits[j]) for i, a in enumerate(members))
+              for j in range(n)]
+    depth = None
+    if all(results[a].depth_logits for a in members):
+        first = results[members[0]].depth_logits
+        depth = ([sum(weights[k][i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
+                  for k in range(L + 1)], list(first[1]))
+    return model, logits, depth
 
 
 def fit_any(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
@@ -401,8 +468,9 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Replay sessions through ``Tagger.step`` as the live worker does and collect, per
     visible-future depth k = 0..L, the logits each event had when k later events were
-    visible, with its labels: ``(logits[k] (m_k, C), labels[k] (m_k,))``. Depth L is the
-    final (offline) output."""
+    visible, with its labels: ``(logits[k] (m_k, C), labels[k] (m_k,))``, rows in session
+    order, then position order (whichever way they are computed, so that the rows of two
+    models line up). Depth L is the final (offline) output."""
     L = model.args.lookahead
     if L is None:
         raise ValueError("prefix logits need a bounded lookahead")
@@ -411,6 +479,7 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
         return _depth_logits(model, sessions, device)
     z: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
     y: list[list[int]] = [[] for _ in range(L + 1)]
+    keys: list[list[tuple[int, int]]] = [[] for _ in range(L + 1)]
     for g in range(0, len(sessions), parallel):
         group = sessions[g:g + parallel]
         states = [model.init_state(device) for _ in group]
@@ -426,9 +495,12 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
                     k = v - 1 - j                                      # later events visible
                     z[k].append(o[j])
                     y[k].append(int(group[i].labels[t - k]))
+                    keys[k].append((g + i, t - k))
     C = model.args.n_labels
-    return ([torch.stack(zk).float().cpu().numpy() if zk else np.zeros((0, C), np.float32) for zk in z],
-            [np.asarray(yk, dtype=np.int64) for yk in y])
+    order = [sorted(range(len(kk)), key=kk.__getitem__) for kk in keys]
+    return ([torch.stack([zk[i] for i in o]).float().cpu().numpy() if zk else np.zeros((0, C), np.float32)
+             for zk, o in zip(z, order)],
+            [np.asarray([yk[i] for i in o], dtype=np.int64) for yk, o in zip(y, order)])
 
 
 def _depth_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str, batch_size: int = 16
@@ -638,14 +710,22 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             results[a] = validate(model_args(p.encoder.spec(), len(p.label_map), acfg), p.encoded["train"],
                                   p.encoded["val"], acfg, progress=progress)
         if arch == "auto":
-            auto_info = choose_arch(results, p.label_map.labels)
+            auto_info = choose_mixture(results, p.label_map.labels)
             for line in auto_table(auto_info):
                 echo(line)
             arch = auto_info["chosen"]
-        v = results[arch]
-        cfg = v.cfg
-        fit = final_fit(v, p.encoded["train"], progress=progress, echo=echo)
-        cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
+        if arch == "mixture":
+            fits = {a: final_fit(results[a], p.encoded["train"], progress=progress, echo=echo)
+                    for a in auto_info["members"]}
+            model, cal_logits, depth_logits = build_mixture(auto_info, results, fits)
+            cal_labels = results[auto_info["members"][0]].labels
+            fit = FitResult(model, max(f.best_epoch for f in fits.values()), [],
+                            sum(f.seconds for f in fits.values()))
+        else:
+            v = results[arch]
+            cfg = v.cfg
+            fit = final_fit(v, p.encoded["train"], progress=progress, echo=echo)
+            cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
     prefix: dict[str, Any] = {}
     if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info and depth_logits:

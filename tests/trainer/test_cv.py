@@ -66,17 +66,29 @@ def test_cv_command_writes_json_and_table(log, tmp_path, capsys):
     assert "cannot make 30 folds" in capsys.readouterr().err
 
 
-def test_auto_validates_each_candidate_and_trains_the_best(log, tmp_path):
+def test_auto_combines_the_candidates_per_depth_and_serves_the_result(log, tmp_path):
     from trainer.artifacts import load_artifact
+    from trainer.evaluate import evaluate
     from trainer.train import train
     cfg = from_dict({**TINY, "model": {**TINY["model"], "arch": "auto", "auto_archs": ["bilstm", "crf"]}})
     lines = []
     metrics = train(log, tmp_path / "m", cfg, progress=False, echo=lines.append)
     auto = metrics["auto"]
     assert set(auto["candidates"]) == {"bilstm", "crf"}
-    best = max(auto["candidates"], key=lambda a: auto["candidates"][a]["merit"])
-    assert auto["chosen"] == best
-    assert load_artifact(tmp_path / "m").model.args.arch == best
-    assert any("<- chosen" in line for line in lines)
-    stored = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert stored["auto"]["chosen"] == best
+    assert [r["k"] for r in auto["depths"]] == [0, 1, 2]
+    for r in auto["depths"]:
+        assert sum(r["weights"].values()) == pytest.approx(1.0)
+        # one model alone is on the grid too, so the choice is never worse on held-out data
+        assert r["macro_f1"] >= max(a["macro_f1"] for a in r["alone"].values()) - 1e-12
+    used = [a for a in ("bilstm", "crf") if any(r["weights"][a] > 0 for r in auto["depths"])]
+    assert auto["members"] == used
+    lm = load_artifact(tmp_path / "m")
+    if len(used) == 1:
+        assert auto["chosen"] == used[0] and lm.model.args.arch == used[0]
+    else:
+        assert auto["chosen"] == "mixture" and lm.model.args.arch == "mixture"
+        assert [m.args.arch for m in lm.model.members] == used
+    assert any(line.strip().startswith("-> ") for line in lines)
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["auto"]["chosen"] == auto["chosen"]
+    res = evaluate(tmp_path / "m", log, streaming=True, plots=False)
+    assert res["streaming"]["final_equals_offline"] == 1.0
