@@ -50,6 +50,8 @@ class DataConfig:
     # most `lexical_max` features seen `min_freq` times or more.
     lexical: bool = True
     lexical_max: int = 30000
+    # the time since the session's first event as a feature
+    elapsed_time: bool = True
 
 
 @dataclass(frozen=True)

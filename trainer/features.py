@@ -192,7 +192,9 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
     start = ts if ctx.start_ts is None else ctx.start_ts
     nums = {
         "log_dt_prev": math.log1p(max(dt_prev, 0.0)),
-        "log_dt_start": math.log1p(max(ts - start, 0.0)),
+        # time since the session started: with few, long sessions (a day each) it can let a
+        # model memorise when things happened on the training days (data.elapsed_time)
+        "log_dt_start": math.log1p(max(ts - start, 0.0)) if data.elapsed_time else 0.0,
         "path_depth": float(min(depth, 12)),
         "log_digits": math.log1p(digits),
         "n_ids": float(min(len(ids), 8)),
