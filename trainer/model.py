@@ -627,10 +627,62 @@ class LookaheadCRF(nn.Module):
         return torch.log_softmax(alpha + self._beta(e, next_valid, W), -1)
 
     def init_state(self, device) -> dict[str, Any]:
+        # e / a: emissions and forward messages of the last W + 1 final positions, right-
+        # aligned in fixed-size buffers (rows before the session's start are zeros), so that
+        # a round of sessions steps in one batch whatever their lengths
         C = self.trans.shape[0]
-        return {"n": 0, "e": torch.zeros(0, C, device=device), "a": torch.zeros(0, C, device=device)}
+        W = self.W or 0
+        return {"n": 0, "e": torch.zeros(W + 1, C, device=device), "a": torch.zeros(W + 1, C, device=device)}
+
+    def step_many(self, states: list[dict[str, Any]], e_prov: list[torch.Tensor], enc_lookahead: int
+                  ) -> tuple[list[dict], list[torch.Tensor]]:
+        """Sessions advanced by one event each, in one batch. ``e_prov[i]``: (v_i, C) current
+        emissions of session i's last v_i events (from the encoder's step; the oldest is final
+        when v_i is ``enc_lookahead + 1``). Returns the new states and, per session,
+        log-marginals of its last min(n, enc_lookahead + W + 1) events, oldest first."""
+        W = self.W or 0
+        Le = enc_lookahead
+        K = Le + W + 1                                                 # segment rows
+        B = len(states)
+        C = self.trans.shape[0]
+        dev = self.trans.device
+        n = torch.tensor([s["n"] + 1 for s in states], device=dev)     # events seen, (B,)
+        ep = torch.zeros(B, Le + 1, C, device=dev)                     # right-aligned provisional
+        for i, e in enumerate(e_prov):
+            ep[i, Le + 1 - len(e):] = e
+        E = torch.stack([s["e"] for s in states])                      # (B, W + 1, C)
+        A = torch.stack([s["a"] for s in states])
+        f = n - 1 - Le                                                 # newest final position
+        # e_prov's oldest row became final: its forward message joins the cache
+        e_f = ep[:, 0]
+        init = e_f - torch.logsumexp(e_f, -1, keepdim=True)
+        a_f = torch.where((f == 0)[:, None], init, self._advance(A[:, -1], e_f))
+        moved = (f >= 0)[:, None, None]
+        E = torch.where(moved, torch.cat([E[:, 1:], e_f[:, None]], 1), E)
+        A = torch.where(moved, torch.cat([A[:, 1:], a_f[:, None]], 1), A)
+        # the segment: final positions f-W .. f from the cache, provisional f+1 .. n-1
+        e_seg = torch.cat([E, ep[:, 1:]], 1)                           # (B, K, C)
+        pos = n[:, None] - K + torch.arange(K, device=dev)[None]       # (B, K) position of each row
+        alphas = [A]
+        a = A[:, -1]
+        for r in range(W + 1, K):
+            e = e_seg[:, r]
+            a = torch.where((pos[:, r] == 0)[:, None], e - torch.logsumexp(e, -1, keepdim=True),
+                            self._advance(a, e))
+            alphas.append(a[:, None])
+        alpha = torch.cat(alphas, 1)                                   # (B, K, C)
+        next_valid = (torch.arange(K, device=dev) + 1 < K)[None].expand(B, K)
+        beta = self._beta(e_seg, next_valid, W)
+        out = torch.log_softmax(alpha + beta, -1)
+        v = torch.clamp(n, max=K).tolist()
+        new = [{"n": int(m), "e": E[i], "a": A[i]} for i, m in enumerate(n.tolist())]
+        return new, [out[i, K - vi:] for i, vi in enumerate(v)]
 
     def step(self, s: dict[str, Any], e_prov: torch.Tensor, enc_lookahead: int) -> tuple[dict, torch.Tensor]:
+        new, out = self.step_many([s], [e_prov], enc_lookahead)
+        return new[0], out[0]
+
+    def _step_one(self, s: dict[str, Any], e_prov: torch.Tensor, enc_lookahead: int) -> tuple[dict, torch.Tensor]:
         """One session advanced by one event. ``e_prov``: (v_enc, C) current emissions of its
         last v_enc events (from the encoder's step; the oldest is final when v_enc is
         ``enc_lookahead + 1``). Returns the new state and log-marginals of the last
@@ -984,10 +1036,9 @@ class Tagger(nn.Module):
                 ns["wide"] = ws
         if self.crf is None:
             return new, emissions
-        outs = []
-        for s, ns, e in zip(states, new, emissions):
-            ns["crf"], out = self.crf.step(s["crf"], e, self.enc_lookahead)
-            outs.append(out)
+        crf_states, outs = self.crf.step_many([s["crf"] for s in states], emissions, self.enc_lookahead)
+        for ns, cs in zip(new, crf_states):
+            ns["crf"] = cs
         return new, outs
 
 
