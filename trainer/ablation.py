@@ -73,6 +73,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_wide": {"model": {"wide": False}},                      # no linear path over t-2..t+2
     "no_depth_training": {"train": {"depth_training": False}},  # full-lookahead training only
     "split_validation": {"train": {"validation": "split"}},     # one split, not session folds
+    "no_elapsed_time": {"data": {"elapsed_time": False}},       # no time since the session start
 }
 
 
