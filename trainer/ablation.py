@@ -103,7 +103,7 @@ def load_report(path: Path) -> dict[str, Any] | None:
 def same_run(report: dict[str, Any], base: Config, folds: int, seed: int) -> bool:
     """Whether a stored report was made on the same folds with the same base config, so
     its references are the ones a new run fits and its rows can be kept beside new ones."""
-    return report.get("folds") == folds and report.get("seed") == seed and report.get("config") == base.to_dict()
+    return (report.get("folds"), report.get("seed"), report.get("config")) == (folds, seed, base.to_dict())
 
 
 def merge(old: dict[str, Any], new: dict[str, Any], order: list[str]) -> dict[str, Any] | None:
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
                     help=f"comma-separated variants (default: all), of: {', '.join(VARIANTS)}")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
-    ap.add_argument("--out", default="results/ablation", help="reports (NAME.json) and generated logs (data/)")
+    ap.add_argument("--out", default="results/ablation",
+                    help="reports (NAME.json) and generated logs (data/)")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "ablation.md"))
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     a = ap.parse_args(argv)
