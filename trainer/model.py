@@ -682,41 +682,6 @@ class LookaheadCRF(nn.Module):
         new, out = self.step_many([s], [e_prov], enc_lookahead)
         return new[0], out[0]
 
-    def _step_one(self, s: dict[str, Any], e_prov: torch.Tensor, enc_lookahead: int) -> tuple[dict, torch.Tensor]:
-        """One session advanced by one event. ``e_prov``: (v_enc, C) current emissions of its
-        last v_enc events (from the encoder's step; the oldest is final when v_enc is
-        ``enc_lookahead + 1``). Returns the new state and log-marginals of the last
-        ``enc_lookahead + W + 1`` events, oldest first."""
-        n = s["n"] + 1                                                 # events seen
-        W = self.W or 0
-        L = enc_lookahead + W
-        f = n - 1 - enc_lookahead                                      # newest final emission
-        e_fin, a_fin = s["e"], s["a"]
-        if f >= 0:                                                     # e_prov[0] just became final
-            a_f = (e_prov[0] - torch.logsumexp(e_prov[0], -1) if f == 0
-                   else self._advance(a_fin[-1:], e_prov[:1])[0])
-            e_fin = torch.cat([e_fin, e_prov[:1]])[-(W + 1):]
-            a_fin = torch.cat([a_fin, a_f[None]])[-(W + 1):]
-        # positions s0 .. n-1: final ones from the cache, the newest L_enc from e_prov
-        s0 = max(0, n - 1 - L)
-        n_fin = max(0, f + 1 - s0)
-        # emissions: final positions s0..f are e_fin's tail (s0's own is never read by beta)
-        fin_e = e_fin[len(e_fin) - n_fin:] if n_fin else e_fin[:0]
-        prov_e = e_prov[1:] if f >= 0 else e_prov
-        e_seg = torch.cat([fin_e, prov_e])                             # (n - s0, C)
-        alphas = [a_fin[len(a_fin) - n_fin:]] if n_fin else []
-        a = a_fin[-1:] if f >= 0 else None
-        for k in range(len(prov_e)):
-            a = (prov_e[k:k + 1] - torch.logsumexp(prov_e[k:k + 1], -1, keepdim=True) if a is None
-                 else self._advance(a, prov_e[k:k + 1]))
-            alphas.append(a)
-        alpha = torch.cat(alphas)                                      # (n - s0, C)
-        T = len(e_seg)
-        next_valid = (torch.arange(T, device=e_seg.device) + 1 < T)[None]
-        beta = self._beta(e_seg[None], next_valid, W)[0]
-        state = {"n": n, "e": e_fin, "a": a_fin}
-        return state, torch.log_softmax(alpha + beta, -1)
-
 
 class LookaheadTCN(nn.Module):
     """Causal dilated residual convolutions, then a convolution over the next L events."""
