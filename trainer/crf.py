@@ -29,6 +29,7 @@ from trainer.model import ModelArgs, Tagger
 
 # CRFsuite's L-BFGS settings; the penalties are those of the offline CRF reference
 C1, C2, MAX_ITERATIONS = 0.05, 0.05, 200
+UNSEEN = -30.0  # label score of a step absent from the training sessions: never predicted
 
 
 def attributes(s: EncodedSession, past: int, future: int = 0) -> list[dict[str, float]]:
@@ -101,7 +102,7 @@ def model_future(args: ModelArgs) -> int:
 def load_weights(model: Tagger, state: dict[tuple[str, str], float],
                  transitions: dict[tuple[str, str], float]) -> None:
     """CRFsuite weights (labels are label ids as strings) into the model's tables. A label
-    CRFsuite never saw gets a score so low that it is never predicted."""
+    CRFsuite never saw gets a score so low that it is never predicted (``UNSEEN``)."""
     wide, crf = model.wide, model.crf
     P = wide.P
     C = crf.trans.shape[0]
@@ -122,7 +123,7 @@ def load_weights(model: Tagger, state: dict[tuple[str, str], float],
         seen.update((int(a), int(b)))
     unseen = [c for c in range(C) if c not in seen]
     if unseen:
-        wide.bias[unseen] = -1e4
+        wide.bias[unseen] = UNSEEN
 
 
 __all__ = ["attributes", "fit_crf", "load_weights"]

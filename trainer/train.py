@@ -443,25 +443,29 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="epoch", leave=False)
 
 
+NLL_CAP = 12.0  # nats: an event whose label the model all but rules out stops pulling T
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
+    """Temperature scaling (Guo et al. 2017): one scalar in [0.05, 20] minimising validation
+    NLL, each event's NLL capped at ``NLL_CAP``. The cap matters with few sessions: a step
+    that only appears on held-out days gets ~0 probability from every model, and plain NLL
+    would then flatten all confidences to make room for it."""
+    from scipy.optimize import minimize_scalar
     keep = labels != IGNORE
     if keep.sum() < 2:
         return 1.0
     z = torch.tensor(logits[keep], dtype=torch.float64)
     y = torch.tensor(labels[keep], dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
+    def loss(log_t: float) -> float:
+        nll = torch.nn.functional.cross_entropy(z / math.exp(log_t), y, reduction="none")
+        return float(nll.clamp(max=NLL_CAP).mean())
 
-    opt.step(closure)
-    t = float(log_t.detach().exp())
-    return t if np.isfinite(t) and 0.05 < t < 20 else 1.0
+    res = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+                          options={"xatol": 1e-3})
+    t = math.exp(res.x)
+    return t if np.isfinite(t) else 1.0
 
 
 def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str, parallel: int = 64
