@@ -127,7 +127,8 @@ def _top1(tagger: LiveTagger, sess, rec: Mapping[str, Any]) -> Optional[str]:
 
 def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs: Mapping[str, np.ndarray],
                          base_dir=None, policy: RevisionPolicy | None = None, progress: bool = False,
-                         per_event: bool = False) -> dict[str, Any]:
+                         per_event: bool = False, offline_covered: Mapping[str, np.ndarray] | None = None
+                         ) -> dict[str, Any]:
     """The ``streaming`` block of ``evaluate --streaming`` (DESIGN.md contract keys first).
     ``first_top1_*``: the top-1 label behind each event's first record (its best guess on
     arrival, abstained or not), scored like the offline top-1 labels. ``per_event`` adds
@@ -143,8 +144,8 @@ def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs:
     top1: list[Optional[str]] = []
     for sid, evs in sessions.items():
         probs = offline_probs[sid]
-        offline = [lm.labels[i] if c >= lm.threshold else None
-                   for i, c in zip(probs.argmax(-1), probs.max(-1))]
+        cov = offline_covered[sid] if offline_covered is not None else probs.max(-1) >= lm.threshold
+        offline = [lm.labels[i] if c else None for i, c in zip(probs.argmax(-1), cov)]
         per_session.append(incremental_from_emissions(len(evs), emissions[sid], gold=gold[sid], offline=offline))
         got = firsts.get(sid, {})
         # an event final at once (lookahead 0) that abstained: its first is its offline arg-max

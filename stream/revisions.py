@@ -8,6 +8,10 @@ and the abstain/label boundary has a band of ``abstain_band`` either side of the
 The final decision has no hysteresis: it is the model's calibrated decision with its full
 lookahead (label when the top probability reaches the threshold, else abstain), which is
 exactly what offline prediction gives, so final labels equal offline labels.
+
+Models trained with the ``stable`` abstention policy (the default, see
+``trainer.train.stable_policy``) hold the first decision until the final one, and keep a
+final label that agrees with the label shown on arrival: a label is revised at most once.
 """
 
 from __future__ import annotations
@@ -32,11 +36,16 @@ class RevisionPolicy:
     margin: float = 0.10
     abstain_band: float = 0.02
 
-    def decide(self, shown: Decision | None, probs: np.ndarray, threshold: float) -> Decision:
+    def decide(self, shown: Decision | None, probs: np.ndarray, threshold: float, *,
+               hold: bool = False) -> Decision:
+        """The label to show before an event is final. ``hold`` (the ``stable`` abstention
+        policy): after the first decision nothing changes until the final one."""
         best = int(probs.argmax())
         p_best = float(probs[best])
         if shown is None:
             return self.final(probs, threshold)
+        if hold:
+            return Decision(shown.label, p_best if shown.label is None else float(probs[shown.label]))
         if shown.label is None:
             if p_best >= min(1.0, threshold + self.abstain_band):
                 return Decision(best, p_best)
@@ -49,7 +58,11 @@ class RevisionPolicy:
         return Decision(shown.label, p_shown)
 
     @staticmethod
-    def final(probs: np.ndarray, threshold: float) -> Decision:
+    def final(probs: np.ndarray, threshold: float, agree_with: Decision | None = None) -> Decision:
+        """The calibrated decision: the top label when its probability reaches the threshold,
+        or (``stable`` policy, ``agree_with`` = the label shown since arrival) when it is that
+        label; else abstain. ``LoadedModel.covered`` applies the same rule offline."""
         best = int(probs.argmax())
         p = float(probs[best])
-        return Decision(best if p >= threshold else None, p)
+        keep = p >= threshold or (agree_with is not None and agree_with.label == best)
+        return Decision(best if keep else None, p)

@@ -302,6 +302,7 @@ class LiveTagger:
         states, outs = model.step([s.state for s, _ in rnd], step_batch(encoded, model))
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
+        stable = self.model.policy == "stable"
         emitted_at = iso_now(self.clock)
         # one softmax and one copy to numpy for the whole round, then a slice per session.
         # Labels shown before an event is final use the calibration of their depth k (later
@@ -332,9 +333,10 @@ class LiveTagger:
                 p.probs = probs[j]
                 is_final = p.seq <= sess.n - 1 - L
                 if is_final:
-                    d = self.policy.final(p.probs, thr)
+                    d = self.policy.final(p.probs, thr, p.shown if stable else None)
                 else:
-                    d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j))
+                    d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j),
+                                           hold=stable)
                     keep.append(p)
                 if is_final or not d.same_as(p.shown):
                     p.revision += 1
@@ -349,9 +351,10 @@ class LiveTagger:
         thr, version = self.model.threshold, self.model.version
         emitted_at = iso_now(self.clock)
         records = []
+        stable = self.model.policy == "stable"
         for p in sess.pending:
             if p.probs is not None:
-                d = self.policy.final(p.probs, thr)
+                d = self.policy.final(p.probs, thr, p.shown if stable else None)
             else:  # context lost (e.g. Redis restarted): final as last shown, or abstain
                 d = p.shown or Decision(None, 0.0)
             p.revision += 1

@@ -115,6 +115,31 @@ class LoadedModel:
         got = self.manifest["calibration"].get("prefix_thresholds")
         return [float(t) for t in got] if got and len(got) == L + 1 else [self.threshold] * (L + 1)
 
+    @property
+    def policy(self) -> str:
+        """``stable``: a label is shown on arrival when its depth-0 confidence reaches
+        ``first_threshold`` and kept at the end when the final label agrees with it or its own
+        confidence reaches ``threshold``; ``plain``: the final confidence alone decides."""
+        return self.manifest["calibration"].get("policy", "plain")
+
+    @property
+    def first_threshold(self) -> float:
+        return float(self.manifest["calibration"].get("first_threshold", self.prefix_threshold(0)))
+
+    def covered(self, final_probs: np.ndarray, first_probs: np.ndarray | None) -> np.ndarray:
+        """Which events keep a label (the rest abstain), from their calibrated final and
+        on-arrival probabilities (n, C) each: the rule the live worker's final records follow."""
+        keep = final_probs.max(-1) >= self.threshold
+        if self.policy == "stable" and first_probs is not None:
+            keep |= (first_probs.max(-1) >= self.first_threshold) & (first_probs.argmax(-1) == final_probs.argmax(-1))
+        return keep
+
+    def arrival_probs(self, sessions: Sequence[EncodedSession]) -> list[np.ndarray]:
+        """Calibrated probabilities each event had on arrival (the depth-0 temperature)."""
+        from trainer.model import arrival_logits
+        t0 = self.prefix_temperatures[0] if self.prefix_temperatures else self.temperature
+        return [softmax_t(z, t0) for z in arrival_logits(self.model, sessions, self.device)]
+
     def prefix_threshold(self, k: int) -> float:
         """Abstention threshold for a label shown while k later events are visible (k >= L:
         final, the full-lookahead threshold)."""
@@ -172,14 +197,24 @@ class LoadedModel:
 
     def predict_proba(self, frame, base_dir: Path | None = None) -> tuple[list[str], list[np.ndarray]]:
         """Calibrated probabilities per session for a canonical frame."""
+        sids, probs, _ = self.predict_decisions(frame, base_dir, arrival=False)
+        return sids, probs
+
+    def predict_decisions(self, frame, base_dir: Path | None = None, arrival: bool = True
+                          ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+        """Per session: calibrated final probabilities and which events keep a label
+        (``covered``; with ``arrival`` the on-arrival probabilities are computed too when the
+        abstention policy needs them)."""
         if self.kind != "neural":
             probs = self.baseline.predict_proba(frame)
             sids = list(dict.fromkeys(frame["session_id"]))
             if self.temperature != 1.0:
                 probs = [softmax_t(np.log(np.clip(p, 1e-12, 1)), self.temperature) for p in probs]
-            return sids, probs
+            return sids, probs, [p.max(-1) >= self.threshold for p in probs]
         sids, enc = self.encoder.transform_frame(frame, base_dir=base_dir or self.base_dir)
-        return sids, [softmax_t(l, self.temperature) for l in self.predict_logits(enc)]
+        probs = [softmax_t(l, self.temperature) for l in self.predict_logits(enc)]
+        first = self.arrival_probs(enc) if arrival and self.policy == "stable" else [None] * len(probs)
+        return sids, probs, [self.covered(p, f) for p, f in zip(probs, first)]
 
 
 def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, labels: Sequence[str],

@@ -138,6 +138,10 @@ class TrainConfig:
     # val_folds session folds held out in turn; the final model sees every training session),
     # "auto" (folds when there are fewer than 60 training sessions, else split)
     validation: Literal["auto", "split", "folds"] = "auto"
+    # Live abstention: "stable" (a label or abstention is shown on arrival and revised at most
+    # once, at finality; see trainer.train.stable_policy) or "plain" (each depth's own
+    # precision threshold; the final confidence alone decides the final label)
+    abstention: Literal["stable", "plain"] = "stable"
     val_folds: int = 4
     seed: int = 42
     device: str = "auto"

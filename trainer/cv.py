@@ -142,18 +142,19 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
                 train_prepared(p, out, acfg, progress=False, echo=lambda *_: None)
                 lm = load_artifact(out)
                 seconds = time.perf_counter() - t0
-                sids, probs = lm.predict_proba(test_frame, base_dir=data.parent)
+                sids, probs, covered = lm.predict_decisions(test_frame, base_dir=data.parent)
                 flat = np.concatenate(probs)
                 top1 = [lm.labels[i] for i in flat.argmax(-1)]
                 pool = pools[arch]
                 pool.gold += gold
                 pool.top1 += top1
-                pool.covered += (flat.max(-1) >= lm.threshold).tolist()
+                pool.covered += np.concatenate(covered).tolist()
                 scores = _scores(gold, top1)
                 block = None
                 if streaming and lm.kind == "neural" and lm.lookahead is not None:
                     from stream.replay import streaming_evaluation
                     block = streaming_evaluation(lm, test_frame, offline_probs=dict(zip(sids, probs)),
+                                                 offline_covered=dict(zip(sids, covered)),
                                                  base_dir=data.parent, per_event=True)
                     pool.first += block.pop("first_top1_labels")
                     pool.stream.append(block)

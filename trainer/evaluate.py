@@ -33,12 +33,14 @@ def label_ids(names: Sequence[str], labels: list[str]) -> tuple[np.ndarray, list
     return np.asarray(ids, dtype=np.int64), extended
 
 
-def score(gold: Sequence[str], probs: np.ndarray, labels: list[str], threshold: float) -> dict[str, Any]:
-    """The offline report for flat gold names and calibrated probabilities (n, C)."""
+def score(gold: Sequence[str], probs: np.ndarray, labels: list[str], threshold: float,
+          covered: np.ndarray | None = None) -> dict[str, Any]:
+    """The offline report for flat gold names and calibrated probabilities (n, C); ``covered``
+    says which events keep a label (default: confidence >= threshold)."""
     y_true, extended = label_ids(gold, labels)
     y_pred = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=np.int64)
     conf = probs.max(-1) if len(probs) else np.zeros(0)
-    return offline_metrics(y_true, y_pred, conf, threshold, extended)
+    return offline_metrics(y_true, y_pred, conf, threshold, extended, covered)
 
 
 def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | None = None, *,
@@ -48,15 +50,17 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     frame, report = read_events(data, require_label=True, skip_bad_rows=skip_bad_rows,
                                 numeric_columns=lm.encoder.data.num_features)
     base_dir = Path(data).parent
-    sids, probs = lm.predict_proba(frame, base_dir=base_dir)
+    sids, probs, covered = lm.predict_decisions(frame, base_dir=base_dir)
     flat = np.concatenate(probs) if probs else np.zeros((0, len(lm.labels)))
-    res = score(frame["step_name"].tolist(), flat, lm.labels, lm.threshold)
+    res = score(frame["step_name"].tolist(), flat, lm.labels, lm.threshold,
+                np.concatenate(covered) if covered else None)
     out: dict[str, Any] = {"events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
                            "model_version": lm.version, "model_kind": lm.kind,
                            "offline": res["offline"]}
     if streaming:
         from stream.replay import streaming_evaluation
         out["streaming"] = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)),
+                                                offline_covered=dict(zip(sids, covered)),
                                                 base_dir=base_dir, progress=progress)
     out["details"] = {k: res[k] for k in ("classification", "selective", "risk_coverage")}
     if report.bad_rows:
@@ -77,11 +81,11 @@ def predict(model_dir: str | Path, data: str | Path, out_csv: str | Path, *,
     lm: LoadedModel = load_artifact(model_dir)
     frame, _ = read_events(data, require_label=False, skip_bad_rows=skip_bad_rows,
                            numeric_columns=lm.encoder.data.num_features)
-    _, probs = lm.predict_proba(frame, base_dir=Path(data).parent)
+    _, probs, covered = lm.predict_decisions(frame, base_dir=Path(data).parent)
     flat = np.concatenate(probs)
     ids = flat.argmax(-1)
     conf = flat.max(-1)
-    abstained = conf < lm.threshold
+    abstained = ~np.concatenate(covered)
     result = pd.DataFrame({
         "session_id": frame["session_id"].values,
         "event_name": frame["event_name"].values,

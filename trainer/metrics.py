@@ -189,7 +189,7 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: Sequence[str]) -> d
 # ------------------------------------------------------------------ selective prediction
 
 def selective_metrics(y_true: Any, y_pred: Any, conf: Any, threshold: float,
-                      labels: Sequence[str]) -> dict:
+                      labels: Sequence[str], covered: Any = None) -> dict:
     """Scores of the selective classifier that labels an event only when ``conf >= threshold``.
 
     ``selective_macro_f1`` is computed on the covered events but averaged over the labels
@@ -208,7 +208,9 @@ def selective_metrics(y_true: Any, y_pred: Any, conf: Any, threshold: float,
     labels = list(labels)
     t, p = _check_pair(y_true, y_pred, labels)
     c = _as_conf(conf, t.size)
-    covered = (c >= threshold) & (p != ABSTAIN)
+    # ``covered``: which events keep a label when a policy decides more than the threshold
+    # does (``LoadedModel.covered``); default: confidence at or above the threshold
+    covered = ((c >= threshold) if covered is None else np.asarray(covered, dtype=bool)) & (p != ABSTAIN)
     n_cov = int(covered.sum())
     n_ok = int(np.sum(t[covered] == p[covered]))
     present = np.flatnonzero(np.bincount(t, minlength=len(labels)))
@@ -377,7 +379,7 @@ def choose_threshold(correct: Any, conf: Any, target_precision: float = 0.95,
 
 
 def offline_metrics(y_true: Any, y_pred: Any, conf: Any, threshold: float,
-                    labels: Sequence[str]) -> dict:
+                    labels: Sequence[str], covered: Any = None) -> dict:
     """Everything ``tagger evaluate`` reports offline, in the shape ``trainer.report`` reads.
 
     ``y_pred`` is the model's best label for every event (no abstention); ``conf`` its
@@ -394,7 +396,7 @@ def offline_metrics(y_true: Any, y_pred: Any, conf: Any, threshold: float,
     t, p = _check_pair(y_true, y_pred, labels)
     c = _as_conf(conf, t.size)
     cls = classification_metrics(t, p, labels)
-    sel = selective_metrics(t, p, c, threshold, labels)
+    sel = selective_metrics(t, p, c, threshold, labels, covered)
     correct = t == p
     cov, risk = risk_coverage_curve(correct, c)
     area = aurc(correct, c)

@@ -1109,6 +1109,35 @@ def build_model(model_args: dict[str, Any]) -> nn.Module:
     return Tagger(ModelArgs.from_dict(model_args))
 
 
+@torch.no_grad()
+def arrival_logits(model: nn.Module, sessions, device=None, batch_size: int = 16) -> list:
+    """Per session, every event's logits on arrival (no later event visible: what the live
+    worker's first record is decided on), as numpy (n, C). A ``depth_exact`` model gives them
+    in one forward pass at horizon 0; any other is replayed through ``step``."""
+    import numpy as np
+    model.eval()
+    out = [None] * len(sessions)
+    if getattr(model, "depth_exact", False):
+        for g in range(0, len(sessions), batch_size):
+            group = list(range(g, min(g + batch_size, len(sessions))))
+            batch = collate([sessions[i] for i in group], device)
+            batch["horizon"] = torch.zeros(batch["event"].shape[:2], dtype=torch.long, device=batch["event"].device)
+            logits, _ = model(batch)
+            for j, i in enumerate(group):
+                out[i] = logits[j, :len(sessions[i])].float().cpu().numpy()
+        return out
+    for i, s in enumerate(sessions):
+        state = [model.init_state(device)]
+        rows = []
+        for t in range(len(s)):
+            batch = collate([s.rows(t, t + 1)], device)
+            batch.pop("lengths")
+            state, outs = model.step(state, batch)
+            rows.append(outs[0][-1])
+        out[i] = torch.stack(rows).float().cpu().numpy()
+    return out
+
+
 def collate(sessions, device=None, with_targets: bool = False):
     """Encoded sessions (``features.EncodedSession``) -> padded (B, T, ...) tensors.
 

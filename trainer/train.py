@@ -231,6 +231,7 @@ class Validated:
     best_epochs: list[int]
     fit: FitResult | None = None          # the split plan's model; folds fit at the end
     seconds: float = 0.0
+    depth_order: list[int] | None = None  # session (index into logits) of each depth-logit block
 
     def scores(self, names: Sequence[str]) -> dict[str, Any]:
         """Held-out top-1 macro-F1 and accuracy at full lookahead and on arrival (k = 0)."""
@@ -263,7 +264,8 @@ def validate(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[Enc
         held = list(val) or list(train)
         depth = prefix_logits(fit.model, held, device) if streamable else None
         return Validated(args, cfg, _logits_for(fit.model, held, device), [s.labels for s in held], depth,
-                         fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started)
+                         fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started,
+                         list(range(len(held))))
     k = max(2, min(cfg.train.val_folds, len(train)))
     order = np.random.default_rng(cfg.train.seed).permutation(len(train))
     oof: list[np.ndarray | None] = [None] * len(train)
@@ -289,7 +291,7 @@ def validate(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[Enc
                  [np.concatenate([y[d] for y in depth_y]) for d in range(len(depth_y[0]))])
     epochs = max(1, int(math.ceil(float(np.median(best)))))
     return Validated(args, cfg, oof, [s.labels for s in train], depth, epochs, best, None,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, [int(i) for f in range(k) for i in order[f::k]])
 
 
 def final_fit(v: Validated, train: Sequence[EncodedSession], *, progress: bool = False,
@@ -574,6 +576,62 @@ def calibrate_depths(z: Sequence[np.ndarray], y: Sequence[np.ndarray], cfg: Conf
             "depths": depths}
 
 
+def first_and_final(logits: Sequence[np.ndarray], depth0: np.ndarray, order: Sequence[int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out depth-0 logits (concatenated in ``order`` of sessions, every position) lined
+    up with the full-lookahead logits (``logits[i]`` per session): (first (n, C), final (n, C)),
+    rows in session order. A session's last positions have their session-end output as final."""
+    sizes = [len(logits[i]) for i in order]
+    parts = np.split(depth0, np.cumsum(sizes)[:-1])
+    by_session = dict(zip(order, parts))
+    first = np.concatenate([by_session[i] for i in range(len(logits)) if i in by_session])
+    final = np.concatenate([logits[i] for i in range(len(logits)) if i in by_session])
+    return first, final
+
+
+def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np.ndarray, cfg: Config,
+                  t_first: float, t_final: float, plain_threshold: float) -> dict[str, Any]:
+    """The abstention policy the worker serves (``calibration.policy: stable``): a label (or
+    an abstention) is shown on arrival and revised at most once, when it becomes final.
+
+    - On arrival an event is labelled when its depth-0 confidence reaches ``first_threshold``,
+      set so that labels are shown on arrival about as often as they will be in the end (the
+      held-out share of events whose final confidence reaches the plain threshold): a first
+      label then rarely has to be withdrawn, and few are added late.
+    - Finally an event keeps a label when its full-lookahead confidence reaches ``threshold``,
+      or when it was labelled on arrival and the final label agrees with that first label:
+      two views that agree. ``threshold`` is chosen on held-out events for the precision
+      target (one-sided Clopper-Pearson bound, as everywhere) over the union of both.
+
+    ``policy: plain`` is returned instead (the final label alone decides, its plain
+    threshold) when no threshold reaches the target over that union."""
+    from trainer.artifacts import softmax_t
+    from trainer.metrics import ABSTAIN_ALL, choose_threshold
+    keep = labels != IGNORE
+    p0 = softmax_t(first_logits[keep], t_first)
+    pL = softmax_t(final_logits[keep], t_final)
+    y = labels[keep]
+    c0, a0, cL, aL = p0.max(-1), p0.argmax(-1), pL.max(-1), pL.argmax(-1)
+    plain = {"policy": "plain", "threshold": plain_threshold}
+    coverage = float((cL >= plain_threshold).mean()) if len(cL) else 0.0
+    if not len(cL) or coverage == 0.0:
+        return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
+    first_thr = float(np.quantile(c0, 1.0 - coverage, method="higher"))
+    agree = (c0 >= first_thr) & (a0 == aL)
+    chosen = choose_threshold(aL == y, np.where(agree, 2.0, cL), cfg.train.precision_target,
+                              cfg.train.guarantee_confidence, method="binomial")
+    if not chosen["feasible"]:
+        return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
+    threshold = min(chosen["threshold"], ABSTAIN_ALL)
+    covered = agree | (cL >= threshold)
+    return {"policy": "stable", "first_threshold": first_thr, "threshold": threshold,
+            "first_coverage": float((c0 >= first_thr).mean()),
+            "first_precision": float((a0 == y)[c0 >= first_thr].mean()) if (c0 >= first_thr).any() else None,
+            "coverage": float(covered.mean()), "precision": float((aL == y)[covered].mean()) if covered.any() else None,
+            "lower_bound": chosen["lower_bound"], "revised_share": float(((c0 >= first_thr) != covered).mean()
+                                                                         + ((c0 >= first_thr) & covered & (a0 != aL)).mean())}
+
+
 def depth_summary(depths: Sequence[dict[str, Any]], target: float) -> list[str]:
     """Lines for the training log: per depth k the top-1 scores and coverage, and one line
     naming the depths at which nothing reaches the precision target (they will abstain)."""
@@ -693,6 +751,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
     hpo_info: dict[str, Any] | None = None
     auto_info: dict[str, Any] | None = None
     depth_logits = None
+    depth_order = None
     if arch == "logreg":
         return _train_baseline(p, out_dir, cfg, started, echo)
     if cfg.train.hpo.enabled:
@@ -723,6 +782,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                     for a in auto_info["members"]}
             model, cal_logits, depth_logits = build_mixture(auto_info, results, fits)
             cal_labels = results[auto_info["members"][0]].labels
+            depth_order = results[auto_info["members"][0]].depth_order
             fit = FitResult(model, max(f.best_epoch for f in fits.values()), [],
                             sum(f.seconds for f in fits.values()))
         else:
@@ -730,6 +790,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             cfg = v.cfg
             fit = final_fit(v, p.encoded["train"], progress=progress, echo=echo)
             cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
+            depth_order = v.depth_order
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
     prefix: dict[str, Any] = {}
     if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info and depth_logits:
@@ -741,10 +802,27 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             enumerate(zip(prefix["prefix_temperatures"], prefix["prefix_thresholds"]))))
         for line in depth_summary(prefix["depths"], cfg.train.precision_target):
             echo(line)
+    policy: dict[str, Any] = {"policy": "plain"}
+    if prefix and depth_order is not None and cfg.train.abstention == "stable" and fit.model.args.lookahead:
+        first, final = first_and_final(cal_logits, depth_logits[0][0], depth_order)
+        present = sorted(set(depth_order))
+        policy = stable_policy(first, final, np.concatenate([cal_labels[i] for i in present]), cfg,
+                               prefix["prefix_temperatures"][0], temperature, chosen["threshold"])
+        if policy["policy"] == "stable":
+            prefix["prefix_thresholds"][0] = policy["first_threshold"]
+            prefix["prefix_thresholds"][-1] = policy["threshold"]
+            chosen = {**chosen, "threshold": policy["threshold"], "coverage": policy["coverage"],
+                      "precision": policy["precision"], "lower_bound": policy["lower_bound"]}
+            echo(f"abstention (stable): labelled on arrival at confidence >= {policy['first_threshold']:.3f} "
+                 f"({policy['first_coverage']:.3f} of held-out events, precision {policy['first_precision'] or 0:.3f}); "
+                 f"final label kept when it agrees or its confidence >= {policy['threshold']:.3f} "
+                 f"(coverage {policy['coverage']:.3f}, precision {policy['precision'] or 0:.3f}); "
+                 f"revised once: {policy['revised_share']:.3f} of events")
     echo(f"trained {arch} in {fit.seconds:.1f}s (best epoch {fit.best_epoch}); temperature "
          f"{temperature:.3f}; threshold {chosen['threshold']:.4f} for precision >= "
          f"{cfg.train.precision_target} (coverage {chosen['coverage'] or 0:.3f} on validation)")
-    metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen, **prefix},
+    metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen, **prefix,
+                                              "abstention": policy},
                                "history": fit.history, "train_seconds": fit.seconds}
     if hpo_info:
         metrics["hpo"] = hpo_info
@@ -754,15 +832,22 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
     if p.encoded["test"]:
         logits = _logits_for(fit.model, p.encoded["test"], pick_device(cfg.train.device))
         probs = np.concatenate([softmax_t(l, temperature) for l in logits])
+        covered = probs.max(-1) >= chosen["threshold"]
+        if policy["policy"] == "stable":
+            from trainer.model import arrival_logits
+            first = np.concatenate([softmax_t(z, prefix["prefix_temperatures"][0]) for z in
+                                    arrival_logits(fit.model, p.encoded["test"], pick_device(cfg.train.device))])
+            covered |= (first.max(-1) >= policy["first_threshold"]) & (first.argmax(-1) == probs.argmax(-1))
         gold = p.frame.set_index("session_id").loc[p.splits["test"], "step_name"].tolist()
-        test_report = score(gold, probs, p.label_map.labels, chosen["threshold"])
+        test_report = score(gold, probs, p.label_map.labels, chosen["threshold"], covered)
         metrics["test"] = {**test_report["offline"], "classification": test_report["classification"],
                            "selective": test_report["selective"]}
     out = save_artifact(Path(out_dir), model=fit.model, encoder=p.encoder, labels=p.label_map.labels,
                         temperature=temperature, threshold=chosen["threshold"],
                         calibration={k: chosen[k] for k in ("coverage", "precision", "lower_bound",
                                                              "feasible", "method", "confidence",
-                                                             "target_precision")} | prefix,
+                                                             "target_precision")} | prefix
+                        | {k: v for k, v in policy.items() if k in ("policy", "first_threshold")},
                         metrics=metrics, training=_training_info(p, cfg, time.perf_counter() - started),
                         config=cfg.to_dict())
     if test_report is not None:
