@@ -73,7 +73,15 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
 
 def predict(model_dir: str | Path, data: str | Path, out_csv: str | Path, *,
             skip_bad_rows: bool = False) -> pd.DataFrame:
-    """Label every event; abstained events get an empty ``pred_step_name``, id -1."""
+    """Label every event; abstained events get an empty ``pred_step_name``, id -1.
+
+    Columns, and the live record field (``tagger.labels``) each corresponds to: the contract's
+    ``session_id, event_name, pred_step_name`` (``step_name``; "" here where live says null),
+    ``pred_confidence`` (``confidence``), ``pred_step_id`` (no live field; -1 when abstained),
+    ``abstained`` (``abstained``); then ``event_id``, ``timestamp`` and ``best_step_name``,
+    the most likely step even where the model abstained (equal to ``pred_step_name``
+    elsewhere): the best guess for a reviewer, never a claim that clears the threshold.
+    """
     lm: LoadedModel = load_artifact(model_dir)
     frame, _ = read_events(data, require_label=False, skip_bad_rows=skip_bad_rows,
                            numeric_columns=lm.encoder.data.num_features)
@@ -91,6 +99,7 @@ def predict(model_dir: str | Path, data: str | Path, out_csv: str | Path, *,
         "abstained": abstained,
         "event_id": frame["event_id"].values,
         "timestamp": frame["timestamp"].values,
+        "best_step_name": np.asarray(lm.labels, dtype=object)[ids],
     })
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

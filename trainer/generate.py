@@ -680,6 +680,11 @@ class _Renderer:
 # Entry point
 # --------------------------------------------------------------------------------------
 
+# Session ids of seed s lie in [s * SEED_ID_STRIDE + FIRST_SESSION_ID, (s + 1) * SEED_ID_STRIDE).
+FIRST_SESSION_ID = 10000
+SEED_ID_STRIDE = 10_000_000
+
+
 def _posix_relpath(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
@@ -690,10 +695,15 @@ def generate(sessions: int, seed: int, out: str | Path, images_dir: str | Path |
 
     Columns are `COLUMNS`, plus `screenshot_path` (relative to the CSV's folder) when
     `images_dir` is given, in which case one PNG per event is written there. The same seed
-    gives a byte-identical CSV and identical images.
+    gives a byte-identical CSV and identical images; different seeds never share a session id.
     """
     if sessions < 0:
         raise ValueError(f"sessions must be >= 0, got {sessions}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if 3 * sessions >= SEED_ID_STRIDE - FIRST_SESSION_ID:
+        raise ValueError(f"at most {(SEED_ID_STRIDE - FIRST_SESSION_ID) // 3 - 1} sessions per seed, "
+                         f"got {sessions}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     renderer = None
@@ -711,7 +721,9 @@ def generate(sessions: int, seed: int, out: str | Path, images_dir: str | Path |
         start, week = _session_start(random.Random(f"tagger-generate:{seed}:start:{i}"))
         starts.append((start, i, week))
     starts.sort()   # session ids grow with start time, as a recorder would assign them
-    sid = 10000
+    # Each seed has its own block of ids, so logs made with different seeds (a training set, a
+    # test set, "new" data) can be published to one topic without mixing sessions.
+    sid = FIRST_SESSION_ID + seed * SEED_ID_STRIDE
     per_session: list[list[list]] = []
     for start, i, week in tqdm(starts, total=sessions, disable=not progress, file=sys.stderr,
                                desc="sessions", unit="session"):

@@ -234,7 +234,8 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
             f"streaming: first accuracy {_fmt(st.get('first_accuracy'))} | final accuracy "
             f"{_fmt(st.get('final_accuracy'))} | edit overhead {_fmt(st.get('edit_overhead'))}"
             f" | correction time {_fmt(st.get('correction_time'))} | relative correctness "
-            f"{_fmt(st.get('relative_correctness'))}")
+            f"{_fmt(st.get('relative_correctness'))} | final = offline "
+            f"{_fmt(st.get('final_equals_offline'))}")
     top = cls.get("top_confusions") or []
     if top:
         lines.append("Top confusions (true → predicted):")

@@ -46,6 +46,19 @@ def test_same_seed_gives_same_bytes_and_other_seed_differs(tmp_path):
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_different_seeds_never_share_a_session_id(tmp_path):
+    """A test set and a "new" set made with other seeds can go to one topic unmixed."""
+    ids = {}
+    for seed in (0, 1, 2, 8):
+        generate(60, seed, tmp_path / f"s{seed}.csv")
+        ids[seed] = set(pd.read_csv(tmp_path / f"s{seed}.csv")["session_id"])
+        assert len(ids[seed]) == 60
+    seeds = list(ids)
+    for i, a in enumerate(seeds):
+        for b in seeds[i + 1:]:
+            assert not ids[a] & ids[b], (a, b)
+
+
 def test_columns_types_and_stats(log):
     path, stats, df = log
     assert list(df.columns) == COLUMNS
