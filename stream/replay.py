@@ -97,14 +97,19 @@ def _lockstep(tagger: LiveTagger, sessions, ids, parallel, emissions, finals, ba
 
 
 def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs: Mapping[str, np.ndarray],
-                         base_dir=None, policy: RevisionPolicy | None = None, progress: bool = False
-                         ) -> dict[str, Any]:
-    """The ``streaming`` block of ``evaluate --streaming`` (DESIGN.md contract keys first)."""
+                         base_dir=None, policy: RevisionPolicy | None = None, progress: bool = False,
+                         emissions_out: dict | None = None) -> dict[str, Any]:
+    """The ``streaming`` block of ``evaluate --streaming`` (DESIGN.md contract keys first).
+
+    ``emissions_out``, when given, receives every session's emissions ``(seq, step, label)``
+    in emission order (for the session timeline plots)."""
     if base_dir is not None:
         lm.base_dir = base_dir
     tagger = LiveTagger(lm, policy)
     sessions = frame_events(frame)
     emissions, timing = replay_sessions(tagger, sessions, progress=progress)
+    if emissions_out is not None:
+        emissions_out.update(emissions)
     gold = {sid: g["step_name"].tolist() for sid, g in frame.groupby("session_id", sort=False)}
     per_session = []
     for sid, evs in sessions.items():

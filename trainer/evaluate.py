@@ -54,10 +54,12 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     out: dict[str, Any] = {"events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
                            "model_version": lm.version, "model_kind": lm.kind,
                            "offline": res["offline"]}
+    emissions: dict | None = {} if (json_out and plots) else None
     if streaming:
         from stream.replay import streaming_evaluation
         out["streaming"] = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)),
-                                                base_dir=base_dir, progress=progress)
+                                                base_dir=base_dir, progress=progress,
+                                                emissions_out=emissions)
     out["details"] = {k: res[k] for k in ("classification", "selective", "risk_coverage")}
     if report.bad_rows:
         out["skipped_rows"] = [str(b) for b in report.bad_rows]
@@ -66,9 +68,20 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(out, indent=2, default=_json_default), encoding="utf-8")
         if plots:
-            from trainer.report import write_report
-            write_report(res, json_out.parent / (json_out.stem + "_plots"))
+            from trainer.report import write_report, write_timelines
+            plots_dir = json_out.parent / (json_out.stem + "_plots")
+            write_report(res, plots_dir)
+            if emissions:
+                write_timelines(_histories(frame, emissions), plots_dir)
     return out
+
+
+def _histories(frame: pd.DataFrame, emissions: dict) -> dict[str, list[dict[str, Any]]]:
+    """Each replayed session's label history, event by event (``report.session_timeline``)."""
+    from trainer.report import session_timeline
+    return {sid: session_timeline(g["_ts"].tolist(), g["event_name"].tolist(), emissions[sid],
+                                  g["step_name"].tolist())
+            for sid, g in frame.groupby("session_id", sort=False) if sid in emissions}
 
 
 def predict(model_dir: str | Path, data: str | Path, out_csv: str | Path, *,
