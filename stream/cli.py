@@ -93,8 +93,9 @@ def cmd_tail(args) -> int:
 
 def cmd_demo(args) -> int:
     from stream.demo import run_demo
-    summary = run_demo(sessions=args.sessions, json_out=args.json, rate=args.rate,
-                       quiet=args.quiet or not sys.stdout.isatty(), workdir=Path(args.workdir))
+    summary = run_demo(sessions=args.sessions, json_out=args.json, rate=args.rate, quiet=args.quiet,
+                       live=sys.stdout.isatty(), workdir=Path(args.workdir),
+                       train_sessions=args.train_sessions)
     return 0 if summary.get("events_without_final", 1) == 0 else 1
 
 
@@ -194,7 +195,9 @@ actions:
     d = sub.add_parser("demo", help="the whole product on this machine: stack, model, worker, live labels, summary")
     d.add_argument("--sessions", type=int, default=60, help="held-out sessions to replay")
     d.add_argument("--rate", type=float, default=150.0, help="events per second to publish")
-    d.add_argument("--json", help="write the summary as JSON here")
+    d.add_argument("--json", help="also write the summary as JSON here (it is always in the demo folder)")
+    d.add_argument("--train-sessions", type=int, default=800,
+                   help="generated sessions to train on when no model is current")
     d.add_argument("--workdir", default="runs/demo",
                    help="where generated data, the worker log, the summary plots and a copy of "
                         "the metrics go (relative to the current directory); the trained model goes "

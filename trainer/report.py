@@ -264,6 +264,31 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_latency_histogram(latencies_s: Sequence[float], path: str | Path,
+                           title: str = "First-label latency (publication to first label record)") -> Path:
+    """Histogram of latencies on a log-time axis, with p50, p95 and p99 marked."""
+    lat = np.asarray([x for x in latencies_s if x is not None and np.isfinite(x)], dtype=float)
+    ms = np.clip(1000.0 * lat, 0.1, None)
+    fig = Figure(figsize=(8.0, 4.5))
+    ax = fig.add_subplot()
+    if ms.size:
+        lo, hi = np.log10(ms.min()), np.log10(ms.max())
+        bins = np.logspace(lo - 0.05, hi + 0.05, max(10, min(60, int(ms.size ** 0.5) + 5)))
+        ax.hist(ms, bins=bins, color="steelblue", alpha=0.85)
+        for q, style in ((50, "-"), (95, "--"), (99, ":")):
+            v = float(np.percentile(ms, q))
+            ax.axvline(v, color="crimson", linestyle=style, linewidth=1.2, label=f"p{q} {v:.1f} ms")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("milliseconds (log scale)")
+    ax.set_ylabel("events")
+    ax.set_title(f"{title}; {ms.size} events", loc="left", fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- session timelines
 
 ABSTAINED_ROW = "(abstained)"
