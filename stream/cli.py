@@ -53,7 +53,12 @@ def cmd_stack(args) -> int:
     if args.action == "up":
         info = stack_up(args.state_dir)
         print(f"stack {'already ' if info.get('already_running') else ''}running: Kafka-compatible broker "
-              f"{info['kafka']}, Redis {info['redis']}", file=sys.stderr)
+              f"{info['kafka']}, Redis {info['redis']}; state in {info['state_dir']}", file=sys.stderr)
+        # Where a user's own consumer group would first sit waiting (README: Publishing and consuming)
+        print("note: on this broker a new consumer-group member gets its partitions only after half "
+              "its session timeout (librdkafka's default 45 s: ~23 s); set session.timeout.ms=6000 "
+              "(aiokafka: session_timeout_ms=6000) for ~3 s. librdkafka clients need version >= 2.2.",
+              file=sys.stderr)
         sys.stdout.write(format_env(info))
     elif args.action == "down":
         info = stack_down(args.state_dir)
