@@ -72,6 +72,7 @@ EPILOG = """\
 a first hour:
   tagger demo                                   everything on this machine, with a summary
   tagger generate --sessions 600 --seed 1 --out runs/train.csv
+  tagger generate --sessions 300 --seed 2 --out runs/test.csv
   tagger train    --data runs/train.csv --out artifacts/m1
   tagger evaluate --model artifacts/m1 --data runs/test.csv --json runs/eval.json --streaming
   tagger promote  artifacts/m1 && eval "$(tagger stack up)" && tagger worker
@@ -92,7 +93,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
