@@ -25,6 +25,18 @@ from trainer.metrics import aggregate_incremental, incremental_from_emissions
 _INTERNAL = {"seq", "_line", "_ts", "step_name"}
 
 
+def top1_scores(gold: Sequence[str], pred: Sequence[Optional[str]], prefix: str = "") -> dict[str, Any]:
+    """Accuracy and macro-F1 (over the labels present in ``gold``) of label names; a None
+    prediction counts as wrong."""
+    from trainer.evaluate import label_ids
+    from trainer.metrics import classification_metrics
+    names = sorted(set(gold) | {p for p in pred if p is not None})
+    y, _ = label_ids(gold, names)
+    p = np.array([-1 if x is None else names.index(x) for x in pred], dtype=np.int64)
+    cls = classification_metrics(y, p, names)
+    return {f"{prefix}accuracy": cls["token_accuracy"], f"{prefix}macro_f1": cls["macro_f1"]}
+
+
 def frame_events(frame: pd.DataFrame) -> dict[str, list[EventIn]]:
     """A canonical frame -> each session's events as the worker would receive them."""
     out: dict[str, list[EventIn]] = {}
@@ -42,9 +54,12 @@ def _end(sid: str) -> EventIn:
 
 
 def replay_sessions(tagger: LiveTagger, sessions: Mapping[str, Sequence[EventIn]], *, parallel: int = 64,
-                    progress: bool = False) -> tuple[dict[str, list[tuple[int, int, Optional[str]]]], dict[str, Any]]:
+                    progress: bool = False, first_top1: dict[str, dict[int, str]] | None = None
+                    ) -> tuple[dict[str, list[tuple[int, int, Optional[str]]]], dict[str, Any]]:
     """Run sessions through the tagger; returns per-session emissions (position, step, label)
-    and timing. Every event's final record is checked to exist exactly once."""
+    and timing. Every event's final record is checked to exist exactly once. With
+    ``first_top1`` (a dict to fill), it also records each event's top-1 label at its first
+    emission, abstained or not: the model's best guess on arrival."""
     emissions: dict[str, list[tuple[int, int, Optional[str]]]] = {sid: [] for sid in sessions}
     finals: dict[str, int] = {sid: 0 for sid in sessions}
     ids = list(sessions)
@@ -58,7 +73,7 @@ def replay_sessions(tagger: LiveTagger, sessions: Mapping[str, Sequence[EventIn]
     started = time.perf_counter()
     n_events = 0
     try:
-        _lockstep(tagger, sessions, ids, parallel, emissions, finals, bar)
+        _lockstep(tagger, sessions, ids, parallel, emissions, finals, bar, first_top1)
     finally:
         torch.set_num_threads(threads)
     n_events = sum(len(v) for v in sessions.values())
@@ -72,7 +87,7 @@ def replay_sessions(tagger: LiveTagger, sessions: Mapping[str, Sequence[EventIn]
                        "us_per_event": 1e6 * seconds / max(n_events, 1)}
 
 
-def _lockstep(tagger: LiveTagger, sessions, ids, parallel, emissions, finals, bar) -> None:
+def _lockstep(tagger: LiveTagger, sessions, ids, parallel, emissions, finals, bar, first_top1=None) -> None:
     """Advance ``parallel`` sessions at a time, one event each per call, then end them."""
     for g in range(0, len(ids), parallel):
         group = ids[g:g + parallel]
@@ -88,40 +103,65 @@ def _lockstep(tagger: LiveTagger, sessions, ids, parallel, emissions, finals, ba
             out = tagger.process(batch)
             for rec in out.records:
                 sid = rec["session_id"]
-                step = tagger.sessions[sid].n - 1
+                sess = tagger.sessions[sid]
+                step = sess.n - 1
                 emissions[sid].append((rec["seq"], step, rec["step_name"]))
                 finals[sid] += bool(rec["final"])
+                if first_top1 is not None and rec["revision"] == 0:
+                    first_top1.setdefault(sid, {})[rec["seq"]] = _top1(tagger, sess, rec)
             if bar is not None:
                 bar.update(out.accepted)
         tagger.drop(group)
 
 
+def _top1(tagger: LiveTagger, sess, rec: Mapping[str, Any]) -> Optional[str]:
+    """The best label behind an event's first record: its shown label, or when it abstained,
+    the arg-max of the probabilities it was decided on (still held while it is pending)."""
+    if rec["step_name"] is not None:
+        return rec["step_name"]
+    for p in sess.pending:
+        if p.seq == rec["seq"] and p.probs is not None:
+            return tagger.model.labels[int(np.argmax(p.probs))]
+    return None
+
+
 def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs: Mapping[str, np.ndarray],
                          base_dir=None, policy: RevisionPolicy | None = None, progress: bool = False,
-                         emissions_out: dict | None = None) -> dict[str, Any]:
+                         per_event: bool = False, emissions_out: dict | None = None) -> dict[str, Any]:
     """The ``streaming`` block of ``evaluate --streaming`` (DESIGN.md contract keys first).
-
+    ``first_top1_*``: the top-1 label behind each event's first record (its best guess on
+    arrival, abstained or not), scored like the offline top-1 labels. ``per_event`` adds
+    those labels, frame order, as ``first_top1_labels`` (for ``tagger cv``).
     ``emissions_out``, when given, receives every session's emissions ``(seq, step, label)``
     in emission order (for the session timeline plots)."""
     if base_dir is not None:
         lm.base_dir = base_dir
     tagger = LiveTagger(lm, policy)
     sessions = frame_events(frame)
-    emissions, timing = replay_sessions(tagger, sessions, progress=progress)
+    firsts: dict[str, dict[int, str]] = {}
+    emissions, timing = replay_sessions(tagger, sessions, progress=progress, first_top1=firsts)
     if emissions_out is not None:
         emissions_out.update(emissions)
     gold = {sid: g["step_name"].tolist() for sid, g in frame.groupby("session_id", sort=False)}
     per_session = []
+    top1: list[Optional[str]] = []
     for sid, evs in sessions.items():
         probs = offline_probs[sid]
         offline = [lm.labels[i] if c >= lm.threshold else None
                    for i, c in zip(probs.argmax(-1), probs.max(-1))]
         per_session.append(incremental_from_emissions(len(evs), emissions[sid], gold=gold[sid], offline=offline))
+        got = firsts.get(sid, {})
+        # an event final at once (lookahead 0) that abstained: its first is its offline arg-max
+        top1.extend(got.get(j) or lm.labels[int(probs[j].argmax())] for j in range(len(evs)))
     agg = aggregate_incremental(per_session)
     keys = ("first_accuracy", "final_accuracy", "edit_overhead", "correction_time",
             "relative_correctness", "final_equals_offline")
     out = {k: agg.get(k) for k in keys}
     out.update({k: v for k, v in agg.items() if k not in out})
+    flat_gold = [g for sid in sessions for g in gold[sid]]
+    out.update(top1_scores(flat_gold, top1, prefix="first_top1_"))
+    if per_event:
+        out["first_top1_labels"] = top1
     out["lookahead"] = tagger.lookahead
     out["us_per_event"] = round(timing["us_per_event"], 1)
     out["policy"] = {"margin": tagger.policy.margin, "abstain_band": tagger.policy.abstain_band}

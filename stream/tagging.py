@@ -408,7 +408,7 @@ def step_batch(enc: EncodedSession, model) -> dict[str, torch.Tensor]:
     """Encoded rows (row i = session i's new event) -> (B, 1, ...) tensors for ``Tagger.step``."""
     device = next(model.parameters()).device
     return {name: torch.from_numpy(np.ascontiguousarray(getattr(enc, name)))[:, None].to(device)
-            for name in ("event", "tokens", "cats", "nums", "text", "image")}
+            for name in ("event", "tokens", "cats", "nums", "text", "image", "lex")}
 
 
 def _record(sid: str, p: Pending, d: Decision, final: bool, labels: Sequence[str], version: str,

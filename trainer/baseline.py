@@ -54,7 +54,9 @@ CLIP = 5.0  # standardised numbers beyond this are outliers; clipping keeps one 
 DEFAULT_HYPER: dict[str, dict[str, Any]] = {
     "logreg": {"window": 1, "C": 1.0, "max_iter": 2000, "tol": 1e-4, "solver": "lbfgs",
                "class_weight": "balanced"},
-    "crf": {"window": 2, "c1": 0.05, "c2": 0.05, "max_iterations": 200,
+    # ``future``: neighbours after the event (None = ``window``); 0 makes the CRF causal, so
+    # forward filtering labels an event on arrival (``predict_proba(decode="filter")``)
+    "crf": {"window": 2, "future": None, "c1": 0.05, "c2": 0.05, "max_iterations": 200,
             "all_possible_transitions": True},
 }
 
@@ -99,15 +101,17 @@ class _Featurizer:
     """Derived features -> window feature dicts. Its state (numeric statistics) is JSON-able."""
 
     def __init__(self, data: DataConfig, auto_cols: Sequence[str], window: int,
-                 num_names: Sequence[str], mean: Sequence[float], std: Sequence[float]):
+                 num_names: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                 future: int | None = None):
         self.data, self.auto_cols, self.window = data, list(auto_cols), int(window)
+        self.future = self.window if future is None else int(future)
         self.num_names = list(num_names)
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = np.asarray(std, dtype=np.float64)
 
     @classmethod
     def fit(cls, sessions: Sequence[Sequence[dict[str, Any]]], data: DataConfig,
-            auto_cols: Sequence[str], window: int) -> "_Featurizer":
+            auto_cols: Sequence[str], window: int, future: int | None = None) -> "_Featurizer":
         names = list(DERIVED_NUMS) + list(data.num_features)
         raw = np.array([[d["nums"].get(n, math.nan) for n in names] for s in sessions for d in s],
                        dtype=np.float64).reshape(-1, len(names))
@@ -116,7 +120,7 @@ class _Featurizer:
             mean = np.nan_to_num(np.nanmean(raw, axis=0)) if len(raw) else np.zeros(len(names))
             std = np.nan_to_num(np.nanstd(raw, axis=0)) if len(raw) else np.ones(len(names))
         std[std < 1e-6] = 1.0
-        return cls(data, auto_cols, window, names, mean, std)
+        return cls(data, auto_cols, window, names, mean, std, future)
 
     def event(self, d: Mapping[str, Any]) -> dict[str, float]:
         f: dict[str, float] = {f"tpl={d['template']}": 1.0}
@@ -148,7 +152,7 @@ class _Featurizer:
         n, out = len(base), []
         for i in range(n):
             f: dict[str, float] = {"bias": 1.0}
-            for off in range(-self.window, self.window + 1):
+            for off in range(-self.window, self.future + 1):
                 j = i + off
                 pre = f"{off:+d}:" if off else "0:"
                 if j < 0:
@@ -164,13 +168,13 @@ class _Featurizer:
     def to_dict(self) -> dict[str, Any]:
         from trainer.config import _to_plain
         return {"data": _to_plain(self.data), "auto_cols": self.auto_cols, "window": self.window,
-                "num_names": self.num_names, "mean": self.mean.tolist(), "std": self.std.tolist()}
+                "future": self.future, "num_names": self.num_names, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "_Featurizer":
         from trainer.config import _build
         return cls(_build(DataConfig, d["data"], "data"), d["auto_cols"], d["window"],
-                   d["num_names"], d["mean"], d["std"])
+                   d["num_names"], d["mean"], d["std"], d.get("future"))
 
 
 def _frequent(sessions: Sequence[Sequence[dict[str, Any]]], feat: _Featurizer,
@@ -200,6 +204,9 @@ def _hyper(kind: str, given: Mapping[str, Any]) -> dict[str, Any]:
     hyper = {**known, **given}
     if not isinstance(hyper["window"], int) or hyper["window"] < 0:
         raise ConfigError(f"{kind} hyperparameter 'window' must be an integer >= 0")
+    future = hyper.get("future")
+    if future is not None and (not isinstance(future, int) or future < 0):
+        raise ConfigError(f"{kind} hyperparameter 'future' must be an integer >= 0 or null")
     return hyper
 
 
@@ -254,7 +261,7 @@ class BaselineLabeller:
         sessions = _sessions(train, data, auto)
         y_sessions = [g["step_name"].astype(str).tolist()
                       for _, g in train.groupby("session_id", sort=False)]
-        feat = _Featurizer.fit(sessions, data, auto, hyper["window"])
+        feat = _Featurizer.fit(sessions, data, auto, hyper["window"], hyper.get("future"))
         keep = _frequent(sessions, feat, data.min_freq)
         X_sessions = [feat.session(s, keep) for s in sessions]
         info = {"n_events": len(train), "n_sessions": len(sessions)}
@@ -326,16 +333,60 @@ class BaselineLabeller:
         return cls("crf", labels, feat, hyper, seed, info, crf_model=model_bytes)
 
     # ---- prediction --------------------------------------------------------------------------
-    def predict_proba(self, frame: pd.DataFrame) -> list[np.ndarray]:
+    def predict_proba(self, frame: pd.DataFrame, decode: str | int = "marginal") -> list[np.ndarray]:
         """One (n_events, len(labels)) float64 array per session, sessions in order of first
-        appearance in ``frame`` (a canonical frame); every row sums to 1."""
+        appearance in ``frame`` (a canonical frame); every row sums to 1.
+
+        ``decode`` (CRF only): ``"marginal"``, the forward-backward marginals over the whole
+        session; ``"filter"``, forward filtering p(y_t | events up to t), what a CRF can say
+        when an event arrives (causal only when ``future`` is 0); an int L, fixed-lag
+        smoothing p(y_t | events up to t + L), the label once L later events are in."""
         if frame.empty:
             return []
         feat = self.featurizer
         sessions = _sessions(frame, feat.data, feat.auto_cols)
         if self.kind == "logreg":
             return [self._logreg_proba(feat.session(s)) for s in sessions]
-        return [self._crf_proba(feat.session(s)) for s in sessions]
+        if decode == "marginal":
+            return [self._crf_proba(feat.session(s)) for s in sessions]
+        lag = 0 if decode == "filter" else decode
+        if not isinstance(lag, int) or isinstance(lag, bool) or lag < 0:
+            raise ValueError(f"decode must be 'marginal', 'filter' or a lag >= 0, got {decode!r}")
+        return [crf_lag_marginals(self._crf_emissions(feat.session(s)), self.crf_transitions, lag)
+                for s in sessions]
+
+    # ---- the CRF's weights, for decoding other than crfsuite's own marginals -----------------
+    @property
+    def crf_weights(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(attribute -> (C,) state weights, (C, C) transition weights [from, to]) read from
+        the CRFsuite model, columns in ``labels`` order."""
+        if getattr(self, "_weights", None) is None:
+            info = self._tagger.info()
+            index = {label: i for i, label in enumerate(self.labels)}
+            state: dict[str, np.ndarray] = {}
+            for (attr, label), w in info.state_features.items():
+                if label in index:
+                    state.setdefault(attr, np.zeros(len(self.labels)))[index[label]] = w
+            trans = np.zeros((len(self.labels), len(self.labels)))
+            for (a, b), w in info.transitions.items():
+                if a in index and b in index:
+                    trans[index[a], index[b]] = w
+            self._weights = (state, trans)
+        return self._weights
+
+    @property
+    def crf_transitions(self) -> np.ndarray:
+        return self.crf_weights[1]
+
+    def _crf_emissions(self, dicts: Sequence[Mapping[str, float]]) -> np.ndarray:
+        state = self.crf_weights[0]
+        out = np.zeros((len(dicts), len(self.labels)))
+        for t, f in enumerate(dicts):
+            for name, v in f.items():
+                w = state.get(name)
+                if w is not None:
+                    out[t] += v * w
+        return out
 
     def _logreg_proba(self, dicts: Sequence[Mapping[str, float]]) -> np.ndarray:
         n, index = len(dicts), self._index
@@ -433,6 +484,45 @@ class BaselineLabeller:
 
     def __repr__(self) -> str:
         return f"BaselineLabeller(kind={self.kind!r}, labels={len(self.labels)}, hyper={self.hyper})"
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = a.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def crf_lag_marginals(emissions: np.ndarray, trans: np.ndarray, lag: int | None) -> np.ndarray:
+    """Linear-chain CRF label probabilities with bounded lookahead: row t is
+    p(y_t | x_0..x_{t+lag}) (``lag`` None: the whole sequence, the usual marginals). The
+    forward message alpha_t covers 0..t; the backward message covers only t+1..t+lag.
+
+    emissions (n, C) state scores, trans (C, C) [from, to] -> (n, C) probabilities."""
+    n, C = emissions.shape
+    if n == 0:
+        return np.zeros((0, C))
+    alpha = np.zeros((n, C))
+    alpha[0] = emissions[0]
+    for t in range(1, n):
+        alpha[t] = emissions[t] + _logsumexp(alpha[t - 1][:, None] + trans, 0)
+    out = np.zeros((n, C))
+    if lag is None or lag >= n - 1:                    # one backward pass: the full marginals
+        beta = np.zeros((n, C))
+        for t in range(n - 2, -1, -1):
+            beta[t] = _logsumexp(trans + (emissions[t + 1] + beta[t + 1])[None, :], 1)
+        z = alpha + beta
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True)
+    reach = lag
+    for t in range(n):
+        stop = min(n - 1, t + reach)
+        beta = np.zeros(C)
+        for j in range(stop, t, -1):                   # beta_{j-1}(y) = lse_y' A[y,y'] + e_j(y') + beta_j(y')
+            beta = _logsumexp(trans + (emissions[j] + beta)[None, :], 1)
+        z = alpha[t] + beta
+        z = z - z.max()
+        p = np.exp(z)
+        out[t] = p / p.sum()
+    return out
 
 
 def predict_labels(model: BaselineLabeller, frame: pd.DataFrame) -> list[str]:

@@ -64,6 +64,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_cv(args) -> int:
+    from trainer.config import load_config
+    from trainer.cv import cross_validate, format_table, write_report
+    cfg = load_config(args.config)
+    if args.epochs:
+        cfg = cfg.replace(train={"epochs": args.epochs})
+    report = cross_validate(args.data, cfg, folds=args.folds, archs=args.arch, seed=args.seed,
+                            workdir=args.keep, streaming=not args.no_streaming)
+    write_report(report, args.json)
+    print(format_table(report))
+    print(f"report written to {args.json}")
+    return 0
+
+
 DESCRIPTION = """\
 Label every desktop event with the step of the task it belongs to: live, from a Kafka topic
 (worker), and offline from CSV/Parquet logs (train, evaluate, predict)."""
@@ -86,7 +100,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("%(default)" not in text and action.option_strings and action.nargs != 0
+        if ("%(default)" not in text and "(default" not in text and action.option_strings and action.nargs != 0
                 and not any(default is x for x in (None, False, True, argparse.SUPPRESS))):
             text += " (default: %(default)s)"
         return text
@@ -153,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "pred_step_name, pred_confidence, abstained, ...")
     pr.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report them")
     pr.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("cv", help="cross-validate by session against the CRF references",
+                       description="Fold the log by session; train each architecture on the other "
+                                   "folds (as `train` does), label the held-out fold offline and "
+                                   "live; pool every fold's predictions and compare them, fold by "
+                                   "fold, with a CRF over each event +-2 and a causal CRF.")
+    c.add_argument("--data", required=True, help="labelled CSV or Parquet log")
+    c.add_argument("--json", required=True, help="write the report as JSON here")
+    c.add_argument("--config", help="YAML config (data/model/train sections)")
+    c.add_argument("--folds", type=int, default=5, help="number of session folds (default: 5)")
+    c.add_argument("--arch", action="append",
+                   help="architecture to test (repeatable; default: the config's model.arch)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
+    c.add_argument("--epochs", type=int, help="override train.epochs")
+    c.add_argument("--keep", help="keep each fold's artifacts in this folder (default: a temporary one)")
+    c.add_argument("--no-streaming", action="store_true", help="skip the live replay of each fold")
+    c.set_defaults(func=cmd_cv)
 
     from stream.cli import register  # the live side ships in the same distribution
     register(sub)

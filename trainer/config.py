@@ -45,13 +45,20 @@ class DataConfig:
     # "group_id_only" keeps only the group_id column (as the event identity) and drops every
     # other feature: it measures how much the UI element / window grouping alone predicts.
     feature_set: Literal["full", "group_id_only"] = "full"
+    # Sparse lexical features (words, word bigrams, character 4-grams of the event name and
+    # the text columns, categorical values), fit on training sessions: a vocabulary of at
+    # most `lexical_max` features seen `min_freq` times or more.
+    lexical: bool = True
+    lexical_max: int = 30000
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # logreg and crf are the classic baselines, trained and scored the same way
-    arch: Literal["bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "logreg",
-                  "crf"] = "bilstm"
+    # crf: a linear-chain CRF (CRFsuite) over the event and wide_past events before it,
+    # served live like the networks (filtering on arrival, fixed-lag smoothing for finals);
+    # logreg: the per-event classic baseline (offline only)
+    arch: Literal["bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf",
+                  "logreg"] = "bilstm"
     # late: one encoder and classifier per modality, logits summed
     fusion: Literal["concat", "gated", "sum", "cross_attention", "late"] = "concat"
     # Each event sees every earlier event (within `context`) and at most `lookahead` later
@@ -75,6 +82,15 @@ class ModelConfig:
     crf: bool = False
     # ht_transformer: a history token after every this many events
     history_every: int = 8
+    # lexical features (data.lexical): bag size into the event vector, and the wide path,
+    # linear label scores of the features of events t-wide_past .. t+wide_future
+    lex_dim: int = 64
+    # arch crf: CRFsuite's L1 and L2 penalties
+    crf_c1: float = 0.05
+    crf_c2: float = 0.05
+    wide: bool = True
+    wide_past: int = 2
+    wide_future: int = 2
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,14 @@ class TrainConfig:
     # Also fit a temperature and threshold per visible-future depth k = 0..lookahead on the
     # validation sessions replayed through Tagger.step (what the live worker emits).
     prefix_calibration: bool = True
+    # Train every position at every visible-future depth k = 0..lookahead (k = lookahead half
+    # the time): the label the worker shows on arrival is then a trained causal prediction.
+    depth_training: bool = True
+    # Early stopping and calibration: "split" (data.val_size sessions), "folds" (each of
+    # val_folds session folds held out in turn; the final model sees every training session),
+    # "auto" (folds when there are fewer than 60 training sessions, else split)
+    validation: Literal["auto", "split", "folds"] = "auto"
+    val_folds: int = 4
     seed: int = 42
     device: str = "auto"
     hpo: HPOConfig = field(default_factory=HPOConfig)

@@ -136,6 +136,29 @@ def _name_features(name: str) -> tuple:
             event_template(name), tuple(tokens_of(name)))
 
 
+_WORD = re.compile(r"[^\W_]+", re.U)
+MAX_LEX = 96  # lexical features kept per event (the most general kinds first)
+
+
+@functools.lru_cache(maxsize=65536)
+def lexical_features(text: str) -> tuple[str, ...]:
+    """Sparse lexical features of one string, the CRF's strength on window titles: lower-cased
+    words (digit runs by their length, so ``4214758435`` and ``5321984460`` share one), word
+    bigrams, and character 4-grams of longer words (``<budget>`` -> ``<bud``, ``budg`` ...),
+    which tie inflections, compounds and file names together. Memoised: live sessions repeat
+    the same titles and names."""
+    words = []
+    for w in _WORD.findall(text.lower()):
+        words.append(f"<d{min(len(w), 10)}>" if w.isdigit() else w[:40])
+    feats = [f"w={w}" for w in words]
+    feats += [f"b={a}|{b}" for a, b in zip(words, words[1:])]
+    for w in words:
+        if len(w) >= 5 and not w.startswith("<d"):
+            padded = f"<{w}>"
+            feats += [f"c={padded[i:i + 4]}" for i in range(len(padded) - 3)]
+    return tuple(dict.fromkeys(feats))
+
+
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -191,21 +214,30 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
     cats = {"action_type": action, "app": app or "none", "file_extension": ext, "shape": shape}
     for col in list(auto_cols) + list(data.cat_features):
         cats[f"col:{col}"] = _text(event.get(col)) or "none"
+    texts = [_text(event.get(c)) for c in data.text_features]
+    lex: list[str] = []
+    if data.lexical:
+        # categorical values first (few, general), then the name's and text columns' words
+        lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
+        lex += lexical_features(name)
+        for t in texts:
+            lex += lexical_features(t)
     derived = {
         "template": template,
         "tokens": list(toks),
         "cats": cats,
         "nums": nums,
-        "texts": [_text(event.get(c)) for c in data.text_features]
-                 + ([name] if data.event_name_text else []),
+        "texts": texts + ([name] if data.event_name_text else []),
         "image": _text(event.get(data.image_col)) if data.image_col else None,
+        "lex": lex,
     }
     if data.feature_set == "group_id_only":
         # the event is its group_id and nothing else: the same keys and shapes as "full", so
         # the model and the live loop are unchanged, but every other feature is constant
         derived = {"template": f"group:{group or 'none'}", "tokens": [],
                    "cats": {k: (v if k == "col:group_id" else "none") for k, v in cats.items()},
-                   "nums": {k: 0.0 for k in nums}, "texts": [], "image": None}
+                   "nums": {k: 0.0 for k in nums}, "texts": [], "image": None,
+                   "lex": [f"k:col:group_id={group or 'none'}"] if data.lexical else []}
     new_recent = (recent + [ids])[-RECENT:]
     nxt = EventContext(start_ts=start, prev_ts=max(ts, ctx.prev_ts) if ctx.prev_ts is not None else ts,
                        prev_app=app, prev_group=group, recent_ids=new_recent)
@@ -220,9 +252,12 @@ class Vocab:
         self.index = {s: i + 2 for i, s in enumerate(self.items)}
 
     @classmethod
-    def fit(cls, values: Iterable[str], min_freq: int) -> "Vocab":
+    def fit(cls, values: Iterable[str], min_freq: int, max_size: int | None = None) -> "Vocab":
         counts = Counter(values)
-        return cls(sorted(s for s, c in counts.items() if c >= min_freq))
+        kept = [s for s, c in counts.items() if c >= min_freq]
+        if max_size is not None and len(kept) > max_size:  # the most frequent, ties by name
+            kept = sorted(kept, key=lambda s: (-counts[s], s))[:max_size]
+        return cls(sorted(kept))
 
     def __len__(self) -> int:
         return len(self.items) + 2
@@ -242,6 +277,11 @@ class EncodedSession:
     text: np.ndarray           # (n, D) sentence embeddings (D may be 0)
     image: np.ndarray          # (n, 3, S, S) uint8 pixels, or (n, 0)
     labels: np.ndarray | None = None  # (n,) label ids, -100 where unknown
+    lex: np.ndarray | None = None     # (n, X) lexical feature ids, 0-padded (X may be 0)
+
+    def __post_init__(self):
+        if self.lex is None:
+            self.lex = np.zeros((len(self.event), 0), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.event)
@@ -249,13 +289,17 @@ class EncodedSession:
     def rows(self, start: int, stop: int) -> "EncodedSession":
         return EncodedSession(self.event[start:stop], self.tokens[start:stop], self.cats[start:stop],
                               self.nums[start:stop], self.text[start:stop], self.image[start:stop],
-                              None if self.labels is None else self.labels[start:stop])
+                              None if self.labels is None else self.labels[start:stop],
+                              self.lex[start:stop])
 
     @staticmethod
     def concat(parts: Sequence["EncodedSession"]) -> "EncodedSession":
         lab = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
+        width = max(p.lex.shape[1] for p in parts)
+        lex = np.concatenate([np.pad(p.lex, ((0, 0), (0, width - p.lex.shape[1]))) for p in parts])
         return EncodedSession(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                                ("event", "tokens", "cats", "nums", "text", "image")), labels=lab)
+                                ("event", "tokens", "cats", "nums", "text", "image")), labels=lab,
+                              lex=lex)
 
 
 class LabelMap:
@@ -300,6 +344,9 @@ class FeatureEncoder:
         derived = [d for _, d in _fold(frame, data, auto)]
         vocabs = {"template": Vocab.fit((d["template"] for d in derived), data.min_freq),
                   "token": Vocab.fit((t for d in derived for t in d["tokens"]), data.min_freq)}
+        if data.lexical:
+            vocabs["lex"] = Vocab.fit((f for d in derived for f in d["lex"]), data.min_freq,
+                                      max_size=data.lexical_max)
         cat_names = list(DERIVED_CATS) + [f"col:{c}" for c in auto + list(data.cat_features)]
         for name in cat_names:
             vocabs[f"cat:{name}"] = Vocab.fit((d["cats"][name] for d in derived), data.min_freq)
@@ -329,6 +376,7 @@ class FeatureEncoder:
     # ---- the spec: what a model built on this encoder expects -----------------------------
     def spec(self) -> dict[str, Any]:
         return {"n_events": len(self.vocabs["template"]), "n_tokens": len(self.vocabs["token"]),
+                "n_lex": len(self.vocabs["lex"]) if "lex" in self.vocabs else 0,
                 "max_tokens": MAX_TOKENS, "cat_names": self.cat_names,
                 "cat_sizes": [len(self.vocabs[f"cat:{n}"]) for n in self.cat_names],
                 "num_names": self.num_names, "text_dim": self.text_dim,
@@ -388,7 +436,14 @@ class FeatureEncoder:
                 text_vectors = dict(zip(strings, self.embedder.embed(strings)))
             for i, d in enumerate(derived):
                 text[i] = np.concatenate([text_vectors[s] for s in d["texts"]])
-        return EncodedSession(event, tokens, cats, nums, text, image)
+        lex = np.zeros((n, 0), dtype=np.int64)
+        if "lex" in self.vocabs:
+            lv = self.vocabs["lex"].index
+            rows = [[i for i in map(lv.get, d["lex"]) if i is not None][:MAX_LEX] for d in derived]
+            lex = np.zeros((n, max((len(r) for r in rows), default=0)), dtype=np.int64)
+            for i, r in enumerate(rows):
+                lex[i, :len(r)] = r
+        return EncodedSession(event, tokens, cats, nums, text, image, lex=lex)
 
     def transform_frame(self, frame: pd.DataFrame, label_map: LabelMap | None = None,
                         base_dir: Path | None = None) -> tuple[list[str], list[EncodedSession]]:

@@ -78,6 +78,15 @@ class ModelArgs:
     # an artifact it is the file name of the copy kept beside the weights
     image_backbone: Optional[str] = None
     freeze_backbone: bool = True
+    # sparse lexical features (trainer.features.lexical_features): a mean-pooled bag of
+    # ``lex_dim`` into the event vector, and the wide path: per-offset linear label scores of
+    # the features of events t-wide_past .. t+wide_future added to the logits, a CRF-like
+    # linear model beside the network (wide_future is capped by the lookahead)
+    n_lex: int = 0
+    lex_dim: int = 64
+    wide: bool = True
+    wide_past: int = 2
+    wide_future: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -164,6 +173,14 @@ class _Scaled(nn.Module):
         return self.cnn.net(x)
 
 
+def bag(emb: nn.EmbeddingBag, ids: torch.Tensor) -> torch.Tensor:
+    """(..., X) 0-padded feature ids -> (prod(...), D); an event without features gives 0."""
+    flat = ids.reshape(-1, ids.shape[-1])
+    if flat.shape[1] == 0:
+        return flat.new_zeros(flat.shape[0], emb.embedding_dim, dtype=emb.weight.dtype)
+    return emb(flat)
+
+
 class EventEmbedder(nn.Module):
     """Per-event multimodal features -> one vector of ``hidden_dim`` (the fusion layer).
 
@@ -178,8 +195,9 @@ class EventEmbedder(nn.Module):
         self.cats = nn.ModuleList(nn.Embedding(n, min(a.emb_cat_dim, max(2, n)), padding_idx=0)
                                   for n in a.cat_sizes)
         self.nums = nn.Linear(a.n_nums, a.num_proj_dim) if a.n_nums else None
+        self.lex = nn.EmbeddingBag(a.n_lex, a.lex_dim, mode="mean", padding_idx=0) if a.n_lex else None
         tab_dim = a.emb_event_dim + a.emb_token_dim + sum(e.embedding_dim for e in self.cats) + (
-            a.num_proj_dim if a.n_nums else 0)
+            a.num_proj_dim if a.n_nums else 0) + (a.lex_dim if a.n_lex else 0)
         self.text = nn.Linear(a.text_dim, a.text_proj_dim) if a.text_dim else None
         if not a.image_size:
             self.image = None
@@ -217,6 +235,10 @@ class EventEmbedder(nn.Module):
         parts += [emb(b["cats"][..., j]) for j, emb in enumerate(self.cats)]
         if self.nums is not None:
             parts.append(self.nums(b["nums"]))
+        if self.lex is not None:
+            lex = b["lex"]                                            # (B, T, X)
+            B, T, X = lex.shape
+            parts.append(bag(self.lex, lex).reshape(B, T, -1))
         tab = torch.cat(parts, -1)
         extra = []
         if self.text is not None:
@@ -265,13 +287,20 @@ class LookaheadLSTM(nn.Module):
         self.bwd = nn.LSTM(h, h, 1, batch_first=True) if self.L is None else nn.LSTMCell(h, h)
         self.out_dim = 2 * h
 
-    def backward_windows(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    supports_horizon = True
+
+    def backward_windows(self, x: torch.Tensor, lengths: torch.Tensor,
+                         horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: (B, T, H). Position i's window is x[i+l-1], ..., x[i] with l = min(L+1, len-i):
         # read in reverse, so the final state has seen i's future within the lookahead.
+        # horizon (B, T): position i sees only its next horizon[i] events (training at every
+        # visible depth, so that the label shown on arrival is a trained prediction).
         B, T, H = x.shape
         L = self.L
         i = torch.arange(T, device=x.device)
         l = torch.minimum(torch.full((B, T), L + 1, device=x.device), lengths[:, None].to(x.device) - i)
+        if horizon is not None:
+            l = torch.minimum(l, horizon.to(x.device) + 1)
         l = l.clamp(min=1)                                             # (B, T)
         # Window step k reads x[i + l - 1 - k]; only rows with k < l take it. The cell is
         # written out (nn.LSTMCell's gate order and weights) so that the input half of the
@@ -305,9 +334,11 @@ class LookaheadLSTM(nn.Module):
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
         return torch.gather(out, 1, rev[..., None].expand(B, T, H))
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor,
+                horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
         f, _ = self.fwd(x)                                             # causal: pads are at the end
-        b = self.full_backward(x, lengths) if self.L is None else self.backward_windows(x, lengths)
+        b = (self.full_backward(x, lengths) if self.L is None
+             else self.backward_windows(x, lengths, horizon))
         return torch.cat([f, b], -1)
 
     # ---- streaming ---------------------------------------------------------------------
@@ -676,8 +707,9 @@ class AttentionLSTM(LookaheadLSTM):
         self.att = nn.MultiheadAttention(a.hidden_dim, a.nhead, batch_first=True)
         self.out_dim = 3 * a.hidden_dim
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        fb = super().forward(x, lengths)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor,
+                horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
+        fb = super().forward(x, lengths, horizon)
         f = fb[..., :self.fwd.hidden_size]
         T = x.shape[1]
         i = torch.arange(T, device=x.device)
@@ -723,6 +755,83 @@ def crf_split(lookahead: Optional[int], crf: bool) -> tuple[Optional[int], Optio
     return lookahead - w, w
 
 
+class WidePath(nn.Module):
+    """The linear part: label scores from the features of the event and its neighbours, one
+    weight table per offset o = -P .. +F (lexical ids through an EmbeddingBag, numbers through
+    a linear map), a learned score for a neighbour before the session's start, and a label
+    bias: a CRF's state features over a window. Offsets past what a position may see (the
+    lookahead, or its ``horizon`` while training at every depth) contribute nothing.
+
+    Beside a network it adds CRF-like lexical strength; alone under a ``LookaheadCRF`` it is
+    the linear-chain CRF of ``arch="crf"``. For ``step`` each event's scores for every
+    offset are computed once, when it arrives, into a buffer of the last P + L + 1 events."""
+
+    def __init__(self, n_lex: int, n_nums: int, n_labels: int, past: int, future: int, lookahead: int):
+        super().__init__()
+        self.P, self.F, self.L = past, future, lookahead
+        O = past + future + 1
+        self.tables = nn.ModuleList(nn.EmbeddingBag(max(n_lex, 1), n_labels, mode="sum", padding_idx=0)
+                                    for _ in range(O))
+        self.nums = nn.Parameter(torch.zeros(O, n_nums, n_labels))
+        self.before_start = nn.Parameter(torch.zeros(past, n_labels))   # offset -P .. -1
+        self.bias = nn.Parameter(torch.zeros(n_labels))
+        for t in self.tables:
+            nn.init.zeros_(t.weight)
+
+    def scores(self, lex: torch.Tensor, nums: torch.Tensor) -> torch.Tensor:
+        # lex (B, T, X), nums (B, T, M) -> (B, T, O, C): each event's scores at every offset slot
+        B, T = lex.shape[:2]
+        sc = torch.stack([bag(t, lex).reshape(B, T, -1) for t in self.tables], 2)
+        if self.nums.shape[1]:
+            sc = sc + torch.einsum("btm,omc->btoc", nums, self.nums)
+        return sc
+
+    def forward(self, lex: torch.Tensor, nums: torch.Tensor, lengths: torch.Tensor,
+                horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
+        sc = self.scores(lex, nums)                                    # (B, T, O, C)
+        B, T = lex.shape[:2]
+        pos = torch.arange(T, device=lex.device)
+        valid = pos[None, :] < lengths[:, None].to(lex.device)          # (B, T)
+        out = sc.new_zeros(B, T, sc.shape[-1]) + self.bias
+        for slot, o in enumerate(range(-self.P, self.F + 1)):
+            src = pos + o                                               # position read by t
+            ok = (src >= 0) & (src < T)
+            col = torch.zeros_like(out)
+            col[:, ok] = sc[:, src[ok], slot]
+            if o < 0:                                                   # before the start
+                col[:, src < 0] = self.before_start[slot]
+            keep = valid & torch.cat([valid[:, o:], valid.new_zeros(B, o)], 1) if o > 0 else valid
+            if horizon is not None and o > 0:
+                keep = keep & (horizon.to(lex.device) >= o)
+            out = out + col * keep[..., None]
+        return out
+
+    def init_state(self, device) -> dict[str, Any]:
+        O, C = len(self.tables), self.bias.shape[0]
+        return {"buf": torch.zeros(self.P + self.L + 1, O, C, device=device), "n": 0}
+
+    def step(self, states: list[dict], lex_new: torch.Tensor, nums_new: torch.Tensor, v_out: int
+             ) -> tuple[list[dict], torch.Tensor]:
+        # lex_new (B, X), nums_new (B, M). Buffer row K-1 is the newest event. Returns new
+        # states and the scores of each session's last v_out positions (B, v_out, C).
+        new = self.scores(lex_new[:, None], nums_new[:, None])[:, 0]    # (B, O, C)
+        buf = torch.cat([torch.stack([s["buf"] for s in states])[:, 1:], new[:, None]], 1)
+        n = torch.tensor([s["n"] + 1 for s in states], device=buf.device)  # events seen
+        K = buf.shape[1]
+        out = buf.new_zeros(buf.shape[0], v_out, buf.shape[-1]) + self.bias
+        for j in range(v_out):                                         # position depth v_out-1-j
+            row = K - v_out + j
+            for slot, o in enumerate(range(-self.P, min(self.F, v_out - 1 - j) + 1)):
+                if 0 <= row + o < K:
+                    # a row older than the session's first event: the before-start score
+                    fresh = (K - 1 - (row + o)) >= n                    # (B,)
+                    val = buf[:, row + o, slot]
+                    if o < 0:
+                        val = torch.where(fresh[:, None], self.before_start[slot], val)
+                    out[:, j] += val
+        return [{"buf": b, "n": int(m)} for b, m in zip(buf.unbind(0), n.tolist())], out
+
+
 # ------------------------------------------------------------------------------------------
 # The tagger
 # ------------------------------------------------------------------------------------------
@@ -737,33 +846,56 @@ class Tagger(nn.Module):
     def __init__(self, args: ModelArgs, class_weights: Optional[torch.Tensor] = None,
                  loss: str = "ce", focal_gamma: float = 2.0, label_smoothing: float = 0.0):
         super().__init__()
-        if args.arch not in ENCODERS:
-            raise ValueError(f"unknown arch {args.arch!r}; choose from {sorted(ENCODERS)}")
+        if args.arch not in ENCODERS and args.arch != "crf":
+            raise ValueError(f"unknown arch {args.arch!r}; choose from {sorted(ENCODERS) + ['crf']}")
         self.args = args
-        self.embed = EventEmbedder(args)
-        self.enc_lookahead, crf_window = crf_split(args.lookahead, args.crf)
-        enc_args = replace(args, lookahead=self.enc_lookahead)
-        self.encoder = ENCODERS[args.arch](enc_args)
-        self.head = nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
-        extra = self.embed.n_streams - 1
-        self.extra_encoders = nn.ModuleList(ENCODERS[args.arch](enc_args) for _ in range(extra))
-        self.extra_heads = nn.ModuleList(
-            nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
-            for _ in range(extra))
-        self.crf = LookaheadCRF(args.n_labels, crf_window) if args.crf else None
+        self.extra_encoders, self.extra_heads = nn.ModuleList(), nn.ModuleList()
+        if args.arch == "crf":
+            # the linear-chain CRF: causal state features (event and wide_past before it),
+            # forward filtering on arrival, fixed-lag smoothing over the lookahead for finals
+            self.embed = self.encoder = self.head = None
+            self.enc_lookahead, crf_window = 0, args.lookahead
+            self.crf = LookaheadCRF(args.n_labels, crf_window)
+            self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past, 0, 0)
+        else:
+            self.embed = EventEmbedder(args)
+            self.enc_lookahead, crf_window = crf_split(args.lookahead, args.crf)
+            enc_args = replace(args, lookahead=self.enc_lookahead)
+            self.encoder = ENCODERS[args.arch](enc_args)
+            self.head = nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
+            extra = self.embed.n_streams - 1
+            self.extra_encoders = nn.ModuleList(ENCODERS[args.arch](enc_args) for _ in range(extra))
+            self.extra_heads = nn.ModuleList(
+                nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
+                for _ in range(extra))
+            self.crf = LookaheadCRF(args.n_labels, crf_window) if args.crf else None
+            self.wide = None
+            if args.n_lex and args.wide and self.enc_lookahead is not None:
+                self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past,
+                                     min(args.wide_future, self.enc_lookahead), self.enc_lookahead)
         self.register_buffer("class_weights", class_weights if class_weights is not None
                              else torch.ones(args.n_labels), persistent=False)
         self.loss_kind, self.focal_gamma, self.label_smoothing = loss, focal_gamma, label_smoothing
 
     def _streams(self):
+        if self.encoder is None:
+            return []
         return [(self.encoder, self.head)] + list(zip(self.extra_encoders, self.extra_heads))
 
     def forward(self, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
         """batch tensors are (B, T, ...) with ``lengths`` (B,); returns (logits (B,T,C), loss)."""
-        xs = self.embed(batch)                                         # (B, T, H) or a list
+        xs = self.embed(batch) if self.embed is not None else []       # (B, T, H) or a list
         if not isinstance(xs, list):
             xs = [xs]
-        logits = sum(head(enc(x, batch["lengths"])) for (enc, head), x in zip(self._streams(), xs))
+        horizon = batch.get("horizon")                                 # (B, T) or None
+        logits = 0
+        for (enc, head), x in zip(self._streams(), xs):
+            if horizon is not None and getattr(enc, "supports_horizon", False):
+                logits = logits + head(enc(x, batch["lengths"], horizon))
+            else:
+                logits = logits + head(enc(x, batch["lengths"]))
+        if self.wide is not None:
+            logits = logits + self.wide(batch["lex"], batch["nums"], batch["lengths"], horizon)
         if self.crf is not None:
             logits = self.crf(logits, batch["lengths"])                # (B, T, C) log-marginals
         loss = None
@@ -792,6 +924,8 @@ class Tagger(nn.Module):
         state = {"enc": [enc.init_state(device) for enc, _ in self._streams()]}
         if self.crf is not None:
             state["crf"] = self.crf.init_state(device)
+        if self.wide is not None:
+            state["wide"] = self.wide.init_state(device)
         return state
 
     @torch.no_grad()
@@ -801,7 +935,7 @@ class Tagger(nn.Module):
         Returns the new states and, per session, logits (v, C) for its last v events (the ones
         whose label the new event may still change, oldest first; the oldest is final when
         v == lookahead + 1)."""
-        xs = self.embed(events)
+        xs = self.embed(events) if self.embed is not None else []
         if not isinstance(xs, list):
             xs = [xs]
         new = [{"enc": []} for _ in states]
@@ -813,6 +947,16 @@ class Tagger(nn.Module):
             # one head call for the round's outputs, then a view per session
             logits = list(head(torch.cat(outs)).split([len(o) for o in outs]))
             emissions = logits if emissions is None else [a + b for a, b in zip(emissions, logits)]
+        if self.wide is not None:
+            wide_states, wide = self.wide.step([s["wide"] for s in states], events["lex"][:, 0],
+                                               events["nums"][:, 0], self.enc_lookahead + 1)
+            if emissions is None:                                      # the CRF arch: wide only
+                emissions = [wide[i, -min(ws["n"], self.enc_lookahead + 1):]
+                             for i, ws in enumerate(wide_states)]
+            else:
+                emissions = [e + wide[i, -len(e):] for i, e in enumerate(emissions)]
+            for ns, ws in zip(new, wide_states):
+                ns["wide"] = ws
         if self.crf is None:
             return new, emissions
         outs = []
@@ -831,15 +975,22 @@ def collate(sessions, device=None, with_targets: bool = False):
 
     def pad(name, dtype):
         first = getattr(sessions[0], name)
-        out = torch.zeros((B, T) + first.shape[1:], dtype=dtype)
+        rest = first.shape[1:]
+        if name == "lex":                                              # widths differ by session
+            rest = (max(s.lex.shape[1] for s in sessions),)
+        out = torch.zeros((B, T) + rest, dtype=dtype)
         for i, s in enumerate(sessions):
-            out[i, :len(s)] = torch.from_numpy(getattr(s, name))
+            a = getattr(s, name)
+            if name == "lex":
+                out[i, :len(s), :a.shape[1]] = torch.from_numpy(a)
+            else:
+                out[i, :len(s)] = torch.from_numpy(a)
         return out.to(device) if device is not None else out
 
     batch = {"event": pad("event", torch.long), "tokens": pad("tokens", torch.long),
              "cats": pad("cats", torch.long), "nums": pad("nums", torch.float32),
              "text": pad("text", torch.float32), "image": pad("image", torch.uint8),
-             "lengths": torch.tensor(lengths, dtype=torch.long)}
+             "lex": pad("lex", torch.long), "lengths": torch.tensor(lengths, dtype=torch.long)}
     if not with_targets:
         return batch
     tgt = torch.full((B, T), IGNORE, dtype=torch.long)

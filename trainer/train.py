@@ -92,7 +92,8 @@ def model_args(spec: dict[str, Any], n_labels: int, cfg: Config) -> ModelArgs:
         image_proj_dim=m.image_proj_dim, hidden_dim=m.hidden_dim, num_layers=m.num_layers,
         nhead=m.nhead, ff_dim=m.ff_dim, dropout=m.dropout, crf=m.crf, history_every=m.history_every,
         image_backbone=_backbone_path(cfg) if spec["image_size"] else None,
-        freeze_backbone=cfg.data.freeze_backbone)
+        freeze_backbone=cfg.data.freeze_backbone, n_lex=spec.get("n_lex", 0), lex_dim=m.lex_dim,
+        wide=m.wide, wide_past=m.wide_past, wide_future=m.wide_future)
 
 
 def _backbone_path(cfg: Config) -> str | None:
@@ -131,9 +132,11 @@ def _logits_for(model: Tagger, sessions: Sequence[EncodedSession], device: str, 
 
 def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession],
               cfg: Config, *, epochs: int | None = None, progress: bool = False,
-              desc: str = "train") -> FitResult:
+              desc: str = "train", stop_after: int | None = None) -> FitResult:
     """Train one model; early stopping on validation loss when ``val`` is given, otherwise a
-    fixed number of epochs. Returns the best (or last) weights."""
+    fixed number of epochs. Returns the best (or last) weights. ``stop_after``: stop after
+    that many epochs of the full schedule (the epoch that early stopping chose on held-out
+    folds, for the final fit on all training sessions)."""
     t = cfg.train
     set_seed(t.seed)
     device = pick_device(t.device)
@@ -149,6 +152,8 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
     rng = np.random.default_rng(t.seed)
     sample_p = _chunk_sampling(chunks, args.n_labels) if t.resample else None
     val_chunks = chunk_sessions(val, 4096, args.context, args.lookahead) if val else []
+    # every visible depth k = 0..L, so that what the worker shows on arrival is trained too
+    depths = args.lookahead if t.depth_training and args.lookahead else None
     best, best_epoch, best_loss, bad = None, 0, float("inf"), 0
     history = []
     start = time.perf_counter()
@@ -166,6 +171,8 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
         total, count = 0.0, 0
         for idx in batches:
             batch, tgt = collate([chunks[i] for i in idx], device, with_targets=True)
+            if depths is not None:
+                batch["horizon"] = sample_horizons(tgt.shape, depths, rng).to(device)
             _, loss = model(batch, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -190,12 +197,74 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
         if val_chunks and bad >= t.patience:
             break
+        if stop_after is not None and epoch >= stop_after:
+            break
     if bar is not None:
         bar.close()
     if best is not None:
         model.load_state_dict(best)
     model.eval()
     return FitResult(model, best_epoch, history, time.perf_counter() - start)
+
+
+def sample_horizons(shape: tuple[int, int], L: int, rng: np.random.Generator) -> torch.Tensor:
+    """A visible depth per position: L (the final label) half the time, else uniform over
+    0..L-1 (the labels shown before it). (B, T) long."""
+    k = rng.integers(0, L, size=shape)
+    k[rng.random(shape) < 0.5] = L
+    return torch.from_numpy(k)
+
+
+def fit_with_folds(args: ModelArgs, sessions: Sequence[EncodedSession], cfg: Config, *,
+                   progress: bool = False, echo: Callable[[str], None] = print):
+    """Validation on session folds (``validation_plan``): one model per fold with early
+    stopping on its held-out sessions, then the final model on every session for the median
+    best epoch. Returns (final fit, held-out logits and labels per session for calibration,
+    held-out per-depth logits for prefix calibration or None)."""
+    device = pick_device(cfg.train.device)
+    k = max(2, min(cfg.train.val_folds, len(sessions)))
+    order = np.random.default_rng(cfg.train.seed).permutation(len(sessions))
+    folds = [order[f::k] for f in range(k)]
+    oof: list[np.ndarray | None] = [None] * len(sessions)
+    best: list[int] = []
+    streamable = args.lookahead is not None and cfg.train.prefix_calibration
+    depth_z: list[list[np.ndarray]] = []
+    depth_y: list[list[np.ndarray]] = []
+    for f, held_idx in enumerate(folds):
+        held_set = set(held_idx.tolist())
+        train_part = [s for i, s in enumerate(sessions) if i not in held_set]
+        held = [sessions[i] for i in held_idx]
+        fit = fit_any(args, train_part, held, cfg, progress=progress, desc=f"fold {f + 1}/{k}")
+        best.append(fit.best_epoch)
+        for i, logits in zip(held_idx, _logits_for(fit.model, held, device)):
+            oof[i] = logits
+        if streamable:
+            z, y = prefix_logits(fit.model, held, device)
+            depth_z.append(z)
+            depth_y.append(y)
+    epochs = max(1, int(math.ceil(float(np.median(best)))))
+    if args.arch == "crf":
+        echo(f"validation on {k} session folds; final fit on all {len(sessions)} training sessions")
+    else:
+        echo(f"validation on {k} session folds: best epochs {best}; final fit on all {len(sessions)} "
+             f"training sessions for {epochs} epochs")
+    final = fit_any(args, sessions, [], cfg, progress=progress, desc="final fit", stop_after=epochs)
+    final.best_epoch = epochs
+    depth_logits = None
+    if streamable:
+        depth_logits = ([np.concatenate([z[d] for z in depth_z]) for d in range(len(depth_z[0]))],
+                        [np.concatenate([y[d] for y in depth_y]) for d in range(len(depth_y[0]))])
+    return final, oof, [s.labels for s in sessions], depth_logits
+
+
+def fit_any(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
+            *, progress: bool = False, desc: str = "train", stop_after: int | None = None) -> FitResult:
+    """``fit_model`` for the networks, CRFsuite (``trainer.crf``) for ``arch: crf``."""
+    if args.arch == "crf":
+        from trainer.crf import fit_crf
+        model, info = fit_crf(args, train, c1=cfg.model.crf_c1, c2=cfg.model.crf_c2)
+        return FitResult(model, 0, [], info["seconds"])
+    return fit_model(args, train, val, cfg, progress=progress, desc=desc, stop_after=stop_after)
 
 
 def _chunk_sampling(chunks: Sequence[EncodedSession], n_labels: int) -> np.ndarray:
@@ -285,15 +354,23 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
 
 
 def prefix_calibration(model: Tagger, held: Sequence[EncodedSession], cfg: Config, temperature: float,
-                       threshold: float, device: str) -> dict[str, Any]:
+                       threshold: float, device: str, labels: Sequence[str] | None = None) -> dict[str, Any]:
     """A temperature and a threshold per visible-future depth k (0..L), fit on the held-out
     sessions' prefix-time logits: what the live worker emits before an event is final is
     less certain than the offline output, and should be calibrated on that. Depth L keeps the
     full-lookahead temperature and threshold, so final labels stay equal to offline ones."""
-    from trainer.artifacts import softmax_t
-    from trainer.metrics import choose_threshold
     z, y = prefix_logits(model, held, device)
-    temps, thrs, cover = [], [], []
+    return calibrate_depths(z, y, cfg, temperature, threshold, labels)
+
+
+def calibrate_depths(z: Sequence[np.ndarray], y: Sequence[np.ndarray], cfg: Config, temperature: float,
+                     threshold: float, labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """``prefix_calibration`` on collected per-depth logits (``prefix_logits``); also scores
+    each depth: top-1 accuracy and macro-F1 (abstention ignored) and coverage at the
+    precision target, the figures a live consumer cares about."""
+    from trainer.artifacts import softmax_t
+    from trainer.metrics import choose_threshold, classification_metrics
+    temps, thrs, cover, depths = [], [], [], []
     for k, (zk, yk) in enumerate(zip(z, y)):
         keep = yk != IGNORE
         if k == len(z) - 1:
@@ -309,7 +386,29 @@ def prefix_calibration(model: Tagger, held: Sequence[EncodedSession], cfg: Confi
         temps.append(float(t_k))
         thrs.append(float(thr_k))
         cover.append(cov)
-    return {"prefix_temperatures": temps, "prefix_thresholds": thrs, "prefix_coverage": cover}
+        names = list(labels) if labels is not None else [str(i) for i in range(zk.shape[1])]
+        cls = classification_metrics(yk[keep], probs.argmax(-1), names) if keep.any() else {}
+        depths.append({"k": k, "events": int(keep.sum()), "top1_accuracy": cls.get("token_accuracy"),
+                       "top1_macro_f1": cls.get("macro_f1"), "coverage": cov,
+                       "feasible": bool(thr_k <= 1.0)})
+    return {"prefix_temperatures": temps, "prefix_thresholds": thrs, "prefix_coverage": cover,
+            "depths": depths}
+
+
+def depth_summary(depths: Sequence[dict[str, Any]], target: float) -> list[str]:
+    """Lines for the training log: per depth k the top-1 scores and coverage, and one line
+    naming the depths at which nothing reaches the precision target (they will abstain)."""
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    lines = ["labels by visible later events k (validation): " + "; ".join(
+        f"k={d['k']}: top-1 acc {f(d['top1_accuracy'])}, macro-F1 {f(d['top1_macro_f1'])}, "
+        f"coverage {f(d['coverage'])}" for d in depths)]
+    bad = [d["k"] for d in depths if not d["feasible"]]
+    if bad:
+        lines.append(f"warning: at k = {', '.join(map(str, bad))} no confidence reaches precision {target} "
+                     f"on validation: labels shown at {'that depth' if len(bad) == 1 else 'those depths'} "
+                     f"will abstain (lower train.precision_target, or add labelled sessions)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,20 +431,49 @@ class Prepared:
 
 def prepare(data_path: str | Path, cfg: Config, *, skip_bad_rows: bool = False,
             text_embedder=None) -> Prepared:
-    from trainer.loading import fingerprint, read_events, split_sessions
+    from trainer.loading import fingerprint, read_events
     data_path = Path(data_path)
     frame, report = read_events(data_path, require_label=True, skip_bad_rows=skip_bad_rows,
                                 numeric_columns=cfg.data.num_features)
-    tr, va, te = split_sessions(frame, cfg.data.test_size, cfg.data.val_size, cfg.train.seed)
+    return prepare_frame(frame, cfg, base_dir=data_path.parent, fingerprint=fingerprint(data_path),
+                         load_summary=report.summary(), text_embedder=text_embedder)
+
+
+FOLDS_BELOW = 60  # train.validation "auto": session folds below this many training sessions
+
+
+def validation_plan(n_sessions: int, cfg: Config) -> str:
+    """How a network is validated: ``split`` (early stopping and calibration on the
+    data.val_size validation sessions) or ``folds`` (on each of train.val_folds folds of the
+    training sessions in turn; the final model is fit on all of them for the median chosen
+    epoch and calibrated on the folds' held-out predictions). Few sessions make one
+    validation split too small to stop or calibrate on, so ``auto`` takes folds then."""
+    v = cfg.train.validation
+    if v == "auto":
+        v = "folds" if n_sessions < FOLDS_BELOW else "split"
+    if v == "folds" and n_sessions < 2:
+        v = "split"
+    return v
+
+
+def prepare_frame(frame, cfg: Config, *, base_dir: Path, fingerprint: str, load_summary: str = "",
+                  test_size: float | None = None, text_embedder=None) -> Prepared:
+    """Split a loaded (canonical) frame by session and encode it with encoders fit on the
+    training part. ``test_size`` overrides ``data.test_size`` (``tagger cv`` passes 0: the
+    fold's held-out sessions are its test set)."""
+    from trainer.loading import split_sessions
+    test_size = cfg.data.test_size if test_size is None else test_size
+    tr, va, te = split_sessions(frame, test_size, cfg.data.val_size, cfg.train.seed)
+    if validation_plan(len(tr) + len(va), cfg) == "folds":
+        tr, va = tr + va, []                     # held-out folds of the training sessions instead
     splits = {"train": tr, "val": va, "test": te}
     encoder = FeatureEncoder.fit(frame[frame["session_id"].isin(set(tr))], cfg.data,
                                  text_embedder=text_embedder)
     label_map = LabelMap(sorted(frame["step_name"].unique()))
-    sids, enc = encoder.transform_frame(frame, label_map, base_dir=data_path.parent)
+    sids, enc = encoder.transform_frame(frame, label_map, base_dir=base_dir)
     by_id = dict(zip(sids, enc))
     encoded = {name: [by_id[s] for s in ids] for name, ids in splits.items()}
-    return Prepared(frame, encoder, label_map, splits, encoded, data_path.parent,
-                    fingerprint(data_path), report.summary())
+    return Prepared(frame, encoder, label_map, splits, encoded, base_dir, fingerprint, load_summary)
 
 
 def calibrate(logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], cfg: Config
@@ -367,16 +495,24 @@ def calibrate(logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], cfg: C
 def train(data_path: str | Path, out_dir: str | Path, cfg: Config, *, progress: bool = True,
           skip_bad_rows: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, calibrate and score a model; write the artifact folder. Returns the metrics."""
-    from trainer.artifacts import save_artifact, softmax_t
-    from trainer.evaluate import score
     started = time.perf_counter()
     p = prepare(data_path, cfg, skip_bad_rows=skip_bad_rows)
     echo(p.load_summary)
+    return train_prepared(p, out_dir, cfg, progress=progress, echo=echo, started=started)
+
+
+def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: bool = True,
+                   echo: Callable[[str], None] = print, started: float | None = None) -> dict[str, Any]:
+    """The part of ``train`` after loading: fit, calibrate, score the test split (if any),
+    write the artifact. ``tagger cv`` calls it once per fold and architecture."""
+    from trainer.artifacts import save_artifact, softmax_t
+    from trainer.evaluate import score
+    started = time.perf_counter() if started is None else started
     echo(f"sessions: {len(p.splits['train'])} train, {len(p.splits['val'])} validation, "
          f"{len(p.splits['test'])} test; {len(p.label_map)} steps")
     arch = cfg.model.arch
     hpo_info: dict[str, Any] | None = None
-    if arch in ("logreg", "crf"):
+    if arch == "logreg":
         return _train_baseline(p, out_dir, cfg, started, echo)
     if cfg.train.hpo.enabled:
         from trainer.hpo import search
@@ -386,23 +522,30 @@ def train(data_path: str | Path, out_dir: str | Path, cfg: Config, *, progress: 
         fit = fit_model(args, p.encoded["train"] + p.encoded["val"], [], cfg,
                         epochs=hpo_info["epochs"], progress=progress, desc="final fit (train+val)")
         cal_logits, cal_labels = hpo_info.pop("oof_logits"), hpo_info.pop("oof_labels")
+    elif not p.encoded["val"] and len(p.encoded["train"]) >= 2:
+        args = model_args(p.encoder.spec(), len(p.label_map), cfg)
+        fit, cal_logits, cal_labels, depth_logits = fit_with_folds(args, p.encoded["train"], cfg,
+                                                                   progress=progress, echo=echo)
     else:
         args = model_args(p.encoder.spec(), len(p.label_map), cfg)
-        fit = fit_model(args, p.encoded["train"], p.encoded["val"], cfg, progress=progress)
+        fit = fit_any(args, p.encoded["train"], p.encoded["val"], cfg, progress=progress)
         held = p.encoded["val"] or p.encoded["train"]
         cal_logits = _logits_for(fit.model, held, pick_device(cfg.train.device))
         cal_labels = [s.labels for s in held]
+        depth_logits = None
+        if cfg.train.prefix_calibration and fit.model.streamable:
+            depth_logits = prefix_logits(fit.model, held, pick_device(cfg.train.device))
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
     prefix: dict[str, Any] = {}
-    if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info:
+    if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info and depth_logits:
         # with HPO the final model is fit on train+validation: no held-out sessions are left
         # for it, so the live worker falls back to the full-lookahead calibration
-        held = p.encoded["val"] or p.encoded["train"]
-        prefix = prefix_calibration(fit.model, held, cfg, temperature, chosen["threshold"],
-                                    pick_device(cfg.train.device))
+        prefix = calibrate_depths(*depth_logits, cfg, temperature, chosen["threshold"], p.label_map.labels)
         echo("prefix-time calibration (k = visible later events): " + ", ".join(
             f"k={k}: T={t:.2f} thr={h:.3f}" for k, (t, h) in
             enumerate(zip(prefix["prefix_temperatures"], prefix["prefix_thresholds"]))))
+        for line in depth_summary(prefix["depths"], cfg.train.precision_target):
+            echo(line)
     echo(f"trained {arch} in {fit.seconds:.1f}s (best epoch {fit.best_epoch}); temperature "
          f"{temperature:.3f}; threshold {chosen['threshold']:.4f} for precision >= "
          f"{cfg.train.precision_target} (coverage {chosen['coverage'] or 0:.3f} on validation)")

@@ -23,18 +23,29 @@ LOOKAHEAD_VARIANTS = [(a, crf) for a in ARCHS for crf in (False, True)]
 def make_args(arch, fusion, lookahead=2, **kw):
     base = dict(n_labels=5, n_events=20, n_tokens=30, cat_sizes=(5, 7), n_nums=4, text_dim=6,
                 image_size=8, arch=arch, fusion=fusion, lookahead=lookahead, context=6,
-                hidden_dim=16, nhead=2, ff_dim=32, num_layers=2, dropout=0.1)
+                hidden_dim=16, nhead=2, ff_dim=32, num_layers=2, dropout=0.1, n_lex=25, lex_dim=8)
     base.update(kw)
     return ModelArgs(**base)
 
 
+def build(args):
+    """A model whose wide path is not zero (it starts at zero, which would hide it)."""
+    model = Tagger(args)
+    if model.wide is not None:
+        for t in model.wide.tables:
+            torch.nn.init.normal_(t.weight)
+    return model
+
+
 def session(n, seed=0, labels=True):
     rng = np.random.default_rng(seed)
+    lex = rng.integers(1, 25, (n, 5))
+    lex[rng.random((n, 5)) < 0.3] = 0                  # ragged bags, some events without any
     return EncodedSession(
         event=rng.integers(0, 20, n), tokens=rng.integers(0, 30, (n, 16)), cats=rng.integers(0, 5, (n, 2)),
         nums=rng.normal(size=(n, 4)).astype(np.float32), text=rng.normal(size=(n, 6)).astype(np.float32),
         image=rng.integers(0, 255, (n, 3, 8, 8)).astype(np.uint8),
-        labels=rng.integers(0, 5, n) if labels else None)
+        labels=rng.integers(0, 5, n) if labels else None, lex=lex)
 
 
 def stream_outputs(model, s):
@@ -67,7 +78,7 @@ def test_shapes_loss_and_gradients(arch, fusion, crf):
 @pytest.mark.parametrize("arch,fusion,crf", VARIANTS)
 def test_padding_does_not_change_predictions(arch, fusion, crf):
     torch.manual_seed(0)
-    model = Tagger(make_args(arch, fusion, crf=crf)).eval()
+    model = build(make_args(arch, fusion, crf=crf)).eval()
     short = session(5, 3)
     alone, _ = model(collate([short]))
     padded, _ = model(collate([short, session(12, 4)]))
@@ -78,7 +89,7 @@ def test_padding_does_not_change_predictions(arch, fusion, crf):
 def test_prefix_labelling_matches_whole_session(arch, fusion, crf):
     """Labelling a growing prefix event by event ends where the offline forward pass is."""
     torch.manual_seed(0)
-    model = Tagger(make_args(arch, fusion, crf=crf)).eval()
+    model = build(make_args(arch, fusion, crf=crf)).eval()
     s = session(15, 5)  # longer than context + lookahead: windows slide
     full, _ = model(collate([s]))
     assert torch.allclose(stream_outputs(model, s), full[0], atol=1e-4)
@@ -89,7 +100,7 @@ def test_lookahead_bounds_what_an_event_sees(arch, crf):
     """Changing event t+L+1 must not change the output at t; changing t+L may."""
     torch.manual_seed(0)
     L = 2
-    model = Tagger(make_args(arch, "concat", lookahead=L, crf=crf)).eval()
+    model = build(make_args(arch, "concat", lookahead=L, crf=crf)).eval()
     if crf:  # untrained transitions are all zero, which would hide the CRF's own lookahead
         torch.nn.init.normal_(model.crf.trans)
     s = session(12, 6)
@@ -105,6 +116,58 @@ def test_lookahead_bounds_what_an_event_sees(arch, crf):
     near.event[t + L] = (near.event[t + L] + 7) % 20
     changed, _ = model(collate([near]))
     assert not torch.allclose(base[0, t], changed[0, t], atol=1e-6)
+
+
+def stream_by_depth(model, s):
+    """Label a growing prefix event by event; {k: {position: logits when k later events were in}}."""
+    seen: dict[int, dict[int, torch.Tensor]] = {}
+    state = [model.init_state()]
+    for t in range(len(s)):
+        batch = collate([s.rows(t, t + 1)])
+        batch.pop("lengths")
+        state, outs = model.step(state, batch)
+        o = outs[0]
+        for j in range(len(o)):
+            seen.setdefault(len(o) - 1 - j, {})[t - len(o) + 1 + j] = o[j]
+    return seen
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if getattr(ENCODERS[a], "supports_horizon", False)])
+def test_every_visible_depth_is_the_forward_pass_at_that_horizon(arch):
+    """Training at every depth k = 0..L is only honest if the label the live worker shows with
+    k later events in is exactly the forward pass whose positions see k events ahead."""
+    torch.manual_seed(0)
+    L = 3
+    model = build(make_args(arch, "concat", lookahead=L)).eval()
+    s = session(14, 11)
+    seen = stream_by_depth(model, s)
+    for k in range(L + 1):
+        batch = collate([s])
+        batch["horizon"] = torch.full((1, len(s)), k, dtype=torch.long)
+        full, _ = model(batch)
+        for t in range(len(s) - k):                     # depth k exists only before the end
+            assert torch.allclose(seen[k][t], full[0, t], atol=1e-4), (k, t)
+
+
+def test_wide_path_sees_its_window_only():
+    """The linear lexical part reads events t-2 .. t+2 and nothing else."""
+    torch.manual_seed(0)
+    model = build(make_args("bilstm", "concat", lookahead=4, wide_past=2, wide_future=2)).eval()
+    s = session(12, 12)
+    base = model.wide(collate([s])["lex"], torch.tensor([12]))
+    t = 5
+    for far in (t - 3, t + 3):
+        other = session(12, 12)
+        other.lex = other.lex.copy()
+        other.lex[far] = (other.lex[far] % 24) + 1
+        changed = model.wide(collate([other])["lex"], torch.tensor([12]))
+        assert torch.allclose(base[0, t], changed[0, t])
+    for near in (t - 2, t, t + 2):
+        other = session(12, 12)
+        other.lex = other.lex.copy()
+        other.lex[near] = (other.lex[near] % 24) + 1
+        changed = model.wide(collate([other])["lex"], torch.tensor([12]))
+        assert not torch.allclose(base[0, t], changed[0, t])
 
 
 @pytest.mark.parametrize("arch,crf", [("bilstm", False), ("transformer", False),
@@ -126,7 +189,7 @@ def test_unbounded_lookahead_sees_the_whole_future(arch, crf):
 def test_save_and_load_give_identical_predictions(arch, fusion, crf, tmp_path):
     torch.manual_seed(0)
     args = make_args(arch, fusion, crf=crf)
-    model = Tagger(args).eval()
+    model = build(args).eval()
     torch.save(model.state_dict(), tmp_path / "w.pt")
     again = Tagger(ModelArgs.from_dict(args.to_dict())).eval()
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))

@@ -1,0 +1,241 @@
+"""``tagger cv``: cross-validation by session, the verdict for logs too small for one split.
+
+The log's sessions are shuffled (seeded) and dealt into ``folds`` folds. For every fold and
+every architecture asked for, a model is trained on the other folds through the same code
+as ``tagger train`` (``train.prepare_frame`` + ``train.train_prepared``, an artifact written
+and loaded back), then the fold's sessions are labelled offline (``LoadedModel.predict_proba``,
+what ``predict`` does) and, for models the live worker can serve, replayed event by event
+through ``LiveTagger`` (what ``evaluate --streaming`` does). Predictions are pooled over the
+folds, so every session is tested exactly once, and scored together.
+
+Two references are fit on the same folds, from the same derived features
+(``trainer.baseline``):
+
+- ``crf``: a linear-chain CRF (CRFsuite) over each event and its two neighbours on either
+  side, labelled by its forward-backward marginals over the whole session (offline only);
+- ``causal_crf``: the same CRF over each event and the two before it, labelled by forward
+  filtering, p(y_t | events up to t): what a CRF can say when an event arrives. It is the
+  yardstick for live first labels.
+
+Scores (top-1: arg-max labels, abstention ignored, as for the references):
+``macro_f1`` / ``accuracy`` offline; ``coverage`` and ``selective_accuracy`` at each fold's
+calibrated threshold (the precision target); ``first_top1_macro_f1`` / ``first_top1_accuracy``,
+the label behind each event's first live record; ``edit_overhead`` and
+``final_equals_offline`` from the replay. Paired per-fold differences against both
+references say whether a lead holds fold by fold or only on average.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from trainer.config import Config
+from trainer.errors import ConfigError
+
+REFERENCES = ("reference_crf", "reference_causal_crf")
+CRF, CAUSAL = REFERENCES
+
+
+@dataclass
+class _Pool:
+    """One contender's pooled predictions (label names, frame order) and per-fold scores."""
+
+    gold: list[str] = field(default_factory=list)
+    top1: list[str] = field(default_factory=list)
+    covered: list[bool] = field(default_factory=list)
+    first: list[str | None] = field(default_factory=list)
+    stream: list[dict[str, Any]] = field(default_factory=list)   # per fold streaming block
+    folds: list[dict[str, Any]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def session_folds(frame: pd.DataFrame, k: int, seed: int) -> list[list[str]]:
+    """Sessions shuffled with ``seed`` and dealt round-robin into ``k`` folds."""
+    sessions = list(pd.unique(frame["session_id"]))
+    if k < 2:
+        raise ConfigError(f"--folds must be at least 2, got {k}")
+    if len(sessions) < k:
+        raise ConfigError(f"{len(sessions)} sessions cannot make {k} folds (one session per fold at least)")
+    order = np.random.default_rng(seed).permutation(len(sessions))
+    return [[sessions[i] for i in order[f::k]] for f in range(k)]
+
+
+def _scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
+    from stream.replay import top1_scores
+    return top1_scores(list(gold), list(pred))
+
+
+def _diffs(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:
+    d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    if not d:
+        return {"mean": None, "min": None, "max": None, "wins": 0, "folds": 0}
+    return {"mean": float(np.mean(d)), "min": float(min(d)), "max": float(max(d)),
+            "wins": int(sum(x > 0 for x in d)), "folds": len(d), "per_fold": [float(x) for x in d]}
+
+
+def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequence[str] | None = None,
+                   seed: int = 0, workdir: str | Path | None = None, streaming: bool = True,
+                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the cross-validation; returns the report (see the module docstring)."""
+    from trainer.artifacts import load_artifact
+    from trainer.baseline import BaselineLabeller
+    from trainer.loading import fingerprint, read_events
+    from trainer.train import prepare_frame, train_prepared
+
+    data = Path(data)
+    frame, report = read_events(data, require_label=True, numeric_columns=cfg.data.num_features)
+    echo(report.summary())
+    archs = list(archs or [cfg.model.arch])
+    fold_ids = session_folds(frame, folds, seed)
+    fp = fingerprint(data)
+    clash = [a for a in archs if a in REFERENCES]
+    if clash:
+        raise ConfigError(f"--arch {clash[0]!r} is the name of a reference")
+    pools: dict[str, _Pool] = {name: _Pool() for name in list(REFERENCES) + archs}
+    started = time.perf_counter()
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tagger-cv-")
+        workdir = tmp.name
+    workdir = Path(workdir)
+    try:
+        for f, test_ids in enumerate(fold_ids):
+            test_set = set(test_ids)
+            train_frame = frame[~frame["session_id"].isin(test_set)].reset_index(drop=True)
+            test_frame = frame[frame["session_id"].isin(test_set)].reset_index(drop=True)
+            gold = test_frame["step_name"].tolist()
+            echo(f"fold {f + 1}/{folds}: {len(test_ids)} test sessions ({len(test_frame)} events), "
+                 f"{train_frame['session_id'].nunique()} training sessions")
+            # the references, from the same derived features
+            for name, hyper, decode in ((CRF, {}, "marginal"), (CAUSAL, {"future": 0}, "filter")):
+                t0 = time.perf_counter()
+                ref = BaselineLabeller.fit(train_frame, cfg.data, kind="crf", seed=cfg.train.seed, **hyper)
+                probs = np.concatenate(ref.predict_proba(test_frame, decode=decode))
+                top1 = [ref.labels[i] for i in probs.argmax(-1)]
+                pool = pools[name]
+                pool.gold += gold
+                pool.top1 += top1
+                pool.first += top1 if name == CAUSAL else [None] * len(top1)
+                pool.covered += [False] * len(top1)
+                pool.seconds.append(time.perf_counter() - t0)
+                pool.folds.append(_scores(gold, top1))
+            for arch in archs:
+                t0 = time.perf_counter()
+                acfg = cfg.replace(model={"arch": arch})
+                p = prepare_frame(train_frame, acfg, base_dir=data.parent, fingerprint=fp, test_size=0.0)
+                out = workdir / f"fold{f + 1}" / arch
+                train_prepared(p, out, acfg, progress=False, echo=lambda *_: None)
+                lm = load_artifact(out)
+                seconds = time.perf_counter() - t0
+                sids, probs = lm.predict_proba(test_frame, base_dir=data.parent)
+                flat = np.concatenate(probs)
+                top1 = [lm.labels[i] for i in flat.argmax(-1)]
+                pool = pools[arch]
+                pool.gold += gold
+                pool.top1 += top1
+                pool.covered += (flat.max(-1) >= lm.threshold).tolist()
+                scores = _scores(gold, top1)
+                block = None
+                if streaming and lm.kind == "neural" and lm.lookahead is not None:
+                    from stream.replay import streaming_evaluation
+                    block = streaming_evaluation(lm, test_frame, offline_probs=dict(zip(sids, probs)),
+                                                 base_dir=data.parent, per_event=True)
+                    pool.first += block.pop("first_top1_labels")
+                    pool.stream.append(block)
+                    scores["first_top1_macro_f1"] = block["first_top1_macro_f1"]
+                else:
+                    pool.first += [None] * len(top1)
+                pool.seconds.append(seconds)
+                pool.folds.append(scores)
+                echo(f"  {arch}: macro-F1 {scores['macro_f1']:.3f}"
+                     + (f", first-label {block['first_top1_macro_f1']:.3f}" if block else "")
+                     + f" (reference crf {pools[CRF].folds[-1]['macro_f1']:.3f}, causal crf first-label "
+                     f"{pools[CAUSAL].folds[-1]['macro_f1']:.3f}); {seconds:.0f}s")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return _report(data, frame, cfg, folds, seed, archs, pools, time.perf_counter() - started)
+
+
+def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int, archs: Sequence[str],
+            pools: dict[str, _Pool], seconds: float) -> dict[str, Any]:
+    crf_f1 = [s["macro_f1"] for s in pools[CRF].folds]
+    causal_f1 = [s["macro_f1"] for s in pools[CAUSAL].folds]
+    contenders: dict[str, Any] = {}
+    for name, pool in pools.items():
+        offline = _scores(pool.gold, pool.top1)
+        row: dict[str, Any] = {"macro_f1": offline["macro_f1"], "accuracy": offline["accuracy"],
+                               "train_seconds_per_fold": float(np.mean(pool.seconds))}
+        if name in REFERENCES:
+            row["kind"] = "reference"
+            if name == CAUSAL:
+                row["first_top1_macro_f1"], row["first_top1_accuracy"] = row["macro_f1"], row["accuracy"]
+        else:
+            row["kind"] = "model"
+            covered = np.asarray(pool.covered, dtype=bool)
+            right = np.asarray(pool.gold, dtype=object) == np.asarray(pool.top1, dtype=object)
+            row["coverage"] = float(covered.mean()) if len(covered) else None
+            row["selective_accuracy"] = float(right[covered].mean()) if covered.any() else None
+            if pool.stream:
+                first = _scores(pool.gold, pool.first)
+                row["first_top1_macro_f1"] = first["macro_f1"]
+                row["first_top1_accuracy"] = first["accuracy"]
+                events = [b["events"] for b in pool.stream]
+                for key in ("edit_overhead", "correction_time", "relative_correctness",
+                            "final_equals_offline", "first_accuracy", "final_accuracy"):
+                    vals = [(b.get(key), n) for b, n in zip(pool.stream, events) if b.get(key) is not None]
+                    row[key] = (float(sum(v * n for v, n in vals) / sum(n for _, n in vals))
+                                if vals else None)
+            f1 = [s["macro_f1"] for s in pool.folds]
+            row["vs_crf"] = _diffs(f1, crf_f1)
+            if pool.stream:
+                row["first_vs_causal_crf"] = _diffs([s.get("first_top1_macro_f1") for s in pool.folds],
+                                                    causal_f1)
+        row["per_fold"] = pool.folds
+        contenders[name] = row
+    return {"data": str(data), "events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
+            "labels": int(frame["step_name"].nunique()), "folds": folds, "seed": seed,
+            "archs": list(archs), "config": cfg.to_dict(), "seconds": round(seconds, 1),
+            "contenders": contenders}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table, one row per contender."""
+    def f(x, fmt=".3f"):
+        return "–" if x is None else format(x, fmt)
+
+    def d(block):
+        if not block or block.get("mean") is None:
+            return "–"
+        return f"{block['mean']:+.3f} [{block['min']:+.3f}, {block['max']:+.3f}] {block['wins']}/{block['folds']}"
+
+    lines = [f"{Path(report['data']).name}: {report['events']} events, {report['sessions']} sessions, "
+             f"{report['labels']} labels, {report['folds']} folds by session (seed {report['seed']})", "",
+             "| model | macro-F1 | accuracy | coverage | first-label macro-F1 | edit overhead | "
+             "final = offline | ΔF1 vs CRF ±2 (per fold) | Δ first vs causal CRF | train s/fold |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["contenders"].items():
+        label = {CRF: "CRF ±2 (reference)", CAUSAL: "causal CRF, filtering (reference)"}.get(name, name)
+        lines.append(f"| {label} | {f(r['macro_f1'])} | {f(r['accuracy'])} | {f(r.get('coverage'))} | "
+                     f"{f(r.get('first_top1_macro_f1'))} | {f(r.get('edit_overhead'))} | "
+                     f"{f(r.get('final_equals_offline'))} | {d(r.get('vs_crf'))} | "
+                     f"{d(r.get('first_vs_causal_crf'))} | {r['train_seconds_per_fold']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from trainer.artifacts import _json_default
+    path.write_text(json.dumps(report, indent=2, default=_json_default), encoding="utf-8")
+
+
+__all__ = ["cross_validate", "format_table", "session_folds", "write_report", "REFERENCES"]
