@@ -69,11 +69,13 @@ def check_redis(settings: Settings) -> None:
 
 
 def check_worker(settings: Settings, *, broker_timeout_s: float) -> str:
-    """Every check, cheapest first; returns the version of the model that will be served."""
-    check_web_port(settings)
+    """Every check; returns the version of the model that will be served. The port is checked
+    last, right before Faust binds it, to keep the window small in which a second worker
+    started at the same moment can take it (then Faust's own error is all there is)."""
     version = check_model(settings.artifacts_dir)
     check_broker(settings, broker_timeout_s)
     check_redis(settings)
+    check_web_port(settings)
     return version
 
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import serving_root
 from stream.stack import _free_port
 
@@ -40,13 +42,14 @@ def test_no_current_model(tmp_path):
     assert "no current model" in line and str(empty) in line and "tagger promote" in line
 
 
-def test_web_port_in_use(tmp_path):
-    with socket.socket() as taken:
+@pytest.mark.integration
+def test_web_port_in_use(tmp_path, tiny_model, services):
+    with socket.socket() as taken:   # another worker (or anything) holds the port
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = one_error_line(run_worker(tmp_path, TAGGER_WEB_PORT=str(port),
-                                         TAGGER_ARTIFACTS=str(tmp_path / "artifacts")))
+        line = one_error_line(run_worker(tmp_path, TAGGER_WEB_PORT=str(port), TAGGER_KAFKA=services.kafka,
+                                         TAGGER_ARTIFACTS=str(serving_root(tmp_path, tiny_model))))
     assert f"port {port}" in line and "in use" in line and "TAGGER_WEB_PORT" in line
 
 
