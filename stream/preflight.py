@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import sys
 from pathlib import Path
 
 from stream.errors import StackError
@@ -52,8 +53,17 @@ def check_model(artifacts_dir: Path) -> str:
 def check_broker(settings: Settings, timeout_s: float) -> None:
     """A Kafka broker answers a metadata request at ``TAGGER_KAFKA`` within ``timeout_s``."""
     from stream.stack import wait_for_kafka
+    first = min(timeout_s, 3.0)
     try:
-        wait_for_kafka(settings, timeout_s=timeout_s)
+        try:
+            wait_for_kafka(settings, timeout_s=first)
+        except StackError:
+            if timeout_s <= first:
+                raise
+            # say why nothing happens for a while (a broker that is still starting, or none)
+            print(f"waiting up to {timeout_s - first:g} s more for a Kafka broker at {settings.kafka} "
+                  f"(TAGGER_KAFKA) ...", file=sys.stderr, flush=True)
+            wait_for_kafka(settings, timeout_s=timeout_s - first)
     except StackError as exc:
         raise StreamError(f"no Kafka broker answers at {settings.kafka} (TAGGER_KAFKA) within "
                           f"{timeout_s:g} s; start one (`eval \"$(tagger stack up)\"`) or set TAGGER_KAFKA"
