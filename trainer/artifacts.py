@@ -43,7 +43,7 @@ import torch
 from trainer import __version__
 from trainer.errors import ArtifactError
 from trainer.features import EncodedSession, FeatureEncoder
-from trainer.model import ModelArgs, Tagger, collate
+from trainer.model import Mixture, MixtureArgs, ModelArgs, Tagger, collate
 
 FORMAT = "tagger-artifact"
 FORMAT_VERSION = 1
@@ -199,7 +199,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
     if model is not None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "weights.pt")
         files.append("weights.pt")
-        if model.args.image_backbone:
+        if getattr(model.args, "image_backbone", None):
             src = Path(model.args.image_backbone)
             if src.resolve() != (out / BACKBONE).resolve():
                 shutil.copyfile(src, out / BACKBONE)
@@ -294,12 +294,16 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
                          temperature=float(cal["temperature"]), threshold=float(cal["threshold"]),
                          kind=manifest["kind"], device=device)
     if manifest["kind"] == "neural":
+        margs = dict(manifest["model_args"])
         try:
-            args = ModelArgs.from_dict(manifest["model_args"])
-        except TypeError as exc:
+            if margs.get("arch") == "mixture":
+                args = MixtureArgs.from_dict(margs)
+            else:
+                args = ModelArgs.from_dict(margs)
+                if args.image_backbone:
+                    args.image_backbone = str(path / args.image_backbone)     # the artifact's own copy
+        except (TypeError, KeyError, ValueError) as exc:
             raise ArtifactError(f"{path}: model_args do not fit this tagger version: {exc}") from exc
-        if args.image_backbone:
-            args.image_backbone = str(path / args.image_backbone)     # the artifact's own copy
         if args.n_labels != len(loaded.labels):
             raise ArtifactError(f"{path}: model has {args.n_labels} outputs but {len(loaded.labels)} labels")
         try:
@@ -307,7 +311,7 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
         except Exception as exc:  # torch raises several types for bad files
             raise ArtifactError(f"{path}/weights.pt: cannot load weights: {exc}") from exc
         try:
-            model = Tagger(args).to(device)
+            model = (Mixture(args) if isinstance(args, MixtureArgs) else Tagger(args)).to(device)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ArtifactError(f"{path}: cannot build the declared model: {exc}") from exc
         try:

@@ -21,7 +21,8 @@ def _progress(args) -> bool:
 
 def cmd_generate(args) -> int:
     from trainer.generate import generate
-    stats = generate(args.sessions, args.seed, args.out, images_dir=args.images, progress=_progress(args))
+    stats = generate(args.sessions, args.seed, args.out, images_dir=args.images,
+                     progress=_progress(args), profile=args.profile)
     print(f"wrote {stats['events']} events in {stats['sessions']} sessions to {stats['path']}")
     for name, n in sorted(stats["steps"].items(), key=lambda kv: -kv[1]):
         print(f"  {n:7d}  {name}")
@@ -134,12 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="write realistic generated task-mining logs")
-    g.add_argument("--sessions", type=_non_negative, default=1000, help="how many sessions to write")
+    g.add_argument("--profile", choices=("default", "window-focus"), default="default",
+                   help="default: the seed's back-office task-mining process; window-focus: "
+                        "one office worker's window-focus log, a session per working day, "
+                        "labelled with 28 job activities")
+    g.add_argument("--sessions", type=_non_negative,
+                   help="sessions to write (default 1000; window-focus: working days, default 20)")
     g.add_argument("--seed", type=_non_negative, default=0,
                    help="random seed: the same seed writes the same bytes; each seed has its own "
                         "session ids, so logs of different seeds can be published together")
     g.add_argument("--out", required=True, help="CSV file to write")
-    g.add_argument("--images", help="also render one screenshot per event into this folder")
+    g.add_argument("--images", help="also render one screenshot per event into this folder "
+                                    "(default profile only)")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train, calibrate and score a model; write an artifact folder")

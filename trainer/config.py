@@ -57,8 +57,11 @@ class ModelConfig:
     # crf: a linear-chain CRF (CRFsuite) over the event and wide_past events before it,
     # served live like the networks (filtering on arrival, fixed-lag smoothing for finals);
     # logreg: the per-event classic baseline (offline only)
-    arch: Literal["bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf",
+    # auto: each of auto_archs is validated (on session folds for small logs) and the one
+    # whose held-out labels score best is trained; the table goes into the artifact's metrics
+    arch: Literal["auto", "bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf",
                   "logreg"] = "bilstm"
+    auto_archs: tuple[str, ...] = ("bilstm", "crf")
     # late: one encoder and classifier per modality, logits summed
     fusion: Literal["concat", "gated", "sum", "cross_attention", "late"] = "concat"
     # Each event sees every earlier event (within `context`) and at most `lookahead` later
@@ -85,9 +88,11 @@ class ModelConfig:
     # lexical features (data.lexical): bag size into the event vector, and the wide path,
     # linear label scores of the features of events t-wide_past .. t+wide_future
     lex_dim: int = 64
-    # arch crf: CRFsuite's L1 and L2 penalties
+    # arch crf: CRFsuite's L1 and L2 penalties; later events its state features read (0:
+    # causal, labels on arrival are exact forward filtering)
     crf_c1: float = 0.05
     crf_c2: float = 0.05
+    crf_future: int = 0
     wide: bool = True
     wide_past: int = 2
     wide_future: int = 2
@@ -231,6 +236,12 @@ def _validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.lookahead is not None and m.lookahead < 0:
         raise ConfigError("model.lookahead: must be >= 0 or null")
+    streamable_archs = ("bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf")
+    for a in m.auto_archs:
+        if a not in streamable_archs:
+            raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(streamable_archs)}")
+    if not m.auto_archs:
+        raise ConfigError("model.auto_archs: name at least one architecture")
     if m.context < 1:
         raise ConfigError("model.context: must be >= 1")
     if m.arch == "transformer" and m.hidden_dim % m.nhead:

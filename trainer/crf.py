@@ -1,11 +1,13 @@
 """The linear-chain CRF architecture (``model.arch: crf``), trained with CRFsuite and served
 by the torch ``Tagger`` like every other architecture.
 
-A CRF is a streaming model: its state features here are causal (the event and the
-``wide_past`` events before it: lexical ids and standardised numbers from the shared
-``FeatureEncoder``), so forward filtering gives p(y_t | events up to t), the label on
-arrival, and fixed-lag smoothing over the L later events gives the final label, which is
-also what offline prediction computes (``LookaheadCRF`` with window L). The weights are
+A CRF is a streaming model: with causal state features (the event and the ``wide_past``
+events before it: lexical ids and standardised numbers from the shared ``FeatureEncoder``;
+``model.crf_future: 0``, the default) forward filtering gives p(y_t | events up to t), the
+label on arrival, and fixed-lag smoothing over the L later events gives the final label,
+which is also what offline prediction computes (``LookaheadCRF`` with window L). With
+``crf_future: F`` the state features also read the next F events; its labels before they
+are final are then read with those features still missing. The weights are
 fit by CRFsuite (L-BFGS with an elastic-net penalty, the usual strong CRF trainer) and
 copied into the ``WidePath`` tables and the transition matrix of ``Tagger(arch="crf")``,
 so the artifact is a plain state dict, ``step()`` serves it live, and nothing is unpickled.
@@ -29,18 +31,21 @@ from trainer.model import ModelArgs, Tagger
 C1, C2, MAX_ITERATIONS = 0.05, 0.05, 200
 
 
-def attributes(s: EncodedSession, past: int) -> list[dict[str, float]]:
-    """CRFsuite attribute dicts of one encoded session: for each offset o = -past .. 0 the
-    lexical ids (``o:l<id>``) and non-zero numbers (``o:n<j>``) of event t+o, or ``o:start``
-    before the session's first event."""
+def attributes(s: EncodedSession, past: int, future: int = 0) -> list[dict[str, float]]:
+    """CRFsuite attribute dicts of one encoded session: for each offset o = -past .. future
+    the lexical ids (``o:l<id>``) and non-zero numbers (``o:n<j>``) of event t+o, or
+    ``o:start`` before the session's first event (nothing after its last: live, an event not
+    yet seen looks the same)."""
     out = []
     n = len(s)
     for t in range(n):
         f: dict[str, float] = {}
-        for o in range(-past, 1):
+        for o in range(-past, future + 1):
             j = t + o
             if j < 0:
                 f[f"{o}:start"] = 1.0
+                continue
+            if j >= n:
                 continue
             for i in s.lex[j]:
                 if i:
@@ -67,7 +72,7 @@ def fit_crf(args: ModelArgs, train: Sequence[EncodedSession], *, c1: float = C1,
         keep = s.labels != -100
         if not keep.any():
             continue
-        X.append(attributes(s, P))
+        X.append(attributes(s, P, model_future(args)))
         Y.append([str(int(y)) for y in s.labels])
     if not X:
         raise DataError("CRF training: no labelled events")
@@ -87,6 +92,11 @@ def fit_crf(args: ModelArgs, train: Sequence[EncodedSession], *, c1: float = C1,
                    "features": len(info.state_features)}
 
 
+def model_future(args: ModelArgs) -> int:
+    """How many later events the CRF's state features read (``Tagger`` caps it likewise)."""
+    return 0 if args.lookahead is None else min(args.wide_future, args.lookahead)
+
+
 @torch.no_grad()
 def load_weights(model: Tagger, state: dict[tuple[str, str], float],
                  transitions: dict[tuple[str, str], float]) -> None:
@@ -104,7 +114,7 @@ def load_weights(model: Tagger, state: dict[tuple[str, str], float],
         if what == "start":
             wide.before_start[slot, c] = w
         elif what[0] == "l":
-            wide.tables[slot].weight[int(what[1:]), c] = w
+            wide.table[int(what[1:]), slot * C + c] = w
         else:
             wide.nums[slot, int(what[1:]), c] = w
     for (a, b), w in transitions.items():

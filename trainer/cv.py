@@ -83,8 +83,12 @@ def _diffs(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, An
 
 def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequence[str] | None = None,
                    seed: int = 0, workdir: str | Path | None = None, streaming: bool = True,
+                   variants: dict[str, dict[str, Any]] | None = None,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the cross-validation; returns the report (see the module docstring)."""
+    """Run the cross-validation; returns the report (see the module docstring). Contenders are
+    ``archs`` (each the config with ``model.arch`` set; default: the config's own) or
+    ``variants``, name -> config overrides (``{"model": {"hidden_dim": 64}}``), as the
+    ablation passes them."""
     from trainer.artifacts import load_artifact
     from trainer.baseline import BaselineLabeller
     from trainer.loading import fingerprint, read_events
@@ -93,7 +97,10 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
     data = Path(data)
     frame, report = read_events(data, require_label=True, numeric_columns=cfg.data.num_features)
     echo(report.summary())
-    archs = list(archs or [cfg.model.arch])
+    if variants is None:
+        variants = {a: {"model": {"arch": a}} for a in (archs or [cfg.model.arch])}
+    archs = list(variants)
+    configs = {name: cfg.replace(**over) if over else cfg for name, over in variants.items()}
     fold_ids = session_folds(frame, folds, seed)
     fp = fingerprint(data)
     clash = [a for a in archs if a in REFERENCES]
@@ -129,7 +136,7 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
                 pool.folds.append(_scores(gold, top1))
             for arch in archs:
                 t0 = time.perf_counter()
-                acfg = cfg.replace(model={"arch": arch})
+                acfg = configs[arch]
                 p = prepare_frame(train_frame, acfg, base_dir=data.parent, fingerprint=fp, test_size=0.0)
                 out = workdir / f"fold{f + 1}" / arch
                 train_prepared(p, out, acfg, progress=False, echo=lambda *_: None)
@@ -162,11 +169,11 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return _report(data, frame, cfg, folds, seed, archs, pools, time.perf_counter() - started)
+    return _report(data, frame, cfg, folds, seed, archs, configs, pools, time.perf_counter() - started)
 
 
 def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int, archs: Sequence[str],
-            pools: dict[str, _Pool], seconds: float) -> dict[str, Any]:
+            configs: dict[str, Config], pools: dict[str, _Pool], seconds: float) -> dict[str, Any]:
     crf_f1 = [s["macro_f1"] for s in pools[CRF].folds]
     causal_f1 = [s["macro_f1"] for s in pools[CAUSAL].folds]
     contenders: dict[str, Any] = {}
@@ -203,6 +210,7 @@ def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int,
         contenders[name] = row
     return {"data": str(data), "events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
             "labels": int(frame["step_name"].nunique()), "folds": folds, "seed": seed,
+            "contenders_config": {a: configs[a].to_dict() for a in archs},
             "archs": list(archs), "config": cfg.to_dict(), "seconds": round(seconds, 1),
             "contenders": contenders}
 

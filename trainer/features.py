@@ -21,6 +21,7 @@ UI-element grouping alone predicts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -488,6 +489,8 @@ class FeatureEncoder:
         from trainer.config import _build
         try:
             data = _build(DataConfig, d["data"], "data")
+            if "lex" not in d["vocabs"]:                 # fit before lexical features existed
+                data = dataclasses.replace(data, lexical=False)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -1,10 +1,14 @@
 """Deterministic generator of labelled task-mining logs (the `tagger generate` command).
 
-This module owns the synthetic customs / duty-invoice back-office process: its steps, the
-event templates each step emits, the transitions between steps, and how a walk through it is
-written out as a CSV (plus, optionally, one small PNG screenshot per event).
+This module owns the synthetic logs, in two profiles (`PROFILES`):
 
-The logs are meant to be hard in the ways the real log is (see shared DATA.md):
+* `default`: the customs / duty-invoice back-office process of the seed's log: its steps,
+  the event templates each step emits, the transitions between steps, and how a walk
+  through it is written out as a CSV (plus, optionally, one small PNG screenshot per event);
+* `window-focus`: a window-focus log of one office worker (`tagger generate --profile
+  window-focus`), described at the end of this docstring.
+
+The default profile's logs are meant to be hard in the ways the seed's log is (see DATA.md):
 
 * the same event name belongs to several steps (`... IAS.tpx ... in Terminal` is Paperwork
   in one place and an invoice step in another), so a per-event classifier cannot be sure;
@@ -23,6 +27,29 @@ The true order of a session is timestamp order (ties broken by the sub-second su
 file order is deliberately perturbed. Output is byte-identical for a given seed: every random
 draw comes from a `random.Random` seeded from (seed, session), never from global state or the
 clock, and images use their own per-event streams so turning images on does not change the CSV.
+
+The `window-focus` profile follows DATA.md's "What a real window-focus log looks like". A
+session is a working day (`wf<seed>-<date>`; 20 days by default, about 10,000 events, median
+450 a day) and a row is a focus change: `event_name` is `Focus: <window title> in <app>`,
+with `target_app`, the title as `text`, and `duration_s`. Labels are 28 job activities
+(`ACTIVITIES`; the largest 13.5% of events, nine under 1%, one only in the last days), about
+7 a day, in runs of one activity (median 5 events, mean about 22) that interleave and return.
+It is hard in these ways:
+
+* titles carry the activity in their words (project, document, person and customer names,
+  mail subjects), but most titles are seen on one day only, and the words drift: documents
+  get new versions and weeks, threads and tickets start and retire, topics move on;
+* 34 apps, most events in the browser, and the app alone says little about the activity;
+* shared windows (`WF_SHARED`: the inbox, the desktop, a new tab, how-to searches, chats
+  with the team) and tool start pages carry no word of the activity: they belong to
+  whichever run they sit in, so a per-event classifier cannot get them right but the
+  neighbouring events can;
+* timestamps have one-minute resolution and most events tie with the one before, so the
+  file order is the only order; `duration_s` is the time to the next focus change at that
+  resolution (mostly 0).
+
+Its draws come from a plan stream and one stream per day, seeded from (seed, day), so it is
+byte-identical for a given seed as well.
 """
 
 from __future__ import annotations
@@ -36,11 +63,16 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from statistics import NormalDist
 
 import pandas as pd
 from tqdm import tqdm
 
-__all__ = ["generate", "STEPS", "COLUMNS"]
+from trainer.errors import ConfigError
+
+__all__ = ["generate", "STEPS", "COLUMNS", "PROFILES", "ACTIVITIES", "WF_COLUMNS"]
+
+PROFILES = ("default", "window-focus")
 
 COLUMNS = ["timestamp", "session_id", "event_name", "group_id", "target_app", "text",
            "duration_s", "step_name"]
@@ -677,6 +709,801 @@ class _Renderer:
 
 
 # --------------------------------------------------------------------------------------
+# The window-focus profile: working days of one office worker, one focus change a row
+# --------------------------------------------------------------------------------------
+#
+# A session is a working day. The day is planned top-down: its size, the ~7 activities
+# worked on, and how many events each gets (so activity shares hold for any seed); then the
+# day is cut into runs of one activity, interleaved, and each run is walked window by window.
+# A run keeps a small working set of windows it switches between, opens new ones now and
+# then, and drops into shared windows (inbox, desktop, search page, chats with colleagues)
+# that carry no word of the activity: those are labelled with the run they sit in.
+# The constants and window weights were set by measuring the statistics that
+# tests/trainer/test_generate.py checks against DATA.md; change them together.
+
+WF_COLUMNS = ["session_id", "timestamp", "event_name", "step_name", "target_app", "text",
+              "duration_s"]
+WF_DEFAULT_DAYS = 20
+_WF_FIRST_DAY = datetime(2024, 9, 2)   # a Monday; days are the working days from here
+_WF_USER = "m.keller@northwind.example"
+# Day size in events: a log-normal, wider below the median (half days, meeting days) than
+# above it, sampled at stratified quantiles so every seed gets the same spread of days.
+_WF_DAY_MEDIAN, _WF_DAY_SIGMA_LO, _WF_DAY_SIGMA_HI = 450, 0.73, 0.52
+# How long a window keeps focus: mostly seconds (so most events share their minute with the
+# one before), sometimes about a minute, now and then long (reading, a call, a meeting).
+_WF_P_LONG, _WF_P_MID = 0.07, 0.15
+_WF_P_WORKING_SET = 0.45   # a run goes back to a window it already has open
+_WF_RECENT = 2             # ...which is its first window or one of the last few it opened
+_WF_P_DAY_POOL = 0.15      # a window it opens is one this activity used earlier today
+_WF_P_BORROW = 0.25        # ...or one that belongs to a related activity
+_WF_P_NEW_THREAD = 0.5     # a mail thread / ticket drawn is a new one
+_WF_THREAD_DAYS = 1.5      # mean working days a thread stays in use after it starts
+
+CHROME, OUTLOOK, EXPLORER, SLIDES, TEAMS, WORD = (
+    "Google Chrome", "Outlook", "File Explorer", "PowerPoint", "Microsoft Teams", "Word")
+EXCEL, ACROBAT, ONENOTE, EDGE, PBI, VISIO, SAP = (
+    "Excel", "Adobe Acrobat Reader", "OneNote", "Microsoft Edge", "Power BI Desktop", "Visio",
+    "SAP Logon")
+ZOOM, WEBEX, NPP, NOTEPAD, MSPROJECT, SNIP, CALC = (
+    "Zoom", "Webex", "Notepad++", "Notepad", "Microsoft Project", "Snipping Tool", "Calculator")
+SETTINGS, SEARCH, SHELL, TASKMGR, VPN, CITRIX, CMD = (
+    "Settings", "Windows Search", "Windows Shell", "Task Manager", "Cisco AnyConnect",
+    "Citrix Workspace", "Command Prompt")
+PAINT, PHOTOS, ZIP, KEEPASS, ONEDRIVE, ACCESS, SECURITY = (
+    "Paint", "Photos", "7-Zip", "KeePass", "OneDrive", "Access", "Windows Security")
+
+
+@dataclass(frozen=True)
+class Win:
+    """A kind of window an activity opens, with a weight relative to the activity's other
+    windows. `title` is a format string over the activity's words (see `_Fields`): fields
+    such as `{n}`, `{o}`, `{q}` or `{date}` make most titles new, a title without them
+    recurs. A `thread` title (a mail thread, a ticket) is minted once and then lives for a
+    few days, so new ones keep appearing and old ones retire."""
+    app: str
+    title: str
+    weight: float
+    thread: bool = False
+
+
+@dataclass(frozen=True)
+class Activity:
+    """One job activity (a label). `share` is its percentage of all events; it is worked on
+    only in the fraction [start, end) of the recorded days. Word lists under keys `t` and `x`
+    slide over time (early days use the first words, late days the last), so an activity's
+    vocabulary drifts; `related` activities lend it windows now and then."""
+    name: str
+    share: float
+    windows: tuple[Win, ...]
+    words: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    related: tuple[str, ...] = ()
+    start: float = 0.0
+    end: float = 1.0
+    generic: float = 0.24  # chance an event inside a run is a shared window
+    daily: bool = False    # worked on every day of its period (a new hire's first days)
+
+
+def _words(**kw: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple(kw.items())
+
+
+GOOGLE = "{q} - Google Search - Google Chrome"
+TEAM = ("Jonas Weber", "Lena Fischer", "Tom Becker", "Sara Novak")   # the worker's own team
+VENDORS = ("Acme Logistics", "Globex", "Initech", "Umbrella Services", "Stark Facilities",
+           "Wayne Print", "Hooli Cloud", "Vandelay Imports", "Cyberdyne IT", "Soylent Catering")
+
+# Windows every activity passes through. They carry no word of the activity, so only the
+# surrounding run says which activity they belong to.
+WF_SHARED = (
+    Win(OUTLOOK, "Inbox - {user} - Outlook", 5.5),
+    Win(OUTLOOK, "Calendar - {user} - Outlook", 3),
+    Win(OUTLOOK, "Sent Items - {user} - Outlook", 1.5),
+    Win(CHROME, "New Tab - Google Chrome", 12),
+    Win(CHROME, "Google - Google Chrome", 10),
+    Win(CHROME, "Office Home - Google Chrome", 2),
+    Win(EXPLORER, "Desktop", 16),
+    Win(EXPLORER, "Downloads", 9),
+    Win(EXPLORER, "Documents", 4),
+    Win(TEAMS, "Chat | {col} | Microsoft Teams", 5),
+    Win(TEAMS, "Activity | Microsoft Teams", 2),
+    Win(SEARCH, "Search", 2.5),
+    Win(SHELL, "Task Switching", 2.5),
+    Win(NOTEPAD, "Untitled - Notepad", 1.2),
+    Win(SNIP, "Snipping Tool", 1.2),
+    Win(CALC, "Calculator", 0.8),
+    Win(ONEDRIVE, "OneDrive", 0.5),
+    Win(SETTINGS, "Settings", 0.4),
+    Win(KEEPASS, "Passwords.kdbx - KeePass", 0.5),
+    Win(SECURITY, "Windows Security", 0.3),
+    Win(VPN, "Cisco AnyConnect Secure Mobility Client", 0.4),
+    Win(PAINT, "Untitled - Paint", 0.3),
+    Win(TASKMGR, "Task Manager", 0.4),
+    Win(ZIP, "Archive.zip - 7-Zip", 0.3),
+    Win(CMD, "Command Prompt", 0.3),
+    # Looking up how to do something in an office tool: a new title almost every time, and
+    # its words could belong to any activity.
+    Win(CHROME, "{g} - Google Search - Google Chrome", 8),
+    Win(CHROME, "{g} - Microsoft Support - Google Chrome", 3),
+)
+
+# Start pages of the tools several activities use: they recur every day and say little.
+JIRA = Win(CHROME, "Dashboards - Jira - Google Chrome", 1.5)
+WIKI = Win(CHROME, "Home - Confluence - Google Chrome", 1.5)
+SHAREPOINT = Win(CHROME, "Home - SharePoint - Google Chrome", 1.5)
+WORKDAY = Win(CHROME, "Home - Workday - Google Chrome", 2)
+SALESFORCE = Win(CHROME, "Home | Salesforce - Google Chrome", 1.5)
+COUPA = Win(CHROME, "Home - Coupa - Google Chrome", 1.5)
+POWERBI = Win(CHROME, "Home - Power BI - Google Chrome", 1.5)
+SAP_HOME = Win(SAP, "SAP Easy Access", 1.5)
+SERVICENOW = Win(CHROME, "Service Portal - ServiceNow - Google Chrome", 1.5)
+NEW_BOOK = Win(EXCEL, "Book1 - Excel", 1)
+NEW_DOC = Win(WORD, "Document1 - Word", 1)
+MY_FILES = Win(CHROME, "My files - OneDrive - Google Chrome", 1)
+TEAMS_CAL = Win(TEAMS, "Calendar | Microsoft Teams", 1)
+
+ACTIVITIES = (
+    Activity("Project Atlas reporting", 13.5, (
+        JIRA, WIKI, POWERBI, NEW_BOOK, MY_FILES,
+        Win(CHROME, "Atlas Board - Agile Board - Jira - Google Chrome", 5),
+        Win(CHROME, "ATL-{n}: {t} - Jira - Google Chrome", 25, thread=True),
+        Win(CHROME, "Atlas {t} - Project Atlas - Confluence - Google Chrome", 5),
+        Win(CHROME, "Atlas KPI Dashboard - Power BI - Google Chrome", 3),
+        Win(CHROME, GOOGLE, 15),
+        Win(CHROME, "Atlas {t} {o} - Project Atlas - Confluence - Google Chrome", 15),
+        Win(SLIDES, "Atlas Status Report W{wk}.pptx - PowerPoint", 26),
+        Win(SLIDES, "Atlas Steering Committee {mon}.pptx - PowerPoint", 8),
+        Win(EXCEL, "Atlas KPI tracker v{v}.xlsx - Excel", 4),
+        Win(OUTLOOK, "{pre}Atlas {t} {o} - Message (HTML)", 5, thread=True),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 3),
+        Win(EXPLORER, "Atlas Reporting", 2),
+        Win(EXPLORER, "W{wk} - Atlas Reporting", 1.5),
+        Win(WORD, "Atlas weekly summary {date}.docx - Word", 12.5),
+    ), _words(p=("Anna Schmidt", "David Chen", "Priya Nair", "Marco Rossi"),
+              t=("milestone plan", "risk register", "KPI review", "data migration",
+                 "steering committee", "test results", "go-live readiness", "cutover plan",
+                 "hypercare", "budget burn", "lessons learned", "phase 2 scope"),
+              k=("atlas", "kpi", "status report", "rag status", "milestone", "burndown",
+                 "jira", "risk matrix", "forecast", "dashboard")),
+        related=("Quarterly business review", "Project Borealis coordination")),
+    Activity("Email triage", 11.0, (
+        SHAREPOINT, MY_FILES,
+        Win(OUTLOOK, "Inbox - {user} - Outlook", 14),
+        Win(OUTLOOK, "{s} - Message (HTML)", 5, thread=True),
+        Win(OUTLOOK, "{pre}{s} {o} - Message (HTML)", 21),
+        Win(OUTLOOK, "Automatic reply: {s} {o} - Message (HTML)", 3),
+        Win(OUTLOOK, "Sent Items - {user} - Outlook", 2),
+        Win(OUTLOOK, "Junk Email - {user} - Outlook", 1),
+        Win(CHROME, "{s} - Northwind Intranet - Google Chrome", 3),
+        Win(CHROME, "{s} {o} - Northwind Intranet - Google Chrome", 4),
+        Win(CHROME, "Microsoft Forms - {s} - Google Chrome", 1),
+        Win(CHROME, GOOGLE, 2),
+        Win(ACROBAT, "{s}.pdf - Adobe Acrobat Reader", 1),
+    ), _words(s=("Your weekly digest", "IT maintenance window", "Town hall recording",
+                 "Expense policy update", "New intranet launch", "Security awareness reminder",
+                 "Canteen menu", "Holiday calendar 2025", "Office move update",
+                 "Quarterly results", "Employee engagement survey", "Parking changes",
+                 "Welcome our new colleagues", "Fire drill", "Password expiry notice",
+                 "Team event save the date", "Travel policy FAQ", "Works council news"),
+              k=("outlook", "rules", "inbox")), generic=0.1),
+    Activity("Project Borealis coordination", 10.0, (
+        JIRA, WIKI, SHAREPOINT, TEAMS_CAL, MY_FILES,
+        Win(CHROME, "Borealis Master Plan - Smartsheet - Google Chrome", 5),
+        Win(CHROME, "Borealis - {t} - SharePoint - Google Chrome", 4),
+        Win(CHROME, "BOR-{n} {t} - Jira - Google Chrome", 15, thread=True),
+        Win(MSPROJECT, "Borealis schedule v{v}.mpp - Project", 3),
+        Win(TEAMS, "Borealis Core Team | {t} | Microsoft Teams", 3),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 3),
+        Win(OUTLOOK, "{pre}Borealis {t} {o} - Message (HTML)", 5, thread=True),
+        Win(CHROME, "Borealis {t} {o} - SharePoint - Google Chrome", 15),
+        Win(EXCEL, "Borealis RAID log.xlsx - Excel", 3),
+        Win(WORD, "Borealis CR-{n} {t}.docx - Word", 10, thread=True),
+        Win(EXPLORER, "Borealis", 2),
+        Win(SLIDES, "Borealis steering {mon}.pptx - PowerPoint", 7),
+        Win(WORD, "Borealis meeting notes {date}.docx - Word", 10),
+        Win(EXPLORER, "{t} - Borealis", 1.5),
+        Win(CHROME, GOOGLE, 15),
+    ), _words(p=("Jonas Berg", "Elif Yilmaz", "Sven Olsen", "Grace Okafor"),
+              t=("vendor onboarding", "site survey", "integration test", "resource plan",
+                 "change request", "design review", "pilot rollout", "training plan",
+                 "open issues", "handover"),
+              k=("borealis", "smartsheet", "gantt", "raci", "dependencies", "resource plan",
+                 "critical path", "ms project")),
+        related=("Project Atlas reporting", "Vendor management")),
+    Activity("Budget planning", 8.5, (
+        SHAREPOINT, POWERBI, SAP_HOME, NEW_BOOK,
+        Win(EXCEL, "Budget 2025 v{v}.xlsx - Excel", 8),
+        Win(EXCEL, "Cost center report {mon}.xlsx - Excel", 4),
+        Win(CHROME, "SAP Analytics Cloud - {t} - Google Chrome", 4),
+        Win(CHROME, "Finance - {t} - SharePoint - Google Chrome", 3),
+        Win(SAP, "Cost Centers: Actual/Plan/Variance - SAP Easy Access", 2),
+        Win(SLIDES, "Budget 2025 {t}.pptx - PowerPoint", 5.5),
+        Win(WORD, "Budget memo {t}.docx - Word", 1.5),
+        Win(OUTLOOK, "{pre}{t} {o} - Message (HTML)", 3.5, thread=True),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
+        Win(CHROME, GOOGLE, 15),
+        Win(CHROME, "{t} {o} - Finance - SharePoint - Google Chrome", 10),
+        Win(EXPLORER, "Finance Budget 2025", 1.5),
+    ), _words(p=("Henrik Larsen", "Julia Braun", "Omar Haddad"),
+              t=("Q4 forecast", "headcount plan", "opex review", "capex requests",
+                 "2025 budget draft", "cost center 4711", "travel budget", "savings targets",
+                 "budget sign-off", "variance analysis"),
+              k=("budget", "forecast", "variance", "opex", "capex", "cost center", "accruals",
+                 "excel", "pivot", "headcount")),
+        related=("Data analysis", "Quarterly business review")),
+    Activity("Team meetings", 7.5, (
+        TEAMS_CAL, NEW_DOC, SHAREPOINT,
+        Win(TEAMS, "{t} | Microsoft Teams", 24),
+        Win(TEAMS, "Meeting with {p} | Microsoft Teams", 8),
+        Win(ONENOTE, "{t} {date} - OneNote", 6),
+        Win(ONENOTE, "Team Notebook - OneNote", 2),
+        Win(OUTLOOK, "Calendar - {user} - Outlook", 2),
+        Win(SLIDES, "Team update W{wk}.pptx - PowerPoint", 7),
+        Win(WORD, "Minutes {t} {date}.docx - Word", 15),
+        Win(CHROME, "Team Site - Northwind Intranet - Google Chrome", 2),
+        Win(CHROME, "Team Planner - Planner - Google Chrome", 2),
+        Win(CHROME, "{o} - Team Site - Northwind Intranet - Google Chrome", 10),
+    ), _words(p=TEAM,
+              t=("Weekly team sync", "1:1 Jonas / Maria", "Team retro", "1:1 Lena / Maria",
+                 "Planning poker", "Department all-hands", "Monthly ops review",
+                 "Team offsite prep"))),
+    Activity("Recruiting", 6.2, (
+        WORKDAY, TEAMS_CAL, NEW_DOC,
+        Win(CHROME, "{x} - Candidate Profile - Workday - Google Chrome", 6),
+        Win(CHROME, "Job Requisition {t} - Workday - Google Chrome", 3),
+        Win(CHROME, "{x} | LinkedIn - Google Chrome", 3),
+        Win(CHROME, "LinkedIn Recruiter - Projects - Google Chrome", 2),
+        Win(ACROBAT, "CV {x}.pdf - Adobe Acrobat Reader", 3),
+        Win(OUTLOOK, "{pre}Interview {x} - {t} {o} - Message (HTML)", 3.5, thread=True),
+        Win(WORD, "Interview guide {t}.docx - Word", 3),
+        Win(SLIDES, "Hiring plan {year}.pptx - PowerPoint", 2),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
+        Win(ZOOM, "Interview {x} - Zoom", 1.5),
+        Win(CHROME, GOOGLE, 10),
+        Win(EXPLORER, "Recruiting {t}", 1),
+    ), _words(p=("Nina Hoffmann", "Ali Demir"),
+              t=("Senior Data Analyst", "Project Manager", "Finance Controller",
+                 "Working Student", "Team Assistant"),
+              x=("Paul Wagner", "Sofia Costa", "Lea Marx", "Daniel Kim", "Hannah Vogel",
+                 "Yusuf Arslan", "Clara Jensen", "Felix Roth", "Amira Saleh", "Jan Kowalski",
+                 "Emma Dupont", "Noah Frei", "Ines Moreau", "Luca Bianchi", "Mara Stein",
+                 "Tobias Lang", "Olga Petrova", "Ben Carter", "Zoe Martin", "Karim Nasser"),
+              k=("interview", "job description", "salary band", "linkedin", "workday",
+                 "candidate", "offer letter", "reference check")),
+        related=("Onboarding new hire",)),
+    Activity("Customer escalations", 5.5, (
+        SALESFORCE, NEW_BOOK,
+        Win(CHROME, "Case 0{n}: {x} - {t} | Salesforce - Google Chrome", 30, thread=True),
+        Win(CHROME, "{x} | Account | Salesforce - Google Chrome", 3),
+        Win(CHROME, "Escalations - Dashboard | Salesforce - Google Chrome", 2),
+        Win(OUTLOOK, "{pre}[Escalation] {x} {t} {o} - Message (HTML)", 6, thread=True),
+        Win(CHROME, GOOGLE, 7.5),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
+        Win(WORD, "Root cause {x} {t}.docx - Word", 2, thread=True),
+        Win(EXCEL, "Escalation log {mon}.xlsx - Excel", 2),
+        Win(SLIDES, "{x} escalation summary.pptx - PowerPoint", 2.5),
+        Win(TEAMS, "Escalation call {x} | Microsoft Teams", 1),
+    ), _words(p=("Kevin Brooks", "Mia Lehmann", "Raj Patel"),
+              t=("delivery delay", "invoice dispute", "defective batch", "service outage",
+                 "SLA breach", "data request", "contract penalty"),
+              x=("Contoso", "Fabrikam", "Tailspin Toys", "Wingtip", "Litware",
+                 "Adventure Works", "Alpine Ski House", "Coho Winery", "Proseware",
+                 "Lucerne Publishing", "Trey Research", "Northwind Traders"))),
+    Activity("Vendor management", 5.0, (
+        COUPA, NEW_BOOK, MY_FILES,
+        Win(CHROME, "{x} - Supplier Profile - Coupa - Google Chrome", 5),
+        Win(EXCEL, "Vendor scorecard Q{qtr}.xlsx - Excel", 4),
+        Win(OUTLOOK, "{pre}{x} {t} {o} - Message (HTML)", 5, thread=True),
+        Win(CHROME, "{x} {t} {o} - Coupa - Google Chrome", 10),
+        Win(ACROBAT, "{x} MSA.pdf - Adobe Acrobat Reader", 2),
+        Win(ACROBAT, "{x} invoice {n}.pdf - Adobe Acrobat Reader", 7.5),
+        Win(CHROME, "{x} supplier portal - Google Chrome", 2),
+        Win(TEAMS, "{x} {t} | Microsoft Teams", 1.5),
+        Win(EXPLORER, "Vendors {x}", 1.5),
+        Win(SLIDES, "Vendor review {x} Q{qtr}.pptx - PowerPoint", 3.5),
+        Win(ZIP, "{x} documents.zip - 7-Zip", 0.5),
+    ), _words(x=VENDORS,
+              t=("quarterly review", "price increase", "SLA report", "renewal",
+                 "onboarding questionnaire", "invoice query", "performance scorecard")),
+        related=("Procurement requests", "Contract review")),
+    Activity("Process documentation", 4.5, (
+        WIKI, NEW_DOC, SHAREPOINT,
+        Win(WORD, "SOP {t} v{v}.docx - Word", 7),
+        Win(VISIO, "{t} process map.vsdx - Visio", 5),
+        Win(CHROME, "{t} - Process Handbook - Confluence - Google Chrome", 5),
+        Win(CHROME, "Edit - {t} - Confluence - Google Chrome", 2),
+        Win(PAINT, "Untitled - Paint", 0.5),
+        Win(SLIDES, "{t} training.pptx - PowerPoint", 2.5),
+        Win(EXPLORER, "Process Handbook", 1.5),
+        Win(OUTLOOK, "Review request: SOP {t} - Message (HTML)", 0.5, thread=True),
+        Win(CHROME, GOOGLE, 12.5),
+        Win(CHROME, "{t} {o} - Process Handbook - Confluence - Google Chrome", 10),
+    ), _words(t=("Purchase-to-pay", "Onboarding checklist", "Month-end close",
+                 "Incident handling", "Travel approval", "Access requests",
+                 "Change management", "Data retention"),
+              k=("bpmn", "swimlane", "visio", "sop template", "raci", "process map",
+                 "confluence macro"))),
+    Activity("Data analysis", 4.0, (
+        POWERBI, SALESFORCE, NEW_BOOK,
+        Win(EXCEL, "{t} analysis.xlsx - Excel", 5),
+        Win(EXCEL, "Cost center report {mon}.xlsx - Excel", 1.5),
+        Win(PBI, "{t}.pbix - Power BI Desktop", 4),
+        Win(CHROME, "{t} - Power BI - Google Chrome", 3),
+        Win(NPP, "{t}.sql - Notepad++", 2),
+        Win(ACCESS, "Reporting DB.accdb - Access", 1),
+        Win(CHROME, GOOGLE, 15),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 1),
+    ), _words(p=("Raj Patel", "Julia Braun"),
+              t=("Churn", "Sales pipeline", "Ticket volumes", "On-time delivery",
+                 "Headcount trends", "Cost per order", "Survey results"),
+              k=("dax", "calculate", "excel", "xlookup", "power query", "pivot table",
+                 "sql", "window function", "date table", "remove duplicates")),
+        related=("Budget planning",)),
+    Activity("Quarterly business review", 3.5, (
+        POWERBI, SALESFORCE, SHAREPOINT,
+        Win(SLIDES, "QBR Q{qtr} {year} draft.pptx - PowerPoint", 18),
+        Win(EXCEL, "QBR Q{qtr} figures.xlsx - Excel", 3),
+        Win(CHROME, "QBR - Leadership Team - SharePoint - Google Chrome", 2),
+        Win(OUTLOOK, "RE: QBR Q{qtr} {t} - Message (HTML)", 1, thread=True),
+        Win(TEAMS, "QBR prep | Microsoft Teams", 1),
+    ), _words(t=("agenda", "slides input", "financials", "customer highlights", "dry run",
+                 "final version")),
+        related=("Project Atlas reporting", "Budget planning", "Project Borealis coordination")),
+    Activity("Training and e-learning", 3.0, (
+        WORKDAY,
+        Win(EDGE, "{x} - Northwind Academy - Microsoft Edge", 6),
+        Win(CHROME, "{x} | LinkedIn Learning - Google Chrome", 4),
+        Win(ACROBAT, "{x} handout.pdf - Adobe Acrobat Reader", 1.5),
+        Win(ONENOTE, "Notes {x} - OneNote", 1.5),
+        Win(EDGE, "{x} quiz - Northwind Academy - Microsoft Edge", 1),
+        Win(ZOOM, "{x} live session - Zoom", 1),
+    ), _words(x=("Data Privacy Essentials", "Agile Project Management", "Advanced Excel",
+                 "Negotiation Skills", "Power BI Fundamentals", "Leading Remote Teams",
+                 "Information Security 2024", "Presentation Skills"))),
+    Activity("Travel and expenses", 2.5, (
+        MY_FILES,
+        Win(CHROME, "Expense Report {x} {mon} - SAP Concur - Google Chrome", 5),
+        Win(CHROME, "Trips - SAP Concur - Google Chrome", 2),
+        Win(CHROME, "Deutsche Bahn - {x} - Google Chrome", 2),
+        Win(CHROME, "Hotels in {x} - Booking.com - Google Chrome", 2),
+        Win(OUTLOOK, "Booking confirmation {x} {n} - Message (HTML)", 2),
+        Win(ACROBAT, "Receipt {n}.pdf - Adobe Acrobat Reader", 10),
+        Win(PHOTOS, "IMG_{n}.jpg - Photos", 7.5),
+    ), _words(x=("Hamburg", "Munich", "Vienna", "Zurich", "Amsterdam", "Copenhagen", "Lyon",
+                 "Warsaw"))),
+    Activity("Contract review", 2.2, (
+        COUPA, NEW_DOC, SHAREPOINT,
+        Win(WORD, "{x} {t} redline v{v}.docx - Word", 6),
+        Win(ACROBAT, "{x} {t} signed.pdf - Adobe Acrobat Reader", 2),
+        Win(OUTLOOK, "{pre}{x} {t} {o} - Message (HTML)", 3.5, thread=True),
+        Win(CHROME, "Contract {x} {t} - DocuSign - Google Chrome", 2),
+        Win(CHROME, "Contracts - Legal - SharePoint - Google Chrome", 1.5),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 1),
+    ), _words(p=("Claire Dubois",), x=VENDORS, t=("MSA", "NDA", "SOW", "DPA", "amendment")),
+        related=("Vendor management",)),
+    Activity("IT tickets", 2.0, (
+        SERVICENOW,
+        Win(CHROME, "INC{n} {t} - ServiceNow - Google Chrome", 25, thread=True),
+        Win(CHROME, "IT Self Service - ServiceNow - Google Chrome", 2),
+        Win(SETTINGS, "Settings", 1.5),
+        Win(VPN, "Cisco AnyConnect Secure Mobility Client", 1.5),
+        Win(CMD, "Command Prompt", 1.5),
+        Win(TASKMGR, "Task Manager", 1),
+        Win(TEAMS, "Chat | IT Service Desk | Microsoft Teams", 1.5),
+        Win(CHROME, GOOGLE, 7.5),
+    ), _words(t=("laptop docking station", "VPN disconnects", "Outlook search index",
+                 "password reset", "printer mapping", "Teams audio", "software request Visio",
+                 "MFA new phone"),
+              k=("error", "windows 11", "outlook", "vpn", "driver", "teams", "fix",
+                 "ipconfig"))),
+    Activity("Onboarding new hire", 1.9, (
+        WORKDAY, SERVICENOW, SHAREPOINT,
+        Win(CHROME, "Onboarding {x} - Workday - Google Chrome", 4),
+        Win(WORD, "Onboarding plan {x}.docx - Word", 4),
+        Win(TEAMS, "Chat | {x} | Microsoft Teams", 4),
+        Win(OUTLOOK, "Welcome {x} - Message (HTML)", 1, thread=True),
+        Win(CHROME, "New joiner checklist - HR - SharePoint - Google Chrome", 2),
+        Win(CHROME, "Access request {x} - ServiceNow - Google Chrome", 1.5),
+        Win(SLIDES, "Team intro for {x}.pptx - PowerPoint", 3.5),
+    ), _words(x=("Lukas Brandt",)), related=("Recruiting",), start=0.8, daily=True),
+    Activity("Internal newsletter", 1.7, (
+        SHAREPOINT, NEW_DOC,
+        Win(WORD, "Newsletter {mon} draft.docx - Word", 5),
+        Win(CHROME, "Edit News - Northwind Intranet - SharePoint - Google Chrome", 3),
+        Win(PHOTOS, "team_event_{n}.jpg - Photos", 5),
+        Win(OUTLOOK, "Newsletter contributions {mon} - Message (HTML)", 1),
+        Win(CHROME, "{t} stock photo - Google Search - Google Chrome", 1),
+    ), _words(t=("team event", "new office", "sustainability", "customer success",
+                 "anniversary", "volunteering day"))),
+    Activity("Procurement requests", 1.45, (
+        COUPA, SAP_HOME,
+        Win(SAP, "Create Purchase Requisition - SAP Easy Access", 4),
+        Win(SAP, "Display Purchase Order 45000{n} - SAP Easy Access", 10),
+        Win(CHROME, "Requisition {n} - Coupa - Google Chrome", 15, thread=True),
+        Win(OUTLOOK, "PR approval {x} - Message (HTML)", 1, thread=True),
+        Win(CITRIX, "SAP GUI - Citrix Workspace", 1),
+        Win(ACROBAT, "Quote {x} {n}.pdf - Adobe Acrobat Reader", 7.5),
+    ), _words(x=VENDORS), related=("Vendor management",)),
+    Activity("Compliance audit", 1.35, (
+        NEW_BOOK, SHAREPOINT,
+        Win(EXCEL, "Audit evidence list ISO 27001.xlsx - Excel", 4),
+        Win(CHROME, "Control {t} - Archer GRC - Google Chrome", 3),
+        Win(ACROBAT, "Audit request list.pdf - Adobe Acrobat Reader", 1.5),
+        Win(OUTLOOK, "RE: Audit evidence {t} - Message (HTML)", 1, thread=True),
+        Win(ACCESS, "Access log extract.accdb - Access", 0.5),
+        Win(ZIP, "evidence {t}.zip - 7-Zip", 0.5),
+        Win(EXPLORER, "Audit 2024 Evidence", 2),
+    ), _words(t=("A.5 policies", "A.8 asset management", "A.9 access control",
+                 "A.12 operations", "A.16 incidents", "A.18 compliance")), start=0.15),
+    # Nine small activities, under 1% of events each.
+    Activity("Performance reviews", 0.8, (
+        WORKDAY,
+        Win(CHROME, "Performance Review {p} - Workday - Google Chrome", 5),
+        Win(WORD, "Feedback notes {p}.docx - Word", 3),
+        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
+    ), _words(p=TEAM)),
+    Activity("Office administration", 0.72, (
+        SERVICENOW,
+        Win(CHROME, "Desk booking - Condeco - Google Chrome", 4),
+        Win(OUTLOOK, "Room booking {t} - Message (HTML)", 1),
+        Win(CHROME, "Facility request {n} - ServiceNow - Google Chrome", 10),
+        Win(EXCEL, "Office supplies order.xlsx - Excel", 1),
+    ), _words(t=("meeting room 3.14", "board room", "training room", "parking space"))),
+    Activity("Workshop preparation", 0.65, (
+        TEAMS_CAL,
+        Win(SLIDES, "Workshop {t} agenda.pptx - PowerPoint", 7),
+        Win(CHROME, "Workshop {t} - Miro - Google Chrome", 4),
+        Win(OUTLOOK, "Workshop {t} invitation - Message (HTML)", 1),
+        Win(WORD, "Workshop {t} facilitation guide.docx - Word", 1.5),
+    ), _words(t=("customer journey", "process mining kickoff")), start=0.45, end=0.9),
+    Activity("Timesheet entry", 0.58, (
+        SAP_HOME,
+        Win(EDGE, "Time Recording - SAP Fiori - Microsoft Edge", 5),
+        Win(CITRIX, "CATS Timesheet - Citrix Workspace", 2),
+        Win(EXCEL, "Hours {mon}.xlsx - Excel", 1),
+    )),
+    Activity("Knowledge base upkeep", 0.52, (
+        WIKI,
+        Win(CHROME, "Edit - {t} - Team Wiki - Confluence - Google Chrome", 4),
+        Win(CHROME, "{t} - Team Wiki - Confluence - Google Chrome", 3),
+        Win(CHROME, "Page history - {t} - Confluence - Google Chrome", 1),
+    ), _words(t=("FAQ", "How we work", "Tool access", "Glossary", "Templates"))),
+    Activity("Partner webinar", 0.45, (
+        TEAMS_CAL,
+        Win(WEBEX, "Partner webinar {t} - Webex", 4),
+        Win(SLIDES, "Partner webinar {t}.pptx - PowerPoint", 5.5),
+        Win(CHROME, "Webinar registrations - HubSpot - Google Chrome", 2),
+        Win(OUTLOOK, "Webinar speaker briefing - Message (HTML)", 0.5),
+    ), _words(t=("automation roadmap", "automation roadmap Q&A")), start=0.3, end=0.7),
+    Activity("Personal admin", 0.38, (
+        Win(CHROME, "Online Banking - Sparkasse - Google Chrome", 2),
+        Win(CHROME, GOOGLE, 10),
+        Win(CHROME, "SPIEGEL - Nachrichten - Google Chrome", 2),
+        Win(CHROME, "DHL Sendungsverfolgung - Google Chrome", 1),
+    ), _words(k=("weather", "hamburg", "pharmacy", "opening hours", "train strike",
+                 "dentist", "recipe", "football results"))),
+    Activity("Benefits enrollment", 0.32, (
+        WORKDAY, SHAREPOINT,
+        Win(CHROME, "Benefits Enrollment 2025 - Benefitplace - Google Chrome", 4),
+        Win(ACROBAT, "Benefits guide 2025.pdf - Adobe Acrobat Reader", 2),
+        Win(CHROME, "Pension plan options - HR - SharePoint - Google Chrome", 1.5),
+    ), start=0.55, end=0.85),
+    Activity("Conference planning", 0.28, (
+        MY_FILES,
+        Win(CHROME, "Digital Ops Summit 2024 - Agenda - Google Chrome", 3),
+        Win(CHROME, "Registration - Digital Ops Summit - Google Chrome", 2),
+        Win(EXCEL, "Conference budget.xlsx - Excel", 1),
+        Win(OUTLOOK, "Summit travel - Message (HTML)", 0.5),
+    ), end=0.5),
+)
+ACTIVITY_OF = {a.name: a for a in ACTIVITIES}
+# What makes one mail, page or note differ from the next about the same topic.
+_QUALIFIERS = ("follow-up", "next steps", "open points", "for review", "action required",
+               "minutes", "draft", "v2", "comments", "feedback", "question", "update",
+               "status", "summary", "timeline", "proposal", "figures", "call notes",
+               "approval", "reminder", "options", "decision", "input needed", "planning",
+               "overview", "deadline", "clarification", "alignment", "numbers", "prep",
+               "escalation", "quick check", "final", "corrections", "template", "issues",
+               "dependencies", "risks", "actuals", "assumptions", "handout", "recap",
+               "invitation", "agenda", "priorities", "change log", "sign-off", "data")
+# How-to words any activity may search for.
+_HOWTO = ("excel", "vlookup", "pivot table", "conditional formatting", "powerpoint",
+          "align shapes", "slide master", "word", "track changes", "table of contents",
+          "outlook", "rules", "shared mailbox", "teams", "share screen", "onedrive", "sync",
+          "pdf", "merge", "compress", "convert", "shortcut", "windows 11", "screenshot",
+          "date format", "formula", "chart", "font", "sharepoint", "permissions", "calendar",
+          "time zone", "print", "signature", "meeting notes", "out of office", "zoom")
+_SEARCH_MODS = ("", "", "how to", "template", "example", "best practice", "definition", "2024",
+                "vs", "meaning", "checklist", "pdf", "guide", "tips")
+
+
+class _Fields(dict):
+    """A `format_map` mapping that draws a word the first time a title asks for a field."""
+
+    def __init__(self, rng: random.Random, act: Activity | None, day: int, days: int,
+                 date: datetime):
+        super().__init__()
+        self.rng, self.act, self.day, self.days, self.date = rng, act, day, days, date
+
+    def _slide(self, words: tuple[str, ...]) -> tuple[str, ...]:
+        # The visible half of the list moves from its start to its end over the recording.
+        k = max(2, math.ceil(len(words) / 2))
+        if len(words) <= k:
+            return words
+        at = round(self.day / max(1, self.days - 1) * (len(words) - k))
+        return words[at:at + k]
+
+    def __missing__(self, key: str) -> str:
+        rng, d = self.rng, self.date
+        words = dict(self.act.words) if self.act else {}
+        if key == "user":
+            v = _WF_USER
+        elif key == "col":
+            v = rng.choice(TEAM)
+        elif key == "date":
+            v = f"{d:%Y-%m-%d}"
+        elif key == "wk":
+            v = str(d.isocalendar()[1])
+        elif key == "mon":
+            v = f"{d:%B}"
+        elif key == "qtr":
+            v = str((d.month - 1) // 3 + 1)
+        elif key == "year":
+            v = str(d.year)
+        elif key == "v":
+            v = str(1 + self.day // 4)
+        elif key == "pre":
+            v = rng.choice(("", "", "RE: ", "RE: ", "FW: ", "AW: "))
+        elif key == "o":
+            v = rng.choice(_QUALIFIERS)
+        elif key == "n":
+            v = str(rng.randrange(10000, 99999))
+        elif key == "g" or (key == "q" and rng.random() < 0.4):
+            picked = rng.sample(_HOWTO, rng.choice((1, 2, 2, 3)))
+            v = " ".join(picked + [rng.choice(_SEARCH_MODS)]).strip()
+        elif key == "q":
+            pool = list(words.get("k", ())) + [w.lower() for w in self._slide(words.get("t", ()))]
+            picked = rng.sample(pool, min(len(pool), rng.choice((1, 2, 2, 3))))
+            v = " ".join(picked + [rng.choice(_SEARCH_MODS)]).strip()
+        elif key in ("t", "x", "s"):
+            v = rng.choice(self._slide(words[key]))
+        else:
+            v = rng.choice(words[key])
+        self[key] = v
+        return v
+
+
+class _DayWalker:
+    """Walks one day's runs window by window, keeping what the worker has open: each
+    activity's windows used so far today, and the mail threads and tickets still alive."""
+
+    def __init__(self, rng: random.Random, day: int, days: int, date: datetime,
+                 threads: dict[tuple[str, int], list[list]]):
+        self.rng, self.day, self.days, self.date = rng, day, days, date
+        self.threads = threads          # (activity, window index) -> [[title, last day]]
+        self.today: dict[str, list[tuple[str, str]]] = {}
+
+    def _title(self, act: Activity, idx: int) -> tuple[str, str]:
+        win = act.windows[idx]
+        if win.thread:
+            key = (act.name, idx)
+            live = [t for t in self.threads.get(key, ()) if t[1] >= self.day]
+            if live and self.rng.random() >= _WF_P_NEW_THREAD:
+                return self.rng.choice(live)[0], win.app
+            title = win.title.format_map(_Fields(self.rng, act, self.day, self.days, self.date))
+            # A thread stays in use for a few working days, then retires.
+            life = min(int(self.rng.expovariate(1 / _WF_THREAD_DAYS)), 15)
+            self.threads.setdefault(key, []).append([title, self.day + life])
+            return title, win.app
+        return win.title.format_map(_Fields(self.rng, act, self.day, self.days, self.date)), win.app
+
+    def _open(self, act: Activity) -> tuple[str, str]:
+        """A window the run opens that it does not have open yet."""
+        rng = self.rng
+        pool = self.today.get(act.name)
+        if pool and rng.random() < _WF_P_DAY_POOL:
+            return rng.choice(pool)
+        src = act
+        if act.related and rng.random() < _WF_P_BORROW:
+            src = ACTIVITY_OF[rng.choice(act.related)]
+        idx = rng.choices(range(len(src.windows)), [w.weight for w in src.windows])[0]
+        win = self._title(src, idx)
+        self.today.setdefault(act.name, []).append(win)
+        return win
+
+    def _shared(self) -> tuple[str, str]:
+        w = self.rng.choices(WF_SHARED, [w.weight for w in WF_SHARED])[0]
+        return w.title.format_map(_Fields(self.rng, None, self.day, self.days, self.date)), w.app
+
+    def run(self, act: Activity, length: int) -> list[tuple[str, str]]:
+        rng = self.rng
+        out: list[tuple[str, str]] = []
+        # What the run switches between: the window it started in, and the last few it
+        # opened (a search or a mail read in passing drops out of it again).
+        working: list[tuple[str, str]] = []
+        for i in range(length):
+            # A shared window opens a run only now and then (the worker switched over via
+            # the inbox or the desktop); then only what follows says which run it is.
+            if rng.random() < (act.generic if i else act.generic * 0.4 * (length > 1)):
+                win = self._shared()
+            elif working and rng.random() < _WF_P_WORKING_SET:
+                choices = [w for w in working if w != out[-1]] or working
+                win = rng.choice(choices)
+            else:
+                win = self._open(act)
+                if win in working:
+                    working.remove(win)
+                working.append(win)
+                if len(working) > 1 + _WF_RECENT:
+                    del working[1]
+            out.append(win)
+        return out
+
+
+def _wf_working_days(n: int) -> list[datetime]:
+    days, d = [], _WF_FIRST_DAY
+    while len(days) < n:
+        if d.weekday() < 5:
+            days.append(d)
+        d += timedelta(days=1)
+    return days
+
+
+def _wf_day_sizes(rng: random.Random, days: int) -> list[int]:
+    nd = NormalDist()
+    sizes = []
+    for k in range(days):
+        z = nd.inv_cdf((k + rng.uniform(0.25, 0.75)) / days)
+        sigma = _WF_DAY_SIGMA_LO if z < 0 else _WF_DAY_SIGMA_HI
+        # Capped so that a long recording's busiest day still fits in a working day.
+        sizes.append(min(1500, max(40, round(_WF_DAY_MEDIAN * math.exp(z * sigma)))))
+    rng.shuffle(sizes)
+    return sizes
+
+
+def _wf_sample(rng: random.Random, items: list, weights: list[float], k: int) -> list:
+    """k distinct items, drawn with probability proportional to weight (Efraimidis-Spirakis)."""
+    keys = sorted(((rng.random() ** (1 / w), i) for i, w in enumerate(weights)), reverse=True)
+    return [items[i] for _, i in keys[:k]]
+
+
+def _wf_plan(rng: random.Random, sizes: list[int]) -> list[dict[str, int]]:
+    """How many events each activity gets on each day: about 7 activities a day, each
+    activity only inside its active period, and each activity's total at its share."""
+    days, total = len(sizes), sum(sizes)
+    shares = sum(a.share for a in ACTIVITIES)
+    active = [[a for a in ACTIVITIES if a.start <= (d + 0.5) / days < a.end]
+              for d in range(days)]
+    chosen: list[list[Activity]] = []
+    for d in range(days):
+        k = round(rng.gauss(7 + 2 * math.log(sizes[d] / _WF_DAY_MEDIAN), 1.0))
+        k = max(3, min(11, len(active[d]), k))
+        daily = [a for a in active[d] if a.daily]
+        rest = [a for a in active[d] if not a.daily]
+        # An activity confined to a few days is worked on more of them.
+        weights = [(a.share / (a.end - a.start)) ** 0.6 for a in rest]
+        chosen.append(daily + _wf_sample(rng, rest, weights, max(0, k - len(daily))))
+    for a in ACTIVITIES:   # every activity is worked on at least once
+        if not any(a in c for c in chosen):
+            days_of_a = [d for d in range(days) if a in active[d]]
+            if days_of_a:
+                chosen[rng.choice(days_of_a)].append(a)
+    # Iterative proportional fitting: rows to the activity totals, columns to the day sizes.
+    cell = {(a.name, d): rng.gammavariate(1.5, 1.0) for d in range(days) for a in chosen[d]}
+    for _ in range(80):
+        row: dict[str, float] = {}
+        for (name, _d), v in cell.items():
+            row[name] = row.get(name, 0.0) + v
+        for key in cell:
+            cell[key] *= ACTIVITY_OF[key[0]].share / shares * total / row[key[0]]
+        col = [0.0] * days
+        for (_name, d), v in cell.items():
+            col[d] += v
+        for key in cell:
+            cell[key] *= sizes[key[1]] / col[key[1]]
+    plan = []
+    for d in range(days):
+        want = {a.name: cell[(a.name, d)] for a in chosen[d]}
+        counts = {n: max(1, math.floor(v)) for n, v in want.items()}
+        # Largest remainder, so the day keeps its size.
+        order = sorted(want, key=lambda n: want[n] - math.floor(want[n]), reverse=True)
+        i = 0
+        while sum(counts.values()) < sizes[d]:
+            counts[order[i % len(order)]] += 1
+            i += 1
+        plan.append(counts)
+    return plan
+
+
+def _wf_run_length(rng: random.Random) -> int:
+    if rng.random() < 0.55:   # an interruption: a chat, a quick look at something else
+        return 1 + int(rng.lognormvariate(math.log(2.0), 0.7))
+    return max(3, round(rng.lognormvariate(math.log(70), 0.9)))
+
+
+def _wf_runs(rng: random.Random, counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Cut each activity's events into runs and interleave them so that no two neighbouring
+    runs have the same activity (when that cannot be avoided, they merge)."""
+    pieces: dict[str, list[int]] = {}
+    for name, n in counts.items():
+        left = n
+        while left > 0:
+            k = min(left, _wf_run_length(rng))
+            pieces.setdefault(name, []).append(k)
+            left -= k
+        rng.shuffle(pieces[name])
+    runs: list[tuple[str, int]] = []
+    triage = "Email triage"
+    if triage in pieces and rng.random() < 0.7:   # the day often starts in the inbox
+        runs.append((triage, pieces[triage].pop()))
+    while any(pieces.values()):
+        last = runs[-1][0] if runs else None
+        names = [n for n, p in pieces.items() if p and n != last]
+        if not names:   # only the current activity has runs left: they join it
+            runs[-1] = (last, runs[-1][1] + sum(pieces[last]))
+            pieces[last] = []
+            break
+        name = rng.choices(names, [len(pieces[n]) for n in names])[0]
+        runs.append((name, pieces[name].pop()))
+    return runs
+
+
+def _wf_times(rng: random.Random, n: int) -> list[int]:
+    """Seconds since midnight at which each of the day's n events takes focus, and the
+    moment the last one loses it (n + 1 values)."""
+    # A longer day for more events; the long dwells fill what the quick switching leaves.
+    hours = 5.0 + 4.5 * min(1.0, n / 1000)
+    quick = n * (1 - _WF_P_LONG - _WF_P_MID) * 7.5 + n * _WF_P_MID * 57
+    long_mean = max(150.0, (hours * 3600 - quick) / max(1.0, n * _WF_P_LONG))
+    t = 8 * 3600 + rng.randrange(-15 * 60, 75 * 60)
+    lunch = 12 * 3600 + rng.randrange(0, 75 * 60)
+    out = []
+    for _ in range(n):
+        out.append(t)
+        r = rng.random()
+        if r < _WF_P_LONG:
+            dwell = rng.lognormvariate(math.log(long_mean) - 0.18, 0.6)
+        elif r < _WF_P_LONG + _WF_P_MID:
+            dwell = rng.uniform(35, 80)
+        else:
+            dwell = min(55.0, rng.lognormvariate(math.log(5), 0.9))
+        t += round(dwell)
+        if lunch and t >= lunch:
+            t += rng.randrange(25 * 60, 55 * 60)
+            lunch = 0
+    out.append(t)
+    return out
+
+
+def _generate_window_focus(days: int, seed: int, out: Path, progress: bool) -> dict:
+    plan_rng = random.Random(f"tagger-generate:window-focus:{seed}:plan")
+    sizes = _wf_day_sizes(plan_rng, days)
+    plan = _wf_plan(plan_rng, sizes)
+    dates = _wf_working_days(days)
+    threads: dict[tuple[str, int], list[list]] = {}
+    rows = []
+    for d in tqdm(range(days), disable=not progress, file=sys.stderr, desc="days", unit="day"):
+        rng = random.Random(f"tagger-generate:window-focus:{seed}:day:{d}")
+        walker = _DayWalker(rng, d, days, dates[d], threads)
+        events: list[tuple[str, str, str]] = []
+        for name, length in _wf_runs(rng, plan[d]):
+            run = walker.run(ACTIVITY_OF[name], length)
+            events.extend((title, app, name) for title, app in run)
+        times = _wf_times(rng, len(events))
+        sid = f"wf{seed}-{dates[d]:%Y-%m-%d}"
+        for i, (title, app, name) in enumerate(events):
+            # One-minute resolution; a focus lasts until the next one, at the same resolution.
+            minute, until = times[i] // 60, times[i + 1] // 60
+            stamp = dates[d] + timedelta(minutes=minute)
+            rows.append((sid, f"{stamp:%Y-%m-%dT%H:%M:%S}", f"Focus: {title} in {app}", name,
+                         app, title, (until - minute) * 60))
+    df = pd.DataFrame(rows, columns=WF_COLUMNS)
+    df.to_csv(out, index=False)
+    counts = df["step_name"].value_counts()
+    return {"events": len(df), "sessions": days, "path": str(out),
+            "steps": {a.name: int(counts.get(a.name, 0)) for a in ACTIVITIES}}
+
+
+# --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
 
@@ -689,14 +1516,21 @@ def _posix_relpath(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
-def generate(sessions: int, seed: int, out: str | Path, images_dir: str | Path | None = None,
-             progress: bool = False) -> dict:
+def generate(sessions: int | None, seed: int, out: str | Path,
+             images_dir: str | Path | None = None, progress: bool = False,
+             profile: str = "default") -> dict:
     """Write a labelled log of `sessions` sessions to `out` (CSV) and return stats.
 
-    Columns are `COLUMNS`, plus `screenshot_path` (relative to the CSV's folder) when
-    `images_dir` is given, in which case one PNG per event is written there. The same seed
-    gives a byte-identical CSV and identical images; different seeds never share a session id.
+    `profile` is one of `PROFILES`. The default profile's columns are `COLUMNS`, plus
+    `screenshot_path` (relative to the CSV's folder) when `images_dir` is given, in which
+    case one PNG per event is written there. `window-focus` writes `WF_COLUMNS`, one session
+    per working day (`sessions=None`: 20 days), and has no screenshots. The same seed gives
+    a byte-identical CSV and identical images; different seeds never share a session id.
     """
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
+    if sessions is None:
+        sessions = WF_DEFAULT_DAYS if profile == "window-focus" else 1000
     if sessions < 0:
         raise ValueError(f"sessions must be >= 0, got {sessions}")
     if seed < 0:
@@ -706,6 +1540,10 @@ def generate(sessions: int, seed: int, out: str | Path, images_dir: str | Path |
                          f"got {sessions}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if profile == "window-focus":
+        if images_dir is not None:
+            raise ConfigError("the window-focus profile has no screenshots; drop --images")
+        return _generate_window_focus(sessions, seed, out, progress)
     renderer = None
     if images_dir is not None:
         images_dir = Path(images_dir)

@@ -173,12 +173,21 @@ class _Scaled(nn.Module):
         return self.cnn.net(x)
 
 
-def bag(emb: nn.EmbeddingBag, ids: torch.Tensor) -> torch.Tensor:
-    """(..., X) 0-padded feature ids -> (prod(...), D); an event without features gives 0."""
+def bag(weight: torch.Tensor, ids: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """(..., X) 0-padded feature ids -> (prod(...), D) rows of ``weight`` summed (or averaged)
+    per event; an event without features gives 0. Padding is dropped before the lookup, so
+    the cost follows the features present, not the padded width."""
     flat = ids.reshape(-1, ids.shape[-1])
-    if flat.shape[1] == 0:
-        return flat.new_zeros(flat.shape[0], emb.embedding_dim, dtype=emb.weight.dtype)
-    return emb(flat)
+    N = flat.shape[0]
+    present = flat != 0
+    counts = present.sum(1)
+    offsets = torch.zeros(N, dtype=torch.long, device=flat.device)
+    if N > 1:
+        offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    out = F.embedding_bag(flat[present], weight, offsets, mode="sum")
+    if mean:
+        out = out / counts.clamp(min=1)[:, None]
+    return out
 
 
 class EventEmbedder(nn.Module):
@@ -195,7 +204,7 @@ class EventEmbedder(nn.Module):
         self.cats = nn.ModuleList(nn.Embedding(n, min(a.emb_cat_dim, max(2, n)), padding_idx=0)
                                   for n in a.cat_sizes)
         self.nums = nn.Linear(a.n_nums, a.num_proj_dim) if a.n_nums else None
-        self.lex = nn.EmbeddingBag(a.n_lex, a.lex_dim, mode="mean", padding_idx=0) if a.n_lex else None
+        self.lex = nn.Embedding(a.n_lex, a.lex_dim, padding_idx=0) if a.n_lex else None  # mean bag
         tab_dim = a.emb_event_dim + a.emb_token_dim + sum(e.embedding_dim for e in self.cats) + (
             a.num_proj_dim if a.n_nums else 0) + (a.lex_dim if a.n_lex else 0)
         self.text = nn.Linear(a.text_dim, a.text_proj_dim) if a.text_dim else None
@@ -238,7 +247,7 @@ class EventEmbedder(nn.Module):
         if self.lex is not None:
             lex = b["lex"]                                            # (B, T, X)
             B, T, X = lex.shape
-            parts.append(bag(self.lex, lex).reshape(B, T, -1))
+            parts.append(bag(self.lex.weight, lex, mean=True).reshape(B, T, -1))
         tab = torch.cat(parts, -1)
         extra = []
         if self.text is not None:
@@ -601,7 +610,8 @@ class LookaheadCRF(nn.Module):
             beta = torch.where(next_valid[..., None], b, torch.zeros_like(b))
         return beta
 
-    def forward(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, e: torch.Tensor, lengths: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+        # window: look at most that many events ahead instead of self.W (never more)
         B, T, C = e.shape
         a = e[:, 0] - torch.logsumexp(e[:, 0], -1, keepdim=True)
         alphas = [a]
@@ -612,6 +622,8 @@ class LookaheadCRF(nn.Module):
         pos = torch.arange(T, device=e.device)
         next_valid = pos[None, :] + 1 < lengths[:, None].to(e.device)
         W = T - 1 if self.W is None else self.W
+        if window is not None:
+            W = min(W, window)
         return torch.log_softmax(alpha + self._beta(e, next_valid, W), -1)
 
     def init_state(self, device) -> dict[str, Any]:
@@ -770,18 +782,17 @@ class WidePath(nn.Module):
         super().__init__()
         self.P, self.F, self.L = past, future, lookahead
         O = past + future + 1
-        self.tables = nn.ModuleList(nn.EmbeddingBag(max(n_lex, 1), n_labels, mode="sum", padding_idx=0)
-                                    for _ in range(O))
+        self.O, self.C = O, n_labels
+        # one table for every offset slot: row = feature id, columns = slot * C + label
+        self.table = nn.Parameter(torch.zeros(max(n_lex, 1), O * n_labels))
         self.nums = nn.Parameter(torch.zeros(O, n_nums, n_labels))
         self.before_start = nn.Parameter(torch.zeros(past, n_labels))   # offset -P .. -1
         self.bias = nn.Parameter(torch.zeros(n_labels))
-        for t in self.tables:
-            nn.init.zeros_(t.weight)
 
     def scores(self, lex: torch.Tensor, nums: torch.Tensor) -> torch.Tensor:
         # lex (B, T, X), nums (B, T, M) -> (B, T, O, C): each event's scores at every offset slot
         B, T = lex.shape[:2]
-        sc = torch.stack([bag(t, lex).reshape(B, T, -1) for t in self.tables], 2)
+        sc = bag(self.table, lex).reshape(B, T, self.O, self.C)
         if self.nums.shape[1]:
             sc = sc + torch.einsum("btm,omc->btoc", nums, self.nums)
         return sc
@@ -807,8 +818,7 @@ class WidePath(nn.Module):
         return out
 
     def init_state(self, device) -> dict[str, Any]:
-        O, C = len(self.tables), self.bias.shape[0]
-        return {"buf": torch.zeros(self.P + self.L + 1, O, C, device=device), "n": 0}
+        return {"buf": torch.zeros(self.P + self.L + 1, self.O, self.C, device=device), "n": 0}
 
     def step(self, states: list[dict], lex_new: torch.Tensor, nums_new: torch.Tensor, v_out: int
              ) -> tuple[list[dict], torch.Tensor]:
@@ -854,9 +864,13 @@ class Tagger(nn.Module):
             # the linear-chain CRF: causal state features (event and wide_past before it),
             # forward filtering on arrival, fixed-lag smoothing over the lookahead for finals
             self.embed = self.encoder = self.head = None
-            self.enc_lookahead, crf_window = 0, args.lookahead
+            # (with wide_future F > 0, state features also read the next F events: emissions
+            # are final F events later and the CRF's own window is the rest of the lookahead)
+            F_ = 0 if args.lookahead is None else min(args.wide_future, args.lookahead)
+            self.enc_lookahead = F_
+            crf_window = None if args.lookahead is None else args.lookahead - F_
             self.crf = LookaheadCRF(args.n_labels, crf_window)
-            self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past, 0, 0)
+            self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past, F_, F_)
         else:
             self.embed = EventEmbedder(args)
             self.enc_lookahead, crf_window = crf_split(args.lookahead, args.crf)
@@ -897,7 +911,9 @@ class Tagger(nn.Module):
         if self.wide is not None:
             logits = logits + self.wide(batch["lex"], batch["nums"], batch["lengths"], horizon)
         if self.crf is not None:
-            logits = self.crf(logits, batch["lengths"])                # (B, T, C) log-marginals
+            # with causal emissions (arch crf) a uniform horizon k is the CRF looking k ahead
+            window = int(horizon.max()) if horizon is not None and self.encoder is None else None
+            logits = self.crf(logits, batch["lengths"], window)         # (B, T, C) log-marginals
         loss = None
         if targets is not None:
             loss = self.loss(logits, targets)
@@ -918,6 +934,15 @@ class Tagger(nn.Module):
     @property
     def streamable(self) -> bool:
         return self.args.lookahead is not None
+
+    @property
+    def depth_exact(self) -> bool:
+        """Whether ``forward`` with a uniform ``horizon`` k gives exactly what ``step`` shows
+        with k later events in (the contract suite checks it): the CRF arch, or encoders that
+        take a horizon without a CRF head (whose emissions would still be provisional)."""
+        if self.encoder is None:                                       # arch crf
+            return self.wide.F == 0
+        return self.crf is None and all(getattr(enc, "supports_horizon", False) for enc, _ in self._streams())
 
     def init_state(self, device=None) -> dict[str, Any]:
         device = device or next(self.parameters()).device
@@ -964,6 +989,108 @@ class Tagger(nn.Module):
             ns["crf"], out = self.crf.step(s["crf"], e, self.enc_lookahead)
             outs.append(out)
         return new, outs
+
+
+# ------------------------------------------------------------------------------------------
+# A mixture of taggers
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class MixtureArgs:
+    """A ``Mixture``'s constructor arguments (stored in the checkpoint like ``ModelArgs``):
+    its members' arguments and, per visible depth k = 0..L, one weight per member."""
+
+    members: list[dict[str, Any]]
+    depth_weights: list[list[float]]
+    arch: str = "mixture"
+
+    @property
+    def n_labels(self) -> int:
+        return self.members[0]["n_labels"]
+
+    @property
+    def lookahead(self) -> Optional[int]:
+        return self.members[0]["lookahead"]
+
+    @property
+    def context(self) -> int:
+        return max(m.get("context", 0) for m in self.members)
+
+    image_backbone = None
+    image_size = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "members": [dict(m) for m in self.members],
+                "depth_weights": [list(map(float, w)) for w in self.depth_weights],
+                "lookahead": self.lookahead, "n_labels": self.n_labels}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MixtureArgs":
+        return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]])
+
+
+class Mixture(nn.Module):
+    """Taggers combined by a weighted sum of their log-probabilities (a product of experts),
+    with weights that depend on how many later events the label has seen: a network and a
+    CRF, say, err differently, and which one to trust more changes between the label shown on
+    arrival and the final one. ``model.arch: auto`` fits the weights on held-out sessions.
+
+    Same interface as ``Tagger``: ``forward`` gives the final (depth L) output, ``step`` the
+    outputs of the last v events, each at its own depth; so finals still equal offline."""
+
+    def __init__(self, args: MixtureArgs):
+        super().__init__()
+        self.args = args
+        self.members = nn.ModuleList(Tagger(ModelArgs.from_dict(m)) for m in args.members)
+        L = args.lookahead
+        if L is None or any(m.args.lookahead != L for m in self.members):
+            raise ValueError("mixture members need the same bounded lookahead")
+        if len(args.depth_weights) != L + 1 or any(len(w) != len(self.members) for w in args.depth_weights):
+            raise ValueError("mixture weights: one row per depth 0..L, one weight per member")
+        self.register_buffer("weights", torch.tensor(args.depth_weights, dtype=torch.float32))
+
+    @property
+    def streamable(self) -> bool:
+        return True
+
+    @property
+    def depth_exact(self) -> bool:
+        return all(m.depth_exact for m in self.members)
+
+    def forward(self, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
+        horizon = batch.get("horizon")
+        k = self.args.lookahead if horizon is None else min(int(horizon.max()), self.args.lookahead)
+        w = self.weights[k]
+        out = sum(w[i] * torch.log_softmax(m(batch)[0], -1) for i, m in enumerate(self.members) if w[i] > 0)
+        return out, None
+
+    def init_state(self, device=None) -> dict[str, Any]:
+        return {"members": [m.init_state(device) for m in self.members]}
+
+    @torch.no_grad()
+    def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
+        outs_by_member = []
+        new = [{"members": []} for _ in states]
+        for i, m in enumerate(self.members):
+            ms, outs = m.step([s["members"][i] for s in states], events)
+            for ns, st in zip(new, ms):
+                ns["members"].append(st)
+            outs_by_member.append(outs)
+        result = []
+        for j in range(len(states)):
+            v = len(outs_by_member[0][j])
+            depth = torch.arange(v - 1, -1, -1, device=self.weights.device)    # row r has v-1-r later events
+            w = self.weights[depth]                                             # (v, M)
+            result.append(sum(w[:, i:i + 1] * torch.log_softmax(outs_by_member[i][j], -1)
+                              for i in range(len(self.members))))
+        return new, result
+
+
+def build_model(model_args: dict[str, Any]) -> nn.Module:
+    """The network a checkpoint's ``model_args`` describe: a ``Tagger`` or a ``Mixture``."""
+    if model_args.get("arch") == "mixture":
+        return Mixture(MixtureArgs.from_dict(model_args))
+    return Tagger(ModelArgs.from_dict(model_args))
 
 
 def collate(sessions, device=None, with_targets: bool = False):

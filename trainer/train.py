@@ -11,6 +11,7 @@ once -> artifact with manifest, metrics and plots.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import random
@@ -93,7 +94,8 @@ def model_args(spec: dict[str, Any], n_labels: int, cfg: Config) -> ModelArgs:
         nhead=m.nhead, ff_dim=m.ff_dim, dropout=m.dropout, crf=m.crf, history_every=m.history_every,
         image_backbone=_backbone_path(cfg) if spec["image_size"] else None,
         freeze_backbone=cfg.data.freeze_backbone, n_lex=spec.get("n_lex", 0), lex_dim=m.lex_dim,
-        wide=m.wide, wide_past=m.wide_past, wide_future=m.wide_future)
+        wide=m.wide, wide_past=m.wide_past,
+        wide_future=m.crf_future if m.arch == "crf" else m.wide_future)
 
 
 def _backbone_path(cfg: Config) -> str | None:
@@ -215,25 +217,64 @@ def sample_horizons(shape: tuple[int, int], L: int, rng: np.random.Generator) ->
     return torch.from_numpy(k)
 
 
-def fit_with_folds(args: ModelArgs, sessions: Sequence[EncodedSession], cfg: Config, *,
-                   progress: bool = False, echo: Callable[[str], None] = print):
-    """Validation on session folds (``validation_plan``): one model per fold with early
-    stopping on its held-out sessions, then the final model on every session for the median
-    best epoch. Returns (final fit, held-out logits and labels per session for calibration,
-    held-out per-depth logits for prefix calibration or None)."""
+@dataclass
+class Validated:
+    """One architecture's validation: held-out logits (full lookahead) per held-out session,
+    per-depth held-out logits for prefix calibration (or None), and what the final fit needs."""
+
+    args: ModelArgs
+    cfg: Config
+    logits: list[np.ndarray]
+    labels: list[np.ndarray]
+    depth_logits: tuple[list[np.ndarray], list[np.ndarray]] | None
+    epochs: int
+    best_epochs: list[int]
+    fit: FitResult | None = None          # the split plan's model; folds fit at the end
+    seconds: float = 0.0
+
+    def scores(self, names: Sequence[str]) -> dict[str, Any]:
+        """Held-out top-1 macro-F1 and accuracy at full lookahead and on arrival (k = 0)."""
+        from trainer.metrics import classification_metrics
+        y = np.concatenate(self.labels)
+        keep = y != IGNORE
+        z = np.concatenate(self.logits)
+        full = classification_metrics(y[keep], z[keep].argmax(-1), list(names))
+        out = {"macro_f1": full["macro_f1"], "accuracy": full["token_accuracy"],
+               "first_macro_f1": None, "first_accuracy": None, "events": int(keep.sum()),
+               "seconds": round(self.seconds, 1)}
+        if self.depth_logits is not None:
+            z0, y0 = self.depth_logits[0][0], self.depth_logits[1][0]
+            k0 = y0 != IGNORE
+            first = classification_metrics(y0[k0], z0[k0].argmax(-1), list(names))
+            out["first_macro_f1"], out["first_accuracy"] = first["macro_f1"], first["token_accuracy"]
+        return out
+
+
+def validate(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
+             *, progress: bool = False) -> Validated:
+    """Fit and score on held-out sessions: on ``val`` when given (the split plan), else on
+    ``cfg.train.val_folds`` session folds of ``train``, one model per fold with early stopping
+    on its held-out part (the folds plan; ``final_fit`` then trains on every session)."""
+    started = time.perf_counter()
     device = pick_device(cfg.train.device)
-    k = max(2, min(cfg.train.val_folds, len(sessions)))
-    order = np.random.default_rng(cfg.train.seed).permutation(len(sessions))
-    folds = [order[f::k] for f in range(k)]
-    oof: list[np.ndarray | None] = [None] * len(sessions)
-    best: list[int] = []
     streamable = args.lookahead is not None and cfg.train.prefix_calibration
+    if val or len(train) < 2:
+        fit = fit_any(args, train, val, cfg, progress=progress)
+        held = list(val) or list(train)
+        depth = prefix_logits(fit.model, held, device) if streamable else None
+        return Validated(args, cfg, _logits_for(fit.model, held, device), [s.labels for s in held], depth,
+                         fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started)
+    k = max(2, min(cfg.train.val_folds, len(train)))
+    order = np.random.default_rng(cfg.train.seed).permutation(len(train))
+    oof: list[np.ndarray | None] = [None] * len(train)
+    best: list[int] = []
     depth_z: list[list[np.ndarray]] = []
     depth_y: list[list[np.ndarray]] = []
-    for f, held_idx in enumerate(folds):
+    for f in range(k):
+        held_idx = order[f::k]
         held_set = set(held_idx.tolist())
-        train_part = [s for i, s in enumerate(sessions) if i not in held_set]
-        held = [sessions[i] for i in held_idx]
+        train_part = [s for i, s in enumerate(train) if i not in held_set]
+        held = [train[i] for i in held_idx]
         fit = fit_any(args, train_part, held, cfg, progress=progress, desc=f"fold {f + 1}/{k}")
         best.append(fit.best_epoch)
         for i, logits in zip(held_idx, _logits_for(fit.model, held, device)):
@@ -242,19 +283,121 @@ def fit_with_folds(args: ModelArgs, sessions: Sequence[EncodedSession], cfg: Con
             z, y = prefix_logits(fit.model, held, device)
             depth_z.append(z)
             depth_y.append(y)
-    epochs = max(1, int(math.ceil(float(np.median(best)))))
-    if args.arch == "crf":
-        echo(f"validation on {k} session folds; final fit on all {len(sessions)} training sessions")
-    else:
-        echo(f"validation on {k} session folds: best epochs {best}; final fit on all {len(sessions)} "
-             f"training sessions for {epochs} epochs")
-    final = fit_any(args, sessions, [], cfg, progress=progress, desc="final fit", stop_after=epochs)
-    final.best_epoch = epochs
-    depth_logits = None
+    depth = None
     if streamable:
-        depth_logits = ([np.concatenate([z[d] for z in depth_z]) for d in range(len(depth_z[0]))],
-                        [np.concatenate([y[d] for y in depth_y]) for d in range(len(depth_y[0]))])
-    return final, oof, [s.labels for s in sessions], depth_logits
+        depth = ([np.concatenate([z[d] for z in depth_z]) for d in range(len(depth_z[0]))],
+                 [np.concatenate([y[d] for y in depth_y]) for d in range(len(depth_y[0]))])
+    epochs = max(1, int(math.ceil(float(np.median(best)))))
+    return Validated(args, cfg, oof, [s.labels for s in train], depth, epochs, best, None,
+                     time.perf_counter() - started)
+
+
+def final_fit(v: Validated, train: Sequence[EncodedSession], *, progress: bool = False,
+              echo: Callable[[str], None] = print) -> FitResult:
+    """The model to ship: the split plan's own fit, or (folds plan) one fit on every training
+    session, stopped at the median epoch early stopping chose on the folds."""
+    if v.fit is not None:
+        return v.fit
+    if v.args.arch == "crf":
+        echo(f"validated on {len(v.best_epochs)} session folds; final fit on all {len(train)} training sessions")
+    else:
+        echo(f"validated on {len(v.best_epochs)} session folds (best epochs {v.best_epochs}); final fit on "
+             f"all {len(train)} training sessions for {v.epochs} epochs")
+    fit = fit_any(v.args, train, [], v.cfg, progress=progress, desc="final fit", stop_after=v.epochs)
+    fit.best_epoch = v.epochs
+    return fit
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _simplex(m: int, step: float = 0.1) -> list[tuple[float, ...]]:
+    """Weights for m members on a grid, summing to 1."""
+    n = int(round(1 / step))
+    return [tuple(c / n for c in combo) for combo in itertools.product(range(n + 1), repeat=m)
+            if sum(combo) == n]
+
+
+def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
+    """``model.arch: auto``: how to combine the validated candidates, per visible depth
+    k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
+    weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
+    then the weights nearest the first candidate). Held-out rows line up across candidates:
+    they were validated on the same folds."""
+    from trainer.metrics import classification_metrics
+    archs = list(results)
+    first = results[archs[0]]
+    L = first.args.lookahead
+    depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
+    grid = _simplex(len(archs))
+
+    def score(zs, y, w):
+        keep = y != IGNORE
+        z = sum(wi * zi for wi, zi in zip(w, zs) if wi > 0)
+        cls = classification_metrics(y[keep], z[keep].argmax(-1), list(names))
+        return cls["macro_f1"] or 0.0, cls["token_accuracy"] or 0.0
+
+    rows = []
+    for k in depths or [None]:
+        if k is None or k == L:                   # final labels: every held-out event
+            y = np.concatenate(first.labels)
+            zs = [_log_softmax(np.concatenate(results[a].logits)) for a in archs]
+        else:
+            y = first.depth_logits[1][k]
+            zs = [_log_softmax(results[a].depth_logits[0][k]) for a in archs]
+        for a in archs:
+            got = np.concatenate(results[a].labels) if (k is None or k == L) else results[a].depth_logits[1][k]
+            if not np.array_equal(got, y):
+                raise AssertionError(f"held-out rows of {a} do not line up with {archs[0]}'s")
+        singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
+                   for i, a in enumerate(archs)}
+        best = max(grid, key=lambda w: (*score(zs, y, w), w))
+        rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)),
+                     "macro_f1": score(zs, y, best)[0], "accuracy": score(zs, y, best)[1],
+                     "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc) in singles.items()}})
+    weights = [[r["weights"][a] for a in archs] for r in rows]
+    used = [a for i, a in enumerate(archs) if any(w[i] > 0 for w in weights)]
+    return {"candidates": {a: v.scores(names) for a, v in results.items()}, "depths": rows,
+            "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
+            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
+
+
+def auto_table(info: dict[str, Any]) -> list[str]:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    lines = ["model.arch auto: held-out top-1 macro-F1 by visible later events k, each candidate "
+             "alone and combined:"]
+    archs = list(info["candidates"])
+    for r in info["depths"]:
+        alone = ", ".join(f"{a} {f(r['alone'][a]['macro_f1'])}" for a in archs)
+        w = " + ".join(f"{r['weights'][a]:.1f} {a}" for a in archs if r["weights"][a] > 0)
+        lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w})")
+    lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
+    return lines
+
+
+def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dict[str, FitResult]):
+    """The ``Mixture`` of the final fits with the chosen weights, and its held-out logits
+    (full lookahead per session, and per depth) for calibration."""
+    from trainer.model import Mixture, MixtureArgs
+    members = info["members"]
+    weights = [[r["weights"][a] for a in members] for r in info["depths"]]
+    model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights))
+    for m, a in zip(model.members, members):
+        m.load_state_dict(fits[a].model.state_dict())
+    model.eval()
+    L = len(weights) - 1
+    n = len(results[members[0]].logits)
+    logits = [sum(weights[L][i] * _log_softmax(results[a].logits[j]) for i, a in enumerate(members))
+              for j in range(n)]
+    depth = None
+    if all(results[a].depth_logits for a in members):
+        first = results[members[0]].depth_logits
+        depth = ([sum(weights[k][i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
+                  for k in range(L + 1)], list(first[1]))
+    return model, logits, depth
 
 
 def fit_any(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
@@ -325,14 +468,18 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Replay sessions through ``Tagger.step`` as the live worker does and collect, per
     visible-future depth k = 0..L, the logits each event had when k later events were
-    visible, with its labels: ``(logits[k] (m_k, C), labels[k] (m_k,))``. Depth L is the
-    final (offline) output."""
+    visible, with its labels: ``(logits[k] (m_k, C), labels[k] (m_k,))``, rows in session
+    order, then position order (whichever way they are computed, so that the rows of two
+    models line up). Depth L is the final (offline) output."""
     L = model.args.lookahead
     if L is None:
         raise ValueError("prefix logits need a bounded lookahead")
     model.eval()
+    if model.depth_exact:
+        return _depth_logits(model, sessions, device)
     z: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
     y: list[list[int]] = [[] for _ in range(L + 1)]
+    keys: list[list[tuple[int, int]]] = [[] for _ in range(L + 1)]
     for g in range(0, len(sessions), parallel):
         group = sessions[g:g + parallel]
         states = [model.init_state(device) for _ in group]
@@ -348,9 +495,37 @@ def prefix_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str
                     k = v - 1 - j                                      # later events visible
                     z[k].append(o[j])
                     y[k].append(int(group[i].labels[t - k]))
+                    keys[k].append((g + i, t - k))
     C = model.args.n_labels
-    return ([torch.stack(zk).float().cpu().numpy() if zk else np.zeros((0, C), np.float32) for zk in z],
-            [np.asarray(yk, dtype=np.int64) for yk in y])
+    order = [sorted(range(len(kk)), key=kk.__getitem__) for kk in keys]
+    return ([torch.stack([zk[i] for i in o]).float().cpu().numpy() if zk else np.zeros((0, C), np.float32)
+             for zk, o in zip(z, order)],
+            [np.asarray([yk[i] for i in o], dtype=np.int64) for yk, o in zip(y, order)])
+
+
+def _depth_logits(model: Tagger, sessions: Sequence[EncodedSession], device: str, batch_size: int = 16
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``prefix_logits`` by whole-session forward passes, one per depth k with every position
+    seeing k events ahead (exactly what ``step`` shows then, for a ``depth_exact`` model):
+    L + 1 batched passes instead of one step per event."""
+    L = model.args.lookahead
+    z: list[list[np.ndarray]] = [[] for _ in range(L + 1)]
+    y: list[list[np.ndarray]] = [[] for _ in range(L + 1)]
+    with torch.no_grad():
+        for g in range(0, len(sessions), batch_size):
+            group = sessions[g:g + batch_size]
+            batch = collate(group, device)
+            for k in range(L + 1):
+                batch["horizon"] = torch.full(batch["event"].shape[:2], k, dtype=torch.long, device=device)
+                logits, _ = model(batch)
+                for i, s in enumerate(group):
+                    n = len(s) - k                                     # depth k exists before the end
+                    if n > 0:
+                        z[k].append(logits[i, :n].float().cpu().numpy())
+                        y[k].append(s.labels[:n])
+    C = model.args.n_labels
+    return ([np.concatenate(zk) if zk else np.zeros((0, C), np.float32) for zk in z],
+            [np.concatenate(yk) if yk else np.zeros(0, np.int64) for yk in y])
 
 
 def prefix_calibration(model: Tagger, held: Sequence[EncodedSession], cfg: Config, temperature: float,
@@ -512,9 +687,14 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
          f"{len(p.splits['test'])} test; {len(p.label_map)} steps")
     arch = cfg.model.arch
     hpo_info: dict[str, Any] | None = None
+    auto_info: dict[str, Any] | None = None
+    depth_logits = None
     if arch == "logreg":
         return _train_baseline(p, out_dir, cfg, started, echo)
     if cfg.train.hpo.enabled:
+        if arch == "auto":
+            from trainer.errors import ConfigError
+            raise ConfigError("train.hpo needs one architecture; set model.arch (not auto)")
         from trainer.hpo import search
         hpo_info = search(p, cfg, progress=progress, echo=echo)
         cfg = hpo_info.pop("config")
@@ -522,19 +702,30 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         fit = fit_model(args, p.encoded["train"] + p.encoded["val"], [], cfg,
                         epochs=hpo_info["epochs"], progress=progress, desc="final fit (train+val)")
         cal_logits, cal_labels = hpo_info.pop("oof_logits"), hpo_info.pop("oof_labels")
-    elif not p.encoded["val"] and len(p.encoded["train"]) >= 2:
-        args = model_args(p.encoder.spec(), len(p.label_map), cfg)
-        fit, cal_logits, cal_labels, depth_logits = fit_with_folds(args, p.encoded["train"], cfg,
-                                                                   progress=progress, echo=echo)
     else:
-        args = model_args(p.encoder.spec(), len(p.label_map), cfg)
-        fit = fit_any(args, p.encoded["train"], p.encoded["val"], cfg, progress=progress)
-        held = p.encoded["val"] or p.encoded["train"]
-        cal_logits = _logits_for(fit.model, held, pick_device(cfg.train.device))
-        cal_labels = [s.labels for s in held]
-        depth_logits = None
-        if cfg.train.prefix_calibration and fit.model.streamable:
-            depth_logits = prefix_logits(fit.model, held, pick_device(cfg.train.device))
+        archs = list(cfg.model.auto_archs) if arch == "auto" else [arch]
+        results: dict[str, Validated] = {}
+        for a in archs:
+            acfg = cfg.replace(model={"arch": a})
+            results[a] = validate(model_args(p.encoder.spec(), len(p.label_map), acfg), p.encoded["train"],
+                                  p.encoded["val"], acfg, progress=progress)
+        if arch == "auto":
+            auto_info = choose_mixture(results, p.label_map.labels)
+            for line in auto_table(auto_info):
+                echo(line)
+            arch = auto_info["chosen"]
+        if arch == "mixture":
+            fits = {a: final_fit(results[a], p.encoded["train"], progress=progress, echo=echo)
+                    for a in auto_info["members"]}
+            model, cal_logits, depth_logits = build_mixture(auto_info, results, fits)
+            cal_labels = results[auto_info["members"][0]].labels
+            fit = FitResult(model, max(f.best_epoch for f in fits.values()), [],
+                            sum(f.seconds for f in fits.values()))
+        else:
+            v = results[arch]
+            cfg = v.cfg
+            fit = final_fit(v, p.encoded["train"], progress=progress, echo=echo)
+            cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
     prefix: dict[str, Any] = {}
     if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info and depth_logits:
@@ -553,6 +744,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                                "history": fit.history, "train_seconds": fit.seconds}
     if hpo_info:
         metrics["hpo"] = hpo_info
+    if auto_info:
+        metrics["auto"] = auto_info
     test_report = None
     if p.encoded["test"]:
         logits = _logits_for(fit.model, p.encoded["test"], pick_device(cfg.train.device))

@@ -40,7 +40,7 @@ def test_every_option_of_every_command_says_what_it_is():
 
 def test_help_shows_defaults():
     _, commands = subcommands()
-    assert "(default: 1000)" in commands["generate"].format_help()
+    assert "default 1000" in commands["generate"].format_help()
     assert "(default: 0)" in commands["generate"].format_help()
     assert "(default: 60)" in commands["demo"].format_help()
     stack = commands["stack"].format_help()

@@ -98,3 +98,35 @@ def test_config_unknown_key_is_named():
         from_dict({"train": {"lr": "fast"}})
     cfg = from_dict({"data": {"cat_features": ["target_app"], "image_col": "screenshot_path"}})
     assert cfg.data.cat_features == ("target_app",) and cfg.model.arch == "bilstm"
+
+
+def test_lexical_features_of_a_window_title():
+    from trainer.features import lexical_features
+    f = lexical_features("Budget Q3 2024.xlsx - Excel")
+    assert {"w=budget", "w=q3", "w=<d4>", "w=xlsx", "w=excel", "b=budget|q3"} <= set(f)
+    assert "c=<bud" in f and "c=get>" in f          # character 4-grams of longer words
+    assert lexical_features("Budget Q3 2025.xlsx - Excel") == f   # numbers by length only
+    assert len(f) == len(set(f))
+
+
+@given(st.text(max_size=120))
+def test_lexical_features_never_crash_and_are_typed(text):
+    from trainer.features import lexical_features
+    f = lexical_features(text)
+    assert f == lexical_features(text)
+    assert all(x[:2] in ("w=", "b=", "c=") for x in f)
+
+
+def test_lexical_vocabulary_is_fit_on_training_events_and_capped():
+    frame = _frame()
+    enc = FeatureEncoder.fit(frame, DataConfig(lexical_max=10))
+    assert len(enc.vocabs["lex"]) == 10 + 2                       # PAD and UNK ids stay reserved
+    full = FeatureEncoder.fit(frame, DataConfig())
+    # features seen once (the RareAx.. names, one session each) are not in the vocabulary
+    assert not any("rareax" in s for s in full.vocabs["lex"].items)
+    _, sessions = full.transform_frame(frame)
+    assert sessions[0].lex.shape[0] == 3 and (sessions[0].lex > 1).any()
+    one, _ = full.transform_one(dict(frame.iloc[0]))
+    assert np.array_equal(one.lex[0, :one.lex.shape[1]], sessions[0].lex[0, :one.lex.shape[1]])
+    off = FeatureEncoder.fit(frame, DataConfig(lexical=False))
+    assert "lex" not in off.vocabs and off.spec()["n_lex"] == 0

@@ -32,8 +32,7 @@ def build(args):
     """A model whose wide path is not zero (it starts at zero, which would hide it)."""
     model = Tagger(args)
     if model.wide is not None:
-        for t in model.wide.tables:
-            torch.nn.init.normal_(t.weight)
+        torch.nn.init.normal_(model.wide.table)
     return model
 
 
@@ -154,19 +153,22 @@ def test_wide_path_sees_its_window_only():
     torch.manual_seed(0)
     model = build(make_args("bilstm", "concat", lookahead=4, wide_past=2, wide_future=2)).eval()
     s = session(12, 12)
-    base = model.wide(collate([s])["lex"], torch.tensor([12]))
+    b = collate([s])
+    base = model.wide(b["lex"], b["nums"], torch.tensor([12]))
     t = 5
     for far in (t - 3, t + 3):
         other = session(12, 12)
         other.lex = other.lex.copy()
         other.lex[far] = (other.lex[far] % 24) + 1
-        changed = model.wide(collate([other])["lex"], torch.tensor([12]))
+        ob = collate([other])
+        changed = model.wide(ob["lex"], ob["nums"], torch.tensor([12]))
         assert torch.allclose(base[0, t], changed[0, t])
     for near in (t - 2, t, t + 2):
         other = session(12, 12)
         other.lex = other.lex.copy()
         other.lex[near] = (other.lex[near] % 24) + 1
-        changed = model.wide(collate([other])["lex"], torch.tensor([12]))
+        ob = collate([other])
+        changed = model.wide(ob["lex"], ob["nums"], torch.tensor([12]))
         assert not torch.allclose(base[0, t], changed[0, t])
 
 
@@ -207,3 +209,106 @@ def test_focal_loss_and_class_weights_ignore_padding():
         assert (tgt[1, 3:] == IGNORE).all()
         _, loss = model(batch, tgt)
         assert torch.isfinite(loss) and loss > 0
+
+
+@pytest.mark.parametrize("future", [0, 2])
+def test_crf_arch_streams_to_its_offline_output(future):
+    """With state features that read later events too, finals still equal offline."""
+    torch.manual_seed(0)
+    model = build(make_args("crf", "concat", lookahead=4, wide_future=future)).eval()
+    torch.nn.init.normal_(model.crf.trans)
+    s = session(15, 5)
+    full, _ = model(collate([s]))
+    assert torch.allclose(stream_outputs(model, s), full[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,crf", [(a, c) for a in ARCHS for c in (False, True)] + [("crf", False)])
+def test_depth_logits_equal_the_streamed_ones(arch, crf):
+    """Calibration reads each depth's logits from whole-session passes when the model says
+    that is exact (``depth_exact``); whichever way, they are what ``step`` shows."""
+    from trainer.train import prefix_logits
+    torch.manual_seed(0)
+    L = 2
+    model = build(make_args(arch, "concat", lookahead=L, crf=crf)).eval()
+    if model.crf is not None:
+        torch.nn.init.normal_(model.crf.trans)
+    sessions = [session(9, 20), session(4, 21)]
+    z, y = prefix_logits(model, sessions, "cpu")
+    expect = {k: [] for k in range(L + 1)}
+    for s in sessions:
+        seen = stream_by_depth(model, s)
+        for k in range(L + 1):
+            expect[k] += [seen[k][t] for t in range(len(s) - k)]
+    for k in range(L + 1):
+        got = torch.from_numpy(z[k])
+        want = torch.stack(expect[k])
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-4)           # session order, then position
+        assert np.array_equal(y[k], np.concatenate([s.labels[:len(s) - k] for s in sessions]))
+
+
+def _brute_marginals(e: np.ndarray, A: np.ndarray, t: int, upto: int) -> np.ndarray:
+    """p(y_t | events 0..upto) of a linear-chain CRF by enumerating every label path."""
+    C = e.shape[1]
+    p = np.zeros(C)
+    for ys in itertools.product(range(C), repeat=upto + 1):
+        score = sum(e[i, y] for i, y in enumerate(ys)) + sum(A[a, b] for a, b in zip(ys, ys[1:]))
+        p[ys[t]] += np.exp(score)
+    return p / p.sum()
+
+
+def test_crf_arch_is_exact_filtering_and_fixed_lag_smoothing():
+    """The CRF architecture against brute-force enumeration over short sessions: offline it
+    is p(y_t | events up to t + L); streamed with k later events in, p(y_t | events up to
+    t + k) (k = 0: forward filtering, the label on arrival)."""
+    from trainer.baseline import crf_lag_marginals
+    torch.manual_seed(0)
+    L = 3
+    model = Tagger(make_args("crf", "concat", lookahead=L, n_labels=3, wide_future=0)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.wide.table)
+        torch.nn.init.normal_(model.wide.nums, std=0.3)
+        torch.nn.init.normal_(model.wide.before_start)
+        torch.nn.init.normal_(model.crf.trans)
+    s = session(7, 3)
+    b = collate([s])
+    with torch.no_grad():
+        e = model.wide(b["lex"], b["nums"], b["lengths"])[0].double().numpy()
+        offline = torch.softmax(model(b)[0][0], -1).double().numpy()
+    A = model.crf.trans.detach().double().numpy()
+    for t in range(len(s)):
+        assert np.allclose(_brute_marginals(e, A, t, min(len(s) - 1, t + L)), offline[t], atol=1e-5)
+    assert np.allclose(crf_lag_marginals(e, A, L), offline, atol=1e-5)    # the numpy twin agrees
+    seen = stream_by_depth(model, s)
+    for k in range(L + 1):
+        for t in range(len(s) - k):
+            got = torch.softmax(seen[k][t], -1).double().numpy()
+            assert np.allclose(_brute_marginals(e, A, t, t + k), got, atol=1e-5), (k, t)
+
+
+def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
+    """A mixture weighs its members differently at each depth; what it shows with k later
+    events in is still its forward pass at horizon k, and it saves and loads."""
+    from trainer.model import Mixture, MixtureArgs, build_model
+    torch.manual_seed(0)
+    L = 2
+    members = [build(make_args("bilstm", "concat", lookahead=L)), build(make_args("crf", "concat", lookahead=L,
+                                                                                   wide_future=0))]
+    torch.nn.init.normal_(members[1].crf.trans)
+    args = MixtureArgs([m.args.to_dict() for m in members], [[0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
+    mix = Mixture(args).eval()
+    for m, src in zip(mix.members, members):
+        m.load_state_dict(src.state_dict())
+    assert mix.depth_exact
+    s = session(10, 30)
+    seen = stream_by_depth(mix, s)
+    for k in range(L + 1):
+        batch = collate([s])
+        batch["horizon"] = torch.full((1, len(s)), k, dtype=torch.long)
+        full, _ = mix(batch)
+        for t in range(len(s) - k):
+            assert torch.allclose(seen[k][t], full[0, t], atol=1e-4), (k, t)
+    torch.save(mix.state_dict(), tmp_path / "w.pt")
+    again = build_model(args.to_dict()).eval()
+    again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    assert torch.equal(mix(collate([s]))[0], again(collate([s]))[0])

@@ -1,0 +1,71 @@
+"""The CRF architecture (``model.arch: crf``): CRFsuite's weights in the torch Tagger give
+CRFsuite's own probabilities, and the model serves live like the networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.trainer.test_baseline import make_records
+from trainer.artifacts import load_artifact
+from trainer.config import from_dict
+from trainer.crf import attributes, fit_crf
+from trainer.features import FeatureEncoder, LabelMap
+from trainer.loading import records_to_frame
+from trainer.model import collate
+from trainer.train import model_args, train
+
+
+def encoded(records, encoder=None, labels=None):
+    frame = records_to_frame(records, require_label=True)
+    cfg = from_dict({})
+    encoder = encoder or FeatureEncoder.fit(frame, cfg.data)
+    labels = labels or LabelMap(sorted(frame["step_name"].unique()))
+    return encoder, labels, encoder.transform_frame(frame, labels)[1]
+
+
+def test_tagger_reproduces_crfsuite_marginals():
+    """The weights copied out of CRFsuite give, at unbounded lookahead, exactly the
+    marginals CRFsuite computes itself."""
+    import sklearn_crfsuite
+    enc, labels, sessions = encoded(make_records(30, seed=1))
+    cfg = from_dict({"model": {"arch": "crf", "lookahead": None}})
+    args = model_args(enc.spec(), len(labels), cfg)
+    model, info = fit_crf(args, sessions)
+    assert info["features"] > 0
+    crf = sklearn_crfsuite.CRF(algorithm="lbfgs", c1=0.05, c2=0.05, max_iterations=200,
+                               all_possible_transitions=True)
+    crf.fit([attributes(s, args.wide_past) for s in sessions],
+            [[str(int(y)) for y in s.labels] for s in sessions])
+    _, _, test = encoded(make_records(4, seed=2, prefix="t"), enc, labels)
+    for s in test:
+        with torch.no_grad():
+            ours = torch.softmax(model(collate([s]))[0][0], -1).numpy()
+        theirs = crf.predict_marginals_single(attributes(s, args.wide_past))
+        ref = np.array([[m.get(str(c), 0.0) for c in range(len(labels))] for m in theirs])
+        assert np.allclose(ours, ref, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def crf_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("crf")
+    pd.DataFrame(make_records(40, seed=3)).to_csv(d / "train.csv", index=False)
+    pd.DataFrame(make_records(10, seed=4, prefix="t")).to_csv(d / "test.csv", index=False)
+    train(d / "train.csv", d / "model", from_dict({"model": {"arch": "crf", "lookahead": 2}}),
+          progress=False, echo=lambda *_: None)
+    return d
+
+
+def test_crf_is_served_live_with_final_labels_equal_to_offline(crf_model):
+    """The marker's label depends on the event before it, which a causal CRF sees on arrival:
+    its first labels are right, and its final labels are the offline ones."""
+    from trainer.evaluate import evaluate
+    lm = load_artifact(crf_model / "model")
+    assert lm.kind == "neural" and lm.model.args.arch == "crf" and lm.lookahead == 2
+    res = evaluate(crf_model / "model", crf_model / "test.csv", streaming=True, plots=False)
+    s = res["streaming"]
+    assert s["final_equals_offline"] == 1.0
+    assert res["offline"]["token_accuracy"] > 0.95
+    assert s["first_top1_accuracy"] > 0.95

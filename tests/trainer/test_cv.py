@@ -1,0 +1,94 @@
+"""``tagger cv``: folds by session, every session tested once, pooled scores and paired
+per-fold differences against the two CRF references; ``model.arch: auto``."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from tests.trainer.test_baseline import make_records
+from trainer.cli import main
+from trainer.config import from_dict
+from trainer.cv import REFERENCES, cross_validate, format_table, session_folds
+from trainer.errors import ConfigError
+from trainer.loading import read_events
+
+TINY = {"model": {"hidden_dim": 16, "emb_event_dim": 16, "num_layers": 1, "lookahead": 2, "context": 16,
+                  "lex_dim": 16},
+        "train": {"epochs": 4, "patience": 2, "batch_size": 8, "val_folds": 2}}
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cv") / "log.csv"
+    pd.DataFrame(make_records(12, seed=5)).to_csv(path, index=False)
+    return path
+
+
+def test_folds_split_sessions_and_cover_each_once(log):
+    frame, _ = read_events(log)
+    folds = session_folds(frame, 4, seed=0)
+    flat = [s for f in folds for s in f]
+    assert sorted(flat) == sorted(frame["session_id"].unique()) and len(flat) == len(set(flat))
+    assert session_folds(frame, 4, seed=0) == folds and session_folds(frame, 4, seed=1) != folds
+    with pytest.raises(ConfigError, match="12 sessions cannot make 20 folds"):
+        session_folds(frame, 20, seed=0)
+
+
+def test_cross_validation_pools_every_event_and_compares_per_fold(log, tmp_path):
+    report = cross_validate(log, from_dict(TINY), folds=3, archs=["crf", "bilstm"], echo=lambda *_: None)
+    frame, _ = read_events(log)
+    assert report["events"] == len(frame) and report["sessions"] == 12 and report["folds"] == 3
+    rows = report["contenders"]
+    assert set(rows) == set(REFERENCES) | {"crf", "bilstm"}
+    for name in ("crf", "bilstm"):
+        r = rows[name]
+        assert len(r["per_fold"]) == 3 and r["vs_crf"]["folds"] == 3
+        assert r["vs_crf"]["per_fold"] == pytest.approx(
+            [a["macro_f1"] - b["macro_f1"] for a, b in zip(r["per_fold"], rows["reference_crf"]["per_fold"])])
+        assert r["final_equals_offline"] == 1.0               # both are served live
+        assert 0 <= r["edit_overhead"] <= 1 and r["first_top1_macro_f1"] is not None
+    # the marker's label is its predecessor's: a causal CRF knows it on arrival
+    assert rows["crf"]["first_top1_accuracy"] > 0.9
+    table = format_table(report)
+    assert "CRF ±2 (reference)" in table and "| bilstm |" in table
+
+
+def test_cv_command_writes_json_and_table(log, tmp_path, capsys):
+    out = tmp_path / "cv.json"
+    assert main(["-q", "cv", "--data", str(log), "--json", str(out), "--folds", "2", "--arch", "crf"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["contenders"]) == set(REFERENCES) | {"crf"}
+    assert "| crf |" in capsys.readouterr().out
+    assert main(["-q", "cv", "--data", str(log), "--json", str(out), "--folds", "30"]) == 2
+    assert "cannot make 30 folds" in capsys.readouterr().err
+
+
+def test_auto_combines_the_candidates_per_depth_and_serves_the_result(log, tmp_path):
+    from trainer.artifacts import load_artifact
+    from trainer.evaluate import evaluate
+    from trainer.train import train
+    cfg = from_dict({**TINY, "model": {**TINY["model"], "arch": "auto", "auto_archs": ["bilstm", "crf"]}})
+    lines = []
+    metrics = train(log, tmp_path / "m", cfg, progress=False, echo=lines.append)
+    auto = metrics["auto"]
+    assert set(auto["candidates"]) == {"bilstm", "crf"}
+    assert [r["k"] for r in auto["depths"]] == [0, 1, 2]
+    for r in auto["depths"]:
+        assert sum(r["weights"].values()) == pytest.approx(1.0)
+        # one model alone is on the grid too, so the choice is never worse on held-out data
+        assert r["macro_f1"] >= max(a["macro_f1"] for a in r["alone"].values()) - 1e-12
+    used = [a for a in ("bilstm", "crf") if any(r["weights"][a] > 0 for r in auto["depths"])]
+    assert auto["members"] == used
+    lm = load_artifact(tmp_path / "m")
+    if len(used) == 1:
+        assert auto["chosen"] == used[0] and lm.model.args.arch == used[0]
+    else:
+        assert auto["chosen"] == "mixture" and lm.model.args.arch == "mixture"
+        assert [m.args.arch for m in lm.model.members] == used
+    assert any(line.strip().startswith("-> ") for line in lines)
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["auto"]["chosen"] == auto["chosen"]
+    res = evaluate(tmp_path / "m", log, streaming=True, plots=False)
+    assert res["streaming"]["final_equals_offline"] == 1.0
