@@ -96,9 +96,7 @@ class WorkerService:
         self.executor.shutdown(wait=False)
 
     def _on_model_event(self, result: str, version: str, detail: str) -> None:
-        self.metrics.model_swaps.labels(result=result).inc()
-        if result == "ok" and version:
-            self.metrics.set_model(version)
+        self.metrics.model_event(result, version)
 
     # ---- the batch loop -----------------------------------------------------------------
     async def handle(self, events: list) -> None:
@@ -306,7 +304,7 @@ class WorkerService:
         await asyncio.get_running_loop().run_in_executor(None, self.holder.poll)
 
     def update_lag(self) -> None:
-        """Set ``tagger_consumer_lag{partition}`` for each input partition this worker holds.
+        """Set ``tagger_consumer_lag_messages{partition}`` for each input partition this worker holds.
 
         Lag is the partition's log-end offset minus the group's position in it, the LAG of
         ``kafka-consumer-groups --describe``. The log end is the high watermark that came with

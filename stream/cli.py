@@ -15,14 +15,21 @@ from pathlib import Path
 
 
 def cmd_worker(args) -> int:
-    import faust
-
-    from stream.app import create_app
+    from stream.preflight import check_worker
     from stream.settings import Settings
     settings = Settings.from_env()
     if args.artifacts:
         settings = dataclasses.replace(settings, artifacts_dir=Path(args.artifacts))
-    logging.getLogger("tagger").info("starting worker with %s", settings.redacted())
+    # port taken, no broker, no model: one error line and exit 2 here, not a Faust traceback
+    version = check_worker(settings, broker_timeout_s=settings.kafka_wait_s)
+    import faust
+
+    from stream.app import create_app
+    log = logging.getLogger("tagger")
+    log.info("starting worker with %s", settings.redacted())
+    web = (f"http://{settings.metrics_host}:{settings.web_port}/metrics, /healthz, /readyz"
+           if settings.web_port else "off (TAGGER_WEB_PORT=0)")
+    log.info("model %s from %s; web server %s", version, settings.artifacts_dir, web)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel="DEBUG" if args.verbose else "INFO", quiet=True,
                           redirect_stdouts=False)
@@ -46,7 +53,12 @@ def cmd_stack(args) -> int:
     if args.action == "up":
         info = stack_up(args.state_dir)
         print(f"stack {'already ' if info.get('already_running') else ''}running: Kafka-compatible broker "
-              f"{info['kafka']}, Redis {info['redis']}", file=sys.stderr)
+              f"{info['kafka']}, Redis {info['redis']}; state in {info['state_dir']}", file=sys.stderr)
+        # Where a user's own consumer group would first sit waiting (README: Publishing and consuming)
+        print("note: on this broker a new consumer-group member gets its partitions only after half "
+              "its session timeout (librdkafka's default 45 s: ~23 s); set session.timeout.ms=6000 "
+              "(aiokafka: session_timeout_ms=6000) for ~3 s. librdkafka clients need version >= 2.2.",
+              file=sys.stderr)
         sys.stdout.write(format_env(info))
     elif args.action == "down":
         info = stack_down(args.state_dir)
@@ -86,8 +98,9 @@ def cmd_tail(args) -> int:
 
 def cmd_demo(args) -> int:
     from stream.demo import run_demo
-    summary = run_demo(sessions=args.sessions, json_out=args.json, rate=args.rate,
-                       quiet=args.quiet or not sys.stdout.isatty(), workdir=Path(args.workdir))
+    summary = run_demo(sessions=args.sessions, json_out=args.json, rate=args.rate, quiet=args.quiet,
+                       live=sys.stdout.isatty(), workdir=Path(args.workdir),
+                       train_sessions=args.train_sessions)
     return 0 if summary.get("events_without_final", 1) == 0 else 1
 
 
@@ -138,8 +151,15 @@ def cmd_chaos(args) -> int:
 
 
 def register(sub) -> None:
-    w = sub.add_parser("worker", help="run the live tagging worker (Faust) against TAGGER_KAFKA / TAGGER_REDIS")
-    w.add_argument("--artifacts", help="artifacts folder with the `current` pointer (default TAGGER_ARTIFACTS)")
+    w = sub.add_parser("worker", help="run the live tagging worker (Faust) against TAGGER_KAFKA / TAGGER_REDIS",
+                       description="""\
+Run the live tagging worker: reads tagger.events, writes tagger.labels (and tagger.events.dlq),
+serves /metrics, /healthz and /readyz on http://TAGGER_METRICS_HOST:TAGGER_WEB_PORT
+(default 127.0.0.1:6066). Settings come from TAGGER_* variables (see the README). Before it
+starts it checks the web port is free, a current model loads, and the broker answers
+(within TAGGER_KAFKA_WAIT_S, default 30 s); each failure is one error line, exit 2.""")
+    w.add_argument("--artifacts", help="artifacts folder with the `current` pointer (default TAGGER_ARTIFACTS, "
+                                       "else ./artifacts)")
     w.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("promote", help="make a trained model the current one; running workers hot-swap to it")
@@ -147,13 +167,24 @@ def register(sub) -> None:
     p.add_argument("--artifacts", help="artifacts root (default TAGGER_ARTIFACTS or ./artifacts)")
     p.set_defaults(func=cmd_promote)
 
-    s = sub.add_parser("stack", help="start/stop the embedded Kafka-compatible broker and Redis")
-    s.add_argument("action", choices=["up", "down", "status"])
-    s.add_argument("--state-dir", help="where pids and logs go (default .tagger/ or TAGGER_STATE_DIR)")
+    s = sub.add_parser("stack", help="start/stop the embedded Kafka-compatible broker and Redis",
+                       description="""\
+The embedded local stack: a Kafka-compatible broker (tansu, in memory) and a Redis (the one at
+TAGGER_REDIS if it answers, else a redis-server it starts). One stack per user: its state
+(pids, ports, logs) lives in one folder whatever the working directory.
+
+actions:
+  up      start it (or report the running one); prints `export TAGGER_KAFKA=...` lines,
+          so `eval "$(tagger stack up)"` points this shell's tagger commands at it
+  down    stop what `up` started (a Redis it found running is left alone); logs are kept
+  status  print its state as JSON; exit 0 when running, 1 otherwise""")
+    s.add_argument("action", choices=["up", "down", "status"], help="up, down or status (see above)")
+    s.add_argument("--state-dir", help="where pids, ports and logs go (default: TAGGER_STATE_DIR, "
+                                       "else $XDG_STATE_HOME/tagger, else ~/.local/state/tagger)")
     s.set_defaults(func=cmd_stack)
 
     pb = sub.add_parser("publish", help="replay a log into the events topic as desktop agents would")
-    pb.add_argument("--data", required=True)
+    pb.add_argument("--data", required=True, help="CSV or Parquet of events (a step_name column is not sent)")
     pb.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     pb.add_argument("--sessions", type=int, help="only the first K sessions")
     pb.add_argument("--no-end", action="store_true", help="do not send session_end after each session")
@@ -161,15 +192,21 @@ def register(sub) -> None:
 
     t = sub.add_parser("tail", help="show label records as they arrive, revisions included")
     t.add_argument("--json", action="store_true", help="raw JSON lines")
-    t.add_argument("--from-beginning", action="store_true")
-    t.add_argument("--limit", type=int)
+    t.add_argument("--from-beginning", action="store_true",
+                   help="start at the oldest record on the topic (default: only new ones)")
+    t.add_argument("--limit", type=int, help="stop after this many records (default: run until Ctrl-C)")
     t.set_defaults(func=cmd_tail)
 
     d = sub.add_parser("demo", help="the whole product on this machine: stack, model, worker, live labels, summary")
     d.add_argument("--sessions", type=int, default=60, help="held-out sessions to replay")
     d.add_argument("--rate", type=float, default=150.0, help="events per second to publish")
-    d.add_argument("--json", help="write the summary as JSON here")
-    d.add_argument("--workdir", default="runs/demo", help="where generated data and logs go")
+    d.add_argument("--json", help="also write the summary as JSON here (it is always in the demo folder)")
+    d.add_argument("--train-sessions", type=int, default=800,
+                   help="generated sessions to train on when no model is current")
+    d.add_argument("--workdir", default="runs/demo",
+                   help="where generated data, the worker log, the summary plots and a copy of "
+                        "the metrics go (relative to the current directory); the trained model goes "
+                        "to TAGGER_ARTIFACTS (default ./artifacts)")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("chaos", help="kill workers, restart Redis, pause the broker, promote bad models "

@@ -11,21 +11,26 @@ error) stops the worker and the stack it started: nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 DEMO_TRAIN_SESSIONS = 800
 WATCH_SESSIONS = 3
+# Without a terminal (CI logs, `| tee`, a container) there are no progress bars: a plain line
+# at least this often instead, so a long phase does not look hung.
+PROGRESS_S = 5.0
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -33,7 +38,30 @@ def _say(msg: str, quiet: bool = False) -> None:
         print(msg, flush=True)
 
 
-def ensure_model(artifacts: Path, workdir: Path, quiet: bool) -> str:
+@contextlib.contextmanager
+def _heartbeat(what: str, enabled: bool, every_s: float = PROGRESS_S) -> Iterator[None]:
+    """Print ``  <what>: N s elapsed`` every ``every_s`` seconds while the block runs."""
+    if not enabled:
+        yield
+        return
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            print(f"  {what}: {time.monotonic() - start:.0f} s elapsed", flush=True)
+
+    thread = threading.Thread(target=beat, name="demo-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def ensure_model(artifacts: Path, workdir: Path, quiet: bool, live: bool = True,
+                 train_sessions: int = DEMO_TRAIN_SESSIONS) -> str:
     """The current model, or a freshly trained small one promoted as current."""
     from trainer.artifacts import load_artifact, promote
     from trainer.errors import ArtifactError
@@ -47,14 +75,16 @@ def ensure_model(artifacts: Path, workdir: Path, quiet: bool) -> str:
     from trainer.config import from_dict
     from trainer.generate import generate
     from trainer.train import train
-    data = workdir / "train.csv"
+    data = workdir / f"train_{train_sessions}.csv"
     if not data.exists():
-        generate(DEMO_TRAIN_SESSIONS, 7, data)
-    out = artifacts / "demo-bilstm"
-    _say(f"no current model: training a BiLSTM on {DEMO_TRAIN_SESSIONS} generated sessions "
-         f"(about a minute) -> {out}", quiet)
+        generate(train_sessions, 7, data)
     cfg = from_dict({"train": {"epochs": 12, "patience": 3}})
-    train(data, out, cfg, progress=not quiet and sys.stderr.isatty(), echo=lambda m: _say(m, quiet))
+    out = artifacts / f"demo-{cfg.model.arch}"
+    _say(f"no current model in {artifacts}: training a {cfg.model.arch} model on {train_sessions} "
+         f"generated sessions -> {out}", quiet)
+    with _heartbeat("training", enabled=not quiet and not live):
+        train(data, out, cfg, progress=live and not quiet and sys.stderr.isatty(),
+              echo=lambda m: _say(m, quiet))
     promote(out, artifacts)
     return load_artifact(artifacts).version
 
@@ -83,8 +113,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 
 
 
 async def _watch(bootstrap: str, topic: str, published: dict, expected: int, quiet: bool,
-                 timeout_s: float, started: asyncio.Event) -> dict[str, Any]:
-    """Consume label records until every expected event has its final record."""
+                 timeout_s: float, started: asyncio.Event, live: bool = True) -> dict[str, Any]:
+    """Consume label records until every expected event has its final record. The records of
+    the first few sessions are kept (``history``) and, on a terminal, shown as they arrive."""
     from aiokafka import AIOKafkaConsumer
 
     from stream.settings import FETCH_MAX_WAIT_MS
@@ -100,6 +131,9 @@ async def _watch(bootstrap: str, topic: str, published: dict, expected: int, qui
     latency: list[float] = []
     records = revisions = 0
     watch: list[str] = []
+    history: dict[str, list[dict]] = {}   # watched session -> its records in arrival order
+    shown: dict = {}                      # (session, event) -> its previous record, for ↻
+    status_every = 2.0 if live else PROGRESS_S
     last_status = time.monotonic()
     deadline = time.monotonic() + timeout_s
     t_first = t_last = None
@@ -126,16 +160,19 @@ async def _watch(bootstrap: str, topic: str, published: dict, expected: int, qui
                     sid = r["session_id"]
                     if sid not in watch and len(watch) < WATCH_SESSIONS:
                         watch.append(sid)
-                    if sid in watch and not quiet:
-                        print("  " + format_label(r), flush=True)
-            if not quiet and time.monotonic() - last_status > 2:
+                    if sid in watch:
+                        history.setdefault(sid, []).append(r)
+                        if live and not quiet:
+                            print("  " + format_label(r, previous=shown.get(key)), flush=True)
+                        shown[key] = r
+            if not quiet and time.monotonic() - last_status > status_every:
                 last_status = time.monotonic()
                 print(f"  … {len(first)} events labelled, {len(final)} final, "
                       f"{revisions} revisions", flush=True)
     finally:
         await consumer.stop()
     return {"first": first, "finals": final, "last": last, "latency": latency, "records": records,
-            "revisions": revisions, "t_first": t_first, "t_last": t_last}
+            "revisions": revisions, "t_first": t_first, "t_last": t_last, "history": history}
 
 
 async def _publish(frame, bootstrap: str, topic: str, rate: float, published: dict) -> dict[str, Any]:
@@ -164,15 +201,23 @@ async def _publish(frame, bootstrap: str, topic: str, rate: float, published: di
 
 
 def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float = 150.0, quiet: bool = False,
-             workdir: Path = Path("runs/demo")) -> dict[str, Any]:
+             workdir: Path = Path("runs/demo"), live: Optional[bool] = None,
+             train_sessions: int = DEMO_TRAIN_SESSIONS) -> dict[str, Any]:
+    """``live``: a terminal is watching (progress bars, each label as it arrives); else
+    (default when stdout is not a terminal) plain progress lines every ``PROGRESS_S``.
+    ``quiet`` prints nothing but the summary."""
     from stream.settings import Settings
     from stream.stack import embedded_stack, stack_env
     from trainer.generate import generate
 
+    live = sys.stdout.isatty() if live is None else live
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     env_settings = Settings.from_env()
     artifacts = Path(env_settings.artifacts_dir).resolve()
-    version = ensure_model(artifacts, workdir, quiet)
+    _say(f"demo folder: {workdir} (generated data, worker log, summary, plots); models: {artifacts} "
+         f"(TAGGER_ARTIFACTS)", quiet)
+    version = ensure_model(artifacts, workdir, quiet, live, train_sessions)
     heldout = workdir / f"heldout_{sessions}.csv"
     if not heldout.exists():
         generate(sessions, 8, heldout)  # a different seed from the training data: unseen sessions
@@ -200,7 +245,8 @@ def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float 
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         stack.callback(_stop, proc)
         metrics_url = f"http://127.0.0.1:{port}/metrics"
-        _wait_ready(f"http://127.0.0.1:{port}/readyz", proc, log)
+        with _heartbeat("waiting for the worker to join its consumer group", enabled=not quiet and not live):
+            _wait_ready(f"http://127.0.0.1:{port}/readyz", proc, log)
         _say(f"worker ready; metrics at {metrics_url}", quiet)
 
         async def main() -> tuple[dict, dict]:
@@ -209,10 +255,13 @@ def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float 
             frame, _ = read_events(heldout)
             published: dict = {}
             watcher = asyncio.create_task(_watch(kafka, settings.output_topic, published, len(frame),
-                                                 quiet, timeout_s=120 + len(frame) / max(rate, 1), started=started))
+                                                 quiet, timeout_s=120 + len(frame) / max(rate, 1), started=started,
+                                                 live=live))
             await started.wait()
-            _say(f"replaying {sessions} held-out sessions ({len(frame)} events) at {rate:.0f} events/s; "
-                 f"labels of the first {WATCH_SESSIONS} sessions shown live (↻ = revision, ✓ = final):", quiet)
+            shown = (f"; labels of the first {WATCH_SESSIONS} sessions shown live (↻ = label changed, "
+                     f"✓ = final):" if live else "")
+            _say(f"replaying {sessions} held-out sessions ({len(frame)} events) at {rate:.0f} events/s{shown}",
+                 quiet)
             pub = await _publish(frame, kafka, settings.input_topic, rate, published)
             return pub, await watcher
 
@@ -225,11 +274,42 @@ def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float 
                 (workdir / "metrics.txt").write_bytes(r.read())
         except OSError:
             pass
+    summary["plots"] = [str(p) for p in _plots(seen, truth, workdir)]
+    summary["folder"] = str(workdir)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, quiet)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _plots(seen: dict, truth: dict, out: Path) -> list[Path]:
+    """The latency histogram and the timelines of the watched sessions, into ``out``."""
+    from trainer.loading import parse_timestamp
+    from trainer.report import plot_latency_histogram, session_timeline, write_timelines
+    paths = []
+    if seen["latency"]:
+        paths.append(plot_latency_histogram(seen["latency"], out / "latency.png"))
+    histories = {}
+    for sid, records in seen["history"].items():
+        by_seq: dict[int, dict] = {}
+        for r in records:
+            by_seq.setdefault(int(r["seq"]), r)
+        n = max(by_seq) + 1
+        times = []
+        for i in range(n):
+            try:
+                times.append(parse_timestamp(by_seq[i]["timestamp"]) if i in by_seq else float("nan"))
+            except ValueError:
+                times.append(float(i))
+        times = [t if t == t else (times[i - 1] if i else 0.0) for i, t in enumerate(times)]
+        names = [by_seq[i]["event_name"] if i in by_seq else "" for i in range(n)]
+        gold = [truth.get((sid, by_seq[i]["event_id"])) if i in by_seq else None for i in range(n)]
+        emissions = [(int(r["seq"]), None if r["abstained"] else r["step_name"]) for r in records]
+        histories[sid] = session_timeline(times, names, emissions, gold)
+    paths += write_timelines(histories, out, k=WATCH_SESSIONS)
+    return paths
 
 
 def _summary(pub: dict, seen: dict, truth: dict, metrics_url: str, version: str) -> dict[str, Any]:
@@ -266,7 +346,9 @@ def _print_summary(s: dict, quiet: bool) -> None:
           f"coverage {s['coverage']:.3f}")
     print(f"throughput {s['events_per_s']:.0f} events/s (publishing paced) | latency p50 "
           f"{1000 * s['latency_p50_s']:.1f} ms, p99 {1000 * s['latency_p99_s']:.1f} ms")
-    print(f"metrics were at {s['metrics_url']} (a copy is in the demo folder); model {s['model_version']}")
+    print(f"metrics were at {s['metrics_url']}; model {s['model_version']}")
+    print(f"in {s['folder']}: summary.json, metrics.txt, worker.log"
+          + (", plots " + ", ".join(Path(p).name for p in s["plots"]) if s.get("plots") else ""))
 
 
 def _stop(proc: subprocess.Popen) -> None:

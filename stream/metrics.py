@@ -1,12 +1,14 @@
 """The worker's Prometheus metrics: one bundle built on an injectable registry, so each test
 (and each worker in one process) gets a fresh set. Base units, ``_total`` on counters, and
-no per-session labels (sessions are unbounded; label cardinality must not be)."""
+no per-session labels (sessions are unbounded; label cardinality must not be). The registry
+also carries the standard process collector (``process_resident_memory_bytes``,
+``process_cpu_seconds_total``, ``process_open_fds``, ...)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -24,6 +26,7 @@ class Metrics:
     open_sessions: Gauge
     model_info: Gauge
     model_swaps: Counter
+    model_rejected: Gauge
     dlq: Counter
     consumer_lag: Gauge
     partitions: Gauge
@@ -32,6 +35,7 @@ class Metrics:
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
         r = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=r)  # process_*: memory, CPU, open files of this worker
         return cls(
             registry=r,
             events=Counter("tagger_events", "Input messages by outcome (accepted, duplicate, invalid, session_end)",
@@ -50,10 +54,13 @@ class Metrics:
             open_sessions=Gauge("tagger_open_sessions", "Sessions held open by this worker", registry=r),
             model_info=Gauge("tagger_model_info", "The model version being served (value 1)", ["version"],
                              registry=r),
-            model_swaps=Counter("tagger_model_swaps", "Hot-swap attempts by result (ok, rejected)", ["result"],
-                                registry=r),
+            model_swaps=Counter("tagger_model_swaps", "Hot-swap attempts after start-up by result (ok, "
+                                "rejected); the initial load is not a swap", ["result"], registry=r),
+            model_rejected=Gauge("tagger_model_current_rejected", "1 while the model `current` names was "
+                                 "refused by this worker (the previous one keeps serving); 0 once it "
+                                 "serves the current one", registry=r),
             dlq=Counter("tagger_dlq", "Messages sent to the dead-letter topic, by reason", ["reason"], registry=r),
-            consumer_lag=Gauge("tagger_consumer_lag", "Messages behind the end of each input partition",
+            consumer_lag=Gauge("tagger_consumer_lag_messages", "Messages behind the end of each input partition",
                                ["partition"], registry=r),
             partitions=Gauge("tagger_assigned_partitions", "Input partitions assigned to this worker", registry=r),
             finals=Counter("tagger_final_labels", "Final labels by outcome (labelled, abstained)", ["outcome"],
@@ -71,6 +78,15 @@ class Metrics:
             self.finals.labels(outcome=outcome)
         for result in ("ok", "rejected"):
             self.model_swaps.labels(result=result)
+
+    def model_event(self, result: str, version: str) -> None:
+        """A ``ModelHolder`` event: ``loaded`` (the initial load, not a swap), ``ok`` (a hot
+        swap) or ``rejected`` (a promoted artifact refused; the old model serves on)."""
+        if result in ("ok", "rejected"):
+            self.model_swaps.labels(result=result).inc()
+        self.model_rejected.set(1 if result == "rejected" else 0)
+        if result in ("loaded", "ok") and version:
+            self.set_model(version)
 
     def set_model(self, version: str) -> None:
         self.model_info.clear()

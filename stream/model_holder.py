@@ -71,7 +71,7 @@ class ModelHolder:
         lm = load_artifact(target)
         smoke_check(lm)
         self.current, self._seen_target = lm, target
-        self.on_event("ok", lm.version, f"loaded {target}")
+        self.on_event("loaded", lm.version, f"loaded {target}")  # the first model: not a swap
         return lm
 
     def poll(self) -> bool:

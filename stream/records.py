@@ -10,8 +10,9 @@ an event read from a CSV and the same event read from Kafka look alike to the mo
 
 Validation order, and the DLQ reason code for each failure::
 
-    too_large -> invalid_utf8 -> invalid_json -> not_object -> missing_field -> wrong_type
-      -> bad_timestamp -> timestamp_out_of_range
+    empty (no value, or zero bytes) -> too_large -> invalid_utf8 -> empty (only whitespace)
+      -> invalid_json -> not_object -> missing_field -> wrong_type -> bad_timestamp
+      -> timestamp_out_of_range
 
 (A wrong ``type`` value is reported before a missing field, since which fields are required
 depends on it; a lone UTF-16 surrogate escape such as ``"\\ud800"`` is ``invalid_utf8``, found
@@ -300,10 +301,17 @@ def _timestamp_text(value: Any) -> str:
     return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
 
 
+def _given(value: Any) -> bool:
+    """Present with content: not None and not a blank string."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
 def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
     """Validate and normalise one message value. Raises only :class:`InvalidEvent`."""
     if raw is None:
-        raise InvalidEvent("invalid_json", "the message has no value (a tombstone)")
+        raise InvalidEvent("empty", "the message has no value (a tombstone)")
+    if not raw:
+        raise InvalidEvent("empty", "the message value is empty (0 bytes)")
     if isinstance(raw, str):
         try:
             raw = raw.encode("utf-8")
@@ -317,6 +325,8 @@ def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
         raise InvalidEvent("invalid_utf8", f"not UTF-8: byte {exc.start}: {exc.reason}") from None
     if text.startswith("\ufeff"):   # RFC 8259 lets parsers ignore a byte order mark
         text = text[1:]
+    if not text.strip():   # its own reason: usually a client bug, not a JSON syntax slip
+        raise InvalidEvent("empty", f"the message value holds only whitespace ({len(raw)} bytes)")
     try:
         obj = _DECODER.decode(text)
     except RecursionError:
@@ -336,8 +346,10 @@ def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
     sid = obj["session_id"]
     session_id = sid.strip() if isinstance(sid, str) else str(int(sid))   # 7.0 is the integer 7
     kind = obj.get("type", "event")
-    event_name = obj["event_name"].strip() if "event_name" in obj else ""
-    if "timestamp" in obj:
+    # On a session_end marker the other contract fields may be absent, null or blank (a client
+    # that always sends every field); the schema has already checked this for regular events.
+    event_name = obj["event_name"].strip() if isinstance(obj.get("event_name"), str) else ""
+    if _given(obj.get("timestamp")):
         raw_ts = obj["timestamp"]
         timestamp = _timestamp_text(raw_ts)
         try:
@@ -354,7 +366,7 @@ def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
     else:   # only a session_end may omit it (the schema checked)
         timestamp, ts = "", 0.0
     eid = obj.get("event_id")
-    if eid is None:
+    if not _given(eid):
         event_id = derive_event_id(session_id, timestamp, event_name, 0)
     else:
         event_id = eid.strip() if isinstance(eid, str) else str(int(eid))
@@ -427,7 +439,8 @@ def encode_label(record: dict) -> bytes:
 
 
 _DEFAULT_DETAIL = {
-    "too_large": "message too large", "invalid_utf8": "not UTF-8", "invalid_json": "not JSON",
+    "empty": "the message has no value", "too_large": "message too large",
+    "invalid_utf8": "not UTF-8", "invalid_json": "not JSON",
     "not_object": "not a JSON object", "missing_field": "a required field is missing",
     "wrong_type": "a field has the wrong type", "bad_timestamp": "unparseable timestamp",
     "timestamp_out_of_range": "timestamp outside 1990..2100",

@@ -127,18 +127,22 @@ def _top1(tagger: LiveTagger, sess, rec: Mapping[str, Any]) -> Optional[str]:
 
 def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs: Mapping[str, np.ndarray],
                          base_dir=None, policy: RevisionPolicy | None = None, progress: bool = False,
-                         per_event: bool = False, offline_covered: Mapping[str, np.ndarray] | None = None
-                         ) -> dict[str, Any]:
+                         per_event: bool = False, offline_covered: Mapping[str, np.ndarray] | None = None,
+                         emissions_out: dict | None = None) -> dict[str, Any]:
     """The ``streaming`` block of ``evaluate --streaming`` (DESIGN.md contract keys first).
     ``first_top1_*``: the top-1 label behind each event's first record (its best guess on
     arrival, abstained or not), scored like the offline top-1 labels. ``per_event`` adds
-    those labels, frame order, as ``first_top1_labels`` (for ``tagger cv``)."""
+    those labels, frame order, as ``first_top1_labels`` (for ``tagger cv``).
+    ``emissions_out``, when given, receives every session's emissions ``(seq, step, label)``
+    in emission order (for the session timeline plots)."""
     if base_dir is not None:
         lm.base_dir = base_dir
     tagger = LiveTagger(lm, policy)
     sessions = frame_events(frame)
     firsts: dict[str, dict[int, str]] = {}
     emissions, timing = replay_sessions(tagger, sessions, progress=progress, first_top1=firsts)
+    if emissions_out is not None:
+        emissions_out.update(emissions)
     gold = {sid: g["step_name"].tolist() for sid, g in frame.groupby("session_id", sort=False)}
     per_session = []
     top1: list[Optional[str]] = []

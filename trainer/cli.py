@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from trainer.errors import TaggerError
@@ -79,10 +80,58 @@ def cmd_cv(args) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Label every desktop event with the step of the task it belongs to: live, from a Kafka topic
+(worker), and offline from CSV/Parquet logs (train, evaluate, predict)."""
+
+EPILOG = """\
+a first hour:
+  tagger demo                                   everything on this machine, with a summary
+  tagger generate --sessions 600 --seed 1 --out runs/train.csv
+  tagger generate --sessions 300 --seed 2 --out runs/test.csv
+  tagger train    --data runs/train.csv --out artifacts/m1
+  tagger evaluate --model artifacts/m1 --data runs/test.csv --json runs/eval.json --streaming
+  tagger promote  artifacts/m1 && eval "$(tagger stack up)" && tagger worker
+
+`tagger COMMAND --help` explains each command. Errors are one line on stderr and exit 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the layout of descriptions and shows each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and "(default" not in text and action.option_strings and action.nargs != 0
+                and not any(default is x for x in (None, False, True, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("tagger")
+    except PackageNotFoundError:  # run from a source tree without an install
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tagger", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tagger", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"tagger {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or live output")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="write realistic generated task-mining logs")
@@ -90,9 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the seed's back-office task-mining process; window-focus: "
                         "one office worker's window-focus log, a session per working day, "
                         "labelled with 28 job activities")
-    g.add_argument("--sessions", type=int,
+    g.add_argument("--sessions", type=_non_negative,
                    help="sessions to write (default 1000; window-focus: working days, default 20)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_non_negative, default=0,
+                   help="random seed: the same seed writes the same bytes; each seed has its own "
+                        "session ids, so logs of different seeds can be published together")
     g.add_argument("--out", required=True, help="CSV file to write")
     g.add_argument("--images", help="also render one screenshot per event into this folder "
                                     "(default profile only)")
@@ -108,19 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="score a model on a labelled log")
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True)
-    e.add_argument("--json", help="write the report as JSON here (plots beside it)")
+    e.add_argument("--model", required=True, help="artifact folder written by `tagger train`")
+    e.add_argument("--data", required=True, help="labelled CSV or Parquet (label column step_name)")
+    e.add_argument("--json", help="write the report as JSON here (plots in <name>_plots/ beside it)")
     e.add_argument("--streaming", action="store_true",
-                   help="also replay sessions event by event through the live tagging code")
-    e.add_argument("--skip-bad-rows", action="store_true")
+                   help="also replay sessions event by event through the live tagging code "
+                        "(adds the streaming metrics and session timeline plots)")
+    e.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report them")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="label a log with a model (batch inference)")
-    pr.add_argument("--model", required=True)
-    pr.add_argument("--data", required=True)
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--skip-bad-rows", action="store_true")
+    pr.add_argument("--model", required=True, help="artifact folder written by `tagger train`")
+    pr.add_argument("--data", required=True, help="CSV or Parquet of events (no label needed)")
+    pr.add_argument("--out", required=True, help="CSV to write: one row per event with "
+                                                 "pred_step_name, pred_confidence, abstained, ...")
+    pr.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report them")
     pr.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("cv", help="cross-validate by session against the CRF references",
@@ -142,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from stream.cli import register  # the live side ships in the same distribution
     register(sub)
+    summaries = {a.dest: a.help for a in sub._choices_actions}  # noqa: SLF001 - argparse keeps them only here
+    for name, sp in sub.choices.items():
+        sp.formatter_class = HelpFormatter
+        summary = summaries.get(name) or ""
+        sp.description = sp.description or (summary[:1].upper() + summary[1:]) or None
+        # -q/-v also after the command; SUPPRESS keeps a value given before it
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging")
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or live output")
     return p
 
 
@@ -160,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tagger ... | head`: the reader left early, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+        return 0
 
 
 if __name__ == "__main__":

@@ -57,11 +57,13 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     out: dict[str, Any] = {"events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
                            "model_version": lm.version, "model_kind": lm.kind,
                            "offline": res["offline"]}
+    emissions: dict | None = {} if (json_out and plots) else None
     if streaming:
         from stream.replay import streaming_evaluation
         out["streaming"] = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)),
                                                 offline_covered=dict(zip(sids, covered)),
-                                                base_dir=base_dir, progress=progress)
+                                                base_dir=base_dir, progress=progress,
+                                                emissions_out=emissions)
     out["details"] = {k: res[k] for k in ("classification", "selective", "risk_coverage")}
     if report.bad_rows:
         out["skipped_rows"] = [str(b) for b in report.bad_rows]
@@ -70,14 +72,33 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(out, indent=2, default=_json_default), encoding="utf-8")
         if plots:
-            from trainer.report import write_report
-            write_report(res, json_out.parent / (json_out.stem + "_plots"))
+            from trainer.report import write_report, write_timelines
+            plots_dir = json_out.parent / (json_out.stem + "_plots")
+            write_report(res, plots_dir)
+            if emissions:
+                write_timelines(_histories(frame, emissions), plots_dir)
     return out
+
+
+def _histories(frame: pd.DataFrame, emissions: dict) -> dict[str, list[dict[str, Any]]]:
+    """Each replayed session's label history, event by event (``report.session_timeline``)."""
+    from trainer.report import session_timeline
+    return {sid: session_timeline(g["_ts"].tolist(), g["event_name"].tolist(), emissions[sid],
+                                  g["step_name"].tolist())
+            for sid, g in frame.groupby("session_id", sort=False) if sid in emissions}
 
 
 def predict(model_dir: str | Path, data: str | Path, out_csv: str | Path, *,
             skip_bad_rows: bool = False) -> pd.DataFrame:
-    """Label every event; abstained events get an empty ``pred_step_name``, id -1."""
+    """Label every event; abstained events get an empty ``pred_step_name``, id -1.
+
+    Columns, and the live record field (``tagger.labels``) each corresponds to: the contract's
+    ``session_id, event_name, pred_step_name`` (``step_name``; "" here where live says null),
+    ``pred_confidence`` (``confidence``), ``pred_step_id`` (no live field; -1 when abstained),
+    ``abstained`` (``abstained``); then ``event_id``, ``timestamp`` and ``best_step_name``,
+    the most likely step even where the model abstained (equal to ``pred_step_name``
+    elsewhere): the best guess for a reviewer, never a claim that clears the threshold.
+    """
     lm: LoadedModel = load_artifact(model_dir)
     frame, _ = read_events(data, require_label=False, skip_bad_rows=skip_bad_rows,
                            numeric_columns=lm.encoder.data.num_features)
@@ -95,6 +116,7 @@ def predict(model_dir: str | Path, data: str | Path, out_csv: str | Path, *,
         "abstained": abstained,
         "event_id": frame["event_id"].values,
         "timestamp": frame["timestamp"].values,
+        "best_step_name": np.asarray(lm.labels, dtype=object)[ids],
     })
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

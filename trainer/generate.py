@@ -1507,6 +1507,11 @@ def _generate_window_focus(days: int, seed: int, out: Path, progress: bool) -> d
 # Entry point
 # --------------------------------------------------------------------------------------
 
+# Session ids of seed s lie in [s * SEED_ID_STRIDE + FIRST_SESSION_ID, (s + 1) * SEED_ID_STRIDE).
+FIRST_SESSION_ID = 10000
+SEED_ID_STRIDE = 10_000_000
+
+
 def _posix_relpath(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
@@ -1520,7 +1525,7 @@ def generate(sessions: int | None, seed: int, out: str | Path,
     `screenshot_path` (relative to the CSV's folder) when `images_dir` is given, in which
     case one PNG per event is written there. `window-focus` writes `WF_COLUMNS`, one session
     per working day (`sessions=None`: 20 days), and has no screenshots. The same seed gives
-    a byte-identical CSV and identical images.
+    a byte-identical CSV and identical images; different seeds never share a session id.
     """
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
@@ -1528,6 +1533,11 @@ def generate(sessions: int | None, seed: int, out: str | Path,
         sessions = WF_DEFAULT_DAYS if profile == "window-focus" else 1000
     if sessions < 0:
         raise ValueError(f"sessions must be >= 0, got {sessions}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if 3 * sessions >= SEED_ID_STRIDE - FIRST_SESSION_ID:
+        raise ValueError(f"at most {(SEED_ID_STRIDE - FIRST_SESSION_ID) // 3 - 1} sessions per seed, "
+                         f"got {sessions}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if profile == "window-focus":
@@ -1549,7 +1559,9 @@ def generate(sessions: int | None, seed: int, out: str | Path,
         start, week = _session_start(random.Random(f"tagger-generate:{seed}:start:{i}"))
         starts.append((start, i, week))
     starts.sort()   # session ids grow with start time, as a recorder would assign them
-    sid = 10000
+    # Each seed has its own block of ids, so logs made with different seeds (a training set, a
+    # test set, "new" data) can be published to one topic without mixing sessions.
+    sid = FIRST_SESSION_ID + seed * SEED_ID_STRIDE
     per_session: list[list[list]] = []
     for start, i, week in tqdm(starts, total=sessions, disable=not progress, file=sys.stderr,
                                desc="sessions", unit="session"):

@@ -138,7 +138,7 @@ def build() -> dict:
                "5 minutes.", coverage("5m"), "percentunit",
                thresholds=[(None, "red"), (0.5, "orange"), (0.8, "green")]), 4, 4)
     L.add(stat("Consumer lag", "Messages on tagger.events not yet labelled, all partitions.",
-               f"sum(tagger_consumer_lag{{{SEL}}})", thresholds=[(None, "green"), (1000, "red")]),
+               f"sum(tagger_consumer_lag_messages{{{SEL}}})", thresholds=[(None, "green"), (1000, "red")]),
           4, 4)
     L.add(stat("DLQ messages / s", "Messages sent to tagger.events.dlq per second, last 5 minutes.",
                rate("tagger_dlq_total", window="5m"), "ops",
@@ -193,18 +193,23 @@ def build() -> dict:
                      [target(f"sum(tagger_open_sessions{{{SEL}}})", "all workers")]), 8, 8)
     L.add(table("Model version per worker", "The model each worker serves now.",
                 f"tagger_model_info{{{SEL}}} == 1"), 8, 8)
-    L.add(timeseries("Model swaps since worker start", "Hot-swap attempts by result: ok "
-                     "(initial load and swaps) and rejected (artifact refused; old model kept).",
+    L.add(timeseries("Model swaps since worker start", "Hot-swap attempts after start-up by "
+                     "result: ok (swapped) and rejected (artifact refused; old model kept); the "
+                     "initial load is not counted. 'refused model current' is 1 while "
+                     "artifacts/current names a model the worker refused (alert "
+                     "TaggerModelSwapRejected).",
                      [target(f"sum by (instance, result) (tagger_model_swaps_total{{{SEL}}})",
-                             "{{instance}} {{result}}")]), 8, 8)
+                             "{{instance}} {{result}}"),
+                      target(f"max by (instance) (tagger_model_current_rejected{{{SEL}}})",
+                             "{{instance}} refused model current")]), 8, 8)
 
     L.row("Consumer lag")
     L.add(timeseries("Lag per partition", "Messages behind the end of each tagger.events "
                      "partition (log end offset minus the committed offset).",
-                     [target(f"sum by (partition) (tagger_consumer_lag{{{SEL}}})",
+                     [target(f"sum by (partition) (tagger_consumer_lag_messages{{{SEL}}})",
                              "partition {{partition}}")]), 12, 8)
     L.add(timeseries("Lag per worker", "The lag of the partitions each worker holds.",
-                     [target(f"sum by (instance) (tagger_consumer_lag{{{SEL}}})", "{{instance}}")]),
+                     [target(f"sum by (instance) (tagger_consumer_lag_messages{{{SEL}}})", "{{instance}}")]),
           12, 8)
 
     L.row("Per worker")
@@ -229,6 +234,25 @@ def build() -> dict:
                      [target(f"sum by (instance) (rate(tagger_batch_events_sum{{{SEL}}}[{RI}]))"
                              f" / sum by (instance) (rate(tagger_batch_events_count{{{SEL}}}[{RI}]))",
                              "{{instance}}")]), 8, 8)
+
+    L.row("Worker process")
+    L.add(timeseries("Memory per worker", "Resident memory (RSS) and virtual memory of each "
+                     "worker process.",
+                     [target(f"sum by (instance) (process_resident_memory_bytes{{{SEL}}})",
+                             "{{instance}} resident"),
+                      target(f"sum by (instance) (process_virtual_memory_bytes{{{SEL}}})",
+                             "{{instance}} virtual")], "bytes"), 8, 8)
+    L.add(timeseries("CPU per worker", "CPU seconds per second used by each worker process "
+                     "(1 = one core busy).",
+                     [target(f"sum by (instance) (rate(process_cpu_seconds_total{{{SEL}}}[{RI}]))",
+                             "{{instance}}")]), 8, 8)
+    L.add(timeseries("Open files per worker", "Open file descriptors (sockets included) as a "
+                     "share of the process limit.",
+                     [target(f"sum by (instance) (process_open_fds{{{SEL}}}) / sum by (instance) "
+                             f"(process_max_fds{{{SEL}}})", "{{instance}}")], "percentunit"), 4, 8)
+    L.add(stat("Youngest worker uptime", "Time since the most recent worker process start "
+               "(a restart resets it).",
+               f"time() - max(process_start_time_seconds{{{SEL}}})", "s"), 4, 8)
 
     return {
         "uid": UID,

@@ -1,4 +1,4 @@
-"""``tagger_consumer_lag{partition}``: what a worker reports and that it is the group's real lag.
+"""``tagger_consumer_lag_messages{partition}``: what a worker reports and that it is the group's real lag.
 
 Unit: ``WorkerService.update_lag`` over a stand-in for Faust's consumer (the three things it
 reads: the assignment, each partition's high watermark, the committed and read offsets):
@@ -170,7 +170,7 @@ def test_a_live_worker_reports_the_group_lag(settings_factory, faust_worker, tin
         asyncio.run(replay(data, settings.kafka, settings.input_topic))))
     burst.start()  # as fast as the producer goes: the worker falls behind for a while
 
-    lag_key = "tagger_consumer_lag"
+    lag_key = "tagger_consumer_lag_messages"
     peak, samples = 0.0, []
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

@@ -80,7 +80,9 @@ def test_the_issue_views_are_on_the_dashboard():
         assert f"histogram_quantile({q}, sum by (le) (rate(tagger_end_to_end_latency_seconds_bucket" in text
     for needle in ("tagger_events_total", 'outcome="labelled"', 'outcome="abstained"',
                    'kind="revision"', "tagger_dlq_total", "tagger_open_sessions",
-                   "tagger_model_info", "tagger_model_swaps_total", "sum by (partition) (tagger_consumer_lag",
+                   "tagger_model_info", "tagger_model_swaps_total", "sum by (partition) (tagger_consumer_lag_messages",
+                   "process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                   "tagger_model_current_rejected",
                    "sum by (instance)"):
         assert needle in text, needle
     per_worker = [title for title, e in exprs.items() if "per worker" in title]

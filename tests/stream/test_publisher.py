@@ -188,8 +188,22 @@ def test_tail_shows_records_revisions_and_finals(settings_factory):
     assert n1 == n2 == 3
     assert "— abstained —" in pretty[0] and "↻" not in pretty[0]
     assert "r1 ↻" in pretty[1] and "✓" not in pretty[1]
-    assert "r2 ↻" in pretty[2] and "✓ FINAL" in pretty[2] and "Paperwork" in pretty[2]
+    # the final confirms Paperwork: no revision mark on it
+    assert "r2" in pretty[2] and "↻" not in pretty[2] and "✓ FINAL" in pretty[2] and "Paperwork" in pretty[2]
     assert [json.loads(line) for line in raw] == records
+
+
+def test_a_final_is_marked_revised_only_when_it_changes_the_label():
+    common = dict(session_id="s", event_id="e", seq=0, timestamp="t", event_name="Read: x",
+                  confidence=0.9, model_version="v", emitted_at=0.0)
+    first = label_record(**common, step_name="Paperwork", abstained=False, revision=0, final=False)
+    same = label_record(**common, step_name="Paperwork", abstained=False, revision=1, final=True)
+    other = label_record(**common, step_name="Additional Fees", abstained=False, revision=1, final=True)
+    gone = label_record(**common, step_name=None, abstained=True, revision=1, final=True)
+    assert "↻" not in format_label(same, previous=first)
+    assert "r1 ↻" in format_label(other, previous=first)
+    assert "r1 ↻" in format_label(gone, previous=first)
+    assert "↻" not in format_label(same)   # nothing seen before it: no claim of a change
 
 
 def test_pretty_lines_truncate_long_names():

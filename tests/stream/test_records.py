@@ -16,9 +16,14 @@ from stream.records import (CONTRACT_FIELDS, LABEL_FIELDS, EventIn, InvalidEvent
 from trainer.errors import StreamError
 from trainer.loading import derive_event_id, read_events
 
-REASONS = {"too_large", "invalid_utf8", "invalid_json", "not_object", "missing_field",
+REASONS = {"empty", "too_large", "invalid_utf8", "invalid_json", "not_object", "missing_field",
            "wrong_type", "bad_timestamp", "timestamp_out_of_range"}
 MS_MIN, MS_MAX = int(TS_MIN * 1000), int(TS_MAX * 1000) - 1
+# Compile the event schema (both the fast check and jsonschema's validator, used to explain a
+# failure) up front: on a loaded machine the first compile alone can pass hypothesis' 200 ms
+# per-example deadline, which then reports a flaky failure.
+schema_check("event")
+schema_validator("event").is_valid({})
 
 
 def enc(obj) -> bytes:
@@ -162,7 +167,8 @@ GOOD = {"session_id": "s1", "timestamp": "2024-03-01T12:00:00Z", "event_name": "
     (b'{"session_id": "\\ud800", "timestamp": 1, "event_name": "e"}', "invalid_utf8", "session_id"),
     (b'{"session_id": "s1", "timestamp": ', "invalid_json", None),
     (b'{"session_id": "s1", "timestamp": NaN, "event_name": "e"}', "invalid_json", None),
-    (b"", "invalid_json", None),
+    (b"", "empty", None),
+    (b" \n\t ", "empty", None),
     (b'["s1", "2024-03-01T12:00:00Z", "e"]', "not_object", None),
     (b'"hello"', "not_object", None),
     (enc({"timestamp": GOOD["timestamp"], "event_name": "e"}), "missing_field", "session_id"),
@@ -212,6 +218,25 @@ def test_session_end_needs_only_the_session():
     # a timestamp, when given, must still be good
     bad = reject(enc({"session_id": "7", "type": "session_end", "timestamp": "soon"}))
     assert (bad.reason, bad.field) == ("bad_timestamp", "timestamp")
+
+
+def test_session_end_accepts_blank_or_null_fields_a_client_always_sends():
+    """A client that fills every field sends "" or null on its end marker: not a dead letter."""
+    for blank in ("", "  ", None):
+        ev = parse_event(enc({"session_id": "7", "type": "session_end", "event_name": blank,
+                              "timestamp": blank, "event_id": blank}))
+        assert (ev.type, ev.event_name, ev.timestamp, ev.ts) == ("session_end", "", "", 0.0)
+    # the same blank name on a regular event is still refused, naming the field
+    bad = reject(enc({**GOOD, "event_name": ""}))
+    assert (bad.reason, bad.field) == ("wrong_type", "event_name")
+    # and a marker's field of the wrong kind is refused too
+    assert reject(enc({"session_id": "7", "type": "session_end", "event_name": 5})).field == "event_name"
+
+
+def test_empty_messages_have_their_own_reason():
+    assert reject(None).reason == "empty"
+    assert "tombstone" in str(reject(None))
+    assert "0 bytes" in str(reject(b""))
 
 
 def test_values_are_normalised_like_read_events():

@@ -21,7 +21,7 @@ import pytest
 
 from stream.errors import StackError
 from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
-from stream.stack import embedded_stack, format_env, stack_down, stack_status, stack_up
+from stream.stack import default_state_dir, embedded_stack, format_env, stack_down, stack_status, stack_up
 from trainer.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -179,6 +179,25 @@ def test_stack_up_round_trip_status_down(tmp_path):
     assert _gone(pid)
     assert stack_status(state_dir)["status"] == "stopped"
     assert stack_down(state_dir)["stopped"] == []  # a second down is harmless
+
+
+def test_stack_state_is_one_place_per_user_whatever_the_directory(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    assert default_state_dir({"HOME": str(home)}) == home / ".local" / "state" / "tagger"
+    assert default_state_dir({"HOME": str(home), "XDG_STATE_HOME": "/x"}) == Path("/x/tagger")
+    assert default_state_dir({"HOME": str(home), "TAGGER_STATE_DIR": "/y"}) == Path("/y")
+    # `tagger stack status` from some other folder: the same answer, and nothing created there
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("TAGGER_STATE_DIR", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    run = subprocess.run([sys.executable, "-m", "trainer.cli", "stack", "status"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert run.returncode == 1 and json.loads(run.stdout)["status"] == "stopped", run.stderr
+    assert json.loads(run.stdout)["state_dir"] == str(home / ".local" / "state" / "tagger")
+    assert list(elsewhere.iterdir()) == [] and not home.exists()
 
 
 @pytest.mark.integration

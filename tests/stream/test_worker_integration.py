@@ -374,7 +374,8 @@ def test_bad_artifact_is_rejected_and_the_old_model_keeps_serving(
     _assert_contract(records, events)
     assert {r["model_version"] for r in records} == {old}
     assert _metric(port, rejected) == 2
-    assert _metric(port, 'tagger_model_swaps_total{result="ok"}') == 1  # the initial load only
+    assert _metric(port, 'tagger_model_swaps_total{result="ok"}') == 0  # the initial load is not a swap
+    assert _metric(port, "tagger_model_current_rejected") == 1  # `current` names a refused model
     assert _metric(port, f'tagger_model_info{{version="{old}"}}') == 1
     log_text = worker.log_text()
     assert log_text.count("model swap rejected") == 2, log_text[-3000:]

@@ -54,6 +54,13 @@ def test_evaluate_json_follows_the_contract(models, data, tmp_path):
                                      "relative_correctness", "final_equals_offline"}
     assert res["streaming"]["final_equals_offline"] > 0.999
     assert (tmp_path / "eval_plots" / "confusion.png").exists()
+    # --streaming also draws a few sessions' label histories beside the other plots
+    timelines = sorted((tmp_path / "eval_plots").glob("*timeline*.png"))
+    assert 1 <= len(timelines) <= 3, timelines
+    from PIL import Image
+    for path in timelines:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 600 and im.height > 200
     for name in ("confusion.png", "risk_coverage.png", "per_class_f1.png", "manifest.json", "metrics.json"):
         assert (neural / name).exists()
 
@@ -67,6 +74,10 @@ def test_model_beats_majority_and_baseline_on_context_dependent_steps(models, da
     pred = pd.read_csv(tmp_path / "neural.csv", keep_default_na=False)
     assert list(pred.columns[:6]) == ["session_id", "event_name", "pred_step_name", "pred_confidence",
                                       "pred_step_id", "abstained"]
+    # the best guess is there for every event, abstained ones included, and agrees elsewhere
+    assert (pred["best_step_name"] != "").all()
+    shown = ~pred["abstained"]
+    assert (pred.loc[shown, "best_step_name"] == pred.loc[shown, "pred_step_name"]).all()
     # accuracy with abstentions counted as wrong: the model must earn its lead while abstaining
     acc_neural = branch_accuracy(tmp_path / "neural.csv", test_csv)
     acc_logreg = branch_accuracy(tmp_path / "logreg.csv", test_csv)
