@@ -62,7 +62,7 @@ class ModelConfig:
     # auto: each of auto_archs is validated (on session folds for small logs) and the one
     # whose held-out labels score best is trained; the table goes into the artifact's metrics
     arch: Literal["auto", "bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf",
-                  "logreg"] = "bilstm"
+                  "logreg"] = "auto"
     auto_archs: tuple[str, ...] = ("bilstm", "crf")
     # late: one encoder and classifier per modality, logits summed
     fusion: Literal["concat", "gated", "sum", "cross_attention", "late"] = "concat"
@@ -77,8 +77,8 @@ class ModelConfig:
     num_proj_dim: int = 16
     text_proj_dim: int = 32
     image_proj_dim: int = 32
-    hidden_dim: int = 128
-    num_layers: int = 2
+    hidden_dim: int = 64
+    num_layers: int = 1
     nhead: int = 4
     ff_dim: int = 256
     dropout: float = 0.2
