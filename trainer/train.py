@@ -148,7 +148,10 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
                    label_smoothing=t.label_smoothing).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     n_epochs = epochs or t.epochs
-    steps_per_epoch = math.ceil(len(chunks) / t.batch_size)
+    # few, long sessions (a day each) make few chunks: cap the batch so that an epoch still
+    # takes at least min_steps_per_epoch optimiser steps
+    batch_size = max(1, min(t.batch_size, math.ceil(len(chunks) / max(1, t.min_steps_per_epoch))))
+    steps_per_epoch = math.ceil(len(chunks) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=max(1, n_epochs * steps_per_epoch),
                                                 pct_start=0.1)
     rng = np.random.default_rng(t.seed)
@@ -168,7 +171,7 @@ def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[En
         else:
             order = rng.permutation(len(chunks))
         order = sorted(order, key=lambda i: (len(chunks[i]) // 16, rng.random()))
-        batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         rng.shuffle(batches)
         total, count = 0.0, 0
         for idx in batches:
@@ -369,8 +372,9 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
 def auto_table(info: dict[str, Any]) -> list[str]:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
-    lines = ["model.arch auto: held-out top-1 macro-F1 by visible later events k, each candidate "
-             "alone and combined:"]
+    lines = ["model.arch auto: validated " + ", ".join(
+        f"{a} ({r['seconds']:.0f} s)" for a, r in info["candidates"].items())
+        + "; held-out top-1 macro-F1 by visible later events k, each alone and combined:"]
     archs = list(info["candidates"])
     for r in info["depths"]:
         alone = ", ".join(f"{a} {f(r['alone'][a]['macro_f1'])}" for a in archs)
