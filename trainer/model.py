@@ -828,7 +828,7 @@ class WidePath(nn.Module):
             col[:, ok] = sc[:, src[ok], slot]
             if o < 0:                                                   # before the start
                 col[:, src < 0] = self.before_start[slot]
-            keep = valid & torch.cat([valid[:, o:], valid.new_zeros(B, o)], 1) if o > 0 else valid
+            keep = valid & torch.cat([valid[:, o:], valid.new_zeros(B, min(o, T))], 1) if o > 0 else valid
             if horizon is not None and o > 0:
                 keep = keep & (horizon.to(lex.device) >= o)
             out = out + col * keep[..., None]

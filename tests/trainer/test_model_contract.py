@@ -172,6 +172,23 @@ def test_wide_path_sees_its_window_only():
         assert not torch.allclose(base[0, t], changed[0, t])
 
 
+def test_wide_path_on_sessions_shorter_than_its_window():
+    """A one-event session (shorter than the lookahead) in a batch: one score per event, and
+    the same scores as that session alone. Depth training reaches this with small batches."""
+    torch.manual_seed(0)
+    model = build(make_args("bilstm", "concat", lookahead=4, wide_past=2, wide_future=3)).eval()
+    short, long = session(1, 3), session(2, 4)
+    for batch in ([short], [short, long], [long, short]):
+        b = collate(batch)
+        lengths = torch.tensor([len(s) for s in batch])
+        out = model.wide(b["lex"], b["nums"], lengths, horizon=torch.full(b["lex"].shape[:2], 3))
+        assert out.shape[:2] == b["lex"].shape[:2]
+        i = next(j for j, s in enumerate(batch) if s is short)
+        alone = collate([short])
+        want = model.wide(alone["lex"], alone["nums"], torch.tensor([1]))
+        assert torch.allclose(out[i, :1], want[0, :1], atol=1e-6)
+
+
 @pytest.mark.parametrize("arch,crf", [("bilstm", False), ("transformer", False),
                                       ("ht_transformer", False), ("bilstm", True)])
 def test_unbounded_lookahead_sees_the_whole_future(arch, crf):
