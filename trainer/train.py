@@ -390,6 +390,9 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
     from trainer.model import Mixture, MixtureArgs
     members = info["members"]
     weights = [[r["weights"][a] for a in members] for r in info["depths"]]
+    L = fits[members[0]].model.args.lookahead
+    if len(weights) == 1 and L:                 # no per-depth held-out logits (prefix
+        weights = weights * (L + 1)             # calibration off): the final weights at every depth
     model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights))
     for m, a in zip(model.members, members):
         m.load_state_dict(fits[a].model.state_dict())

@@ -97,7 +97,7 @@ def test_config_unknown_key_is_named():
     with pytest.raises(ConfigError, match="train.lr"):
         from_dict({"train": {"lr": "fast"}})
     cfg = from_dict({"data": {"cat_features": ["target_app"], "image_col": "screenshot_path"}})
-    assert cfg.data.cat_features == ("target_app",) and cfg.model.arch == "bilstm"
+    assert cfg.data.cat_features == ("target_app",) and cfg.model.arch == "auto"
 
 
 def test_lexical_features_of_a_window_title():
