@@ -1074,10 +1074,19 @@ class Mixture(nn.Module):
         return all(m.depth_exact for m in self.members)
 
     def forward(self, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
+        # each position is weighted by the depth it has: its horizon, at most L, and at most
+        # the events after it in its session (a session's tail at its end is final with the
+        # weights of the depth it reached, as the live worker finalises it)
+        L = self.args.lookahead
+        lengths = batch["lengths"].to(self.weights.device)
+        T = batch["event"].shape[1]
+        pos = torch.arange(T, device=self.weights.device)
+        depth = (lengths[:, None] - 1 - pos[None, :]).clamp(0, L)
         horizon = batch.get("horizon")
-        k = self.args.lookahead if horizon is None else min(int(horizon.max()), self.args.lookahead)
-        w = self.weights[k]
-        out = sum(w[i] * torch.log_softmax(m(batch)[0], -1) for i, m in enumerate(self.members) if w[i] > 0)
+        if horizon is not None:
+            depth = torch.minimum(depth, horizon.to(depth.device).clamp(0, L))
+        w = self.weights[depth]                                                 # (B, T, M)
+        out = sum(w[..., i:i + 1] * torch.log_softmax(m(batch)[0], -1) for i, m in enumerate(self.members))
         return out, None
 
     def init_state(self, device=None) -> dict[str, Any]:

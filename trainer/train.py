@@ -399,8 +399,12 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
     model.eval()
     L = len(weights) - 1
     n = len(results[members[0]].logits)
-    logits = [sum(weights[L][i] * _log_softmax(results[a].logits[j]) for i, a in enumerate(members))
-              for j in range(n)]
+    W = np.asarray(weights)
+
+    def tail_weights(m: int) -> np.ndarray:             # (m, M): a session's tail has fewer later events
+        return W[np.minimum(L or 0, np.arange(m - 1, -1, -1))]
+    logits = [sum(tail_weights(len(results[a].logits[j]))[:, i:i + 1] * _log_softmax(results[a].logits[j])
+                  for i, a in enumerate(members)) for j in range(n)]
     depth = None
     if all(results[a].depth_logits for a in members):
         first = results[members[0]].depth_logits

@@ -93,8 +93,9 @@ def test_revisions_happen_on_branch_steps(lm, sessions):
 
 def test_streaming_final_labels_equal_offline_labels(lm, sessions):
     frame, _ = sessions
-    sids, probs = lm.predict_proba(frame)
-    res = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)))
+    sids, probs, covered = lm.predict_decisions(frame)
+    res = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)),
+                               offline_covered=dict(zip(sids, covered)))
     assert res["final_equals_offline"] > 0.999
     assert res["final_accuracy"] >= res["first_accuracy"]
     for key in ("first_accuracy", "final_accuracy", "edit_overhead", "correction_time", "relative_correctness"):

@@ -325,6 +325,10 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
         full, _ = mix(batch)
         for t in range(len(s) - k):
             assert torch.allclose(seen[k][t], full[0, t], atol=1e-4), (k, t)
+    # the session's tail, final at its end, is the forward pass with the depth each event reached
+    final, _ = mix(collate([s, session(13, 31)]))
+    for t in range(len(s) - L, len(s)):
+        assert torch.allclose(seen[len(s) - 1 - t][t], final[0, t], atol=1e-4), t
     torch.save(mix.state_dict(), tmp_path / "w.pt")
     again = build_model(args.to_dict()).eval()
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
