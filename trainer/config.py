@@ -116,7 +116,7 @@ class TrainConfig:
     epochs: int = 30
     patience: int = 4
     batch_size: int = 32
-    min_steps_per_epoch: int = 1
+    min_steps_per_epoch: int = 8
     grad_clip: float = 1.0
     loss: Literal["ce", "focal"] = "ce"
     class_weights: bool = True
