@@ -115,7 +115,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     epochs: int = 30
     patience: int = 4
-    batch_size: int = 32
+    batch_size: int = 64
     min_steps_per_epoch: int = 8
     grad_clip: float = 1.0
     loss: Literal["ce", "focal"] = "ce"
