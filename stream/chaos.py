@@ -678,7 +678,11 @@ def bad_artifacts(model_dir: Path, folder: Path) -> dict[str, Path]:
     incompatible = folder / "incompatible"
     shutil.copytree(model_dir, incompatible, dirs_exist_ok=True)
     manifest = json.loads((incompatible / "manifest.json").read_text())
-    manifest["model_args"]["hidden_dim"] = int(manifest["model_args"].get("hidden_dim", 32)) + 16
+    # a Mixture (model.arch auto, the default) declares its networks as members: widen theirs,
+    # so the weights really do not fit whatever the architecture
+    margs = manifest["model_args"]
+    for args in margs.get("members") or [margs]:
+        args["hidden_dim"] = int(args.get("hidden_dim", 32)) + 16
     (incompatible / "manifest.json").write_text(json.dumps(manifest))
     out["incompatible"] = incompatible
 

@@ -259,3 +259,24 @@ def test_security_settings_from_the_environment(tmp_path):
     with pytest.raises(ConfigError, match="TAGGER_KAFKA_SSL_CAFILE"):
         Settings.from_env({"TAGGER_KAFKA_SECURITY_PROTOCOL": "SSL",
                            "TAGGER_KAFKA_SSL_CAFILE": str(tmp_path / "missing.pem")})
+
+
+def test_every_bad_artifact_of_the_drill_is_refused_whatever_the_architecture(tmp_path, tiny_model):
+    """The ``bad_artifact`` fault promotes three broken models; each must be rejected by the
+    worker's holder (the default ``model.arch: auto`` gives a Mixture, whose top-level
+    arguments are not the ones its weights depend on)."""
+    from stream.chaos import bad_artifacts, point_at
+    from stream.metrics import Metrics
+    from stream.model_holder import ModelHolder
+
+    root = tmp_path / "artifacts"
+    promote(tiny_model, root)
+    metrics = Metrics.create()
+    holder = ModelHolder(root, on_event=lambda result, version, detail: metrics.model_event(result, version))
+    holder.load_initial()
+    bad = bad_artifacts(tiny_model, tmp_path / "bad")
+    for k, path in enumerate(bad.values(), 1):
+        point_at(root, path)
+        assert holder.poll() is False
+        assert metrics.model_swaps.labels(result="rejected")._value.get() == k, path.name
+    assert not (tmp_path / "bad" / "PWNED").exists()
