@@ -702,6 +702,21 @@ def bad_artifacts(model_dir: Path, folder: Path) -> dict[str, Path]:
     return out
 
 
+# A retrain whose label set differs from the serving model's: one step merged into another
+# (it leaves the label set) and one renamed (a new step); every index behind them shifts.
+RELABEL = {"Additional Fees": "Paperwork", "Email Customer": "Contact Customer"}
+
+
+def relabelled_log(src: Path, dst: Path, mapping: Optional[dict[str, str]] = None) -> Path:
+    """``src`` with its ``step_name`` column mapped through ``mapping`` (default ``RELABEL``)."""
+    import pandas as pd
+
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False)
+    frame["step_name"] = frame["step_name"].replace(mapping or RELABEL)
+    frame.to_csv(dst, index=False)
+    return dst
+
+
 def point_at(root: Path, target: Path) -> None:
     """Aim ``root/current`` at ``target`` directly (``promote`` would refuse a bad model)."""
     from trainer.artifacts import POINTER

@@ -53,14 +53,24 @@ class Pending:
     probs: Optional[np.ndarray] = None  # latest calibrated probabilities (not persisted)
 
     def to_dict(self) -> dict[str, Any]:
+        # the shown step by name: an index would point at another step of a retrained model
         return {"seq": self.seq, "event_id": self.event_id, "timestamp": self.timestamp,
                 "event_name": self.event_name, "revision": self.revision,
-                "label": None if self.shown is None else self.shown.label,
+                "step": None if self.shown is None else self.shown.label,
                 "conf": None if self.shown is None else self.shown.confidence}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Pending":
-        shown = None if d.get("revision", -1) < 0 else Decision(d.get("label"), float(d.get("conf") or 0.0))
+    def from_dict(cls, d: Mapping[str, Any], labels: Sequence[str] = ()) -> "Pending":
+        """``labels``: the serving model's, to read a snapshot written before labels were
+        stored by name (``label``: an index; one out of range reads as an abstention)."""
+        shown = None
+        if d.get("revision", -1) >= 0:
+            if "step" in d:
+                name = d["step"]
+            else:
+                i = d.get("label")
+                name = labels[i] if isinstance(i, int) and 0 <= i < len(labels) else None
+            shown = Decision(name, float(d.get("conf") or 0.0))
         return cls(d["seq"], d["event_id"], d["timestamp"], d["event_name"], shown, d.get("revision", -1))
 
 
@@ -133,12 +143,18 @@ class LiveTagger:
 
     def swap(self, model: LoadedModel) -> None:
         """Serve a new model from the next event on. Open sessions keep their pending labels
-        and revision numbers; their model state is rebuilt from the raw window (re-encoded
-        with the new encoders) the next time they are touched."""
+        (step names) and revision numbers; their model state is rebuilt from the raw window
+        (re-encoded with the new encoders, sessions in one batch) the next time they are
+        touched. Probabilities of the old model are dropped: they are over its label list.
+        A pending label whose step the new model does not know is decided afresh by it; an
+        event that is already past the new model's (shorter) lookahead gets its final
+        record at the session's next event."""
         self._check(model)
         self.model = model
         for s in self.sessions.values():
             s.state = None
+            for p in s.pending:
+                p.probs = None
 
     # ---- events -------------------------------------------------------------------------
     def process(self, events: Sequence[Any], partitions: Sequence[Optional[int]] | None = None) -> Batch:
@@ -257,36 +273,39 @@ class LiveTagger:
 
     def _ensure_state(self, sessions: Iterable[LiveSession]) -> None:
         """Sessions without model state (new, restored, or after a swap) get it: fresh, or
-        rebuilt by running their raw window through the current encoder and model."""
+        rebuilt by running their raw window through the current encoder and model. The
+        rebuild steps every such session at once (one encode and one ``step`` call per
+        position in the window, not per event), and each pending event keeps the
+        probabilities of the last step that saw it: for an event already past the model's
+        lookahead those are its final ones."""
         model = self.model.model
-        for sess in sessions:
-            if sess.state is not None and sess.model_version == self.model.version:
-                continue
-            state = model.init_state()
-            if sess.window:
-                enc = self.model.encoder
-                ctx = EventContext(start_ts=sess.ctx.start_ts)
-                derived = []
-                for raw in sess.window:
-                    d, ctx = derive(raw, ctx, enc.data, enc.auto_cols)
-                    derived.append(d)
-                window = enc.encode_derived(derived, self.model.base_dir)  # one call for the window
-                logits = None
-                for i in range(len(window)):
-                    [state], [logits] = model.step([state], step_batch(window.rows(i, i + 1), model))
-                if logits is not None:
-                    self._refresh_probs(sess, logits)
-            sess.state = state
+        enc = self.model.encoder
+        todo = [s for s in {id(s): s for s in sessions}.values()
+                if s.state is None or s.model_version != self.model.version]
+        derived: list[list[Any]] = []
+        for sess in todo:
+            ctx = EventContext(start_ts=sess.ctx.start_ts)
+            rows = []
+            for raw in sess.window:
+                d, ctx = derive(raw, ctx, enc.data, enc.auto_cols)
+                rows.append(d)
+            derived.append(rows)
+            sess.state = model.init_state()
             sess.model_version = self.model.version
-
-    def _refresh_probs(self, sess: LiveSession, logits: torch.Tensor) -> None:
-        probs = _calibrated(logits, self.model.temperature)
-        v = len(probs)
-        first = sess.n - v
-        for p in sess.pending:
-            j = p.seq - first
-            if 0 <= j < v:
-                p.probs = probs[j]
+        for k in range(max((len(rows) for rows in derived), default=0)):
+            active = [i for i, rows in enumerate(derived) if k < len(rows)]
+            encoded = enc.encode_derived([derived[i][k] for i in active], self.model.base_dir)
+            states, outs = model.step([todo[i].state for i in active], step_batch(encoded, model))
+            sizes = [len(o) for o in outs]
+            all_probs = np.split(_calibrated(torch.cat(outs), self.model.temperature), np.cumsum(sizes)[:-1])
+            for i, state, probs in zip(active, states, all_probs):
+                sess = todo[i]
+                sess.state = state
+                last = sess.n - len(derived[i]) + k          # seq of the window event just stepped
+                first = last - len(probs) + 1
+                for p in sess.pending:
+                    if first <= p.seq <= last:
+                        p.probs = probs[p.seq - first]
 
     def _step(self, rnd: list[tuple[LiveSession, Any]], records: list[dict[str, Any]]) -> None:
         self._ensure_state(s for s, _ in rnd)
@@ -303,6 +322,7 @@ class LiveTagger:
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
         stable = self.model.policy == "stable"
+        labels = self.model.labels
         emitted_at = iso_now(self.clock)
         # one softmax and one copy to numpy for the whole round, then a slice per session.
         # Labels shown before an event is final use the calibration of their depth k (later
@@ -327,21 +347,28 @@ class LiveTagger:
             keep = []
             for p in sess.pending:
                 j = p.seq - first
-                if j < 0:       # fell out of the model's view without a final (cannot happen
-                    keep.append(p)  # with a bounded lookahead; kept for the session end)
-                    continue
-                p.probs = probs[j]
-                is_final = p.seq <= sess.n - 1 - L
-                if is_final:
-                    d = self.policy.final(p.probs, thr, p.shown if stable else None)
+                if j < 0:
+                    # out of the model's view: past the lookahead of a model swapped in with a
+                    # shorter one. Its probabilities from the rebuild are the new model's
+                    # final ones; without them (context lost) it waits for the session end.
+                    if p.probs is None:
+                        keep.append(p)
+                        continue
+                    d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+                    is_final = True
                 else:
-                    d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j),
-                                           hold=stable)
-                    keep.append(p)
+                    p.probs = probs[j]
+                    is_final = p.seq <= sess.n - 1 - L
+                    if is_final:
+                        d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+                    else:
+                        d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j),
+                                               labels, hold=stable)
+                        keep.append(p)
                 if is_final or not d.same_as(p.shown):
                     p.revision += 1
                     p.shown = d
-                    records.append(_record(sess.session_id, p, d, is_final, self.model.labels, version, emitted_at))
+                    records.append(_record(sess.session_id, p, d, is_final, version, emitted_at))
             sess.pending = keep
 
     def _finalize(self, sess: LiveSession) -> list[dict[str, Any]]:
@@ -352,14 +379,17 @@ class LiveTagger:
         emitted_at = iso_now(self.clock)
         records = []
         stable = self.model.policy == "stable"
+        labels = self.model.labels
         for p in sess.pending:
             if p.probs is not None:
-                d = self.policy.final(p.probs, thr, p.shown if stable else None)
-            else:  # context lost (e.g. Redis restarted): final as last shown, or abstain
-                d = p.shown or Decision(None, 0.0)
+                d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+            elif p.shown is not None and (p.shown.label is None or p.shown.label in labels):
+                d = p.shown  # context lost (e.g. Redis restarted): final as last shown
+            else:  # nothing to go on, or a step this model does not know: abstain
+                d = Decision(None, 0.0)
             p.revision += 1
             p.shown = d
-            records.append(_record(sess.session_id, p, d, True, self.model.labels, version, emitted_at))
+            records.append(_record(sess.session_id, p, d, True, version, emitted_at))
         sess.pending = []
         sess.closed = True
         return records
@@ -382,7 +412,7 @@ class LiveTagger:
     def restore(self, snap: Mapping[str, Any], window: Sequence[Mapping[str, Any]], ids: Iterable[str]) -> LiveSession:
         """Resume a session from a store (after a restart or rebalance)."""
         sess = LiveSession(snap["session_id"], n=int(snap["n"]), ctx=EventContext.from_dict(snap.get("ctx")),
-                           pending=[Pending.from_dict(p) for p in snap.get("pending", [])],
+                           pending=[Pending.from_dict(p, self.model.labels) for p in snap.get("pending", [])],
                            window=[dict(w) for w in window][-self.window_size:], ids=set(ids),
                            model_version=None, last_seen=float(snap.get("last_seen") or self.clock()),
                            closed=bool(snap.get("closed")), partition=snap.get("partition"),
@@ -414,9 +444,8 @@ def step_batch(enc: EncodedSession, model) -> dict[str, torch.Tensor]:
             for name in ("event", "tokens", "cats", "nums", "text", "image", "lex")}
 
 
-def _record(sid: str, p: Pending, d: Decision, final: bool, labels: Sequence[str], version: str,
-            emitted_at: str) -> dict[str, Any]:
+def _record(sid: str, p: Pending, d: Decision, final: bool, version: str, emitted_at: str) -> dict[str, Any]:
     return {"session_id": sid, "event_id": p.event_id, "seq": p.seq, "timestamp": p.timestamp,
-            "event_name": p.event_name, "step_name": None if d.label is None else labels[d.label], "confidence": round(d.confidence, 6),
+            "event_name": p.event_name, "step_name": d.label, "confidence": round(d.confidence, 6),
             "abstained": d.label is None, "revision": p.revision, "final": final,
             "model_version": version, "emitted_at": emitted_at}
