@@ -31,10 +31,48 @@ def cmd_worker(args) -> int:
            if settings.web_port else "off (TAGGER_WEB_PORT=0)")
     log.info("model %s from %s; web server %s", version, settings.artifacts_dir, web)
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel="DEBUG" if args.verbose else "INFO", quiet=True,
-                          redirect_stdouts=False)
+    worker = _BoundedStopWorker(app, loglevel="DEBUG" if args.verbose else "INFO", quiet=True,
+                                redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
+
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def _bounded_stop_worker_class():
+    import faust
+
+    class BoundedStopWorker(faust.Worker):
+        """A Faust worker whose shutdown is bounded: with the broker gone, Faust's stop waits
+        for commits and producer flushes for a minute or more. After SIGTERM/SIGINT the
+        process exits within ``SHUTDOWN_TIMEOUT_S`` whatever it waits for; nothing is lost
+        (offsets not committed are redelivered to the next worker, records deduplicate)."""
+
+        def _schedule_shutdown(self, signal) -> None:  # mode.Worker's hook for every stop signal
+            _exit_after(SHUTDOWN_TIMEOUT_S)
+            super()._schedule_shutdown(signal)
+
+    return BoundedStopWorker
+
+
+def _exit_after(seconds: float) -> None:
+    import os
+    import threading
+
+    def watchdog() -> None:
+        import time
+        time.sleep(seconds)
+        logging.getLogger("tagger").error("shutdown did not finish within %.0f s (broker or Redis "
+                                          "unreachable?); exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="tagger-shutdown-watchdog", daemon=True).start()
+
+
+def _BoundedStopWorker(*args, **kwargs):
+    return _bounded_stop_worker_class()(*args, **kwargs)
 
 
 def cmd_promote(args) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -109,14 +110,19 @@ class LiveTagger:
     def __init__(self, model: LoadedModel, policy: RevisionPolicy | None = None, *,
                  window: int | None = None, clock: Callable[[], float] = time.time,
                  max_events_per_session: int = 100_000, lateness_s: float = 0.0,
-                 max_sessions: int = 50_000):
+                 max_sessions: int = 50_000, max_ids: int = 2_000_000):
         self.policy = policy or RevisionPolicy()
         self.clock = clock
         self.sessions: dict[str, LiveSession] = {}
         self.max_events = max_events_per_session
         self.lateness_s = lateness_s
         self.max_sessions = max_sessions
-        self.evicted: list[str] = []
+        # event ids held in memory over all sessions (dedupe of redeliveries): a second bound
+        # next to max_sessions, since one session may hold up to max_events_per_session ids
+        self.max_ids = max_ids
+        self.n_ids = 0
+        self.evicted: deque[str] = deque(maxlen=1000)  # the most recent evictions (for tests, logs)
+        self.evictions = 0
         self.evict_enabled = True  # the worker turns it off while the store is behind
         self._window = window
         self.model = model
@@ -200,6 +206,7 @@ class LiveTagger:
                                      f"(limit {self.max_events})"))
                 continue
             sess.ids.add(ev.event_id)
+            self.n_ids += 1
             sess.new_ids.append(ev.event_id)
             if sess.closed:
                 sess.closed = False  # a late event reopens the session; earlier finals stand
@@ -245,15 +252,18 @@ class LiveTagger:
         return records
 
     def _evict(self, keep: set[str]) -> None:
-        """Bound the sessions held in memory: the least recently seen ones go (their state is
-        in the store and is read back if they return)."""
+        """Bound the sessions (and the event ids) held in memory: the least recently seen
+        sessions go (their state is in the store and is read back if they return)."""
         excess = len(self.sessions) - self.max_sessions
-        if excess <= 0 or not self.evict_enabled:
+        if (excess <= 0 and self.n_ids <= self.max_ids) or not self.evict_enabled:
             return
         victims = sorted((s.last_seen, sid) for sid, s in self.sessions.items() if sid not in keep)
-        for _, sid in victims[:excess]:
+        for k, (_, sid) in enumerate(victims):
+            if k >= excess and self.n_ids <= self.max_ids:
+                break
             self.evicted.append(sid)
-            del self.sessions[sid]
+            self.evictions += 1
+            self.n_ids -= len(self.sessions.pop(sid).ids)
 
     def inactive(self, now: float, timeout: float) -> list[str]:
         return [sid for sid, s in self.sessions.items()
@@ -262,7 +272,9 @@ class LiveTagger:
     def drop(self, session_ids: Iterable[str]) -> None:
         """Forget sessions held in memory (closed ones, or after losing their partition)."""
         for sid in session_ids:
-            self.sessions.pop(sid, None)
+            sess = self.sessions.pop(sid, None)
+            if sess is not None:
+                self.n_ids -= len(sess.ids)
 
     # ---- internals ----------------------------------------------------------------------
     def _raw(self, ev: Any) -> dict[str, Any]:
@@ -395,9 +407,11 @@ class LiveTagger:
         return records
 
     # ---- persistence --------------------------------------------------------------------
-    def snapshot(self, sid: str) -> dict[str, Any]:
+    def snapshot(self, sid: str, *, clear: bool = True) -> dict[str, Any]:
         """The session's resumable state, JSON-able. ``new_raw``/``new_ids`` are the raw events
-        and ids added since the previous snapshot, so a store can append instead of rewrite."""
+        and ids added since the previous snapshot, so a store can append instead of rewrite.
+        ``clear=False`` keeps them until ``saved`` says the store has them (the worker: a
+        save that fails must not lose them)."""
         s = self.sessions[sid]
         snap = {"session_id": sid, "n": s.n, "ctx": s.ctx.to_dict(), "closed": s.closed,
                 "pending": [p.to_dict() for p in s.pending], "model_version": s.model_version,
@@ -405,9 +419,23 @@ class LiveTagger:
                 "new_raw": list(s.new_raw), "new_ids": list(s.new_ids),
                 "held": [_event_dict(e) for e in s.held],
                 "max_ts": s.max_ts if s.max_ts != float("-inf") else None}
-        s.new_raw.clear()
-        s.new_ids.clear()
+        if clear:
+            s.new_raw.clear()
+            s.new_ids.clear()
         return snap
+
+    def pending_deltas(self, sids: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """How many raw events and ids each session has not yet handed to a store."""
+        return {sid: (len(self.sessions[sid].new_raw), len(self.sessions[sid].new_ids))
+                for sid in sids if sid in self.sessions}
+
+    def saved(self, marks: Mapping[str, tuple[int, int]]) -> None:
+        """The store holds the first (raw, ids) deltas counted by ``pending_deltas``."""
+        for sid, (n_raw, n_ids) in marks.items():
+            s = self.sessions.get(sid)
+            if s is not None:
+                del s.new_raw[:n_raw]
+                del s.new_ids[:n_ids]
 
     def restore(self, snap: Mapping[str, Any], window: Sequence[Mapping[str, Any]], ids: Iterable[str]) -> LiveSession:
         """Resume a session from a store (after a restart or rebalance)."""
@@ -418,7 +446,11 @@ class LiveTagger:
                            closed=bool(snap.get("closed")), partition=snap.get("partition"),
                            held=[_event_from_dict(d) for d in snap.get("held", [])],
                            max_ts=float(snap["max_ts"]) if snap.get("max_ts") is not None else float("-inf"))
+        old = self.sessions.get(sess.session_id)
+        if old is not None:
+            self.n_ids -= len(old.ids)
         self.sessions[sess.session_id] = sess
+        self.n_ids += len(sess.ids)
         return sess
 
 
