@@ -1226,6 +1226,107 @@ async def _scale_one(ctx: ChaosContext, n: int) -> dict[str, Any]:
                 "all_final": set(run.traffic.keys) <= run.collector.finals()}
 
 
+# --------------------------------------------------------------------------- soak
+
+
+def soak_run(minutes: float, *, workdir: str | Path, model: Optional[str | Path] = None,
+             sessions_per_min: int = 1000, events_per_session: int = 5,
+             progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Memory over time (``tagger chaos --soak MINUTES``): one worker on the embedded stack
+    takes ``sessions_per_min`` new sessions a minute (``events_per_session`` events each;
+    two in three end with ``session_end``, the rest by the inactivity timeout) for
+    ``minutes``. Reports the worker's RSS and the Redis keys of its prefix every minute, from
+    the first minute (warm) to the end."""
+    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
+    from trainer.artifacts import promote
+    from trainer.generate import generate
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_chaos_model(workdir, model)
+    artifacts = workdir / "artifacts"
+    promote(model_dir, artifacts)
+    traffic_log = workdir / "traffic_soak.csv"
+    if not traffic_log.exists():
+        generate(200, 17, traffic_log)
+    with embedded_stack(workdir / "stack", timeout_s=60) as info:
+        base = Settings(kafka=info["kafka"], redis_url=info["redis"],
+                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
+        cfg = dataclasses.replace(ChaosConfig(), inactivity_s=10)
+        ctx = ChaosContext(cfg, base, workdir, model_dir, artifacts.resolve(), traffic_log, None)
+        try:
+            return asyncio.run(_soak(ctx, minutes, sessions_per_min, events_per_session, progress))
+        finally:
+            _forget_keys(base.redis_url, f"tagger-chaos:{ctx.run_id}:")
+
+
+async def _soak(ctx: ChaosContext, minutes: float, per_min: int, per_session: int,
+                progress: Callable[[str], None]) -> dict[str, Any]:
+    import redis as redis_lib
+
+    from stream.publisher import EventPublisher, replay_messages
+    from trainer.loading import read_events
+
+    frame, _ = read_events(ctx.log_path, require_label=False)
+    messages, _ = replay_messages(frame)
+    by_session: dict[str, list[dict]] = defaultdict(list)
+    for m in messages:
+        if m.get("type") != "session_end":
+            by_session[str(m["session_id"])].append(m)
+    templates = [evs[:per_session] for evs in by_session.values() if evs]
+    client = redis_lib.Redis.from_url(ctx.base.redis_url)
+    samples: list[dict[str, Any]] = []
+    async with FaultRun(ctx, "soak") as run:
+        prefix = run.settings.redis_prefix
+        w = run.worker()
+        await run.ready(w)
+
+        def sample(t0: float) -> dict[str, Any]:
+            text = w.metrics()
+            keys = sum(1 for _ in client.scan_iter(match=f"{prefix}*", count=1000))
+            return {"t_s": round(time.time() - t0, 1),
+                    "rss_mb": round(metric_value(text, "process_resident_memory_bytes") / 2 ** 20, 1),
+                    "redis_keys": keys, "open_sessions": metric_value(text, "tagger_open_sessions"),
+                    "accepted": metric_value(text, 'tagger_events_total{result="accepted"}'),
+                    "dlq": sum(metric_value(text, f'tagger_dlq_total{{reason="{r}"}}')
+                               for r in ("processing_error", "key_mismatch"))}
+
+        t0 = time.time()
+        n_sessions = n_events = 0
+        interval = 60.0 / per_min
+        next_sample = t0
+        async with EventPublisher(run.settings.kafka, run.settings.input_topic,
+                                  security=kafka_client_kwargs(run.settings)) as pub:
+            while time.time() - t0 < minutes * 60:
+                if time.time() >= next_sample:
+                    samples.append(await asyncio.to_thread(sample, t0))
+                    progress(f"soak {samples[-1]}")
+                    next_sample += 60.0
+                tpl = templates[n_sessions % len(templates)]
+                sid = f"soak-{ctx.run_id}-{n_sessions}"
+                for k, m in enumerate(tpl):
+                    await pub.publish({**m, "session_id": sid, "event_id": f"{sid}-{k}",
+                                       "published_at": time.time()})
+                    n_events += 1
+                if n_sessions % 3 != 2:
+                    await pub.publish({"session_id": sid, "type": "session_end"})
+                n_sessions += 1
+                delay = t0 + n_sessions * interval - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await pub.flush()
+        await asyncio.sleep(ctx.cfg.inactivity_s + 5)   # the last sessions end
+        samples.append(await asyncio.to_thread(sample, t0))
+        alive = w.alive
+    client.close()
+    warm = samples[1] if len(samples) > 2 else samples[0]
+    return {"minutes": minutes, "sessions": n_sessions, "events": n_events,
+            "sessions_per_min": round(n_sessions / max(minutes, 1e-9), 1),
+            "rss_mb_start": warm["rss_mb"], "rss_mb_end": samples[-1]["rss_mb"],
+            "redis_keys_start": warm["redis_keys"], "redis_keys_end": samples[-1]["redis_keys"],
+            "worker_alive": alive, "samples": samples}
+
+
 # --------------------------------------------------------------------------- report
 
 

@@ -174,6 +174,14 @@ def cmd_chaos(args) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"scale": rows}, indent=2))
         return 0
+    if args.soak:
+        from stream.chaos import soak_run
+        res = soak_run(args.soak, workdir=Path(args.workdir), model=args.model, progress=say)
+        print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"soak": res}, indent=2))
+        return 0 if res["worker_alive"] else 1
     cfg = ChaosConfig.quick() if args.quick else ChaosConfig()
     if args.sessions:
         cfg = dataclasses.replace(cfg, sessions=args.sessions)
@@ -257,6 +265,9 @@ actions:
     c.add_argument("--model", help="model folder to serve (default: the current one, else a small "
                                    "one trained on generated logs)")
     c.add_argument("--sessions", type=int, help="generated sessions per fault (or for --scale)")
+    c.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="instead: run one worker for MINUTES at ~1,000 new sessions a minute and report "
+                        "its RSS and the Redis keys every minute")
     c.add_argument("--scale", action="store_true", help="instead: measure throughput with 1 and 2 workers")
     c.add_argument("--workdir", default="runs/chaos", help="where logs, generated data and models go")
     c.set_defaults(func=cmd_chaos)
