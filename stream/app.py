@@ -692,19 +692,25 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
 
 
 class _RateLimit(logging.Filter):
-    """Lets one warning-or-worse line per (logger, message template) through every
+    """Lets one warning-or-worse line per (library logger, message) through every
     ``every_s`` seconds; the next one says how many were held back. A broker outage makes
     aiokafka and Faust repeat the same few errors many times a second."""
 
     def __init__(self, every_s: float = 30.0):
-        super().__init__("tagger-rate-limit")
+        super().__init__()
         self.every_s = every_s
         self.seen: dict[tuple[str, Any], list[float]] = {}  # key -> [last emitted, held back]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        # the worker's own lines are limited where they are logged (distinct model rejections
+        # must all show); this is for the libraries' repeats
+        if record.levelno < logging.WARNING or record.name.startswith("tagger"):
             return True
-        key = (record.name, record.msg if isinstance(record.msg, str) else type(record.msg).__name__)
+        try:
+            text = record.getMessage()[:300]
+        except Exception:  # a bad format string: let the handler report it
+            return True
+        key = (record.name, text)
         now = time.monotonic()
         entry = self.seen.get(key)
         if entry is None:

@@ -229,6 +229,9 @@ def test_repeated_warnings_are_rate_limited():
     assert [f.filter(rec()) for _ in range(100)].count(True) == 1
     info = logging.LogRecord("aiokafka", logging.INFO, __file__, 1, "fine", (), None)
     assert f.filter(info)
+    # the worker's own lines (each model rejection, say) are never held back here
+    own = lambda: logging.LogRecord("tagger.worker", logging.ERROR, __file__, 1, "model swap rejected: %s", ("x",), None)  # noqa: E731
+    assert all(f.filter(own()) for _ in range(3))
 
 
 def test_session_ttl_must_outlive_the_inactivity_timeout():
