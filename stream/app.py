@@ -11,11 +11,20 @@ the event loop) -> produce all label records at once and wait for the broker's a
 write the touched sessions through to Redis -> the batch's offsets are committed. A crash
 anywhere before the commit replays the batch: records may repeat (same session, event and
 revision, so they deduplicate) but none is lost.
+
+Errors are classified where they happen. Bad input (and only bad input) goes to the DLQ.
+Infrastructure failures never do: a Redis failure (``StoreUnavailable``: connection, timeout,
+NOPERM, OOM, READONLY...) leaves the sessions in memory, rewritten to Redis in full once it
+takes writes again; a Kafka failure (a send or its ack) keeps the batch's output in an outbox
+that is sent again, with backoff, before anything else happens (the batch is not committed
+meanwhile). The timers (idle sweep, model poll, broker probe) log and count any exception and
+keep running. ``/readyz`` answers 503 within a few seconds of the broker or Redis going away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
@@ -23,6 +32,7 @@ import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,10 +40,10 @@ import faust
 
 from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
-from stream.records import InvalidEvent, dlq_record, encode_label, parse_event
+from stream.records import InvalidEvent, check_key, dlq_record, encode_label, parse_event
 from stream.revisions import RevisionPolicy
 from stream.session_store import RedisSessionStore, SessionStore, StoreUnavailable
-from stream.settings import Settings, faust_broker_settings
+from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
 from stream.tagging import LiveTagger
 
 log = logging.getLogger("tagger.worker")
@@ -43,14 +53,44 @@ log = logging.getLogger("tagger.worker")
 # (Kafka: ~1 MiB). Past this size only the head of the original is kept (the detail says so
 # and gives the sha256 of the whole): a DLQ send that fails would stop the agent.
 DLQ_MAX_ORIGINAL_BYTES = 512 * 1024
+# A dependency counts as down for /readyz when its last successful check is older than this.
+DEPENDENCY_STALE_S = 4.0
+# Events in a row dropped as already seen before the worker says so (log line and metric).
+DUPLICATE_RUN_WARN = 200
+
+
+def infrastructure(exc: BaseException) -> Optional[str]:
+    """``redis`` or ``kafka`` when ``exc`` is a failure of that dependency (retried or held in
+    memory, never dead-lettered), else None (a bug or a poison message)."""
+    if isinstance(exc, StoreUnavailable):
+        return "redis"
+    from aiokafka.errors import KafkaError
+    from faust.exceptions import ProducerSendError
+    if isinstance(exc, (KafkaError, ProducerSendError, asyncio.TimeoutError, ConnectionError, OSError)):
+        return "kafka"
+    return None
+
+
+@dataclass
+class Outbox:
+    """A batch's output not yet acknowledged by the broker: messages to send (dead letters
+    and label records, in order), the sessions to write through once they are, and what to
+    count then. Sent again until it goes through; only then is the batch done."""
+
+    messages: list[tuple[str, Optional[bytes], bytes]] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    closed: set[str] = field(default_factory=set)
+    after: list[Any] = field(default_factory=list)  # callables run once delivered and persisted
 
 
 class WorkerService:
     """The worker's state and its batch loop (everything but the Faust wiring)."""
 
     def __init__(self, app: faust.App, settings: Settings, *, metrics: Metrics | None = None,
-                 store: SessionStore | None = None, policy: RevisionPolicy | None = None):
+                 store: SessionStore | None = None, policy: RevisionPolicy | None = None,
+                 limit_logs: bool = True):
         self.app, self.settings = app, settings
+        self.limit_logs = limit_logs
         self.metrics = metrics or Metrics.create()
         self.store = store or RedisSessionStore(settings.redis_url, prefix=settings.redis_prefix,
                                                 ttl_s=settings.session_ttl_s)
@@ -70,6 +110,12 @@ class WorkerService:
         self._store_stale = False
         self._last_rewrite = 0.0
         self._closed_unsaved: set[str] = set()
+        self._outbox: Optional[Outbox] = None
+        self._duplicate_run = 0
+        self._broker_ok_at: Optional[float] = None
+        self._redis_ok_at: Optional[float] = None
+        self._probe = None  # an aiokafka client of our own for the broker check
+        self._error_logged: dict[str, float] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -79,7 +125,10 @@ class WorkerService:
         lm = await loop.run_in_executor(self.executor, self.holder.load_initial)
         self.tagger = LiveTagger(lm, self.policy, max_events_per_session=self.settings.max_events_per_session,
                                  lateness_s=self.settings.lateness_s,
-                                 max_sessions=self.settings.max_sessions_in_memory)
+                                 max_sessions=self.settings.max_sessions_in_memory,
+                                 max_ids=self.settings.max_event_ids_in_memory)
+        if self.limit_logs:
+            install_log_rate_limit()
         log.info("serving model %s (lookahead %s, labels %d)", lm.version, lm.lookahead, len(lm.labels))
         # Everything loaded so far (torch, Faust, the model) lives as long as the process. Move
         # it out of the collector's view: otherwise every full collection walks those millions
@@ -89,10 +138,18 @@ class WorkerService:
         self.model_ready.set()
 
     async def stop(self) -> None:
+        # bounded: with the broker or Redis gone, a stop must not wait for them
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_outbox(), 3.0)
         if self._store_stale and self.tagger is not None:
             self._last_rewrite = 0.0
-            await self._persist([], [])  # last chance to hand the sessions on
-        await self.store.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._persist([], []), 3.0)  # last chance to hand the sessions on
+        if self._probe is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._probe.close(), 2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.store.close(), 2.0)
         self.executor.shutdown(wait=False)
 
     def _on_model_event(self, result: str, version: str, detail: str) -> None:
@@ -100,22 +157,74 @@ class WorkerService:
 
     # ---- the batch loop -----------------------------------------------------------------
     async def handle(self, events: list) -> None:
-        """Process a batch; if it fails unexpectedly, process its events one by one so that
-        a poison message goes to the DLQ (reason ``processing_error``) and the rest flow."""
+        """Process a batch. A Redis or Kafka failure is waited out (the batch is retried with
+        backoff, its output kept in the outbox); any other failure processes its events one
+        by one, so that a poison message goes to the DLQ (reason ``processing_error``) and the
+        rest flow."""
         # Faust starts the agent before the _Lifecycle service has loaded the model
         await self.model_ready.wait()
         async with self.lock:
             try:
-                await self._handle(events)
+                await self._until_infrastructure_works(lambda: self._handle(events))
+                return
             except Exception:
                 log.exception("batch of %d failed; retrying its events one by one", len(events))
-                for ev in events:
+            for ev in events:
+                async def one(ev=ev) -> None:
                     try:
                         await self._handle([ev])
                     except Exception as exc:
-                        await self._dead_letter(ev, "processing_error", f"{type(exc).__name__}: {exc}", None)
+                        if infrastructure(exc) is not None:
+                            raise
+                        box = Outbox()
+                        self._letter(box, ev, "processing_error", f"{type(exc).__name__}: {exc}", None)
+                        self._outbox = box
+                        await self._flush_outbox()
+                await self._until_infrastructure_works(one)
 
-    async def _dead_letter(self, ev, reason: str, detail: str, field) -> Any:
+    async def _until_infrastructure_works(self, step) -> None:
+        """Run ``step``; while it fails on Redis or Kafka, wait (0.5 s doubling to 5 s) and
+        finish the outbox, or run ``step`` again if it failed before producing one. Other
+        exceptions propagate."""
+        delay = 0.5
+        queued = False  # the step ran far enough to leave its output in the outbox
+        while True:
+            stepped = False
+            try:
+                if self._outbox is not None:  # an earlier output first (order per session)
+                    await self._flush_outbox()
+                if queued:
+                    return   # the failed step's output went through: it is done
+                stepped = True
+                await step()
+                return
+            except Exception as exc:
+                component = infrastructure(exc)
+                if component is None:
+                    raise
+                queued = queued or (stepped and self._outbox is not None)
+                self._infra_failed(component, exc, "batch held; retrying")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+    def _infra_failed(self, component: str, exc: BaseException, what: str) -> None:
+        self.metrics.infra_errors.labels(component=component).inc()
+        if component == "kafka":
+            self._broker_ok_at = None
+        else:
+            self._redis_ok_at = None
+        self._log_limited(f"{component}:{what}", logging.ERROR, "%s failure (%s: %s); %s", component,
+                          type(exc).__name__, exc, what)
+
+    def _log_limited(self, key: str, level: int, msg: str, *args) -> None:
+        """At most one line per ``key`` every 30 s: an outage repeats the same failure."""
+        now = time.monotonic()
+        if now - self._error_logged.get(key, -1e9) >= 30.0:
+            self._error_logged[key] = now
+            log.log(level, msg, *args)
+
+    def _letter(self, box: Outbox, ev, reason: str, detail: str, field) -> None:
+        """Queue a dead letter for ``ev`` in ``box``."""
         msg = ev.message
         raw = bytes(ev.value) if isinstance(ev.value, (bytes, bytearray)) else b""
         if len(raw) > DLQ_MAX_ORIGINAL_BYTES:
@@ -124,11 +233,31 @@ class WorkerService:
             raw = raw[:DLQ_MAX_ORIGINAL_BYTES]
         key = msg.key if isinstance(msg.key, (bytes, type(None))) else None
         payload = dlq_record(raw, reason, field, msg.topic, msg.partition, msg.offset, key, detail=detail)
-        self.metrics.dlq.labels(reason=reason).inc()
-        self.metrics.events.labels(result="invalid").inc()
-        log.warning("message at %s[%s]@%s sent to the DLQ: %s: %s", msg.topic, msg.partition, msg.offset,
-                    reason, detail)
-        return await self.app.producer.send(self.settings.dlq_topic, key, payload, None, None, None)
+        box.messages.append((self.settings.dlq_topic, key, payload))
+
+        def count() -> None:
+            self.metrics.dlq.labels(reason=reason).inc()
+            self.metrics.events.labels(result="invalid").inc()
+            log.warning("message at %s[%s]@%s sent to the DLQ: %s: %s", msg.topic, msg.partition, msg.offset,
+                        reason, detail)
+        box.after.append(count)
+
+    async def _flush_outbox(self) -> None:
+        """Send the outbox and wait for every ack, then write its sessions through and count
+        it. Raises (and keeps the outbox) when the broker does not take it."""
+        box = self._outbox
+        if box is None:
+            return
+        producer = self.app.producer
+        futs = []
+        for topic, key, value in box.messages:
+            futs.append(await producer.send(topic, key, value, None, None, None))
+        await _delivered(futs)
+        self._broker_ok_at = time.monotonic()
+        self._outbox = None
+        await self._persist(box.touched, box.closed)
+        for fn in box.after:
+            fn()
 
     async def _handle(self, events: list) -> None:
         assert self.tagger is not None
@@ -136,17 +265,18 @@ class WorkerService:
         loop = asyncio.get_running_loop()
         candidate = self.holder.take_candidate()
         if candidate is not None:
-            self.tagger.swap(candidate)
-            log.info("now serving model %s", candidate.version)
+            self._swap(candidate)
         s = self.settings
-        parsed, partitions, published, sends, sources = [], [], {}, [], []
+        box = Outbox()
+        parsed, partitions, published, sources = [], [], {}, []
         for ev in events:
             msg = ev.message
             try:
                 e = parse_event(ev.value if isinstance(ev.value, (bytes, bytearray)) else bytes(ev.value or b""),
                                 max_bytes=s.max_message_bytes)
+                check_key(msg.key, e)
             except InvalidEvent as exc:
-                sends.append(await self._dead_letter(ev, exc.reason, exc.detail, exc.field))
+                self._letter(box, ev, exc.reason, exc.detail, exc.field)
                 continue
             parsed.append(e)
             sources.append(ev)
@@ -162,26 +292,10 @@ class WorkerService:
                     for sid, (meta, window, ids) in (await self.store.load(missing)).items():
                         self.tagger.restore(meta, window, ids)
                 except StoreUnavailable as exc:
-                    log.error("%s; continuing with in-memory state only", exc)
+                    self._infra_failed("redis", exc, "continuing with in-memory state only")
             t0 = time.perf_counter()
             try:
                 batch = await loop.run_in_executor(self.executor, self.tagger.process, parsed, partitions)
-                model_s = time.perf_counter() - t0
-                for i, reason, detail in batch.rejected:
-                    sends.append(await self._dead_letter(sources[i], reason, detail, "session_id"))
-                t1 = time.perf_counter()
-                sends += await self._produce(batch.records)
-                t2 = time.perf_counter()
-                await _delivered(sends)
-                t3 = time.perf_counter()
-                log.debug("phases: model %.1f queue %.1f ack %.1f ms (%d records)", 1000 * model_s,
-                         1000 * (t2 - t1), 1000 * (t3 - t2), len(batch.records))
-                now = time.time()
-                for rec in batch.records:
-                    if rec["revision"] == 0:
-                        pub = published.get((rec["session_id"], rec["event_id"]))
-                        if pub is not None:
-                            self.metrics.latency.observe(max(0.0, now - pub))
             except BaseException:
                 # Redis holds every session as of the last completed batch; memory may now be
                 # ahead of it. Forget this batch's sessions so a retry (or the next owner)
@@ -189,29 +303,70 @@ class WorkerService:
                 # them as already seen. Repeated records deduplicate by revision.
                 self.tagger.drop({e.session_id for e in parsed})
                 raise
-            await self._persist(batch.touched, batch.closed)
+            model_s = time.perf_counter() - t0
+            for i, reason, detail in batch.rejected:
+                self._letter(box, sources[i], reason, detail, "session_id")
+            self._queue_records(box, batch.records)
+            box.touched, box.closed = set(batch.touched), set(batch.closed)
             n_ends = sum(1 for e in parsed if e.type == "session_end")
-            self.metrics.events.labels(result="accepted").inc(batch.accepted)
-            self.metrics.events.labels(result="duplicate").inc(batch.duplicates)
-            self.metrics.events.labels(result="session_end").inc(n_ends)
-            if batch.accepted:
-                self.metrics.inference.observe(model_s / batch.accepted)
-            self.metrics.batch_size.observe(len(events))
-            self.processed += batch.accepted
-        elif sends:
-            await _delivered(sends)
+
+            def count() -> None:
+                now = time.time()
+                for rec in batch.records:
+                    if rec["revision"] == 0:
+                        pub = published.get((rec["session_id"], rec["event_id"]))
+                        if pub is not None:
+                            self.metrics.latency.observe(max(0.0, now - pub))
+                self.metrics.events.labels(result="accepted").inc(batch.accepted)
+                self.metrics.events.labels(result="duplicate").inc(batch.duplicates)
+                self.metrics.events.labels(result="session_end").inc(n_ends)
+                if batch.accepted:
+                    self.metrics.inference.observe(model_s / batch.accepted)
+                self.metrics.batch_size.observe(len(events))
+                self.processed += batch.accepted
+                self._count_duplicates(batch.accepted, batch.duplicates)
+            box.after.append(count)
+        self._outbox = box
+        await self._flush_outbox()
         self.metrics.open_sessions.set(len(self.tagger.sessions))
         log.debug("batch of %d in %.1f ms", len(events), 1000 * (time.perf_counter() - started))
 
-    async def _produce(self, records: list[dict[str, Any]]) -> list:
-        """Queue every record with the producer at once (it batches them into few requests)
-        and return the delivery futures; the caller awaits them all before committing."""
-        producer, topic = self.app.producer, self.settings.output_topic
-        futs = []
+    def _swap(self, candidate) -> None:
+        old = self.tagger.model
+        self.tagger.swap(candidate)
+        del old
+        # the new model lives as long as the process, like the first one (see start): out of
+        # the collector's view, or every full collection walks its objects again
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        log.info("now serving model %s", candidate.version)
+
+    def _count_duplicates(self, accepted: int, duplicates: int) -> None:
+        """Say so when a long run of events is dropped as already seen: a session store that
+        outlived its broker (a new embedded stack, a recreated topic) silences the worker."""
+        if accepted:
+            self._duplicate_run = 0
+        before = self._duplicate_run
+        self._duplicate_run += 0 if accepted else duplicates
+        self.metrics.duplicate_run.set(self._duplicate_run)
+        if before < DUPLICATE_RUN_WARN <= self._duplicate_run:
+            self.metrics.duplicate_runs.inc()
+            log.warning("%d input events in a row were dropped as duplicates of events the session store "
+                        "(Redis prefix %r) already holds, and none was new. If the broker or its topics "
+                        "were recreated while Redis kept its state (tagger stack down/up with the machine's "
+                        "Redis), republished events count as already seen: give each stack its own "
+                        "TAGGER_REDIS_PREFIX, or delete the old keys", self._duplicate_run,
+                        self.settings.redis_prefix)
+
+    def _queue_records(self, box: Outbox, records: list[dict[str, Any]]) -> None:
+        """Put label records in the outbox (the producer batches them into few requests) and
+        count them."""
+        topic = self.settings.output_topic
         kinds = {"first": 0, "revision": 0, "final": 0}
         labelled = abstained = 0
         for rec in records:
-            futs.append(await producer.send(topic, rec["session_id"].encode(), encode_label(rec), None, None, None))
+            box.messages.append((topic, rec["session_id"].encode(), encode_label(rec)))
             if rec["final"]:
                 kinds["final"] += 1
                 if rec["abstained"]:
@@ -230,7 +385,6 @@ class WorkerService:
             self.metrics.finals.labels(outcome="abstained").inc(abstained)
         if self._finals:
             self.metrics.coverage.set(sum(self._finals) / len(self._finals))
-        return futs
 
     async def _persist(self, touched, closed) -> None:
         """Write the touched sessions through to the store (their changes since the last
@@ -244,17 +398,23 @@ class WorkerService:
             if time.monotonic() - self._last_rewrite < 1.0:
                 return
             self._last_rewrite = time.monotonic()
-            snaps = [self._full_snapshot(sid) for sid in list(self.tagger.sessions)]
+            sids = list(self.tagger.sessions)
+            marks = self.tagger.pending_deltas(sids)
+            snaps = [self._full_snapshot(sid) for sid in sids]
         else:
-            snaps = [self.tagger.snapshot(sid) for sid in touched if sid in self.tagger.sessions]
+            sids = [sid for sid in touched if sid in self.tagger.sessions]
+            marks = self.tagger.pending_deltas(sids)
+            # the deltas stay on the sessions until the save succeeded
+            snaps = [self.tagger.snapshot(sid, clear=False) for sid in sids]
         try:
             await self.store.save(snaps, self.tagger.window_size)
         except StoreUnavailable as exc:
-            if not self._store_stale:
-                log.error("%s; sessions stay in memory and are rewritten when it is back", exc)
+            self._infra_failed("redis", exc, "sessions stay in memory and are rewritten when it is back")
             self._store_stale = True
             self.tagger.evict_enabled = False  # memory holds the only copy until the rewrite
             return
+        self._redis_ok_at = time.monotonic()
+        self.tagger.saved(marks)
         if self._store_stale:
             log.info("session store back: rewrote %d sessions held in memory", len(snaps))
             self._store_stale = False
@@ -265,7 +425,7 @@ class WorkerService:
 
     def _full_snapshot(self, sid: str) -> dict[str, Any]:
         """A snapshot that replaces everything the store holds for the session."""
-        snap = self.tagger.snapshot(sid)
+        snap = self.tagger.snapshot(sid, clear=False)
         sess = self.tagger.sessions[sid]
         snap.update(new_raw=list(sess.window), new_ids=sorted(sess.ids), replace=True)
         return snap
@@ -273,35 +433,120 @@ class WorkerService:
     # ---- timers -------------------------------------------------------------------------
     async def sweep(self) -> None:
         """Finalise sessions idle longer than the inactivity timeout: those in memory, and
-        those of this worker's partitions known only to Redis (left by a crashed worker)."""
+        those of this worker's partitions known only to Redis (left by a crashed worker).
+        Never raises: a failure is logged (once per 30 s) and counted, and the next tick
+        tries again."""
         if self.tagger is None:
             return
         async with self.lock:
-            if self._store_stale:
-                await self._persist([], [])
-            now = time.time()
-            idle = self.tagger.inactive(now, self.settings.inactivity_s)
             try:
-                for p in sorted(self.assigned):
-                    stale = [sid for sid in await self.store.idle(p, now - self.settings.inactivity_s)
-                             if sid not in self.tagger.sessions]
-                    for sid, (meta, window, ids) in (await self.store.load(stale)).items():
-                        self.tagger.restore(meta, window, ids)
-                        idle.append(sid)
-            except StoreUnavailable as exc:
-                log.error("%s; idle sweep of stored sessions skipped", exc)
-            except Exception as exc:  # Redis client errors other than connectivity
-                log.error("idle sweep failed: %r", exc)
-            if not idle:
-                return
-            loop = asyncio.get_running_loop()
-            records = await loop.run_in_executor(self.executor, self.tagger.finalize, idle)
-            await _delivered(await self._produce(records))
-            await self._persist(idle, idle)
-            log.info("finalised %d idle sessions (%d records)", len(idle), len(records))
+                await self._sweep()
+                self.metrics.timer_last_run.labels(timer="sweep").set(time.time())
+            except Exception as exc:
+                self._timer_failed("sweep", exc)
+
+    async def _sweep(self) -> None:
+        if self._outbox is not None:
+            await self._flush_outbox()
+        if self._store_stale:
+            await self._persist([], [])
+        now = time.time()
+        idle = self.tagger.inactive(now, self.settings.inactivity_s)
+        try:
+            for p in sorted(self.assigned):
+                # index members older than the TTL have no keys left: drop them, or they
+                # would be read first (oldest first) forever and starve real idle sessions
+                await self.store.prune_open(p, now - self.settings.session_ttl_s)
+                stale = [sid for sid in await self.store.idle(p, now - self.settings.inactivity_s)
+                         if sid not in self.tagger.sessions]
+                found = await self.store.load(stale)
+                await self.store.forget_open(p, [sid for sid in stale if sid not in found])
+                for sid, (meta, window, ids) in found.items():
+                    self.tagger.restore(meta, window, ids)
+                    idle.append(sid)
+        except StoreUnavailable as exc:
+            self._infra_failed("redis", exc, "idle sweep of stored sessions skipped")
+        if not idle:
+            return
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(self.executor, self.tagger.finalize, idle)
+        box = Outbox(touched=set(idle), closed=set(idle))
+        self._queue_records(box, records)
+        self._outbox = box
+        try:
+            await self._flush_outbox()
+        except Exception as exc:
+            if infrastructure(exc) is None:
+                raise
+            self._infra_failed("kafka", exc, "finals of idle sessions held; sent again next tick")
+            return
+        log.info("finalised %d idle sessions (%d records)", len(idle), len(records))
+
+    def _timer_failed(self, timer: str, exc: BaseException) -> None:
+        self.metrics.timer_errors.labels(timer=timer).inc()
+        component = infrastructure(exc)
+        if component is not None:
+            self._infra_failed(component, exc, f"{timer} retried next tick")
+            return
+        now = time.monotonic()
+        if now - self._error_logged.get(f"timer:{timer}", -1e9) >= 30.0:
+            self._error_logged[f"timer:{timer}"] = now
+            log.error("%s failed (it runs again next tick)", timer, exc_info=exc)
 
     async def poll_model(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.holder.poll)
+        """The model poll and the lag gauge; never raises (see ``sweep``)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.holder.poll)
+            self.metrics.timer_last_run.labels(timer="model_poll").set(time.time())
+        except Exception as exc:
+            self._timer_failed("model_poll", exc)
+        try:
+            self.update_lag()
+        except Exception as exc:
+            self._timer_failed("model_poll", exc)
+
+    async def probe(self) -> None:
+        """Check the broker (a metadata request on a client of our own) and Redis (PING), for
+        /readyz and ``tagger_dependency_up``; never raises."""
+        try:
+            await self._probe_broker()
+            self._broker_ok_at = time.monotonic()
+        except Exception as exc:
+            self._log_limited("probe:kafka", logging.WARNING, "broker check failed: %s: %s",
+                              type(exc).__name__, exc)
+            if self._probe is not None:
+                probe, self._probe = self._probe, None
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(probe.close(), 2.0)
+        try:
+            if await asyncio.wait_for(self.store.ping(), 3.0) and not self._store_stale:
+                self._redis_ok_at = time.monotonic()
+        except Exception:
+            pass
+        ready = self.dependencies()
+        for dep, ok in ready.items():
+            self.metrics.dependency_up.labels(dependency=dep).set(1 if ok else 0)
+        self.metrics.timer_last_run.labels(timer="broker_probe").set(time.time())
+
+    async def _probe_broker(self) -> None:
+        from aiokafka.client import AIOKafkaClient
+        if self._probe is None:
+            client = AIOKafkaClient(**kafka_client_kwargs(self.settings), request_timeout_ms=3000,
+                                    client_id=f"{self.settings.app_id}-probe")
+            try:
+                await asyncio.wait_for(client.bootstrap(), 3.0)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.close()
+                raise
+            self._probe = client
+            return
+        await asyncio.wait_for(self._probe.fetch_all_metadata(), 3.0)
+
+    def dependencies(self) -> dict[str, bool]:
+        now = time.monotonic()
+        fresh = lambda t: t is not None and now - t < DEPENDENCY_STALE_S  # noqa: E731
+        return {"kafka": fresh(self._broker_ok_at), "redis": fresh(self._redis_ok_at) and not self._store_stale}
 
     def update_lag(self) -> None:
         """Set ``tagger_consumer_lag_messages{partition}`` for each input partition this worker holds.
@@ -410,7 +655,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
     @app.timer(interval=2.0)
     async def _poll_model() -> None:
         await service.poll_model()
-        service.update_lag()
+
+    @app.timer(interval=1.0)
+    async def _probe() -> None:
+        await service.probe()
 
     @app.on_partitions_assigned.connect
     async def _assigned(sender, assigned, **kwargs) -> None:
@@ -431,15 +679,60 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
 
     @app.page("/readyz")
     async def _readyz(web, request):
+        deps = service.dependencies()  # from the 1 s probe: a dead broker shows within ~5 s
         checks = {"model_loaded": service.tagger is not None,
                   "partitions_assigned": bool(service.assigned),
-                  "redis": await service.store.ping()}
+                  "redis": deps["redis"], "kafka": deps["kafka"]}
         ok = all(checks.values())
         return web.json({"ready": ok, **checks,
                          "model_version": service.tagger.model.version if service.tagger else None},
                         status=200 if ok else 503)
 
     return app
+
+
+class _RateLimit(logging.Filter):
+    """Lets one warning-or-worse line per (library logger, message) through every
+    ``every_s`` seconds; the next one says how many were held back. A broker outage makes
+    aiokafka and Faust repeat the same few errors many times a second."""
+
+    def __init__(self, every_s: float = 30.0):
+        super().__init__()
+        self.every_s = every_s
+        self.seen: dict[tuple[str, Any], list[float]] = {}  # key -> [last emitted, held back]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # the worker's own lines are limited where they are logged (distinct model rejections
+        # must all show); this is for the libraries' repeats
+        if record.levelno < logging.WARNING or record.name.startswith("tagger"):
+            return True
+        try:
+            text = record.getMessage()[:300]
+        except Exception:  # a bad format string: let the handler report it
+            return True
+        key = (record.name, text)
+        now = time.monotonic()
+        entry = self.seen.get(key)
+        if entry is None:
+            if len(self.seen) > 1000:  # bounded: templates, not values, but be safe
+                self.seen.clear()
+            self.seen[key] = [now, 0]
+            return True
+        if now - entry[0] < self.every_s:
+            entry[1] += 1
+            return False
+        if entry[1]:
+            record.msg = f"{record.msg} [{int(entry[1])} more like this in the last {now - entry[0]:.0f} s]"
+        entry[0], entry[1] = now, 0
+        return True
+
+
+def install_log_rate_limit(every_s: float = 30.0) -> None:
+    """Put the rate limit on the root logger's handlers (Faust has set them up by the time
+    the worker starts); idempotent."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RateLimit) for f in handler.filters):
+            handler.addFilter(_RateLimit(every_s))
 
 
 def _module_app() -> faust.App:

@@ -15,12 +15,24 @@ and a real Redis, with generated traffic flowing, and checks what a consumer of
     broker_pause  SIGSTOP the broker for longer than the consumer session timeout, SIGCONT
     bad_artifact  promote a corrupt, an incompatible and a booby-trapped (pickle) model
                   mid-stream: each is rejected and the old model keeps serving
+    label_set_change  promote mid-stream a model with one step merged away and one added
+    redis_acl     the worker's Redis user lacks the Lua commands (EVALSHA, SCRIPT LOAD; a
+                  namespaced ACL user on the shared Redis, deleted after), then gets them
+    redis_oom     a private Redis (its own port) reaches maxmemory mid-stream, then it is raised
+    bad_manifest  a malformed manifest is promoted (rejected), then a good model
+    broker_outage the broker is stopped (SIGSTOP) for ``outage_s``: /readyz must go 503 within
+                  5 s and back to 200 after; a worker told to stop meanwhile must exit promptly
+    key_mismatch  messages keyed by something other than their session (or by nothing) are
+                  sent mid-stream: each goes to the DLQ as ``key_mismatch``
 
 Every fault reports (``FaultReport``): ``events_in`` (valid events published),
 ``final_out`` (of those, events with a final record), ``events_without_final`` (must be 0),
 ``duplicates`` (records repeating an earlier ``(session_id, event_id, revision)``: allowed
 after a crash, and deduplicable), ``dlq`` (dead letters; the traffic is valid, so 0),
-``recovery_s`` and fault-specific ``details``. ``recovery_s`` is the longest any event
+``recovery_s``, ``labels_outside_label_set`` (records whose step is not in the label set of
+the model version that emitted them; must be 0), ``accepted_in_dlq`` (dead letters of valid
+traffic; must be 0), ``details.timers_alive`` (every surviving worker's sweep, model poll and
+broker probe ran in the last 10 s after the fault) and fault-specific ``details``. ``recovery_s`` is the longest any event
 published after the fault was injected waited for its first label record: the first events
 published into an outage wait for all of it, so this is how long labelling of new traffic
 stood still (for repeated faults, the worst; each one is in ``details.recovery_each_s``).
@@ -59,7 +71,9 @@ from trainer.errors import StreamError
 
 log = logging.getLogger("tagger.chaos")
 
-FAULTS = ("kill9", "two_workers", "redis_restart", "broker_pause", "bad_artifact")
+FAULTS = ("kill9", "two_workers", "redis_restart", "broker_pause", "bad_artifact", "label_set_change",
+          "redis_acl", "redis_oom", "bad_manifest", "broker_outage", "key_mismatch")
+TIMERS = ("sweep", "model_poll", "broker_probe")
 REPORT_FIELDS = ("events_in", "final_out", "events_without_final", "duplicates", "dlq", "recovery_s")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Fields of a label record that a replayed (duplicate) record must repeat exactly.
@@ -79,6 +93,7 @@ class ChaosConfig:
     kill_cycles: int = 3
     pause_s: float = 10.0        # broker SIGSTOP; longer than the 3 s session timeout
     redis_down_s: float = 3.0
+    outage_s: float = 20.0       # broker_outage: how long the broker stays stopped
     wait_s: float = 120.0        # the longest we wait for every final after publishing
     ready_s: float = 120.0       # the longest a worker may take to become ready
     lead_s: float = 0.7          # traffic flowing into a busy worker before each fault
@@ -86,7 +101,7 @@ class ChaosConfig:
 
     @classmethod
     def quick(cls) -> "ChaosConfig":
-        return cls(sessions=10, rate=25.0, pause_s=7.0, redis_down_s=2.0, wait_s=90.0)
+        return cls(sessions=10, rate=25.0, pause_s=7.0, redis_down_s=2.0, wait_s=90.0, outage_s=10.0)
 
 
 @dataclass
@@ -103,6 +118,8 @@ class FaultReport:
     several_finals: int = 0           # events with more than one distinct final record
     records_after_final: int = 0      # records with a revision above the event's final
     seq_conflicts: int = 0            # positions in a session claimed by two events
+    labels_outside_label_set: int = 0  # records naming a step their model does not know
+    accepted_in_dlq: int = 0          # dead letters of valid traffic
     seconds: float = 0.0              # wall time of the whole fault run
     details: dict[str, Any] = field(default_factory=dict)
     error: Optional[str] = None
@@ -112,7 +129,8 @@ class FaultReport:
         return (self.error is None and self.events_in > 0 and self.events_without_final == 0
                 and self.conflicting_duplicates == 0 and self.several_finals == 0
                 and self.records_after_final == 0 and self.seq_conflicts == 0
-                and self.details.get("ok", True))
+                and self.labels_outside_label_set == 0 and self.accepted_in_dlq == 0
+                and self.details.get("timers_alive", True) and self.details.get("ok", True))
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -379,10 +397,23 @@ class Collector:
 
 def summarise(fault: str, keys: Iterable[Key], published: dict[Key, float],
               labels: list[tuple[float, int, dict]], dlq: list[dict],
-              marks: Sequence[float], cuts: Sequence[float] = ()) -> FaultReport:
+              marks: Sequence[float], cuts: Sequence[float] = (),
+              label_sets: Optional[dict[str, set[str]]] = None) -> FaultReport:
     """Score what a consumer saw against what was published (see the module docstring)."""
     keys = set(keys)
     rep = FaultReport(fault, events_in=len(keys), records=len(labels), dlq=len(dlq))
+    if label_sets is not None:
+        rep.labels_outside_label_set = sum(
+            1 for _, _, r in labels
+            if r.get("step_name") is not None and r["step_name"] not in label_sets.get(r.get("model_version"), ()))
+    for letter in dlq:
+        try:
+            import base64
+            original = json.loads(base64.b64decode(letter.get("original") or ""))
+            key = (str(original.get("session_id")), str(original.get("event_id")))
+        except (ValueError, TypeError, AttributeError):
+            continue
+        rep.accepted_in_dlq += key in keys
     seen: dict[tuple[str, str, int], dict] = {}
     final_rev: dict[Key, set[int]] = defaultdict(set)
     max_rev: dict[Key, int] = defaultdict(lambda: -1)
@@ -521,7 +552,17 @@ class FaultRun:
             self.traffic.keys, self.ctx.cfg.wait_s)
         await asyncio.sleep(1.5)   # let trailing repeats arrive: they are counted too
         rep = summarise(self.name, self.traffic.keys, self.traffic.published, self.collector.labels,
-                        self.collector.dlq, self.marks, self.cuts)
+                        self.collector.dlq, self.marks, self.cuts, label_sets=self.ctx.label_sets())
+        alive = [w for w in self.workers if w.alive]
+        timers = {}
+        for w in alive:
+            text = await asyncio.to_thread(w.metrics)
+            now = time.time()
+            timers[str(w.port)] = {t: round(now - metric_value(
+                text, f'tagger_timer_last_run_timestamp_seconds{{timer="{t}"}}'), 1) for t in TIMERS}
+        self.details["timer_age_s"] = timers
+        self.details["timers_alive"] = bool(alive) and all(age < 10 for ages in timers.values()
+                                                           for age in ages.values())
         rep.details.update(self.details)
         rep.details["recovery_each_s"] = recovery_times(self.traffic.published, self.collector.labels,
                                                         self.marks, self.cuts)
@@ -678,7 +719,11 @@ def bad_artifacts(model_dir: Path, folder: Path) -> dict[str, Path]:
     incompatible = folder / "incompatible"
     shutil.copytree(model_dir, incompatible, dirs_exist_ok=True)
     manifest = json.loads((incompatible / "manifest.json").read_text())
-    manifest["model_args"]["hidden_dim"] = int(manifest["model_args"].get("hidden_dim", 32)) + 16
+    # a Mixture (model.arch auto, the default) declares its networks as members: widen theirs,
+    # so the weights really do not fit whatever the architecture
+    margs = manifest["model_args"]
+    for args in margs.get("members") or [margs]:
+        args["hidden_dim"] = int(args.get("hidden_dim", 32)) + 16
     (incompatible / "manifest.json").write_text(json.dumps(manifest))
     out["incompatible"] = incompatible
 
@@ -696,6 +741,21 @@ def bad_artifacts(model_dir: Path, folder: Path) -> dict[str, Path]:
     (trapped / "manifest.json").write_text(json.dumps(manifest))
     out["pickle"] = trapped
     return out
+
+
+# A retrain whose label set differs from the serving model's: one step merged into another
+# (it leaves the label set) and one renamed (a new step); every index behind them shifts.
+RELABEL = {"Additional Fees": "Paperwork", "Email Customer": "Contact Customer"}
+
+
+def relabelled_log(src: Path, dst: Path, mapping: Optional[dict[str, str]] = None) -> Path:
+    """``src`` with its ``step_name`` column mapped through ``mapping`` (default ``RELABEL``)."""
+    import pandas as pd
+
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False)
+    frame["step_name"] = frame["step_name"].replace(mapping or RELABEL)
+    frame.to_csv(dst, index=False)
+    return dst
 
 
 def point_at(root: Path, target: Path) -> None:
@@ -743,9 +803,246 @@ async def fault_bad_artifact(ctx: "ChaosContext") -> FaultReport:
         return rep
 
 
+def _model_event_count(w: WorkerProc, result: str) -> float:
+    return metric_value(w.metrics(), f'tagger_model_swaps_total{{result="{result}"}}')
+
+
+async def fault_label_set_change(ctx: "ChaosContext") -> FaultReport:
+    """A retrain with one step merged into another and one renamed is promoted mid-stream."""
+    from trainer.artifacts import load_artifact
+
+    new_dir = await asyncio.to_thread(relabelled_chaos_model, ctx)
+    old, new = load_artifact(ctx.model_dir), load_artifact(new_dir)
+    root = ctx.workdir / "label_set_change" / "artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    point_at(root, ctx.model_dir)
+    async with FaultRun(ctx, "label_set_change", artifacts_dir=root) as run:
+        w = run.worker()
+        await run.ready(w)
+        gate = asyncio.Event()
+        publishing = run.publish([(0.5, gate)])
+        await run.at_gate(0.5)
+        await run.release(gate)
+        t = time.time()
+        point_at(root, new_dir)
+        run.marks.append(t)
+        await _until(lambda: _model_event_count(w, "ok") >= 1, 60, "the swap")
+        run.details["swapped_after_s"] = round(time.time() - t, 2)
+        rep = await run.finish(publishing)
+        versions = sorted({r["model_version"] for _, _, r in run.collector.labels})
+        rep.details.update(versions_served=versions, removed=sorted(set(old.labels) - set(new.labels)),
+                           added=sorted(set(new.labels) - set(old.labels)),
+                           processing_errors=metric_value(w.metrics(), 'tagger_dlq_total{reason="processing_error"}'))
+        rep.details["ok"] = rep.details.get("ok", True) and new.version in versions and w.alive
+        return rep
+
+
+def relabelled_chaos_model(ctx: "ChaosContext") -> Path:
+    """The serving model's recipe on a log whose label set differs (``RELABEL``), cached."""
+    from trainer.config import from_dict
+    from trainer.generate import generate
+    from trainer.train import train
+
+    out = ctx.workdir / "model_relabelled"
+    if (out / "manifest.json").exists():
+        return out.resolve()
+    data = ctx.workdir / "train.csv"
+    if not data.exists():
+        generate(150, 11, data)
+    relabelled = relabelled_log(data, ctx.workdir / "train_relabelled.csv")
+    cfg = from_dict({"model": {"hidden_dim": 32, "emb_event_dim": 32, "num_layers": 1, "lookahead": 3,
+                               "context": 32},
+                     "train": {"epochs": 6, "patience": 3, "batch_size": 16}})
+    train(relabelled, out, cfg, progress=False, echo=lambda *_: None)
+    return out.resolve()
+
+
+async def fault_redis_acl(ctx: "ChaosContext") -> FaultReport:
+    """The worker's Redis user may not run the session script (EVALSHA, SCRIPT LOAD), then may."""
+    import redis as redis_lib
+
+    user, password = f"tagger-chaos-{ctx.run_id}", uuid.uuid4().hex
+    prefix = f"tagger-chaos:{ctx.run_id}:redis_acl:"
+    base = "on resetkeys ~{}* resetchannels -@all +get +set +del +expire +rpush +ltrim +llen +lrange " \
+           "+sadd +smembers +zadd +zrem +zrangebyscore +zremrangebyscore +ping".format(prefix)
+    admin = redis_lib.Redis.from_url(ctx.base.redis_url)
+    try:
+        admin.execute_command("ACL", "SETUSER", user, "reset", *base.split(), f">{password}")
+        from urllib.parse import urlsplit, urlunsplit
+        parts = urlsplit(ctx.base.redis_url)
+        url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port or 6379}"))
+        async with FaultRun(ctx, "redis_acl", redis_url=url, redis_prefix=prefix) as run:
+            w = run.worker()
+            await run.ready(w)
+            g_deny, g_allow = asyncio.Event(), asyncio.Event()
+            publishing = run.publish([(0.2, g_deny), (0.6, g_allow)])
+            await run.at_gate(0.2)
+            await run.release(g_deny)
+            # the user could always run everything but the Lua script: from here on it can't
+            # (SETUSER again: the first traffic ran with the script already cached)
+            admin.execute_command("ACL", "SETUSER", user, "-evalsha", "-script")
+            run.marks.append(time.time())
+            await run.at_gate(0.6)
+            errors = metric_value(w.metrics(), 'tagger_infrastructure_errors_total{component="redis"}')
+            run.details["ready_while_denied"] = (await asyncio.to_thread(_http, w.port, "/readyz"))[0] == 200
+            admin.execute_command("ACL", "SETUSER", user, "+evalsha", "+script|load")
+            await run.release(g_allow)
+            t = time.time()
+            await _until(lambda: "session store back" in w.log_text(), 30, "the store rewrite")
+            run.details["store_back_after_s"] = round(time.time() - t, 2)
+            run.details["redis_errors_while_denied"] = errors
+            rep = await run.finish(publishing)
+            rep.details["ok"] = rep.details.get("ok", True) and errors > 0 and w.alive and \
+                not rep.details["ready_while_denied"]
+            return rep
+    finally:
+        with contextlib.suppress(Exception):
+            admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+
+
+async def fault_redis_oom(ctx: "ChaosContext") -> FaultReport:
+    """A private Redis (never the shared one) reaches maxmemory mid-stream, then it is raised."""
+    import redis as redis_lib
+
+    server = RedisServer(ctx.workdir / "redis_oom" / "redis")
+    await asyncio.to_thread(server.start)
+    admin = redis_lib.Redis.from_url(server.url)
+    try:
+        async with FaultRun(ctx, "redis_oom", redis_url=server.url) as run:
+            w = run.worker()
+            await run.ready(w)
+            g_full, g_raise = asyncio.Event(), asyncio.Event()
+            publishing = run.publish([(0.3, g_full), (0.6, g_raise)])
+            await run.at_gate(0.3)
+            await run.release(g_full)
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)  # every write now answers OOM
+            run.marks.append(time.time())
+            await run.at_gate(0.6)
+            run.details["redis_errors_while_full"] = metric_value(
+                w.metrics(), 'tagger_infrastructure_errors_total{component="redis"}')
+            admin.config_set("maxmemory", 0)
+            await run.release(g_raise)
+            await _until(lambda: "session store back" in w.log_text(), 30, "the store rewrite")
+            rep = await run.finish(publishing)
+            rep.details["ok"] = (rep.details.get("ok", True) and rep.details["redis_errors_while_full"] > 0
+                                 and w.alive)
+            return rep
+    finally:
+        admin.close()
+        await asyncio.to_thread(server.kill)
+
+
+async def fault_bad_manifest(ctx: "ChaosContext") -> FaultReport:
+    root = ctx.workdir / "bad_manifest" / "artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    point_at(root, ctx.model_dir)
+    bad = ctx.workdir / "bad_manifest" / "model"
+    shutil.copytree(ctx.model_dir, bad, dirs_exist_ok=True)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["calibration"]                     # KeyError in load_artifact
+    manifest["labels"] = "not a list"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    async with FaultRun(ctx, "bad_manifest", artifacts_dir=root) as run:
+        w = run.worker()
+        await run.ready(w)
+        g_bad, g_good = asyncio.Event(), asyncio.Event()
+        publishing = run.publish([(0.3, g_bad), (0.6, g_good)])
+        await run.at_gate(0.3)
+        await run.release(g_bad)
+        run.marks.append(time.time())
+        point_at(root, bad)
+        await _until(lambda: _model_event_count(w, "rejected") >= 1, 60, "the rejection")
+        await run.at_gate(0.6)
+        await run.release(g_good)
+        point_at(root, ctx.model_dir)
+        await _until(lambda: _model_event_count(w, "ok") >= 1, 60, "the good model")
+        rep = await run.finish(publishing)
+        rep.details.update(rejected=_model_event_count(w, "rejected"), swapped=_model_event_count(w, "ok"))
+        rep.details["ok"] = rep.details.get("ok", True) and w.alive
+        return rep
+
+
+async def fault_broker_outage(ctx: "ChaosContext") -> FaultReport:
+    """The broker stops (SIGSTOP: the embedded broker keeps its topics in memory, so it cannot
+    be restarted) for ``outage_s``: /readyz must say 503 within 5 s and 200 again after; a
+    worker told to stop during the outage must exit promptly; the log must not flood."""
+    pid = ctx.broker_pid
+    if pid is None:
+        raise StreamError("broker_outage needs the embedded broker's pid")
+    async with FaultRun(ctx, "broker_outage") as run:
+        w, spare = run.worker(), run.worker()
+        await asyncio.gather(run.ready(w), run.ready(spare))
+        gate = asyncio.Event()
+        publishing = run.publish([(0.4, gate)])
+        await run.at_gate(0.4)
+        await run.release(gate)
+        t = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        run.marks.append(t)
+        try:
+            not_ready = None
+            while time.time() - t < ctx.cfg.outage_s:
+                if not_ready is None and (await asyncio.to_thread(_http, w.port, "/readyz", 1.0))[0] == 503:
+                    not_ready = round(time.time() - t, 2)
+                await asyncio.sleep(0.25)
+                if not_ready is not None and time.time() - t > ctx.cfg.outage_s - 4 and spare.alive:
+                    t_stop = time.time()
+                    await asyncio.to_thread(spare.stop, 30.0)
+                    run.details["sigterm_exit_s"] = round(time.time() - t_stop, 2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        t_back = time.time()
+        run.details["outage_s"] = round(t_back - t, 2)
+        run.details["not_ready_after_s"] = not_ready
+        await _until(lambda: _http(w.port, "/readyz")[0] == 200, 60, "readiness after the outage")
+        run.details["ready_again_after_s"] = round(time.time() - t_back, 2)
+        rep = await run.finish(publishing)
+        lines = w.log_text().splitlines()
+        rep.details["error_lines_in_log"] = sum(1 for ln in lines if "ERROR" in ln or "WARNING" in ln)
+        rep.details["ok"] = (rep.details.get("ok", True) and w.alive and not_ready is not None
+                             and not_ready <= 6.0 and run.details.get("sigterm_exit_s", 99) <= 12.0)
+        return rep
+
+
+async def fault_key_mismatch(ctx: "ChaosContext") -> FaultReport:
+    """Messages keyed by another session, or without a key, go to the DLQ as key_mismatch."""
+    from aiokafka import AIOKafkaProducer
+
+    async with FaultRun(ctx, "key_mismatch") as run:
+        w = run.worker()
+        await run.ready(w)
+        gate = asyncio.Event()
+        publishing = run.publish([(0.5, gate)])
+        await run.at_gate(0.5)
+        await run.release(gate)
+        run.marks.append(time.time())
+        producer = AIOKafkaProducer(**kafka_client_kwargs(run.settings))
+        await producer.start()
+        sent = 0
+        try:
+            for i in range(6):
+                event = {"session_id": f"km-{ctx.run_id}-{i}", "timestamp": "2024-05-20T08:00:00Z",
+                         "event_name": "Read: x in y", "event_id": f"km-{i}"}
+                key = None if i % 2 else f"other-{i}".encode()
+                await producer.send_and_wait(run.settings.input_topic, json.dumps(event).encode(), key=key)
+                sent += 1
+        finally:
+            await producer.stop()
+        await _until(lambda: len(run.collector.dlq) >= sent, 60, "the dead letters")
+        rep = await run.finish(publishing)
+        reasons = sorted({d.get("reason") for d in run.collector.dlq})
+        rep.details.update(mismatched_sent=sent, dlq_reasons=reasons)
+        rep.details["ok"] = rep.details.get("ok", True) and rep.dlq == sent and reasons == ["key_mismatch"]
+        return rep
+
+
 FAULT_FUNCS: dict[str, Callable[["ChaosContext"], Any]] = {
     "kill9": fault_kill9, "two_workers": fault_two_workers, "redis_restart": fault_redis_restart,
     "broker_pause": fault_broker_pause, "bad_artifact": fault_bad_artifact,
+    "label_set_change": fault_label_set_change, "redis_acl": fault_redis_acl, "redis_oom": fault_redis_oom,
+    "bad_manifest": fault_bad_manifest, "broker_outage": fault_broker_outage, "key_mismatch": fault_key_mismatch,
 }
 
 
@@ -770,6 +1067,17 @@ class ChaosContext:
     log_path: Path
     broker_pid: Optional[int]
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    _label_sets: dict[str, set[str]] = field(default_factory=dict)
+
+    def label_sets(self) -> dict[str, set[str]]:
+        """Label set of every model version this run may serve (the chaos models)."""
+        import json as _json
+        for folder in (self.model_dir, self.workdir / "model_relabelled"):
+            mf = Path(folder) / "manifest.json"
+            if mf.exists():
+                m = _json.loads(mf.read_text())
+                self._label_sets.setdefault(m["version"], set(m["labels"]))
+        return self._label_sets
 
 
 def ensure_chaos_model(workdir: Path, model: Optional[str | Path]) -> Path:
@@ -918,6 +1226,107 @@ async def _scale_one(ctx: ChaosContext, n: int) -> dict[str, Any]:
                 "all_final": set(run.traffic.keys) <= run.collector.finals()}
 
 
+# --------------------------------------------------------------------------- soak
+
+
+def soak_run(minutes: float, *, workdir: str | Path, model: Optional[str | Path] = None,
+             sessions_per_min: int = 1000, events_per_session: int = 5,
+             progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Memory over time (``tagger chaos --soak MINUTES``): one worker on the embedded stack
+    takes ``sessions_per_min`` new sessions a minute (``events_per_session`` events each;
+    two in three end with ``session_end``, the rest by the inactivity timeout) for
+    ``minutes``. Reports the worker's RSS and the Redis keys of its prefix every minute, from
+    the first minute (warm) to the end."""
+    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
+    from trainer.artifacts import promote
+    from trainer.generate import generate
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_chaos_model(workdir, model)
+    artifacts = workdir / "artifacts"
+    promote(model_dir, artifacts)
+    traffic_log = workdir / "traffic_soak.csv"
+    if not traffic_log.exists():
+        generate(200, 17, traffic_log)
+    with embedded_stack(workdir / "stack", timeout_s=60) as info:
+        base = Settings(kafka=info["kafka"], redis_url=info["redis"],
+                        kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
+        cfg = dataclasses.replace(ChaosConfig(), inactivity_s=10)
+        ctx = ChaosContext(cfg, base, workdir, model_dir, artifacts.resolve(), traffic_log, None)
+        try:
+            return asyncio.run(_soak(ctx, minutes, sessions_per_min, events_per_session, progress))
+        finally:
+            _forget_keys(base.redis_url, f"tagger-chaos:{ctx.run_id}:")
+
+
+async def _soak(ctx: ChaosContext, minutes: float, per_min: int, per_session: int,
+                progress: Callable[[str], None]) -> dict[str, Any]:
+    import redis as redis_lib
+
+    from stream.publisher import EventPublisher, replay_messages
+    from trainer.loading import read_events
+
+    frame, _ = read_events(ctx.log_path, require_label=False)
+    messages, _ = replay_messages(frame)
+    by_session: dict[str, list[dict]] = defaultdict(list)
+    for m in messages:
+        if m.get("type") != "session_end":
+            by_session[str(m["session_id"])].append(m)
+    templates = [evs[:per_session] for evs in by_session.values() if evs]
+    client = redis_lib.Redis.from_url(ctx.base.redis_url)
+    samples: list[dict[str, Any]] = []
+    async with FaultRun(ctx, "soak") as run:
+        prefix = run.settings.redis_prefix
+        w = run.worker()
+        await run.ready(w)
+
+        def sample(t0: float) -> dict[str, Any]:
+            text = w.metrics()
+            keys = sum(1 for _ in client.scan_iter(match=f"{prefix}*", count=1000))
+            return {"t_s": round(time.time() - t0, 1),
+                    "rss_mb": round(metric_value(text, "process_resident_memory_bytes") / 2 ** 20, 1),
+                    "redis_keys": keys, "open_sessions": metric_value(text, "tagger_open_sessions"),
+                    "accepted": metric_value(text, 'tagger_events_total{result="accepted"}'),
+                    "dlq": sum(metric_value(text, f'tagger_dlq_total{{reason="{r}"}}')
+                               for r in ("processing_error", "key_mismatch"))}
+
+        t0 = time.time()
+        n_sessions = n_events = 0
+        interval = 60.0 / per_min
+        next_sample = t0
+        async with EventPublisher(run.settings.kafka, run.settings.input_topic,
+                                  security=kafka_client_kwargs(run.settings)) as pub:
+            while time.time() - t0 < minutes * 60:
+                if time.time() >= next_sample:
+                    samples.append(await asyncio.to_thread(sample, t0))
+                    progress(f"soak {samples[-1]}")
+                    next_sample += 60.0
+                tpl = templates[n_sessions % len(templates)]
+                sid = f"soak-{ctx.run_id}-{n_sessions}"
+                for k, m in enumerate(tpl):
+                    await pub.publish({**m, "session_id": sid, "event_id": f"{sid}-{k}",
+                                       "published_at": time.time()})
+                    n_events += 1
+                if n_sessions % 3 != 2:
+                    await pub.publish({"session_id": sid, "type": "session_end"})
+                n_sessions += 1
+                delay = t0 + n_sessions * interval - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await pub.flush()
+        await asyncio.sleep(ctx.cfg.inactivity_s + 5)   # the last sessions end
+        samples.append(await asyncio.to_thread(sample, t0))
+        alive = w.alive
+    client.close()
+    warm = samples[1] if len(samples) > 2 else samples[0]
+    return {"minutes": minutes, "sessions": n_sessions, "events": n_events,
+            "sessions_per_min": round(n_sessions / max(minutes, 1e-9), 1),
+            "rss_mb_start": warm["rss_mb"], "rss_mb_end": samples[-1]["rss_mb"],
+            "redis_keys_start": warm["redis_keys"], "redis_keys_end": samples[-1]["redis_keys"],
+            "worker_alive": alive, "samples": samples}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -931,14 +1340,16 @@ def format_row(rep: FaultReport) -> str:
 
 
 def format_report(reports: Sequence[FaultReport]) -> str:
-    head = f"{'fault':<14}{'events_in':>10}{'final_out':>10}{'no_final':>9}{'dupes':>7}{'dlq':>5}" \
-           f"{'recovery_s':>11}  result"
+    head = f"{'fault':<18}{'events_in':>10}{'final_out':>10}{'no_final':>9}{'dupes':>7}{'dlq':>5}" \
+           f"{'outside':>8}{'timers':>7}{'recovery_s':>11}  result"
     lines = [head, "-" * len(head)]
     for r in reports:
         if r.error:
-            lines.append(f"{r.fault:<14}ERROR: {r.error.splitlines()[0][:100]}")
+            lines.append(f"{r.fault:<18}ERROR: {r.error.splitlines()[0][:100]}")
             continue
         rec = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
-        lines.append(f"{r.fault:<14}{r.events_in:>10}{r.final_out:>10}{r.events_without_final:>9}"
-                     f"{r.duplicates:>7}{r.dlq:>5}{rec:>11}  {'ok' if r.ok else 'FAILED'}")
+        timers = "ok" if r.details.get("timers_alive") else "DEAD"
+        lines.append(f"{r.fault:<18}{r.events_in:>10}{r.final_out:>10}{r.events_without_final:>9}"
+                     f"{r.duplicates:>7}{r.dlq:>5}{r.labels_outside_label_set:>8}{timers:>7}{rec:>11}  "
+                     f"{'ok' if r.ok else 'FAILED'}")
     return "\n".join(lines)

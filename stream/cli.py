@@ -31,10 +31,48 @@ def cmd_worker(args) -> int:
            if settings.web_port else "off (TAGGER_WEB_PORT=0)")
     log.info("model %s from %s; web server %s", version, settings.artifacts_dir, web)
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel="DEBUG" if args.verbose else "INFO", quiet=True,
-                          redirect_stdouts=False)
+    worker = _BoundedStopWorker(app, loglevel="DEBUG" if args.verbose else "INFO", quiet=True,
+                                redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
+
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def _bounded_stop_worker_class():
+    import faust
+
+    class BoundedStopWorker(faust.Worker):
+        """A Faust worker whose shutdown is bounded: with the broker gone, Faust's stop waits
+        for commits and producer flushes for a minute or more. After SIGTERM/SIGINT the
+        process exits within ``SHUTDOWN_TIMEOUT_S`` whatever it waits for; nothing is lost
+        (offsets not committed are redelivered to the next worker, records deduplicate)."""
+
+        def _schedule_shutdown(self, signal) -> None:  # mode.Worker's hook for every stop signal
+            _exit_after(SHUTDOWN_TIMEOUT_S)
+            super()._schedule_shutdown(signal)
+
+    return BoundedStopWorker
+
+
+def _exit_after(seconds: float) -> None:
+    import os
+    import threading
+
+    def watchdog() -> None:
+        import time
+        time.sleep(seconds)
+        logging.getLogger("tagger").error("shutdown did not finish within %.0f s (broker or Redis "
+                                          "unreachable?); exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="tagger-shutdown-watchdog", daemon=True).start()
+
+
+def _BoundedStopWorker(*args, **kwargs):
+    return _bounded_stop_worker_class()(*args, **kwargs)
 
 
 def cmd_promote(args) -> int:
@@ -136,6 +174,14 @@ def cmd_chaos(args) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"scale": rows}, indent=2))
         return 0
+    if args.soak:
+        from stream.chaos import soak_run
+        res = soak_run(args.soak, workdir=Path(args.workdir), model=args.model, progress=say)
+        print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"soak": res}, indent=2))
+        return 0 if res["worker_alive"] else 1
     cfg = ChaosConfig.quick() if args.quick else ChaosConfig()
     if args.sessions:
         cfg = dataclasses.replace(cfg, sessions=args.sessions)
@@ -214,10 +260,14 @@ actions:
     c.add_argument("--quick", action="store_true", help="a short version of every fault (a few minutes)")
     c.add_argument("--json", help="write the per-fault report here")
     c.add_argument("--faults", help="comma-separated subset of kill9,two_workers,redis_restart,"
-                                    "broker_pause,bad_artifact (default: all)")
+                                    "broker_pause,bad_artifact,label_set_change,redis_acl,redis_oom,"
+                                    "bad_manifest,broker_outage,key_mismatch (default: all)")
     c.add_argument("--model", help="model folder to serve (default: the current one, else a small "
                                    "one trained on generated logs)")
     c.add_argument("--sessions", type=int, help="generated sessions per fault (or for --scale)")
+    c.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="instead: run one worker for MINUTES at ~1,000 new sessions a minute and report "
+                        "its RSS and the Redis keys every minute")
     c.add_argument("--scale", action="store_true", help="instead: measure throughput with 1 and 2 workers")
     c.add_argument("--workdir", default="runs/chaos", help="where logs, generated data and models go")
     c.set_defaults(func=cmd_chaos)

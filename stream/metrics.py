@@ -31,6 +31,12 @@ class Metrics:
     consumer_lag: Gauge
     partitions: Gauge
     finals: Counter
+    infra_errors: Counter
+    timer_errors: Counter
+    timer_last_run: Gauge
+    dependency_up: Gauge
+    duplicate_run: Gauge
+    duplicate_runs: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
@@ -65,6 +71,20 @@ class Metrics:
             partitions=Gauge("tagger_assigned_partitions", "Input partitions assigned to this worker", registry=r),
             finals=Counter("tagger_final_labels", "Final labels by outcome (labelled, abstained)", ["outcome"],
                            registry=r),
+            infra_errors=Counter("tagger_infrastructure_errors", "Failed Redis or Kafka operations, retried or "
+                                 "held in memory (never dead-lettered), by component (redis, kafka)",
+                                 ["component"], registry=r),
+            timer_errors=Counter("tagger_timer_errors", "Exceptions caught in a periodic task (it keeps running)",
+                                 ["timer"], registry=r),
+            timer_last_run=Gauge("tagger_timer_last_run_timestamp_seconds", "When each periodic task last "
+                                 "completed (sweep, model_poll, broker_probe)", ["timer"], registry=r),
+            dependency_up=Gauge("tagger_dependency_up", "1 while a dependency answers (kafka: a metadata request "
+                                "within the last few seconds; redis: PING and the last write-through "
+                                "succeeded); what /readyz reports", ["dependency"], registry=r),
+            duplicate_run=Gauge("tagger_duplicate_run_events", "Input events in a row dropped as already seen "
+                                "(0 after any accepted event)", registry=r),
+            duplicate_runs=Counter("tagger_duplicate_runs", "Runs of dropped duplicates long enough to be "
+                                   "suspicious (a session store that outlived its broker?)", registry=r),
         )
 
     def __post_init__(self) -> None:
@@ -78,6 +98,11 @@ class Metrics:
             self.finals.labels(outcome=outcome)
         for result in ("ok", "rejected"):
             self.model_swaps.labels(result=result)
+        for component in ("redis", "kafka"):
+            self.infra_errors.labels(component=component)
+            self.dependency_up.labels(dependency=component)
+        for timer in ("sweep", "model_poll", "broker_probe"):
+            self.timer_errors.labels(timer=timer)
 
     def model_event(self, result: str, version: str) -> None:
         """A ``ModelHolder`` event: ``loaded`` (the initial load, not a swap), ``ok`` (a hot

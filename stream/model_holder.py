@@ -84,7 +84,10 @@ class ModelHolder:
         try:
             lm = load_artifact(target)
             smoke_check(lm)
-        except (TaggerError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - anything wrong with the artifact (a malformed
+            # manifest raises KeyError/ValueError/TypeError) rejects it; the poll timer goes on
+            if not isinstance(exc, (TaggerError, OSError)):
+                exc = ArtifactError(f"{target}: cannot be loaded: {type(exc).__name__}: {exc}")
             self.last_error = str(exc)
             log.error("model swap rejected: %s; still serving %s", exc,
                       self.current.version if self.current else "nothing")

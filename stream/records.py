@@ -12,7 +12,8 @@ Validation order, and the DLQ reason code for each failure::
 
     empty (no value, or zero bytes) -> too_large -> invalid_utf8 -> empty (only whitespace)
       -> invalid_json -> not_object -> missing_field -> wrong_type -> bad_timestamp
-      -> timestamp_out_of_range
+      -> timestamp_out_of_range -> key_mismatch (``check_key``: the message key must be the
+         session_id, or one session would be split over partitions and workers)
 
 (A wrong ``type`` value is reported before a missing field, since which fields are required
 depends on it; a lone UTF-16 surrogate escape such as ``"\\ud800"`` is ``invalid_utf8``, found
@@ -375,6 +376,26 @@ def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
 
 # ------------------------------------------------------------------------------ output
 
+def check_key(key: bytes | str | None, event: EventIn) -> None:
+    """The input contract keys every message by its ``session_id`` (Kafka partitions by key,
+    and a session must stay on one partition, so on one worker). Raises ``InvalidEvent``
+    (reason ``key_mismatch``) for a message without a key or with another one."""
+    if key is None:
+        raise InvalidEvent("key_mismatch", f"the message has no key; it must be the session_id "
+                           f"{event.session_id[:100]!r}", "session_id")
+    if isinstance(key, (bytes, bytearray)):
+        try:
+            text = bytes(key).decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+    else:
+        text = str(key)
+    if text is None or text.strip() != event.session_id:
+        shown = text[:100] if text is not None else bytes(key)[:100]
+        raise InvalidEvent("key_mismatch", f"the message key {shown!r} is not the session_id "
+                           f"{event.session_id[:100]!r}", "session_id")
+
+
 def iso_utc(epoch_s: float | None = None) -> str:
     """ISO 8601 UTC with milliseconds and ``Z``: ``2024-03-01T12:00:00.123Z``. None = now."""
     if epoch_s is None:
@@ -444,6 +465,7 @@ _DEFAULT_DETAIL = {
     "not_object": "not a JSON object", "missing_field": "a required field is missing",
     "wrong_type": "a field has the wrong type", "bad_timestamp": "unparseable timestamp",
     "timestamp_out_of_range": "timestamp outside 1990..2100",
+    "key_mismatch": "the message key is not the session_id",
 }
 
 

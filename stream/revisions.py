@@ -17,18 +17,33 @@ final label that agrees with the label shown on arrival: a label is revised at m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class Decision:
-    label: Optional[int]   # None = abstained
+    # The step *name* (None = abstained), never an index into a model's label list: label
+    # lists are the sorted steps of each training set, so a retrained model with a step added
+    # or removed shifts every index, and a decision outlives the model that made it (pending
+    # labels across a hot swap, snapshots in Redis).
+    label: Optional[str]
     confidence: float      # probability of the shown label (of the top label when abstained)
 
     def same_as(self, other: "Decision | None") -> bool:
         return other is not None and other.label == self.label
+
+
+def _index(labels: Sequence[str], name: Optional[str]) -> Optional[int]:
+    """Position of ``name`` in the model's labels; None for an abstention or a step the model
+    does not know (it left the label set in a retrain)."""
+    if name is None:
+        return None
+    try:
+        return labels.index(name)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -36,33 +51,37 @@ class RevisionPolicy:
     margin: float = 0.10
     abstain_band: float = 0.02
 
-    def decide(self, shown: Decision | None, probs: np.ndarray, threshold: float, *,
-               hold: bool = False) -> Decision:
-        """The label to show before an event is final. ``hold`` (the ``stable`` abstention
-        policy): after the first decision nothing changes until the final one."""
+    def decide(self, shown: Decision | None, probs: np.ndarray, threshold: float,
+               labels: Sequence[str], *, hold: bool = False) -> Decision:
+        """The label to show before an event is final. ``probs`` is over ``labels`` (the
+        serving model's). ``hold`` (the ``stable`` abstention policy): after the first
+        decision nothing changes until the final one. A shown step that is not in ``labels``
+        (a model without it was swapped in) is decided afresh, as on arrival."""
         best = int(probs.argmax())
         p_best = float(probs[best])
-        if shown is None:
-            return self.final(probs, threshold)
+        i_shown = _index(labels, shown.label) if shown is not None else None
+        if shown is None or (shown.label is not None and i_shown is None):
+            return self.final(probs, threshold, labels)
         if hold:
-            return Decision(shown.label, p_best if shown.label is None else float(probs[shown.label]))
-        if shown.label is None:
+            return Decision(shown.label, p_best if i_shown is None else float(probs[i_shown]))
+        if i_shown is None:
             if p_best >= min(1.0, threshold + self.abstain_band):
-                return Decision(best, p_best)
+                return Decision(labels[best], p_best)
             return Decision(None, p_best)
-        p_shown = float(probs[shown.label])
-        if best != shown.label and p_best - p_shown >= self.margin and p_best >= threshold:
-            return Decision(best, p_best)
+        p_shown = float(probs[i_shown])
+        if best != i_shown and p_best - p_shown >= self.margin and p_best >= threshold:
+            return Decision(labels[best], p_best)
         if p_shown < threshold - self.abstain_band:
             return Decision(None, p_best)
         return Decision(shown.label, p_shown)
 
     @staticmethod
-    def final(probs: np.ndarray, threshold: float, agree_with: Decision | None = None) -> Decision:
+    def final(probs: np.ndarray, threshold: float, labels: Sequence[str],
+              agree_with: Decision | None = None) -> Decision:
         """The calibrated decision: the top label when its probability reaches the threshold,
         or (``stable`` policy, ``agree_with`` = the label shown since arrival) when it is that
         label; else abstain. ``LoadedModel.covered`` applies the same rule offline."""
         best = int(probs.argmax())
         p = float(probs[best])
-        keep = p >= threshold or (agree_with is not None and agree_with.label == best)
-        return Decision(best if keep else None, p)
+        keep = p >= threshold or (agree_with is not None and agree_with.label == labels[best])
+        return Decision(labels[best] if keep else None, p)

@@ -11,9 +11,16 @@ Redis Cluster slot):
     <prefix>s:{<sid>}:win    list of the last W raw events (JSON), for rebuilding model state
     <prefix>s:{<sid>}:ids    set of accepted event ids (idempotency on redelivery)
     <prefix>open:<p>         sorted set: open sessions of input partition p by last activity,
-                             so a worker that takes over a partition can finalise idle ones
+                             so a worker that takes over a partition can finalise idle ones;
+                             members older than the session TTL (their keys have expired) are
+                             pruned by the idle sweep, and members whose meta is gone are
+                             removed when the sweep finds them
 
 All keys carry a TTL. ``MemorySessionStore`` is the in-memory twin with the same behaviour.
+
+Every Redis failure (connection, timeout, and also error replies such as NOPERM, OOM or
+READONLY) is raised as ``StoreUnavailable``: the worker holds its sessions in memory and
+rewrites them when Redis takes writes again; a Redis problem never becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -26,13 +33,19 @@ from trainer.errors import StreamError
 
 
 class StoreUnavailable(StreamError):
-    """The session store could not be reached."""
+    """The session store could not be reached or refused the command (NOPERM, OOM, READONLY...)."""
+
+
+def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"Redis unavailable while {what}: {type(exc).__name__}: {exc}")
 
 
 class SessionStore(Protocol):
     async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]: ...
     async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None: ...
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]: ...
+    async def forget_open(self, partition: int, session_ids: Iterable[str]) -> None: ...
+    async def prune_open(self, partition: int, before: float) -> int: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -98,8 +111,8 @@ class RedisSessionStore:
                 pipe.lrange(self._k(sid, "win"), 0, -1)
                 pipe.smembers(self._k(sid, "ids"))
             res = await pipe.execute()
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unavailable while loading sessions: {exc}") from exc
+        except (rexc.RedisError, OSError) as exc:
+            raise _unavailable("loading sessions", exc) from exc
         out = {}
         for i, sid in enumerate(session_ids):
             meta, win, ids = res[3 * i:3 * i + 3]
@@ -141,26 +154,48 @@ class RedisSessionStore:
                 pipe.zadd(index, members)
             for index, sids in closed_by.items():
                 pipe.zrem(index, *sids)
+            for index in opened:  # an index of a partition gone quiet expires with its sessions
+                pipe.expire(index, self.ttl)
             try:
                 await pipe.execute()
                 return
-            except rexc.NoScriptError:
+            except rexc.NoScriptError as exc:
                 if attempt == 2:
-                    raise
+                    raise _unavailable("saving sessions", exc) from exc
                 # a restarted (or flushed) Redis has no scripts: load it and redo the batch;
                 # every command here may be repeated (the script did nothing without itself)
-                await self.client.script_load(SAVE_SESSION)
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-                raise StoreUnavailable(f"Redis unavailable while saving sessions: {exc}") from exc
+                try:
+                    await self.client.script_load(SAVE_SESSION)
+                except (rexc.RedisError, OSError) as exc2:
+                    raise _unavailable("loading the save script", exc2) from exc2
+            except (rexc.RedisError, OSError) as exc:
+                raise _unavailable("saving sessions", exc) from exc
 
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]:
-        res = await self.client.zrangebyscore(self._open(partition), "-inf", older_than, start=0, num=limit)
+        import redis.exceptions as rexc
+        try:
+            res = await self.client.zrangebyscore(self._open(partition), "-inf", older_than, start=0, num=limit)
+        except (rexc.RedisError, OSError) as exc:
+            raise _unavailable("listing idle sessions", exc) from exc
         return [r.decode() for r in res]
 
     async def forget_open(self, partition: int, session_ids: Iterable[str]) -> None:
+        import redis.exceptions as rexc
         ids = list(session_ids)
         if ids:
-            await self.client.zrem(self._open(partition), *ids)
+            try:
+                await self.client.zrem(self._open(partition), *ids)
+            except (rexc.RedisError, OSError) as exc:
+                raise _unavailable("updating the open-session index", exc) from exc
+
+    async def prune_open(self, partition: int, before: float) -> int:
+        """Drop index members last active before ``before`` (older than the TTL: their keys
+        have expired, so nobody could resume them). Returns how many went."""
+        import redis.exceptions as rexc
+        try:
+            return int(await self.client.zremrangebyscore(self._open(partition), "-inf", f"({before}"))
+        except (rexc.RedisError, OSError) as exc:
+            raise _unavailable("pruning the open-session index", exc) from exc
 
     async def ping(self) -> bool:
         try:
@@ -208,7 +243,15 @@ class MemorySessionStore:
             self.ids.setdefault(sid, set()).update(snap.get("new_ids", []))
 
     async def idle(self, partition, older_than, limit=1000):
-        return [sid for sid, t in self.open.get(partition, {}).items() if t <= older_than][:limit]
+        found = sorted((t, sid) for sid, t in self.open.get(partition, {}).items() if t <= older_than)
+        return [sid for _, sid in found[:limit]]
+
+    async def prune_open(self, partition, before):
+        part = self.open.get(partition, {})
+        gone = [sid for sid, t in part.items() if t < before]
+        for sid in gone:
+            del part[sid]
+        return len(gone)
 
     async def forget_open(self, partition, session_ids):
         for sid in session_ids:

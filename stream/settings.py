@@ -60,6 +60,9 @@ class Settings:
     # sessions a worker keeps in memory; beyond it the least recently seen are read back from
     # Redis when they return
     max_sessions_in_memory: int = _var("TAGGER_MAX_SESSIONS_IN_MEMORY", 50_000, int)
+    # event ids (redelivery dedupe) held in memory over all sessions; beyond it the least
+    # recently seen sessions are evicted too
+    max_event_ids_in_memory: int = _var("TAGGER_MAX_EVENT_IDS_IN_MEMORY", 2_000_000, int)
     # events of a session arriving out of timestamp order within this many seconds are put
     # back in order before labelling (at the cost of holding first labels that long); 0 = off
     lateness_s: float = _var("TAGGER_LATENESS_S", 0.0, float)
@@ -118,8 +121,14 @@ class Settings:
         check(bool(_TOPIC.match(self.app_id)), "app_id", "letters, digits, '.', '_', '-'")
         check(0 <= self.web_port <= 65535, "web_port", "a port 0-65535 (0 = off)")
         for name in ("partitions", "session_ttl_s", "inactivity_s", "context",
-                     "max_message_bytes", "max_events_per_session", "max_sessions_in_memory"):
+                     "max_message_bytes", "max_events_per_session", "max_sessions_in_memory",
+                     "max_event_ids_in_memory"):
             check(getattr(self, name) >= 1, name, "an integer >= 1")
+        if self.session_ttl_s <= self.inactivity_s + 60:
+            # a session's keys must outlive its inactivity timeout (plus a sweep or two), or
+            # an idle session expires from Redis before anyone finalises it
+            raise ConfigError(f"TAGGER_SESSION_TTL_S: expected more than TAGGER_INACTIVITY_S + 60 s "
+                              f"({self.inactivity_s + 60}), got {self.session_ttl_s}")
         check(0.0 <= self.lateness_s <= 3600.0, "lateness_s", "seconds between 0 and 3600")
         check(1 <= self.batch_max <= 100_000, "batch_max", "an integer between 1 and 100000")
         check(0.5 <= self.batch_wait_ms <= 1000.0, "batch_wait_ms", "milliseconds between 0.5 and 1000")

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -74,7 +75,11 @@ def stack_up(state_dir: str | Path | None = None, *, redis_url: Optional[str] = 
             _stop_all(_read_state(state_dir))  # remains of a crashed stack: clear them
             (state_dir / STATE_FILE).unlink(missing_ok=True)
 
-        state: dict[str, Any] = {"created_at": time.time(), "components": {}}
+        # Each stack gets its own Redis namespace: the broker's topics die with the stack but
+        # a machine's Redis keeps its keys, and a worker on a new stack reading the old
+        # sessions would drop every republished event as already seen.
+        state: dict[str, Any] = {"created_at": time.time(), "components": {},
+                                 "redis_prefix": f"tagger:{uuid.uuid4().hex[:12]}:"}
         try:
             state["components"]["kafka"] = _start_tansu(state_dir, timeout_s, detach)
             _write_state(state_dir, state)
@@ -122,6 +127,7 @@ def stack_status(state_dir: str | Path | None = None) -> dict:
         "state_dir": str(state_dir),
         "kafka": components.get("kafka", {}).get("bootstrap"),
         "redis": components.get("redis", {}).get("url"),
+        "redis_prefix": state.get("redis_prefix"),
         "components": components,
     }
 
@@ -134,6 +140,8 @@ def stack_env(info: dict) -> dict[str, str]:
         env["TAGGER_KAFKA_SESSION_TIMEOUT_S"] = str(EMBEDDED_SESSION_TIMEOUT_S)
     if info.get("redis"):
         env["TAGGER_REDIS"] = info["redis"]
+    if info.get("redis_prefix"):
+        env["TAGGER_REDIS_PREFIX"] = info["redis_prefix"]
     return env
 
 

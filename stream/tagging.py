@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -53,14 +54,24 @@ class Pending:
     probs: Optional[np.ndarray] = None  # latest calibrated probabilities (not persisted)
 
     def to_dict(self) -> dict[str, Any]:
+        # the shown step by name: an index would point at another step of a retrained model
         return {"seq": self.seq, "event_id": self.event_id, "timestamp": self.timestamp,
                 "event_name": self.event_name, "revision": self.revision,
-                "label": None if self.shown is None else self.shown.label,
+                "step": None if self.shown is None else self.shown.label,
                 "conf": None if self.shown is None else self.shown.confidence}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Pending":
-        shown = None if d.get("revision", -1) < 0 else Decision(d.get("label"), float(d.get("conf") or 0.0))
+    def from_dict(cls, d: Mapping[str, Any], labels: Sequence[str] = ()) -> "Pending":
+        """``labels``: the serving model's, to read a snapshot written before labels were
+        stored by name (``label``: an index; one out of range reads as an abstention)."""
+        shown = None
+        if d.get("revision", -1) >= 0:
+            if "step" in d:
+                name = d["step"]
+            else:
+                i = d.get("label")
+                name = labels[i] if isinstance(i, int) and 0 <= i < len(labels) else None
+            shown = Decision(name, float(d.get("conf") or 0.0))
         return cls(d["seq"], d["event_id"], d["timestamp"], d["event_name"], shown, d.get("revision", -1))
 
 
@@ -99,14 +110,19 @@ class LiveTagger:
     def __init__(self, model: LoadedModel, policy: RevisionPolicy | None = None, *,
                  window: int | None = None, clock: Callable[[], float] = time.time,
                  max_events_per_session: int = 100_000, lateness_s: float = 0.0,
-                 max_sessions: int = 50_000):
+                 max_sessions: int = 50_000, max_ids: int = 2_000_000):
         self.policy = policy or RevisionPolicy()
         self.clock = clock
         self.sessions: dict[str, LiveSession] = {}
         self.max_events = max_events_per_session
         self.lateness_s = lateness_s
         self.max_sessions = max_sessions
-        self.evicted: list[str] = []
+        # event ids held in memory over all sessions (dedupe of redeliveries): a second bound
+        # next to max_sessions, since one session may hold up to max_events_per_session ids
+        self.max_ids = max_ids
+        self.n_ids = 0
+        self.evicted: deque[str] = deque(maxlen=1000)  # the most recent evictions (for tests, logs)
+        self.evictions = 0
         self.evict_enabled = True  # the worker turns it off while the store is behind
         self._window = window
         self.model = model
@@ -133,12 +149,18 @@ class LiveTagger:
 
     def swap(self, model: LoadedModel) -> None:
         """Serve a new model from the next event on. Open sessions keep their pending labels
-        and revision numbers; their model state is rebuilt from the raw window (re-encoded
-        with the new encoders) the next time they are touched."""
+        (step names) and revision numbers; their model state is rebuilt from the raw window
+        (re-encoded with the new encoders, sessions in one batch) the next time they are
+        touched. Probabilities of the old model are dropped: they are over its label list.
+        A pending label whose step the new model does not know is decided afresh by it; an
+        event that is already past the new model's (shorter) lookahead gets its final
+        record at the session's next event."""
         self._check(model)
         self.model = model
         for s in self.sessions.values():
             s.state = None
+            for p in s.pending:
+                p.probs = None
 
     # ---- events -------------------------------------------------------------------------
     def process(self, events: Sequence[Any], partitions: Sequence[Optional[int]] | None = None) -> Batch:
@@ -184,6 +206,7 @@ class LiveTagger:
                                      f"(limit {self.max_events})"))
                 continue
             sess.ids.add(ev.event_id)
+            self.n_ids += 1
             sess.new_ids.append(ev.event_id)
             if sess.closed:
                 sess.closed = False  # a late event reopens the session; earlier finals stand
@@ -229,15 +252,18 @@ class LiveTagger:
         return records
 
     def _evict(self, keep: set[str]) -> None:
-        """Bound the sessions held in memory: the least recently seen ones go (their state is
-        in the store and is read back if they return)."""
+        """Bound the sessions (and the event ids) held in memory: the least recently seen
+        sessions go (their state is in the store and is read back if they return)."""
         excess = len(self.sessions) - self.max_sessions
-        if excess <= 0 or not self.evict_enabled:
+        if (excess <= 0 and self.n_ids <= self.max_ids) or not self.evict_enabled:
             return
         victims = sorted((s.last_seen, sid) for sid, s in self.sessions.items() if sid not in keep)
-        for _, sid in victims[:excess]:
+        for k, (_, sid) in enumerate(victims):
+            if k >= excess and self.n_ids <= self.max_ids:
+                break
             self.evicted.append(sid)
-            del self.sessions[sid]
+            self.evictions += 1
+            self.n_ids -= len(self.sessions.pop(sid).ids)
 
     def inactive(self, now: float, timeout: float) -> list[str]:
         return [sid for sid, s in self.sessions.items()
@@ -246,7 +272,9 @@ class LiveTagger:
     def drop(self, session_ids: Iterable[str]) -> None:
         """Forget sessions held in memory (closed ones, or after losing their partition)."""
         for sid in session_ids:
-            self.sessions.pop(sid, None)
+            sess = self.sessions.pop(sid, None)
+            if sess is not None:
+                self.n_ids -= len(sess.ids)
 
     # ---- internals ----------------------------------------------------------------------
     def _raw(self, ev: Any) -> dict[str, Any]:
@@ -257,36 +285,39 @@ class LiveTagger:
 
     def _ensure_state(self, sessions: Iterable[LiveSession]) -> None:
         """Sessions without model state (new, restored, or after a swap) get it: fresh, or
-        rebuilt by running their raw window through the current encoder and model."""
+        rebuilt by running their raw window through the current encoder and model. The
+        rebuild steps every such session at once (one encode and one ``step`` call per
+        position in the window, not per event), and each pending event keeps the
+        probabilities of the last step that saw it: for an event already past the model's
+        lookahead those are its final ones."""
         model = self.model.model
-        for sess in sessions:
-            if sess.state is not None and sess.model_version == self.model.version:
-                continue
-            state = model.init_state()
-            if sess.window:
-                enc = self.model.encoder
-                ctx = EventContext(start_ts=sess.ctx.start_ts)
-                derived = []
-                for raw in sess.window:
-                    d, ctx = derive(raw, ctx, enc.data, enc.auto_cols)
-                    derived.append(d)
-                window = enc.encode_derived(derived, self.model.base_dir)  # one call for the window
-                logits = None
-                for i in range(len(window)):
-                    [state], [logits] = model.step([state], step_batch(window.rows(i, i + 1), model))
-                if logits is not None:
-                    self._refresh_probs(sess, logits)
-            sess.state = state
+        enc = self.model.encoder
+        todo = [s for s in {id(s): s for s in sessions}.values()
+                if s.state is None or s.model_version != self.model.version]
+        derived: list[list[Any]] = []
+        for sess in todo:
+            ctx = EventContext(start_ts=sess.ctx.start_ts)
+            rows = []
+            for raw in sess.window:
+                d, ctx = derive(raw, ctx, enc.data, enc.auto_cols)
+                rows.append(d)
+            derived.append(rows)
+            sess.state = model.init_state()
             sess.model_version = self.model.version
-
-    def _refresh_probs(self, sess: LiveSession, logits: torch.Tensor) -> None:
-        probs = _calibrated(logits, self.model.temperature)
-        v = len(probs)
-        first = sess.n - v
-        for p in sess.pending:
-            j = p.seq - first
-            if 0 <= j < v:
-                p.probs = probs[j]
+        for k in range(max((len(rows) for rows in derived), default=0)):
+            active = [i for i, rows in enumerate(derived) if k < len(rows)]
+            encoded = enc.encode_derived([derived[i][k] for i in active], self.model.base_dir)
+            states, outs = model.step([todo[i].state for i in active], step_batch(encoded, model))
+            sizes = [len(o) for o in outs]
+            all_probs = np.split(_calibrated(torch.cat(outs), self.model.temperature), np.cumsum(sizes)[:-1])
+            for i, state, probs in zip(active, states, all_probs):
+                sess = todo[i]
+                sess.state = state
+                last = sess.n - len(derived[i]) + k          # seq of the window event just stepped
+                first = last - len(probs) + 1
+                for p in sess.pending:
+                    if first <= p.seq <= last:
+                        p.probs = probs[p.seq - first]
 
     def _step(self, rnd: list[tuple[LiveSession, Any]], records: list[dict[str, Any]]) -> None:
         self._ensure_state(s for s, _ in rnd)
@@ -303,6 +334,7 @@ class LiveTagger:
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
         stable = self.model.policy == "stable"
+        labels = self.model.labels
         emitted_at = iso_now(self.clock)
         # one softmax and one copy to numpy for the whole round, then a slice per session.
         # Labels shown before an event is final use the calibration of their depth k (later
@@ -327,21 +359,28 @@ class LiveTagger:
             keep = []
             for p in sess.pending:
                 j = p.seq - first
-                if j < 0:       # fell out of the model's view without a final (cannot happen
-                    keep.append(p)  # with a bounded lookahead; kept for the session end)
-                    continue
-                p.probs = probs[j]
-                is_final = p.seq <= sess.n - 1 - L
-                if is_final:
-                    d = self.policy.final(p.probs, thr, p.shown if stable else None)
+                if j < 0:
+                    # out of the model's view: past the lookahead of a model swapped in with a
+                    # shorter one. Its probabilities from the rebuild are the new model's
+                    # final ones; without them (context lost) it waits for the session end.
+                    if p.probs is None:
+                        keep.append(p)
+                        continue
+                    d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+                    is_final = True
                 else:
-                    d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j),
-                                           hold=stable)
-                    keep.append(p)
+                    p.probs = probs[j]
+                    is_final = p.seq <= sess.n - 1 - L
+                    if is_final:
+                        d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+                    else:
+                        d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j),
+                                               labels, hold=stable)
+                        keep.append(p)
                 if is_final or not d.same_as(p.shown):
                     p.revision += 1
                     p.shown = d
-                    records.append(_record(sess.session_id, p, d, is_final, self.model.labels, version, emitted_at))
+                    records.append(_record(sess.session_id, p, d, is_final, version, emitted_at))
             sess.pending = keep
 
     def _finalize(self, sess: LiveSession) -> list[dict[str, Any]]:
@@ -352,22 +391,27 @@ class LiveTagger:
         emitted_at = iso_now(self.clock)
         records = []
         stable = self.model.policy == "stable"
+        labels = self.model.labels
         for p in sess.pending:
             if p.probs is not None:
-                d = self.policy.final(p.probs, thr, p.shown if stable else None)
-            else:  # context lost (e.g. Redis restarted): final as last shown, or abstain
-                d = p.shown or Decision(None, 0.0)
+                d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+            elif p.shown is not None and (p.shown.label is None or p.shown.label in labels):
+                d = p.shown  # context lost (e.g. Redis restarted): final as last shown
+            else:  # nothing to go on, or a step this model does not know: abstain
+                d = Decision(None, 0.0)
             p.revision += 1
             p.shown = d
-            records.append(_record(sess.session_id, p, d, True, self.model.labels, version, emitted_at))
+            records.append(_record(sess.session_id, p, d, True, version, emitted_at))
         sess.pending = []
         sess.closed = True
         return records
 
     # ---- persistence --------------------------------------------------------------------
-    def snapshot(self, sid: str) -> dict[str, Any]:
+    def snapshot(self, sid: str, *, clear: bool = True) -> dict[str, Any]:
         """The session's resumable state, JSON-able. ``new_raw``/``new_ids`` are the raw events
-        and ids added since the previous snapshot, so a store can append instead of rewrite."""
+        and ids added since the previous snapshot, so a store can append instead of rewrite.
+        ``clear=False`` keeps them until ``saved`` says the store has them (the worker: a
+        save that fails must not lose them)."""
         s = self.sessions[sid]
         snap = {"session_id": sid, "n": s.n, "ctx": s.ctx.to_dict(), "closed": s.closed,
                 "pending": [p.to_dict() for p in s.pending], "model_version": s.model_version,
@@ -375,20 +419,38 @@ class LiveTagger:
                 "new_raw": list(s.new_raw), "new_ids": list(s.new_ids),
                 "held": [_event_dict(e) for e in s.held],
                 "max_ts": s.max_ts if s.max_ts != float("-inf") else None}
-        s.new_raw.clear()
-        s.new_ids.clear()
+        if clear:
+            s.new_raw.clear()
+            s.new_ids.clear()
         return snap
+
+    def pending_deltas(self, sids: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """How many raw events and ids each session has not yet handed to a store."""
+        return {sid: (len(self.sessions[sid].new_raw), len(self.sessions[sid].new_ids))
+                for sid in sids if sid in self.sessions}
+
+    def saved(self, marks: Mapping[str, tuple[int, int]]) -> None:
+        """The store holds the first (raw, ids) deltas counted by ``pending_deltas``."""
+        for sid, (n_raw, n_ids) in marks.items():
+            s = self.sessions.get(sid)
+            if s is not None:
+                del s.new_raw[:n_raw]
+                del s.new_ids[:n_ids]
 
     def restore(self, snap: Mapping[str, Any], window: Sequence[Mapping[str, Any]], ids: Iterable[str]) -> LiveSession:
         """Resume a session from a store (after a restart or rebalance)."""
         sess = LiveSession(snap["session_id"], n=int(snap["n"]), ctx=EventContext.from_dict(snap.get("ctx")),
-                           pending=[Pending.from_dict(p) for p in snap.get("pending", [])],
+                           pending=[Pending.from_dict(p, self.model.labels) for p in snap.get("pending", [])],
                            window=[dict(w) for w in window][-self.window_size:], ids=set(ids),
                            model_version=None, last_seen=float(snap.get("last_seen") or self.clock()),
                            closed=bool(snap.get("closed")), partition=snap.get("partition"),
                            held=[_event_from_dict(d) for d in snap.get("held", [])],
                            max_ts=float(snap["max_ts"]) if snap.get("max_ts") is not None else float("-inf"))
+        old = self.sessions.get(sess.session_id)
+        if old is not None:
+            self.n_ids -= len(old.ids)
         self.sessions[sess.session_id] = sess
+        self.n_ids += len(sess.ids)
         return sess
 
 
@@ -414,9 +476,8 @@ def step_batch(enc: EncodedSession, model) -> dict[str, torch.Tensor]:
             for name in ("event", "tokens", "cats", "nums", "text", "image", "lex")}
 
 
-def _record(sid: str, p: Pending, d: Decision, final: bool, labels: Sequence[str], version: str,
-            emitted_at: str) -> dict[str, Any]:
+def _record(sid: str, p: Pending, d: Decision, final: bool, version: str, emitted_at: str) -> dict[str, Any]:
     return {"session_id": sid, "event_id": p.event_id, "seq": p.seq, "timestamp": p.timestamp,
-            "event_name": p.event_name, "step_name": None if d.label is None else labels[d.label], "confidence": round(d.confidence, 6),
+            "event_name": p.event_name, "step_name": d.label, "confidence": round(d.confidence, 6),
             "abstained": d.label is None, "revision": p.revision, "final": final,
             "model_version": version, "emitted_at": emitted_at}

@@ -341,6 +341,16 @@ def tiny_model_b(gen_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_relabelled(gen_dir):
+    """Model A's recipe on the same log with one step merged into another and one renamed:
+    a retrain with one step removed and one added (a shorter, shifted label list)."""
+    from stream.chaos import relabelled_log
+    from tests.helpers import make_log, train_tiny
+    log = relabelled_log(make_log(gen_dir, 150, 11), gen_dir / "gen_150_11_relabelled.csv")
+    return train_tiny(log, gen_dir / "model_relabelled")
+
+
+@pytest.fixture(scope="session")
 def heldout_log(gen_dir):
     from tests.helpers import make_log
     return make_log(gen_dir, 40, 99, "heldout.csv")

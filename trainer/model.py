@@ -1042,6 +1042,9 @@ class MixtureArgs:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MixtureArgs":
+        unknown = sorted(set(d) - {"arch", "members", "depth_weights", "lookahead", "n_labels"})
+        if unknown:  # as ModelArgs(**d) would: a key this version does not know is an error
+            raise TypeError(f"unexpected mixture argument(s) {unknown}")
         return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]])
 
 

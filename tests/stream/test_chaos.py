@@ -49,7 +49,7 @@ def chaos(tmp_path_factory, tiny_model):
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "chaos", "--quick", "--json", str(out),
          "--model", str(tiny_model), "--workdir", str(folder / "work")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=720)
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(f"tagger chaos --quick took {time.monotonic() - started:.0f} s\n{proc.stdout}\n"
           f"{proc.stderr[-3000:]}")
     assert out.exists(), f"no report (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
@@ -79,7 +79,10 @@ def test_fault_leaves_no_valid_event_without_its_final_label(chaos, fault):
     assert r["events_in"] > 100
     assert r["events_without_final"] == 0, d
     assert r["final_out"] == r["events_in"]
-    assert r["dlq"] == 0
+    # the traffic is valid: only the deliberately mis-keyed messages may be dead letters
+    assert r["dlq"] == (d["mismatched_sent"] if fault == "key_mismatch" else 0)
+    assert r["accepted_in_dlq"] == 0 and r["labels_outside_label_set"] == 0
+    assert d["timers_alive"], d["timer_age_s"]
     # repeats after a crash are allowed, but only as exact repeats of one history per event
     assert r["conflicting_duplicates"] == 0 and r["several_finals"] == 0
     assert r["records_after_final"] == 0 and r["seq_conflicts"] == 0
@@ -101,6 +104,20 @@ def test_fault_leaves_no_valid_event_without_its_final_label(chaos, fault):
         assert d["rejected"] == 3 and d["rejections_logged"] == 3
         assert d["versions_served"] == [d["old_version"]]
         assert d["pickle_executed"] is False
+    elif fault == "label_set_change":
+        assert d["removed"] and d["added"] and len(d["versions_served"]) == 2
+        assert d["processing_errors"] == 0
+    elif fault == "redis_acl":
+        assert d["redis_errors_while_denied"] > 0 and not d["ready_while_denied"]
+    elif fault == "redis_oom":
+        assert d["redis_errors_while_full"] > 0
+    elif fault == "bad_manifest":
+        assert d["rejected"] == 1 and d["swapped"] >= 1
+    elif fault == "broker_outage":
+        assert d["not_ready_after_s"] is not None and d["not_ready_after_s"] <= 6.0
+        assert d["sigterm_exit_s"] <= 12.0 and d["ready_again_after_s"] < 60
+    elif fault == "key_mismatch":
+        assert d["dlq_reasons"] == ["key_mismatch"]
     assert r["ok"], d
 
 
@@ -259,3 +276,24 @@ def test_security_settings_from_the_environment(tmp_path):
     with pytest.raises(ConfigError, match="TAGGER_KAFKA_SSL_CAFILE"):
         Settings.from_env({"TAGGER_KAFKA_SECURITY_PROTOCOL": "SSL",
                            "TAGGER_KAFKA_SSL_CAFILE": str(tmp_path / "missing.pem")})
+
+
+def test_every_bad_artifact_of_the_drill_is_refused_whatever_the_architecture(tmp_path, tiny_model):
+    """The ``bad_artifact`` fault promotes three broken models; each must be rejected by the
+    worker's holder (the default ``model.arch: auto`` gives a Mixture, whose top-level
+    arguments are not the ones its weights depend on)."""
+    from stream.chaos import bad_artifacts, point_at
+    from stream.metrics import Metrics
+    from stream.model_holder import ModelHolder
+
+    root = tmp_path / "artifacts"
+    promote(tiny_model, root)
+    metrics = Metrics.create()
+    holder = ModelHolder(root, on_event=lambda result, version, detail: metrics.model_event(result, version))
+    holder.load_initial()
+    bad = bad_artifacts(tiny_model, tmp_path / "bad")
+    for k, path in enumerate(bad.values(), 1):
+        point_at(root, path)
+        assert holder.poll() is False
+        assert metrics.model_swaps.labels(result="rejected")._value.get() == k, path.name
+    assert not (tmp_path / "bad" / "PWNED").exists()

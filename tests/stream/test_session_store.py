@@ -97,3 +97,53 @@ def test_a_redis_that_lost_its_scripts_still_takes_saves():
         return await store.load(["a"])
     meta, window, ids = with_redis(go)["a"]
     assert meta["n"] == 2 and window == [{"i": 0}, {"i": 1}] and ids == {"e0", "e1"}
+
+
+def test_error_replies_of_redis_are_store_unavailable_and_the_acl_in_the_docs_suffices():
+    """A Redis that refuses a command (here NOPERM: an ACL user without the Lua commands)
+    raises StoreUnavailable, which the worker holds in memory, instead of an untranslated
+    ResponseError that dead-lettered labelled events; with the commands docs/operations.md
+    lists the same user saves, loads, lists and prunes. The ACL user is namespaced and
+    deleted afterwards."""
+    import re
+    from pathlib import Path
+
+    import pytest
+    import redis as redis_lib
+
+    from stream.session_store import StoreUnavailable
+
+    ops = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    line = next(ln for ln in ops.splitlines() if ln.strip().startswith("ACL SETUSER tagger"))
+    granted = [t for t in line.split() if t.startswith("+")]
+    user, pw = f"tagger-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    prefix = f"tagger-test:{uuid.uuid4().hex[:8]}:"
+    admin = redis_lib.Redis.from_url(REDIS)
+    without_lua = [g for g in granted if not re.match(r"\+(evalsha|script)", g)]
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{pw}", f"~{prefix}*", "-@all", *without_lua)
+    url = f"redis://{user}:{pw}@127.0.0.1:6379/0"
+
+    async def go(grant):
+        store = RedisSessionStore(url, prefix=prefix, ttl_s=120, closed_ttl_s=30)
+        try:
+            if not grant:
+                with pytest.raises(StoreUnavailable, match="NOPERM|NoPermission|permission"):
+                    await store.save([snap("s1", 1, raw=[{"a": 1}], ids=["e0"])], 5)
+                return None
+            await store.save([snap("s1", 1, raw=[{"a": 1}], ids=["e0"])], 5)
+            assert await store.idle(3, 1e12) == ["s1"]
+            assert await store.prune_open(3, 0.0) == 0
+            return await store.load(["s1"])
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(go(False))
+        admin.execute_command("ACL", "SETUSER", user, *granted)
+        assert asyncio.run(go(True))["s1"][2] == {"e0"}
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        keys = list(admin.scan_iter(match=f"{prefix}*"))
+        if keys:
+            admin.delete(*keys)
+        admin.close()

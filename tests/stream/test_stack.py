@@ -156,12 +156,16 @@ def test_stack_up_round_trip_status_down(tmp_path):
     # `eval "$(tagger stack up)"` as a user runs it: another process starts the stack.
     code = (f"from stream.stack import format_env, stack_up; "
             f"print(format_env(stack_up({str(state_dir)!r})), end='')")
-    script = f'eval "$({sys.executable} -c "{code}")" && echo "$TAGGER_KAFKA $TAGGER_REDIS"'
+    script = (f'eval "$({sys.executable} -c "{code}")" && '
+              f'echo "$TAGGER_KAFKA $TAGGER_REDIS $TAGGER_REDIS_PREFIX"')
     try:
         run = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                              cwd=REPO_ROOT, timeout=60)
         assert run.returncode == 0, run.stderr
-        kafka, redis_url = run.stdout.split()
+        kafka, redis_url, prefix = run.stdout.split()
+        # the stack's own Redis namespace: sessions of an earlier stack (whose broker is gone)
+        # are not this one's
+        assert prefix.startswith("tagger:") and prefix != "tagger:"
 
         assert asyncio.run(_round_trip(kafka)) == [f"v{i}".encode() for i in range(5)]
 
@@ -179,6 +183,10 @@ def test_stack_up_round_trip_status_down(tmp_path):
     assert _gone(pid)
     assert stack_status(state_dir)["status"] == "stopped"
     assert stack_down(state_dir)["stopped"] == []  # a second down is harmless
+    try:  # down and up again: a fresh broker, so a fresh Redis namespace
+        assert stack_up(state_dir)["redis_prefix"] not in (None, prefix)
+    finally:
+        stack_down(state_dir)
 
 
 def test_stack_state_is_one_place_per_user_whatever_the_directory(tmp_path, monkeypatch):

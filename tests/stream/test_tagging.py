@@ -93,6 +93,8 @@ def test_revisions_happen_on_branch_steps(lm, sessions):
 
 def test_streaming_final_labels_equal_offline_labels(lm, sessions):
     frame, _ = sessions
+    # offline decisions follow the model's abstention policy (``stable``: a final label that
+    # agrees with the one shown on arrival is kept), as ``evaluate --streaming`` passes them
     sids, probs, covered = lm.predict_decisions(frame)
     res = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)),
                                offline_covered=dict(zip(sids, covered)))
@@ -165,12 +167,19 @@ def test_inactivity_finalises_pending_events(lm, sessions):
 
 def test_policy_hysteresis():
     pol = RevisionPolicy(margin=0.2, abstain_band=0.05)
-    shown = Decision(0, 0.6)
-    assert pol.decide(shown, np.array([0.45, 0.55]), 0.5).label == 0        # not enough margin
-    assert pol.decide(shown, np.array([0.3, 0.7]), 0.5).label == 1          # clear win
-    assert pol.decide(shown, np.array([0.4, 0.4, 0.2]), 0.5).label is None  # lost confidence
-    assert pol.decide(Decision(None, 0.4), np.array([0.52, 0.48]), 0.5).label is None  # inside band
-    assert RevisionPolicy.final(np.array([0.52, 0.48]), 0.5).label == 0
+    ab, abc = ["a", "b"], ["a", "b", "c"]
+    shown = Decision("a", 0.6)
+    assert pol.decide(shown, np.array([0.45, 0.55]), 0.5, ab).label == "a"        # not enough margin
+    assert pol.decide(shown, np.array([0.3, 0.7]), 0.5, ab).label == "b"          # clear win
+    assert pol.decide(shown, np.array([0.4, 0.4, 0.2]), 0.5, abc).label is None   # lost confidence
+    assert pol.decide(Decision(None, 0.4), np.array([0.52, 0.48]), 0.5, ab).label is None  # inside band
+    assert RevisionPolicy.final(np.array([0.52, 0.48]), 0.5, ab).label == "a"
+    # labels are step names: the same decision reads the same under another label list
+    assert pol.decide(shown, np.array([0.45, 0.55]), 0.5, ["b", "a"]).label == "a"
+    assert pol.decide(shown, np.array([0.45, 0.55]), 0.5, ["b", "a"], hold=True).confidence == 0.55
+    # a shown step the model does not know is decided afresh, even when held
+    assert pol.decide(shown, np.array([0.3, 0.7]), 0.5, ["b", "c"], hold=True).label == "c"
+    assert pol.decide(shown, np.array([0.45, 0.55]), 0.6, ["b", "c"], hold=True).label is None
 
 
 def test_lateness_window_puts_out_of_order_events_back_in_order(lm, sessions):
@@ -220,3 +229,103 @@ def test_sessions_beyond_the_memory_limit_are_evicted_and_can_be_restored(lm, se
     out = tagger.process(events[3:] + [EventIn(sid, "", "", 0.0, "", "session_end", {})])
     finals = [r for r in out.records if r["final"]]
     assert len(finals) == len(events)  # the 3 pending from before eviction plus the rest
+
+
+def _end(sid):
+    return EventIn(sid, "", "", 0.0, "", "session_end", {})
+
+
+def _check_labels(recs, label_sets):
+    """Every record's step is in the label set of the model that emitted it; one final per
+    event, nothing after it, revisions counting up by one."""
+    for r in recs:
+        assert r["step_name"] is None or r["step_name"] in label_sets[r["model_version"]], r
+    last, done = {}, set()
+    for r in recs:
+        key = (r["session_id"], r["event_id"])
+        assert key not in done and r["revision"] == last.get(key, -1) + 1, r
+        last[key] = r["revision"]
+        if r["final"]:
+            done.add(key)
+    return done
+
+
+def test_swap_to_a_model_with_another_label_set_keeps_open_sessions_right(lm, tiny_model_relabelled, sessions):
+    """A retrain with one step merged away and one added (labels are names, not indices):
+    open sessions go on under the new model, and an event shown with the step that left is
+    decided again by the new model before its final."""
+    _, evs = sessions
+    new = load_artifact(tiny_model_relabelled)
+    gone = set(lm.labels) - set(new.labels)
+    assert gone and set(new.labels) - set(lm.labels) and len(new.labels) < len(lm.labels)
+    tagger = LiveTagger(lm)
+    items = sorted(evs.items(), key=lambda kv: -len(kv[1]))[:12]
+    recs = []
+    for sid, events in items:
+        recs += tagger.process(events[:len(events) // 2]).records
+    shown_gone = {(sid, p.event_id) for sid, s in tagger.sessions.items() for p in s.pending
+                  if p.shown is not None and p.shown.label in gone}
+    tagger.swap(new)
+    for sid, events in items:
+        recs += tagger.process(events[len(events) // 2:] + [_end(sid)]).records
+    done = _check_labels(recs, {lm.version: set(lm.labels), new.version: set(new.labels)})
+    assert done == {(sid, e.event_id) for sid, events in items for e in events}
+    finals = {(r["session_id"], r["event_id"]): r for r in recs if r["final"]}
+    assert all(finals[k]["step_name"] not in gone and finals[k]["model_version"] == new.version
+               for k in shown_gone)
+
+
+def test_a_session_saved_under_one_label_set_resumes_under_another(lm, tiny_model_relabelled, sessions):
+    """Snapshots in the store carry step names: a worker serving the retrained model
+    resumes them (no IndexError, no step of the other model's list)."""
+    _, evs = sessions
+    new = load_artifact(tiny_model_relabelled)
+    store = MemorySessionStore()
+    a = LiveTagger(lm)
+    items = sorted(evs.items(), key=lambda kv: -len(kv[1]))[:12]
+    recs = []
+    for sid, events in items:
+        recs += a.process(events[:len(events) // 2]).records
+        asyncio.run(store.save([a.snapshot(sid)], a.window_size))
+    assert any("step" in p for sid, _ in items for p in store.meta[sid]["pending"])
+    b = LiveTagger(new)
+    for sid, (meta, window, ids) in asyncio.run(store.load([sid for sid, _ in items])).items():
+        b.restore(meta, window, ids)
+    for sid, events in items:
+        recs += b.process(events[len(events) // 2:] + [_end(sid)]).records
+    done = _check_labels(recs, {lm.version: set(lm.labels), new.version: set(new.labels)})
+    assert done == {(sid, e.event_id) for sid, events in items for e in events}
+
+
+def test_a_shorter_lookahead_after_a_swap_finalises_older_pending_events_at_once(lm, tiny_model_b, sessions):
+    _, evs = sessions
+    new = load_artifact(tiny_model_b)
+    assert new.lookahead < lm.lookahead
+    tagger = LiveTagger(lm)
+    sid, events = max(evs.items(), key=lambda kv: len(kv[1]))
+    tagger.process(events[:8])
+    assert len(tagger.sessions[sid].pending) == lm.lookahead
+    tagger.swap(new)
+    out = tagger.process(events[8:9])
+    assert len(tagger.sessions[sid].pending) == new.lookahead  # none waits for the session end
+    finals = [r["seq"] for r in out.records if r["final"]]
+    assert finals == list(range(8 - lm.lookahead, 9 - new.lookahead))
+    assert all(r["model_version"] == new.version for r in out.records)
+
+
+def test_after_a_swap_open_sessions_are_rebuilt_in_one_batch(lm, tiny_model_b, sessions):
+    """The rebuild of model state after a swap steps all sessions together: one model call
+    per position of the window, not one per event of every session."""
+    _, evs = sessions
+    new = load_artifact(tiny_model_b)
+    tagger = LiveTagger(lm)
+    items = sorted(evs.items(), key=lambda kv: -len(kv[1]))[:6]
+    for sid, events in items:
+        tagger.process(events[:10])
+    tagger.swap(new)
+    calls = []
+    step = new.model.step
+    new.model.step = lambda states, batch: calls.append(len(states)) or step(states, batch)
+    tagger.process([events[10] for _, events in items])
+    window = min(10, tagger.window_size)
+    assert len(calls) == window + 1 and calls[0] == len(items)  # rebuild rounds + the new events

@@ -1,0 +1,240 @@
+"""``WorkerService`` (the worker's batch loop, timers and readiness) on the in-memory session
+store, with a producer stand-in that records what would go to Kafka and can fail its acks.
+The real broker and Redis are exercised by test_worker_integration.py and ``tagger chaos``;
+here each failure is injected exactly where it matters: a dependency failing is retried or
+held in memory and never becomes a dead letter, deltas survive a failed save, and timers
+survive any exception."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stream.app import DUPLICATE_RUN_WARN, WorkerService, _RateLimit
+from stream.publisher import replay_messages
+from stream.session_store import MemorySessionStore, StoreUnavailable
+from stream.settings import Settings
+from trainer.artifacts import promote
+from trainer.loading import read_events
+
+
+class Producer:
+    """Records sends; ``fail_acks`` sends in a row get a failed ack (a broker going away)."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.fail_acks = 0
+
+    async def send(self, topic, key, value, partition, timestamp, headers):
+        fut = asyncio.get_running_loop().create_future()
+        if self.fail_acks > 0:
+            from aiokafka.errors import KafkaTimeoutError
+            self.fail_acks -= 1
+            fut.set_exception(KafkaTimeoutError("no ack"))
+        else:
+            self.sent.append((topic, key, value))
+            fut.set_result(None)
+        return fut
+
+    def records(self, topic):
+        return [json.loads(v) for t, _, v in self.sent if t == topic]
+
+
+class FlakyStore(MemorySessionStore):
+    """The in-memory store; ``fail_saves`` saves in a row raise as a Redis NOPERM/OOM would."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail_saves = 0
+        self.fail_idle: BaseException | None = None
+
+    async def save(self, snapshots, window):
+        if self.fail_saves > 0:
+            self.fail_saves -= 1
+            raise StoreUnavailable("Redis unavailable while saving sessions: ResponseError: OOM command not allowed")
+        await super().save(snapshots, window)
+
+    async def idle(self, partition, older_than, limit=1000):
+        if self.fail_idle is not None:
+            raise self.fail_idle
+        return await super().idle(partition, older_than, limit)
+
+
+@pytest.fixture
+def service(tmp_path, tiny_model):
+    root = tmp_path / "artifacts"
+    promote(tiny_model, root)
+    settings = Settings(artifacts_dir=root.resolve(), inactivity_s=5, web_port=0)
+    producer = Producer()
+    store = FlakyStore()
+    svc = WorkerService(SimpleNamespace(producer=producer), settings, store=store, limit_logs=False)
+    asyncio.run(svc.start())
+    svc.assigned = {0}
+    svc.producer, svc.mem = producer, store
+    yield svc
+    svc.executor.shutdown(wait=False)
+
+
+@pytest.fixture(scope="module")
+def messages(heldout_log):
+    frame, _ = read_events(heldout_log, require_label=False)
+    msgs, _ = replay_messages(frame, sessions=4)
+    return msgs
+
+
+def _events(msgs, start=0, key=None):
+    out = []
+    for i, m in enumerate(msgs, start):
+        k = str(m["session_id"]).encode() if key is None else key(m)
+        out.append(SimpleNamespace(value=json.dumps(m).encode(), message=SimpleNamespace(
+            topic="tagger.events", partition=0, offset=i, key=k, timestamp=None)))
+    return out
+
+
+def _keys(msgs):
+    return {(str(m["session_id"]), str(m["event_id"])) for m in msgs if m.get("type") != "session_end"}
+
+
+def _finals(svc):
+    """Events with a final record; a resent batch repeats records exactly (deduplicable by
+    revision), but no event may have two different finals."""
+    recs = svc.producer.records(svc.settings.output_topic)
+    unique = {(r["session_id"], r["event_id"], r["revision"]) for r in recs if r["final"]}
+    c = Counter((sid, eid) for sid, eid, _ in unique)
+    assert set(c.values()) <= {1}, "an event got two different final records"
+    return set(c)
+
+
+def test_a_batch_is_labelled_and_written_through(service, messages):
+    asyncio.run(service.handle(_events(messages)))
+    assert _finals(service) == _keys(messages)
+    assert not service.producer.records(service.settings.dlq_topic)
+    assert set(service.mem.meta) == {str(m["session_id"]) for m in messages}
+    assert service.dependencies()["redis"]
+
+
+def test_a_failed_save_loses_no_delta_and_dead_letters_nothing(service, messages):
+    """A save refused by Redis (OOM, NOPERM, READONLY) keeps the sessions in memory and
+    rewrites them in full later: the store ends up with every event id and the window."""
+    half = len(messages) // 2
+    service.mem.fail_saves = 1
+    asyncio.run(service.handle(_events(messages[:half])))
+    assert service._store_stale and not service.dependencies()["redis"]
+    service._last_rewrite = 0.0
+    asyncio.run(service.handle(_events(messages[half:], start=half)))
+    assert not service._store_stale
+    assert not service.producer.records(service.settings.dlq_topic)
+    for sid in {str(m["session_id"]) for m in messages}:
+        sent = {str(m["event_id"]) for m in messages if str(m["session_id"]) == sid and m.get("type") != "session_end"}
+        assert service.mem.ids[sid] == sent, sid
+    assert service.metrics.infra_errors.labels(component="redis")._value.get() >= 1
+
+
+def test_saved_deltas_are_cleared_only_after_the_save(service, messages):
+    """A failing save used to clear the deltas (snapshot) before it ran: the next delta
+    save then wrote a window and an id set with holes."""
+    sid = Counter(str(m["session_id"]) for m in messages).most_common(1)[0][0]
+    first = [m for m in messages if str(m["session_id"]) == sid and m.get("type") != "session_end"]
+    service.mem.fail_saves = 1
+    asyncio.run(service.handle(_events(first[:3])))
+    sess = service.tagger.sessions[sid]
+    assert len(sess.new_ids) == 3, "the deltas of a failed save were dropped"
+
+
+def test_failed_acks_are_retried_never_dead_lettered(service, messages):
+    service.producer.fail_acks = 3
+    asyncio.run(service.handle(_events(messages)))
+    assert _finals(service) == _keys(messages)
+    assert not service.producer.records(service.settings.dlq_topic)
+    assert service.metrics.dlq.labels(reason="processing_error")._value.get() == 0
+    assert service.metrics.infra_errors.labels(component="kafka")._value.get() >= 1
+    assert service.metrics.events.labels(result="duplicate")._value.get() == 0
+
+
+def test_a_message_keyed_by_another_session_or_by_nothing_is_dead_lettered(service, messages):
+    evs = _events(messages[:3], key=lambda m: b"someone-else")
+    evs += _events(messages[3:5], start=3, key=lambda m: None)
+    asyncio.run(service.handle(evs))
+    letters = service.producer.records(service.settings.dlq_topic)
+    assert [d["reason"] for d in letters] == ["key_mismatch"] * 5
+    assert "someone-else" in letters[0]["detail"] and "no key" in letters[3]["detail"]
+    assert not service.producer.records(service.settings.output_topic)
+
+
+def test_timers_survive_any_exception(service, messages, tmp_path):
+    service.mem.fail_idle = RuntimeError("boom")
+    asyncio.run(service.sweep())
+    service.mem.fail_idle = None
+    assert service.metrics.timer_errors.labels(timer="sweep")._value.get() == 1
+    # a malformed manifest (KeyError/ValueError in load_artifact) is a rejected model
+    bad = tmp_path / "bad_model"
+    import shutil
+    shutil.copytree(service.holder.current.path, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["calibration"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    from stream.chaos import point_at
+    point_at(service.settings.artifacts_dir, bad)
+    asyncio.run(service.poll_model())
+    assert service.metrics.model_swaps.labels(result="rejected")._value.get() == 1
+    assert service.metrics.timer_last_run.labels(timer="model_poll")._value.get() > 0
+    asyncio.run(service.sweep())
+    assert service.metrics.timer_last_run.labels(timer="sweep")._value.get() > 0
+
+
+def test_the_idle_sweep_drops_orphans_of_the_open_index(service, messages):
+    """Index members whose session keys expired must not starve real idle sessions."""
+    import time
+    now = time.time()
+    service.mem.open[0] = {f"orphan-{i}": now - 60 for i in range(5)}           # meta gone
+    service.mem.open[0].update({f"ancient-{i}": now - 10 * 3600 for i in range(5)})  # past the TTL
+    asyncio.run(service.sweep())
+    assert service.mem.open[0] == {}
+
+
+def test_a_long_run_of_duplicates_is_reported(service, messages, caplog):
+    evs = _events(messages)
+    asyncio.run(service.handle(evs))
+    caplog.set_level(logging.WARNING, logger="tagger.worker")
+    for _ in range(DUPLICATE_RUN_WARN // len(_keys(messages)) + 1):
+        asyncio.run(service.handle(evs))
+    assert service.metrics.duplicate_runs._value.get() == 1
+    assert service.metrics.duplicate_run._value.get() >= DUPLICATE_RUN_WARN
+    assert "dropped as duplicates" in caplog.text and "TAGGER_REDIS_PREFIX" in caplog.text
+
+
+def test_memory_bounds_hold(tmp_path, tiny_model, messages):
+    from stream.tagging import LiveTagger
+    from stream.records import parse_event
+    from trainer.artifacts import load_artifact
+    tagger = LiveTagger(load_artifact(tiny_model), max_sessions=2, max_ids=10)
+    evs = [parse_event(json.dumps(m).encode()) for m in messages if m.get("type") != "session_end"]
+    for ev in evs:
+        tagger.process([ev])
+        assert len(tagger.sessions) <= 2 or not tagger.evict_enabled
+    assert tagger.n_ids == sum(len(s.ids) for s in tagger.sessions.values())
+    assert tagger.n_ids <= 10 + max(len(s.ids) for s in tagger.sessions.values())
+    assert len(tagger.evicted) <= tagger.evicted.maxlen
+
+
+def test_repeated_warnings_are_rate_limited():
+    f = _RateLimit(every_s=30.0)
+    rec = lambda: logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, "Unable connect to %s", ("x",), None)  # noqa: E731
+    assert [f.filter(rec()) for _ in range(100)].count(True) == 1
+    info = logging.LogRecord("aiokafka", logging.INFO, __file__, 1, "fine", (), None)
+    assert f.filter(info)
+    # the worker's own lines (each model rejection, say) are never held back here
+    own = lambda: logging.LogRecord("tagger.worker", logging.ERROR, __file__, 1, "model swap rejected: %s", ("x",), None)  # noqa: E731
+    assert all(f.filter(own()) for _ in range(3))
+
+
+def test_session_ttl_must_outlive_the_inactivity_timeout():
+    from trainer.errors import ConfigError
+    with pytest.raises(ConfigError, match="TAGGER_SESSION_TTL_S"):
+        Settings(session_ttl_s=300, inactivity_s=300)
