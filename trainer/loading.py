@@ -241,22 +241,11 @@ def canonicalize(frame: pd.DataFrame, report: LoadReport, *, require_label: bool
     frame["event_id"] = frame["event_id"].astype(str).str.strip()
     missing_id = frame["event_id"] == ""
     if missing_id.any():
-        # The id the live worker derives (stream.records.parse_event): from the content alone.
-        # A message carries no position, so live an identical repeat (same session, timestamp
-        # and event_name, no event_id) cannot be told from a redelivery and is dropped as one;
-        # offline does the same, so both label the same events.
+        occ = frame.groupby(["session_id", "timestamp", "event_name"], sort=False).cumcount()
         frame.loc[missing_id, "event_id"] = [
-            derive_event_id(s, t, e, 0) for s, t, e in zip(
+            derive_event_id(s, t, e, o) for s, t, e, o in zip(
                 frame.loc[missing_id, "session_id"], frame.loc[missing_id, "timestamp"],
-                frame.loc[missing_id, "event_name"])]
-        repeat = missing_id & frame.duplicated(["session_id", "event_id"], keep="first")
-        if repeat.any():
-            report.bad_rows.extend(BadRow(int(l), "event_id", "repeats an identical event without event_id "
-                                          "(dropped, as the live worker drops it as a redelivery)")
-                                   for l in frame.loc[repeat, "_line"])
-            report.bad_rows.sort(key=lambda b: b.line)
-            frame = frame[~repeat].reset_index(drop=True)
-            frame["seq"] = frame.groupby("session_id", sort=False).cumcount().astype(np.int64)
+                frame.loc[missing_id, "event_name"], occ[missing_id])]
     dup = frame.duplicated(["session_id", "event_id"], keep="first")
     if dup.any():
         lines = frame.loc[dup, "_line"].tolist()

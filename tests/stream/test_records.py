@@ -388,28 +388,3 @@ def test_schemas_ship_as_package_data():
         schema = load_schema(name)
         assert schema["$schema"].endswith("2020-12/schema")
     assert set(load_schema("label")["required"]) == set(LABEL_FIELDS)
-
-
-def test_live_and_offline_derive_the_same_event_ids_for_a_repeated_event(tmp_path):
-    """An event without event_id repeated identically (same session, timestamp, name):
-    live it cannot be told from a redelivery and is dropped as a duplicate; the loader must
-    give the same ids and drop it too, so offline and live label the same events."""
-    import json
-
-    rows = ["timestamp,session_id,event_name,step_name",
-            "2024-01-01T00:00:00Z,s1,Read: a in x,A",
-            "2024-01-01T00:00:01Z,s1,Read: b in x,A",
-            "2024-01-01T00:00:01Z,s1,Read: b in x,A",
-            "2024-01-01T00:00:02Z,s1,Read: c in x,B"]
-    path = tmp_path / "log.csv"
-    path.write_text("\n".join(rows) + "\n")
-    frame, report = read_events(path)
-    live = []
-    for line in rows[1:]:
-        ts, sid, name, _ = line.split(",")
-        ev = parse_event(json.dumps({"session_id": sid, "timestamp": ts, "event_name": name}).encode())
-        if ev.event_id not in live:
-            live.append(ev.event_id)
-    assert frame["event_id"].tolist() == live
-    assert frame["seq"].tolist() == [0, 1, 2]
-    assert [b.line for b in report.bad_rows] == [4]
