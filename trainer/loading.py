@@ -50,6 +50,7 @@ class LoadReport:
     encoding: str
     rows_read: int = 0
     bad_rows: list[BadRow] = field(default_factory=list)
+    repeats: int = 0   # identical repeats without event_id (kept; see ``canonicalize``)
 
     @property
     def rows_kept(self) -> int:
@@ -61,6 +62,11 @@ class LoadReport:
             shown = "; ".join(str(b) for b in self.bad_rows[:5])
             more = f" and {len(self.bad_rows) - 5} more" if len(self.bad_rows) > 5 else ""
             text += f"; skipped {len(self.bad_rows)} bad rows: {shown}{more}"
+        if self.repeats:
+            text += (f"; {self.repeats} rows repeat an earlier event of their session exactly (timestamp "
+                     f"and name) without an event_id: kept, with ids counting the repeats (as `tagger "
+                     f"publish` sends them); an agent that omits event_id gets them dropped live as "
+                     f"redeliveries, so give events an event_id")
         return text
 
 
@@ -241,7 +247,11 @@ def canonicalize(frame: pd.DataFrame, report: LoadReport, *, require_label: bool
     frame["event_id"] = frame["event_id"].astype(str).str.strip()
     missing_id = frame["event_id"] == ""
     if missing_id.any():
+        # A repeat keeps its row (a focus log with one-minute timestamps repeats titles within
+        # a minute all the time); its id counts the repeats. Live, a message without event_id
+        # cannot be told from a redelivery, so the summary tells users to send ids.
         occ = frame.groupby(["session_id", "timestamp", "event_name"], sort=False).cumcount()
+        report.repeats = int((missing_id & (occ > 0)).sum())
         frame.loc[missing_id, "event_id"] = [
             derive_event_id(s, t, e, o) for s, t, e, o in zip(
                 frame.loc[missing_id, "session_id"], frame.loc[missing_id, "timestamp"],
