@@ -37,6 +37,7 @@ Two options sit around any encoder:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
@@ -177,6 +178,8 @@ def bag(weight: torch.Tensor, ids: torch.Tensor, mean: bool = False) -> torch.Te
     """(..., X) 0-padded feature ids -> (prod(...), D) rows of ``weight`` summed (or averaged)
     per event; an event without features gives 0. Padding is dropped before the lookup, so
     the cost follows the features present, not the padded width."""
+    if ids.shape[-1] == 0:                     # no lexical features at all (data.lexical: false)
+        return weight.new_zeros(math.prod(ids.shape[:-1]), weight.shape[1])
     flat = ids.reshape(-1, ids.shape[-1])
     N = flat.shape[0]
     present = flat != 0

@@ -222,3 +222,19 @@ def test_prefix_logits_at_full_depth_are_the_offline_logits(tiny_log, tmp_path):
         assert len(z[0]) == len(s) and np.array_equal(y[0], s.labels)
         # depth-L rows are the offline logits of every event that has L successors
         assert np.allclose(z[L], o[:max(0, len(o) - L)], atol=1e-4)
+
+
+def test_a_model_without_lexical_features_trains_and_labels(tiny_log, tmp_path):
+    """``data.lexical: false`` (an ablation switch): the wide path (of the network and of the CRF) then reads numbers only."""
+    from trainer.loading import read_events
+    from trainer.config import from_dict
+    from trainer.train import train
+    from tests.helpers import TINY
+    cfg = from_dict(TINY).replace(data={"lexical": False}, model={"arch": "auto"}, train={"epochs": 1})
+    out = tmp_path / "m"
+    train(tiny_log, out, cfg, progress=False, echo=lambda *_: None)
+    lm = load_artifact(out)
+    frame, _ = read_events(tiny_log)
+    sids, probs = lm.predict_proba(frame)
+    assert sum(len(p) for p in probs) == len(frame)
+    assert all(np.allclose(p.sum(-1), 1.0, atol=1e-5) for p in probs)
