@@ -5,7 +5,8 @@ writes each processed batch through to the store in one pipelined round trip; it
 session back only when it does not hold it (after a restart, a rebalance or a model swap).
 
 Redis layout (every key of a session shares the hash tag ``{sid}``, so a session lives in one
-Redis Cluster slot):
+Redis Cluster slot; ``TAGGER_REDIS=redis+cluster://host:port`` serves it from a cluster, see
+``stream.redis_client``):
 
     <prefix>s:{<sid>}:meta   JSON snapshot: counts, feature context, pending labels, revisions
     <prefix>s:{<sid>}:win    list of the last W raw events (JSON), for rebuilding model state
@@ -35,6 +36,15 @@ class SessionStore(Protocol):
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
+
+
+def session_key(prefix: str, sid: str, part: str) -> str:
+    """``<prefix>s:{<sid>}:<part>``. Redis Cluster hashes the text between the first ``{`` and
+    the next ``}``; an id that starts with ``}`` would make that empty (the whole key hashed,
+    each part in another slot), so such ids are tagged by their digest under ``s#`` instead."""
+    if sid.startswith("}"):
+        return f"{prefix}s#{{{hashlib.sha1(sid.encode()).hexdigest()}}}:{sid}:{part}"
+    return f"{prefix}s:{{{sid}}}:{part}"
 
 
 def _dumps(obj: Any) -> str:
@@ -74,15 +84,15 @@ return 1
 class RedisSessionStore:
     def __init__(self, url: str, *, prefix: str = "tagger:", ttl_s: int = 3600,
                  closed_ttl_s: int = 900, client=None):
-        import redis.asyncio as aioredis
-        self.client = client or aioredis.from_url(url, decode_responses=False,
-                                                  socket_timeout=5, socket_connect_timeout=5,
-                                                  health_check_interval=10)
+        from stream.redis_client import async_client  # one server or a Redis Cluster
+        self.client = client or async_client(url, decode_responses=False,
+                                             socket_timeout=5, socket_connect_timeout=5,
+                                             health_check_interval=10)
         self.prefix, self.ttl, self.closed_ttl = prefix, ttl_s, closed_ttl_s
         self._save_sha = hashlib.sha1(SAVE_SESSION.encode()).hexdigest()  # the name EVALSHA uses
 
     def _k(self, sid: str, part: str) -> str:
-        return f"{self.prefix}s:{{{sid}}}:{part}"
+        return session_key(self.prefix, sid, part)
 
     def _open(self, partition: Optional[int]) -> str:
         return f"{self.prefix}open:{partition if partition is not None else 'x'}"
@@ -136,7 +146,9 @@ class RedisSessionStore:
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for keys, args in calls:
-                pipe.evalsha(self._save_sha, len(keys), *keys, *args)
+                # execute_command: redis-py's cluster pipeline blocks its evalsha() helper,
+                # not the command; each call's keys share a slot, so it is routed like any other
+                pipe.execute_command("EVALSHA", self._save_sha, len(keys), *keys, *args)
             for index, members in opened.items():
                 pipe.zadd(index, members)
             for index, sids in closed_by.items():
