@@ -6,6 +6,7 @@ it, and two workers of one consumer group sharing the cluster give every event i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections import Counter, defaultdict
 
@@ -159,3 +160,52 @@ def test_live_tagger_evicts_to_the_cluster_and_resumes_from_it(redis_cluster_url
     def final_labels(recs):
         return {(r["session_id"], r["event_id"]): (r["step_name"], r["abstained"]) for r in recs if r["final"]}
     assert final_labels(records) == final_labels(expected)
+
+
+@pytest.mark.integration
+def test_two_workers_in_one_group_on_the_cluster_give_every_event_one_final(
+        tmp_path, settings_factory, faust_worker, tiny_model, heldout_log, redis_cluster_url):
+    """Two ``faust -A stream.app worker`` processes in one consumer group, sessions in the
+    cluster: once the group has split the partitions, traffic to all of them gets exactly one
+    final history per event (repeats, if a rebalance replays a batch, are exact copies)."""
+    from stream.stack import _free_port
+    from tests.helpers import serving_root
+    from tests.stream.test_worker_integration import (Tail, _assert_contract, _metric, _publish, _run,
+                                                      _traffic, _wait_for)
+
+    root = serving_root(tmp_path, tiny_model)
+    settings = settings_factory(artifacts_dir=root, inactivity_s=30, redis_url=redis_cluster_url)
+    ports = [_free_port(), _free_port()]
+    workers = [faust_worker(dataclasses.replace(settings, web_port=p)) for p in ports]
+    messages, events, _ = _traffic(heldout_log, 16)
+
+    def split() -> bool:  # both members hold partitions, and together all of them
+        held = [_metric(p, "tagger_assigned_partitions") for p in ports]
+        return min(held) >= 1 and sum(held) == settings.partitions
+
+    async def main():
+        for w in workers:
+            await asyncio.to_thread(w.wait_ready, 120)
+        await _wait_for(split, "both workers holding partitions", timeout_s=120)
+        async with Tail(settings, settings.output_topic) as tail:
+            await _publish(settings, messages)
+            await tail.until(lambda: {(r["session_id"], r["event_id"]) for r in tail.records if r["final"]}
+                             >= set(events), "final for every event", timeout_s=120)
+            await tail.settle()
+            return tail.records
+
+    records = _run(main(), 360)
+    unique: dict[tuple[str, str, int], dict] = {}
+    for r in records:
+        k = (r["session_id"], r["event_id"], r["revision"])
+        if k in unique:
+            same = ("step_name", "abstained", "final", "seq", "model_version")
+            assert {f: unique[k][f] for f in same} == {f: r[f] for f in same}, (unique[k], r)
+        unique.setdefault(k, r)
+    _assert_contract(sorted(unique.values(), key=lambda r: (r["session_id"], r["seq"], r["revision"])), events)
+    accepted = [_metric(p, 'tagger_events_total{result="accepted"}') for p in ports]
+    assert min(accepted) > 0 and sum(accepted) >= len(events), accepted  # both did work
+    for w in workers:
+        assert w.proc.poll() is None and "Traceback" not in w.log_text()
+    stored = _cleanup(redis_cluster_url, settings.redis_prefix)  # the sessions went to the cluster
+    assert sum(stored.values()) >= len({sid for sid, _ in events}), stored
