@@ -20,6 +20,14 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 
 
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "Redis cannot be reached right now", for one server and for a
+    cluster (no reachable node for the slot map, a slot without a primary, a failover)."""
+    import redis.exceptions as rexc
+    return (rexc.ConnectionError, rexc.TimeoutError, rexc.ClusterDownError, rexc.MasterDownError,
+            rexc.TryAgainError, rexc.RedisClusterException, OSError)
+
+
 def is_cluster(url: str) -> bool:
     return urlsplit(url).scheme in CLUSTER_SCHEMES
 

@@ -98,7 +98,7 @@ class RedisSessionStore:
         return f"{self.prefix}open:{partition if partition is not None else 'x'}"
 
     async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]:
-        import redis.exceptions as rexc
+        from stream.redis_client import unavailable_errors
         if not session_ids:
             return {}
         try:
@@ -108,7 +108,7 @@ class RedisSessionStore:
                 pipe.lrange(self._k(sid, "win"), 0, -1)
                 pipe.smembers(self._k(sid, "ids"))
             res = await pipe.execute()
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+        except unavailable_errors() as exc:  # one server or a cluster
             raise StoreUnavailable(f"Redis unavailable while loading sessions: {exc}") from exc
         out = {}
         for i, sid in enumerate(session_ids):
@@ -124,6 +124,8 @@ class RedisSessionStore:
         (another slot). Replaces seven commands per session: building and parsing them in
         redis-py was as much of the worker's time as the model."""
         import redis.exceptions as rexc
+
+        from stream.redis_client import unavailable_errors
         if not snapshots:
             return
         opened: dict[str, dict[str, float]] = {}
@@ -162,7 +164,7 @@ class RedisSessionStore:
                 # a restarted (or flushed) Redis has no scripts: load it and redo the batch;
                 # every command here may be repeated (the script did nothing without itself)
                 await self.client.script_load(SAVE_SESSION)
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            except unavailable_errors() as exc:  # one server or a cluster
                 raise StoreUnavailable(f"Redis unavailable while saving sessions: {exc}") from exc
 
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]:

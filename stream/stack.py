@@ -392,11 +392,11 @@ def _redis_answers(url: str) -> bool:
     from stream.redis_client import sync_client
     try:
         client = sync_client(url, socket_connect_timeout=1, socket_timeout=1)
-    except (redis.RedisError, OSError):  # a cluster client asks for the slot map at once
-        return False
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+        return False  # (a cluster client asks for the slot map at once)
     try:
         return bool(client.ping())
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
         return False
     finally:
         client.close()

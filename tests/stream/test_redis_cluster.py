@@ -74,6 +74,27 @@ def test_every_key_of_a_session_is_in_one_slot(sid, prefix):
     assert len(slots) == 1
 
 
+def test_an_unreachable_cluster_is_store_unavailable_not_a_crash():
+    """What the worker needs to carry on from memory (and not dead-letter the batch)."""
+    from stream.session_store import StoreUnavailable
+    from stream.stack import _free_port, _redis_answers
+
+    url = f"redis+cluster://127.0.0.1:{_free_port()}"
+    store = RedisSessionStore(url, prefix="tagger-test:none:")
+
+    async def go():
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.load(["a"])
+            with pytest.raises(StoreUnavailable):
+                await store.save([snap("a", 1, raw=[{"i": 0}], ids=["e0"])], 8)
+            return await store.ping()
+        finally:
+            await store.close()
+    assert asyncio.run(go()) is False
+    assert _redis_answers(url) is False
+
+
 @pytest.mark.integration
 def test_store_on_the_cluster_reads_back_as_in_memory(redis_cluster_url):
     raw = [{"event_id": f"e{i}", "event_name": f"Open ü {i}"} for i in range(10)]
