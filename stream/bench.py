@@ -990,8 +990,8 @@ def _model_window(artifacts: Path) -> int:
 def _redis_usage(url: str, prefix: str, session_ids: Sequence[str]) -> dict[str, Any]:
     """``MEMORY USAGE`` of the sessions' keys (meta, window, ids) and of the open-session
     indexes they appear in (shared, counted in full)."""
-    import redis
-    client = redis.Redis.from_url(url)
+    from stream.redis_client import sync_client  # one server or a cluster
+    client = sync_client(url)
     try:
         by_key: Counter = Counter()
         pipe = client.pipeline(transaction=False)
@@ -1009,8 +1009,8 @@ def _redis_usage(url: str, prefix: str, session_ids: Sequence[str]) -> dict[str,
 
 
 def _delete_redis_prefix(url: str, prefix: str) -> None:
-    import redis
-    client = redis.Redis.from_url(url)
+    from stream.redis_client import sync_client  # one server or a cluster
+    client = sync_client(url)
     try:
         batch = []
         for key in client.scan_iter(match=f"{prefix}*", count=1000):
