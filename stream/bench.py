@@ -210,8 +210,8 @@ def _stages(cfg: BenchConfig, res: dict[str, Any], out: Path, run_id: str, timed
         res["throughput"] = timed("throughput", h.throughput)
         res["memory"] = timed("memory", h.memory)
         h.close()  # the kept worker: later runs should have the machine to themselves
-        res["capacity"] = {"worker": timed("capacity_worker", h.capacity, "worker"),
-                           "faust": timed("capacity_faust", h.capacity, "faust")}
+        res["capacity"] = timed("capacity", h.capacities, [("worker", "worker", 1, None),
+                                                            ("faust", "faust", 1, None)])
         cap = res["capacity"]["worker"]
         # loads are fractions of the worker's paced capacity (nothing passed: of the lowest probe)
         paced_max = cap["events_per_s"] or min(p["rate"] for p in cap["probes"])
@@ -390,48 +390,61 @@ class _Harness:
         return out
 
     # ---- capacity -----------------------------------------------------------------------
-    def capacity(self, kind: str, *, workers: int = 1, redis_url: Optional[str] = None,
-                 label: Optional[str] = None) -> dict[str, Any]:
-        """The highest paced input rate at which p99 first-label latency stays within
-        ``P99_TARGET_S`` over ``capacity_window_s`` of traffic, for the worker (``kind``
-        "worker", ``workers`` of them in one group) or the bare Faust agent ("faust").
+    def capacities(self, specs: Sequence[tuple[str, str, int, Optional[str]]]) -> dict[str, dict[str, Any]]:
+        """For each ``(name, kind, workers, redis_url)``: the highest paced input rate at which
+        p99 first-label latency stays within ``P99_TARGET_S`` over ``capacity_window_s`` of
+        traffic, for the worker (``kind`` "worker", ``workers`` of them in one group) or the
+        bare Faust agent ("faust").
 
-        A short search: the first probe at ``CPU_PROBE_RATE``, then double (or halve) until a
-        rate passes and one fails, then bisect geometrically; the answer is the highest rate
-        that passed (0 if none did). Each probe runs on fresh processes and fresh topics, after
-        a warm-up, for the same reason as the latency stage."""
-        cfg, name = self.cfg, label or kind
-        lo, hi, rate = 0.0, math.inf, CPU_PROBE_RATE
-        probes: list[dict[str, Any]] = []
+        A short search each: the first probe at ``CPU_PROBE_RATE``, then double (or halve)
+        until a rate passes and one fails, then bisect geometrically; the answer is the
+        highest rate that passed (0 if none did). The searches take turns probe by probe, so
+        that load from elsewhere on the machine drifts over all of them alike. Each probe
+        runs on fresh processes and fresh topics, after a warm-up, for the same reason as the
+        latency stage."""
+        cfg = self.cfg
+        state = {name: {"lo": 0.0, "hi": math.inf, "rate": CPU_PROBE_RATE, "probes": [], "done": False}
+                 for name, *_ in specs}
         for k in range(cfg.capacity_probes):
-            self.echo(f"capacity, {name}: probe {k + 1}/{cfg.capacity_probes} at {rate:.0f} events/s "
-                      f"for {cfg.capacity_window_s:g} s")
-            run = self._probe(kind, rate, f"cap-{name}-{k}", workers=workers, redis_url=redis_url)
-            run["ok"] = ok = run["p99_s"] <= P99_TARGET_S
-            probes.append(run)
-            self.echo(f"  p50 {1000 * run['p50_s']:.1f} ms, p99 {1000 * run['p99_s']:.1f} ms: "
-                      f"{'within' if ok else 'over'} {1000 * P99_TARGET_S:.0f} ms"
-                      + f"; process CPU {run['cpu_ms_per_event']:.3f} ms/event")
-            if ok:
-                lo = max(lo, rate)
-            else:
-                hi = min(hi, rate)
-            if math.isinf(hi):
-                rate *= 2
-            elif lo == 0:
-                rate /= 2
-            elif hi / lo < 1.1:
-                break
-            else:
-                rate = math.sqrt(lo * hi)
-            rate = float(round(rate))
-        at_500 = [p["cpu_ms_per_event"] for p in probes if p["rate"] == CPU_PROBE_RATE]
-        return {"events_per_s": lo, "failed_at_events_per_s": None if math.isinf(hi) else hi,
-                "workers": workers, "window_s": cfg.capacity_window_s, "p99_target_s": P99_TARGET_S,
-                "cpu_ms_per_event_at_500": at_500[0] if at_500 else None, "probes": probes,
-                "definition": f"highest paced rate (of {len(probes)} probed) with p99 first-label latency "
+            for name, kind, workers, redis_url in specs:
+                st = state[name]
+                if st["done"]:
+                    continue
+                rate = st["rate"]
+                self.echo(f"capacity, {name}: probe {k + 1}/{cfg.capacity_probes} at {rate:.0f} events/s "
+                          f"for {cfg.capacity_window_s:g} s")
+                run = self._probe(kind, rate, f"cap-{name}-{k}", workers=workers, redis_url=redis_url)
+                run["ok"] = ok = run["p99_s"] <= P99_TARGET_S
+                st["probes"].append(run)
+                self.echo(f"  p50 {1000 * run['p50_s']:.1f} ms, p99 {1000 * run['p99_s']:.1f} ms: "
+                          f"{'within' if ok else 'over'} {1000 * P99_TARGET_S:.0f} ms; "
+                          f"process CPU {run['cpu_ms_per_event']:.3f} ms/event")
+                if ok:
+                    st["lo"] = max(st["lo"], rate)
+                else:
+                    st["hi"] = min(st["hi"], rate)
+                lo, hi = st["lo"], st["hi"]
+                if math.isinf(hi):
+                    rate *= 2
+                elif lo == 0:
+                    rate /= 2
+                elif hi / lo < 1.1:
+                    st["done"] = True
+                else:
+                    rate = math.sqrt(lo * hi)
+                st["rate"] = float(round(rate))
+        out = {}
+        for name, kind, workers, _ in specs:
+            st = state[name]
+            at_500 = [p["cpu_ms_per_event"] for p in st["probes"] if p["rate"] == CPU_PROBE_RATE]
+            out[name] = {
+                "events_per_s": st["lo"], "failed_at_events_per_s": None if math.isinf(st["hi"]) else st["hi"],
+                "kind": kind, "workers": workers, "window_s": cfg.capacity_window_s, "p99_target_s": P99_TARGET_S,
+                "cpu_ms_per_event_at_500": at_500[0] if at_500 else None, "probes": st["probes"],
+                "definition": f"highest paced rate (of {len(st['probes'])} probed) with p99 first-label latency "
                               f"<= {1000 * P99_TARGET_S:.0f} ms over {cfg.capacity_window_s:g} s of traffic"
                               + (" (--quick: a short window, few probes)" if cfg.quick else "")}
+        return out
 
     def _probe(self, kind: str, rate: float, tag: str, *, workers: int = 1,
                redis_url: Optional[str] = None) -> dict[str, Any]:
@@ -468,9 +481,9 @@ class _Harness:
         from stream.stack import local_redis_cluster
         with local_redis_cluster(folder) as cluster:
             self.echo(f"Redis Cluster at {cluster['url']} (ports {cluster['ports']})")
-            return {str(n): self.capacity("worker", workers=n, redis_url=cluster["url"],
-                                          label=f"cluster-{n}-worker{'s' if n > 1 else ''}")
-                    for n in (1, 2)}
+            caps = self.capacities([(f"cluster-{n}-worker{'s' if n > 1 else ''}", "worker", n, cluster["url"])
+                                    for n in (1, 2)])
+            return {str(c["workers"]): c for c in caps.values()}
 
     # ---- latency ------------------------------------------------------------------------
     def latency(self, max_rate: float) -> dict[str, Any]:

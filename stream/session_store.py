@@ -23,6 +23,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 
+from stream.redis_client import async_client, unavailable_errors  # one server or a Redis Cluster
 from trainer.errors import StreamError
 
 
@@ -84,7 +85,6 @@ return 1
 class RedisSessionStore:
     def __init__(self, url: str, *, prefix: str = "tagger:", ttl_s: int = 3600,
                  closed_ttl_s: int = 900, client=None):
-        from stream.redis_client import async_client  # one server or a Redis Cluster
         self.client = client or async_client(url, decode_responses=False,
                                              socket_timeout=5, socket_connect_timeout=5,
                                              health_check_interval=10)
@@ -98,7 +98,6 @@ class RedisSessionStore:
         return f"{self.prefix}open:{partition if partition is not None else 'x'}"
 
     async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]:
-        from stream.redis_client import unavailable_errors
         if not session_ids:
             return {}
         try:
@@ -124,8 +123,6 @@ class RedisSessionStore:
         (another slot). Replaces seven commands per session: building and parsing them in
         redis-py was as much of the worker's time as the model."""
         import redis.exceptions as rexc
-
-        from stream.redis_client import unavailable_errors
         if not snapshots:
             return
         opened: dict[str, dict[str, float]] = {}
