@@ -605,8 +605,8 @@ async def fault_kill9(ctx: "ChaosContext") -> FaultReport:
         return await run.finish(publishing)
 
 
-async def fault_two_workers(ctx: "ChaosContext") -> FaultReport:
-    async with FaultRun(ctx, "two_workers") as run:
+async def fault_two_workers(ctx: "ChaosContext", name: str = "two_workers", **overrides) -> FaultReport:
+    async with FaultRun(ctx, name, **overrides) as run:
         a, b = run.worker(), run.worker()
         await asyncio.gather(run.ready(a), run.ready(b))
         parts = 'tagger_assigned_partitions'
@@ -631,6 +631,18 @@ async def fault_two_workers(ctx: "ChaosContext") -> FaultReport:
         run.details["partitions_after_rejoin"] = (metric_value(a.metrics(), parts),
                                                   metric_value(b2.metrics(), parts))
         return await run.finish(publishing)
+
+
+async def fault_cluster_two_workers(ctx: "ChaosContext") -> FaultReport:
+    """``two_workers`` with the sessions in a Redis Cluster (three masters on loopback, started
+    for the fault): the survivor resumes the killed worker's sessions from whichever node holds
+    each. Not in the default set (``--faults cluster_two_workers``)."""
+    from stream.stack import local_redis_cluster
+
+    with local_redis_cluster(ctx.workdir / "cluster_two_workers" / "redis") as cluster:
+        rep = await fault_two_workers(ctx, "cluster_two_workers", redis_url=cluster["url"])
+        rep.details["redis_cluster_ports"] = cluster["ports"]
+        return rep
 
 
 async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
@@ -1043,6 +1055,7 @@ FAULT_FUNCS: dict[str, Callable[["ChaosContext"], Any]] = {
     "broker_pause": fault_broker_pause, "bad_artifact": fault_bad_artifact,
     "label_set_change": fault_label_set_change, "redis_acl": fault_redis_acl, "redis_oom": fault_redis_oom,
     "bad_manifest": fault_bad_manifest, "broker_outage": fault_broker_outage, "key_mismatch": fault_key_mismatch,
+    "cluster_two_workers": fault_cluster_two_workers,
 }
 
 

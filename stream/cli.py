@@ -261,7 +261,9 @@ actions:
     c.add_argument("--json", help="write the per-fault report here")
     c.add_argument("--faults", help="comma-separated subset of kill9,two_workers,redis_restart,"
                                     "broker_pause,bad_artifact,label_set_change,redis_acl,redis_oom,"
-                                    "bad_manifest,broker_outage,key_mismatch (default: all)")
+                                    "bad_manifest,broker_outage,key_mismatch (default: all), or "
+                                    "cluster_two_workers (two_workers on a local Redis Cluster; not in "
+                                    "the default set)")
     c.add_argument("--model", help="model folder to serve (default: the current one, else a small "
                                    "one trained on generated logs)")
     c.add_argument("--sessions", type=int, help="generated sessions per fault (or for --scale)")

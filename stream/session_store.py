@@ -5,7 +5,8 @@ writes each processed batch through to the store in one pipelined round trip; it
 session back only when it does not hold it (after a restart, a rebalance or a model swap).
 
 Redis layout (every key of a session shares the hash tag ``{sid}``, so a session lives in one
-Redis Cluster slot):
+Redis Cluster slot; ``TAGGER_REDIS=redis+cluster://host:port`` serves it from a cluster, see
+``stream.redis_client``):
 
     <prefix>s:{<sid>}:meta   JSON snapshot: counts, feature context, pending labels, revisions
     <prefix>s:{<sid>}:win    list of the last W raw events (JSON), for rebuilding model state
@@ -29,11 +30,20 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 
+from stream.redis_client import async_client, unavailable_errors  # one server or a Redis Cluster
 from trainer.errors import StreamError
 
 
 class StoreUnavailable(StreamError):
     """The session store could not be reached or refused the command (NOPERM, OOM, READONLY...)."""
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a store call may raise that means "Redis cannot serve us now": any Redis error
+    reply (NOPERM, OOM, READONLY, ...) and the lost-connection errors of one server or a
+    cluster. The worker holds its state in memory and retries; nothing is dead-lettered."""
+    import redis.exceptions as rexc
+    return (rexc.RedisError, *unavailable_errors())
 
 
 def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
@@ -48,6 +58,15 @@ class SessionStore(Protocol):
     async def prune_open(self, partition: int, before: float) -> int: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
+
+
+def session_key(prefix: str, sid: str, part: str) -> str:
+    """``<prefix>s:{<sid>}:<part>``. Redis Cluster hashes the text between the first ``{`` and
+    the next ``}``; an id that starts with ``}`` would make that empty (the whole key hashed,
+    each part in another slot), so such ids are tagged by their digest under ``s#`` instead."""
+    if sid.startswith("}"):
+        return f"{prefix}s#{{{hashlib.sha1(sid.encode()).hexdigest()}}}:{sid}:{part}"
+    return f"{prefix}s:{{{sid}}}:{part}"
 
 
 def _dumps(obj: Any) -> str:
@@ -87,21 +106,19 @@ return 1
 class RedisSessionStore:
     def __init__(self, url: str, *, prefix: str = "tagger:", ttl_s: int = 3600,
                  closed_ttl_s: int = 900, client=None):
-        import redis.asyncio as aioredis
-        self.client = client or aioredis.from_url(url, decode_responses=False,
-                                                  socket_timeout=5, socket_connect_timeout=5,
-                                                  health_check_interval=10)
+        self.client = client or async_client(url, decode_responses=False,
+                                             socket_timeout=5, socket_connect_timeout=5,
+                                             health_check_interval=10)
         self.prefix, self.ttl, self.closed_ttl = prefix, ttl_s, closed_ttl_s
         self._save_sha = hashlib.sha1(SAVE_SESSION.encode()).hexdigest()  # the name EVALSHA uses
 
     def _k(self, sid: str, part: str) -> str:
-        return f"{self.prefix}s:{{{sid}}}:{part}"
+        return session_key(self.prefix, sid, part)
 
     def _open(self, partition: Optional[int]) -> str:
         return f"{self.prefix}open:{partition if partition is not None else 'x'}"
 
     async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]:
-        import redis.exceptions as rexc
         if not session_ids:
             return {}
         try:
@@ -111,7 +128,7 @@ class RedisSessionStore:
                 pipe.lrange(self._k(sid, "win"), 0, -1)
                 pipe.smembers(self._k(sid, "ids"))
             res = await pipe.execute()
-        except (rexc.RedisError, OSError) as exc:
+        except store_errors() as exc:
             raise _unavailable("loading sessions", exc) from exc
         out = {}
         for i, sid in enumerate(session_ids):
@@ -149,7 +166,9 @@ class RedisSessionStore:
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for keys, args in calls:
-                pipe.evalsha(self._save_sha, len(keys), *keys, *args)
+                # execute_command: redis-py's cluster pipeline blocks its evalsha() helper,
+                # not the command; each call's keys share a slot, so it is routed like any other
+                pipe.execute_command("EVALSHA", self._save_sha, len(keys), *keys, *args)
             for index, members in opened.items():
                 pipe.zadd(index, members)
             for index, sids in closed_by.items():
@@ -166,16 +185,16 @@ class RedisSessionStore:
                 # every command here may be repeated (the script did nothing without itself)
                 try:
                     await self.client.script_load(SAVE_SESSION)
-                except (rexc.RedisError, OSError) as exc2:
+                except store_errors() as exc2:
                     raise _unavailable("loading the save script", exc2) from exc2
-            except (rexc.RedisError, OSError) as exc:
+            except store_errors() as exc:
                 raise _unavailable("saving sessions", exc) from exc
 
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]:
         import redis.exceptions as rexc
         try:
             res = await self.client.zrangebyscore(self._open(partition), "-inf", older_than, start=0, num=limit)
-        except (rexc.RedisError, OSError) as exc:
+        except store_errors() as exc:
             raise _unavailable("listing idle sessions", exc) from exc
         return [r.decode() for r in res]
 
@@ -185,7 +204,7 @@ class RedisSessionStore:
         if ids:
             try:
                 await self.client.zrem(self._open(partition), *ids)
-            except (rexc.RedisError, OSError) as exc:
+            except store_errors() as exc:
                 raise _unavailable("updating the open-session index", exc) from exc
 
     async def prune_open(self, partition: int, before: float) -> int:
@@ -194,7 +213,7 @@ class RedisSessionStore:
         import redis.exceptions as rexc
         try:
             return int(await self.client.zremrangebyscore(self._open(partition), "-inf", f"({before}"))
-        except (rexc.RedisError, OSError) as exc:
+        except store_errors() as exc:
             raise _unavailable("pruning the open-session index", exc) from exc
 
     async def ping(self) -> bool:

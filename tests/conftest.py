@@ -11,6 +11,9 @@ One switch, ``TAGGER_TEST_SERVICES``:
 Services start once per session, only when a test asks for them. If they cannot be started
 the tests fail with the reason; they are never skipped. No test mocks Kafka or Redis.
 
+``redis_cluster_url`` starts a real three-node Redis Cluster from the machine's redis-server
+(``stream.stack.local_redis_cluster``) for the tests that need one, whatever the mode.
+
 Isolation: ``settings_factory`` gives each test its own topics, consumer group (app_id) and
 Redis key prefix; ``redis_client`` deletes that prefix afterwards. ``faust_worker`` runs a
 Faust app module as a real worker subprocess and stops it with SIGTERM at teardown.
@@ -152,6 +155,24 @@ def _check_redis(url: str) -> None:
         client.ping()
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory) -> str:
+    """A real Redis Cluster (three masters, no replicas) on loopback, started from the machine's
+    ``redis-server`` and ``redis-cli --cluster create`` for this test session and torn down
+    after it: ``redis+cluster://127.0.0.1:<port>``. Fails (never skips) without them."""
+    from stream.stack import local_redis_cluster
+
+    try:
+        cluster = local_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+        info = cluster.__enter__()
+    except Exception as exc:
+        pytest.fail(f"could not start a local Redis Cluster: {exc}", pytrace=False)
+    try:
+        yield info["url"]
+    finally:
+        cluster.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")

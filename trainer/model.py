@@ -849,17 +849,29 @@ class WidePath(nn.Module):
         n = torch.tensor([s["n"] + 1 for s in states], device=buf.device)  # events seen
         K = buf.shape[1]
         out = buf.new_zeros(buf.shape[0], v_out, buf.shape[-1]) + self.bias
-        for j in range(v_out):                                         # position depth v_out-1-j
-            row = K - v_out + j
-            for slot, o in enumerate(range(-self.P, min(self.F, v_out - 1 - j) + 1)):
-                if 0 <= row + o < K:
-                    # a row older than the session's first event: the before-start score
-                    fresh = (K - 1 - (row + o)) >= n                    # (B,)
-                    val = buf[:, row + o, slot]
-                    if o < 0:
-                        val = torch.where(fresh[:, None], self.before_start[slot], val)
-                    out[:, j] += val
+        # every (output position j, buffer row, offset slot) term in one gather, added into its
+        # position in the order a loop over j, then slot, would (index_add_ goes in order)
+        js, rows, slots, past = self._step_plan(K, v_out, buf.device)
+        val = buf[:, rows, slots]                                      # (B, Q, C)
+        # a row older than the session's first event reads the before-start score instead
+        fresh = past[None, :] & ((K - 1 - rows)[None, :] >= n[:, None])   # (B, Q)
+        if self.P:
+            val = torch.where(fresh[..., None], self.before_start[slots.clamp(max=self.P - 1)], val)
+        out.index_add_(1, js, val)
         return [{"buf": b, "n": int(m)} for b, m in zip(buf.unbind(0), n.tolist())], out
+
+    def _step_plan(self, K: int, v_out: int, device) -> tuple[torch.Tensor, ...]:
+        key = (K, v_out, str(device))
+        plan = self.__dict__.setdefault("_plans", {}).get(key)
+        if plan is None:
+            terms = [(j, K - v_out + j + o, slot, o < 0)
+                     for j in range(v_out)                                # position depth v_out-1-j
+                     for slot, o in enumerate(range(-self.P, min(self.F, v_out - 1 - j) + 1))
+                     if 0 <= K - v_out + j + o < K]
+            js, rows, slots, past = zip(*terms)
+            plan = self._plans[key] = (torch.tensor(js, device=device), torch.tensor(rows, device=device),
+                                       torch.tensor(slots, device=device), torch.tensor(past, device=device))
+        return plan
 
 
 # ------------------------------------------------------------------------------------------
@@ -1107,14 +1119,14 @@ class Mixture(nn.Module):
             for ns, st in zip(new, ms):
                 ns["members"].append(st)
             outs_by_member.append(outs)
-        result = []
-        for j in range(len(states)):
-            v = len(outs_by_member[0][j])
-            depth = torch.arange(v - 1, -1, -1, device=self.weights.device)    # row r has v-1-r later events
-            w = self.weights[depth]                                             # (v, M)
-            result.append(sum(w[:, i:i + 1] * torch.log_softmax(outs_by_member[i][j], -1)
-                              for i in range(len(self.members))))
-        return new, result
+        # the whole round at once (row-wise ops, so each row is what it would be alone): rows
+        # of all sessions stacked, one log_softmax per member, the weights of each row's depth
+        sizes = [len(o) for o in outs_by_member[0]]
+        depth = torch.cat([torch.arange(v - 1, -1, -1) for v in sizes]).to(self.weights.device)
+        w = self.weights[depth]                                             # (rows, M); row r of a
+        mixed = sum(w[:, i:i + 1] * torch.log_softmax(torch.cat(outs), -1)  # session has v-1-r
+                    for i, outs in enumerate(outs_by_member))               # later events
+        return new, list(mixed.split(sizes))
 
 
 def build_model(model_args: dict[str, Any]) -> nn.Module:

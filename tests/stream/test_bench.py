@@ -23,17 +23,28 @@ def test_quick_bench_writes_every_headline_figure_report_and_plots(tmp_path, red
     for key in HEADLINE_KEYS:
         value = figures.get(key)
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    # capacity at p99 <= 50 ms: 0 is a possible answer on a busy machine, never a missing one
+    for key in ("capacity_events_per_s_at_p99_50ms", "faust_capacity_events_per_s_at_p99_50ms"):
+        assert isinstance(figures[key], (int, float)) and 0 <= figures[key] < 1e6, (key, figures[key])
+    cpu = figures["worker_cpu_ms_per_event_at_500"]
+    assert isinstance(cpu, float) and 0 < cpu < 1000, cpu
+    assert figures["capacity_window_s"] == 4.0  # --quick says its window is short
     assert figures["quick"] is True
-    assert set(figures["targets"]) == {"worker_vs_faust", "latency_p99_s_at_50pct", "cost_ratio_pos1000_pos10"}
+    assert set(figures["targets"]) == {"worker_vs_faust", "latency_p99_s_at_50pct", "cost_ratio_pos1000_pos10",
+                                       "capacity_vs_faust", "worker_cpu_ms_per_event_at_500"}
 
     report = (out / "report.md").read_text()
-    for section in ("## Headline", "## Throughput", "## Latency under load", "## Scaling with session length",
+    for section in ("## Headline", "## Throughput", "## Capacity at a latency target", "## Latency under load", "## Scaling with session length",
                     "## Memory", "## Label quality"):
         assert section in report
     for plot in ("latency_cdf.png", "throughput_vs_load.png", "cost_vs_position.png",
                  "risk_coverage_generated.png"):
         assert (out / plot).stat().st_size > 1000, plot
     results = json.loads((out / "results.json").read_text())
+    for kind in ("worker", "faust"):
+        probes = results["capacity"][kind]["probes"]
+        assert probes[0]["rate"] == 500.0 and 1 <= len(probes) <= 3
+        assert results["capacity"][kind]["events_per_s"] == max([p["rate"] for p in probes if p["ok"]], default=0)
     assert set(results["quality"]["generated"]["models"]) == {"bilstm", "transformer", "logreg"}
     assert all("error" not in m for m in results["quality"]["generated"]["models"].values())
     assert results["headline"] == figures

@@ -320,6 +320,14 @@ def test_label_records_validate_against_the_schema(rec):
     assert json.loads(encode_label(rec).decode("utf-8")) == rec
 
 
+def test_encoded_labels_refuse_a_non_finite_confidence_and_survive_lone_surrogates():
+    rec = _label()
+    with pytest.raises(ValueError, match="not finite"):
+        encode_label({**rec, "confidence": float("nan")})
+    odd = {**rec, "event_name": "Read: \ud800 x"}  # a lone surrogate from a JSON escape
+    assert json.loads(encode_label(odd)) == odd
+
+
 def test_label_schema_rejects_what_the_contract_forbids():
     good = _label()
     for broken, field in [({k: v for k, v in good.items() if k != "final"}, "final"),
