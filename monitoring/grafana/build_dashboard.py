@@ -235,6 +235,30 @@ def build() -> dict:
                              f" / sum by (instance) (rate(tagger_batch_events_count{{{SEL}}}[{RI}]))",
                              "{{instance}}")]), 8, 8)
 
+    L.row("Dependencies and timers")
+    L.add(timeseries("Dependencies up", "1 while each worker reaches the broker (a metadata "
+                     "request in the last few seconds) and Redis (PING and the last write-through); "
+                     "what /readyz reports.",
+                     [target(f"min by (instance, dependency) (tagger_dependency_up{{{SEL}}})",
+                             "{{instance}} {{dependency}}")], maximum=1), 6, 8)
+    L.add(timeseries("Infrastructure errors / s", "Failed Redis or Kafka operations, retried "
+                     "or held in memory (never dead-lettered).",
+                     [target(rate("tagger_infrastructure_errors_total", by="instance, component"),
+                             "{{instance}} {{component}}")], "ops"), 6, 8)
+    L.add(timeseries("Timers", "Seconds since each periodic task (sweep, model poll, broker "
+                     "probe) last completed, and the exceptions they caught and survived.",
+                     [target(f"time() - max by (instance, timer) "
+                             f"(tagger_timer_last_run_timestamp_seconds{{{SEL}}})",
+                             "{{instance}} {{timer}} age"),
+                      target(f"sum by (instance, timer) (increase(tagger_timer_errors_total{{{SEL}}}[{RI}]))",
+                             "{{instance}} {{timer}} errors")], "s"), 6, 8)
+    L.add(timeseries("Duplicate runs", "Input events in a row dropped as already seen, and the "
+                     "runs long enough to be suspicious (a session store that outlived its broker).",
+                     [target(f"max by (instance) (tagger_duplicate_run_events{{{SEL}}})",
+                             "{{instance}} current run"),
+                      target(f"sum by (instance) (tagger_duplicate_runs_total{{{SEL}}})",
+                             "{{instance}} suspicious runs")]), 6, 8)
+
     L.row("Worker process")
     L.add(timeseries("Memory per worker", "Resident memory (RSS) and virtual memory of each "
                      "worker process.",
