@@ -988,6 +988,11 @@ def _model_info(model_dir: Path) -> dict[str, Any]:
     from trainer.artifacts import load_artifact
     lm = load_artifact(model_dir)
     args = lm.manifest.get("model_args", {})
+    if args.get("arch") == "mixture":           # model.arch auto: describe the network member
+        members = args.get("members") or []
+        net = next((m for m in members if m.get("arch") != "crf"), members[0] if members else {})
+        arch = "mixture of " + " and ".join(str(m.get("arch")) for m in members)
+        args = {**net, "arch": arch}
     return {"path": str(model_dir), "version": lm.version, "arch": args.get("arch"),
             "lookahead": lm.lookahead, "context": args.get("context"), "hidden_dim": args.get("hidden_dim"),
             "num_layers": args.get("num_layers"), "labels": len(lm.labels)}
