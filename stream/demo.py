@@ -130,6 +130,7 @@ async def _watch(bootstrap: str, topic: str, published: dict, expected: int, qui
     last: dict = {}    # (session, event) -> its final record
     latency: list[float] = []
     records = revisions = 0
+    label_of: dict = {}    # (session_id, event_id) -> the label it shows now (None: abstained)
     watch: list[str] = []
     history: dict[str, list[dict]] = {}   # watched session -> its records in arrival order
     shown: dict = {}                      # (session, event) -> its previous record, for ↻
@@ -152,8 +153,9 @@ async def _watch(bootstrap: str, topic: str, published: dict, expected: int, qui
                         first[key] = r
                         if key in published:
                             latency.append(now - published[key])
-                    elif not r["final"]:
-                        revisions += 1
+                    elif key in label_of and r["step_name"] != label_of[key]:
+                        revisions += 1          # a changed label, before or at finality
+                    label_of[key] = r["step_name"]
                     if r["final"]:
                         final[key] = final.get(key, 0) + 1
                         last.setdefault(key, r)
