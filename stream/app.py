@@ -250,9 +250,16 @@ class WorkerService:
             return
         producer = self.app.producer
         futs = []
-        for topic, key, value in box.messages:
-            futs.append(await producer.send(topic, key, value, None, None, None))
-        await _delivered(futs)
+        try:
+            for topic, key, value in box.messages:
+                futs.append(await producer.send(topic, key, value, None, None, None))
+            await _delivered(futs)
+        except BaseException:
+            # keep for the retry only what may not have arrived: per key (a session's records,
+            # in order), everything from its first unacknowledged message on; what the broker
+            # took before that is not sent twice
+            box.messages = _unacknowledged(box.messages, futs)
+            raise
         self._broker_ok_at = time.monotonic()
         self._outbox = None
         await self._persist(box.touched, box.closed)
@@ -602,6 +609,23 @@ class WorkerService:
             self.tagger.drop(gone)  # their state is in Redis; the new owner resumes them
             self.assigned -= lost
         self.metrics.partitions.set(len(self.assigned))
+
+
+def _unacknowledged(messages: list, futures: list) -> list:
+    """The messages to send again after a failed flush: for each (topic, key), from its first
+    message without a successful ack (failed, still pending, or never sent) to its last, so
+    that a retry neither repeats what arrived before it nor reorders a session's records."""
+    from_here: set[tuple] = set()
+    keep = []
+    for i, msg in enumerate(messages):
+        k = (msg[0], msg[1])
+        fut = futures[i] if i < len(futures) else None
+        acked = fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+        if not acked:
+            from_here.add(k)
+        if k in from_here:
+            keep.append(msg)
+    return keep
 
 
 async def _delivered(futures: list) -> None:

@@ -30,12 +30,17 @@ class Producer:
     def __init__(self):
         self.sent: list[tuple[str, bytes | None, bytes]] = []
         self.fail_acks = 0
+        self.fail_at: set[int] = set()   # these sends (0-based, over all calls) get a failed ack
+        self.calls = 0
+        self.failed: list[tuple[str, bytes | None, bytes]] = []
 
     async def send(self, topic, key, value, partition, timestamp, headers):
         fut = asyncio.get_running_loop().create_future()
-        if self.fail_acks > 0:
+        call, self.calls = self.calls, self.calls + 1
+        if self.fail_acks > 0 or call in self.fail_at:
             from aiokafka.errors import KafkaTimeoutError
-            self.fail_acks -= 1
+            self.fail_acks = max(0, self.fail_acks - 1)
+            self.failed.append((topic, key, value))
             fut.set_exception(KafkaTimeoutError("no ack"))
         else:
             self.sent.append((topic, key, value))
@@ -155,6 +160,29 @@ def test_failed_acks_are_retried_never_dead_lettered(service, messages):
     assert service.metrics.dlq.labels(reason="processing_error")._value.get() == 0
     assert service.metrics.infra_errors.labels(component="kafka")._value.get() >= 1
     assert service.metrics.events.labels(result="duplicate")._value.get() == 0
+
+
+def test_a_retry_resends_only_the_unacknowledged_records_in_session_order(service, messages):
+    """One ack lost in the middle of a batch: the retry must not repeat the records the broker
+    took before it (a consumer would see duplicates), and resends the session of the lost
+    record from that record on, in order, so the last record of every event is its final."""
+    service.producer.fail_at = {3}
+    asyncio.run(service.handle(_events(messages)))
+    recs = service.producer.records(service.settings.output_topic)
+    ids = [(r["session_id"], r["event_id"], r["revision"]) for r in recs]
+    sessions_before = {r["session_id"] for r in recs[:3]}
+    failed = json.loads(service.producer.failed[0][2])["session_id"]   # its ack was lost
+    repeated = {i[0] for i in ids if ids.count(i) > 1}
+    # only the session whose ack was lost may repeat records (from that record on, to keep
+    # its order); the three acknowledged before it, of other sessions, are not sent again
+    assert repeated <= {failed} and not (sessions_before - {failed}) & repeated
+    assert len(sessions_before - {failed}) >= 2
+    assert _finals(service) == _keys(messages)
+    last: dict = {}
+    for r in recs:                       # a consumer keeps the last record per event: the final
+        last[(r["session_id"], r["event_id"])] = r
+    assert all(r["final"] for r in last.values())
+    assert service.metrics.infra_errors.labels(component="kafka")._value.get() >= 1
 
 
 def test_a_message_keyed_by_another_session_or_by_nothing_is_dead_lettered(service, messages):
