@@ -113,6 +113,11 @@ class WorkerService:
         self._outbox: Optional[Outbox] = None
         self._duplicate_run = 0
         self._broker_ok_at: Optional[float] = None
+        # inactivity is only measured while events can arrive: a failed send or broker probe
+        # stops the idle sweep, and when the broker answers again the backlog gets one full
+        # timeout to arrive (wall-clock time it came back; 0.0: no outage seen)
+        self._broker_down = False
+        self._broker_back_at: Optional[float] = 0.0
         self._redis_ok_at: Optional[float] = None
         self._probe = None  # an aiokafka client of our own for the broker check
         self._error_logged: dict[str, float] = {}
@@ -207,10 +212,17 @@ class WorkerService:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 5.0)
 
+    def _broker_up(self) -> None:
+        self._broker_ok_at = time.monotonic()
+        if self._broker_down:
+            self._broker_down = False
+            self._broker_back_at = time.time()
+
     def _infra_failed(self, component: str, exc: BaseException, what: str) -> None:
         self.metrics.infra_errors.labels(component=component).inc()
         if component == "kafka":
             self._broker_ok_at = None
+            self._broker_down = True
         else:
             self._redis_ok_at = None
         self._log_limited(f"{component}:{what}", logging.ERROR, "%s failure (%s: %s); %s", component,
@@ -260,7 +272,7 @@ class WorkerService:
             # took before that is not sent twice
             box.messages = _unacknowledged(box.messages, futs)
             raise
-        self._broker_ok_at = time.monotonic()
+        self._broker_up()
         self._outbox = None
         await self._persist(box.touched, box.closed)
         for fn in box.after:
@@ -458,6 +470,8 @@ class WorkerService:
         if self._store_stale:
             await self._persist([], [])
         now = time.time()
+        if self._broker_down or now - (self._broker_back_at or 0.0) < self.settings.inactivity_s:
+            return   # sessions look idle because nothing could reach us: finalise none yet
         idle = self.tagger.inactive(now, self.settings.inactivity_s)
         try:
             for p in sorted(self.assigned):
@@ -517,8 +531,9 @@ class WorkerService:
         /readyz and ``tagger_dependency_up``; never raises."""
         try:
             await self._probe_broker()
-            self._broker_ok_at = time.monotonic()
+            self._broker_up()
         except Exception as exc:
+            self._broker_down = True
             self._log_limited("probe:kafka", logging.WARNING, "broker check failed: %s: %s",
                               type(exc).__name__, exc)
             if self._probe is not None:

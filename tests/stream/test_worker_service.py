@@ -195,6 +195,28 @@ def test_a_message_keyed_by_another_session_or_by_nothing_is_dead_lettered(servi
     assert not service.producer.records(service.settings.output_topic)
 
 
+def test_no_session_is_finalised_as_idle_while_the_broker_is_away(service, messages):
+    """During a broker outage sessions look idle because nothing can reach the worker; an
+    inactivity final then would be revised by the events still waiting upstream. So the
+    sweep finalises nothing while the broker is away, and gives the backlog one full timeout
+    after it is back."""
+    open_only = [m for m in messages if m.get("type") != "session_end"]
+    asyncio.run(service.handle(_events(open_only)))
+    before = len(_finals(service))
+    assert before < len(_keys(messages))                   # some events wait for their final
+    service._infra_failed("kafka", ConnectionError("broker gone"), "test")  # as a failed send does
+    for sess in service.tagger.sessions.values():
+        sess.last_seen -= 60                                 # idle for a minute
+    asyncio.run(service.sweep())
+    assert len(_finals(service)) == before
+    service._broker_up()                                     # a probe or a send succeeds again
+    asyncio.run(service.sweep())
+    assert len(_finals(service)) == before                   # the backlog may still arrive
+    service._broker_back_at -= 60
+    asyncio.run(service.sweep())
+    assert _finals(service) == _keys(messages)
+
+
 def test_timers_survive_any_exception(service, messages, tmp_path):
     service.mem.fail_idle = RuntimeError("boom")
     asyncio.run(service.sweep())
