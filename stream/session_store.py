@@ -191,7 +191,6 @@ class RedisSessionStore:
                 raise _unavailable("saving sessions", exc) from exc
 
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]:
-        import redis.exceptions as rexc
         try:
             res = await self.client.zrangebyscore(self._open(partition), "-inf", older_than, start=0, num=limit)
         except store_errors() as exc:
@@ -199,7 +198,6 @@ class RedisSessionStore:
         return [r.decode() for r in res]
 
     async def forget_open(self, partition: int, session_ids: Iterable[str]) -> None:
-        import redis.exceptions as rexc
         ids = list(session_ids)
         if ids:
             try:
@@ -210,7 +208,6 @@ class RedisSessionStore:
     async def prune_open(self, partition: int, before: float) -> int:
         """Drop index members last active before ``before`` (older than the TTL: their keys
         have expired, so nobody could resume them). Returns how many went."""
-        import redis.exceptions as rexc
         try:
             return int(await self.client.zremrangebyscore(self._open(partition), "-inf", f"({before}"))
         except store_errors() as exc:

@@ -1141,7 +1141,6 @@ def arrival_logits(model: nn.Module, sessions, device=None, batch_size: int = 16
     """Per session, every event's logits on arrival (no later event visible: what the live
     worker's first record is decided on), as numpy (n, C). A ``depth_exact`` model gives them
     in one forward pass at horizon 0; any other is replayed through ``step``."""
-    import numpy as np
     model.eval()
     out = [None] * len(sessions)
     if getattr(model, "depth_exact", False):
