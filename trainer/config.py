@@ -143,6 +143,10 @@ class TrainConfig:
     # once, at finality; see trainer.train.stable_policy) or "plain" (each depth's own
     # precision threshold; the final confidence alone decides the final label)
     abstention: Literal["stable", "plain"] = "stable"
+    # Stable abstention: the most revisions (labels withdrawn, changed or filled in after
+    # arrival) to allow, as edit overhead = revisions / (events + revisions), bounded on
+    # held-out events; the arrival threshold rises or falls to keep within it.
+    max_edit_overhead: float = 0.08
     val_folds: int = 4
     seed: int = 42
     device: str = "auto"
@@ -255,6 +259,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nhead ({m.nhead})")
     if not 0 < t.precision_target <= 1:
         raise ConfigError("train.precision_target: must be in (0, 1]")
+    if not 0 < t.max_edit_overhead <= 1:
+        raise ConfigError("train.max_edit_overhead: must be in (0, 1] (1: no limit)")
     if not 0 <= d.test_size < 1 or not 0 <= d.val_size < 1 or d.test_size + d.val_size >= 1:
         raise ConfigError("data.test_size and data.val_size must be in [0, 1) and sum below 1")
     if d.chunk_len < 8:

@@ -325,29 +325,38 @@ def _simplex(m: int, step: float = 0.1) -> list[tuple[float, ...]]:
             if sum(combo) == n]
 
 
+PRIOR_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
 def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
-    k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
-    weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
-    then the weights nearest the first candidate). Held-out rows line up across candidates:
-    they were validated on the same folds."""
+    k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) and the
+    prior correction ``tau`` (the bias -tau log prior added to each label's mixed
+    log-probability, ``PRIOR_TAUS``; the prior is the training labels' share, +1 smoothed)
+    whose held-out top-1 macro-F1 is best (then accuracy; then the smaller tau; then the
+    weights nearest the first candidate). Members trained without class weights (the CRF)
+    under-predict rare labels, which macro-F1 counts as much as common ones. Held-out rows
+    line up across candidates: they were validated on the same folds."""
     from trainer.metrics import classification_metrics
     archs = list(results)
     first = results[archs[0]]
     L = first.args.lookahead
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
     grid = _simplex(len(archs))
+    y_all = np.concatenate(first.labels)
+    counts = np.bincount(y_all[y_all != IGNORE], minlength=len(names)).astype(np.float64) + 1.0
+    log_prior = np.log(counts / counts.sum())
 
-    def score(zs, y, w):
+    def score(zs, y, w, tau=0.0):
         keep = y != IGNORE
-        z = sum(wi * zi for wi, zi in zip(w, zs) if wi > 0)
-        cls = classification_metrics(y[keep], z[keep].argmax(-1), list(names))
+        z = sum(wi * zi[keep] for wi, zi in zip(w, zs) if wi > 0) - tau * log_prior
+        cls = classification_metrics(y[keep], z.argmax(-1), list(names))
         return cls["macro_f1"] or 0.0, cls["token_accuracy"] or 0.0
 
     rows = []
     for k in depths or [None]:
         if k is None or k == L:                   # final labels: every held-out event
-            y = np.concatenate(first.labels)
+            y = y_all
             zs = [_log_softmax(np.concatenate(results[a].logits)) for a in archs]
         else:
             y = first.depth_logits[1][k]
@@ -358,15 +367,20 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
                 raise AssertionError(f"held-out rows of {a} do not line up with {archs[0]}'s")
         singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
                    for i, a in enumerate(archs)}
-        best = max(grid, key=lambda w: (*score(zs, y, w), w))
-        rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)),
-                     "macro_f1": score(zs, y, best)[0], "accuracy": score(zs, y, best)[1],
+        scored = {(w, tau): score(zs, y, w, tau) for w in grid for tau in PRIOR_TAUS}
+        best, tau = max(scored, key=lambda wt: (*scored[wt], -wt[1], wt[0]))
+        rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)), "tau": tau,
+                     "macro_f1": scored[best, tau][0], "accuracy": scored[best, tau][1],
+                     "without_prior": dict(zip(("macro_f1", "accuracy"), scored[best, 0.0])),
                      "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc) in singles.items()}})
     weights = [[r["weights"][a] for a in archs] for r in rows]
     used = [a for i, a in enumerate(archs) if any(w[i] > 0 for w in weights)]
+    prior = any(r["tau"] > 0 for r in rows)
     return {"candidates": {a: v.scores(names) for a, v in results.items()}, "depths": rows,
-            "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
-            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
+            "members": used, "chosen": used[0] if len(used) == 1 and not prior else "mixture",
+            "log_prior": log_prior.tolist(),
+            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid, "
+                         f"prior correction tau in {list(PRIOR_TAUS)}"}
 
 
 def auto_table(info: dict[str, Any]) -> list[str]:
@@ -379,6 +393,8 @@ def auto_table(info: dict[str, Any]) -> list[str]:
     for r in info["depths"]:
         alone = ", ".join(f"{a} {f(r['alone'][a]['macro_f1'])}" for a in archs)
         w = " + ".join(f"{r['weights'][a]:.1f} {a}" for a in archs if r["weights"][a] > 0)
+        if r.get("tau"):
+            w += f", prior correction tau {r['tau']:.2f}: {f(r['without_prior']['macro_f1'])} without"
         lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w})")
     lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
@@ -393,7 +409,12 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
     L = fits[members[0]].model.args.lookahead
     if len(weights) == 1 and L:                 # no per-depth held-out logits (prefix
         weights = weights * (L + 1)             # calibration off): the final weights at every depth
-    model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights))
+    taus = [r.get("tau", 0.0) for r in info["depths"]]
+    if len(taus) == 1 and L:
+        taus = taus * (L + 1)
+    log_prior = np.asarray(info.get("log_prior") or [0.0] * fits[members[0]].model.args.n_labels)
+    bias = [(-t * log_prior).tolist() for t in taus] if any(taus) else None
+    model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights, depth_bias=bias))
     for m, a in zip(model.members, members):
         m.load_state_dict(fits[a].model.state_dict())
     model.eval()
@@ -403,13 +424,17 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
 
     def tail_weights(m: int) -> np.ndarray:             # (m, M): a session's tail has fewer later events
         return W[np.minimum(L or 0, np.arange(m - 1, -1, -1))]
+    B = np.asarray(bias) if bias is not None else np.zeros((L + 1, len(log_prior)))
+
+    def tail_bias(m: int) -> np.ndarray:                # (m, C)
+        return B[np.minimum(L or 0, np.arange(m - 1, -1, -1))]
     logits = [sum(tail_weights(len(results[a].logits[j]))[:, i:i + 1] * _log_softmax(results[a].logits[j])
-                  for i, a in enumerate(members)) for j in range(n)]
+                  for i, a in enumerate(members)) + tail_bias(len(results[members[0]].logits[j])) for j in range(n)]
     depth = None
     if all(results[a].depth_logits for a in members):
         first = results[members[0]].depth_logits
         depth = ([sum(weights[k][i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
-                  for k in range(L + 1)], list(first[1]))
+                  + B[k] for k in range(L + 1)], list(first[1]))
     return model, logits, depth
 
 
@@ -613,11 +638,17 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
       or when it was labelled on arrival and the final label agrees with that first label:
       two views that agree. ``threshold`` is chosen on held-out events for the precision
       target (one-sided Clopper-Pearson bound, as everywhere) over the union of both.
+    - Every event whose first record differs from its final one (a label withdrawn or changed,
+      or an abstention later filled in) is one revision. When the held-out share of revised
+      events could exceed what ``train.max_edit_overhead`` allows (its one-sided upper bound at
+      ``guarantee_confidence``; edit overhead = r / (1 + r) for a revised share r), the first
+      threshold moves to the one that shows the most labels on arrival within that budget,
+      or, if none is within it, to the one with the fewest revisions.
 
     ``policy: plain`` is returned instead (the final label alone decides, its plain
     threshold) when no threshold reaches the target over that union."""
     from trainer.artifacts import softmax_t
-    from trainer.metrics import ABSTAIN_ALL, choose_threshold
+    from trainer.metrics import ABSTAIN_ALL, choose_threshold, clopper_pearson_lower
     keep = labels != IGNORE
     p0 = softmax_t(first_logits[keep], t_first)
     pL = softmax_t(final_logits[keep], t_final)
@@ -627,20 +658,42 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     coverage = float((cL >= plain_threshold).mean()) if len(cL) else 0.0
     if not len(cL) or coverage == 0.0:
         return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
-    first_thr = float(np.quantile(c0, 1.0 - coverage, method="higher"))
-    agree = (c0 >= first_thr) & (a0 == aL)
-    chosen = choose_threshold(aL == y, np.where(agree, 2.0, cL), cfg.train.precision_target,
-                              cfg.train.guarantee_confidence, method="binomial")
-    if not chosen["feasible"]:
+
+    def at(first_thr: float) -> dict[str, Any] | None:
+        shown = c0 >= first_thr
+        agree = shown & (a0 == aL)
+        chosen = choose_threshold(aL == y, np.where(agree, 2.0, cL), cfg.train.precision_target,
+                                  cfg.train.guarantee_confidence, method="binomial")
+        if not chosen["feasible"]:
+            return None
+        threshold = min(chosen["threshold"], ABSTAIN_ALL)
+        covered = agree | (cL >= threshold)
+        revised = (shown != covered) | (shown & covered & (a0 != aL))
+        n, r = len(revised), int(revised.sum())
+        return {"policy": "stable", "first_threshold": float(first_thr), "threshold": threshold,
+                "first_coverage": float(shown.mean()),
+                "first_precision": float((a0 == y)[shown].mean()) if shown.any() else None,
+                "coverage": float(covered.mean()),
+                "precision": float((aL == y)[covered].mean()) if covered.any() else None,
+                "lower_bound": chosen["lower_bound"], "revised_share": r / n,
+                "revised_upper": float(1.0 - clopper_pearson_lower(n - r, n, cfg.train.guarantee_confidence))}
+
+    budget = cfg.train.max_edit_overhead
+    budget = budget / (1.0 - budget) if budget < 1.0 else float("inf")   # as a revised share
+    best = at(float(np.quantile(c0, 1.0 - coverage, method="higher")))
+    if best is None:
         return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
-    threshold = min(chosen["threshold"], ABSTAIN_ALL)
-    covered = agree | (cL >= threshold)
-    return {"policy": "stable", "first_threshold": first_thr, "threshold": threshold,
-            "first_coverage": float((c0 >= first_thr).mean()),
-            "first_precision": float((a0 == y)[c0 >= first_thr].mean()) if (c0 >= first_thr).any() else None,
-            "coverage": float(covered.mean()), "precision": float((aL == y)[covered].mean()) if covered.any() else None,
-            "lower_bound": chosen["lower_bound"], "revised_share": float(((c0 >= first_thr) != covered).mean()
-                                                                         + ((c0 >= first_thr) & covered & (a0 != aL)).mean())}
+    best["first_rule"] = "coverage"
+    if best["revised_upper"] > budget:
+        # a grid of first thresholds by the share of events they show, 0 (ABSTAIN_ALL) to 1
+        grid = [ABSTAIN_ALL] + [float(np.quantile(c0, 1.0 - q, method="higher")) for q in np.linspace(0.02, 1.0, 50)]
+        options = [o for o in map(at, grid) if o is not None]
+        within = [o for o in options if o["revised_upper"] <= budget]
+        pick = (max(within, key=lambda o: (o["first_coverage"], o["coverage"])) if within
+                else min(options, key=lambda o: o["revised_share"]) if options else None)
+        if pick is not None and pick["revised_share"] < best["revised_share"]:
+            best = {**pick, "first_rule": "edit_overhead" if within else "fewest_revisions"}
+    return best
 
 
 def depth_summary(depths: Sequence[dict[str, Any]], target: float) -> list[str]:
@@ -828,7 +881,11 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                  f"({policy['first_coverage']:.3f} of held-out events, precision {policy['first_precision'] or 0:.3f}); "
                  f"final label kept when it agrees or its confidence >= {policy['threshold']:.3f} "
                  f"(coverage {policy['coverage']:.3f}, precision {policy['precision'] or 0:.3f}); "
-                 f"revised once: {policy['revised_share']:.3f} of events")
+                 f"revised once: {policy['revised_share']:.3f} of events"
+                 + (f" (first threshold moved to keep edit overhead <= {cfg.train.max_edit_overhead})"
+                    if policy.get("first_rule") == "edit_overhead" else
+                    " (no first threshold keeps edit overhead within train.max_edit_overhead: fewest revisions)"
+                    if policy.get("first_rule") == "fewest_revisions" else ""))
     echo(f"trained {arch} in {fit.seconds:.1f}s (best epoch {fit.best_epoch}); temperature "
          f"{temperature:.3f}; threshold {chosen['threshold']:.4f} for precision >= "
          f"{cfg.train.precision_target} (coverage {chosen['coverage'] or 0:.3f} on validation)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.config import from_dict
-from trainer.train import FOLDS_BELOW, depth_summary, sample_horizons, validation_plan
+from trainer.train import FOLDS_BELOW, depth_summary, sample_horizons, stable_policy, validation_plan
 
 
 def test_few_sessions_are_validated_on_folds_many_on_a_split():
@@ -33,3 +33,62 @@ def test_training_says_in_one_line_which_depths_will_abstain():
     assert "k=0: top-1 acc 0.410, macro-F1 0.300, coverage 0.000" in lines[0]
     assert len(lines) == 2 and "k = 0, 1" in lines[1] and "precision 0.95" in lines[1]
     assert len(depth_summary(depths[2:], 0.95)) == 1
+
+
+def _arrival_and_final(seed: int = 0, n: int = 4000, classes: int = 4):
+    """Held-out logits where the final view is right everywhere and sure on 60% of events,
+    and the arrival view guesses the label right half of the time, its confidence unrelated
+    to being right: showing the most confident arrival labels means many revisions."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    sure = rng.random(n) < 0.6
+    final = np.zeros((n, classes))
+    final[np.arange(n), y] = np.where(sure, 8.0, 0.5)
+    first = np.zeros((n, classes))
+    guess = np.where(rng.random(n) < 0.5, y, rng.integers(0, classes, n))
+    first[np.arange(n), guess] = rng.uniform(0.0, 8.0, n)
+    return first, final, y
+
+
+def _policy(first, final, y, budget):
+    return stable_policy(first, final, y, from_dict({"train": {"max_edit_overhead": budget}}), 1.0, 1.0, 0.99)
+
+
+def test_arrival_threshold_keeps_revisions_within_the_edit_overhead_budget():
+    _, final, y = _arrival_and_final()
+    # the arrival view already says what the final one will: matching the final's plain
+    # coverage (60%) leaves 40% of events abstained on arrival and labelled at the end
+    free, capped = _policy(final, final, y, 1.0), _policy(final, final, y, 0.08)
+    assert free["first_rule"] == "coverage" and free["revised_share"] > 0.3
+    # edit overhead = r / (1 + r): 0.08 allows a revised share of 0.087, bounded above
+    assert capped["first_rule"] == "edit_overhead"
+    assert capped["revised_share"] <= capped["revised_upper"] <= 0.08 / 0.92
+    assert capped["first_coverage"] > free["first_coverage"]
+    assert capped["precision"] >= 0.95 and capped["coverage"] >= free["coverage"]
+
+
+def test_when_no_arrival_threshold_is_within_budget_the_fewest_revisions_win():
+    first, final, y = _arrival_and_final()   # arrival confidence unrelated to being right
+    free, capped = _policy(first, final, y, 1.0), _policy(first, final, y, 0.08)
+    assert capped["first_rule"] == "fewest_revisions"
+    assert capped["revised_share"] < free["revised_share"] and capped["precision"] >= 0.95
+
+
+def test_auto_corrects_for_the_prior_when_members_under_predict_a_rare_label():
+    """Held-out logits of two members that both lean towards the common label: the rare one
+    is right only when its score is raised, and the mixture's prior correction finds that
+    (macro-F1 counts the rare label as much as the common one)."""
+    from trainer.model import ModelArgs
+    from trainer.train import Validated, choose_mixture
+    rng = np.random.default_rng(0)
+    y = (rng.random(3000) < 0.1).astype(np.int64)             # label 1 is rare (10%)
+    def member(seed):
+        r = np.random.default_rng(seed)
+        z = np.zeros((len(y), 2))
+        z[:, 1] = np.where(y == 1, 0.0, -2.0) + r.normal(0, 0.7, len(y)) - 0.8   # rare: under the common
+        return Validated(args=ModelArgs(n_labels=2, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
+                         logits=[z], labels=[y], depth_logits=None, epochs=1, best_epochs=[1])
+    info = choose_mixture({"bilstm": member(1), "crf": member(2)}, ["common", "rare"])
+    row = info["depths"][0]
+    assert row["tau"] > 0 and info["chosen"] == "mixture"
+    assert row["macro_f1"] > row["without_prior"]["macro_f1"] + 0.05
