@@ -300,6 +300,9 @@ def clopper_pearson_lower(k: Any, m: Any, confidence: float) -> np.ndarray:
     return np.where(m > 0, lb, np.nan)
 
 
+THRESHOLD_MARGIN = 1e-6
+
+
 def choose_threshold(correct: Any, conf: Any, target_precision: float = 0.95,
                      confidence: float = 0.9, method: Literal["binomial", "empirical"] = "binomial",
                      grid: Any = None) -> dict:
@@ -373,7 +376,15 @@ def choose_threshold(correct: Any, conf: Any, target_precision: float = 0.95,
     if chosen is None:
         return {**out, "threshold": ABSTAIN_ALL, "coverage": 0.0 if n else None,
                 "precision": None, "lower_bound": None, "n_covered": 0, "feasible": False}
-    return {**out, "threshold": float(thr[chosen]), "coverage": _ratio(m[chosen], n),
+    # Not the chosen confidence itself but a hair below it (at most halfway to the next lower
+    # candidate, so the covered validation events stay the same): an event that looks like
+    # one seen in validation can come out equal to the threshold, and then float rounding
+    # (a live step sums in another order than an offline pass) would decide whether it is
+    # labelled, and the final live label could differ from the offline one.
+    # (A fixed grid is kept as given.)
+    below = thr[chosen + 1] if chosen + 1 < len(thr) else 0.0
+    threshold = float(thr[chosen] - (min(THRESHOLD_MARGIN, (thr[chosen] - below) / 2) if grid is None else 0.0))
+    return {**out, "threshold": threshold, "coverage": _ratio(m[chosen], n),
             "precision": _num(prec[chosen]), "lower_bound": _num(lb[chosen]),
             "n_covered": int(m[chosen]), "feasible": True}
 
