@@ -1034,9 +1034,6 @@ class MixtureArgs:
     members: list[dict[str, Any]]
     depth_weights: list[list[float]]
     arch: str = "mixture"
-    # per depth k = 0..L, a bias added to the mixed log-probabilities of each label (a prior
-    # correction, -tau_k log prior; None: none). It moves labels the members under-predict.
-    depth_bias: Optional[list[list[float]]] = None
 
     @property
     def n_labels(self) -> int:
@@ -1054,21 +1051,16 @@ class MixtureArgs:
     image_size = 0
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"arch": self.arch, "members": [dict(m) for m in self.members],
-               "depth_weights": [list(map(float, w)) for w in self.depth_weights],
-               "lookahead": self.lookahead, "n_labels": self.n_labels}
-        if self.depth_bias is not None:
-            out["depth_bias"] = [list(map(float, b)) for b in self.depth_bias]
-        return out
+        return {"arch": self.arch, "members": [dict(m) for m in self.members],
+                "depth_weights": [list(map(float, w)) for w in self.depth_weights],
+                "lookahead": self.lookahead, "n_labels": self.n_labels}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MixtureArgs":
-        unknown = sorted(set(d) - {"arch", "members", "depth_weights", "lookahead", "n_labels", "depth_bias"})
+        unknown = sorted(set(d) - {"arch", "members", "depth_weights", "lookahead", "n_labels"})
         if unknown:  # as ModelArgs(**d) would: a key this version does not know is an error
             raise TypeError(f"unexpected mixture argument(s) {unknown}")
-        bias = d.get("depth_bias")
-        return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]],
-                   depth_bias=None if bias is None else [list(map(float, b)) for b in bias])
+        return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]])
 
 
 class Mixture(nn.Module):
@@ -1090,11 +1082,6 @@ class Mixture(nn.Module):
         if len(args.depth_weights) != L + 1 or any(len(w) != len(self.members) for w in args.depth_weights):
             raise ValueError("mixture weights: one row per depth 0..L, one weight per member")
         self.register_buffer("weights", torch.tensor(args.depth_weights, dtype=torch.float32))
-        C = args.n_labels
-        bias = args.depth_bias if args.depth_bias is not None else [[0.0] * C] * (L + 1)
-        if len(bias) != L + 1 or any(len(b) != C for b in bias):
-            raise ValueError("mixture bias: one row per depth 0..L, one value per label")
-        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32), persistent=False)
 
     @property
     def streamable(self) -> bool:
@@ -1118,7 +1105,7 @@ class Mixture(nn.Module):
             depth = torch.minimum(depth, horizon.to(depth.device).clamp(0, L))
         w = self.weights[depth]                                                 # (B, T, M)
         out = sum(w[..., i:i + 1] * torch.log_softmax(m(batch)[0], -1) for i, m in enumerate(self.members))
-        return out + self.bias[depth], None
+        return out, None
 
     def init_state(self, device=None) -> dict[str, Any]:
         return {"members": [m.init_state(device) for m in self.members]}
@@ -1139,7 +1126,6 @@ class Mixture(nn.Module):
         w = self.weights[depth]                                             # (rows, M); row r of a
         mixed = sum(w[:, i:i + 1] * torch.log_softmax(torch.cat(outs), -1)  # session has v-1-r
                     for i, outs in enumerate(outs_by_member))               # later events
-        mixed = mixed + self.bias[depth]
         return new, list(mixed.split(sizes))
 
 

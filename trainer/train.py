@@ -325,38 +325,29 @@ def _simplex(m: int, step: float = 0.1) -> list[tuple[float, ...]]:
             if sum(combo) == n]
 
 
-PRIOR_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
 def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
-    k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) and the
-    prior correction ``tau`` (the bias -tau log prior added to each label's mixed
-    log-probability, ``PRIOR_TAUS``; the prior is the training labels' share, +1 smoothed)
-    whose held-out top-1 macro-F1 is best (then accuracy; then the smaller tau; then the
-    weights nearest the first candidate). Members trained without class weights (the CRF)
-    under-predict rare labels, which macro-F1 counts as much as common ones. Held-out rows
-    line up across candidates: they were validated on the same folds."""
+    k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
+    weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
+    then the weights nearest the first candidate). Held-out rows line up across candidates:
+    they were validated on the same folds."""
     from trainer.metrics import classification_metrics
     archs = list(results)
     first = results[archs[0]]
     L = first.args.lookahead
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
     grid = _simplex(len(archs))
-    y_all = np.concatenate(first.labels)
-    counts = np.bincount(y_all[y_all != IGNORE], minlength=len(names)).astype(np.float64) + 1.0
-    log_prior = np.log(counts / counts.sum())
 
-    def score(zs, y, w, tau=0.0):
+    def score(zs, y, w):
         keep = y != IGNORE
-        z = sum(wi * zi[keep] for wi, zi in zip(w, zs) if wi > 0) - tau * log_prior
-        cls = classification_metrics(y[keep], z.argmax(-1), list(names))
+        z = sum(wi * zi for wi, zi in zip(w, zs) if wi > 0)
+        cls = classification_metrics(y[keep], z[keep].argmax(-1), list(names))
         return cls["macro_f1"] or 0.0, cls["token_accuracy"] or 0.0
 
     rows = []
     for k in depths or [None]:
         if k is None or k == L:                   # final labels: every held-out event
-            y = y_all
+            y = np.concatenate(first.labels)
             zs = [_log_softmax(np.concatenate(results[a].logits)) for a in archs]
         else:
             y = first.depth_logits[1][k]
@@ -367,20 +358,15 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
                 raise AssertionError(f"held-out rows of {a} do not line up with {archs[0]}'s")
         singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
                    for i, a in enumerate(archs)}
-        scored = {(w, tau): score(zs, y, w, tau) for w in grid for tau in PRIOR_TAUS}
-        best, tau = max(scored, key=lambda wt: (*scored[wt], -wt[1], wt[0]))
-        rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)), "tau": tau,
-                     "macro_f1": scored[best, tau][0], "accuracy": scored[best, tau][1],
-                     "without_prior": dict(zip(("macro_f1", "accuracy"), scored[best, 0.0])),
+        best = max(grid, key=lambda w: (*score(zs, y, w), w))
+        rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)),
+                     "macro_f1": score(zs, y, best)[0], "accuracy": score(zs, y, best)[1],
                      "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc) in singles.items()}})
     weights = [[r["weights"][a] for a in archs] for r in rows]
     used = [a for i, a in enumerate(archs) if any(w[i] > 0 for w in weights)]
-    prior = any(r["tau"] > 0 for r in rows)
     return {"candidates": {a: v.scores(names) for a, v in results.items()}, "depths": rows,
-            "members": used, "chosen": used[0] if len(used) == 1 and not prior else "mixture",
-            "log_prior": log_prior.tolist(),
-            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid, "
-                         f"prior correction tau in {list(PRIOR_TAUS)}"}
+            "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
+            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
 
 
 def auto_table(info: dict[str, Any]) -> list[str]:
@@ -393,8 +379,6 @@ def auto_table(info: dict[str, Any]) -> list[str]:
     for r in info["depths"]:
         alone = ", ".join(f"{a} {f(r['alone'][a]['macro_f1'])}" for a in archs)
         w = " + ".join(f"{r['weights'][a]:.1f} {a}" for a in archs if r["weights"][a] > 0)
-        if r.get("tau"):
-            w += f", prior correction tau {r['tau']:.2f}: {f(r['without_prior']['macro_f1'])} without"
         lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w})")
     lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
@@ -409,12 +393,7 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
     L = fits[members[0]].model.args.lookahead
     if len(weights) == 1 and L:                 # no per-depth held-out logits (prefix
         weights = weights * (L + 1)             # calibration off): the final weights at every depth
-    taus = [r.get("tau", 0.0) for r in info["depths"]]
-    if len(taus) == 1 and L:
-        taus = taus * (L + 1)
-    log_prior = np.asarray(info.get("log_prior") or [0.0] * fits[members[0]].model.args.n_labels)
-    bias = [(-t * log_prior).tolist() for t in taus] if any(taus) else None
-    model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights, depth_bias=bias))
+    model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights))
     for m, a in zip(model.members, members):
         m.load_state_dict(fits[a].model.state_dict())
     model.eval()
@@ -424,17 +403,13 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
 
     def tail_weights(m: int) -> np.ndarray:             # (m, M): a session's tail has fewer later events
         return W[np.minimum(L or 0, np.arange(m - 1, -1, -1))]
-    B = np.asarray(bias) if bias is not None else np.zeros((L + 1, len(log_prior)))
-
-    def tail_bias(m: int) -> np.ndarray:                # (m, C)
-        return B[np.minimum(L or 0, np.arange(m - 1, -1, -1))]
     logits = [sum(tail_weights(len(results[a].logits[j]))[:, i:i + 1] * _log_softmax(results[a].logits[j])
-                  for i, a in enumerate(members)) + tail_bias(len(results[members[0]].logits[j])) for j in range(n)]
+                  for i, a in enumerate(members)) for j in range(n)]
     depth = None
     if all(results[a].depth_logits for a in members):
         first = results[members[0]].depth_logits
         depth = ([sum(weights[k][i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
-                  + B[k] for k in range(L + 1)], list(first[1]))
+                  for k in range(L + 1)], list(first[1]))
     return model, logits, depth
 
 

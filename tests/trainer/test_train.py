@@ -73,22 +73,3 @@ def test_when_no_arrival_threshold_is_within_budget_the_fewest_revisions_win():
     assert capped["first_rule"] == "fewest_revisions"
     assert capped["revised_share"] < free["revised_share"] and capped["precision"] >= 0.95
 
-
-def test_auto_corrects_for_the_prior_when_members_under_predict_a_rare_label():
-    """Held-out logits of two members that both lean towards the common label: the rare one
-    is right only when its score is raised, and the mixture's prior correction finds that
-    (macro-F1 counts the rare label as much as the common one)."""
-    from trainer.model import ModelArgs
-    from trainer.train import Validated, choose_mixture
-    rng = np.random.default_rng(0)
-    y = (rng.random(3000) < 0.1).astype(np.int64)             # label 1 is rare (10%)
-    def member(seed):
-        r = np.random.default_rng(seed)
-        z = np.zeros((len(y), 2))
-        z[:, 1] = np.where(y == 1, 0.0, -2.0) + r.normal(0, 0.7, len(y)) - 0.8   # rare: under the common
-        return Validated(args=ModelArgs(n_labels=2, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
-                         logits=[z], labels=[y], depth_logits=None, epochs=1, best_epochs=[1])
-    info = choose_mixture({"bilstm": member(1), "crf": member(2)}, ["common", "rare"])
-    row = info["depths"][0]
-    assert row["tau"] > 0 and info["chosen"] == "mixture"
-    assert row["macro_f1"] > row["without_prior"]["macro_f1"] + 0.05
