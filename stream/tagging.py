@@ -334,6 +334,7 @@ class LiveTagger:
         L, W = self.lookahead, self.window_size
         thr, version = self.model.threshold, self.model.version
         stable = self.model.policy == "stable"
+        agree = self.model.agreement          # stable: a final that agrees with arrival is kept
         labels = self.model.labels
         emitted_at = iso_now(self.clock)
         # one softmax and one copy to numpy for the whole round, then a slice per session.
@@ -366,13 +367,13 @@ class LiveTagger:
                     if p.probs is None:
                         keep.append(p)
                         continue
-                    d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+                    d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
                     is_final = True
                 else:
                     p.probs = probs[j]
                     is_final = p.seq <= sess.n - 1 - L
                     if is_final:
-                        d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+                        d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
                     else:
                         d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j),
                                                labels, hold=stable)
@@ -390,11 +391,11 @@ class LiveTagger:
         thr, version = self.model.threshold, self.model.version
         emitted_at = iso_now(self.clock)
         records = []
-        stable = self.model.policy == "stable"
+        agree = self.model.agreement
         labels = self.model.labels
         for p in sess.pending:
             if p.probs is not None:
-                d = self.policy.final(p.probs, thr, labels, p.shown if stable else None)
+                d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
             elif p.shown is not None and (p.shown.label is None or p.shown.label in labels):
                 d = p.shown  # context lost (e.g. Redis restarted): final as last shown
             else:  # nothing to go on, or a step this model does not know: abstain

@@ -123,6 +123,12 @@ class LoadedModel:
         return self.manifest["calibration"].get("policy", "plain")
 
     @property
+    def agreement(self) -> bool:
+        """``stable`` policy: whether a final label that agrees with the one shown on arrival is
+        kept below ``threshold`` (False when agreement was not precise enough on held-out data)."""
+        return self.policy == "stable" and bool(self.manifest["calibration"].get("agreement", True))
+
+    @property
     def first_threshold(self) -> float:
         return float(self.manifest["calibration"].get("first_threshold", self.prefix_threshold(0)))
 
@@ -130,7 +136,7 @@ class LoadedModel:
         """Which events keep a label (the rest abstain), from their calibrated final and
         on-arrival probabilities (n, C) each: the rule the live worker's final records follow."""
         keep = final_probs.max(-1) >= self.threshold
-        if self.policy == "stable" and first_probs is not None:
+        if self.agreement and first_probs is not None:
             keep |= (first_probs.max(-1) >= self.first_threshold) & (first_probs.argmax(-1) == final_probs.argmax(-1))
         return keep
 

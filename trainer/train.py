@@ -620,8 +620,11 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
       threshold moves to the one that shows the most labels on arrival within that budget,
       or, if none is within it, to the one with the fewest revisions.
 
-    ``policy: plain`` is returned instead (the final label alone decides, its plain
-    threshold) when no threshold reaches the target over that union."""
+    When no threshold reaches the target over that union (the two views agree on too many
+    wrong labels), ``agreement`` is False: the final label is kept only at the plain
+    threshold, and the event is still revised at most once. ``policy: plain`` (each depth's
+    own threshold, the label may change at every depth) is returned only when the plain
+    threshold covers nothing."""
     from trainer.artifacts import softmax_t
     from trainer.metrics import ABSTAIN_ALL, choose_threshold, clopper_pearson_lower
     keep = labels != IGNORE
@@ -634,39 +637,49 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     if not len(cL) or coverage == 0.0:
         return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
 
-    def at(first_thr: float) -> dict[str, Any] | None:
+    def at(first_thr: float, agreement: bool) -> dict[str, Any] | None:
         shown = c0 >= first_thr
-        agree = shown & (a0 == aL)
-        chosen = choose_threshold(aL == y, np.where(agree, 2.0, cL), cfg.train.precision_target,
-                                  cfg.train.guarantee_confidence, method="binomial")
-        if not chosen["feasible"]:
-            return None
-        threshold = min(chosen["threshold"], ABSTAIN_ALL)
-        covered = agree | (cL >= threshold)
+        if agreement:
+            agree = shown & (a0 == aL)
+            chosen = choose_threshold(aL == y, np.where(agree, 2.0, cL), cfg.train.precision_target,
+                                      cfg.train.guarantee_confidence, method="binomial")
+            if not chosen["feasible"]:
+                return None
+            threshold = min(chosen["threshold"], ABSTAIN_ALL)
+            covered = agree | (cL >= threshold)
+        else:
+            threshold = plain_threshold
+            covered = cL >= threshold
+        right = int((aL == y)[covered].sum())
         revised = (shown != covered) | (shown & covered & (a0 != aL))
         n, r = len(revised), int(revised.sum())
-        return {"policy": "stable", "first_threshold": float(first_thr), "threshold": threshold,
-                "first_coverage": float(shown.mean()),
+        return {"policy": "stable", "agreement": agreement, "first_threshold": float(first_thr),
+                "threshold": threshold, "first_coverage": float(shown.mean()),
                 "first_precision": float((a0 == y)[shown].mean()) if shown.any() else None,
                 "coverage": float(covered.mean()),
-                "precision": float((aL == y)[covered].mean()) if covered.any() else None,
-                "lower_bound": chosen["lower_bound"], "revised_share": r / n,
+                "precision": right / int(covered.sum()) if covered.any() else None,
+                "lower_bound": float(clopper_pearson_lower(right, int(covered.sum()), cfg.train.guarantee_confidence))
+                if covered.any() else None, "revised_share": r / n,
                 "revised_upper": float(1.0 - clopper_pearson_lower(n - r, n, cfg.train.guarantee_confidence))}
 
     budget = cfg.train.max_edit_overhead
     budget = budget / (1.0 - budget) if budget < 1.0 else float("inf")   # as a revised share
-    best = at(float(np.quantile(c0, 1.0 - coverage, method="higher")))
-    if best is None:
-        return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
+    start = float(np.quantile(c0, 1.0 - coverage, method="higher"))
+    # agreement needs the events whose two views agree to be precise enough; when they are
+    # not, the final label alone decides (at its plain threshold), still revised at most once
+    best = at(start, True)
+    agreement = best is not None
+    best = best or at(start, False)
     best["first_rule"] = "coverage"
     if best["revised_upper"] > budget:
         # a grid of first thresholds by the share of events they show, 0 (ABSTAIN_ALL) to 1
         grid = [ABSTAIN_ALL] + [float(np.quantile(c0, 1.0 - q, method="higher")) for q in np.linspace(0.02, 1.0, 50)]
-        options = [o for o in map(at, grid) if o is not None]
+        options = [o for t in grid for ag in ((True, False) if agreement else (False,))
+                   if (o := at(t, ag)) is not None]
         within = [o for o in options if o["revised_upper"] <= budget]
         pick = (max(within, key=lambda o: (o["first_coverage"], o["coverage"])) if within
-                else min(options, key=lambda o: o["revised_share"]) if options else None)
-        if pick is not None and pick["revised_share"] < best["revised_share"]:
+                else min(options, key=lambda o: o["revised_share"]))
+        if pick["revised_share"] < best["revised_share"]:
             best = {**pick, "first_rule": "edit_overhead" if within else "fewest_revisions"}
     return best
 
@@ -854,7 +867,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                       "precision": policy["precision"], "lower_bound": policy["lower_bound"]}
             echo(f"abstention (stable): labelled on arrival at confidence >= {policy['first_threshold']:.3f} "
                  f"({policy['first_coverage']:.3f} of held-out events, precision {policy['first_precision'] or 0:.3f}); "
-                 f"final label kept when it agrees or its confidence >= {policy['threshold']:.3f} "
+                 f"final label kept when {'it agrees or ' if policy['agreement'] else ''}"
+                 f"its confidence >= {policy['threshold']:.3f} "
                  f"(coverage {policy['coverage']:.3f}, precision {policy['precision'] or 0:.3f}); "
                  f"revised once: {policy['revised_share']:.3f} of events"
                  + (f" (first threshold moved to keep edit overhead <= {cfg.train.max_edit_overhead})"
@@ -880,7 +894,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             from trainer.model import arrival_logits
             first = np.concatenate([softmax_t(z, prefix["prefix_temperatures"][0]) for z in
                                     arrival_logits(fit.model, p.encoded["test"], pick_device(cfg.train.device))])
-            covered |= (first.max(-1) >= policy["first_threshold"]) & (first.argmax(-1) == probs.argmax(-1))
+            if policy["agreement"]:
+                covered |= (first.max(-1) >= policy["first_threshold"]) & (first.argmax(-1) == probs.argmax(-1))
         gold = p.frame.set_index("session_id").loc[p.splits["test"], "step_name"].tolist()
         test_report = score(gold, probs, p.label_map.labels, chosen["threshold"], covered)
         metrics["test"] = {**test_report["offline"], "classification": test_report["classification"],
@@ -890,7 +905,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                         calibration={k: chosen[k] for k in ("coverage", "precision", "lower_bound",
                                                              "feasible", "method", "confidence",
                                                              "target_precision")} | prefix
-                        | {k: v for k, v in policy.items() if k in ("policy", "first_threshold")},
+                        | {k: v for k, v in policy.items() if k in ("policy", "first_threshold", "agreement")},
                         metrics=metrics, training=_training_info(p, cfg, time.perf_counter() - started),
                         config=cfg.to_dict())
     if test_report is not None:

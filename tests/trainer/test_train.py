@@ -73,3 +73,21 @@ def test_when_no_arrival_threshold_is_within_budget_the_fewest_revisions_win():
     assert capped["first_rule"] == "fewest_revisions"
     assert capped["revised_share"] < free["revised_share"] and capped["precision"] >= 0.95
 
+
+
+def test_when_agreeing_views_are_not_precise_the_final_label_alone_decides_still_once():
+    """Both views name the same label everywhere, wrong on 40% of events: keeping what they
+    agree on cannot reach the precision target, so the final label is kept at the plain
+    threshold only, and the policy stays stable (one revision at most), not plain."""
+    rng = np.random.default_rng(1)
+    n, classes = 4000, 4
+    y = rng.integers(0, classes, n)
+    sure = rng.random(n) < 0.6
+    named = np.where(sure, y, (y + 1) % classes)
+    final = np.zeros((n, classes))
+    final[np.arange(n), named] = np.where(sure, 8.0, 0.5)
+    first = np.zeros((n, classes))
+    first[np.arange(n), named] = rng.uniform(3.0, 8.0, n)
+    got = _policy(first, final, y, 0.08)
+    assert got["policy"] == "stable" and got["agreement"] is False
+    assert got["threshold"] == 0.99 and got["precision"] >= 0.95
