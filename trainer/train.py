@@ -329,7 +329,8 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
     k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
     weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
-    then the weights nearest the first candidate). Held-out rows line up across candidates:
+    then the mean log-likelihood of the true labels, so that ties of two candidates that are
+    both perfect go to the surer one; then the weights nearest the first candidate). Held-out rows line up across candidates:
     they were validated on the same folds."""
     from trainer.metrics import classification_metrics
     archs = list(results)
@@ -340,9 +341,11 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
 
     def score(zs, y, w):
         keep = y != IGNORE
-        z = sum(wi * zi for wi, zi in zip(w, zs) if wi > 0)
-        cls = classification_metrics(y[keep], z[keep].argmax(-1), list(names))
-        return cls["macro_f1"] or 0.0, cls["token_accuracy"] or 0.0
+        z = sum(wi * zi[keep] for wi, zi in zip(w, zs) if wi > 0)
+        cls = classification_metrics(y[keep], z.argmax(-1), list(names))
+        # ties (two candidates both perfect on held-out events, say) go to the likelier one
+        loglik = float(_log_softmax(z)[np.arange(len(z)), y[keep]].mean()) if len(z) else 0.0
+        return cls["macro_f1"] or 0.0, cls["token_accuracy"] or 0.0, loglik
 
     rows = []
     for k in depths or [None]:
@@ -358,10 +361,11 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
                 raise AssertionError(f"held-out rows of {a} do not line up with {archs[0]}'s")
         singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
                    for i, a in enumerate(archs)}
-        best = max(grid, key=lambda w: (*score(zs, y, w), w))
+        scored = {w: score(zs, y, w) for w in grid}
+        best = max(grid, key=lambda w: (*scored[w], w))
         rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)),
-                     "macro_f1": score(zs, y, best)[0], "accuracy": score(zs, y, best)[1],
-                     "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc) in singles.items()}})
+                     "macro_f1": scored[best][0], "accuracy": scored[best][1], "loglik": scored[best][2],
+                     "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc, _) in singles.items()}})
     weights = [[r["weights"][a] for a in archs] for r in rows]
     used = [a for i, a in enumerate(archs) if any(w[i] > 0 for w in weights)]
     return {"candidates": {a: v.scores(names) for a, v in results.items()}, "depths": rows,

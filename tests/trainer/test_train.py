@@ -91,3 +91,20 @@ def test_when_agreeing_views_are_not_precise_the_final_label_alone_decides_still
     got = _policy(first, final, y, 0.08)
     assert got["policy"] == "stable" and got["agreement"] is False
     assert got["threshold"] == 0.99 and got["precision"] >= 0.95
+
+
+def test_auto_breaks_a_tie_of_perfect_candidates_towards_the_surer_one():
+    """Both candidates label every held-out event right; the second is far surer, so a test
+    event near a boundary is safer with it: the tie goes to the likelier combination."""
+    from trainer.model import ModelArgs
+    from trainer.train import Validated, choose_mixture
+    y = np.arange(300) % 3
+    def member(margin):
+        z = np.zeros((len(y), 3))
+        z[np.arange(len(y)), y] = margin
+        return Validated(args=ModelArgs(n_labels=3, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
+                         logits=[z], labels=[y], depth_logits=None, epochs=1, best_epochs=[1])
+    info = choose_mixture({"bilstm": member(0.5), "crf": member(6.0)}, ["a", "b", "c"])
+    row = info["depths"][0]
+    assert row["macro_f1"] == 1.0 and row["alone"]["bilstm"]["macro_f1"] == 1.0
+    assert row["weights"]["crf"] > row["weights"]["bilstm"]
