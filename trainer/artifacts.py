@@ -26,6 +26,7 @@ worker follows; ``promote`` rewrites it atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,9 +42,10 @@ import numpy as np
 import torch
 
 from trainer import __version__
-from trainer.errors import ArtifactError
+from trainer.config import ModelConfig
+from trainer.errors import ArtifactError, ConfigError
 from trainer.features import EncodedSession, FeatureEncoder
-from trainer.model import Mixture, MixtureArgs, ModelArgs, Tagger, collate
+from trainer.model import Mixture, MixtureConfig, Tagger, collate
 
 FORMAT = "tagger-artifact"
 FORMAT_VERSION = 1
@@ -230,7 +232,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
     if manifest_path.exists():
         manifest_path.unlink()
     files = []
-    model_args = model.args.to_dict() if model is not None else {}
+    model_args = model.args.to_args() if model is not None else {}
     if model is not None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "weights.pt")
         files.append("weights.pt")
@@ -332,12 +334,12 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
         margs = dict(manifest["model_args"])
         try:
             if margs.get("arch") == "mixture":
-                args = MixtureArgs.from_dict(margs)
+                args = MixtureConfig.from_args(margs)
             else:
-                args = ModelArgs.from_dict(margs)
-                if args.image_backbone:
-                    args.image_backbone = str(path / args.image_backbone)     # the artifact's own copy
-        except (TypeError, KeyError, ValueError) as exc:
+                args = ModelConfig.from_args(margs)
+                if args.image_backbone:                                        # the artifact's own copy
+                    args = dataclasses.replace(args, image_backbone=str(path / args.image_backbone))
+        except (ConfigError, TypeError, KeyError, ValueError) as exc:
             raise ArtifactError(f"{path}: model_args do not fit this tagger version: {exc}") from exc
         if args.n_labels != len(loaded.labels):
             raise ArtifactError(f"{path}: model has {args.n_labels} outputs but {len(loaded.labels)} labels")
@@ -346,8 +348,8 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
         except Exception as exc:  # torch raises several types for bad files
             raise ArtifactError(f"{path}/weights.pt: cannot load weights: {exc}") from exc
         try:
-            model = (Mixture(args) if isinstance(args, MixtureArgs) else Tagger(args)).to(device)
-        except (ValueError, RuntimeError, OSError) as exc:
+            model = (Mixture(args) if isinstance(args, MixtureConfig) else Tagger(args)).to(device)
+        except (ConfigError, ValueError, RuntimeError, OSError) as exc:
             raise ArtifactError(f"{path}: cannot build the declared model: {exc}") from exc
         try:
             model.load_state_dict(state)

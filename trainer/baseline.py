@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, build_section, to_plain
 from trainer.errors import ArtifactError, ConfigError, DataError
 from trainer.features import DERIVED_NUMS, _fold, tokens_of
 
@@ -166,14 +166,12 @@ class _Featurizer:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        from trainer.config import _to_plain
-        return {"data": _to_plain(self.data), "auto_cols": self.auto_cols, "window": self.window,
+        return {"data": to_plain(self.data), "auto_cols": self.auto_cols, "window": self.window,
                 "future": self.future, "num_names": self.num_names, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "_Featurizer":
-        from trainer.config import _build
-        return cls(_build(DataConfig, d["data"], "data"), d["auto_cols"], d["window"],
+        return cls(build_section(DataConfig, d["data"], "data"), d["auto_cols"], d["window"],
                    d["num_names"], d["mean"], d["std"], d.get("future"))
 
 

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, build_section, to_plain
 from trainer.errors import ArtifactError, DataError
 
 PAD, UNK = 0, 1
@@ -480,17 +480,15 @@ class FeatureEncoder:
 
     # ---- persistence (JSON, never pickle) ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from trainer.config import _to_plain
-        return {"data": _to_plain(self.data), "auto_cols": self.auto_cols,
+        return {"data": to_plain(self.data), "auto_cols": self.auto_cols,
                 "vocabs": {k: v.items for k, v in self.vocabs.items()},
                 "num_names": self.num_names, "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "fill": self.fill.tolist(), "text_dim": self.text_dim, "text_model": self.text_model}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FeatureEncoder":
-        from trainer.config import _build
         try:
-            data = _build(DataConfig, d["data"], "data")
+            data = build_section(DataConfig, d["data"], "data")
             if "lex" not in d["vocabs"]:                 # fit before lexical features existed
                 data = dataclasses.replace(data, lexical=False)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.config import from_dict
-from trainer.train import FOLDS_BELOW, depth_summary, sample_horizons, validation_plan
+from trainer.fit import sample_horizons
+from trainer.train import FOLDS_BELOW, depth_summary, validation_plan
 
 
 def test_few_sessions_are_validated_on_folds_many_on_a_split():
