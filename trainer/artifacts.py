@@ -168,7 +168,8 @@ class LoadedModel:
                        max_len: int = 4096) -> list[np.ndarray]:
         """Uncalibrated logits (n, C) per session, over whole sessions (as the live worker's
         final labels see them). Sessions longer than ``max_len`` run in overlapping chunks."""
-        assert self.model is not None
+        if self.model is None:
+            raise ArtifactError(f"{self.path}: a {self.kind} baseline has no network logits")
         self.model.eval()
         out: list[np.ndarray | None] = [None] * len(sessions)
         order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
@@ -246,7 +247,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
         files += baseline.save(out)
     (out / "encoder.json").write_text(json.dumps(encoder.to_dict()), encoding="utf-8")
     (out / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default), encoding="utf-8")
     files += ["encoder.json", "config.yaml", "metrics.json"]
     fp = training.get("data_fingerprint", "0" * 8)
     manifest = {
@@ -260,7 +261,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
         "files": {name: sha256_file(out / name) for name in files},
     }
     tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
+    tmp.write_text(json.dumps(manifest, indent=2, default=json_default), encoding="utf-8")
     os.replace(tmp, manifest_path)
     return out
 
@@ -274,7 +275,8 @@ def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for the numpy values in metrics and reports."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

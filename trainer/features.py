@@ -344,7 +344,7 @@ class FeatureEncoder:
                                 f"(columns: {[c for c in frame.columns if not c.startswith('_')]})")
         auto = [c for c in data.auto_columns if c in frame.columns
                 and c not in data.cat_features and frame[c].astype(str).str.strip().ne("").any()]
-        derived = [d for _, d in _fold(frame, data, auto)]
+        derived = [d for _, d in derive_sessions(frame, data, auto)]
         vocabs = {"template": Vocab.fit((d["template"] for d in derived), data.min_freq),
                   "token": Vocab.fit((t for d in derived for t in d["tokens"]), data.min_freq)}
         if data.lexical:
@@ -451,7 +451,7 @@ class FeatureEncoder:
     def transform_frame(self, frame: pd.DataFrame, label_map: LabelMap | None = None,
                         base_dir: Path | None = None) -> tuple[list[str], list[EncodedSession]]:
         """Encode every session of a canonical frame (see ``trainer.loading``)."""
-        folded = _fold(frame, self.data, self.auto_cols)
+        folded = derive_sessions(frame, self.data, self.auto_cols)
         text_vectors = None
         if self.text_dim:
             strings = sorted({s for _, d in folded for s in d["texts"]})
@@ -497,8 +497,8 @@ class FeatureEncoder:
             raise ArtifactError(f"feature encoder is malformed: {exc!r}") from exc
 
 
-def _fold(frame: pd.DataFrame, data: DataConfig, auto_cols: Sequence[str]
-          ) -> list[tuple[str, dict[str, Any]]]:
+def derive_sessions(frame: pd.DataFrame, data: DataConfig, auto_cols: Sequence[str]
+                    ) -> list[tuple[str, dict[str, Any]]]:
     """Run ``derive`` over each session in order (the offline twin of the live loop)."""
     cols = [c for c in frame.columns if not c.startswith("_") or c == "_ts"]
     out = []

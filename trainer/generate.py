@@ -1532,11 +1532,11 @@ def generate(sessions: int | None, seed: int, out: str | Path,
     if sessions is None:
         sessions = WF_DEFAULT_DAYS if profile == "window-focus" else 1000
     if sessions < 0:
-        raise ValueError(f"sessions must be >= 0, got {sessions}")
+        raise ConfigError(f"sessions must be >= 0, got {sessions}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"seed must be >= 0, got {seed}")
     if 3 * sessions >= SEED_ID_STRIDE - FIRST_SESSION_ID:
-        raise ValueError(f"at most {(SEED_ID_STRIDE - FIRST_SESSION_ID) // 3 - 1} sessions per seed, "
+        raise ConfigError(f"at most {(SEED_ID_STRIDE - FIRST_SESSION_ID) // 3 - 1} sessions per seed, "
                          f"got {sessions}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

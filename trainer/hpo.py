@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from trainer.config import Config
+from trainer.errors import ConfigError
 from trainer.fit import fit_model, model_args, pick_device
 from trainer.metrics import classification_metrics
 from trainer.model import session_logits
@@ -83,7 +84,7 @@ def search(p, cfg: Config, *, progress: bool = True, echo: Callable[[str], None]
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
     study.optimize(objective, n_trials=h.n_trials, timeout=h.timeout_s, show_progress_bar=progress)
     if not best:
-        raise RuntimeError("hyperparameter search finished no trial")
+        raise ConfigError("train.hpo: the search finished no trial (n_trials or timeout_s too small?)")
     echo(f"HPO: best mean {k}-fold macro-F1 {best['value']:.4f} with {best['params']} "
          f"({len(study.trials)} trials)")
     return {"config": best["config"], "epochs": best["epochs"], "params": best["params"],

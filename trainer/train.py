@@ -206,7 +206,7 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
     L = fits[members[0]].model.args.lookahead
     if len(weights) == 1 and L:                 # no per-depth held-out logits (prefix
         weights = weights * (L + 1)             # calibration off): the final weights at every depth
-    model = Mixture(MixtureConfig([fits[a].model.args.to_dict() for a in members], weights))
+    model = Mixture(MixtureConfig([fits[a].model.args.to_args() for a in members], weights))
     for m, a in zip(model.members, members):
         m.load_state_dict(fits[a].model.state_dict())
     model.eval()
