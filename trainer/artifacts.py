@@ -42,10 +42,9 @@ import numpy as np
 import torch
 
 from trainer import __version__
-from trainer.config import ModelConfig
 from trainer.errors import ArtifactError, ConfigError
 from trainer.features import EncodedSession, FeatureEncoder
-from trainer.model import Mixture, MixtureConfig, Tagger, collate
+from trainer.model import Tagger, build_model, checkpoint_args, collate
 
 FORMAT = "tagger-artifact"
 FORMAT_VERSION = 1
@@ -335,12 +334,9 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
     if manifest["kind"] == "neural":
         margs = dict(manifest["model_args"])
         try:
-            if margs.get("arch") == "mixture":
-                args = MixtureConfig.from_args(margs)
-            else:
-                args = ModelConfig.from_args(margs)
-                if args.image_backbone:                                        # the artifact's own copy
-                    args = dataclasses.replace(args, image_backbone=str(path / args.image_backbone))
+            args = checkpoint_args(margs)
+            if args.image_backbone:                                            # the artifact's own copy
+                args = dataclasses.replace(args, image_backbone=str(path / args.image_backbone))
         except (ConfigError, TypeError, KeyError, ValueError) as exc:
             raise ArtifactError(f"{path}: model_args do not fit this tagger version: {exc}") from exc
         if args.n_labels != len(loaded.labels):
@@ -350,7 +346,7 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
         except Exception as exc:  # torch raises several types for bad files
             raise ArtifactError(f"{path}/weights.pt: cannot load weights: {exc}") from exc
         try:
-            model = (Mixture(args) if isinstance(args, MixtureConfig) else Tagger(args)).to(device)
+            model = build_model(args).to(device)
         except (ConfigError, ValueError, RuntimeError, OSError) as exc:
             raise ArtifactError(f"{path}: cannot build the declared model: {exc}") from exc
         try:

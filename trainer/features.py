@@ -295,15 +295,6 @@ class EncodedSession:
                               None if self.labels is None else self.labels[start:stop],
                               self.lex[start:stop])
 
-    @staticmethod
-    def concat(parts: Sequence["EncodedSession"]) -> "EncodedSession":
-        lab = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
-        width = max(p.lex.shape[1] for p in parts)
-        lex = np.concatenate([np.pad(p.lex, ((0, 0), (0, width - p.lex.shape[1]))) for p in parts])
-        return EncodedSession(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                                ("event", "tokens", "cats", "nums", "text", "image")), labels=lab,
-                              lex=lex)
-
 
 class LabelMap:
     def __init__(self, labels: Sequence[str]):

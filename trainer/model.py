@@ -1085,11 +1085,16 @@ class Mixture(nn.Module):
         return new, list(mixed.split(sizes))
 
 
-def build_model(model_args: dict[str, Any]) -> nn.Module:
-    """The network a checkpoint's ``model_args`` describe: a ``Tagger`` or a ``Mixture``."""
+def checkpoint_args(model_args: dict[str, Any]) -> ModelConfig | MixtureConfig:
+    """A checkpoint's ``model_args`` as the config they describe (older versions' included)."""
     if model_args.get("arch") == "mixture":
-        return Mixture(MixtureConfig.from_args(model_args))
-    return Tagger(ModelConfig.from_args(model_args))
+        return MixtureConfig.from_args(model_args)
+    return ModelConfig.from_args(model_args)
+
+
+def build_model(args: ModelConfig | MixtureConfig) -> nn.Module:
+    """The network a config describes: a ``Tagger`` or a ``Mixture``."""
+    return Mixture(args) if isinstance(args, MixtureConfig) else Tagger(args)
 
 
 @torch.no_grad()

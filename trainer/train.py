@@ -662,7 +662,6 @@ def _train_baseline(p: Prepared, out_dir, cfg: Config, started: float, echo) -> 
         probs = np.concatenate([softmax_t(np.log(c), temperature) for c in aligned(part["test"])])
         test_report = score(part["test"]["step_name"].tolist(), probs, p.label_map.labels, chosen["threshold"])
         metrics["test"] = {**test_report["offline"], "classification": test_report["classification"]}
-    model.labels_full = p.label_map.labels
     out = save_artifact(Path(out_dir), model=None, encoder=p.encoder, labels=model.labels,
                         temperature=temperature, threshold=chosen["threshold"],
                         calibration={k: chosen[k] for k in ("coverage", "precision", "feasible", "method")},

@@ -14,7 +14,7 @@ from trainer.artifacts import load_artifact
 from trainer.config import ModelConfig
 from trainer.errors import ArtifactError
 from trainer.loading import read_events
-from trainer.model import Tagger, build_model
+from trainer.model import Tagger, build_model, checkpoint_args
 
 # A tiny BiLSTM with the CRF output layer, trained and saved by the code before ModelConfig
 # replaced ModelArgs (its manifest says "crf": true), with what that code predicted for
@@ -75,9 +75,9 @@ def test_a_mixture_of_old_members_builds_and_round_trips():
     members = [dict(FIRST_FORMAT), {**FIRST_FORMAT, "crf": False}]
     d = {"arch": "mixture", "members": members, "depth_weights": [[0.5, 0.5]] * 3,
          "lookahead": 2, "n_labels": 4}
-    model = build_model(d)
+    model = build_model(checkpoint_args(d))
     assert [m.args.crf_head for m in model.members] == [True, False]
-    again = build_model(model.args.to_args())
+    again = build_model(checkpoint_args(model.args.to_args()))
     assert [m.args for m in again.members] == [m.args for m in model.members]
     with pytest.raises(Exception, match="extra"):
-        build_model({**d, "extra": 1})
+        checkpoint_args({**d, "extra": 1})

@@ -308,7 +308,7 @@ def test_crf_arch_is_exact_filtering_and_fixed_lag_smoothing():
 def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
     """A mixture weighs its members differently at each depth; what it shows with k later
     events in is still its forward pass at horizon k, and it saves and loads."""
-    from trainer.model import Mixture, MixtureConfig, build_model
+    from trainer.model import Mixture, MixtureConfig, build_model, checkpoint_args
     torch.manual_seed(0)
     L = 2
     members = [build(make_args("bilstm", "concat", lookahead=L)), build(make_args("crf", "concat", lookahead=L,
@@ -332,6 +332,6 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
     for t in range(len(s) - L, len(s)):
         assert torch.allclose(seen[len(s) - 1 - t][t], final[0, t], atol=1e-4), t
     torch.save(mix.state_dict(), tmp_path / "w.pt")
-    again = build_model(args.to_args()).eval()
+    again = build_model(checkpoint_args(args.to_args())).eval()
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     assert torch.equal(mix(collate([s]))[0], again(collate([s]))[0])
