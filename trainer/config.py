@@ -185,8 +185,9 @@ class ModelConfig:
 
 
 _MODEL_HINTS = typing.get_type_hints(ModelConfig)
-# Defaults of keys that the pre-1.0 ``ModelArgs`` had with another default than the config
-# section; every artifact it wrote stores them, so this only guards hand-made dicts.
+# Keys whose default in the former ``ModelArgs`` (the checkpoint's arguments before this class
+# served both) differed from the config section's; every artifact it wrote stores them, so
+# this only keeps hand-made dicts meaning what they meant.
 _ARGS_DEFAULTS = {"hidden_dim": 128, "num_layers": 2}
 
 
