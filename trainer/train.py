@@ -1,5 +1,6 @@
-"""Training: splits by session, chunking, the training loop, calibration, and the whole
-``tagger train`` pipeline that ends in an artifact folder.
+"""The ``tagger train`` pipeline that ends in an artifact folder: splits by session,
+validation plans, ``model.arch: auto``'s mixture, calibration and abstention. Fitting one
+model (chunking, the epoch loop, early stopping) is ``trainer.fit``.
 
 Pipeline (``train``): load -> split sessions into train / validation / test -> fit encoders on
 train only -> (optional) k-fold HPO grouped by session on train+val -> fit with early stopping
