@@ -153,11 +153,13 @@ def parts(args: argparse.Namespace) -> None:
 def step(args: argparse.Namespace) -> None:
     import torch
 
-    from trainer.model import ModelArgs, Tagger
+    from trainer.config import ModelConfig
+    from trainer.model import Tagger
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = Tagger(ModelArgs(n_labels=8, n_events=500, n_tokens=800, cat_sizes=(10, 20, 30, 40), n_nums=13,
-                             arch=args.arch)).eval()
+    # hidden 128, 2 layers: the sizes this comparison has always measured (the old ModelArgs defaults)
+    model = Tagger(ModelConfig(n_labels=8, n_events=500, n_tokens=800, cat_sizes=(10, 20, 30, 40), n_nums=13,
+                               arch=args.arch, hidden_dim=128, num_layers=2)).eval()
     for b in (1, 10, 64):
         states = [model.init_state() for _ in range(b)]
         events = {"event": torch.randint(1, 500, (b, 1)), "tokens": torch.randint(0, 800, (b, 1, 8)),

@@ -26,6 +26,7 @@ worker follows; ``promote`` rewrites it atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,9 +42,9 @@ import numpy as np
 import torch
 
 from trainer import __version__
-from trainer.errors import ArtifactError
+from trainer.errors import ArtifactError, ConfigError
 from trainer.features import EncodedSession, FeatureEncoder
-from trainer.model import Mixture, MixtureArgs, ModelArgs, Tagger, collate
+from trainer.model import Tagger, build_model, checkpoint_args, collate
 
 FORMAT = "tagger-artifact"
 FORMAT_VERSION = 1
@@ -172,7 +173,8 @@ class LoadedModel:
                        max_len: int = 4096) -> list[np.ndarray]:
         """Uncalibrated logits (n, C) per session, over whole sessions (as the live worker's
         final labels see them). Sessions longer than ``max_len`` run in overlapping chunks."""
-        assert self.model is not None
+        if self.model is None:
+            raise ArtifactError(f"{self.path}: a {self.kind} baseline has no network logits")
         self.model.eval()
         out: list[np.ndarray | None] = [None] * len(sessions)
         order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
@@ -236,7 +238,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
     if manifest_path.exists():
         manifest_path.unlink()
     files = []
-    model_args = model.args.to_dict() if model is not None else {}
+    model_args = model.args.to_args() if model is not None else {}
     if model is not None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "weights.pt")
         files.append("weights.pt")
@@ -250,7 +252,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
         files += baseline.save(out)
     (out / "encoder.json").write_text(json.dumps(encoder.to_dict()), encoding="utf-8")
     (out / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default), encoding="utf-8")
     files += ["encoder.json", "config.yaml", "metrics.json"]
     fp = training.get("data_fingerprint", "0" * 8)
     manifest = {
@@ -264,7 +266,7 @@ def save_artifact(out: Path, *, model: Tagger | None, encoder: FeatureEncoder, l
         "files": {name: sha256_file(out / name) for name in files},
     }
     tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
+    tmp.write_text(json.dumps(manifest, indent=2, default=json_default), encoding="utf-8")
     os.replace(tmp, manifest_path)
     return out
 
@@ -278,7 +280,8 @@ def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for the numpy values in metrics and reports."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
@@ -337,13 +340,10 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
     if manifest["kind"] == "neural":
         margs = dict(manifest["model_args"])
         try:
-            if margs.get("arch") == "mixture":
-                args = MixtureArgs.from_dict(margs)
-            else:
-                args = ModelArgs.from_dict(margs)
-                if args.image_backbone:
-                    args.image_backbone = str(path / args.image_backbone)     # the artifact's own copy
-        except (TypeError, KeyError, ValueError) as exc:
+            args = checkpoint_args(margs)
+            if args.image_backbone:                                            # the artifact's own copy
+                args = dataclasses.replace(args, image_backbone=str(path / args.image_backbone))
+        except (ConfigError, TypeError, KeyError, ValueError) as exc:
             raise ArtifactError(f"{path}: model_args do not fit this tagger version: {exc}") from exc
         if args.n_labels != len(loaded.labels):
             raise ArtifactError(f"{path}: model has {args.n_labels} outputs but {len(loaded.labels)} labels")
@@ -352,8 +352,8 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) ->
         except Exception as exc:  # torch raises several types for bad files
             raise ArtifactError(f"{path}/weights.pt: cannot load weights: {exc}") from exc
         try:
-            model = (Mixture(args) if isinstance(args, MixtureArgs) else Tagger(args)).to(device)
-        except (ValueError, RuntimeError, OSError) as exc:
+            model = build_model(args).to(device)
+        except (ConfigError, ValueError, RuntimeError, OSError) as exc:
             raise ArtifactError(f"{path}: cannot build the declared model: {exc}") from exc
         try:
             model.load_state_dict(state)

@@ -16,7 +16,7 @@ whole session), so they are **offline** baselines: their labels correspond to th
 tagger's final labels, never to its first emissions.
 
 Features come from the same ``trainer.features.derive`` the neural model uses (run through
-``_fold``), so a baseline and the network see the same information. Each event becomes a
+``derive_sessions``), so a baseline and the network see the same information. Each event becomes a
 dict ``{name: value}``: ``tpl=<template>``, ``tok=<token>``, ``cat:<name>=<value>``,
 ``num:<name>`` (standardised with training statistics, clipped to +-5; NaN gives
 ``num:<name>:nan``), ``txt:<col>=<token>`` for configured text columns (bag of words, not the
@@ -40,9 +40,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, build_section, to_plain
 from trainer.errors import ArtifactError, ConfigError, DataError
-from trainer.features import DERIVED_NUMS, _fold, tokens_of
+from trainer.features import DERIVED_NUMS, derive_sessions, tokens_of
 
 FORMAT = "tagger-baseline/1"
 MANIFEST = "baseline.json"
@@ -82,14 +82,14 @@ def _sessions(frame: pd.DataFrame, data: DataConfig, auto_cols: Sequence[str]
     if frame.empty:
         return []
     # A canonical frame keeps each session contiguous; if a caller hands us one that does not,
-    # regroup (stably) rather than let ``_fold`` restart a session's context half-way.
+    # regroup (stably) rather than let ``derive_sessions`` restart a session's context half-way.
     sid = frame["session_id"].astype(str)
     if (sid != sid.shift()).sum() != sid.nunique():
         first = {s: i for i, s in enumerate(pd.unique(sid))}
         frame = frame.iloc[np.argsort(sid.map(first).to_numpy(), kind="stable")]
     out: list[list[dict[str, Any]]] = []
     current = object()
-    for s, d in _fold(frame, data, auto_cols):
+    for s, d in derive_sessions(frame, data, auto_cols):
         if s != current:
             out.append([])
             current = s
@@ -166,14 +166,12 @@ class _Featurizer:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        from trainer.config import _to_plain
-        return {"data": _to_plain(self.data), "auto_cols": self.auto_cols, "window": self.window,
+        return {"data": to_plain(self.data), "auto_cols": self.auto_cols, "window": self.window,
                 "future": self.future, "num_names": self.num_names, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "_Featurizer":
-        from trainer.config import _build
-        return cls(_build(DataConfig, d["data"], "data"), d["auto_cols"], d["window"],
+        return cls(build_section(DataConfig, d["data"], "data"), d["auto_cols"], d["window"],
                    d["num_names"], d["mean"], d["std"], d.get("future"))
 
 

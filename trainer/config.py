@@ -8,15 +8,18 @@ DESIGN.md contract) is valid. An unknown key is an error that names it with its 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
 from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,21 @@ class DataConfig:
     elapsed_time: bool = True
 
 
+# Fields of ``ModelConfig`` that the data fixes (vocabulary sizes, columns, the screenshot
+# backbone named in ``data:``): training fills them in; a config file may not set them.
+_FROM_DATA = {"from_data": True}
+# Archs a checkpoint's ``Tagger`` can be: the networks and the CRFsuite CRF (``auto`` picks
+# among these; ``logreg`` is the classic baseline, never a network).
+NETWORK_ARCHS = ("bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network: the YAML ``model:`` section and, with the sizes the data fixes filled in
+    by training (``sized``), the constructor arguments a checkpoint stores as ``model_args``;
+    ``Tagger(ModelConfig.from_args(manifest["model_args"]))`` rebuilds the network (nanoGPT's
+    ``GPTConfig``). Validated whichever way it is made."""
+
     # crf: a linear-chain CRF (CRFsuite) over the event and wide_past events before it,
     # served live like the networks (filtering on arrival, fixed-lag smoothing for finals);
     # logreg: the per-event classic baseline (offline only)
@@ -82,13 +98,15 @@ class ModelConfig:
     nhead: int = 4
     ff_dim: int = 256
     dropout: float = 0.2
-    # A linear-chain CRF output layer: forward messages over the past, backward messages over
-    # half the lookahead (the encoder gets the other half), so the lookahead bound holds.
-    crf: bool = False
+    # A linear-chain CRF output layer on a network (not arch crf, which is a CRF alone):
+    # forward messages over the past, backward messages over half the lookahead (the encoder
+    # gets the other half), so the lookahead bound holds. Was `crf` (still read, with a warning).
+    crf_head: bool = False
     # ht_transformer: a history token after every this many events
     history_every: int = 8
     # lexical features (data.lexical): bag size into the event vector, and the wide path,
-    # linear label scores of the features of events t-wide_past .. t+wide_future
+    # linear label scores of the features of events t-wide_past .. t+wide_future (capped by
+    # the lookahead) added to the logits, a CRF-like linear model beside the network
     lex_dim: int = 64
     # arch crf: CRFsuite's L1 and L2 penalties; later events its state features read (0:
     # causal, labels on arrival are exact forward filtering)
@@ -98,6 +116,79 @@ class ModelConfig:
     wide: bool = True
     wide_past: int = 2
     wide_future: int = 2
+    # What the data fixes (training fills these in; see ``sized``).
+    n_labels: int = field(default=0, metadata=_FROM_DATA)
+    n_events: int = field(default=0, metadata=_FROM_DATA)
+    n_tokens: int = field(default=0, metadata=_FROM_DATA)
+    cat_sizes: tuple[int, ...] = field(default=(), metadata=_FROM_DATA)
+    n_nums: int = field(default=0, metadata=_FROM_DATA)
+    text_dim: int = field(default=0, metadata=_FROM_DATA)
+    image_size: int = field(default=0, metadata=_FROM_DATA)
+    n_lex: int = field(default=0, metadata=_FROM_DATA)
+    # screenshots: a local TorchScript or SmallCNN state-dict file (never downloaded; from
+    # data.image_backbone); inside an artifact, the file name of the copy beside the weights
+    image_backbone: Optional[str] = field(default=None, metadata=_FROM_DATA)
+    freeze_backbone: bool = field(default=True, metadata=_FROM_DATA)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            tp = _MODEL_HINTS[f.name]
+            if typing.get_origin(tp) is Literal and getattr(self, f.name) not in typing.get_args(tp):
+                raise ConfigError(f"model.{f.name}: {getattr(self, f.name)!r} is not one of "
+                                  f"{list(typing.get_args(tp))}")
+        if self.lookahead is not None and self.lookahead < 0:
+            raise ConfigError("model.lookahead: must be >= 0 or null")
+        for a in self.auto_archs:
+            if a not in NETWORK_ARCHS:
+                raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(NETWORK_ARCHS)}")
+        if not self.auto_archs:
+            raise ConfigError("model.auto_archs: name at least one architecture")
+        if self.context < 1:
+            raise ConfigError("model.context: must be >= 1")
+        if self.arch in ("transformer", "ht_transformer") and self.hidden_dim % self.nhead:
+            raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.nhead "
+                              f"({self.nhead})")
+        if self.history_every < 1:
+            raise ConfigError("model.history_every: must be >= 1")
+
+    def sized(self, spec: Mapping[str, Any], n_labels: int, *, image_backbone: Optional[str] = None,
+              freeze_backbone: bool = True) -> "ModelConfig":
+        """This config with what the data fixes filled in: the label count and a fitted
+        ``FeatureEncoder.spec()``. For arch crf, ``wide_future`` is ``crf_future`` (the later
+        events its state features read)."""
+        return dataclasses.replace(
+            self, n_labels=n_labels, n_events=spec["n_events"], n_tokens=spec["n_tokens"],
+            cat_sizes=tuple(spec["cat_sizes"]), n_nums=len(spec["num_names"]), text_dim=spec["text_dim"],
+            image_size=spec["image_size"], n_lex=spec.get("n_lex", 0),
+            image_backbone=image_backbone if spec["image_size"] else None, freeze_backbone=freeze_backbone,
+            wide_future=self.crf_future if self.arch == "crf" else self.wide_future)
+
+    def to_args(self) -> dict[str, Any]:
+        """The checkpoint's ``model_args``: every field, JSON-ready."""
+        return to_plain(self, with_data=True)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "ModelConfig":
+        """Rebuild from a checkpoint's ``model_args``, including those older versions wrote:
+        ``crf`` for ``crf_head``, and fewer keys (a key added later defaults to what the
+        network was before it; hidden_dim and num_layers to the old ``ModelArgs`` defaults).
+        A key this version does not know is an error that names it."""
+        values = dict(args)
+        if "crf" in values:
+            values.setdefault("crf_head", values.pop("crf"))
+        for key in ("n_labels", "n_events", "n_tokens"):
+            if key not in values:
+                raise ConfigError(f"model_args: {key!r} is missing")
+        for key, value in _ARGS_DEFAULTS.items():
+            values.setdefault(key, value)
+        return build_section(cls, values, "model_args")
+
+
+_MODEL_HINTS = typing.get_type_hints(ModelConfig)
+# Keys whose default in the former ``ModelArgs`` (the checkpoint's arguments before this class
+# served both) differed from the config section's; every artifact it wrote stores them, so
+# this only keeps hand-made dicts meaning what they meant.
+_ARGS_DEFAULTS = {"hidden_dim": 128, "num_layers": 2}
 
 
 @dataclass(frozen=True)
@@ -160,7 +251,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     def replace(self, **sections: dict[str, Any]) -> "Config":
         """A copy with some fields overridden, e.g. ``cfg.replace(model={"arch": "tcn"})``."""
@@ -172,11 +263,14 @@ class Config:
         return from_dict(merged)
 
 
-def _to_plain(obj: Any) -> Any:
+def to_plain(obj: Any, with_data: bool = False) -> Any:
+    """Dataclasses as dicts and tuples as lists; ``ModelConfig``'s fields that the data fixes
+    only ``with_data`` (a checkpoint's arguments, not a config file)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name), with_data) for f in dataclasses.fields(obj)
+                if with_data or not f.metadata.get("from_data")}
     if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
+        return [to_plain(v, with_data) for v in obj]
     return obj
 
 
@@ -188,7 +282,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tp()
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
+        return build_section(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -223,13 +317,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def build_section(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """A section dataclass from a mapping; an unknown key or a value of the wrong type is a
+    ``ConfigError`` naming the key by its path (``where`` is the section's)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             path = f"{where}.{key}" if where else key
-            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(known))})")
+            settable = sorted(f.name for f in dataclasses.fields(cls) if not f.metadata.get("from_data"))
+            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(settable)})")
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
@@ -238,25 +335,32 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def from_dict(values: dict[str, Any] | None) -> Config:
-    cfg = _build(Config, values or {}, "")
+    values = dict(values or {})
+    if isinstance(values.get("model"), dict):
+        values["model"] = _model_section(values["model"])
+    cfg = build_section(Config, values, "")
     _validate(cfg)
     return cfg
 
 
+def _model_section(model: dict[str, Any]) -> dict[str, Any]:
+    """The file's ``model:`` mapping, with the old name of ``crf_head`` mapped (and a warning),
+    and the fields the data fixes refused by name."""
+    model = dict(model)
+    if "crf" in model:
+        if "crf_head" in model:
+            raise ConfigError("model.crf is the old name of model.crf_head; give only crf_head")
+        log.warning("config: model.crf is deprecated, use model.crf_head (the CRF output layer; "
+                    "model.arch: crf is the CRFsuite CRF)")
+        model["crf_head"] = model.pop("crf")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in model and f.metadata.get("from_data"):
+            raise ConfigError(f"unknown config key 'model.{f.name}': it is set from the data")
+    return model
+
+
 def _validate(cfg: Config) -> None:
-    m, d, t = cfg.model, cfg.data, cfg.train
-    if m.lookahead is not None and m.lookahead < 0:
-        raise ConfigError("model.lookahead: must be >= 0 or null")
-    streamable_archs = ("bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf")
-    for a in m.auto_archs:
-        if a not in streamable_archs:
-            raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(streamable_archs)}")
-    if not m.auto_archs:
-        raise ConfigError("model.auto_archs: name at least one architecture")
-    if m.context < 1:
-        raise ConfigError("model.context: must be >= 1")
-    if m.arch == "transformer" and m.hidden_dim % m.nhead:
-        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nhead ({m.nhead})")
+    d, t = cfg.data, cfg.train
     if not 0 < t.precision_target <= 1:
         raise ConfigError("train.precision_target: must be in (0, 1]")
     if not 0 < t.max_edit_overhead <= 1:
@@ -265,10 +369,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.test_size and data.val_size must be in [0, 1) and sum below 1")
     if d.chunk_len < 8:
         raise ConfigError("data.chunk_len: must be >= 8")
-    if m.history_every < 1:
-        raise ConfigError("model.history_every: must be >= 1")
-    if m.arch == "ht_transformer" and m.hidden_dim % m.nhead:
-        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nhead ({m.nhead})")
     if d.feature_set == "group_id_only" and (d.text_features or d.image_col or d.event_name_text
                                              or d.cat_features or d.num_features):
         raise ConfigError("data.feature_set: group_id_only uses no other column; remove "

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from trainer.errors import DataError
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError, DataError
 from trainer.features import EncodedSession
-from trainer.model import ModelArgs, Tagger
+from trainer.model import Tagger
 
 # CRFsuite's L-BFGS settings; the penalties are those of the offline CRF reference
 C1, C2, MAX_ITERATIONS = 0.05, 0.05, 200
@@ -58,14 +58,14 @@ def attributes(s: EncodedSession, past: int, future: int = 0) -> list[dict[str, 
     return out
 
 
-def fit_crf(args: ModelArgs, train: Sequence[EncodedSession], *, c1: float = C1, c2: float = C2,
+def fit_crf(args: ModelConfig, train: Sequence[EncodedSession], *, c1: float = C1, c2: float = C2,
             max_iterations: int = MAX_ITERATIONS) -> tuple[Tagger, dict[str, Any]]:
     """Fit a CRF on labelled encoded sessions; returns ``Tagger(args)`` holding its weights
     (``args.arch`` must be ``"crf"``) and a small training log."""
     import sklearn_crfsuite
 
     if args.arch != "crf":
-        raise ValueError(f"fit_crf needs arch 'crf', got {args.arch!r}")
+        raise ConfigError(f"model.arch: fit_crf needs 'crf', got {args.arch!r}")
     started = time.perf_counter()
     P = args.wide_past
     X, Y = [], []
@@ -93,7 +93,7 @@ def fit_crf(args: ModelArgs, train: Sequence[EncodedSession], *, c1: float = C1,
                    "features": len(info.state_features)}
 
 
-def model_future(args: ModelArgs) -> int:
+def model_future(args: ModelConfig) -> int:
     """How many later events the CRF's state features read (``Tagger`` caps it likewise)."""
     return 0 if args.lookahead is None else min(args.wide_future, args.lookahead)
 

@@ -243,8 +243,8 @@ def format_table(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from trainer.artifacts import _json_default
-    path.write_text(json.dumps(report, indent=2, default=_json_default), encoding="utf-8")
+    from trainer.artifacts import json_default
+    path.write_text(json.dumps(report, indent=2, default=json_default), encoding="utf-8")
 
 
 __all__ = ["cross_validate", "format_table", "session_folds", "write_report", "REFERENCES"]

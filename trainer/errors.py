@@ -1,12 +1,19 @@
 """The tagger's exception tree. Every error a user can cause is one of these.
 
     TaggerError
-     ├── ConfigError        a config file or value is wrong (names the key)
-     ├── DataError          input data is wrong (names file, line and field)
-     ├── ArtifactError      a model folder is missing, corrupt or incompatible
+     ├── ConfigError        a config file or value is wrong (names the key): the YAML file,
+     │                      a model's arguments (``model.*``, also when a checkpoint's
+     │                      ``model_args`` are rebuilt), generator and CLI values
+     ├── DataError          input data is wrong (names file, line and field); also a
+     │   (ValueError)       ValueError, as a bad timestamp from ``parse_timestamp`` always was
+     ├── ArtifactError      a model folder is missing, corrupt or incompatible (loading wraps
+     │                      the ConfigError of model_args that do not fit in one of these)
      └── StreamError        the live service cannot do what was asked (see stream.errors)
 
-Third-party exceptions are translated at the boundary with ``raise ... from exc``.
+Third-party exceptions are translated at the boundary with ``raise ... from exc``. What is
+left as a builtin is a caller's misuse of a function (``ValueError`` for an argument out of
+range, as in ``trainer.metrics``) or an invariant of the tagger's own code: neither is
+something a user's input or files can cause.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ class ConfigError(TaggerError):
     """A configuration file or value is invalid."""
 
 
-class DataError(TaggerError):
+class DataError(TaggerError, ValueError):
     """Input data is malformed. Carries where: file, line (1-based, header = 1) and field."""
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from trainer.artifacts import LoadedModel, _json_default, load_artifact
+from trainer.artifacts import LoadedModel, json_default, load_artifact
 from trainer.loading import read_events
 from trainer.metrics import ABSTAIN, offline_metrics
 
@@ -70,7 +70,7 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     if json_out:
         json_out = Path(json_out)
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(out, indent=2, default=_json_default), encoding="utf-8")
+        json_out.write_text(json.dumps(out, indent=2, default=json_default), encoding="utf-8")
         if plots:
             from trainer.report import write_report, write_timelines
             plots_dir = json_out.parent / (json_out.stem + "_plots")

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, build_section, to_plain
 from trainer.errors import ArtifactError, DataError
 
 PAD, UNK = 0, 1
@@ -295,15 +295,6 @@ class EncodedSession:
                               None if self.labels is None else self.labels[start:stop],
                               self.lex[start:stop])
 
-    @staticmethod
-    def concat(parts: Sequence["EncodedSession"]) -> "EncodedSession":
-        lab = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
-        width = max(p.lex.shape[1] for p in parts)
-        lex = np.concatenate([np.pad(p.lex, ((0, 0), (0, width - p.lex.shape[1]))) for p in parts])
-        return EncodedSession(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                                ("event", "tokens", "cats", "nums", "text", "image")), labels=lab,
-                              lex=lex)
-
 
 class LabelMap:
     def __init__(self, labels: Sequence[str]):
@@ -344,7 +335,7 @@ class FeatureEncoder:
                                 f"(columns: {[c for c in frame.columns if not c.startswith('_')]})")
         auto = [c for c in data.auto_columns if c in frame.columns
                 and c not in data.cat_features and frame[c].astype(str).str.strip().ne("").any()]
-        derived = [d for _, d in _fold(frame, data, auto)]
+        derived = [d for _, d in derive_sessions(frame, data, auto)]
         vocabs = {"template": Vocab.fit((d["template"] for d in derived), data.min_freq),
                   "token": Vocab.fit((t for d in derived for t in d["tokens"]), data.min_freq)}
         if data.lexical:
@@ -451,7 +442,7 @@ class FeatureEncoder:
     def transform_frame(self, frame: pd.DataFrame, label_map: LabelMap | None = None,
                         base_dir: Path | None = None) -> tuple[list[str], list[EncodedSession]]:
         """Encode every session of a canonical frame (see ``trainer.loading``)."""
-        folded = _fold(frame, self.data, self.auto_cols)
+        folded = derive_sessions(frame, self.data, self.auto_cols)
         text_vectors = None
         if self.text_dim:
             strings = sorted({s for _, d in folded for s in d["texts"]})
@@ -480,17 +471,15 @@ class FeatureEncoder:
 
     # ---- persistence (JSON, never pickle) ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from trainer.config import _to_plain
-        return {"data": _to_plain(self.data), "auto_cols": self.auto_cols,
+        return {"data": to_plain(self.data), "auto_cols": self.auto_cols,
                 "vocabs": {k: v.items for k, v in self.vocabs.items()},
                 "num_names": self.num_names, "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "fill": self.fill.tolist(), "text_dim": self.text_dim, "text_model": self.text_model}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FeatureEncoder":
-        from trainer.config import _build
         try:
-            data = _build(DataConfig, d["data"], "data")
+            data = build_section(DataConfig, d["data"], "data")
             if "lex" not in d["vocabs"]:                 # fit before lexical features existed
                 data = dataclasses.replace(data, lexical=False)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
@@ -499,8 +488,8 @@ class FeatureEncoder:
             raise ArtifactError(f"feature encoder is malformed: {exc!r}") from exc
 
 
-def _fold(frame: pd.DataFrame, data: DataConfig, auto_cols: Sequence[str]
-          ) -> list[tuple[str, dict[str, Any]]]:
+def derive_sessions(frame: pd.DataFrame, data: DataConfig, auto_cols: Sequence[str]
+                    ) -> list[tuple[str, dict[str, Any]]]:
     """Run ``derive`` over each session in order (the offline twin of the live loop)."""
     cols = [c for c in frame.columns if not c.startswith("_") or c == "_ts"]
     out = []

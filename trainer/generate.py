@@ -32,7 +32,8 @@ The `window-focus` profile follows DATA.md's "What a real window-focus log looks
 session is a working day (`wf<seed>-<date>`; 20 days by default, about 10,000 events, median
 450 a day) and a row is a focus change: `event_name` is `Focus: <window title> in <app>`,
 with `target_app`, the title as `text`, and `duration_s`. Labels are 28 job activities
-(`ACTIVITIES`; the largest 13.5% of events, nine under 1%, one only in the last days), about
+(`ACTIVITIES`, read from the catalogue `window_focus.yaml` beside this module with the
+windows of each; the largest 13.5% of events, nine under 1%, one only in the last days), about
 7 a day, in runs of one activity (median 5 events, mean about 22) that interleave and return.
 It is hard in these ways:
 
@@ -66,6 +67,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from trainer.errors import ConfigError
@@ -621,22 +623,24 @@ class _Renderer:
         d.rectangle(box, fill=(8, 8, 8))
         self._lines(rng, d, box, (40, 220, 60))
 
-    def _terminal_update(self, rng, d, box):
+    def _terminal_banner(self, rng, d, box, colour, title):
+        """A terminal screen under a coloured title bar (nine screens in ten show the bar)."""
         self._terminal(rng, d, box)
-        x0, y0, x1, y1 = box
+        x0, y0, x1, _ = box
         if rng.random() < 0.9:
-            d.rectangle((x0, y0, x1, y0 + 10), fill=(230, 200, 0))
-            d.text((x0 + 2, y0 + 1), "ACCOUNT MAINT", fill=(0, 0, 0), font=self.font)
+            d.rectangle((x0, y0, x1, y0 + 10), fill=colour)
+            d.text((x0 + 2, y0 + 1), title, fill=(0, 0, 0), font=self.font)
+
+    def _terminal_update(self, rng, d, box):
+        self._terminal_banner(rng, d, box, (230, 200, 0), "ACCOUNT MAINT")
+        x0, y0, x1, y1 = box
         for k in range(3):   # highlighted input fields
             y = y0 + 16 + k * 12 + rng.randint(-1, 1)
             d.rectangle((x0 + 30, y, x1 - 10, y + 8), outline=(255, 220, 0))
 
     def _terminal_nochange(self, rng, d, box):
-        self._terminal(rng, d, box)
+        self._terminal_banner(rng, d, box, (0, 170, 200), "NO CHANGE")
         x0, y0, x1, y1 = box
-        if rng.random() < 0.9:
-            d.rectangle((x0, y0, x1, y0 + 10), fill=(0, 170, 200))
-            d.text((x0 + 2, y0 + 1), "NO CHANGE", fill=(0, 0, 0), font=self.font)
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2 + rng.randint(-3, 3)
         d.rectangle((cx - 22, cy - 8, cx + 22, cy + 8), fill=(20, 20, 80), outline=(0, 170, 200))
         d.text((cx - 8, cy - 5), "Y/N", fill=(255, 255, 255), font=self.font)
@@ -739,19 +743,6 @@ _WF_P_BORROW = 0.25        # ...or one that belongs to a related activity
 _WF_P_NEW_THREAD = 0.5     # a mail thread / ticket drawn is a new one
 _WF_THREAD_DAYS = 1.5      # mean working days a thread stays in use after it starts
 
-CHROME, OUTLOOK, EXPLORER, SLIDES, TEAMS, WORD = (
-    "Google Chrome", "Outlook", "File Explorer", "PowerPoint", "Microsoft Teams", "Word")
-EXCEL, ACROBAT, ONENOTE, EDGE, PBI, VISIO, SAP = (
-    "Excel", "Adobe Acrobat Reader", "OneNote", "Microsoft Edge", "Power BI Desktop", "Visio",
-    "SAP Logon")
-ZOOM, WEBEX, NPP, NOTEPAD, MSPROJECT, SNIP, CALC = (
-    "Zoom", "Webex", "Notepad++", "Notepad", "Microsoft Project", "Snipping Tool", "Calculator")
-SETTINGS, SEARCH, SHELL, TASKMGR, VPN, CITRIX, CMD = (
-    "Settings", "Windows Search", "Windows Shell", "Task Manager", "Cisco AnyConnect",
-    "Citrix Workspace", "Command Prompt")
-PAINT, PHOTOS, ZIP, KEEPASS, ONEDRIVE, ACCESS, SECURITY = (
-    "Paint", "Photos", "7-Zip", "KeePass", "OneDrive", "Access", "Windows Security")
-
 
 @dataclass(frozen=True)
 class Win:
@@ -783,418 +774,32 @@ class Activity:
     daily: bool = False    # worked on every day of its period (a new hire's first days)
 
 
-def _words(**kw: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    return tuple(kw.items())
+def _win(row: list) -> Win:
+    """One window row of the catalogue: [app, title, weight] or [app, title, weight, thread]."""
+    app, title, weight, *flag = row
+    if flag not in ([], ["thread"]):
+        raise ConfigError(f"{_CATALOGUE_PATH.name}: window {row!r}: the fourth item can only be 'thread'")
+    return Win(app, title, weight, thread=bool(flag))
 
 
-GOOGLE = "{q} - Google Search - Google Chrome"
-TEAM = ("Jonas Weber", "Lena Fischer", "Tom Becker", "Sara Novak")   # the worker's own team
-VENDORS = ("Acme Logistics", "Globex", "Initech", "Umbrella Services", "Stark Facilities",
-           "Wayne Print", "Hooli Cloud", "Vandelay Imports", "Cyberdyne IT", "Soylent Catering")
+def _activity(a: dict) -> Activity:
+    unknown = set(a) - {"name", "share", "windows", "words", "related", "start", "end", "generic", "daily"}
+    if unknown:
+        raise ConfigError(f"{_CATALOGUE_PATH.name}: activity {a.get('name')!r}: unknown key(s) {sorted(unknown)}")
+    return Activity(a["name"], a["share"], tuple(_win(w) for w in a["windows"]),
+                    tuple((k, tuple(v)) for k, v in a.get("words", {}).items()), tuple(a.get("related", ())),
+                    **{k: a[k] for k in ("start", "end", "generic", "daily") if k in a})
 
-# Windows every activity passes through. They carry no word of the activity, so only the
-# surrounding run says which activity they belong to.
-WF_SHARED = (
-    Win(OUTLOOK, "Inbox - {user} - Outlook", 5.5),
-    Win(OUTLOOK, "Calendar - {user} - Outlook", 3),
-    Win(OUTLOOK, "Sent Items - {user} - Outlook", 1.5),
-    Win(CHROME, "New Tab - Google Chrome", 12),
-    Win(CHROME, "Google - Google Chrome", 10),
-    Win(CHROME, "Office Home - Google Chrome", 2),
-    Win(EXPLORER, "Desktop", 16),
-    Win(EXPLORER, "Downloads", 9),
-    Win(EXPLORER, "Documents", 4),
-    Win(TEAMS, "Chat | {col} | Microsoft Teams", 5),
-    Win(TEAMS, "Activity | Microsoft Teams", 2),
-    Win(SEARCH, "Search", 2.5),
-    Win(SHELL, "Task Switching", 2.5),
-    Win(NOTEPAD, "Untitled - Notepad", 1.2),
-    Win(SNIP, "Snipping Tool", 1.2),
-    Win(CALC, "Calculator", 0.8),
-    Win(ONEDRIVE, "OneDrive", 0.5),
-    Win(SETTINGS, "Settings", 0.4),
-    Win(KEEPASS, "Passwords.kdbx - KeePass", 0.5),
-    Win(SECURITY, "Windows Security", 0.3),
-    Win(VPN, "Cisco AnyConnect Secure Mobility Client", 0.4),
-    Win(PAINT, "Untitled - Paint", 0.3),
-    Win(TASKMGR, "Task Manager", 0.4),
-    Win(ZIP, "Archive.zip - 7-Zip", 0.3),
-    Win(CMD, "Command Prompt", 0.3),
-    # Looking up how to do something in an office tool: a new title almost every time, and
-    # its words could belong to any activity.
-    Win(CHROME, "{g} - Google Search - Google Chrome", 8),
-    Win(CHROME, "{g} - Microsoft Support - Google Chrome", 3),
-)
 
-# Start pages of the tools several activities use: they recur every day and say little.
-JIRA = Win(CHROME, "Dashboards - Jira - Google Chrome", 1.5)
-WIKI = Win(CHROME, "Home - Confluence - Google Chrome", 1.5)
-SHAREPOINT = Win(CHROME, "Home - SharePoint - Google Chrome", 1.5)
-WORKDAY = Win(CHROME, "Home - Workday - Google Chrome", 2)
-SALESFORCE = Win(CHROME, "Home | Salesforce - Google Chrome", 1.5)
-COUPA = Win(CHROME, "Home - Coupa - Google Chrome", 1.5)
-POWERBI = Win(CHROME, "Home - Power BI - Google Chrome", 1.5)
-SAP_HOME = Win(SAP, "SAP Easy Access", 1.5)
-SERVICENOW = Win(CHROME, "Service Portal - ServiceNow - Google Chrome", 1.5)
-NEW_BOOK = Win(EXCEL, "Book1 - Excel", 1)
-NEW_DOC = Win(WORD, "Document1 - Word", 1)
-MY_FILES = Win(CHROME, "My files - OneDrive - Google Chrome", 1)
-TEAMS_CAL = Win(TEAMS, "Calendar | Microsoft Teams", 1)
+# The catalogue is data: the shared windows, the start pages and the 28 activities are in
+# window_focus.yaml beside this file (read once, at import).
+_CATALOGUE_PATH = Path(__file__).with_name("window_focus.yaml")
+_CATALOGUE = yaml.load(_CATALOGUE_PATH.read_text(encoding="utf-8"),
+                       Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+TEAM = tuple(_CATALOGUE["team"])            # the worker's own team: chats in shared windows
+WF_SHARED = tuple(_win(row) for row in _CATALOGUE["shared"])
+ACTIVITIES = tuple(_activity(a) for a in _CATALOGUE["activities"])
 
-ACTIVITIES = (
-    Activity("Project Atlas reporting", 13.5, (
-        JIRA, WIKI, POWERBI, NEW_BOOK, MY_FILES,
-        Win(CHROME, "Atlas Board - Agile Board - Jira - Google Chrome", 5),
-        Win(CHROME, "ATL-{n}: {t} - Jira - Google Chrome", 25, thread=True),
-        Win(CHROME, "Atlas {t} - Project Atlas - Confluence - Google Chrome", 5),
-        Win(CHROME, "Atlas KPI Dashboard - Power BI - Google Chrome", 3),
-        Win(CHROME, GOOGLE, 15),
-        Win(CHROME, "Atlas {t} {o} - Project Atlas - Confluence - Google Chrome", 15),
-        Win(SLIDES, "Atlas Status Report W{wk}.pptx - PowerPoint", 26),
-        Win(SLIDES, "Atlas Steering Committee {mon}.pptx - PowerPoint", 8),
-        Win(EXCEL, "Atlas KPI tracker v{v}.xlsx - Excel", 4),
-        Win(OUTLOOK, "{pre}Atlas {t} {o} - Message (HTML)", 5, thread=True),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 3),
-        Win(EXPLORER, "Atlas Reporting", 2),
-        Win(EXPLORER, "W{wk} - Atlas Reporting", 1.5),
-        Win(WORD, "Atlas weekly summary {date}.docx - Word", 12.5),
-    ), _words(p=("Anna Schmidt", "David Chen", "Priya Nair", "Marco Rossi"),
-              t=("milestone plan", "risk register", "KPI review", "data migration",
-                 "steering committee", "test results", "go-live readiness", "cutover plan",
-                 "hypercare", "budget burn", "lessons learned", "phase 2 scope"),
-              k=("atlas", "kpi", "status report", "rag status", "milestone", "burndown",
-                 "jira", "risk matrix", "forecast", "dashboard")),
-        related=("Quarterly business review", "Project Borealis coordination")),
-    Activity("Email triage", 11.0, (
-        SHAREPOINT, MY_FILES,
-        Win(OUTLOOK, "Inbox - {user} - Outlook", 14),
-        Win(OUTLOOK, "{s} - Message (HTML)", 5, thread=True),
-        Win(OUTLOOK, "{pre}{s} {o} - Message (HTML)", 21),
-        Win(OUTLOOK, "Automatic reply: {s} {o} - Message (HTML)", 3),
-        Win(OUTLOOK, "Sent Items - {user} - Outlook", 2),
-        Win(OUTLOOK, "Junk Email - {user} - Outlook", 1),
-        Win(CHROME, "{s} - Northwind Intranet - Google Chrome", 3),
-        Win(CHROME, "{s} {o} - Northwind Intranet - Google Chrome", 4),
-        Win(CHROME, "Microsoft Forms - {s} - Google Chrome", 1),
-        Win(CHROME, GOOGLE, 2),
-        Win(ACROBAT, "{s}.pdf - Adobe Acrobat Reader", 1),
-    ), _words(s=("Your weekly digest", "IT maintenance window", "Town hall recording",
-                 "Expense policy update", "New intranet launch", "Security awareness reminder",
-                 "Canteen menu", "Holiday calendar 2025", "Office move update",
-                 "Quarterly results", "Employee engagement survey", "Parking changes",
-                 "Welcome our new colleagues", "Fire drill", "Password expiry notice",
-                 "Team event save the date", "Travel policy FAQ", "Works council news"),
-              k=("outlook", "rules", "inbox")), generic=0.1),
-    Activity("Project Borealis coordination", 10.0, (
-        JIRA, WIKI, SHAREPOINT, TEAMS_CAL, MY_FILES,
-        Win(CHROME, "Borealis Master Plan - Smartsheet - Google Chrome", 5),
-        Win(CHROME, "Borealis - {t} - SharePoint - Google Chrome", 4),
-        Win(CHROME, "BOR-{n} {t} - Jira - Google Chrome", 15, thread=True),
-        Win(MSPROJECT, "Borealis schedule v{v}.mpp - Project", 3),
-        Win(TEAMS, "Borealis Core Team | {t} | Microsoft Teams", 3),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 3),
-        Win(OUTLOOK, "{pre}Borealis {t} {o} - Message (HTML)", 5, thread=True),
-        Win(CHROME, "Borealis {t} {o} - SharePoint - Google Chrome", 15),
-        Win(EXCEL, "Borealis RAID log.xlsx - Excel", 3),
-        Win(WORD, "Borealis CR-{n} {t}.docx - Word", 10, thread=True),
-        Win(EXPLORER, "Borealis", 2),
-        Win(SLIDES, "Borealis steering {mon}.pptx - PowerPoint", 7),
-        Win(WORD, "Borealis meeting notes {date}.docx - Word", 10),
-        Win(EXPLORER, "{t} - Borealis", 1.5),
-        Win(CHROME, GOOGLE, 15),
-    ), _words(p=("Jonas Berg", "Elif Yilmaz", "Sven Olsen", "Grace Okafor"),
-              t=("vendor onboarding", "site survey", "integration test", "resource plan",
-                 "change request", "design review", "pilot rollout", "training plan",
-                 "open issues", "handover"),
-              k=("borealis", "smartsheet", "gantt", "raci", "dependencies", "resource plan",
-                 "critical path", "ms project")),
-        related=("Project Atlas reporting", "Vendor management")),
-    Activity("Budget planning", 8.5, (
-        SHAREPOINT, POWERBI, SAP_HOME, NEW_BOOK,
-        Win(EXCEL, "Budget 2025 v{v}.xlsx - Excel", 8),
-        Win(EXCEL, "Cost center report {mon}.xlsx - Excel", 4),
-        Win(CHROME, "SAP Analytics Cloud - {t} - Google Chrome", 4),
-        Win(CHROME, "Finance - {t} - SharePoint - Google Chrome", 3),
-        Win(SAP, "Cost Centers: Actual/Plan/Variance - SAP Easy Access", 2),
-        Win(SLIDES, "Budget 2025 {t}.pptx - PowerPoint", 5.5),
-        Win(WORD, "Budget memo {t}.docx - Word", 1.5),
-        Win(OUTLOOK, "{pre}{t} {o} - Message (HTML)", 3.5, thread=True),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
-        Win(CHROME, GOOGLE, 15),
-        Win(CHROME, "{t} {o} - Finance - SharePoint - Google Chrome", 10),
-        Win(EXPLORER, "Finance Budget 2025", 1.5),
-    ), _words(p=("Henrik Larsen", "Julia Braun", "Omar Haddad"),
-              t=("Q4 forecast", "headcount plan", "opex review", "capex requests",
-                 "2025 budget draft", "cost center 4711", "travel budget", "savings targets",
-                 "budget sign-off", "variance analysis"),
-              k=("budget", "forecast", "variance", "opex", "capex", "cost center", "accruals",
-                 "excel", "pivot", "headcount")),
-        related=("Data analysis", "Quarterly business review")),
-    Activity("Team meetings", 7.5, (
-        TEAMS_CAL, NEW_DOC, SHAREPOINT,
-        Win(TEAMS, "{t} | Microsoft Teams", 24),
-        Win(TEAMS, "Meeting with {p} | Microsoft Teams", 8),
-        Win(ONENOTE, "{t} {date} - OneNote", 6),
-        Win(ONENOTE, "Team Notebook - OneNote", 2),
-        Win(OUTLOOK, "Calendar - {user} - Outlook", 2),
-        Win(SLIDES, "Team update W{wk}.pptx - PowerPoint", 7),
-        Win(WORD, "Minutes {t} {date}.docx - Word", 15),
-        Win(CHROME, "Team Site - Northwind Intranet - Google Chrome", 2),
-        Win(CHROME, "Team Planner - Planner - Google Chrome", 2),
-        Win(CHROME, "{o} - Team Site - Northwind Intranet - Google Chrome", 10),
-    ), _words(p=TEAM,
-              t=("Weekly team sync", "1:1 Jonas / Maria", "Team retro", "1:1 Lena / Maria",
-                 "Planning poker", "Department all-hands", "Monthly ops review",
-                 "Team offsite prep"))),
-    Activity("Recruiting", 6.2, (
-        WORKDAY, TEAMS_CAL, NEW_DOC,
-        Win(CHROME, "{x} - Candidate Profile - Workday - Google Chrome", 6),
-        Win(CHROME, "Job Requisition {t} - Workday - Google Chrome", 3),
-        Win(CHROME, "{x} | LinkedIn - Google Chrome", 3),
-        Win(CHROME, "LinkedIn Recruiter - Projects - Google Chrome", 2),
-        Win(ACROBAT, "CV {x}.pdf - Adobe Acrobat Reader", 3),
-        Win(OUTLOOK, "{pre}Interview {x} - {t} {o} - Message (HTML)", 3.5, thread=True),
-        Win(WORD, "Interview guide {t}.docx - Word", 3),
-        Win(SLIDES, "Hiring plan {year}.pptx - PowerPoint", 2),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
-        Win(ZOOM, "Interview {x} - Zoom", 1.5),
-        Win(CHROME, GOOGLE, 10),
-        Win(EXPLORER, "Recruiting {t}", 1),
-    ), _words(p=("Nina Hoffmann", "Ali Demir"),
-              t=("Senior Data Analyst", "Project Manager", "Finance Controller",
-                 "Working Student", "Team Assistant"),
-              x=("Paul Wagner", "Sofia Costa", "Lea Marx", "Daniel Kim", "Hannah Vogel",
-                 "Yusuf Arslan", "Clara Jensen", "Felix Roth", "Amira Saleh", "Jan Kowalski",
-                 "Emma Dupont", "Noah Frei", "Ines Moreau", "Luca Bianchi", "Mara Stein",
-                 "Tobias Lang", "Olga Petrova", "Ben Carter", "Zoe Martin", "Karim Nasser"),
-              k=("interview", "job description", "salary band", "linkedin", "workday",
-                 "candidate", "offer letter", "reference check")),
-        related=("Onboarding new hire",)),
-    Activity("Customer escalations", 5.5, (
-        SALESFORCE, NEW_BOOK,
-        Win(CHROME, "Case 0{n}: {x} - {t} | Salesforce - Google Chrome", 30, thread=True),
-        Win(CHROME, "{x} | Account | Salesforce - Google Chrome", 3),
-        Win(CHROME, "Escalations - Dashboard | Salesforce - Google Chrome", 2),
-        Win(OUTLOOK, "{pre}[Escalation] {x} {t} {o} - Message (HTML)", 6, thread=True),
-        Win(CHROME, GOOGLE, 7.5),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
-        Win(WORD, "Root cause {x} {t}.docx - Word", 2, thread=True),
-        Win(EXCEL, "Escalation log {mon}.xlsx - Excel", 2),
-        Win(SLIDES, "{x} escalation summary.pptx - PowerPoint", 2.5),
-        Win(TEAMS, "Escalation call {x} | Microsoft Teams", 1),
-    ), _words(p=("Kevin Brooks", "Mia Lehmann", "Raj Patel"),
-              t=("delivery delay", "invoice dispute", "defective batch", "service outage",
-                 "SLA breach", "data request", "contract penalty"),
-              x=("Contoso", "Fabrikam", "Tailspin Toys", "Wingtip", "Litware",
-                 "Adventure Works", "Alpine Ski House", "Coho Winery", "Proseware",
-                 "Lucerne Publishing", "Trey Research", "Northwind Traders"))),
-    Activity("Vendor management", 5.0, (
-        COUPA, NEW_BOOK, MY_FILES,
-        Win(CHROME, "{x} - Supplier Profile - Coupa - Google Chrome", 5),
-        Win(EXCEL, "Vendor scorecard Q{qtr}.xlsx - Excel", 4),
-        Win(OUTLOOK, "{pre}{x} {t} {o} - Message (HTML)", 5, thread=True),
-        Win(CHROME, "{x} {t} {o} - Coupa - Google Chrome", 10),
-        Win(ACROBAT, "{x} MSA.pdf - Adobe Acrobat Reader", 2),
-        Win(ACROBAT, "{x} invoice {n}.pdf - Adobe Acrobat Reader", 7.5),
-        Win(CHROME, "{x} supplier portal - Google Chrome", 2),
-        Win(TEAMS, "{x} {t} | Microsoft Teams", 1.5),
-        Win(EXPLORER, "Vendors {x}", 1.5),
-        Win(SLIDES, "Vendor review {x} Q{qtr}.pptx - PowerPoint", 3.5),
-        Win(ZIP, "{x} documents.zip - 7-Zip", 0.5),
-    ), _words(x=VENDORS,
-              t=("quarterly review", "price increase", "SLA report", "renewal",
-                 "onboarding questionnaire", "invoice query", "performance scorecard")),
-        related=("Procurement requests", "Contract review")),
-    Activity("Process documentation", 4.5, (
-        WIKI, NEW_DOC, SHAREPOINT,
-        Win(WORD, "SOP {t} v{v}.docx - Word", 7),
-        Win(VISIO, "{t} process map.vsdx - Visio", 5),
-        Win(CHROME, "{t} - Process Handbook - Confluence - Google Chrome", 5),
-        Win(CHROME, "Edit - {t} - Confluence - Google Chrome", 2),
-        Win(PAINT, "Untitled - Paint", 0.5),
-        Win(SLIDES, "{t} training.pptx - PowerPoint", 2.5),
-        Win(EXPLORER, "Process Handbook", 1.5),
-        Win(OUTLOOK, "Review request: SOP {t} - Message (HTML)", 0.5, thread=True),
-        Win(CHROME, GOOGLE, 12.5),
-        Win(CHROME, "{t} {o} - Process Handbook - Confluence - Google Chrome", 10),
-    ), _words(t=("Purchase-to-pay", "Onboarding checklist", "Month-end close",
-                 "Incident handling", "Travel approval", "Access requests",
-                 "Change management", "Data retention"),
-              k=("bpmn", "swimlane", "visio", "sop template", "raci", "process map",
-                 "confluence macro"))),
-    Activity("Data analysis", 4.0, (
-        POWERBI, SALESFORCE, NEW_BOOK,
-        Win(EXCEL, "{t} analysis.xlsx - Excel", 5),
-        Win(EXCEL, "Cost center report {mon}.xlsx - Excel", 1.5),
-        Win(PBI, "{t}.pbix - Power BI Desktop", 4),
-        Win(CHROME, "{t} - Power BI - Google Chrome", 3),
-        Win(NPP, "{t}.sql - Notepad++", 2),
-        Win(ACCESS, "Reporting DB.accdb - Access", 1),
-        Win(CHROME, GOOGLE, 15),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 1),
-    ), _words(p=("Raj Patel", "Julia Braun"),
-              t=("Churn", "Sales pipeline", "Ticket volumes", "On-time delivery",
-                 "Headcount trends", "Cost per order", "Survey results"),
-              k=("dax", "calculate", "excel", "xlookup", "power query", "pivot table",
-                 "sql", "window function", "date table", "remove duplicates")),
-        related=("Budget planning",)),
-    Activity("Quarterly business review", 3.5, (
-        POWERBI, SALESFORCE, SHAREPOINT,
-        Win(SLIDES, "QBR Q{qtr} {year} draft.pptx - PowerPoint", 18),
-        Win(EXCEL, "QBR Q{qtr} figures.xlsx - Excel", 3),
-        Win(CHROME, "QBR - Leadership Team - SharePoint - Google Chrome", 2),
-        Win(OUTLOOK, "RE: QBR Q{qtr} {t} - Message (HTML)", 1, thread=True),
-        Win(TEAMS, "QBR prep | Microsoft Teams", 1),
-    ), _words(t=("agenda", "slides input", "financials", "customer highlights", "dry run",
-                 "final version")),
-        related=("Project Atlas reporting", "Budget planning", "Project Borealis coordination")),
-    Activity("Training and e-learning", 3.0, (
-        WORKDAY,
-        Win(EDGE, "{x} - Northwind Academy - Microsoft Edge", 6),
-        Win(CHROME, "{x} | LinkedIn Learning - Google Chrome", 4),
-        Win(ACROBAT, "{x} handout.pdf - Adobe Acrobat Reader", 1.5),
-        Win(ONENOTE, "Notes {x} - OneNote", 1.5),
-        Win(EDGE, "{x} quiz - Northwind Academy - Microsoft Edge", 1),
-        Win(ZOOM, "{x} live session - Zoom", 1),
-    ), _words(x=("Data Privacy Essentials", "Agile Project Management", "Advanced Excel",
-                 "Negotiation Skills", "Power BI Fundamentals", "Leading Remote Teams",
-                 "Information Security 2024", "Presentation Skills"))),
-    Activity("Travel and expenses", 2.5, (
-        MY_FILES,
-        Win(CHROME, "Expense Report {x} {mon} - SAP Concur - Google Chrome", 5),
-        Win(CHROME, "Trips - SAP Concur - Google Chrome", 2),
-        Win(CHROME, "Deutsche Bahn - {x} - Google Chrome", 2),
-        Win(CHROME, "Hotels in {x} - Booking.com - Google Chrome", 2),
-        Win(OUTLOOK, "Booking confirmation {x} {n} - Message (HTML)", 2),
-        Win(ACROBAT, "Receipt {n}.pdf - Adobe Acrobat Reader", 10),
-        Win(PHOTOS, "IMG_{n}.jpg - Photos", 7.5),
-    ), _words(x=("Hamburg", "Munich", "Vienna", "Zurich", "Amsterdam", "Copenhagen", "Lyon",
-                 "Warsaw"))),
-    Activity("Contract review", 2.2, (
-        COUPA, NEW_DOC, SHAREPOINT,
-        Win(WORD, "{x} {t} redline v{v}.docx - Word", 6),
-        Win(ACROBAT, "{x} {t} signed.pdf - Adobe Acrobat Reader", 2),
-        Win(OUTLOOK, "{pre}{x} {t} {o} - Message (HTML)", 3.5, thread=True),
-        Win(CHROME, "Contract {x} {t} - DocuSign - Google Chrome", 2),
-        Win(CHROME, "Contracts - Legal - SharePoint - Google Chrome", 1.5),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 1),
-    ), _words(p=("Claire Dubois",), x=VENDORS, t=("MSA", "NDA", "SOW", "DPA", "amendment")),
-        related=("Vendor management",)),
-    Activity("IT tickets", 2.0, (
-        SERVICENOW,
-        Win(CHROME, "INC{n} {t} - ServiceNow - Google Chrome", 25, thread=True),
-        Win(CHROME, "IT Self Service - ServiceNow - Google Chrome", 2),
-        Win(SETTINGS, "Settings", 1.5),
-        Win(VPN, "Cisco AnyConnect Secure Mobility Client", 1.5),
-        Win(CMD, "Command Prompt", 1.5),
-        Win(TASKMGR, "Task Manager", 1),
-        Win(TEAMS, "Chat | IT Service Desk | Microsoft Teams", 1.5),
-        Win(CHROME, GOOGLE, 7.5),
-    ), _words(t=("laptop docking station", "VPN disconnects", "Outlook search index",
-                 "password reset", "printer mapping", "Teams audio", "software request Visio",
-                 "MFA new phone"),
-              k=("error", "windows 11", "outlook", "vpn", "driver", "teams", "fix",
-                 "ipconfig"))),
-    Activity("Onboarding new hire", 1.9, (
-        WORKDAY, SERVICENOW, SHAREPOINT,
-        Win(CHROME, "Onboarding {x} - Workday - Google Chrome", 4),
-        Win(WORD, "Onboarding plan {x}.docx - Word", 4),
-        Win(TEAMS, "Chat | {x} | Microsoft Teams", 4),
-        Win(OUTLOOK, "Welcome {x} - Message (HTML)", 1, thread=True),
-        Win(CHROME, "New joiner checklist - HR - SharePoint - Google Chrome", 2),
-        Win(CHROME, "Access request {x} - ServiceNow - Google Chrome", 1.5),
-        Win(SLIDES, "Team intro for {x}.pptx - PowerPoint", 3.5),
-    ), _words(x=("Lukas Brandt",)), related=("Recruiting",), start=0.8, daily=True),
-    Activity("Internal newsletter", 1.7, (
-        SHAREPOINT, NEW_DOC,
-        Win(WORD, "Newsletter {mon} draft.docx - Word", 5),
-        Win(CHROME, "Edit News - Northwind Intranet - SharePoint - Google Chrome", 3),
-        Win(PHOTOS, "team_event_{n}.jpg - Photos", 5),
-        Win(OUTLOOK, "Newsletter contributions {mon} - Message (HTML)", 1),
-        Win(CHROME, "{t} stock photo - Google Search - Google Chrome", 1),
-    ), _words(t=("team event", "new office", "sustainability", "customer success",
-                 "anniversary", "volunteering day"))),
-    Activity("Procurement requests", 1.45, (
-        COUPA, SAP_HOME,
-        Win(SAP, "Create Purchase Requisition - SAP Easy Access", 4),
-        Win(SAP, "Display Purchase Order 45000{n} - SAP Easy Access", 10),
-        Win(CHROME, "Requisition {n} - Coupa - Google Chrome", 15, thread=True),
-        Win(OUTLOOK, "PR approval {x} - Message (HTML)", 1, thread=True),
-        Win(CITRIX, "SAP GUI - Citrix Workspace", 1),
-        Win(ACROBAT, "Quote {x} {n}.pdf - Adobe Acrobat Reader", 7.5),
-    ), _words(x=VENDORS), related=("Vendor management",)),
-    Activity("Compliance audit", 1.35, (
-        NEW_BOOK, SHAREPOINT,
-        Win(EXCEL, "Audit evidence list ISO 27001.xlsx - Excel", 4),
-        Win(CHROME, "Control {t} - Archer GRC - Google Chrome", 3),
-        Win(ACROBAT, "Audit request list.pdf - Adobe Acrobat Reader", 1.5),
-        Win(OUTLOOK, "RE: Audit evidence {t} - Message (HTML)", 1, thread=True),
-        Win(ACCESS, "Access log extract.accdb - Access", 0.5),
-        Win(ZIP, "evidence {t}.zip - 7-Zip", 0.5),
-        Win(EXPLORER, "Audit 2024 Evidence", 2),
-    ), _words(t=("A.5 policies", "A.8 asset management", "A.9 access control",
-                 "A.12 operations", "A.16 incidents", "A.18 compliance")), start=0.15),
-    # Nine small activities, under 1% of events each.
-    Activity("Performance reviews", 0.8, (
-        WORKDAY,
-        Win(CHROME, "Performance Review {p} - Workday - Google Chrome", 5),
-        Win(WORD, "Feedback notes {p}.docx - Word", 3),
-        Win(TEAMS, "Chat | {p} | Microsoft Teams", 2),
-    ), _words(p=TEAM)),
-    Activity("Office administration", 0.72, (
-        SERVICENOW,
-        Win(CHROME, "Desk booking - Condeco - Google Chrome", 4),
-        Win(OUTLOOK, "Room booking {t} - Message (HTML)", 1),
-        Win(CHROME, "Facility request {n} - ServiceNow - Google Chrome", 10),
-        Win(EXCEL, "Office supplies order.xlsx - Excel", 1),
-    ), _words(t=("meeting room 3.14", "board room", "training room", "parking space"))),
-    Activity("Workshop preparation", 0.65, (
-        TEAMS_CAL,
-        Win(SLIDES, "Workshop {t} agenda.pptx - PowerPoint", 7),
-        Win(CHROME, "Workshop {t} - Miro - Google Chrome", 4),
-        Win(OUTLOOK, "Workshop {t} invitation - Message (HTML)", 1),
-        Win(WORD, "Workshop {t} facilitation guide.docx - Word", 1.5),
-    ), _words(t=("customer journey", "process mining kickoff")), start=0.45, end=0.9),
-    Activity("Timesheet entry", 0.58, (
-        SAP_HOME,
-        Win(EDGE, "Time Recording - SAP Fiori - Microsoft Edge", 5),
-        Win(CITRIX, "CATS Timesheet - Citrix Workspace", 2),
-        Win(EXCEL, "Hours {mon}.xlsx - Excel", 1),
-    )),
-    Activity("Knowledge base upkeep", 0.52, (
-        WIKI,
-        Win(CHROME, "Edit - {t} - Team Wiki - Confluence - Google Chrome", 4),
-        Win(CHROME, "{t} - Team Wiki - Confluence - Google Chrome", 3),
-        Win(CHROME, "Page history - {t} - Confluence - Google Chrome", 1),
-    ), _words(t=("FAQ", "How we work", "Tool access", "Glossary", "Templates"))),
-    Activity("Partner webinar", 0.45, (
-        TEAMS_CAL,
-        Win(WEBEX, "Partner webinar {t} - Webex", 4),
-        Win(SLIDES, "Partner webinar {t}.pptx - PowerPoint", 5.5),
-        Win(CHROME, "Webinar registrations - HubSpot - Google Chrome", 2),
-        Win(OUTLOOK, "Webinar speaker briefing - Message (HTML)", 0.5),
-    ), _words(t=("automation roadmap", "automation roadmap Q&A")), start=0.3, end=0.7),
-    Activity("Personal admin", 0.38, (
-        Win(CHROME, "Online Banking - Sparkasse - Google Chrome", 2),
-        Win(CHROME, GOOGLE, 10),
-        Win(CHROME, "SPIEGEL - Nachrichten - Google Chrome", 2),
-        Win(CHROME, "DHL Sendungsverfolgung - Google Chrome", 1),
-    ), _words(k=("weather", "hamburg", "pharmacy", "opening hours", "train strike",
-                 "dentist", "recipe", "football results"))),
-    Activity("Benefits enrollment", 0.32, (
-        WORKDAY, SHAREPOINT,
-        Win(CHROME, "Benefits Enrollment 2025 - Benefitplace - Google Chrome", 4),
-        Win(ACROBAT, "Benefits guide 2025.pdf - Adobe Acrobat Reader", 2),
-        Win(CHROME, "Pension plan options - HR - SharePoint - Google Chrome", 1.5),
-    ), start=0.55, end=0.85),
-    Activity("Conference planning", 0.28, (
-        MY_FILES,
-        Win(CHROME, "Digital Ops Summit 2024 - Agenda - Google Chrome", 3),
-        Win(CHROME, "Registration - Digital Ops Summit - Google Chrome", 2),
-        Win(EXCEL, "Conference budget.xlsx - Excel", 1),
-        Win(OUTLOOK, "Summit travel - Message (HTML)", 0.5),
-    ), end=0.5),
-)
 ACTIVITY_OF = {a.name: a for a in ACTIVITIES}
 # What makes one mail, page or note differ from the next about the same topic.
 _QUALIFIERS = ("follow-up", "next steps", "open points", "for review", "action required",
@@ -1532,11 +1137,11 @@ def generate(sessions: int | None, seed: int, out: str | Path,
     if sessions is None:
         sessions = WF_DEFAULT_DAYS if profile == "window-focus" else 1000
     if sessions < 0:
-        raise ValueError(f"sessions must be >= 0, got {sessions}")
+        raise ConfigError(f"sessions must be >= 0, got {sessions}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"seed must be >= 0, got {seed}")
     if 3 * sessions >= SEED_ID_STRIDE - FIRST_SESSION_ID:
-        raise ValueError(f"at most {(SEED_ID_STRIDE - FIRST_SESSION_ID) // 3 - 1} sessions per seed, "
+        raise ConfigError(f"at most {(SEED_ID_STRIDE - FIRST_SESSION_ID) // 3 - 1} sessions per seed, "
                          f"got {sessions}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ from typing import Any, Callable
 import numpy as np
 
 from trainer.config import Config
+from trainer.errors import ConfigError
+from trainer.fit import fit_model, model_args, pick_device
+from trainer.metrics import classification_metrics
+from trainer.model import session_logits
 
 
 def suggest(trial, cfg: Config) -> Config:
@@ -41,9 +45,6 @@ def search(p, cfg: Config, *, progress: bool = True, echo: Callable[[str], None]
     import optuna
     from sklearn.model_selection import GroupKFold
 
-    from trainer.metrics import classification_metrics
-    from trainer.train import _logits_for, fit_model, model_args, pick_device
-
     h = cfg.train.hpo
     sessions = p.encoded["train"] + p.encoded["val"]
     groups = np.arange(len(sessions))
@@ -60,7 +61,7 @@ def search(p, cfg: Config, *, progress: bool = True, echo: Callable[[str], None]
         for fold, (tr, va) in enumerate(folds):
             fit = fit_model(args, [sessions[i] for i in tr], [sessions[i] for i in va], tcfg,
                             epochs=h.epochs_per_fold)
-            logits = _logits_for(fit.model, [sessions[i] for i in va], device)
+            logits = session_logits(fit.model, [sessions[i] for i in va], device)
             for i, l in zip(va, logits):
                 oof[i] = l
             y = np.concatenate([sessions[i].labels for i in va])
@@ -83,7 +84,7 @@ def search(p, cfg: Config, *, progress: bool = True, echo: Callable[[str], None]
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
     study.optimize(objective, n_trials=h.n_trials, timeout=h.timeout_s, show_progress_bar=progress)
     if not best:
-        raise RuntimeError("hyperparameter search finished no trial")
+        raise ConfigError("train.hpo: the search finished no trial (n_trials or timeout_s too small?)")
     echo(f"HPO: best mean {k}-fold macro-F1 {best['value']:.4f} with {best['params']} "
          f"({len(study.trials)} trials)")
     return {"config": best["config"], "epochs": best["epochs"], "params": best["params"],

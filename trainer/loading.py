@@ -71,29 +71,29 @@ class LoadReport:
 
 
 def parse_timestamp(value: Any) -> float:
-    """One timestamp to float seconds since the epoch (UTC). Raises ValueError.
+    """One timestamp to float seconds since the epoch (UTC). Raises DataError (a ValueError).
 
     Accepts ISO 8601 with or without offset (naive times are taken as UTC), a space or
     ``T`` separator, fractional seconds, and epoch milliseconds (int, float or digit string).
     """
     if isinstance(value, bool) or value is None:
-        raise ValueError(f"not a timestamp: {value!r}")
+        raise DataError(f"not a timestamp: {value!r}")
     if isinstance(value, (int, float, np.integer, np.floating)):
         if isinstance(value, int) and abs(value) > 10 ** 15:
-            raise ValueError(f"timestamp out of range: {value!r}")
+            raise DataError(f"timestamp out of range: {value!r}")
         if not np.isfinite(value):
-            raise ValueError(f"not a timestamp: {value!r}")
+            raise DataError(f"not a timestamp: {value!r}")
         return float(value) / 1000.0
     text = str(value).strip()
     if not text:
-        raise ValueError("empty timestamp")
+        raise DataError("empty timestamp")
     if _EPOCH_MS.match(text):
         return float(text) / 1000.0
     iso = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
     try:
         dt = datetime.fromisoformat(iso)
     except ValueError:
-        raise ValueError(f"unparseable timestamp {text!r} (expected ISO 8601 or epoch ms)") from None
+        raise DataError(f"unparseable timestamp {text!r} (expected ISO 8601 or epoch ms)") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()

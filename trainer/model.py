@@ -1,7 +1,8 @@
 """The sequence-labelling network: multimodal event embedding, fusion, encoder, token classifier.
 
-Everything about the network is in this file (nanoGPT style): ``ModelArgs`` holds every
-constructor argument and is stored in the checkpoint, so ``Tagger(ModelArgs(**ckpt["model_args"]))``
+Everything about the network is in this file (nanoGPT style). Its constructor arguments are
+``trainer.config.ModelConfig``, the YAML ``model:`` section with the sizes the data fixes
+filled in; the checkpoint stores them, so ``Tagger(ModelConfig.from_args(manifest["model_args"]))``
 rebuilds it.
 
 Bounded lookahead is the key idea. With ``lookahead = L`` each event sees every earlier event
@@ -26,7 +27,7 @@ per event bounded by L and ``context``, never by the session's length:
 
 Two options sit around any encoder:
 
-- ``crf``: a linear-chain CRF output layer read as marginals with bounded lookahead. The
+- ``crf_head``: a linear-chain CRF output layer read as marginals with bounded lookahead. The
   label distribution at t is softmax(alpha_t + beta_t): alpha is the forward message
   (causal; cached in ``step()``), beta the backward message over only the next W = L // 2
   events. The encoder then gets lookahead L - W, so the whole model still sees exactly L
@@ -38,7 +39,7 @@ Two options sit around any encoder:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -46,59 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
+
 IGNORE = -100
-
-
-@dataclass
-class ModelArgs:
-    n_labels: int
-    n_events: int
-    n_tokens: int
-    cat_sizes: tuple[int, ...] = ()
-    n_nums: int = 0
-    text_dim: int = 0
-    image_size: int = 0
-    arch: str = "bilstm"            # bilstm | transformer | tcn | bilstm_attn | ht_transformer
-    fusion: str = "concat"          # concat | gated | sum | cross_attention | late
-    lookahead: Optional[int] = 4    # None = unbounded (offline only)
-    context: int = 64
-    emb_event_dim: int = 64
-    emb_token_dim: int = 32
-    emb_cat_dim: int = 16
-    num_proj_dim: int = 16
-    text_proj_dim: int = 32
-    image_proj_dim: int = 32
-    hidden_dim: int = 128
-    num_layers: int = 2
-    nhead: int = 4
-    ff_dim: int = 256
-    dropout: float = 0.2
-    crf: bool = False
-    history_every: int = 8          # ht_transformer: one history token per this many events
-    # screenshots: a local TorchScript or SmallCNN state-dict file (never downloaded); inside
-    # an artifact it is the file name of the copy kept beside the weights
-    image_backbone: Optional[str] = None
-    freeze_backbone: bool = True
-    # sparse lexical features (trainer.features.lexical_features): a mean-pooled bag of
-    # ``lex_dim`` into the event vector, and the wide path: per-offset linear label scores of
-    # the features of events t-wide_past .. t+wide_future added to the logits, a CRF-like
-    # linear model beside the network (wide_future is capped by the lookahead)
-    n_lex: int = 0
-    lex_dim: int = 64
-    wide: bool = True
-    wide_past: int = 2
-    wide_future: int = 2
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["cat_sizes"] = list(self.cat_sizes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
-        d = dict(d)
-        d["cat_sizes"] = tuple(d.get("cat_sizes", ()))
-        return cls(**d)
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,7 +89,7 @@ class ImageBackbone(nn.Module):
         except (RuntimeError, ValueError):
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "net.8.weight" not in state:
-                raise ValueError(f"{path}: neither a TorchScript module nor a SmallCNN state dict")
+                raise ConfigError(f"{path}: neither a TorchScript module nor a SmallCNN state dict")
             net = SmallCNN(state["net.8.weight"].shape[0])
             net.load_state_dict(state)
             net = _Scaled(net)
@@ -199,7 +151,7 @@ class EventEmbedder(nn.Module):
     With ``fusion="late"`` it fuses nothing: ``forward`` returns one vector per modality
     (tabular first, then text, then image) for the tagger's per-modality encoders."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelConfig):
         super().__init__()
         self.a = a
         self.event = nn.Embedding(a.n_events, a.emb_event_dim, padding_idx=0)
@@ -234,7 +186,7 @@ class EventEmbedder(nn.Module):
             if a.fusion == "cross_attention":
                 self.xattn = nn.MultiheadAttention(h, 1, batch_first=True)
         else:
-            raise ValueError(f"unknown fusion {a.fusion!r}")
+            raise ConfigError(f"model.fusion: unknown {a.fusion!r}")
         self.norm = nn.LayerNorm(h)
         self.drop = nn.Dropout(a.dropout)
 
@@ -288,7 +240,7 @@ class EventEmbedder(nn.Module):
 class LookaheadLSTM(nn.Module):
     """Causal forward LSTM + backward LSTM over each event's next L events (or all, L=None)."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelConfig):
         super().__init__()
         h = a.hidden_dim
         self.L = a.lookahead
@@ -390,7 +342,7 @@ class LookaheadLSTM(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block whose queries and keys may be different slices of a sequence."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelConfig):
         super().__init__()
         h = a.hidden_dim
         self.nhead = a.nhead
@@ -413,7 +365,7 @@ class Block(nn.Module):
 class LookaheadTransformer(nn.Module):
     """Causal windowed attention layers, then one layer that may look L events ahead."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelConfig):
         super().__init__()
         self.L, self.C, self.nhead = a.lookahead, a.context, a.nhead
         self.blocks = nn.ModuleList(Block(a) for _ in range(max(1, a.num_layers)))
@@ -492,7 +444,7 @@ class HistoryTransformer(LookaheadTransformer):
     constant cost. History tokens are causal, so ``step()`` forms each one once and keeps the
     few the positions still inside the lookahead refer to."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelConfig):
         super().__init__(a)
         self.S = max(1, a.history_every)
         self.hist0 = nn.Parameter(torch.zeros(a.hidden_dim))
@@ -689,7 +641,7 @@ class LookaheadCRF(nn.Module):
 class LookaheadTCN(nn.Module):
     """Causal dilated residual convolutions, then a convolution over the next L events."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelConfig):
         super().__init__()
         h = a.hidden_dim
         self.L = a.lookahead if a.lookahead is not None else 8
@@ -733,7 +685,7 @@ class LookaheadTCN(nn.Module):
 class AttentionLSTM(LookaheadLSTM):
     """BiLSTM + attention: each event also attends over the forward states of its context."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelConfig):
         super().__init__(a)
         self.C = a.context
         self.att = nn.MultiheadAttention(a.hidden_dim, a.nhead, batch_first=True)
@@ -885,11 +837,12 @@ class Tagger(nn.Module):
     modality; ``extra_encoders``/``extra_heads`` serve text and image). Emissions are the sum
     of the heads; with ``crf`` the output is the CRF's bounded-lookahead log-marginals."""
 
-    def __init__(self, args: ModelArgs, class_weights: Optional[torch.Tensor] = None,
+    def __init__(self, args: ModelConfig, class_weights: Optional[torch.Tensor] = None,
                  loss: str = "ce", focal_gamma: float = 2.0, label_smoothing: float = 0.0):
         super().__init__()
         if args.arch not in ENCODERS and args.arch != "crf":
-            raise ValueError(f"unknown arch {args.arch!r}; choose from {sorted(ENCODERS) + ['crf']}")
+            raise ConfigError(f"model.arch: {args.arch!r} is not a network; choose from "
+                              f"{sorted(ENCODERS) + ['crf']}")
         self.args = args
         self.extra_encoders, self.extra_heads = nn.ModuleList(), nn.ModuleList()
         if args.arch == "crf":
@@ -905,7 +858,7 @@ class Tagger(nn.Module):
             self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past, F_, F_)
         else:
             self.embed = EventEmbedder(args)
-            self.enc_lookahead, crf_window = crf_split(args.lookahead, args.crf)
+            self.enc_lookahead, crf_window = crf_split(args.lookahead, args.crf_head)
             enc_args = replace(args, lookahead=self.enc_lookahead)
             self.encoder = ENCODERS[args.arch](enc_args)
             self.head = nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
@@ -914,7 +867,7 @@ class Tagger(nn.Module):
             self.extra_heads = nn.ModuleList(
                 nn.Sequential(nn.Dropout(args.dropout), nn.Linear(self.encoder.out_dim, args.n_labels))
                 for _ in range(extra))
-            self.crf = LookaheadCRF(args.n_labels, crf_window) if args.crf else None
+            self.crf = LookaheadCRF(args.n_labels, crf_window) if args.crf_head else None
             self.wide = None
             if args.n_lex and args.wide and self.enc_lookahead is not None:
                 self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past,
@@ -1027,8 +980,8 @@ class Tagger(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 @dataclass
-class MixtureArgs:
-    """A ``Mixture``'s constructor arguments (stored in the checkpoint like ``ModelArgs``):
+class MixtureConfig:
+    """A ``Mixture``'s constructor arguments (stored in the checkpoint like ``ModelConfig``):
     its members' arguments and, per visible depth k = 0..L, one weight per member."""
 
     members: list[dict[str, Any]]
@@ -1050,16 +1003,19 @@ class MixtureArgs:
     image_backbone = None
     image_size = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_args(self) -> dict[str, Any]:
         return {"arch": self.arch, "members": [dict(m) for m in self.members],
                 "depth_weights": [list(map(float, w)) for w in self.depth_weights],
                 "lookahead": self.lookahead, "n_labels": self.n_labels}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MixtureArgs":
+    def from_args(cls, d: dict[str, Any]) -> "MixtureConfig":
         unknown = sorted(set(d) - {"arch", "members", "depth_weights", "lookahead", "n_labels"})
-        if unknown:  # as ModelArgs(**d) would: a key this version does not know is an error
-            raise TypeError(f"unexpected mixture argument(s) {unknown}")
+        if unknown:  # as for ModelConfig: a key this version does not know is an error
+            raise ConfigError(f"model_args: unknown mixture argument(s) {unknown}")
+        for key in ("members", "depth_weights"):
+            if key not in d:
+                raise ConfigError(f"model_args: {key!r} is missing")
         return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]])
 
 
@@ -1072,15 +1028,15 @@ class Mixture(nn.Module):
     Same interface as ``Tagger``: ``forward`` gives the final (depth L) output, ``step`` the
     outputs of the last v events, each at its own depth; so finals still equal offline."""
 
-    def __init__(self, args: MixtureArgs):
+    def __init__(self, args: MixtureConfig):
         super().__init__()
         self.args = args
-        self.members = nn.ModuleList(Tagger(ModelArgs.from_dict(m)) for m in args.members)
+        self.members = nn.ModuleList(Tagger(ModelConfig.from_args(m)) for m in args.members)
         L = args.lookahead
         if L is None or any(m.args.lookahead != L for m in self.members):
-            raise ValueError("mixture members need the same bounded lookahead")
+            raise ConfigError("mixture members need the same bounded lookahead")
         if len(args.depth_weights) != L + 1 or any(len(w) != len(self.members) for w in args.depth_weights):
-            raise ValueError("mixture weights: one row per depth 0..L, one weight per member")
+            raise ConfigError("mixture weights: one row per depth 0..L, one weight per member")
         self.register_buffer("weights", torch.tensor(args.depth_weights, dtype=torch.float32))
 
     @property
@@ -1129,11 +1085,31 @@ class Mixture(nn.Module):
         return new, list(mixed.split(sizes))
 
 
-def build_model(model_args: dict[str, Any]) -> nn.Module:
-    """The network a checkpoint's ``model_args`` describe: a ``Tagger`` or a ``Mixture``."""
+def checkpoint_args(model_args: dict[str, Any]) -> ModelConfig | MixtureConfig:
+    """A checkpoint's ``model_args`` as the config they describe (older versions' included)."""
     if model_args.get("arch") == "mixture":
-        return Mixture(MixtureArgs.from_dict(model_args))
-    return Tagger(ModelArgs.from_dict(model_args))
+        return MixtureConfig.from_args(model_args)
+    return ModelConfig.from_args(model_args)
+
+
+def build_model(args: ModelConfig | MixtureConfig) -> nn.Module:
+    """The network a config describes: a ``Tagger`` or a ``Mixture``."""
+    return Mixture(args) if isinstance(args, MixtureConfig) else Tagger(args)
+
+
+@torch.no_grad()
+def session_logits(model: nn.Module, sessions, device=None, batch_size: int = 32) -> list:
+    """Per session, every event's logits at the model's full lookahead (what offline
+    prediction and the final labels use), as numpy (n, C); sessions batched by length."""
+    model.eval()
+    out = [None] * len(sessions)
+    order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        logits, _ = model(collate([sessions[i] for i in idx], device))
+        for j, i in enumerate(idx):
+            out[i] = logits[j, :len(sessions[i])].float().cpu().numpy()
+    return out
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""Training: splits by session, chunking, the training loop, calibration, and the whole
-``tagger train`` pipeline that ends in an artifact folder.
+"""The ``tagger train`` pipeline that ends in an artifact folder: splits by session,
+validation plans, ``model.arch: auto``'s mixture, calibration and abstention. Fitting one
+model (chunking, the epoch loop, early stopping) is ``trainer.fit``.
 
 Pipeline (``train``): load -> split sessions into train / validation / test -> fit encoders on
 train only -> (optional) k-fold HPO grouped by session on train+val -> fit with early stopping
@@ -10,214 +11,30 @@ once -> artifact with manifest, metrics and plots.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from trainer.config import Config
+from trainer.artifacts import save_artifact, softmax_t
+from trainer.baseline import BaselineLabeller
+from trainer.config import Config, ModelConfig
+from trainer.errors import ConfigError
+from trainer.evaluate import score
 from trainer.features import EncodedSession, FeatureEncoder, LabelMap
-from trainer.model import IGNORE, ModelArgs, Tagger, collate
+from trainer.fit import FitResult, fit_any, fit_model, model_args, pick_device
+from trainer.hpo import search
+from trainer.loading import fingerprint, read_events, split_sessions
+from trainer.metrics import ABSTAIN_ALL, choose_threshold, classification_metrics, clopper_pearson_lower
+from trainer.model import IGNORE, Mixture, MixtureConfig, Tagger, arrival_logits, collate, session_logits
 
 log = logging.getLogger(__name__)
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def chunk_sessions(sessions: Sequence[EncodedSession], chunk_len: int, context: int,
-                   lookahead: int | None) -> list[EncodedSession]:
-    """Cut long sessions into overlapping chunks; every event is trained on exactly once, in
-    the chunk where it has its full history (``context``) and future (``lookahead``)."""
-    L = lookahead if lookahead is not None else 16
-    chunk_len = max(chunk_len, context + L + 32)
-    stride = chunk_len - context - L
-    out = []
-    for s in sessions:
-        n = len(s)
-        if n <= chunk_len:
-            out.append(s)
-            continue
-        start = 0
-        while True:
-            stop = min(n, start + chunk_len)
-            part = s.rows(start, stop)
-            part.labels = part.labels.copy()
-            if start > 0:
-                part.labels[:context] = IGNORE
-            if stop < n:
-                part.labels[len(part) - L:] = IGNORE
-            out.append(part)
-            if stop >= n:
-                break
-            start += stride
-    return out
-
-
-def class_weights(sessions: Sequence[EncodedSession], n_labels: int) -> torch.Tensor:
-    """Inverse square-root frequency, mean 1: rare steps count more without drowning the rest."""
-    counts = np.zeros(n_labels)
-    for s in sessions:
-        lab = s.labels[s.labels != IGNORE]
-        counts += np.bincount(lab, minlength=n_labels)[:n_labels]
-    w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
-    w = w / w[counts > 0].mean() if (counts > 0).any() else np.ones(n_labels)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def model_args(spec: dict[str, Any], n_labels: int, cfg: Config) -> ModelArgs:
-    m = cfg.model
-    return ModelArgs(
-        n_labels=n_labels, n_events=spec["n_events"], n_tokens=spec["n_tokens"],
-        cat_sizes=tuple(spec["cat_sizes"]), n_nums=len(spec["num_names"]), text_dim=spec["text_dim"],
-        image_size=spec["image_size"], arch=m.arch, fusion=m.fusion, lookahead=m.lookahead,
-        context=m.context, emb_event_dim=m.emb_event_dim, emb_token_dim=m.emb_token_dim,
-        emb_cat_dim=m.emb_cat_dim, num_proj_dim=m.num_proj_dim, text_proj_dim=m.text_proj_dim,
-        image_proj_dim=m.image_proj_dim, hidden_dim=m.hidden_dim, num_layers=m.num_layers,
-        nhead=m.nhead, ff_dim=m.ff_dim, dropout=m.dropout, crf=m.crf, history_every=m.history_every,
-        image_backbone=_backbone_path(cfg) if spec["image_size"] else None,
-        freeze_backbone=cfg.data.freeze_backbone, n_lex=spec.get("n_lex", 0), lex_dim=m.lex_dim,
-        wide=m.wide, wide_past=m.wide_past,
-        wide_future=m.crf_future if m.arch == "crf" else m.wide_future)
-
-
-def _backbone_path(cfg: Config) -> str | None:
-    path = cfg.data.image_backbone
-    if not path:
-        return None
-    p = Path(path).expanduser().resolve()
-    if not p.is_file():
-        from trainer.errors import ConfigError
-        raise ConfigError(f"data.image_backbone: no such file {path!r} (backbones are local files, "
-                          f"never downloaded)")
-    return str(p)
-
-
-@dataclass
-class FitResult:
-    model: Tagger
-    best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _logits_for(model: Tagger, sessions: Sequence[EncodedSession], device: str, batch_size: int = 32
-                ) -> list[np.ndarray]:
-    model.eval()
-    out: list[np.ndarray] = [None] * len(sessions)  # type: ignore[list-item]
-    order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
-    with torch.no_grad():
-        for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
-            logits, _ = model(collate([sessions[i] for i in idx], device))
-            for j, i in enumerate(idx):
-                out[i] = logits[j, :len(sessions[i])].float().cpu().numpy()
-    return out
-
-
-def fit_model(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession],
-              cfg: Config, *, epochs: int | None = None, progress: bool = False,
-              desc: str = "train", stop_after: int | None = None) -> FitResult:
-    """Train one model; early stopping on validation loss when ``val`` is given, otherwise a
-    fixed number of epochs. Returns the best (or last) weights. ``stop_after``: stop after
-    that many epochs of the full schedule (the epoch that early stopping chose on held-out
-    folds, for the final fit on all training sessions)."""
-    t = cfg.train
-    set_seed(t.seed)
-    device = pick_device(t.device)
-    chunks = chunk_sessions(train, cfg.data.chunk_len, args.context, args.lookahead)
-    weights = class_weights(train, args.n_labels) if t.class_weights else None
-    model = Tagger(args, weights, loss=t.loss, focal_gamma=t.focal_gamma,
-                   label_smoothing=t.label_smoothing).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    n_epochs = epochs or t.epochs
-    # few, long sessions (a day each) make few chunks: cap the batch so that an epoch still
-    # takes at least min_steps_per_epoch optimiser steps
-    batch_size = max(1, min(t.batch_size, math.ceil(len(chunks) / max(1, t.min_steps_per_epoch))))
-    steps_per_epoch = math.ceil(len(chunks) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=max(1, n_epochs * steps_per_epoch),
-                                                pct_start=0.1)
-    rng = np.random.default_rng(t.seed)
-    sample_p = _chunk_sampling(chunks, args.n_labels) if t.resample else None
-    val_chunks = chunk_sessions(val, 4096, args.context, args.lookahead) if val else []
-    # every visible depth k = 0..L, so that what the worker shows on arrival is trained too
-    depths = args.lookahead if t.depth_training and args.lookahead else None
-    best, best_epoch, best_loss, bad = None, 0, float("inf"), 0
-    history = []
-    start = time.perf_counter()
-    bar = _bar(n_epochs, desc, progress)
-    for epoch in range(1, n_epochs + 1):
-        model.train()
-        # batches of similar length waste less padding; shuffled order within and across
-        if sample_p is not None:
-            order = rng.choice(len(chunks), size=len(chunks), replace=True, p=sample_p)
-        else:
-            order = rng.permutation(len(chunks))
-        order = sorted(order, key=lambda i: (len(chunks[i]) // 16, rng.random()))
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        rng.shuffle(batches)
-        total, count = 0.0, 0
-        for idx in batches:
-            batch, tgt = collate([chunks[i] for i in idx], device, with_targets=True)
-            if depths is not None:
-                batch["horizon"] = sample_horizons(tgt.shape, depths, rng).to(device)
-            _, loss = model(batch, tgt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        row = {"epoch": epoch, "train_loss": total / max(count, 1)}
-        if val_chunks:
-            row.update(_val_scores(model, val_chunks, device))
-            if row["val_loss"] < best_loss - 1e-4:
-                best_loss, best_epoch, bad = row["val_loss"], epoch, 0
-                best = copy.deepcopy(model.state_dict())
-            else:
-                bad += 1
-        else:
-            best_epoch, best = epoch, None
-        history.append(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
-        if val_chunks and bad >= t.patience:
-            break
-        if stop_after is not None and epoch >= stop_after:
-            break
-    if bar is not None:
-        bar.close()
-    if best is not None:
-        model.load_state_dict(best)
-    model.eval()
-    return FitResult(model, best_epoch, history, time.perf_counter() - start)
-
-
-def sample_horizons(shape: tuple[int, int], L: int, rng: np.random.Generator) -> torch.Tensor:
-    """A visible depth per position: L (the final label) half the time, else uniform over
-    0..L-1 (the labels shown before it). (B, T) long."""
-    k = rng.integers(0, L, size=shape)
-    k[rng.random(shape) < 0.5] = L
-    return torch.from_numpy(k)
 
 
 @dataclass
@@ -225,7 +42,7 @@ class Validated:
     """One architecture's validation: held-out logits (full lookahead) per held-out session,
     per-depth held-out logits for prefix calibration (or None), and what the final fit needs."""
 
-    args: ModelArgs
+    args: ModelConfig
     cfg: Config
     logits: list[np.ndarray]
     labels: list[np.ndarray]
@@ -238,7 +55,6 @@ class Validated:
 
     def scores(self, names: Sequence[str]) -> dict[str, Any]:
         """Held-out top-1 macro-F1 and accuracy at full lookahead and on arrival (k = 0)."""
-        from trainer.metrics import classification_metrics
         y = np.concatenate(self.labels)
         keep = y != IGNORE
         z = np.concatenate(self.logits)
@@ -254,7 +70,7 @@ class Validated:
         return out
 
 
-def validate(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
+def validate(args: ModelConfig, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
              *, progress: bool = False) -> Validated:
     """Fit and score on held-out sessions: on ``val`` when given (the split plan), else on
     ``cfg.train.val_folds`` session folds of ``train``, one model per fold with early stopping
@@ -266,7 +82,7 @@ def validate(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[Enc
         fit = fit_any(args, train, val, cfg, progress=progress)
         held = list(val) or list(train)
         depth = prefix_logits(fit.model, held, device) if streamable else None
-        return Validated(args, cfg, _logits_for(fit.model, held, device), [s.labels for s in held], depth,
+        return Validated(args, cfg, session_logits(fit.model, held, device), [s.labels for s in held], depth,
                          fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started,
                          list(range(len(held))))
     k = max(2, min(cfg.train.val_folds, len(train)))
@@ -282,7 +98,7 @@ def validate(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[Enc
         held = [train[i] for i in held_idx]
         fit = fit_any(args, train_part, held, cfg, progress=progress, desc=f"fold {f + 1}/{k}")
         best.append(fit.best_epoch)
-        for i, logits in zip(held_idx, _logits_for(fit.model, held, device)):
+        for i, logits in zip(held_idx, session_logits(fit.model, held, device)):
             oof[i] = logits
         if streamable:
             z, y = prefix_logits(fit.model, held, device)
@@ -332,7 +148,6 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
     then the mean log-likelihood of the true labels, so that ties of two candidates that are
     both perfect go to the surer one; then the weights nearest the first candidate). Held-out rows line up across candidates:
     they were validated on the same folds."""
-    from trainer.metrics import classification_metrics
     archs = list(results)
     first = results[archs[0]]
     L = first.args.lookahead
@@ -391,13 +206,12 @@ def auto_table(info: dict[str, Any]) -> list[str]:
 def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dict[str, FitResult]):
     """The ``Mixture`` of the final fits with the chosen weights, and its held-out logits
     (full lookahead per session, and per depth) for calibration."""
-    from trainer.model import Mixture, MixtureArgs
     members = info["members"]
     weights = [[r["weights"][a] for a in members] for r in info["depths"]]
     L = fits[members[0]].model.args.lookahead
     if len(weights) == 1 and L:                 # no per-depth held-out logits (prefix
         weights = weights * (L + 1)             # calibration off): the final weights at every depth
-    model = Mixture(MixtureArgs([fits[a].model.args.to_dict() for a in members], weights))
+    model = Mixture(MixtureConfig([fits[a].model.args.to_args() for a in members], weights))
     for m, a in zip(model.members, members):
         m.load_state_dict(fits[a].model.state_dict())
     model.eval()
@@ -415,49 +229,6 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
         depth = ([sum(weights[k][i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
                   for k in range(L + 1)], list(first[1]))
     return model, logits, depth
-
-
-def fit_any(args: ModelArgs, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
-            *, progress: bool = False, desc: str = "train", stop_after: int | None = None) -> FitResult:
-    """``fit_model`` for the networks, CRFsuite (``trainer.crf``) for ``arch: crf``."""
-    if args.arch == "crf":
-        from trainer.crf import fit_crf
-        model, info = fit_crf(args, train, c1=cfg.model.crf_c1, c2=cfg.model.crf_c2)
-        return FitResult(model, 0, [], info["seconds"])
-    return fit_model(args, train, val, cfg, progress=progress, desc=desc, stop_after=stop_after)
-
-
-def _chunk_sampling(chunks: Sequence[EncodedSession], n_labels: int) -> np.ndarray:
-    """Resampling for imbalance: a chunk's draw probability is the mean inverse-sqrt
-    frequency of its labels, so chunks holding rare steps come up more often."""
-    w = class_weights(chunks, n_labels).numpy()
-    score = np.array([w[c.labels[c.labels != IGNORE]].mean() if (c.labels != IGNORE).any() else 0.0
-                      for c in chunks])
-    if score.sum() <= 0:
-        return np.full(len(chunks), 1.0 / len(chunks))
-    return score / score.sum()
-
-
-def _val_scores(model: Tagger, chunks: Sequence[EncodedSession], device: str) -> dict[str, float]:
-    model.eval()
-    loss_sum, n, correct = 0.0, 0, 0
-    with torch.no_grad():
-        for k in range(0, len(chunks), 32):
-            batch, tgt = collate(chunks[k:k + 32], device, with_targets=True)
-            logits, _ = model(batch, None)
-            keep = tgt != IGNORE
-            # unweighted NLL: the early-stopping signal should not depend on class weights
-            loss_sum += float(torch.nn.functional.cross_entropy(logits[keep], tgt[keep], reduction="sum"))
-            correct += int((logits.argmax(-1)[keep] == tgt[keep]).sum())
-            n += int(keep.sum())
-    return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1)}
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
 
 
 NLL_CAP = 12.0  # nats: an event whose label the model all but rules out stops pulling T
@@ -564,8 +335,6 @@ def calibrate_depths(z: Sequence[np.ndarray], y: Sequence[np.ndarray], cfg: Conf
     """``prefix_calibration`` on collected per-depth logits (``prefix_logits``); also scores
     each depth: top-1 accuracy and macro-F1 (abstention ignored) and coverage at the
     precision target, the figures a live consumer cares about."""
-    from trainer.artifacts import softmax_t
-    from trainer.metrics import choose_threshold, classification_metrics
     temps, thrs, cover, depths = [], [], [], []
     for k, (zk, yk) in enumerate(zip(z, y)):
         keep = yk != IGNORE
@@ -629,8 +398,6 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     threshold, and the event is still revised at most once. ``policy: plain`` (each depth's
     own threshold, the label may change at every depth) is returned only when the plain
     threshold covers nothing."""
-    from trainer.artifacts import softmax_t
-    from trainer.metrics import ABSTAIN_ALL, choose_threshold, clopper_pearson_lower
     keep = labels != IGNORE
     p0 = softmax_t(first_logits[keep], t_first)
     pL = softmax_t(final_logits[keep], t_final)
@@ -724,7 +491,6 @@ class Prepared:
 
 def prepare(data_path: str | Path, cfg: Config, *, skip_bad_rows: bool = False,
             text_embedder=None) -> Prepared:
-    from trainer.loading import fingerprint, read_events
     data_path = Path(data_path)
     frame, report = read_events(data_path, require_label=True, skip_bad_rows=skip_bad_rows,
                                 numeric_columns=cfg.data.num_features)
@@ -754,7 +520,6 @@ def prepare_frame(frame, cfg: Config, *, base_dir: Path, fingerprint: str, load_
     """Split a loaded (canonical) frame by session and encode it with encoders fit on the
     training part. ``test_size`` overrides ``data.test_size`` (``tagger cv`` passes 0: the
     fold's held-out sessions are its test set)."""
-    from trainer.loading import split_sessions
     test_size = cfg.data.test_size if test_size is None else test_size
     tr, va, te = split_sessions(frame, test_size, cfg.data.val_size, cfg.train.seed)
     if validation_plan(len(tr) + len(va), cfg) == "folds":
@@ -772,8 +537,6 @@ def prepare_frame(frame, cfg: Config, *, base_dir: Path, fingerprint: str, load_
 def calibrate(logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], cfg: Config
               ) -> tuple[float, dict[str, Any]]:
     """Temperature on held-out logits, then the abstention threshold for the precision target."""
-    from trainer.artifacts import softmax_t
-    from trainer.metrics import choose_threshold
     z = np.concatenate(logits) if logits else np.zeros((0, 1))
     y = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
     keep = y != IGNORE
@@ -798,8 +561,6 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                    echo: Callable[[str], None] = print, started: float | None = None) -> dict[str, Any]:
     """The part of ``train`` after loading: fit, calibrate, score the test split (if any),
     write the artifact. ``tagger cv`` calls it once per fold and architecture."""
-    from trainer.artifacts import save_artifact, softmax_t
-    from trainer.evaluate import score
     started = time.perf_counter() if started is None else started
     echo(f"sessions: {len(p.splits['train'])} train, {len(p.splits['val'])} validation, "
          f"{len(p.splits['test'])} test; {len(p.label_map)} steps")
@@ -812,9 +573,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         return _train_baseline(p, out_dir, cfg, started, echo)
     if cfg.train.hpo.enabled:
         if arch == "auto":
-            from trainer.errors import ConfigError
             raise ConfigError("train.hpo needs one architecture; set model.arch (not auto)")
-        from trainer.hpo import search
         hpo_info = search(p, cfg, progress=progress, echo=echo)
         cfg = hpo_info.pop("config")
         args = model_args(p.encoder.spec(), len(p.label_map), cfg)
@@ -891,11 +650,10 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         metrics["auto"] = auto_info
     test_report = None
     if p.encoded["test"]:
-        logits = _logits_for(fit.model, p.encoded["test"], pick_device(cfg.train.device))
+        logits = session_logits(fit.model, p.encoded["test"], pick_device(cfg.train.device))
         probs = np.concatenate([softmax_t(l, temperature) for l in logits])
         covered = probs.max(-1) >= chosen["threshold"]
         if policy["policy"] == "stable":
-            from trainer.model import arrival_logits
             first = np.concatenate([softmax_t(z, prefix["prefix_temperatures"][0]) for z in
                                     arrival_logits(fit.model, p.encoded["test"], pick_device(cfg.train.device))])
             if policy["agreement"]:
@@ -928,9 +686,6 @@ def _training_info(p: Prepared, cfg: Config, seconds: float) -> dict[str, Any]:
 
 def _train_baseline(p: Prepared, out_dir, cfg: Config, started: float, echo) -> dict[str, Any]:
     """The classic per-event baselines, calibrated and scored exactly like the network."""
-    from trainer.artifacts import save_artifact
-    from trainer.baseline import BaselineLabeller
-    from trainer.evaluate import score
     frame = p.frame
     part = {k: frame[frame["session_id"].isin(set(v))] for k, v in p.splits.items()}
     t0 = time.perf_counter()
@@ -956,11 +711,9 @@ def _train_baseline(p: Prepared, out_dir, cfg: Config, started: float, echo) -> 
     metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen}, "train_seconds": seconds}
     test_report = None
     if len(part["test"]):
-        from trainer.artifacts import softmax_t
         probs = np.concatenate([softmax_t(np.log(c), temperature) for c in aligned(part["test"])])
         test_report = score(part["test"]["step_name"].tolist(), probs, p.label_map.labels, chosen["threshold"])
         metrics["test"] = {**test_report["offline"], "classification": test_report["classification"]}
-    model.labels_full = p.label_map.labels
     out = save_artifact(Path(out_dir), model=None, encoder=p.encoder, labels=model.labels,
                         temperature=temperature, threshold=chosen["threshold"],
                         calibration={k: chosen[k] for k in ("coverage", "precision", "feasible", "method")},

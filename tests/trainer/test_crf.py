@@ -15,7 +15,8 @@ from trainer.crf import attributes, fit_crf
 from trainer.features import FeatureEncoder, LabelMap
 from trainer.loading import records_to_frame
 from trainer.model import collate
-from trainer.train import model_args, train
+from trainer.fit import model_args
+from trainer.train import train
 
 
 def encoded(records, encoder=None, labels=None):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from trainer.features import EncodedSession
-from trainer.model import ENCODERS, IGNORE, ModelArgs, Tagger, collate
+from trainer.config import ModelConfig
+from trainer.model import ENCODERS, IGNORE, Tagger, collate
 
 ARCHS = sorted(ENCODERS)
 FUSIONS = ["concat", "gated", "sum", "cross_attention", "late"]
@@ -20,12 +21,13 @@ VARIANTS = ([(a, f, False) for a, f in itertools.product(ARCHS, FUSIONS)]
 LOOKAHEAD_VARIANTS = [(a, crf) for a in ARCHS for crf in (False, True)]
 
 
-def make_args(arch, fusion, lookahead=2, **kw):
+def make_args(arch, fusion, lookahead=2, crf=False, **kw):
     base = dict(n_labels=5, n_events=20, n_tokens=30, cat_sizes=(5, 7), n_nums=4, text_dim=6,
                 image_size=8, arch=arch, fusion=fusion, lookahead=lookahead, context=6,
-                hidden_dim=16, nhead=2, ff_dim=32, num_layers=2, dropout=0.1, n_lex=25, lex_dim=8)
+                hidden_dim=16, nhead=2, ff_dim=32, num_layers=2, dropout=0.1, n_lex=25, lex_dim=8,
+                crf_head=crf)
     base.update(kw)
-    return ModelArgs(**base)
+    return ModelConfig(**base)
 
 
 def build(args):
@@ -210,7 +212,7 @@ def test_save_and_load_give_identical_predictions(arch, fusion, crf, tmp_path):
     args = make_args(arch, fusion, crf=crf)
     model = build(args).eval()
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    again = Tagger(ModelArgs.from_dict(args.to_dict())).eval()
+    again = Tagger(ModelConfig.from_args(args.to_args())).eval()
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     batch = collate([session(7, 8)])
     assert torch.equal(model(batch)[0], again(batch)[0])
@@ -306,13 +308,13 @@ def test_crf_arch_is_exact_filtering_and_fixed_lag_smoothing():
 def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
     """A mixture weighs its members differently at each depth; what it shows with k later
     events in is still its forward pass at horizon k, and it saves and loads."""
-    from trainer.model import Mixture, MixtureArgs, build_model
+    from trainer.model import Mixture, MixtureConfig, build_model, checkpoint_args
     torch.manual_seed(0)
     L = 2
     members = [build(make_args("bilstm", "concat", lookahead=L)), build(make_args("crf", "concat", lookahead=L,
                                                                                    wide_future=0))]
     torch.nn.init.normal_(members[1].crf.trans)
-    args = MixtureArgs([m.args.to_dict() for m in members], [[0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
+    args = MixtureConfig([m.args.to_args() for m in members], [[0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
     mix = Mixture(args).eval()
     for m, src in zip(mix.members, members):
         m.load_state_dict(src.state_dict())
@@ -330,6 +332,6 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
     for t in range(len(s) - L, len(s)):
         assert torch.allclose(seen[len(s) - 1 - t][t], final[0, t], atol=1e-4), t
     torch.save(mix.state_dict(), tmp_path / "w.pt")
-    again = build_model(args.to_dict()).eval()
+    again = build_model(checkpoint_args(args.to_args())).eval()
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     assert torch.equal(mix(collate([s]))[0], again(collate([s]))[0])

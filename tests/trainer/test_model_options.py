@@ -150,16 +150,16 @@ def test_config_checks_the_backbone_and_feature_set():
         from_dict({"data": {"feature_set": "group_id_only", "text_features": ["text"]}})
     with pytest.raises(ConfigError, match="feature_set"):
         from_dict({"data": {"feature_set": "everything"}})
-    cfg = from_dict({"model": {"arch": "ht_transformer", "fusion": "late", "crf": True},
+    cfg = from_dict({"model": {"arch": "ht_transformer", "fusion": "late", "crf_head": True},
                      "train": {"resample": True}})
-    assert cfg.model.crf and cfg.train.resample
+    assert cfg.model.crf_head and cfg.train.resample
 
 
 def test_missing_backbone_file_is_a_config_error(tmp_path):
-    from trainer.train import _backbone_path
+    from trainer.fit import backbone_path
     cfg = from_dict({"data": {"image_col": "img", "image_backbone": str(tmp_path / "nope.pt")}})
     with pytest.raises(ConfigError, match="never downloaded"):
-        _backbone_path(cfg)
+        backbone_path(cfg)
 
 
 # ---- features --------------------------------------------------------------------------------
@@ -207,8 +207,9 @@ def test_old_artifacts_without_prefix_calibration_fall_back(tiny_log, tmp_path):
 def test_prefix_logits_at_full_depth_are_the_offline_logits(tiny_log, tmp_path):
     from trainer.features import LabelMap
     from trainer.loading import read_events
-    from trainer.train import _logits_for, prefix_logits
-    out = train_tiny(tiny_log, tmp_path / "m", model={"arch": "ht_transformer", "crf": True,
+    from trainer.model import session_logits
+    from trainer.train import prefix_logits
+    out = train_tiny(tiny_log, tmp_path / "m", model={"arch": "ht_transformer", "crf_head": True,
                                                       "history_every": 4},
                      train={"epochs": 1})
     lm = load_artifact(out)
@@ -216,7 +217,7 @@ def test_prefix_logits_at_full_depth_are_the_offline_logits(tiny_log, tmp_path):
     frame = frame[frame["session_id"].isin(set(frame["session_id"].unique()[:4]))]
     _, enc = lm.encoder.transform_frame(frame, LabelMap(lm.labels))
     L = lm.lookahead
-    offline = _logits_for(lm.model, enc, "cpu")
+    offline = session_logits(lm.model, enc, "cpu")
     for s, o in zip(enc, offline):
         z, y = prefix_logits(lm.model, [s], "cpu")
         assert len(z[0]) == len(s) and np.array_equal(y[0], s.labels)

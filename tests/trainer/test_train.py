@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.config import from_dict
-from trainer.train import FOLDS_BELOW, depth_summary, sample_horizons, stable_policy, validation_plan
+from trainer.fit import sample_horizons
+from trainer.train import FOLDS_BELOW, depth_summary, stable_policy, validation_plan
 
 
 def test_few_sessions_are_validated_on_folds_many_on_a_split():
@@ -96,13 +97,13 @@ def test_when_agreeing_views_are_not_precise_the_final_label_alone_decides_still
 def test_auto_breaks_a_tie_of_perfect_candidates_towards_the_surer_one():
     """Both candidates label every held-out event right; the second is far surer, so a test
     event near a boundary is safer with it: the tie goes to the likelier combination."""
-    from trainer.model import ModelArgs
+    from trainer.config import ModelConfig
     from trainer.train import Validated, choose_mixture
     y = np.arange(300) % 3
     def member(margin):
         z = np.zeros((len(y), 3))
         z[np.arange(len(y)), y] = margin
-        return Validated(args=ModelArgs(n_labels=3, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
+        return Validated(args=ModelConfig(n_labels=3, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
                          logits=[z], labels=[y], depth_logits=None, epochs=1, best_epochs=[1])
     info = choose_mixture({"bilstm": member(0.5), "crf": member(6.0)}, ["a", "b", "c"])
     row = info["depths"][0]

@@ -1,0 +1,56 @@
+"""One model config: the YAML ``model:`` section and the checkpoint's arguments."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from trainer.config import ModelConfig, from_dict, load_config
+from trainer.errors import ConfigError
+
+SPEC = {"n_events": 40, "n_tokens": 60, "cat_sizes": [4, 9], "num_names": ["a", "b", "c"], "text_dim": 0,
+        "image_size": 0, "n_lex": 77}
+
+
+def test_the_model_section_sized_for_the_data_is_what_the_checkpoint_stores():
+    cfg = from_dict({"model": {"arch": "bilstm", "hidden_dim": 32, "crf_head": True}})
+    args = cfg.model.sized(SPEC, 6)
+    assert (args.n_labels, args.n_events, args.cat_sizes, args.n_nums, args.n_lex) == (6, 40, (4, 9), 3, 77)
+    assert args.hidden_dim == 32 and args.crf_head
+    assert ModelConfig.from_args(args.to_args()) == args
+    # the config file never shows what the data fixes
+    assert "n_labels" not in cfg.to_dict()["model"] and cfg.replace(model={"dropout": 0.3}).model.dropout == 0.3
+
+
+def test_arch_crf_reads_crf_future_later_events():
+    args = from_dict({"model": {"arch": "crf", "crf_future": 1, "wide_future": 2}}).model.sized(SPEC, 3)
+    assert args.wide_future == 1
+
+
+def test_what_the_data_fixes_is_not_a_config_key():
+    with pytest.raises(ConfigError, match="'model.n_labels'"):
+        from_dict({"model": {"n_labels": 3}})
+
+
+def test_the_checkpoint_arguments_are_validated_too():
+    args = from_dict({"model": {"arch": "transformer"}}).model.sized(SPEC, 3).to_args()
+    with pytest.raises(ConfigError, match="nhead"):
+        ModelConfig.from_args({**args, "nhead": 5})
+    with pytest.raises(ConfigError, match="model.fusion"):
+        ModelConfig(fusion="average")
+    with pytest.raises(ConfigError, match="model.lookahead"):
+        ModelConfig(lookahead=-1)
+
+
+def test_the_old_name_of_the_crf_head_still_works_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  arch: bilstm\n  crf: true\n")
+    with caplog.at_level(logging.WARNING, logger="trainer.config"):
+        cfg = load_config(path)
+    assert cfg.model.crf_head
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == [
+        "config: model.crf is deprecated, use model.crf_head (the CRF output layer; model.arch: crf "
+        "is the CRFsuite CRF)"]
+    with pytest.raises(ConfigError, match="crf_head"):
+        from_dict({"model": {"crf": True, "crf_head": False}})

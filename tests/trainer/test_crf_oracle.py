@@ -1,0 +1,131 @@
+"""The linear-chain CRF against brute force: every label sequence of short sessions enumerated.
+
+Two implementations are checked: the torch ``LookaheadCRF`` (the CRF output layer of the
+networks and the layer that serves ``model.arch: crf``; offline ``forward`` and streamed
+``step_many``) and the numpy ``crf_lag_marginals`` (the CRFsuite baseline's decoding). Both
+compute label marginals with bounded lookahead, p(y_t | events 0 .. t + lag): lag 0 is
+forward filtering (the label on arrival), lag L fixed-lag smoothing (the final label), no
+lag the usual forward-backward marginals. Neither exposes a log-partition, a sequence score
+or a Viterbi path (the tagger serves marginals, trained by cross-entropy on them), so those
+are not tested here; the enumeration's own partition function is what normalises the
+reference marginals.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.baseline import crf_lag_marginals
+from trainer.model import LookaheadCRF
+
+C = 3       # labels
+N_MAX = 4   # events: 3 ** 4 = 81 label sequences at most
+
+scores = st.floats(-3, 3, allow_nan=False, width=32)
+
+
+@st.composite
+def crfs(draw, n_min: int = 1):
+    """(emissions (n, C), transitions (C, C) [from, to]) as float64 arrays."""
+    n = draw(st.integers(n_min, N_MAX))
+    e = np.array(draw(st.lists(scores, min_size=n * C, max_size=n * C)), dtype=np.float64).reshape(n, C)
+    a = np.array(draw(st.lists(scores, min_size=C * C, max_size=C * C)), dtype=np.float64).reshape(C, C)
+    return e, a
+
+
+def brute_marginals(e: np.ndarray, a: np.ndarray, seen: int) -> np.ndarray:
+    """p(y_t = c | events 0 .. seen - 1) for t < seen, by enumerating every label sequence of
+    the first ``seen`` events: score(y) = sum_t e[t, y_t] + sum_t a[y_t-1, y_t]."""
+    seqs = np.array(list(itertools.product(range(C), repeat=seen)))                 # (C**seen, seen)
+    score = e[np.arange(seen), seqs].sum(1) + a[seqs[:, :-1], seqs[:, 1:]].sum(1)
+    log_z = np.logaddexp.reduce(score)                                             # log-partition
+    p = np.exp(score - log_z)
+    out = np.zeros((seen, C))
+    for t in range(seen):
+        np.add.at(out[t], seqs[:, t], p)
+    return out
+
+
+def oracle(e: np.ndarray, a: np.ndarray, lag: int | None) -> np.ndarray:
+    """Row t: p(y_t | events 0 .. t + lag) (lag None: the whole session)."""
+    n = len(e)
+    rows = []
+    for t in range(n):
+        seen = n if lag is None else min(n, t + lag + 1)
+        rows.append(brute_marginals(e, a, seen)[t])
+    return np.array(rows)
+
+
+def torch_crf(a: np.ndarray, window: int | None) -> LookaheadCRF:
+    crf = LookaheadCRF(C, window).double()
+    with torch.no_grad():
+        crf.trans.copy_(torch.from_numpy(a))
+    return crf
+
+
+@settings(max_examples=60, deadline=None)
+@given(crfs(), st.sampled_from([0, 1, 2, None]))
+def test_offline_marginals_equal_the_enumeration(ea, window):
+    e, a = ea
+    crf = torch_crf(a, window)
+    got = crf(torch.from_numpy(e)[None], torch.tensor([len(e)]))[0].detach().exp().numpy()
+    np.testing.assert_allclose(got, oracle(e, a, window), atol=1e-9)
+    # a narrower window asked for at call time (what training at a visible depth uses)
+    if window is None:
+        narrow = crf(torch.from_numpy(e)[None], torch.tensor([len(e)]), 1)[0].detach().exp().numpy()
+        np.testing.assert_allclose(narrow, oracle(e, a, 1), atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(crfs(), crfs(), st.sampled_from([0, 1, 2, None]))
+def test_padding_changes_no_session(ea, eb, window):
+    (e1, a), (e2, _) = ea, eb
+    n = max(len(e1), len(e2))
+    batch = np.zeros((2, n, C))
+    batch[0, :len(e1)], batch[1, :len(e2)] = e1, e2
+    batch[0, len(e1):] = batch[1, len(e2):] = 7.0          # padding that would show if it leaked
+    out = torch_crf(a, window)(torch.from_numpy(batch), torch.tensor([len(e1), len(e2)])).detach().exp().numpy()
+    np.testing.assert_allclose(out[0, :len(e1)], oracle(e1, a, window), atol=1e-9)
+    np.testing.assert_allclose(out[1, :len(e2)], oracle(e2, a, window), atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(crfs(), st.integers(0, 2))
+def test_streamed_marginals_equal_the_enumeration_of_what_has_arrived(ea, window):
+    """``step_many`` with final emissions (enc_lookahead 0), two sessions in one batch: after
+    event m, each of the last min(m + 1, W + 1) events holds p(y_t | events 0 .. min(t + W, m))."""
+    e, a = ea
+    crf = torch_crf(a, window)
+    other = e[::-1].copy()                                 # a second session, stepped alongside
+    states = [crf.init_state("cpu"), crf.init_state("cpu")]
+    for k in range(len(e)):
+        for s in states:                                   # the cached buffers are float32 zeros
+            s["e"], s["a"] = s["e"].double(), s["a"].double()
+        states, outs = crf.step_many(states, [torch.from_numpy(e[k:k + 1]), torch.from_numpy(other[k:k + 1])], 0)
+        for got, seq in zip(outs, (e, other)):
+            v = min(k + 1, window + 1)
+            want = [brute_marginals(seq, a, min(t + window, k) + 1)[t] for t in range(k + 1 - v, k + 1)]
+            np.testing.assert_allclose(got.detach().exp().numpy(), np.array(want), atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(crfs(), st.sampled_from([0, 1, 2, 3, None]))
+def test_baseline_lag_marginals_equal_the_enumeration(ea, lag):
+    e, a = ea
+    np.testing.assert_allclose(crf_lag_marginals(e, a, lag), oracle(e, a, lag), atol=1e-9)
+
+
+def test_the_oracle_itself_on_a_hand_computed_case():
+    # two events, two labels' worth of mass: with no transition scores the marginals are the
+    # per-event softmaxes; a strong 0 -> 1 transition pulls event 1 towards label 1
+    e = np.array([[0.0, 0.0, -50.0], [0.0, 0.0, -50.0]])
+    flat = brute_marginals(e, np.zeros((C, C)), 2)
+    np.testing.assert_allclose(flat[:, :2], 0.5, atol=1e-12)
+    a = np.zeros((C, C))
+    a[0, 1] = np.log(3.0)                                   # paths 00, 01 (x3), 10, 11 -> y1=1: 4/6
+    np.testing.assert_allclose(brute_marginals(e, a, 2)[1, 1], 4 / 6, atol=1e-12)
