@@ -31,7 +31,7 @@ import json
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 
 from stream.redis_client import async_client, unavailable_errors  # one server or a Redis Cluster
-from trainer.errors import StreamError
+from stream.errors import StreamError
 
 
 class StoreUnavailable(StreamError):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from stream.errors import ModelNotServable
 from stream.revisions import Decision, RevisionPolicy
 from trainer.artifacts import LoadedModel
 from trainer.features import EncodedSession, EventContext, derive
@@ -132,10 +133,10 @@ class LiveTagger:
     @staticmethod
     def _check(model: LoadedModel) -> None:
         if model.kind != "neural" or model.model is None:
-            raise ValueError(f"model {model.version} is a {model.kind} baseline; the live tagger needs a "
+            raise ModelNotServable(f"model {model.version} is a {model.kind} baseline; the live tagger needs a "
                              f"neural model with bounded lookahead")
         if model.lookahead is None:
-            raise ValueError(f"model {model.version} has unbounded lookahead (offline only); train it "
+            raise ModelNotServable(f"model {model.version} has unbounded lookahead (offline only); train it "
                              f"with model.lookahead set to serve it live")
 
     @property

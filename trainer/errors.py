@@ -3,8 +3,9 @@
     TaggerError
      ├── ConfigError        a config file or value is wrong (names the key)
      ├── DataError          input data is wrong (names file, line and field)
-     ├── ArtifactError      a model folder is missing, corrupt or incompatible
-     └── StreamError        the live service cannot do what was asked (see stream.errors)
+     └── ArtifactError      a model folder is missing, corrupt or incompatible
+
+The live service's errors (``stream.errors.StreamError`` and below) derive from ``TaggerError``.
 
 Third-party exceptions are translated at the boundary with ``raise ... from exc``.
 """
@@ -39,7 +40,3 @@ class DataError(TaggerError):
 
 class ArtifactError(TaggerError):
     """A model artifact is missing, corrupt or incompatible with this code."""
-
-
-class StreamError(TaggerError):
-    """The live service failed in a way the caller must handle."""

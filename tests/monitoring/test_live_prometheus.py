@@ -25,8 +25,8 @@ import urllib.request
 
 import pytest
 
-from stream.publisher import replay
-from stream.stack import _free_port
+from stream.tools.publisher import replay
+from stream.tools.processes import free_port
 from tests.helpers import make_log, serving_root
 from tests.monitoring.files import (ALERTS_YML, PROMETHEUS_YML, WORKER_JOB, alert_rules,
                                     dashboard_targets, grafana_to_promql, load_yaml, selectors)
@@ -125,7 +125,7 @@ def finite_values(answer: dict) -> list[float]:
 def test_dashboard_and_alert_queries_on_a_live_worker(settings_factory, faust_worker, tiny_model,
                                                       prometheus_server, tmp_path):
     root = serving_root(tmp_path, tiny_model)
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(artifacts_dir=root, web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from stream.chaos import FAULTS, REPORT_FIELDS, RedisServer, WorkerProc, _http
 from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
-from stream.stack import _free_port
+from stream.tools.chaos import FAULTS, REPORT_FIELDS, RedisServer
+from stream.tools.processes import WorkerProcess, free_port, http_get
 from trainer.artifacts import promote
 from trainer.errors import ConfigError
 
@@ -47,7 +47,7 @@ def chaos(tmp_path_factory, tiny_model):
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "chaos", "--quick", "--json", str(out),
+        [sys.executable, "-m", "tagger.cli", "chaos", "--quick", "--json", str(out),
          "--model", str(tiny_model), "--workdir", str(folder / "work")],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(f"tagger chaos --quick took {time.monotonic() - started:.0f} s\n{proc.stdout}\n"
@@ -125,19 +125,9 @@ def test_fault_leaves_no_valid_event_without_its_final_label(chaos, fault):
 
 
 def _slot(key: bytes) -> int:
-    """The Redis Cluster hash slot of a key (CRC16/XMODEM of its hash tag, mod 16384)."""
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            key = key[start + 1:end]
-    crc = 0
-    for byte in key:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc % 16384
+    """The Redis Cluster hash slot of a key (redis-py's own CRC16 of its hash tag)."""
+    from redis.crc import key_slot
+    return key_slot(key)
 
 
 def test_cluster_slot_function_matches_redis():
@@ -154,7 +144,7 @@ def test_locked_down_worker_keeps_secrets_out_of_logs_endpoints_and_dead_letters
     The session keys it writes are Redis Cluster safe (one hash slot per session)."""
     import redis as redis_lib
 
-    from stream.publisher import EventPublisher, replay_messages
+    from stream.tools.publisher import EventPublisher, replay_messages
     from trainer.loading import read_events
 
     redis_pw, sasl_pw = f"redis-{uuid.uuid4().hex}", f"sasl-{uuid.uuid4().hex}"
@@ -167,11 +157,11 @@ def test_locked_down_worker_keeps_secrets_out_of_logs_endpoints_and_dead_letters
         # and go through the same settings, logging and client code.
         settings = settings_factory(artifacts_dir=root.resolve(), redis_url=server.url,
                                     sasl_username="tagger", sasl_password=sasl_pw, inactivity_s=4)
-        settings = dataclasses.replace(settings, web_port=_free_port())
+        settings = dataclasses.replace(settings, web_port=free_port())
         assert redis_pw not in json.dumps(settings.redacted()) and sasl_pw not in json.dumps(settings.redacted())
-        worker = WorkerProc(settings, tmp_path / "worker.log")
+        worker = WorkerProcess.start(settings, tmp_path / "worker.log", cwd=tmp_path)
         try:
-            asyncio.run(worker.wait_ready(120))  # readiness includes an authenticated Redis PING
+            worker.wait_ready(120)  # readiness includes an authenticated Redis PING
             frame, _ = read_events(heldout_log, require_label=False)
             messages, _ = replay_messages(frame, sessions=2)
             keys = {(m["session_id"], m["event_id"]) for m in messages if m.get("type") != "session_end"}
@@ -212,7 +202,7 @@ def test_locked_down_worker_keeps_secrets_out_of_logs_endpoints_and_dead_letters
             labels, letters = asyncio.run(main())
             finals = {(r["session_id"], r["event_id"]) for r in map(json.loads, labels) if r["final"]}
             assert keys <= finals, "the locked-down worker did not label the traffic"
-            endpoints = b"".join(_http(settings.web_port, p)[1] for p in ("/metrics", "/readyz", "/healthz"))
+            endpoints = b"".join(http_get(settings.web_port, p)[1] for p in ("/metrics", "/readyz", "/healthz"))
         finally:
             worker.stop()
         log_text = worker.log_text()
@@ -282,7 +272,7 @@ def test_every_bad_artifact_of_the_drill_is_refused_whatever_the_architecture(tm
     """The ``bad_artifact`` fault promotes three broken models; each must be rejected by the
     worker's holder (the default ``model.arch: auto`` gives a Mixture, whose top-level
     arguments are not the ones its weights depend on)."""
-    from stream.chaos import bad_artifacts, point_at
+    from stream.tools.chaos import bad_artifacts, point_at
     from stream.metrics import Metrics
     from stream.model_holder import ModelHolder
 

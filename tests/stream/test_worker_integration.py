@@ -27,10 +27,10 @@ from typing import Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from stream.publisher import EventPublisher, replay_messages
+from stream.tools.publisher import EventPublisher, replay_messages
 from stream.records import LABEL_FIELDS, validate_label
 from stream.settings import Settings, kafka_client_kwargs
-from stream.stack import _free_port
+from stream.tools.processes import free_port
 from tests.helpers import serving_root
 from trainer.artifacts import POINTER, promote
 from trainer.loading import read_events
@@ -347,7 +347,7 @@ def test_bad_artifact_is_rejected_and_the_old_model_keeps_serving(
         tmp_path, settings_factory, faust_worker, tiny_model, heldout_log):
     root = serving_root(tmp_path, tiny_model)
     old = _version(tiny_model)
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(artifacts_dir=root, inactivity_s=30, web_port=port)
     messages, events, _ = _traffic(heldout_log, 8)
     half = len(messages) // 2
@@ -442,7 +442,7 @@ def test_a_killed_worker_restarts_without_losing_finals(
 
 
 def test_health_and_readiness(tmp_path, settings_factory, faust_worker, tiny_model):
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()

@@ -11,13 +11,12 @@ import asyncio
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from stream.app import DUPLICATE_RUN_WARN, WorkerService, _RateLimit
-from stream.publisher import replay_messages
+from stream.tools.publisher import replay_messages
 from stream.session_store import MemorySessionStore, StoreUnavailable
 from stream.settings import Settings
 from trainer.artifacts import promote
@@ -229,7 +228,7 @@ def test_timers_survive_any_exception(service, messages, tmp_path):
     manifest = json.loads((bad / "manifest.json").read_text())
     del manifest["calibration"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    from stream.chaos import point_at
+    from stream.tools.chaos import point_at
     point_at(service.settings.artifacts_dir, bad)
     asyncio.run(service.poll_model())
     assert service.metrics.model_swaps.labels(result="rejected")._value.get() == 1

