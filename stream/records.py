@@ -15,6 +15,10 @@ Validation order, and the DLQ reason code for each failure::
       -> timestamp_out_of_range -> key_mismatch (``check_key``: the message key must be the
          session_id, or one session would be split over partitions and workers)
 
+The worker adds two reasons of its own after these: ``session_too_long`` and
+``processing_error`` (``stream.app``). The structural checks run ``fastjsonschema`` on the
+hot path and ``jsonschema`` only to word a failure (:func:`schema_check`).
+
 (A wrong ``type`` value is reported before a missing field, since which fields are required
 depends on it; a lone UTF-16 surrogate escape such as ``"\\ud800"`` is ``invalid_utf8``, found
 after parsing because the raw bytes themselves are valid UTF-8.)

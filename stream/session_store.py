@@ -219,12 +219,6 @@ class RedisSessionStore:
         except Exception:  # any failure means "not ready"
             return False
 
-    async def memory_usage(self, session_id: str) -> int:
-        total = 0
-        for part in ("meta", "win", "ids"):
-            total += int(await self.client.memory_usage(self._k(session_id, part)) or 0)
-        return total
-
     async def close(self) -> None:
         await self.client.aclose()
 

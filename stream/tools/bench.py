@@ -83,13 +83,11 @@ import numpy as np
 
 from stream.errors import StackError
 from stream.settings import FETCH_MAX_WAIT_MS, Settings, kafka_client_kwargs
-from stream.tools.processes import REPO_ROOT, WorkerProcess, free_port, run_sync, wait_until
+from stream.tools.processes import REPO_ROOT, WorkerProcess, free_port, metric_value, run_sync, wait_until
 
 HEADLINE_KEYS = ("worker_events_per_s", "faust_passthrough_events_per_s",
                  "aiokafka_passthrough_events_per_s", "latency_p99_s_at_50pct",
                  "cost_ratio_pos1000_pos10", "redis_bytes_per_event")
-CAPACITY_KEYS = ("capacity_events_per_s_at_p99_50ms", "faust_capacity_events_per_s_at_p99_50ms",
-                 "worker_cpu_ms_per_event_at_500")
 # Printed beside the figures, never asserted (the machine decides too much of them).
 TARGETS = {"worker_vs_faust": 0.5, "latency_p99_s_at_50pct": 0.050, "cost_ratio_pos1000_pos10": 1.2,
            "capacity_vs_faust": 0.5, "worker_cpu_ms_per_event_at_500": 0.5}
@@ -709,11 +707,7 @@ def _timeout(n: int) -> float:
 def _metric(s: Settings, name: str, labels: str = "") -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/metrics", timeout=2) as r:
         text = r.read().decode()
-    want = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric_value(text, f"{name}{{{labels}}}" if labels else name)
 
 
 # =========================================================================== Kafka helpers

@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from stream.errors import ConfigError, StackError, StreamError
 from stream.settings import Settings, kafka_client_kwargs
-from stream.tools.processes import WorkerProcess, die_with_parent, free_port
+from stream.tools.processes import WorkerProcess, die_with_parent, free_port, metric_value
 from stream.tools.processes import http_get as _http
 
 log = logging.getLogger("tagger.chaos")
@@ -135,14 +135,6 @@ class FaultReport:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def metric_value(text: str, name: str) -> float:
-    """The value of one sample line (``name`` includes its labels) in Prometheus text, or 0."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 class RedisServer:

@@ -3,6 +3,7 @@
     WorkerProcess.start(settings, log)   a `tagger worker` subprocess (or `faust -A APP worker`)
     worker_env(settings)                 the environment a worker child gets
     stop_process(proc)                   SIGTERM, wait, then SIGKILL of its process group
+    metric_value(text, 'name{k="v"}')    one sample of a /metrics page (0.0 when absent)
     free_port()                          a free loopback TCP port
     die_with_parent()                    a preexec_fn: the child gets SIGTERM when we die (Linux)
     wait_until(check, what, timeout_s)   poll until ``check`` passes (from ``stream.preflight``)
@@ -33,7 +34,7 @@ from stream.preflight import run_sync, wait_until
 from stream.settings import Settings
 
 __all__ = ["WorkerProcess", "worker_env", "stop_process", "free_port", "die_with_parent",
-           "wait_until", "run_sync", "http_get", "REPO_ROOT"]
+           "wait_until", "run_sync", "http_get", "metric_value", "REPO_ROOT"]
 
 # The source tree this module runs from: children import the same code (a git worktree or a
 # checkout that is not installed) through PYTHONPATH.
@@ -96,6 +97,25 @@ def http_get(port: int, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
     except OSError:
         return 0, b""
+
+
+def metric_value(text: str, selector: str) -> float:
+    """The value of the sample ``selector`` (``name`` or ``name{label="value",...}``, labels
+    exactly as exported) in Prometheus text ``text``; 0.0 when it is not there. Parsed with
+    ``prometheus_client.parser``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name, _, rest = selector.partition("{")
+    want = {}
+    if rest:
+        # the selector's labels, read by the same parser as a one-line exposition
+        (family,) = text_string_to_metric_families(f"x{{{rest} 0\n")
+        want = family.samples[0].labels
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == want:
+                return float(sample.value)
+    return 0.0
 
 
 def worker_env(settings: Settings, env: Optional[dict[str, str]] = None) -> dict[str, str]:

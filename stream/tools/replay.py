@@ -116,7 +116,7 @@ def _top1(tagger: LiveTagger, sess, rec: Mapping[str, Any]) -> Optional[str]:
         return rec["step_name"]
     for p in sess.pending:
         if p.seq == rec["seq"] and p.probs is not None:
-            return tagger.model.labels[int(np.argmax(p.probs))]
+            return tagger.loaded.labels[int(np.argmax(p.probs))]
     return None
 
 

@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from stream.tools.publisher import EventPublisher, replay_messages
 from stream.records import LABEL_FIELDS, validate_label
 from stream.settings import Settings, kafka_client_kwargs
-from stream.tools.processes import free_port
+from stream.tools.processes import free_port, metric_value
 from tests.helpers import serving_root
 from trainer.artifacts import POINTER, promote
 from trainer.loading import read_events
@@ -180,12 +180,9 @@ def _http(port: int, path: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def _metric(port: int, line_prefix: str) -> float:
+def _metric(port: int, selector: str) -> float:
     _, body = _http(port, "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(line_prefix + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric_value(body.decode(), selector)
 
 
 async def _wait_for(cond: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> float:

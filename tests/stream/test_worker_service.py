@@ -147,7 +147,7 @@ def test_saved_deltas_are_cleared_only_after_the_save(service, messages):
     first = [m for m in messages if str(m["session_id"]) == sid and m.get("type") != "session_end"]
     service.mem.fail_saves = 1
     asyncio.run(service.handle(_events(first[:3])))
-    sess = service.tagger.sessions[sid]
+    sess = service.live.sessions[sid]
     assert len(sess.new_ids) == 3, "the deltas of a failed save were dropped"
 
 
@@ -204,7 +204,7 @@ def test_no_session_is_finalised_as_idle_while_the_broker_is_away(service, messa
     before = len(_finals(service))
     assert before < len(_keys(messages))                   # some events wait for their final
     service._infra_failed("kafka", ConnectionError("broker gone"), "test")  # as a failed send does
-    for sess in service.tagger.sessions.values():
+    for sess in service.live.sessions.values():
         sess.last_seen -= 60                                 # idle for a minute
     asyncio.run(service.sweep())
     assert len(_finals(service)) == before
