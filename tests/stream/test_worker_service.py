@@ -287,3 +287,39 @@ def test_session_ttl_must_outlive_the_inactivity_timeout():
     from trainer.errors import ConfigError
     with pytest.raises(ConfigError, match="TAGGER_SESSION_TTL_S"):
         Settings(session_ttl_s=300, inactivity_s=300)
+
+
+def test_a_swap_to_another_label_set_mid_stream_is_what_a_consumer_sees(service, messages,
+                                                                        tiny_model_relabelled):
+    """Hot swap to a retrain with one step merged into another and one renamed (a shorter,
+    shifted label list), with sessions open across the swap. A consumer reading the labels
+    topic sees every event finalised once, each record naming a step of the model that
+    wrote it (``model_version``), the new model's records after the swap, and none of the
+    removed steps from it."""
+    from stream.tools.chaos import RELABEL
+    from trainer.artifacts import load_artifact
+
+    old, new = load_artifact(service.holder.root), load_artifact(tiny_model_relabelled)
+    assert set(old.labels) - set(new.labels) == set(RELABEL) and old.version != new.version
+    events = [m for m in messages if m.get("type") != "session_end"]
+    ends = [m for m in messages if m.get("type") == "session_end"]
+    half = len(events) // 2
+    asyncio.run(service.handle(_events(events[:half])))
+    before = len(service.producer.records(service.settings.output_topic))
+    promote(tiny_model_relabelled, service.holder.root)
+    asyncio.run(service.poll_model())
+    asyncio.run(service.handle(_events(events[half:] + ends, start=half)))
+
+    recs = service.producer.records(service.settings.output_topic)
+    assert _finals(service) == _keys(messages)
+    assert not service.producer.records(service.settings.dlq_topic)
+    labels_of = {old.version: set(old.labels), new.version: set(new.labels)}
+    for r in recs:
+        assert r["step_name"] is None or r["step_name"] in labels_of[r["model_version"]], r
+    after = recs[before:]
+    assert after and {r["model_version"] for r in after} == {new.version}
+    assert not {r["step_name"] for r in after} & set(RELABEL)
+    # sessions open across the swap: events labelled by the old model are finalised by the new one
+    old_first = {(r["session_id"], r["event_id"]) for r in recs[:before]}
+    assert any(r["final"] and (r["session_id"], r["event_id"]) in old_first for r in after)
+    assert service.metrics.model_swaps.labels(result="ok")._value.get() == 1
