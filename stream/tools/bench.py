@@ -1307,12 +1307,8 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
                label="p99 target at 50% load")
     ax.axhline(0.99, color="0.6", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("publication -> first label (ms, log scale)")
-    ax.set_ylabel("share of events")
-    ax.set_title("First-label latency under load (worker)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    paths["latency_cdf"] = _save(fig, out / "latency_cdf.png")
+    paths["latency_cdf"] = _finish(fig, ax, out / "latency_cdf.png", "publication -> first label (ms, log scale)",
+                                   "share of events", "First-label latency under load (worker)")
 
     tp = res["throughput"]
     fig = Figure(figsize=(7.5, 5))
@@ -1335,12 +1331,9 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.annotate(f"{name} {v:,.0f}/s", (0.99 * hi, v), fontsize=7, va="bottom", ha="right")
     ax.set_xlim(0, hi)
     ax.set_ylim(0, max(hi, tp["faust_passthrough"]["events_per_s"]["median"] * 1.1))
-    ax.set_xlabel("offered load (events/s)")
-    ax.set_ylabel("labelled (events/s)")
-    ax.set_title("Throughput vs offered load (aiokafka loop may be off the top)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    paths["throughput_vs_load"] = _save(fig, out / "throughput_vs_load.png")
+    paths["throughput_vs_load"] = _finish(fig, ax, out / "throughput_vs_load.png", "offered load (events/s)",
+                                          "labelled (events/s)",
+                                          "Throughput vs offered load (aiokafka loop may be off the top)")
 
     sc = res["scaling"]
     fig = Figure(figsize=(7.5, 5))
@@ -1370,6 +1363,16 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         if curves:
             paths[f"risk_coverage_{ds}"] = plot_risk_coverage(curves, out / f"risk_coverage_{ds}.png", aurcs=aurcs)
     return paths
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid and legend of one bench plot; saved to ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

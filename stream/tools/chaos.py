@@ -411,6 +411,7 @@ class FaultRun:
         self.traffic = Traffic(ctx.log_path, ctx.cfg.sessions, no_end_every=no_end_every)
         self.marks: list[float] = []
         self.cuts: list[float] = []
+        self._gates: dict[float, asyncio.Event] = {}
         self.details: dict[str, Any] = {}
         self.started = time.time()
 
@@ -456,6 +457,22 @@ class FaultRun:
 
     def publish(self, gates: Sequence[tuple[float, asyncio.Event]] = ()) -> asyncio.Task:
         return asyncio.create_task(self.traffic.publish(self.settings, self.ctx.cfg.rate, gates))
+
+    async def start(self, *fractions: float) -> tuple[WorkerProcess, asyncio.Task]:
+        """The usual opening of a fault: one ready worker, then the traffic, held at a gate at
+        each of ``fractions`` until ``pass_gate`` (or ``release(gate(f))``) opens it."""
+        w = self.worker()
+        await self.ready(w)
+        self._gates = {f: asyncio.Event() for f in fractions}
+        return w, self.publish(list(self._gates.items()))
+
+    def gate(self, fraction: float) -> asyncio.Event:
+        return self._gates[fraction]
+
+    async def pass_gate(self, fraction: float) -> None:
+        """Until the traffic and the worker reach the gate at ``fraction``; then open it."""
+        await self.at_gate(fraction)
+        await self.release(self.gate(fraction))
 
     async def finish(self, publishing: asyncio.Task) -> FaultReport:
         await publishing
@@ -564,12 +581,8 @@ async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
     await asyncio.to_thread(server.start)
     try:
         async with FaultRun(ctx, "redis_restart", redis_url=server.url) as run:
-            w = run.worker()
-            await run.ready(w)
-            g_redis, g_crash = asyncio.Event(), asyncio.Event()
-            publishing = run.publish([(0.35, g_redis), (0.7, g_crash)])
-            await run.at_gate(0.35)
-            await run.release(g_redis)
+            w, publishing = await run.start(0.35, 0.7)
+            await run.pass_gate(0.35)
             t = time.time()
             await asyncio.to_thread(server.kill)
             run.marks.append(t)
@@ -585,7 +598,7 @@ async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
             run.details["store_rebuilt_from_memory"] = "session store back" in w.log_text()
             run.details["worker_survived_redis"] = w.alive
             run.details["store_errors_logged"] = w.log_text().count("Redis unavailable")
-            await run.release(g_crash)
+            await run.release(run.gate(0.7))
             t = time.time()
             await asyncio.to_thread(w.kill9)
             run.marks.append(t)
@@ -603,12 +616,8 @@ async def fault_broker_pause(ctx: "ChaosContext") -> FaultReport:
     if pid is None:
         raise StreamError("broker_pause needs the embedded broker's pid")
     async with FaultRun(ctx, "broker_pause") as run:
-        w = run.worker()
-        await run.ready(w)
-        gate = asyncio.Event()
-        publishing = run.publish([(0.4, gate)])
-        await run.at_gate(0.4)
-        await run.release(gate)
+        w, publishing = await run.start(0.4)
+        await run.pass_gate(0.4)
         t = time.time()
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -740,12 +749,8 @@ async def fault_label_set_change(ctx: "ChaosContext") -> FaultReport:
     root.mkdir(parents=True, exist_ok=True)
     point_at(root, ctx.model_dir)
     async with FaultRun(ctx, "label_set_change", artifacts_dir=root) as run:
-        w = run.worker()
-        await run.ready(w)
-        gate = asyncio.Event()
-        publishing = run.publish([(0.5, gate)])
-        await run.at_gate(0.5)
-        await run.release(gate)
+        w, publishing = await run.start(0.5)
+        await run.pass_gate(0.5)
         t = time.time()
         point_at(root, new_dir)
         run.marks.append(t)
@@ -795,12 +800,8 @@ async def fault_redis_acl(ctx: "ChaosContext") -> FaultReport:
         parts = urlsplit(ctx.base.redis_url)
         url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port or 6379}"))
         async with FaultRun(ctx, "redis_acl", redis_url=url, redis_prefix=prefix) as run:
-            w = run.worker()
-            await run.ready(w)
-            g_deny, g_allow = asyncio.Event(), asyncio.Event()
-            publishing = run.publish([(0.2, g_deny), (0.6, g_allow)])
-            await run.at_gate(0.2)
-            await run.release(g_deny)
+            w, publishing = await run.start(0.2, 0.6)
+            await run.pass_gate(0.2)
             # the user could always run everything but the Lua script: from here on it can't
             # (SETUSER again: the first traffic ran with the script already cached)
             admin.execute_command("ACL", "SETUSER", user, "-evalsha", "-script")
@@ -809,7 +810,7 @@ async def fault_redis_acl(ctx: "ChaosContext") -> FaultReport:
             errors = metric_value(w.metrics(), 'tagger_infrastructure_errors_total{component="redis"}')
             run.details["ready_while_denied"] = (await asyncio.to_thread(_http, w.port, "/readyz"))[0] == 200
             admin.execute_command("ACL", "SETUSER", user, "+evalsha", "+script|load")
-            await run.release(g_allow)
+            await run.release(run.gate(0.6))
             t = time.time()
             await _until(lambda: "session store back" in w.log_text(), 30, "the store rewrite")
             run.details["store_back_after_s"] = round(time.time() - t, 2)
@@ -833,12 +834,8 @@ async def fault_redis_oom(ctx: "ChaosContext") -> FaultReport:
     admin = redis_lib.Redis.from_url(server.url)
     try:
         async with FaultRun(ctx, "redis_oom", redis_url=server.url) as run:
-            w = run.worker()
-            await run.ready(w)
-            g_full, g_raise = asyncio.Event(), asyncio.Event()
-            publishing = run.publish([(0.3, g_full), (0.6, g_raise)])
-            await run.at_gate(0.3)
-            await run.release(g_full)
+            w, publishing = await run.start(0.3, 0.6)
+            await run.pass_gate(0.3)
             admin.config_set("maxmemory-policy", "noeviction")
             admin.config_set("maxmemory", 1)  # every write now answers OOM
             run.marks.append(time.time())
@@ -846,7 +843,7 @@ async def fault_redis_oom(ctx: "ChaosContext") -> FaultReport:
             run.details["redis_errors_while_full"] = metric_value(
                 w.metrics(), 'tagger_infrastructure_errors_total{component="redis"}')
             admin.config_set("maxmemory", 0)
-            await run.release(g_raise)
+            await run.release(run.gate(0.6))
             await _until(lambda: "session store back" in w.log_text(), 30, "the store rewrite")
             rep = await run.finish(publishing)
             rep.details["ok"] = (rep.details.get("ok", True) and rep.details["redis_errors_while_full"] > 0
@@ -868,17 +865,12 @@ async def fault_bad_manifest(ctx: "ChaosContext") -> FaultReport:
     manifest["labels"] = "not a list"
     (bad / "manifest.json").write_text(json.dumps(manifest))
     async with FaultRun(ctx, "bad_manifest", artifacts_dir=root) as run:
-        w = run.worker()
-        await run.ready(w)
-        g_bad, g_good = asyncio.Event(), asyncio.Event()
-        publishing = run.publish([(0.3, g_bad), (0.6, g_good)])
-        await run.at_gate(0.3)
-        await run.release(g_bad)
+        w, publishing = await run.start(0.3, 0.6)
+        await run.pass_gate(0.3)
         run.marks.append(time.time())
         point_at(root, bad)
         await _until(lambda: _model_event_count(w, "rejected") >= 1, 60, "the rejection")
-        await run.at_gate(0.6)
-        await run.release(g_good)
+        await run.pass_gate(0.6)
         point_at(root, ctx.model_dir)
         await _until(lambda: _model_event_count(w, "ok") >= 1, 60, "the good model")
         rep = await run.finish(publishing)
@@ -934,12 +926,8 @@ async def fault_key_mismatch(ctx: "ChaosContext") -> FaultReport:
     from aiokafka import AIOKafkaProducer
 
     async with FaultRun(ctx, "key_mismatch") as run:
-        w = run.worker()
-        await run.ready(w)
-        gate = asyncio.Event()
-        publishing = run.publish([(0.5, gate)])
-        await run.at_gate(0.5)
-        await run.release(gate)
+        w, publishing = await run.start(0.5)
+        await run.pass_gate(0.5)
         run.marks.append(time.time())
         producer = AIOKafkaProducer(**kafka_client_kwargs(run.settings))
         await producer.start()
@@ -1036,6 +1024,24 @@ def ensure_chaos_model(workdir: Path, model: Optional[str | Path]) -> Path:
     return out.resolve()
 
 
+def _prepare(workdir: str | Path, model: Optional[str | Path], sessions: int, seed: int,
+             traffic_name: Optional[str] = None) -> tuple[Path, Path, Path, Path]:
+    """The folder, the served model (promoted as ``artifacts/current``) and the generated
+    traffic log every chaos run starts from: (workdir, model_dir, artifacts, traffic_log)."""
+    from trainer.artifacts import promote
+    from trainer.generate import generate
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_chaos_model(workdir, model)
+    artifacts = workdir / "artifacts"
+    promote(model_dir, artifacts)
+    traffic_log = workdir / (traffic_name or f"traffic_{sessions}_{seed}.csv")
+    if not traffic_log.exists():
+        generate(sessions, seed, traffic_log)
+    return workdir, model_dir, artifacts, traffic_log
+
+
 def run_chaos(cfg: ChaosConfig, *, workdir: str | Path, model: Optional[str | Path] = None,
               faults: Sequence[str] = FAULTS, progress: Callable[[str], None] = lambda m: None
               ) -> list[FaultReport]:
@@ -1044,20 +1050,11 @@ def run_chaos(cfg: ChaosConfig, *, workdir: str | Path, model: Optional[str | Pa
     A fault that fails to run (a worker that never gets ready, ...) is reported with its
     ``error`` instead of stopping the others."""
     from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
-    from trainer.artifacts import promote
-    from trainer.generate import generate
 
     unknown = [f for f in faults if f not in FAULT_FUNCS]
     if unknown:
         raise ConfigError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_chaos_model(workdir, model)
-    artifacts = workdir / "artifacts"
-    promote(model_dir, artifacts)
-    traffic_log = workdir / f"traffic_{cfg.sessions}_{cfg.seed}.csv"
-    if not traffic_log.exists():
-        generate(cfg.sessions, cfg.seed, traffic_log)
+    workdir, model_dir, artifacts, traffic_log = _prepare(workdir, model, cfg.sessions, cfg.seed)
     reports: list[FaultReport] = []
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"],
@@ -1105,17 +1102,8 @@ def scale_run(*, workdir: str | Path, model: Optional[str | Path] = None, sessio
     as fast as the producer goes, and time from the first label record to the last final.
     """
     from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
-    from trainer.artifacts import promote
-    from trainer.generate import generate
 
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_chaos_model(workdir, model)
-    artifacts = workdir / "artifacts"
-    promote(model_dir, artifacts)
-    traffic_log = workdir / f"traffic_{sessions}_7.csv"
-    if not traffic_log.exists():
-        generate(sessions, 7, traffic_log)
+    workdir, model_dir, artifacts, traffic_log = _prepare(workdir, model, sessions, 7)
     out = []
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"], partitions=partitions,
@@ -1162,17 +1150,8 @@ def soak_run(minutes: float, *, workdir: str | Path, model: Optional[str | Path]
     ``minutes``. Reports the worker's RSS and the Redis keys of its prefix every minute, from
     the first minute (warm) to the end."""
     from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
-    from trainer.artifacts import promote
-    from trainer.generate import generate
 
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_chaos_model(workdir, model)
-    artifacts = workdir / "artifacts"
-    promote(model_dir, artifacts)
-    traffic_log = workdir / "traffic_soak.csv"
-    if not traffic_log.exists():
-        generate(200, 17, traffic_log)
+    workdir, model_dir, artifacts, traffic_log = _prepare(workdir, model, 200, 17, "traffic_soak.csv")
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"],
                         kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
