@@ -1,4 +1,6 @@
-"""``tagger`` subcommands of the live service: worker, promote, stack, publish, tail, demo.
+"""``tagger`` subcommands of the live service: worker, promote, stack, publish, tail, demo,
+bench, chaos. ``register(sub)`` adds them to the top-level parser (``tagger.cli``); the tools
+behind them (``stream.tools``) are imported only when their command runs.
 
 Connection settings come from the environment (``TAGGER_KAFKA``, ``TAGGER_REDIS``, ...; see
 ``stream.settings``), so ``eval "$(tagger stack up)"`` followed by any of these works.
