@@ -96,7 +96,7 @@ class LiveSession:
 
 
 @dataclass
-class BatchResult:
+class ProcessResult:
     """What one ``process`` call produced."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -163,7 +163,7 @@ class LiveTagger:
                 p.probs = None
 
     # ---- events -------------------------------------------------------------------------
-    def process(self, events: Sequence[Any], partitions: Sequence[Optional[int]] | None = None) -> BatchResult:
+    def process(self, events: Sequence[Any], partitions: Sequence[Optional[int]] | None = None) -> ProcessResult:
         """Tag a batch of parsed events (``stream.records.EventIn``).
 
         Events reach the model in arrival order, or, with a lateness window, in timestamp
@@ -171,7 +171,7 @@ class LiveTagger:
         later (or ends), so events that arrive out of order within the window are put back in
         order before they are labelled. Events later than the window are labelled on arrival
         (they are never dropped)."""
-        out = BatchResult()
+        out = ProcessResult()
         rounds: list[list[tuple[LiveSession, Any]]] = []
         depth: dict[str, int] = {}
         ends: list[LiveSession] = []

@@ -3,9 +3,8 @@
     TaggerError
      ├── ConfigError        a config file or value is wrong (names the key)
      ├── DataError          input data is wrong (names file, line and field)
-     └── ArtifactError      a model folder is missing, corrupt or incompatible
-
-The live service's errors (``stream.errors.StreamError`` and below) derive from ``TaggerError``.
+     ├── ArtifactError      a model folder is missing, corrupt or incompatible
+     └── StreamError        the live service cannot do what was asked (see stream.errors)
 
 Third-party exceptions are translated at the boundary with ``raise ... from exc``.
 """
