@@ -24,6 +24,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY tagger ./tagger
 COPY trainer ./trainer
 COPY stream ./stream
 # torch==2.13.0 (pinned in pyproject.toml) is already satisfied by the CPU wheel above.

@@ -2,7 +2,7 @@
 
 ``faust -A stream.app worker`` (or ``tagger worker``) runs it; ``create_app(settings)`` builds
 an app for tests. The app is the only global object (STYLE.md); everything else hangs off
-``app.tagger`` (a ``WorkerService``) and is built from ``Settings`` at start-up.
+``app.worker_service`` (a ``WorkerService``) and is built from ``Settings`` at start-up.
 
 Per batch of input messages (``take_events``): validate (bad messages go to the DLQ with the
 original bytes, the reason and the source topic/partition/offset) -> load sessions this
@@ -96,13 +96,12 @@ class WorkerService:
                                                 ttl_s=settings.session_ttl_s)
         self.holder = ModelHolder(settings.artifacts_dir, on_event=self._on_model_event)
         self.policy = policy or RevisionPolicy()
-        self.tagger: Optional[LiveTagger] = None
+        self.live: Optional[LiveTagger] = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger-model")
         self.lock = asyncio.Lock()
         self.assigned: set[int] = set()
         self._finals = deque(maxlen=2000)  # recent final outcomes, for the coverage gauge
         self.started_at = time.time()
-        self.processed = 0
         self.model_ready = asyncio.Event()
         # A failed write-through leaves Redis behind memory (and a restarted Redis has lost
         # everything): until a full rewrite of the sessions held here succeeds, Redis cannot
@@ -128,7 +127,7 @@ class WorkerService:
         torch.set_num_threads(1)  # small per-batch work: threads cost more than they give
         loop = asyncio.get_running_loop()
         lm = await loop.run_in_executor(self.executor, self.holder.load_initial)
-        self.tagger = LiveTagger(lm, self.policy, max_events_per_session=self.settings.max_events_per_session,
+        self.live = LiveTagger(lm, self.policy, max_events_per_session=self.settings.max_events_per_session,
                                  lateness_s=self.settings.lateness_s,
                                  max_sessions=self.settings.max_sessions_in_memory,
                                  max_ids=self.settings.max_event_ids_in_memory)
@@ -146,7 +145,7 @@ class WorkerService:
         # bounded: with the broker or Redis gone, a stop must not wait for them
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_outbox(), 3.0)
-        if self._store_stale and self.tagger is not None:
+        if self._store_stale and self.live is not None:
             self._last_rewrite = 0.0
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._persist([], []), 3.0)  # last chance to hand the sessions on
@@ -279,7 +278,7 @@ class WorkerService:
             fn()
 
     async def _handle(self, events: list) -> None:
-        assert self.tagger is not None
+        assert self.live is not None
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         candidate = self.holder.take_candidate()
@@ -305,22 +304,22 @@ class WorkerService:
                 published[(e.session_id, e.event_id)] = float(pub) if isinstance(pub, (int, float)) else (
                     msg.timestamp if msg.timestamp else time.time())
         if parsed:
-            missing = list({e.session_id for e in parsed} - self.tagger.sessions.keys())
+            missing = list({e.session_id for e in parsed} - self.live.sessions.keys())
             if missing:
                 try:
                     for sid, (meta, window, ids) in (await self.store.load(missing)).items():
-                        self.tagger.restore(meta, window, ids)
+                        self.live.restore(meta, window, ids)
                 except StoreUnavailable as exc:
                     self._infra_failed("redis", exc, "continuing with in-memory state only")
             t0 = time.perf_counter()
             try:
-                batch = await loop.run_in_executor(self.executor, self.tagger.process, parsed, partitions)
+                batch = await loop.run_in_executor(self.executor, self.live.process, parsed, partitions)
             except BaseException:
                 # Redis holds every session as of the last completed batch; memory may now be
                 # ahead of it. Forget this batch's sessions so a retry (or the next owner)
                 # resumes them from Redis and labels these events again instead of skipping
                 # them as already seen. Repeated records deduplicate by revision.
-                self.tagger.drop({e.session_id for e in parsed})
+                self.live.drop({e.session_id for e in parsed})
                 raise
             model_s = time.perf_counter() - t0
             for i, reason, detail in batch.rejected:
@@ -342,17 +341,16 @@ class WorkerService:
                 if batch.accepted:
                     self.metrics.inference.observe(model_s / batch.accepted)
                 self.metrics.batch_size.observe(len(events))
-                self.processed += batch.accepted
                 self._count_duplicates(batch.accepted, batch.duplicates)
             box.after.append(count)
         self._outbox = box
         await self._flush_outbox()
-        self.metrics.open_sessions.set(len(self.tagger.sessions))
+        self.metrics.open_sessions.set(len(self.live.sessions))
         log.debug("batch of %d in %.1f ms", len(events), 1000 * (time.perf_counter() - started))
 
     def _swap(self, candidate) -> None:
-        old = self.tagger.model
-        self.tagger.swap(candidate)
+        old = self.live.loaded
+        self.live.swap(candidate)
         del old
         # the new model lives as long as the process, like the first one (see start): out of
         # the collector's view, or every full collection walks its objects again
@@ -417,35 +415,35 @@ class WorkerService:
             if time.monotonic() - self._last_rewrite < 1.0:
                 return
             self._last_rewrite = time.monotonic()
-            sids = list(self.tagger.sessions)
-            marks = self.tagger.pending_deltas(sids)
+            sids = list(self.live.sessions)
+            marks = self.live.pending_deltas(sids)
             snaps = [self._full_snapshot(sid) for sid in sids]
         else:
-            sids = [sid for sid in touched if sid in self.tagger.sessions]
-            marks = self.tagger.pending_deltas(sids)
+            sids = [sid for sid in touched if sid in self.live.sessions]
+            marks = self.live.pending_deltas(sids)
             # the deltas stay on the sessions until the save succeeded
-            snaps = [self.tagger.snapshot(sid, clear=False) for sid in sids]
+            snaps = [self.live.snapshot(sid, clear=False) for sid in sids]
         try:
-            await self.store.save(snaps, self.tagger.window_size)
+            await self.store.save(snaps, self.live.window_size)
         except StoreUnavailable as exc:
             self._infra_failed("redis", exc, "sessions stay in memory and are rewritten when it is back")
             self._store_stale = True
-            self.tagger.evict_enabled = False  # memory holds the only copy until the rewrite
+            self.live.evict_enabled = False  # memory holds the only copy until the rewrite
             return
         self._redis_ok_at = time.monotonic()
-        self.tagger.saved(marks)
+        self.live.saved(marks)
         if self._store_stale:
             log.info("session store back: rewrote %d sessions held in memory", len(snaps))
             self._store_stale = False
-            self.tagger.evict_enabled = True
-        sessions = self.tagger.sessions
-        self.tagger.drop([sid for sid in self._closed_unsaved if sid in sessions and sessions[sid].closed])
+            self.live.evict_enabled = True
+        sessions = self.live.sessions
+        self.live.drop([sid for sid in self._closed_unsaved if sid in sessions and sessions[sid].closed])
         self._closed_unsaved.clear()
 
     def _full_snapshot(self, sid: str) -> dict[str, Any]:
         """A snapshot that replaces everything the store holds for the session."""
-        snap = self.tagger.snapshot(sid, clear=False)
-        sess = self.tagger.sessions[sid]
+        snap = self.live.snapshot(sid, clear=False)
+        sess = self.live.sessions[sid]
         snap.update(new_raw=list(sess.window), new_ids=sorted(sess.ids), replace=True)
         return snap
 
@@ -455,7 +453,7 @@ class WorkerService:
         those of this worker's partitions known only to Redis (left by a crashed worker).
         Never raises: a failure is logged (once per 30 s) and counted, and the next tick
         tries again."""
-        if self.tagger is None:
+        if self.live is None:
             return
         async with self.lock:
             try:
@@ -472,25 +470,25 @@ class WorkerService:
         now = time.time()
         if self._broker_down or now - (self._broker_back_at or 0.0) < self.settings.inactivity_s:
             return   # sessions look idle because nothing could reach us: finalise none yet
-        idle = self.tagger.inactive(now, self.settings.inactivity_s)
+        idle = self.live.inactive(now, self.settings.inactivity_s)
         try:
             for p in sorted(self.assigned):
                 # index members older than the TTL have no keys left: drop them, or they
                 # would be read first (oldest first) forever and starve real idle sessions
                 await self.store.prune_open(p, now - self.settings.session_ttl_s)
                 stale = [sid for sid in await self.store.idle(p, now - self.settings.inactivity_s)
-                         if sid not in self.tagger.sessions]
+                         if sid not in self.live.sessions]
                 found = await self.store.load(stale)
                 await self.store.forget_open(p, [sid for sid in stale if sid not in found])
                 for sid, (meta, window, ids) in found.items():
-                    self.tagger.restore(meta, window, ids)
+                    self.live.restore(meta, window, ids)
                     idle.append(sid)
         except StoreUnavailable as exc:
             self._infra_failed("redis", exc, "idle sweep of stored sessions skipped")
         if not idle:
             return
         loop = asyncio.get_running_loop()
-        records = await loop.run_in_executor(self.executor, self.tagger.finalize, idle)
+        records = await loop.run_in_executor(self.executor, self.live.finalize, idle)
         box = Outbox(touched=set(idle), closed=set(idle))
         self._queue_records(box, records)
         self._outbox = box
@@ -614,14 +612,14 @@ class WorkerService:
 
     async def on_revoked(self, revoked) -> None:
         lost = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
-        if not lost or self.tagger is None:
+        if not lost or self.live is None:
             return
         async with self.lock:
             if self._store_stale:  # the new owner resumes from Redis: give it what we hold
                 self._last_rewrite = 0.0
                 await self._persist([], [])
-            gone = [sid for sid, sess in self.tagger.sessions.items() if sess.partition in lost]
-            self.tagger.drop(gone)  # their state is in Redis; the new owner resumes them
+            gone = [sid for sid, sess in self.live.sessions.items() if sess.partition in lost]
+            self.live.drop(gone)  # their state is in Redis; the new owner resumes them
             self.assigned -= lost
         self.metrics.partitions.set(len(self.assigned))
 
@@ -664,7 +662,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
                        partitions=settings.partitions)
     dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=1)
     service = WorkerService(app, settings, metrics=metrics, store=store, policy=policy)
-    app.tagger = service  # type: ignore[attr-defined]
+    app.worker_service = service  # type: ignore[attr-defined]  (not app.service: Faust's decorator)
 
     @app.task
     async def _startup() -> None:
@@ -719,12 +717,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
     @app.page("/readyz")
     async def _readyz(web, request):
         deps = service.dependencies()  # from the 1 s probe: a dead broker shows within ~5 s
-        checks = {"model_loaded": service.tagger is not None,
+        checks = {"model_loaded": service.live is not None,
                   "partitions_assigned": bool(service.assigned),
                   "redis": deps["redis"], "kafka": deps["kafka"]}
         ok = all(checks.values())
         return web.json({"ready": ok, **checks,
-                         "model_version": service.tagger.model.version if service.tagger else None},
+                         "model_version": service.live.loaded.version if service.live else None},
                         status=200 if ok else 503)
 
     return app

@@ -1,4 +1,6 @@
-"""``tagger`` subcommands of the live service: worker, promote, stack, publish, tail, demo.
+"""``tagger`` subcommands of the live service: worker, promote, stack, publish, tail, demo,
+bench, chaos. ``register(sub)`` adds them to the top-level parser (``tagger.cli``); the tools
+behind them (``stream.tools``) are imported only when their command runs.
 
 Connection settings come from the environment (``TAGGER_KAFKA``, ``TAGGER_REDIS``, ...; see
 ``stream.settings``), so ``eval "$(tagger stack up)"`` followed by any of these works.
@@ -22,7 +24,6 @@ def cmd_worker(args) -> int:
         settings = dataclasses.replace(settings, artifacts_dir=Path(args.artifacts))
     # port taken, no broker, no model: one error line and exit 2 here, not a Faust traceback
     version = check_worker(settings, broker_timeout_s=settings.kafka_wait_s)
-    import faust
 
     from stream.app import create_app
     log = logging.getLogger("tagger")
@@ -87,7 +88,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_stack(args) -> int:
-    from stream.stack import format_env, stack_down, stack_status, stack_up
+    from stream.tools.stack import format_env, stack_down, stack_status, stack_up
     if args.action == "up":
         info = stack_up(args.state_dir)
         print(f"stack {'already ' if info.get('already_running') else ''}running: Kafka-compatible broker "
@@ -109,7 +110,7 @@ def cmd_stack(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from stream.publisher import replay
+    from stream.tools.publisher import replay
     from stream.settings import Settings, kafka_client_kwargs
     settings = Settings.from_env()
     security = {k: v for k, v in kafka_client_kwargs(settings).items() if k != "bootstrap_servers"}
@@ -123,7 +124,7 @@ def cmd_publish(args) -> int:
 
 def cmd_tail(args) -> int:
     from stream.settings import Settings, kafka_client_kwargs
-    from stream.tail import tail
+    from stream.tools.tail import tail
     settings = Settings.from_env()
     security = {k: v for k, v in kafka_client_kwargs(settings).items() if k != "bootstrap_servers"}
     try:
@@ -135,7 +136,7 @@ def cmd_tail(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from stream.demo import run_demo
+    from stream.tools.demo import run_demo
     summary = run_demo(sessions=args.sessions, json_out=args.json, rate=args.rate, quiet=args.quiet,
                        live=sys.stdout.isatty(), workdir=Path(args.workdir),
                        train_sessions=args.train_sessions)
@@ -143,7 +144,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from stream.bench import BenchConfig, run_bench
+    from stream.tools.bench import BenchConfig, run_bench
     out = Path(args.out or ("runs/bench-quick" if args.quick else "runs/bench"))
     cfg = BenchConfig.for_mode(args.quick, out, model=Path(args.model) if args.model else None,
                                repeats=args.repeats, events=args.events, profile=args.profile,
@@ -157,7 +158,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_chaos(args) -> int:
-    from stream.chaos import FAULTS, ChaosConfig, format_report, run_chaos, scale_run
+    from stream.tools.chaos import FAULTS, ChaosConfig, format_report, run_chaos, scale_run
     for noisy in ("aiokafka", "kafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)  # the broker pause makes them shout
 
@@ -175,7 +176,7 @@ def cmd_chaos(args) -> int:
             Path(args.json).write_text(json.dumps({"scale": rows}, indent=2))
         return 0
     if args.soak:
-        from stream.chaos import soak_run
+        from stream.tools.chaos import soak_run
         res = soak_run(args.soak, workdir=Path(args.workdir), model=args.model, progress=say)
         print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
         if args.json:

@@ -2,8 +2,10 @@
 
 ``poll()`` (run in an executor, off the event loop) reads the pointer; when it names a new
 folder it loads the artifact, checks it (manifest and file hashes, weights fit the declared
-architecture, a neural model with bounded lookahead, a smoke prediction through the same
-``transform_one`` + ``step`` path the worker uses) and parks it as the candidate. The worker
+architecture, a neural model with bounded lookahead, a smoke prediction: one synthetic event
+encoded with the model's encoder (``transform_one``; the worker itself encodes batches with
+``derive`` + ``encode_derived``) and advanced by the cached ``step`` the worker uses) and parks
+it as the candidate. The worker
 takes the candidate between two batches, so a swap is atomic with respect to events. A bad
 artifact is logged, counted and remembered (not retried until the pointer changes), and the
 old model keeps serving.
@@ -57,7 +59,6 @@ class ModelHolder:
         self._seen_target: Optional[Path] = None
         self._lock = threading.Lock()
         self.on_event = on_event or (lambda result, version, detail: None)
-        self.last_error: Optional[str] = None
 
     def pointer_target(self) -> Optional[Path]:
         if not (self.root / POINTER).is_file():
@@ -88,7 +89,6 @@ class ModelHolder:
             # manifest raises KeyError/ValueError/TypeError) rejects it; the poll timer goes on
             if not isinstance(exc, (TaggerError, OSError)):
                 exc = ArtifactError(f"{target}: cannot be loaded: {type(exc).__name__}: {exc}")
-            self.last_error = str(exc)
             log.error("model swap rejected: %s; still serving %s", exc,
                       self.current.version if self.current else "nothing")
             self.on_event("rejected", "", str(exc))

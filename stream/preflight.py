@@ -1,23 +1,32 @@
-"""Checks ``tagger worker`` runs before Faust starts.
+"""Checks ``tagger worker`` runs before Faust starts, and the probes they use.
 
 The usual start-up mistakes (the web port taken, no broker at ``TAGGER_KAFKA``, no current
 model) otherwise surface as 30-40-line Faust tracebacks with exit 1. Found here first, each is
 one ``StreamError``/``ArtifactError`` line, which the CLI prints as ``error:`` with exit 2 like
 every other command. A Redis that does not answer is only a warning: the worker runs without
 it (sessions stay in memory) and reports it on ``/readyz``.
+
+The probes (``wait_for_kafka``, ``wait_until``, ``run_sync``) are public: the embedded stack
+and the tests wait for a broker with the same code (``stream.tools.processes`` re-exports
+them beside its process helpers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
-from stream.errors import StackError
-from stream.settings import Settings
-from trainer.errors import ArtifactError, StreamError
+from stream.errors import StackError, StreamError
+from stream.settings import Settings, kafka_client_kwargs
+from trainer.errors import ArtifactError
 
 log = logging.getLogger("tagger.worker")
 
@@ -52,7 +61,6 @@ def check_model(artifacts_dir: Path) -> str:
 
 def check_broker(settings: Settings, timeout_s: float) -> None:
     """A Kafka broker answers a metadata request at ``TAGGER_KAFKA`` within ``timeout_s``."""
-    from stream.stack import wait_for_kafka
     first = min(timeout_s, 3.0)
     try:
         try:
@@ -71,9 +79,9 @@ def check_broker(settings: Settings, timeout_s: float) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    from stream.stack import _redis_answers  # noqa: PLC2701 - the stack's own probe
+    from stream.redis_client import answers
     from stream.settings import redact_url
-    if not _redis_answers(settings.redis_url):
+    if not answers(settings.redis_url):
         log.warning("no Redis answers at %s (TAGGER_REDIS): sessions stay in this worker's memory "
                     "until it does (/readyz reports it)", redact_url(settings.redis_url))
 
@@ -93,3 +101,80 @@ def _last_error(exc: Exception) -> str:
     text = str(exc)
     marker = "(last error: "
     return f" (last error: {text.split(marker, 1)[1].split(chr(10))[0]}" if marker in text else ""
+
+
+def wait_for_kafka(target: Settings | str, timeout_s: float = 30.0,
+                   process: Optional[subprocess.Popen] = None, log: Optional[Path] = None) -> None:
+    """Block until the broker answers a metadata request, else raise ``StackError``."""
+    kwargs = kafka_client_kwargs(target) if isinstance(target, Settings) else {
+        "bootstrap_servers": target}
+
+    async def probe():
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(request_timeout_ms=2000, **kwargs)
+        try:
+            await admin.start()
+            await admin.list_topics()
+        finally:
+            await admin.close()
+
+    def check():
+        # A plain TCP connect first: aiokafka logs every refused connection at ERROR level,
+        # which would litter `tagger stack up` output while the broker is still starting.
+        host, _, port = kwargs["bootstrap_servers"].split(",")[0].strip().rpartition(":")
+        socket.create_connection((host, int(port)), timeout=2).close()
+        run_sync(probe())
+
+    wait_until(check, f"Kafka at {kwargs['bootstrap_servers']}", timeout_s, process, log)
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout_s: float,
+               process: Optional[subprocess.Popen] = None, log: Optional[Path] = None) -> None:
+    """Call ``check`` every 0.1 s until it returns without raising; ``StackError`` (with the
+    tail of ``log``) when ``timeout_s`` passes or ``process`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while True:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"{what} exited with code {process.returncode} during start-up"
+                             f"{log_tail(log)}")
+        try:
+            check()
+            return
+        except Exception as exc:  # not up yet: connection refused, timeout, ...
+            last = exc
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} did not answer within {timeout_s:.0f} s "
+                             f"(last error: {last!r}){log_tail(log)}")
+        time.sleep(0.1)
+
+
+def log_tail(log: Optional[Path], lines: int = 15) -> str:
+    """The last ``lines`` of a log file, headed, for an error message ("" without one)."""
+    if log is None or not Path(log).exists():
+        return ""
+    tail = Path(log).read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last lines of {log} ---\n" + "\n".join(tail)
+
+
+def run_sync(coro):
+    """Run a coroutine to completion from sync code, even when a loop is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    result: dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")

@@ -15,6 +15,10 @@ Validation order, and the DLQ reason code for each failure::
       -> timestamp_out_of_range -> key_mismatch (``check_key``: the message key must be the
          session_id, or one session would be split over partitions and workers)
 
+The worker adds two reasons of its own after these: ``session_too_long`` and
+``processing_error`` (``stream.app``). The structural checks run ``fastjsonschema`` on the
+hot path and ``jsonschema`` only to word a failure (:func:`schema_check`).
+
 (A wrong ``type`` value is reported before a missing field, since which fields are required
 depends on it; a lone UTF-16 surrogate escape such as ``"\\ud800"`` is ``invalid_utf8``, found
 after parsing because the raw bytes themselves are valid UTF-8.)
@@ -25,7 +29,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field as dc_field
 from datetime import datetime, timezone
@@ -34,7 +37,7 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
-from trainer.errors import StreamError
+from stream.errors import LabelContractError, StreamError
 from trainer.loading import derive_event_id, parse_timestamp
 
 MAX_BYTES = 1_000_000
@@ -125,118 +128,62 @@ def schema_check(name: str) -> Callable[[Any], bool]:
     """A fast yes/no check with exactly the schema's meaning, compiled once on first use.
 
     ``jsonschema``'s ``is_valid`` costs ~60 µs per event message here, twice the whole
-    per-message budget, so the hot path runs the schema compiled to plain closures
-    (:func:`_compile`, ~2 µs) and asks ``jsonschema`` only to explain a failure. The compiler
-    knows the keywords the event schema uses; a schema using any other keyword falls back to
-    ``jsonschema`` for everything, so editing the schema can make parsing slower but never
-    wrong. tests/stream/test_records.py checks the two agree on random documents.
+    per-message budget, so the hot path runs the schema compiled to Python code by
+    ``fastjsonschema`` (a few µs) and asks ``jsonschema`` only to explain a failure (the DLQ
+    reason and detail, :func:`_schema_failure`). ``use_default=False``: the check must not
+    write the schema's defaults into the message. tests/stream/test_records.py checks the two
+    agree on random documents.
     """
     check = _checks.get(name)
     if check is None:
         schema = load_schema(name)
         schema_validator(name)   # check_schema: a broken schema fails here, not on a message
-        try:
-            check = _compile(schema)
-        except NotImplementedError:
-            check = schema_validator(name).is_valid
-        _checks[name] = check
+        check = _checks[name] = _compile(schema)
     return check
 
 
-_ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "examples", "default"}
+def _compile(schema: dict) -> Callable[[Any], bool]:
+    """``fastjsonschema`` as a predicate. Its generated code decides an ``if`` by raising and
+    catching an exception when the ``if`` fails, which for the event schema is every regular
+    event (``if`` = "type is session_end"): that alone doubled the check's cost. So a top-level
+    ``if`` of the shape ``{"properties": {K: {"const": "text"}}, "required": [K]}`` is decided
+    here (``x.get(K) == "text"``, exactly what it says; a non-object satisfies it vacuously) and
+    picks one of two compiled schemas, the rest with ``then`` or with ``else``; any other
+    schema is compiled whole."""
+    import fastjsonschema
 
+    invalid = fastjsonschema.JsonSchemaValueException
 
-def _json_equal(a: Any, b: Any) -> bool:
-    if type(a) is bool or type(b) is bool:
-        return type(a) is type(b) and a == b
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, dict)) or isinstance(b, (list, dict)):
-        return False
-    return a == b
+    def predicate(sub: dict) -> Callable[[Any], bool]:
+        validate = fastjsonschema.compile(sub, use_default=False)
 
+        def check(x: Any) -> bool:
+            try:
+                validate(x)
+            except invalid:
+                return False
+            return True
+        return check
 
-def _all(checks: tuple) -> Callable[[Any], bool]:
-    if len(checks) == 1:
-        return checks[0]
+    cond = schema.get("if")
+    props = cond.get("properties") if isinstance(cond, dict) else None
+    if (not isinstance(props, dict) or len(props) != 1 or set(cond) != {"properties", "required"}
+            or cond["required"] != list(props)):
+        return predicate(schema)
+    (key, sub), = props.items()
+    if not (isinstance(sub, dict) and set(sub) == {"const"} and isinstance(sub["const"], str)):
+        return predicate(schema)
+    want = sub["const"]
+    rest = {k: v for k, v in schema.items() if k not in ("if", "then", "else")}
+    then = predicate({**rest, "allOf": [schema.get("then", True)]})
+    else_ = predicate({**rest, "allOf": [schema.get("else", True)]})
 
     def check(x: Any) -> bool:
-        for c in checks:
-            if not c(x):
-                return False
-        return True
+        if type(x) is not dict:
+            return then(x)
+        v = x.get(key)
+        return then(x) if type(v) is str and v == want else else_(x)
     return check
-
-
-def _compile(schema: Any) -> Callable[[Any], bool]:
-    """A JSON Schema (the subset the event schema uses) as one predicate over parsed JSON.
-
-    Plain loops rather than ``all(...)`` generators: this runs for every message.
-    """
-    if schema is True:
-        return lambda x: True
-    if schema is False:
-        return lambda x: False
-    checks: list[Callable[[Any], bool]] = []
-    for kw, val in schema.items():
-        if kw in _ANNOTATIONS or kw in ("then", "else"):
-            continue
-        if kw == "type":
-            names = [val] if isinstance(val, str) else list(val)
-            exact = frozenset({"object": dict, "array": list, "string": str, "boolean": bool,
-                               "null": type(None)}[t] for t in names if t not in ("integer", "number"))
-            number = "number" in names
-            integer = "integer" in names
-
-            def check_type(x, exact=exact, number=number, integer=integer):
-                t = type(x)
-                if t in exact:
-                    return True
-                if t is int:
-                    return number or integer
-                if t is float:
-                    return number or (integer and x.is_integer())
-                return False
-            checks.append(check_type)
-        elif kw == "pattern":
-            search = re.compile(val).search
-            checks.append(lambda x, search=search: type(x) is not str or search(x) is not None)
-        elif kw == "enum":
-            checks.append(lambda x, val=val: any(_json_equal(x, e) for e in val))
-        elif kw == "const":
-            checks.append(lambda x, val=val: _json_equal(x, val))
-        elif kw == "required":
-            names = tuple(val)
-
-            def check_required(x, names=names):
-                if type(x) is dict:
-                    for n in names:
-                        if n not in x:
-                            return False
-                return True
-            checks.append(check_required)
-        elif kw == "properties":
-            subs = tuple((k, _compile(s)) for k, s in val.items())
-
-            def check_properties(x, subs=subs):
-                if type(x) is dict:
-                    for k, sub in subs:
-                        if k in x and not sub(x[k]):
-                            return False
-                return True
-            checks.append(check_properties)
-        elif kw == "if":
-            cond = _compile(val)
-            then = _compile(schema.get("then", True))
-            else_ = _compile(schema.get("else", True))
-            checks.append(lambda x, c=cond, t=then, e=else_: t(x) if c(x) else e(x))
-        else:
-            raise NotImplementedError(kw)
-    if not checks:
-        return lambda x: True
-    return _all(tuple(checks))
 
 
 # ------------------------------------------------------------------------------ input
@@ -415,10 +362,10 @@ def label_record(*, session_id, event_id, seq, timestamp, event_name, step_name,
     """
     abstained = bool(abstained)
     if not abstained and step_name is None:
-        raise ValueError("a label that is not abstained needs a step_name")
+        raise LabelContractError("a label that is not abstained needs a step_name")
     confidence = float(confidence)
     if not 0.0 <= confidence <= 1.0:   # also rejects NaN
-        raise ValueError(f"confidence must lie in [0, 1]; got {confidence!r}")
+        raise LabelContractError(f"confidence must lie in [0, 1]; got {confidence!r}")
     if isinstance(emitted_at, datetime):
         emitted_at = iso_utc(emitted_at.timestamp())
     elif emitted_at is None or isinstance(emitted_at, (int, float)):
@@ -440,12 +387,13 @@ def label_record(*, session_id, event_id, seq, timestamp, event_name, step_name,
 
 
 def validate_label(record: Mapping[str, Any]) -> None:
-    """Raise ValueError, naming the field, if ``record`` breaks ``label.schema.json``."""
+    """Raise ``LabelContractError`` (a ValueError), naming the field, if ``record`` breaks
+    ``label.schema.json``."""
     errors = sorted(schema_validator("label").iter_errors(dict(record)), key=lambda e: list(e.path))
     if errors:
         err = errors[0]
         where = f"field {err.path[0]!r}: " if err.path else ""
-        raise ValueError(f"label record breaks the contract: {where}{err.message}")
+        raise LabelContractError(f"label record breaks the contract: {where}{err.message}")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -463,10 +411,11 @@ def _dumps(obj: Any) -> bytes:
 
 
 def encode_label(record: dict) -> bytes:
-    """Compact JSON, UTF-8. A non-finite confidence is refused (ValueError), as the schema does."""
+    """Compact JSON, UTF-8. A non-finite confidence is refused (``LabelContractError``), as the
+    schema does."""
     conf = record.get("confidence")
     if isinstance(conf, float) and not math.isfinite(conf):
-        raise ValueError(f"label record for event {record.get('event_id')!r}: confidence {conf!r} is not finite")
+        raise LabelContractError(f"label record for event {record.get('event_id')!r}: confidence {conf!r} is not finite")
     return _dumps(record)
 
 

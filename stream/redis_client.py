@@ -70,3 +70,19 @@ def sync_client(url: str, **kwargs: Any):
         kwargs.pop("health_check_interval", None)
         return redis.RedisCluster.from_url(_plain(url), **kwargs)
     return redis.Redis.from_url(url, **kwargs)
+
+
+def answers(url: str) -> bool:
+    """True when the Redis (or a node of the cluster) at ``url`` answers PING within 1 s."""
+    import redis
+
+    try:
+        client = sync_client(url, socket_connect_timeout=1, socket_timeout=1)
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+        return False  # (a cluster client asks for the slot map at once)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+        return False
+    finally:
+        client.close()

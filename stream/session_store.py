@@ -31,7 +31,7 @@ import json
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 
 from stream.redis_client import async_client, unavailable_errors  # one server or a Redis Cluster
-from trainer.errors import StreamError
+from stream.errors import StreamError
 
 
 class StoreUnavailable(StreamError):
@@ -218,12 +218,6 @@ class RedisSessionStore:
             return bool(await self.client.ping())
         except Exception:  # any failure means "not ready"
             return False
-
-    async def memory_usage(self, session_id: str) -> int:
-        total = 0
-        for part in ("meta", "win", "ids"):
-            total += int(await self.client.memory_usage(self._k(session_id, part)) or 0)
-        return total
 
     async def close(self) -> None:
         await self.client.aclose()

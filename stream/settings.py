@@ -56,7 +56,6 @@ class Settings:
     web_port: int = _var("TAGGER_WEB_PORT", 6066, int)  # Faust's web server; 0 = off
     session_ttl_s: int = _var("TAGGER_SESSION_TTL_S", 3600, int)
     inactivity_s: int = _var("TAGGER_INACTIVITY_S", 300, int)
-    context: int = _var("TAGGER_CONTEXT", 64, int)
     max_message_bytes: int = _var("TAGGER_MAX_MESSAGE_BYTES", 1_000_000, int)
     max_events_per_session: int = _var("TAGGER_MAX_EVENTS_PER_SESSION", 100_000, int)
     # sessions a worker keeps in memory; beyond it the least recently seen are read back from
@@ -120,7 +119,7 @@ class Settings:
               "input, output and DLQ topics to differ")
         check(bool(_TOPIC.match(self.app_id)), "app_id", "letters, digits, '.', '_', '-'")
         check(0 <= self.web_port <= 65535, "web_port", "a port 0-65535 (0 = off)")
-        for name in ("partitions", "session_ttl_s", "inactivity_s", "context",
+        for name in ("partitions", "session_ttl_s", "inactivity_s",
                      "max_message_bytes", "max_events_per_session", "max_sessions_in_memory",
                      "max_event_ids_in_memory"):
             check(getattr(self, name) >= 1, name, "an integer >= 1")

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from stream.errors import ModelNotServable
 from stream.revisions import Decision, RevisionPolicy
 from trainer.artifacts import LoadedModel
 from trainer.features import EncodedSession, EventContext, derive
@@ -122,29 +123,28 @@ class LiveTagger:
         self.max_ids = max_ids
         self.n_ids = 0
         self.evicted: deque[str] = deque(maxlen=1000)  # the most recent evictions (for tests, logs)
-        self.evictions = 0
         self.evict_enabled = True  # the worker turns it off while the store is behind
         self._window = window
-        self.model = model
+        self.loaded = model   # the LoadedModel served (its .model is the network)
         self._check(model)
 
     # ---- the model ----------------------------------------------------------------------
     @staticmethod
     def _check(model: LoadedModel) -> None:
         if model.kind != "neural" or model.model is None:
-            raise ValueError(f"model {model.version} is a {model.kind} baseline; the live tagger needs a "
+            raise ModelNotServable(f"model {model.version} is a {model.kind} baseline; the live tagger needs a "
                              f"neural model with bounded lookahead")
         if model.lookahead is None:
-            raise ValueError(f"model {model.version} has unbounded lookahead (offline only); train it "
+            raise ModelNotServable(f"model {model.version} has unbounded lookahead (offline only); train it "
                              f"with model.lookahead set to serve it live")
 
     @property
     def lookahead(self) -> int:
-        return int(self.model.lookahead)
+        return int(self.loaded.lookahead)
 
     @property
     def window_size(self) -> int:
-        a = self.model.model.args
+        a = self.loaded.model.args
         return self._window or (a.context + a.lookahead)
 
     def swap(self, model: LoadedModel) -> None:
@@ -156,7 +156,7 @@ class LiveTagger:
         event that is already past the new model's (shorter) lookahead gets its final
         record at the session's next event."""
         self._check(model)
-        self.model = model
+        self.loaded = model
         for s in self.sessions.values():
             s.state = None
             for p in s.pending:
@@ -262,7 +262,6 @@ class LiveTagger:
             if k >= excess and self.n_ids <= self.max_ids:
                 break
             self.evicted.append(sid)
-            self.evictions += 1
             self.n_ids -= len(self.sessions.pop(sid).ids)
 
     def inactive(self, now: float, timeout: float) -> list[str]:
@@ -290,10 +289,10 @@ class LiveTagger:
         position in the window, not per event), and each pending event keeps the
         probabilities of the last step that saw it: for an event already past the model's
         lookahead those are its final ones."""
-        model = self.model.model
-        enc = self.model.encoder
+        net = self.loaded.model
+        enc = self.loaded.encoder
         todo = [s for s in {id(s): s for s in sessions}.values()
-                if s.state is None or s.model_version != self.model.version]
+                if s.state is None or s.model_version != self.loaded.version]
         derived: list[list[Any]] = []
         for sess in todo:
             ctx = EventContext(start_ts=sess.ctx.start_ts)
@@ -302,14 +301,14 @@ class LiveTagger:
                 d, ctx = derive(raw, ctx, enc.data, enc.auto_cols)
                 rows.append(d)
             derived.append(rows)
-            sess.state = model.init_state()
-            sess.model_version = self.model.version
+            sess.state = net.init_state()
+            sess.model_version = self.loaded.version
         for k in range(max((len(rows) for rows in derived), default=0)):
             active = [i for i, rows in enumerate(derived) if k < len(rows)]
-            encoded = enc.encode_derived([derived[i][k] for i in active], self.model.base_dir)
-            states, outs = model.step([todo[i].state for i in active], step_batch(encoded, model))
+            encoded = enc.encode_derived([derived[i][k] for i in active], self.loaded.base_dir)
+            states, outs = net.step([todo[i].state for i in active], step_batch(encoded, net))
             sizes = [len(o) for o in outs]
-            all_probs = np.split(_calibrated(torch.cat(outs), self.model.temperature), np.cumsum(sizes)[:-1])
+            all_probs = np.split(_calibrated(torch.cat(outs), self.loaded.temperature), np.cumsum(sizes)[:-1])
             for i, state, probs in zip(active, states, all_probs):
                 sess = todo[i]
                 sess.state = state
@@ -321,21 +320,21 @@ class LiveTagger:
 
     def _step(self, rnd: list[tuple[LiveSession, Any]], records: list[dict[str, Any]]) -> None:
         self._ensure_state(s for s, _ in rnd)
-        model = self.model.model
-        enc = self.model.encoder
+        net = self.loaded.model
+        enc = self.loaded.encoder
         raws = [self._raw(ev) for _, ev in rnd]
         derived = []
         for (sess, _), raw in zip(rnd, raws):
             d, sess.ctx = derive(raw, sess.ctx, enc.data, enc.auto_cols)
             derived.append(d)
         # one encoding call for the whole round: the per-call numpy overhead dominates per event
-        encoded = enc.encode_derived(derived, self.model.base_dir)
-        states, outs = model.step([s.state for s, _ in rnd], step_batch(encoded, model))
+        encoded = enc.encode_derived(derived, self.loaded.base_dir)
+        states, outs = net.step([s.state for s, _ in rnd], step_batch(encoded, net))
         L, W = self.lookahead, self.window_size
-        thr, version = self.model.threshold, self.model.version
-        stable = self.model.policy == "stable"
-        agree = self.model.agreement          # stable: a final that agrees with arrival is kept
-        labels = self.model.labels
+        thr, version = self.loaded.threshold, self.loaded.version
+        stable = self.loaded.policy == "stable"
+        agree = self.loaded.agreement          # stable: a final that agrees with arrival is kept
+        labels = self.loaded.labels
         emitted_at = iso_now(self.clock)
         # one softmax and one copy to numpy for the whole round, then a slice per session.
         # Labels shown before an event is final use the calibration of their depth k (later
@@ -343,10 +342,10 @@ class LiveTagger:
         sizes = [len(o) for o in outs]
         cuts = np.cumsum(sizes)[:-1]
         logits = torch.cat(outs)
-        all_probs = np.split(_calibrated(logits, self.model.temperature), cuts)
+        all_probs = np.split(_calibrated(logits, self.loaded.temperature), cuts)
         all_live = all_probs
-        if self.model.manifest["calibration"].get("prefix_temperatures"):
-            all_live = np.split(self.model.prefix_probs_rows(logits.float().cpu().numpy(), sizes), cuts)
+        if self.loaded.manifest["calibration"].get("prefix_temperatures"):
+            all_live = np.split(self.loaded.prefix_probs_rows(logits.float().cpu().numpy(), sizes), cuts)
         for (sess, ev), raw, state, probs, live in zip(rnd, raws, states, all_probs, all_live):
             sess.state = state
             sess.window.append(raw)
@@ -375,7 +374,7 @@ class LiveTagger:
                     if is_final:
                         d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
                     else:
-                        d = self.policy.decide(p.shown, live[j], self.model.prefix_threshold(v - 1 - j),
+                        d = self.policy.decide(p.shown, live[j], self.loaded.prefix_threshold(v - 1 - j),
                                                labels, hold=stable)
                         keep.append(p)
                 if is_final or not d.same_as(p.shown):
@@ -388,11 +387,11 @@ class LiveTagger:
         if sess.pending and any(p.probs is None for p in sess.pending):
             sess.state = None
             self._ensure_state([sess])
-        thr, version = self.model.threshold, self.model.version
+        thr, version = self.loaded.threshold, self.loaded.version
         emitted_at = iso_now(self.clock)
         records = []
-        agree = self.model.agreement
-        labels = self.model.labels
+        agree = self.loaded.agreement
+        labels = self.loaded.labels
         for p in sess.pending:
             if p.probs is not None:
                 d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
@@ -441,7 +440,7 @@ class LiveTagger:
     def restore(self, snap: Mapping[str, Any], window: Sequence[Mapping[str, Any]], ids: Iterable[str]) -> LiveSession:
         """Resume a session from a store (after a restart or rebalance)."""
         sess = LiveSession(snap["session_id"], n=int(snap["n"]), ctx=EventContext.from_dict(snap.get("ctx")),
-                           pending=[Pending.from_dict(p, self.model.labels) for p in snap.get("pending", [])],
+                           pending=[Pending.from_dict(p, self.loaded.labels) for p in snap.get("pending", [])],
                            window=[dict(w) for w in window][-self.window_size:], ids=set(ids),
                            model_version=None, last_seen=float(snap.get("last_seen") or self.clock()),
                            closed=bool(snap.get("closed")), partition=snap.get("partition"),

@@ -2,7 +2,7 @@
 
 One switch, ``TAGGER_TEST_SERVICES``:
 
-    embedded  tansu (memory storage) started by ``stream.stack`` + the Redis at TAGGER_REDIS
+    embedded  tansu (memory storage) started by ``stream.tools.stack`` + the Redis at TAGGER_REDIS
               (default 127.0.0.1:6379) or a started redis-server.   Default without Docker.
     docker    Testcontainers ``apache/kafka`` (KRaft) and ``redis``.   Default when a Docker
               engine answers.
@@ -12,7 +12,7 @@ Services start once per session, only when a test asks for them. If they cannot 
 the tests fail with the reason; they are never skipped. No test mocks Kafka or Redis.
 
 ``redis_cluster_url`` starts a real three-node Redis Cluster from the machine's redis-server
-(``stream.stack.local_redis_cluster``) for the tests that need one, whatever the mode.
+(``stream.tools.stack.local_redis_cluster``) for the tests that need one, whatever the mode.
 
 Isolation: ``settings_factory`` gives each test its own topics, consumer group (app_id) and
 Redis key prefix; ``redis_client`` deletes that prefix afterwards. ``faust_worker`` runs a
@@ -24,10 +24,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +32,10 @@ from typing import Callable, Optional
 import pytest
 
 from stream.settings import Settings, kafka_client_kwargs
-from stream.stack import (EMBEDDED_SESSION_TIMEOUT_S, die_with_parent, embedded_stack,
-                          ensure_topics, wait_for_kafka)
-from stream.stack import _free_port, _run  # small helpers, shared rather than copied
+from stream.errors import StackError
+from stream.preflight import wait_for_kafka
+from stream.tools.processes import WorkerProcess, free_port, run_sync
+from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack, ensure_topics
 
 SERVICES_ENV = "TAGGER_TEST_SERVICES"
 MODES = ("embedded", "docker", "given")
@@ -89,7 +86,7 @@ def _docker_services():
         host = redis_c.get_container_host_ip()
         redis_url = f"redis://{host}:{redis_c.get_exposed_port(6379)}/0"
         # The broker must advertise the address the tests dial, so bind a known host port.
-        port = _free_port()
+        port = free_port()
         kafka_c = (DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port).with_envs(
             KAFKA_NODE_ID="1",
             KAFKA_PROCESS_ROLES="broker,controller",
@@ -162,7 +159,7 @@ def redis_cluster_url(tmp_path_factory) -> str:
     """A real Redis Cluster (three masters, no replicas) on loopback, started from the machine's
     ``redis-server`` and ``redis-cli --cluster create`` for this test session and torn down
     after it: ``redis+cluster://127.0.0.1:<port>``. Fails (never skips) without them."""
-    from stream.stack import local_redis_cluster
+    from stream.tools.stack import local_redis_cluster
 
     try:
         cluster = local_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
@@ -241,7 +238,7 @@ def _delete_topics(settings: Settings, topics: list[str]) -> None:
             await admin.close()
 
     try:
-        _run(delete())
+        run_sync(delete())
     except Exception:  # best effort: names are unique, a leftover topic harms no one
         pass
 
@@ -262,72 +259,37 @@ def redis_client(redis_url, redis_prefix):
 # --------------------------------------------------------------------------- Faust workers
 
 
-@dataclass
-class WorkerProcess:
-    """A ``faust -A <app> worker`` subprocess; see the ``faust_worker`` fixture."""
-
-    proc: subprocess.Popen
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+class FaustWorker(WorkerProcess):
+    """A ``faust -A <app> worker`` subprocess (``stream.tools.processes``); see ``faust_worker``."""
 
     def wait_ready(self, timeout_s: float = 60.0) -> float:
         """Block until Faust logs ``[^Worker]: Ready`` (partitions assigned); returns seconds."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if "[^Worker]: Ready" in self.log_text():
-                return time.monotonic() - start
-            if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode} before it was ready:\n"
-                            f"{self.log_text()[-4000:]}", pytrace=False)
-            time.sleep(0.1)
-        pytest.fail(f"worker not ready after {timeout_s:.0f} s:\n{self.log_text()[-4000:]}",
-                    pytrace=False)
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        """SIGTERM (Faust's clean shutdown, ~1-2 s), then SIGKILL of its process group."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        return self.proc.returncode
+        try:
+            return self.wait_logged("[^Worker]: Ready", timeout_s)
+        except StackError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture
-def faust_worker(tmp_path) -> Callable[..., WorkerProcess]:
-    """``start(settings, app="stream.app", env=None) -> WorkerProcess`` running a real worker.
+def faust_worker(tmp_path) -> Callable[..., FaustWorker]:
+    """``start(settings, app="stream.app", env=None) -> FaustWorker`` running a real worker.
 
     The worker gets ``settings.to_env()`` as its environment, runs in its own directory
     (Faust writes ``<app_id>-data/`` into the working directory) and logs to a file whose
     tail is printed at teardown (shown when the test fails).
     """
-    workers: list[WorkerProcess] = []
+    workers: list[FaustWorker] = []
 
     def start(settings: Settings, app: str = "stream.app",
-              env: Optional[dict[str, str]] = None) -> WorkerProcess:
-        n = len(workers) + 1
-        workdir = tmp_path / f"worker-{n}"
+              env: Optional[dict[str, str]] = None) -> FaustWorker:
+        workdir = tmp_path / f"worker-{len(workers) + 1}"
         workdir.mkdir()
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("TAGGER_")}
-        child_env.update(settings.to_env())
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])])
-        child_env.update(env or {})
-        log = workdir / "worker.log"
         # `faust worker` overrides web_enabled from its own --with-web flag (default on), so
         # web_port=0 must be said on the command line too.
         web = (["--without-web"] if settings.web_port == 0
                else ["--web-port", str(settings.web_port)])
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "faust", "-A", app, "worker", "-l", "info", *web],
-                cwd=workdir, env=child_env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
-        worker = WorkerProcess(proc, log)
+        worker = FaustWorker.start(settings, workdir / "worker.log", app=app,
+                                   args=["-l", "info", *web], cwd=workdir, env=env)
         workers.append(worker)
         return worker
 
@@ -365,7 +327,7 @@ def tiny_model_b(gen_dir):
 def tiny_model_relabelled(gen_dir):
     """Model A's recipe on the same log with one step merged into another and one renamed:
     a retrain with one step removed and one added (a shorter, shifted label list)."""
-    from stream.chaos import relabelled_log
+    from stream.tools.chaos import relabelled_log
     from tests.helpers import make_log, train_tiny
     log = relabelled_log(make_log(gen_dir, 150, 11), gen_dir / "gen_150_11_relabelled.csv")
     return train_tiny(log, gen_dir / "model_relabelled")

@@ -10,7 +10,7 @@ from each source tree (a ``git worktree`` of the old commit, say), each fed ``--
 fresh sessions at ``--rate`` events/s; it prints first-label latency p50/p95/p99 and the
 worker's CPU time per event (user + system, all threads, from /proc). A tree given as
 ``name=path:WAIT`` runs with ``TAGGER_BATCH_WAIT_MS=WAIT``; ``name=faust`` or
-``name=faust-batched`` runs the bare Faust agents of ``stream.bench_apps`` instead, as a
+``name=faust-batched`` runs the bare Faust agents of ``stream.tools.bench_apps`` instead, as a
 floor. Alternating trees on one stack cancels most of the machine's drift; quote medians.
 
 ``step`` times ``Tagger.step`` rounds of 1, 10 and 64 sessions for a default-size model on
@@ -57,7 +57,8 @@ def _cpu_seconds(pid: int) -> float:
 
 def paced(args: argparse.Namespace) -> None:
     from stream.settings import Settings
-    from stream.stack import _free_port, embedded_stack, ensure_topics
+    from stream.tools.processes import free_port
+    from stream.tools.stack import embedded_stack, ensure_topics
     from trainer.artifacts import promote
     out = Path(args.out)
     cfg, pool, model_dir = _fixtures(out)
@@ -75,18 +76,20 @@ def paced(args: argparse.Namespace) -> None:
         for r in range(args.repeats):
             for name, spec in trees.items():
                 path, _, wait = spec.partition(":")
-                s = dataclasses.replace(h._settings(name), web_port=_free_port(),
+                s = dataclasses.replace(h._settings(name), web_port=free_port(),
                                         batch_wait_ms=float(wait) if wait else base.batch_wait_ms)
                 ensure_topics(s)
                 if path.startswith("faust"):
                     app = "batched" if path == "faust-batched" else "passthrough"
-                    proc = h._start([sys.executable, "-m", "faust", "-A", f"stream.bench_apps:{app}", "worker",
-                                     "--without-web", "-l", "info"], s, f"perf-{name}-{r}")
-                    B._wait(lambda: "[^Worker]: Ready" in proc.tail(100_000), proc, 120, "Faust agent ready")
+                    proc = h._start(s, f"perf-{name}-{r}", app=f"stream.tools.bench_apps:{app}",
+                                    args=["--without-web", "-l", "info"])
+                    proc.wait_logged("[^Worker]: Ready", 120)
                 else:
                     B.REPO_ROOT = Path(path).resolve()  # the worker imports this tree's code
-                    proc = h._start([sys.executable, "-m", "trainer.cli", "worker"], s, f"perf-{name}-{r}")
-                    B._wait(lambda: B._ready(s), proc, 120, "worker ready")
+                    # a tree from before the top-level CLI (tagger/cli.py) runs `python -m trainer.cli`
+                    module = "tagger.cli" if (B.REPO_ROOT / "tagger" / "cli.py").exists() else "trainer.cli"
+                    proc = h._start(s, f"perf-{name}-{r}", module=module)
+                    proc.wait_ready(120)
                 time.sleep(2.0)
                 c0 = _cpu_seconds(proc.proc.pid)
                 _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not path.startswith("faust"))

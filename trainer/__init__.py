@@ -21,11 +21,12 @@ Layout, one module per concept (each one's docstring says more):
     metrics.py     classification, selective-prediction and incremental metrics (pure numpy)
     evaluate.py    `tagger evaluate` and `tagger predict`
     cv.py          `tagger cv`: cross-validation by session, pooled over folds
-    ablation.py    cv over logs and model variants, written to docs/ablation.md
+    ablation.py    cv over logs and model variants, written to docs/ablation.md (run it as
+                   `python -m tagger.ablation`, which passes the live replay in)
     report.py      plots and the text summary of a metrics dict
     generate.py    the synthetic log generator (`tagger generate`); window_focus.yaml is the
                    window-focus profile's catalogue of windows and activities
-    cli.py         the `tagger` command line (the live commands come from stream.cli)
+    cli.py         the trainer's `tagger` subcommands (tagger.cli adds the live ones from stream.cli)
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """The ablation: ``tagger cv`` (``trainer.cv.cross_validate``) over each log and model variant.
 
-    python -m trainer.ablation --datasets kasteren,placelab,rebmann_l1,rebmann_l2,wf
+    python -m tagger.ablation --datasets kasteren,placelab,rebmann_l1,rebmann_l2,wf
                                [--variants default,crf,bilstm,...] [--folds 5] [--seed 0]
                                [--out results/ablation] [--doc docs/ablation.md]
                                [--data-dir ../shared/data]
@@ -21,7 +21,9 @@ resumed, losing at most the log in progress. After each log, ``--doc`` is re-ren
 every report under ``OUT``: a header, then one ``trainer.cv.format_table`` per log; anything
 in the old doc from its first ``## `` heading on is hand-written and kept.
 
-One process, one torch thread: the machine this runs on has two shared cores.
+One process, one torch thread: the machine this runs on has two shared cores. The command
+is ``python -m tagger.ablation``, which passes ``main`` the live replay (``streaming``) for
+each fold's first-label scores; ``trainer`` does not import ``stream``.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from trainer.config import Config, from_dict
 from trainer.cv import REFERENCES, cross_validate, format_table, write_report
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.evaluate import StreamingReplay
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,7 +128,7 @@ def merge(old: dict[str, Any], new: dict[str, Any], order: list[str]) -> dict[st
 
 
 def run_log(name: str, path: Path, out: Path, variants: list[str], folds: int, seed: int,
-            echo: Callable[[str], None]) -> None:
+            echo: Callable[[str], None], streaming: Optional["StreamingReplay"] = None) -> None:
     """Cross-validate the variants of one log that ``OUT/NAME.json`` lacks (or holds with
     another config), and store it; a report of other folds, seed or base config is replaced."""
     base = from_dict(DATASETS[name].base)
@@ -138,14 +143,14 @@ def run_log(name: str, path: Path, out: Path, variants: list[str], folds: int, s
         echo(f"{name}: {target} holds {', '.join(variants)} ({folds} folds, seed {seed}); skipped")
         return
     echo(f"{name}: {', '.join(todo)} on {path} ({folds} folds, seed {seed})")
-    report = cross_validate(path, base, folds=folds, seed=seed,
+    report = cross_validate(path, base, folds=folds, seed=seed, streaming=streaming,
                             variants={v: VARIANTS[v] for v in todo}, echo=echo)
     if old:
         merged = merge(old, report, variants)
         if merged is None:
             echo(f"{name}: the references score differently from the stored run's; "
                  f"rerunning every variant against the new ones")
-            report = cross_validate(path, base, folds=folds, seed=seed,
+            report = cross_validate(path, base, folds=folds, seed=seed, streaming=streaming,
                                     variants={v: VARIANTS[v] for v in variants}, echo=echo)
         else:
             report = merged
@@ -209,10 +214,11 @@ def _names(text: str, known: dict[str, Any], what: str) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = None) -> int:
+def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = None, *,
+         streaming: Optional["StreamingReplay"] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     echo = echo or (lambda s: print(s, flush=True))
-    ap = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tagger.ablation", description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="kasteren,placelab,rebmann_l1,rebmann_l2,wf",
                     help=f"comma-separated logs, of: {', '.join(DATASETS)}")
     ap.add_argument("--variants", default=",".join(VARIANTS),
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
     import torch
     torch.set_num_threads(1)
     out, doc, data_dir = Path(a.out), Path(a.doc), Path(a.data_dir)
-    cmd = shlex.join(["python", "-m", "trainer.ablation", *argv])
+    cmd = shlex.join(["python", "-m", "tagger.ablation", *argv])
     try:
         datasets = _names(a.datasets, DATASETS, "dataset")
         variants = _names(a.variants, VARIANTS, "variant")
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
                 raise ConfigError(f"no log {log_path(d, out, data_dir)} (see --data-dir)")
         out.mkdir(parents=True, exist_ok=True)
         for d in datasets:
-            run_log(d, ensure_log(d, out, data_dir, echo), out, variants, a.folds, a.seed, echo)
+            run_log(d, ensure_log(d, out, data_dir, echo), out, variants, a.folds, a.seed, echo, streaming)
             write_doc(doc, render(out, datasets, cmd, a.folds, a.seed))
     except ConfigError as exc:
         print(f"ablation: error: {exc}", file=sys.stderr)
@@ -249,4 +255,4 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("run `python -m tagger.ablation ...`: it passes in the live replay, which lives in `stream`")

@@ -1,18 +1,18 @@
-"""The ``tagger`` command line: the public surface of the offline and live tools.
+"""``tagger`` subcommands of the trainer: generate, train, evaluate, predict, cv.
 
-Offline commands live here; live-service commands (worker, stack, publish, tail, demo,
-promote, bench, chaos) are registered by ``stream.cli`` so that ``trainer`` never imports
-``stream`` at module level. Every ``TaggerError`` becomes a one-line message and exit 2.
+``register(sub, replay=...)`` adds them to the top-level parser (``tagger.cli``). The live
+replay behind ``evaluate --streaming`` and ``cv`` lives in ``stream``, which ``trainer`` never
+imports; ``tagger.cli`` passes it in as ``replay`` (a ``trainer.evaluate.StreamingReplay``).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
+from typing import TYPE_CHECKING, Optional
 
-from trainer.errors import TaggerError
+if TYPE_CHECKING:
+    from trainer.evaluate import StreamingReplay
 
 
 def _progress(args) -> bool:
@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from trainer.evaluate import evaluate
     from trainer.report import format_summary
-    res = evaluate(args.model, args.data, args.json, streaming=args.streaming,
+    res = evaluate(args.model, args.data, args.json, streaming=args.replay if args.streaming else None,
                    skip_bad_rows=args.skip_bad_rows, progress=_progress(args))
     print(f"{res['events']} events in {res['sessions']} sessions, model {res['model_version']}")
     summary = {"offline": res["offline"], "classification": res["details"]["classification"]}
@@ -73,39 +73,11 @@ def cmd_cv(args) -> int:
     if args.epochs:
         cfg = cfg.replace(train={"epochs": args.epochs})
     report = cross_validate(args.data, cfg, folds=args.folds, archs=args.arch, seed=args.seed,
-                            workdir=args.keep, streaming=not args.no_streaming)
+                            workdir=args.keep, streaming=None if args.no_streaming else args.replay)
     write_report(report, args.json)
     print(format_table(report))
     print(f"report written to {args.json}")
     return 0
-
-
-DESCRIPTION = """\
-Label every desktop event with the step of the task it belongs to: live, from a Kafka topic
-(worker), and offline from CSV/Parquet logs (train, evaluate, predict)."""
-
-EPILOG = """\
-a first hour:
-  tagger demo                                   everything on this machine, with a summary
-  tagger generate --sessions 600 --seed 1 --out runs/train.csv
-  tagger generate --sessions 300 --seed 2 --out runs/test.csv
-  tagger train    --data runs/train.csv --out artifacts/m1
-  tagger evaluate --model artifacts/m1 --data runs/test.csv --json runs/eval.json --streaming
-  tagger promote  artifacts/m1 && eval "$(tagger stack up)" && tagger worker
-
-`tagger COMMAND --help` explains each command. Errors are one line on stderr and exit 2."""
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the layout of descriptions and shows each option's default where it has one."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if ("%(default)" not in text and "(default" not in text and action.option_strings and action.nargs != 0
-                and not any(default is x for x in (None, False, True, argparse.SUPPRESS))):
-            text += " (default: %(default)s)"
-        return text
 
 
 def _non_negative(text: str) -> int:
@@ -118,22 +90,9 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("tagger")
-    except PackageNotFoundError:  # run from a source tree without an install
-        return "unknown (not installed)"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tagger", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=HelpFormatter)
-    p.add_argument("--version", action="version", version=f"tagger {_version()}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or live output")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(sub, *, replay: Optional["StreamingReplay"] = None) -> None:
+    """Add the trainer's subcommands to ``sub``; ``replay`` runs ``evaluate --streaming`` and
+    the live replay of each ``cv`` fold (without it, ``--streaming`` is refused)."""
     g = sub.add_parser("generate", help="write realistic generated task-mining logs")
     g.add_argument("--profile", choices=("default", "window-focus"), default="default",
                    help="default: the seed's back-office task-mining process; window-focus: "
@@ -166,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also replay sessions event by event through the live tagging code "
                         "(adds the streaming metrics and session timeline plots)")
     e.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report them")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, replay=replay)
 
     pr = sub.add_parser("predict", help="label a log with a model (batch inference)")
     pr.add_argument("--model", required=True, help="artifact folder written by `tagger train`")
@@ -191,42 +150,4 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, help="override train.epochs")
     c.add_argument("--keep", help="keep each fold's artifacts in this folder (default: a temporary one)")
     c.add_argument("--no-streaming", action="store_true", help="skip the live replay of each fold")
-    c.set_defaults(func=cmd_cv)
-
-    from stream.cli import register  # the live side ships in the same distribution
-    register(sub)
-    summaries = {a.dest: a.help for a in sub._choices_actions}  # noqa: SLF001 - argparse keeps them only here
-    for name, sp in sub.choices.items():
-        sp.formatter_class = HelpFormatter
-        summary = summaries.get(name) or ""
-        sp.description = sp.description or (summary[:1].upper() + summary[1:]) or None
-        # -q/-v also after the command; SUPPRESS keeps a value given before it
-        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="debug logging")
-        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress bars or live output")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("aiokafka", "faust", "mode", "sentence_transformers", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return args.func(args) or 0
-    except TaggerError as exc:
-        print(f"tagger {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `tagger ... | head`: the reader left early, which is no error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    c.set_defaults(func=cmd_cv, replay=replay)

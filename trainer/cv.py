@@ -5,7 +5,8 @@ every architecture asked for, a model is trained on the other folds through the 
 as ``tagger train`` (``train.prepare_frame`` + ``train.train_prepared``, an artifact written
 and loaded back), then the fold's sessions are labelled offline (``LoadedModel.predict_proba``,
 what ``predict`` does) and, for models the live worker can serve, replayed event by event
-through ``LiveTagger`` (what ``evaluate --streaming`` does). Predictions are pooled over the
+through ``LiveTagger`` (what ``evaluate --streaming`` does; the replay is passed in as
+``streaming``, since ``trainer`` does not import ``stream``). Predictions are pooled over the
 folds, so every session is tested exactly once, and scored together.
 
 Two references are fit on the same folds, from the same derived features
@@ -32,13 +33,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from trainer.config import Config
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.evaluate import StreamingReplay
 
 REFERENCES = ("reference_crf", "reference_causal_crf")
 CRF, CAUSAL = REFERENCES
@@ -69,7 +73,7 @@ def session_folds(frame: pd.DataFrame, k: int, seed: int) -> list[list[str]]:
 
 
 def _scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
-    from stream.replay import top1_scores
+    from trainer.evaluate import top1_scores
     return top1_scores(list(gold), list(pred))
 
 
@@ -82,13 +86,15 @@ def _diffs(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, An
 
 
 def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequence[str] | None = None,
-                   seed: int = 0, workdir: str | Path | None = None, streaming: bool = True,
+                   seed: int = 0, workdir: str | Path | None = None,
+                   streaming: Optional["StreamingReplay"] = None,
                    variants: dict[str, dict[str, Any]] | None = None,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the cross-validation; returns the report (see the module docstring). Contenders are
     ``archs`` (each the config with ``model.arch`` set; default: the config's own) or
     ``variants``, name -> config overrides (``{"model": {"hidden_dim": 64}}``), as the
-    ablation passes them."""
+    ablation passes them. ``streaming`` (a ``trainer.evaluate.StreamingReplay``) replays each
+    fold live; without it the streaming columns stay empty."""
     from trainer.artifacts import load_artifact
     from trainer.baseline import BaselineLabeller
     from trainer.loading import fingerprint, read_events
@@ -151,11 +157,10 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
                 pool.covered += np.concatenate(covered).tolist()
                 scores = _scores(gold, top1)
                 block = None
-                if streaming and lm.kind == "neural" and lm.lookahead is not None:
-                    from stream.replay import streaming_evaluation
-                    block = streaming_evaluation(lm, test_frame, offline_probs=dict(zip(sids, probs)),
-                                                 offline_covered=dict(zip(sids, covered)),
-                                                 base_dir=data.parent, per_event=True)
+                if streaming is not None and lm.kind == "neural" and lm.lookahead is not None:
+                    block = streaming(lm, test_frame, offline_probs=dict(zip(sids, probs)),
+                                      offline_covered=dict(zip(sids, covered)),
+                                      base_dir=data.parent, per_event=True)
                     pool.first += block.pop("first_top1_labels")
                     pool.stream.append(block)
                     scores["first_top1_macro_f1"] = block["first_top1_macro_f1"]

@@ -46,7 +46,3 @@ class DataError(TaggerError, ValueError):
 
 class ArtifactError(TaggerError):
     """A model artifact is missing, corrupt or incompatible with this code."""
-
-
-class StreamError(TaggerError):
-    """The live service failed in a way the caller must handle."""

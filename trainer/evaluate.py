@@ -3,20 +3,35 @@
 The JSON written by ``evaluate --json`` follows the DESIGN.md contract: ``events``,
 ``sessions``, the ``offline`` block and, with ``--streaming``, the ``streaming`` block, plus
 details (per-class report, confusions, risk-coverage curve) beside them.
+
+The streaming block comes from replaying the sessions through the live tagger, which lives
+in ``stream`` (``stream.tools.replay.streaming_evaluation``). ``trainer`` never imports
+``stream``: the caller passes that replay in as ``streaming`` (``tagger.cli`` does).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 
 from trainer.artifacts import LoadedModel, json_default, load_artifact
+from trainer.errors import ConfigError
 from trainer.loading import read_events
-from trainer.metrics import ABSTAIN, offline_metrics
+from trainer.metrics import ABSTAIN, classification_metrics, offline_metrics
+
+
+class StreamingReplay(Protocol):
+    """Replays a labelled frame event by event through the live tagger and returns the
+    ``streaming`` block (``stream.tools.replay.streaming_evaluation`` is the one there is)."""
+
+    def __call__(self, lm: LoadedModel, frame: pd.DataFrame, *, offline_probs: Mapping[str, np.ndarray],
+                 offline_covered: Optional[Mapping[str, np.ndarray]] = None, base_dir: Any = None,
+                 progress: bool = False, per_event: bool = False,
+                 emissions_out: Optional[dict] = None) -> dict[str, Any]: ...
 
 
 def label_ids(names: Sequence[str], labels: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -33,6 +48,16 @@ def label_ids(names: Sequence[str], labels: list[str]) -> tuple[np.ndarray, list
     return np.asarray(ids, dtype=np.int64), extended
 
 
+def top1_scores(gold: Sequence[str], pred: Sequence[Optional[str]], prefix: str = "") -> dict[str, Any]:
+    """Accuracy and macro-F1 (over the labels present in ``gold``) of label names; a None
+    prediction counts as wrong."""
+    names = sorted(set(gold) | {p for p in pred if p is not None})
+    y, _ = label_ids(gold, names)
+    p = np.array([-1 if x is None else names.index(x) for x in pred], dtype=np.int64)
+    cls = classification_metrics(y, p, names)
+    return {f"{prefix}accuracy": cls["token_accuracy"], f"{prefix}macro_f1": cls["macro_f1"]}
+
+
 def score(gold: Sequence[str], probs: np.ndarray, labels: list[str], threshold: float,
           covered: np.ndarray | None = None) -> dict[str, Any]:
     """The offline report for flat gold names and calibrated probabilities (n, C); ``covered``
@@ -44,8 +69,13 @@ def score(gold: Sequence[str], probs: np.ndarray, labels: list[str], threshold: 
 
 
 def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | None = None, *,
-             streaming: bool = False, skip_bad_rows: bool = False, plots: bool = True,
-             progress: bool = False) -> dict[str, Any]:
+             streaming: Optional[StreamingReplay] = None, skip_bad_rows: bool = False,
+             plots: bool = True, progress: bool = False) -> dict[str, Any]:
+    """The report of DESIGN.md's evaluation contract; with ``streaming`` (the live replay),
+    also its ``streaming`` block."""
+    if streaming is True:
+        raise ConfigError("evaluate(streaming=...) takes the live replay (stream.tools.replay."
+                          "streaming_evaluation), not True: trainer does not import stream")
     lm = load_artifact(model_dir)
     frame, report = read_events(data, require_label=True, skip_bad_rows=skip_bad_rows,
                                 numeric_columns=lm.encoder.data.num_features)
@@ -58,12 +88,11 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
                            "model_version": lm.version, "model_kind": lm.kind,
                            "offline": res["offline"]}
     emissions: dict | None = {} if (json_out and plots) else None
-    if streaming:
-        from stream.replay import streaming_evaluation
-        out["streaming"] = streaming_evaluation(lm, frame, offline_probs=dict(zip(sids, probs)),
-                                                offline_covered=dict(zip(sids, covered)),
-                                                base_dir=base_dir, progress=progress,
-                                                emissions_out=emissions)
+    if streaming is not None:
+        out["streaming"] = streaming(lm, frame, offline_probs=dict(zip(sids, probs)),
+                                     offline_covered=dict(zip(sids, covered)),
+                                     base_dir=base_dir, progress=progress,
+                                     emissions_out=emissions)
     out["details"] = {k: res[k] for k in ("classification", "selective", "risk_coverage")}
     if report.bad_rows:
         out["skipped_rows"] = [str(b) for b in report.bad_rows]

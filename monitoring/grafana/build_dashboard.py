@@ -41,6 +41,11 @@ def coverage(window: str = RI, by: str = "") -> str:
                  rate("tagger_final_labels_total", "", by, window))
 
 
+def per(metric: str, legend: str, by: str = "instance", agg: str = "sum") -> dict:
+    """The target of one gauge or counter, aggregated by ``by`` (default: per worker)."""
+    return target(f"{agg} by ({by}) ({metric}{{{SEL}}})", legend)
+
+
 def target(expr: str, legend: str = "", **extra) -> dict:
     return {"expr": expr, "legendFormat": legend or "__auto", "range": True, "instant": False,
             **extra}
@@ -198,18 +203,15 @@ def build() -> dict:
                      "initial load is not counted. 'refused model current' is 1 while "
                      "artifacts/current names a model the worker refused (alert "
                      "TaggerModelSwapRejected).",
-                     [target(f"sum by (instance, result) (tagger_model_swaps_total{{{SEL}}})",
-                             "{{instance}} {{result}}"),
-                      target(f"max by (instance) (tagger_model_current_rejected{{{SEL}}})",
-                             "{{instance}} refused model current")]), 8, 8)
+                     [per("tagger_model_swaps_total", "{{instance}} {{result}}", by="instance, result"),
+                      per("tagger_model_current_rejected", "{{instance}} refused model current", agg="max")]), 8, 8)
 
     L.row("Consumer lag")
     L.add(timeseries("Lag per partition", "Messages behind the end of each tagger.events "
                      "partition (log end offset minus the committed offset).",
-                     [target(f"sum by (partition) (tagger_consumer_lag_messages{{{SEL}}})",
-                             "partition {{partition}}")]), 12, 8)
+                     [per("tagger_consumer_lag_messages", "partition {{partition}}", by="partition")]), 12, 8)
     L.add(timeseries("Lag per worker", "The lag of the partitions each worker holds.",
-                     [target(f"sum by (instance) (tagger_consumer_lag_messages{{{SEL}}})", "{{instance}}")]),
+                     [per("tagger_consumer_lag_messages", "{{instance}}")]),
           12, 8)
 
     L.row("Per worker")
@@ -224,10 +226,9 @@ def build() -> dict:
                      maximum=1), 8, 8)
     L.add(timeseries("Assigned partitions per worker", "tagger.events partitions each worker "
                      "holds; changes show rebalances.",
-                     [target(f"sum by (instance) (tagger_assigned_partitions{{{SEL}}})",
-                             "{{instance}}")]), 8, 8)
+                     [per("tagger_assigned_partitions", "{{instance}}")]), 8, 8)
     L.add(timeseries("Open sessions per worker", "Sessions each worker holds in memory.",
-                     [target(f"sum by (instance) (tagger_open_sessions{{{SEL}}})", "{{instance}}")]),
+                     [per("tagger_open_sessions", "{{instance}}")]),
           8, 8)
     L.add(timeseries("Events per batch per worker", "Mean events per processed batch; larger "
                      "batches mean the worker is busier.",
@@ -239,8 +240,7 @@ def build() -> dict:
     L.add(timeseries("Dependencies up", "1 while each worker reaches the broker (a metadata "
                      "request in the last few seconds) and Redis (PING and the last write-through); "
                      "what /readyz reports.",
-                     [target(f"min by (instance, dependency) (tagger_dependency_up{{{SEL}}})",
-                             "{{instance}} {{dependency}}")], maximum=1), 6, 8)
+                     [per("tagger_dependency_up", "{{instance}} {{dependency}}", by="instance, dependency", agg="min")], maximum=1), 6, 8)
     L.add(timeseries("Infrastructure errors / s", "Failed Redis or Kafka operations, retried "
                      "or held in memory (never dead-lettered).",
                      [target(rate("tagger_infrastructure_errors_total", by="instance, component"),
@@ -254,18 +254,14 @@ def build() -> dict:
                              "{{instance}} {{timer}} errors")], "s"), 6, 8)
     L.add(timeseries("Duplicate runs", "Input events in a row dropped as already seen, and the "
                      "runs long enough to be suspicious (a session store that outlived its broker).",
-                     [target(f"max by (instance) (tagger_duplicate_run_events{{{SEL}}})",
-                             "{{instance}} current run"),
-                      target(f"sum by (instance) (tagger_duplicate_runs_total{{{SEL}}})",
-                             "{{instance}} suspicious runs")]), 6, 8)
+                     [per("tagger_duplicate_run_events", "{{instance}} current run", agg="max"),
+                      per("tagger_duplicate_runs_total", "{{instance}} suspicious runs")]), 6, 8)
 
     L.row("Worker process")
     L.add(timeseries("Memory per worker", "Resident memory (RSS) and virtual memory of each "
                      "worker process.",
-                     [target(f"sum by (instance) (process_resident_memory_bytes{{{SEL}}})",
-                             "{{instance}} resident"),
-                      target(f"sum by (instance) (process_virtual_memory_bytes{{{SEL}}})",
-                             "{{instance}} virtual")], "bytes"), 8, 8)
+                     [per("process_resident_memory_bytes", "{{instance}} resident"),
+                      per("process_virtual_memory_bytes", "{{instance}} virtual")], "bytes"), 8, 8)
     L.add(timeseries("CPU per worker", "CPU seconds per second used by each worker process "
                      "(1 = one core busy).",
                      [target(f"sum by (instance) (rate(process_cpu_seconds_total{{{SEL}}}[{RI}]))",

@@ -8,9 +8,7 @@ stops it at teardown. It never uses a Prometheus that may already run on the mac
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -23,7 +21,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from stream.stack import _free_port, die_with_parent
+from stream.tools.processes import die_with_parent, free_port, stop_process
 
 
 def require_binary(name: str) -> str:
@@ -67,7 +65,7 @@ def prometheus_server(tmp_path) -> Callable[[dict], PrometheusServer]:
         (folder / "data").mkdir(parents=True)
         cfg = folder / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-        port = _free_port()
+        port = free_port()
         log = folder / "prometheus.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -96,10 +94,4 @@ def prometheus_server(tmp_path) -> Callable[[dict], PrometheusServer]:
 
     yield start
     for server in started:
-        if server.proc.poll() is None:
-            server.proc.send_signal(signal.SIGTERM)
-            try:
-                server.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.proc.pid, signal.SIGKILL)
-                server.proc.wait(5)
+        stop_process(server.proc, 15)

@@ -308,7 +308,7 @@ def test_demo_publisher_sends_fresh_sessions_every_round(svcs, settings_factory,
     """The `demo` profile's loop, run here against the test broker for two rounds."""
     import signal
 
-    from stream.stack import die_with_parent
+    from stream.tools.processes import die_with_parent
 
     settings = settings_factory()
     host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()

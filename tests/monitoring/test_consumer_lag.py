@@ -26,7 +26,7 @@ from stream.app import WorkerService
 from stream.metrics import Metrics
 from stream.session_store import MemorySessionStore
 from stream.settings import Settings, kafka_client_kwargs
-from stream.stack import _free_port, _run
+from stream.tools.processes import free_port, run_sync
 from tests.helpers import make_log, serving_root
 
 TOPIC = "tagger.events"
@@ -152,14 +152,14 @@ def group_lag(settings: Settings, total: int) -> dict[int, int]:
             return {tp.partition: ends[tp] - ((await group.committed(tp)) or 0) for tp in tps}
         finally:
             await group.stop()
-    return _run(query())
+    return run_sync(query())
 
 
 @pytest.mark.integration
 def test_a_live_worker_reports_the_group_lag(settings_factory, faust_worker, tiny_model, tmp_path):
-    from stream.publisher import replay
+    from stream.tools.publisher import replay
 
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()

@@ -132,5 +132,6 @@ def test_dockerignore_keeps_local_state_out(path):
 
 
 def test_the_package_sources_go_in():
-    for path in ("pyproject.toml", "README.md", "stream/app.py", "stream/schemas", "trainer/cli.py"):
+    for path in ("pyproject.toml", "README.md", "stream/app.py", "stream/schemas", "trainer/cli.py",
+                 "tagger/cli.py", "stream/tools/stack.py"):
         assert not ignored(path), path

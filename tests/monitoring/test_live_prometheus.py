@@ -25,8 +25,9 @@ import urllib.request
 
 import pytest
 
-from stream.publisher import replay
-from stream.stack import _free_port
+from stream.tools.publisher import replay
+from stream.tools.processes import free_port
+from stream.tools.processes import metric_value as parse_metric
 from tests.helpers import make_log, serving_root
 from tests.monitoring.files import (ALERTS_YML, PROMETHEUS_YML, WORKER_JOB, alert_rules,
                                     dashboard_targets, grafana_to_promql, load_yaml, selectors)
@@ -95,12 +96,9 @@ def send_raw(settings, values: list[bytes]) -> None:
     asyncio.run(send())
 
 
-def metric_value(port: int, line_prefix: str) -> float | None:
+def metric_value(port: int, selector: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(line_prefix):
-                return float(line.rsplit(" ", 1)[1])
-    return None
+        return parse_metric(resp.read().decode(), selector)
 
 
 def wait_for(check, what: str, timeout_s: float, worker) -> None:
@@ -125,7 +123,7 @@ def finite_values(answer: dict) -> list[float]:
 def test_dashboard_and_alert_queries_on_a_live_worker(settings_factory, faust_worker, tiny_model,
                                                       prometheus_server, tmp_path):
     root = serving_root(tmp_path, tiny_model)
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(artifacts_dir=root, web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from stream.bench import HEADLINE_KEYS, batch_phases, summarize_pyspy, update_readme
-from trainer.cli import main
+from stream.tools.bench import HEADLINE_KEYS, batch_phases, summarize_pyspy, update_readme
+from tagger.cli import main
 
 
 @pytest.mark.integration

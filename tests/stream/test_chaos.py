@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from stream.chaos import FAULTS, REPORT_FIELDS, RedisServer, WorkerProc, _http
 from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
-from stream.stack import _free_port
+from stream.tools.chaos import FAULTS, REPORT_FIELDS, RedisServer
+from stream.tools.processes import WorkerProcess, free_port, http_get
 from trainer.artifacts import promote
 from trainer.errors import ConfigError
 
@@ -47,18 +47,18 @@ def chaos(tmp_path_factory, tiny_model):
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "chaos", "--quick", "--json", str(out),
+        [sys.executable, "-m", "tagger.cli", "chaos", "--quick", "--json", str(out),
          "--model", str(tiny_model), "--workdir", str(folder / "work")],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(f"tagger chaos --quick took {time.monotonic() - started:.0f} s\n{proc.stdout}\n"
           f"{proc.stderr[-3000:]}")
     assert out.exists(), f"no report (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
-    return json.loads(out.read_text()), proc.returncode, proc.stdout
+    return json.loads(out.read_text()), proc.returncode, proc.stdout, folder / "work"
 
 
 @pytest.mark.integration
 def test_chaos_cli_reports_every_fault(chaos):
-    report, code, stdout = chaos
+    report, code, stdout, _ = chaos
     assert list(report["faults"]) == list(FAULTS)
     for name, fault in report["faults"].items():
         assert fault["error"] is None, f"{name}: {fault['error']}"
@@ -121,23 +121,79 @@ def test_fault_leaves_no_valid_event_without_its_final_label(chaos, fault):
     assert r["ok"], d
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("fault", FAULTS)
+def test_raw_label_records_of_each_fault_keep_the_contract(chaos, fault):
+    """The same verdict from the raw records the fault's consumer saw (``labels.jsonl``) and the
+    events it published, without ``chaos.summarise``: every published event has one final
+    record (exact repeats allowed), nothing follows it, revisions count up from 0."""
+    work = chaos[3] / fault
+    published = {(str(s), str(e)) for s, e, _ in json.loads((work / "published.json").read_text())["published"]}
+    records = [json.loads(line) for line in (work / "labels.jsonl").read_text().splitlines()]
+    history: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in records:
+        same = {k: v for k, v in r.items() if k not in ("arrived", "partition", "emitted_at", "confidence")}
+        got = history.setdefault((r["session_id"], r["event_id"]), {}).setdefault(r["revision"], same)
+        assert got == same, f"two different records for one revision: {got} vs {same}"
+    assert published <= set(history), f"{len(published - set(history))} events without a record"
+    for key in published:
+        revs = history[key]
+        assert sorted(revs) == list(range(len(revs))), (key, sorted(revs))
+        finals = [n for n, r in revs.items() if r["final"]]
+        assert finals == [max(revs)], (key, revs)   # one final, and it is the last revision
+
+
 # --------------------------------------------------------------------------- security
 
 
 def _slot(key: bytes) -> int:
-    """The Redis Cluster hash slot of a key (CRC16/XMODEM of its hash tag, mod 16384)."""
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            key = key[start + 1:end]
-    crc = 0
-    for byte in key:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc % 16384
+    """The Redis Cluster hash slot of a key (redis-py's own CRC16 of its hash tag)."""
+    from redis.crc import key_slot
+    return key_slot(key)
+
+
+def _label(sid, eid, rev, *, final, step="A", seq=0, version="v1", conf=0.9):
+    return {"session_id": sid, "event_id": eid, "seq": seq, "timestamp": "t", "event_name": "e",
+            "step_name": step, "confidence": conf, "abstained": step is None, "revision": rev,
+            "final": final, "model_version": version, "emitted_at": "x"}
+
+
+def test_summarise_grades_hand_built_traffic():
+    """``chaos.summarise`` on records whose verdict is known by construction."""
+    from stream.tools.chaos import summarise
+    keys = [("s1", "0"), ("s1", "1"), ("s2", "0")]
+    published = {("s1", "0"): 100.0, ("s1", "1"): 101.0, ("s2", "0"): 102.0}
+    labels = [
+        (100.5, 0, _label("s1", "0", 0, final=False)),
+        (101.5, 0, _label("s1", "0", 1, final=True, step="B")),
+        (101.6, 0, _label("s1", "0", 1, final=True, step="B")),            # an exact repeat
+        (101.7, 0, _label("s1", "1", 0, final=True, seq=1)),
+        (103.0, 1, _label("s2", "0", 0, final=False, step="Z")),          # Z: not in v1's labels
+    ]
+    letter = {"original": base64.b64encode(json.dumps({"session_id": "s2", "event_id": "0"}).encode()).decode()}
+    rep = summarise("kill9", keys, published, labels, [letter], marks=[100.2],
+                    label_sets={"v1": {"A", "B"}})
+    assert (rep.events_in, rep.records, rep.final_out, rep.events_without_final) == (3, 5, 2, 1)
+    assert (rep.duplicates, rep.conflicting_duplicates, rep.dlq, rep.accepted_in_dlq) == (1, 0, 1, 1)
+    assert rep.several_finals == rep.records_after_final == rep.seq_conflicts == 0
+    assert rep.labels_outside_label_set == 1
+    assert rep.recovery_s == 1.0             # s2/0, published at 102, first labelled at 103
+    assert not rep.ok
+
+    bad = [
+        (100.5, 0, _label("s1", "0", 0, final=True)),
+        (100.6, 0, _label("s1", "0", 0, final=True, step="B")),           # same revision, other label
+        (100.7, 0, _label("s1", "0", 1, final=True)),                     # a second final, after the first
+        (100.8, 1, _label("s1", "1", 0, final=True, seq=0)),              # seq 0 claimed twice; partition 1
+    ]
+    rep = summarise("two_workers", keys[:2], published, bad, [], marks=[])
+    assert rep.conflicting_duplicates == 1 and rep.several_finals == 1 and rep.records_after_final == 0
+    assert rep.seq_conflicts == 1 and rep.recovery_s is None
+    assert rep.details["sessions_on_several_partitions"] == 1 and not rep.ok
+
+    clean = [(100.5, 0, _label("s1", "0", 0, final=True)), (101.5, 0, _label("s1", "1", 0, final=True, seq=1))]
+    rep = summarise("kill9", keys[:2], published, clean, [], marks=[100.0])
+    assert rep.ok and rep.final_out == 2 and rep.recovery_s == 0.5
 
 
 def test_cluster_slot_function_matches_redis():
@@ -154,7 +210,7 @@ def test_locked_down_worker_keeps_secrets_out_of_logs_endpoints_and_dead_letters
     The session keys it writes are Redis Cluster safe (one hash slot per session)."""
     import redis as redis_lib
 
-    from stream.publisher import EventPublisher, replay_messages
+    from stream.tools.publisher import EventPublisher, replay_messages
     from trainer.loading import read_events
 
     redis_pw, sasl_pw = f"redis-{uuid.uuid4().hex}", f"sasl-{uuid.uuid4().hex}"
@@ -167,11 +223,11 @@ def test_locked_down_worker_keeps_secrets_out_of_logs_endpoints_and_dead_letters
         # and go through the same settings, logging and client code.
         settings = settings_factory(artifacts_dir=root.resolve(), redis_url=server.url,
                                     sasl_username="tagger", sasl_password=sasl_pw, inactivity_s=4)
-        settings = dataclasses.replace(settings, web_port=_free_port())
+        settings = dataclasses.replace(settings, web_port=free_port())
         assert redis_pw not in json.dumps(settings.redacted()) and sasl_pw not in json.dumps(settings.redacted())
-        worker = WorkerProc(settings, tmp_path / "worker.log")
+        worker = WorkerProcess.start(settings, tmp_path / "worker.log", cwd=tmp_path)
         try:
-            asyncio.run(worker.wait_ready(120))  # readiness includes an authenticated Redis PING
+            worker.wait_ready(120)  # readiness includes an authenticated Redis PING
             frame, _ = read_events(heldout_log, require_label=False)
             messages, _ = replay_messages(frame, sessions=2)
             keys = {(m["session_id"], m["event_id"]) for m in messages if m.get("type") != "session_end"}
@@ -212,7 +268,7 @@ def test_locked_down_worker_keeps_secrets_out_of_logs_endpoints_and_dead_letters
             labels, letters = asyncio.run(main())
             finals = {(r["session_id"], r["event_id"]) for r in map(json.loads, labels) if r["final"]}
             assert keys <= finals, "the locked-down worker did not label the traffic"
-            endpoints = b"".join(_http(settings.web_port, p)[1] for p in ("/metrics", "/readyz", "/healthz"))
+            endpoints = b"".join(http_get(settings.web_port, p)[1] for p in ("/metrics", "/readyz", "/healthz"))
         finally:
             worker.stop()
         log_text = worker.log_text()
@@ -282,7 +338,7 @@ def test_every_bad_artifact_of_the_drill_is_refused_whatever_the_architecture(tm
     """The ``bad_artifact`` fault promotes three broken models; each must be rejected by the
     worker's holder (the default ``model.arch: auto`` gives a Mixture, whose top-level
     arguments are not the ones its weights depend on)."""
-    from stream.chaos import bad_artifacts, point_at
+    from stream.tools.chaos import bad_artifacts, point_at
     from stream.metrics import Metrics
     from stream.model_holder import ModelHolder
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stream.demo import PROGRESS_S
+from stream.tools.demo import PROGRESS_S
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLACK_S = 4.0   # a loaded CI machine may print a heartbeat late
@@ -33,7 +33,7 @@ def test_headless_demo_prints_progress_and_writes_its_pictures(tmp_path, service
     env.update(PYTHONPATH=str(REPO_ROOT), TAGGER_ARTIFACTS=str(tmp_path / "artifacts"))
     workdir = tmp_path / "demo"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "demo", "--sessions", "4", "--train-sessions", "40",
+        [sys.executable, "-m", "tagger.cli", "demo", "--sessions", "4", "--train-sessions", "40",
          "--rate", "100", "--workdir", str(workdir), "--json", str(tmp_path / "summary.json")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[tuple[float, str]] = []   # (when it arrived, line)

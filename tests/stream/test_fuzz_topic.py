@@ -37,10 +37,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from stream.app import DLQ_MAX_ORIGINAL_BYTES
-from stream.publisher import replay_messages
+from stream.tools.publisher import replay_messages
 from stream.records import InvalidEvent, parse_event
 from stream.settings import FETCH_MAX_WAIT_MS, kafka_client_kwargs
-from stream.stack import _free_port
+from stream.tools.processes import free_port
 from trainer.artifacts import promote
 from trainer.loading import read_events
 
@@ -213,7 +213,7 @@ def test_fuzzed_input_topic_every_bad_message_dead_lettered_every_valid_event_fi
     settings = settings_factory(artifacts_dir=root.resolve(), inactivity_s=4, lateness_s=LATENESS_S,
                                 max_message_bytes=MAX_BYTES, max_events_per_session=MAX_EVENTS,
                                 max_sessions_in_memory=MAX_SESSIONS)
-    port = _free_port()
+    port = free_port()
     settings = dataclasses.replace(settings, web_port=port)
     messages, ooo_eids = build_corpus(heldout_log, random.Random(20240520))
     messages = [(_key_for(v, k), v) for k, v in messages]

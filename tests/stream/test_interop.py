@@ -20,7 +20,7 @@ from pathlib import Path
 import confluent_kafka   # a test dependency (pyproject.toml, extra "test")
 import pytest
 
-from stream.publisher import replay_messages
+from stream.tools.publisher import replay_messages
 from stream.records import LABEL_FIELDS, validate_label
 from tests.helpers import serving_root
 from trainer.loading import read_events

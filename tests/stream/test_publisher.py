@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from stream.publisher import EventPublisher, replay, replay_messages
+from stream.tools.publisher import EventPublisher, replay, replay_messages
 from stream.records import InvalidEvent, encode_label, label_record, parse_event
-from stream.tail import format_label, tail
+from stream.tools.tail import format_label, tail
 from trainer.loading import read_events
 
 # Three sessions, interleaved in time, rows deliberately out of order inside a session,

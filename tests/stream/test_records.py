@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from stream.records import (CONTRACT_FIELDS, LABEL_FIELDS, EventIn, InvalidEvent, TS_MAX, TS_MIN,
                             dlq_record, encode_label, iso_utc, label_record, load_schema,
                             parse_event, schema_check, schema_validator, validate_label)
-from trainer.errors import StreamError
+from stream.errors import StreamError
 from trainer.loading import derive_event_id, read_events
 
 REASONS = {"empty", "too_large", "invalid_utf8", "invalid_json", "not_object", "missing_field",

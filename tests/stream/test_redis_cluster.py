@@ -17,7 +17,7 @@ from redis.crc import key_slot
 
 from stream.records import EventIn
 from stream.redis_client import is_cluster, sync_client
-from stream.replay import frame_events
+from stream.tools.replay import frame_events
 from stream.session_store import MemorySessionStore, RedisSessionStore, session_key
 from stream.settings import Settings
 from stream.tagging import LiveTagger
@@ -77,9 +77,10 @@ def test_every_key_of_a_session_is_in_one_slot(sid, prefix):
 def test_an_unreachable_cluster_is_store_unavailable_not_a_crash():
     """What the worker needs to carry on from memory (and not dead-letter the batch)."""
     from stream.session_store import StoreUnavailable
-    from stream.stack import _free_port, _redis_answers
+    from stream.redis_client import answers as _redis_answers
+    from stream.tools.processes import free_port
 
-    url = f"redis+cluster://127.0.0.1:{_free_port()}"
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
     store = RedisSessionStore(url, prefix="tagger-test:none:")
 
     async def go():
@@ -189,14 +190,14 @@ def test_two_workers_in_one_group_on_the_cluster_give_every_event_one_final(
     """Two ``faust -A stream.app worker`` processes in one consumer group, sessions in the
     cluster: once the group has split the partitions, traffic to all of them gets exactly one
     final history per event (repeats, if a rebalance replays a batch, are exact copies)."""
-    from stream.stack import _free_port
+    from stream.tools.processes import free_port
     from tests.helpers import serving_root
     from tests.stream.test_worker_integration import (Tail, _assert_contract, _metric, _publish, _run,
                                                       _traffic, _wait_for)
 
     root = serving_root(tmp_path, tiny_model)
     settings = settings_factory(artifacts_dir=root, inactivity_s=30, redis_url=redis_cluster_url)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     workers = [faust_worker(dataclasses.replace(settings, web_port=p)) for p in ports]
     messages, events, _ = _traffic(heldout_log, 16)
 

@@ -1,14 +1,16 @@
-"""The Redis session store against the machine's real Redis, side by side with its in-memory
-twin: the same snapshots must read back the same, whatever path wrote them."""
+"""The Redis session store against the test services' real Redis (the ``redis_url`` fixture),
+side by side with its in-memory twin: the same snapshots must read back the same, whatever
+path wrote them. Keys go under the test's ``redis_prefix``, deleted afterwards."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
 
 from stream.session_store import MemorySessionStore, RedisSessionStore
-
-REDIS = "redis://127.0.0.1:6379/0"
 
 
 def snap(sid, n, *, raw=(), ids=(), closed=False, replace=False, partition=3, last_seen=100.0):
@@ -18,32 +20,35 @@ def snap(sid, n, *, raw=(), ids=(), closed=False, replace=False, partition=3, la
             "held": [], "max_ts": None, **({"replace": True} if replace else {})}
 
 
-def with_redis(fn):
-    """Run ``fn(store)`` on a Redis store under a fresh key prefix, then delete its keys."""
-    async def go():
-        prefix = f"tagger-test:{uuid.uuid4().hex[:8]}:"
-        store = RedisSessionStore(REDIS, prefix=prefix, ttl_s=120, closed_ttl_s=30)
-        try:
-            return await fn(store)
-        finally:
-            keys = [k async for k in store.client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await store.client.delete(*keys)
-            await store.close()
-    return asyncio.run(go())
+@pytest.fixture
+def with_redis(redis_url, redis_prefix, redis_client):
+    """``run(fn)``: ``fn(store)`` on a Redis store under this test's key prefix (its keys are
+    deleted by ``redis_client`` afterwards)."""
+    def run(fn):
+        async def go():
+            store = RedisSessionStore(redis_url, prefix=redis_prefix, ttl_s=120, closed_ttl_s=30)
+            try:
+                return await fn(store)
+            finally:
+                await store.close()
+        return asyncio.run(go())
+    return run
 
 
-def run_both(steps, window, sids):
-    """Apply every batch of snapshots to the Redis store and to the in-memory one; return
-    what each loads back."""
-    async def go(store):
-        for batch in steps:
-            await store.save(batch, window)
-        return await store.load(sids)
-    return with_redis(go), asyncio.run(go(MemorySessionStore()))
+@pytest.fixture
+def run_both(with_redis):
+    """``run(steps, window, sids)``: every batch of snapshots applied to the Redis store and to
+    the in-memory one; what each loads back."""
+    def run(steps, window, sids):
+        async def go(store):
+            for batch in steps:
+                await store.save(batch, window)
+            return await store.load(sids)
+        return with_redis(go), asyncio.run(go(MemorySessionStore()))
+    return run
 
 
-def test_deltas_window_trim_and_ids_read_back_as_in_memory():
+def test_deltas_window_trim_and_ids_read_back_as_in_memory(run_both):
     raw = [{"event_id": f"e{i}", "event_name": f"Open ü {i}"} for i in range(10)]
     steps = [[snap("a", 3, raw=raw[:3], ids=["e0", "e1", "e2"]), snap("b", 1, raw=raw[:1], ids=["e0"])],
              [snap("a", 7, raw=raw[3:7], ids=["e3", "e4", "e5", "e6"]), snap("b", 1)],
@@ -56,7 +61,7 @@ def test_deltas_window_trim_and_ids_read_back_as_in_memory():
     assert "missing" not in in_redis
 
 
-def test_closing_and_a_full_rewrite_replace_what_was_there():
+def test_closing_and_a_full_rewrite_replace_what_was_there(run_both):
     raw = [{"event_id": f"e{i}"} for i in range(6)]
     steps = [[snap("a", 4, raw=raw[:4], ids=["e0", "e1", "e2", "e3"]), snap("c", 2, raw=raw[:2], ids=["e0", "e1"])],
              # after a Redis loss the worker rewrites whole sessions: stale deltas must go
@@ -69,7 +74,7 @@ def test_closing_and_a_full_rewrite_replace_what_was_there():
     assert in_redis["c"][1] == [] and in_redis["c"][0]["closed"] is True
 
 
-def test_open_index_ttls_and_a_rewrite_with_many_ids():
+def test_open_index_ttls_and_a_rewrite_with_many_ids(with_redis):
     many = [f"id-{i}" for i in range(12_000)]  # past what one Lua unpack() takes
 
     async def go(store):
@@ -89,7 +94,7 @@ def test_open_index_ttls_and_a_rewrite_with_many_ids():
     assert all(100 < t <= 120 for t in ttls) and 0 < closed_ttl <= 30 and gone_win == 0
 
 
-def test_a_redis_that_lost_its_scripts_still_takes_saves():
+def test_a_redis_that_lost_its_scripts_still_takes_saves(with_redis):
     async def go(store):
         await store.save([snap("a", 1, raw=[{"i": 0}], ids=["e0"])], 8)
         await store.client.script_flush()  # what a restarted Redis looks like to the script
@@ -99,7 +104,8 @@ def test_a_redis_that_lost_its_scripts_still_takes_saves():
     assert meta["n"] == 2 and window == [{"i": 0}, {"i": 1}] and ids == {"e0", "e1"}
 
 
-def test_error_replies_of_redis_are_store_unavailable_and_the_acl_in_the_docs_suffices():
+def test_error_replies_of_redis_are_store_unavailable_and_the_acl_in_the_docs_suffices(
+        redis_url, redis_prefix, redis_client):
     """A Redis that refuses a command (here NOPERM: an ACL user without the Lua commands)
     raises StoreUnavailable, which the worker holds in memory, instead of an untranslated
     ResponseError that dead-lettered labelled events; with the commands docs/operations.md
@@ -108,20 +114,17 @@ def test_error_replies_of_redis_are_store_unavailable_and_the_acl_in_the_docs_su
     import re
     from pathlib import Path
 
-    import pytest
-    import redis as redis_lib
-
     from stream.session_store import StoreUnavailable
 
     ops = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     line = next(ln for ln in ops.splitlines() if ln.strip().startswith("ACL SETUSER tagger"))
     granted = [t for t in line.split() if t.startswith("+")]
     user, pw = f"tagger-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    prefix = f"tagger-test:{uuid.uuid4().hex[:8]}:"
-    admin = redis_lib.Redis.from_url(REDIS)
+    prefix, admin = redis_prefix, redis_client
     without_lua = [g for g in granted if not re.match(r"\+(evalsha|script)", g)]
     admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{pw}", f"~{prefix}*", "-@all", *without_lua)
-    url = f"redis://{user}:{pw}@127.0.0.1:6379/0"
+    parts = urlsplit(redis_url)   # the test Redis, as the ACL user
+    url = urlunsplit(parts._replace(netloc=f"{user}:{pw}@{parts.netloc.rpartition('@')[2]}"))
 
     async def go(grant):
         store = RedisSessionStore(url, prefix=prefix, ttl_s=120, closed_ttl_s=30)
@@ -142,8 +145,4 @@ def test_error_replies_of_redis_are_store_unavailable_and_the_acl_in_the_docs_su
         admin.execute_command("ACL", "SETUSER", user, *granted)
         assert asyncio.run(go(True))["s1"][2] == {"e0"}
     finally:
-        admin.execute_command("ACL", "DELUSER", user)
-        keys = list(admin.scan_iter(match=f"{prefix}*"))
-        if keys:
-            admin.delete(*keys)
-        admin.close()
+        admin.execute_command("ACL", "DELUSER", user)   # (redis_client deletes the keys)

@@ -21,7 +21,7 @@ import pytest
 
 from stream.errors import StackError
 from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
-from stream.stack import default_state_dir, embedded_stack, format_env, stack_down, stack_status, stack_up
+from stream.tools.stack import default_state_dir, embedded_stack, format_env, stack_down, stack_status, stack_up
 from trainer.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_credentials_reach_faust_and_aiokafka():
 
 def test_format_env_works_with_eval_in_bash():
     info = {"kafka": "127.0.0.1:41234", "redis": "redis://127.0.0.1:6380/0"}
-    code = f"from stream.stack import format_env; print(format_env({info!r}), end='')"
+    code = f"from stream.tools.stack import format_env; print(format_env({info!r}), end='')"
     script = (f'eval "$({sys.executable} -c "{code}")"; '
               f'echo "$TAGGER_KAFKA|$TAGGER_REDIS|$TAGGER_KAFKA_SESSION_TIMEOUT_S"')
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
@@ -154,7 +154,7 @@ async def _round_trip(bootstrap: str, n: int = 5) -> list[bytes]:
 def test_stack_up_round_trip_status_down(tmp_path):
     state_dir = tmp_path / "state"
     # `eval "$(tagger stack up)"` as a user runs it: another process starts the stack.
-    code = (f"from stream.stack import format_env, stack_up; "
+    code = (f"from stream.tools.stack import format_env, stack_up; "
             f"print(format_env(stack_up({str(state_dir)!r})), end='')")
     script = (f'eval "$({sys.executable} -c "{code}")" && '
               f'echo "$TAGGER_KAFKA $TAGGER_REDIS $TAGGER_REDIS_PREFIX"')
@@ -201,7 +201,7 @@ def test_stack_state_is_one_place_per_user_whatever_the_directory(tmp_path, monk
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("TAGGER_STATE_DIR", raising=False)
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
-    run = subprocess.run([sys.executable, "-m", "trainer.cli", "stack", "status"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "tagger.cli", "stack", "status"], capture_output=True,
                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert run.returncode == 1 and json.loads(run.stdout)["status"] == "stopped", run.stderr
     assert json.loads(run.stdout)["state_dir"] == str(home / ".local" / "state" / "tagger")

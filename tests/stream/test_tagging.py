@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stream.records import EventIn
-from stream.replay import frame_events, streaming_evaluation
+from stream.tools.replay import frame_events, streaming_evaluation
 from stream.revisions import Decision, RevisionPolicy
 from stream.session_store import MemorySessionStore
 from stream.tagging import LiveTagger

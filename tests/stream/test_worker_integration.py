@@ -27,10 +27,10 @@ from typing import Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from stream.publisher import EventPublisher, replay_messages
+from stream.tools.publisher import EventPublisher, replay_messages
 from stream.records import LABEL_FIELDS, validate_label
 from stream.settings import Settings, kafka_client_kwargs
-from stream.stack import _free_port
+from stream.tools.processes import free_port, metric_value
 from tests.helpers import serving_root
 from trainer.artifacts import POINTER, promote
 from trainer.loading import read_events
@@ -180,12 +180,9 @@ def _http(port: int, path: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def _metric(port: int, line_prefix: str) -> float:
+def _metric(port: int, selector: str) -> float:
     _, body = _http(port, "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(line_prefix + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric_value(body.decode(), selector)
 
 
 async def _wait_for(cond: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> float:
@@ -347,7 +344,7 @@ def test_bad_artifact_is_rejected_and_the_old_model_keeps_serving(
         tmp_path, settings_factory, faust_worker, tiny_model, heldout_log):
     root = serving_root(tmp_path, tiny_model)
     old = _version(tiny_model)
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(artifacts_dir=root, inactivity_s=30, web_port=port)
     messages, events, _ = _traffic(heldout_log, 8)
     half = len(messages) // 2
@@ -442,7 +439,7 @@ def test_a_killed_worker_restarts_without_losing_finals(
 
 
 def test_health_and_readiness(tmp_path, settings_factory, faust_worker, tiny_model):
-    port = _free_port()
+    port = free_port()
     settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), web_port=port)
     worker = faust_worker(settings)
     worker.wait_ready()

@@ -11,13 +11,12 @@ import asyncio
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from stream.app import DUPLICATE_RUN_WARN, WorkerService, _RateLimit
-from stream.publisher import replay_messages
+from stream.tools.publisher import replay_messages
 from stream.session_store import MemorySessionStore, StoreUnavailable
 from stream.settings import Settings
 from trainer.artifacts import promote
@@ -148,7 +147,7 @@ def test_saved_deltas_are_cleared_only_after_the_save(service, messages):
     first = [m for m in messages if str(m["session_id"]) == sid and m.get("type") != "session_end"]
     service.mem.fail_saves = 1
     asyncio.run(service.handle(_events(first[:3])))
-    sess = service.tagger.sessions[sid]
+    sess = service.live.sessions[sid]
     assert len(sess.new_ids) == 3, "the deltas of a failed save were dropped"
 
 
@@ -205,7 +204,7 @@ def test_no_session_is_finalised_as_idle_while_the_broker_is_away(service, messa
     before = len(_finals(service))
     assert before < len(_keys(messages))                   # some events wait for their final
     service._infra_failed("kafka", ConnectionError("broker gone"), "test")  # as a failed send does
-    for sess in service.tagger.sessions.values():
+    for sess in service.live.sessions.values():
         sess.last_seen -= 60                                 # idle for a minute
     asyncio.run(service.sweep())
     assert len(_finals(service)) == before
@@ -229,7 +228,7 @@ def test_timers_survive_any_exception(service, messages, tmp_path):
     manifest = json.loads((bad / "manifest.json").read_text())
     del manifest["calibration"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    from stream.chaos import point_at
+    from stream.tools.chaos import point_at
     point_at(service.settings.artifacts_dir, bad)
     asyncio.run(service.poll_model())
     assert service.metrics.model_swaps.labels(result="rejected")._value.get() == 1
@@ -288,3 +287,39 @@ def test_session_ttl_must_outlive_the_inactivity_timeout():
     from trainer.errors import ConfigError
     with pytest.raises(ConfigError, match="TAGGER_SESSION_TTL_S"):
         Settings(session_ttl_s=300, inactivity_s=300)
+
+
+def test_a_swap_to_another_label_set_mid_stream_is_what_a_consumer_sees(service, messages,
+                                                                        tiny_model_relabelled):
+    """Hot swap to a retrain with one step merged into another and one renamed (a shorter,
+    shifted label list), with sessions open across the swap. A consumer reading the labels
+    topic sees every event finalised once, each record naming a step of the model that
+    wrote it (``model_version``), the new model's records after the swap, and none of the
+    removed steps from it."""
+    from stream.tools.chaos import RELABEL
+    from trainer.artifacts import load_artifact
+
+    old, new = load_artifact(service.holder.root), load_artifact(tiny_model_relabelled)
+    assert set(old.labels) - set(new.labels) == set(RELABEL) and old.version != new.version
+    events = [m for m in messages if m.get("type") != "session_end"]
+    ends = [m for m in messages if m.get("type") == "session_end"]
+    half = len(events) // 2
+    asyncio.run(service.handle(_events(events[:half])))
+    before = len(service.producer.records(service.settings.output_topic))
+    promote(tiny_model_relabelled, service.holder.root)
+    asyncio.run(service.poll_model())
+    asyncio.run(service.handle(_events(events[half:] + ends, start=half)))
+
+    recs = service.producer.records(service.settings.output_topic)
+    assert _finals(service) == _keys(messages)
+    assert not service.producer.records(service.settings.dlq_topic)
+    labels_of = {old.version: set(old.labels), new.version: set(new.labels)}
+    for r in recs:
+        assert r["step_name"] is None or r["step_name"] in labels_of[r["model_version"]], r
+    after = recs[before:]
+    assert after and {r["model_version"] for r in after} == {new.version}
+    assert not {r["step_name"] for r in after} & set(RELABEL)
+    # sessions open across the swap: events labelled by the old model are finalised by the new one
+    old_first = {(r["session_id"], r["event_id"]) for r in recs[:before]}
+    assert any(r["final"] and (r["session_id"], r["event_id"]) in old_first for r in after)
+    assert service.metrics.model_swaps.labels(result="ok")._value.get() == 1

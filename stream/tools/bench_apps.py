@@ -1,8 +1,8 @@
 """Baseline Faust apps for ``tagger bench``: what a worker costs when it does no tagging.
 
-``faust -A stream.bench_apps:passthrough worker --without-web`` runs a bare agent that
+``faust -A stream.tools.bench_apps:passthrough worker --without-web`` runs a bare agent that
 forwards every input message unchanged (``stream.events()`` and ``topic.send``, the
-idiomatic Faust way); ``stream.bench_apps:batched`` forwards with the worker's own batch
+idiomatic Faust way); ``stream.tools.bench_apps:batched`` forwards with the worker's own batch
 loop (``take_events`` with the settings' ``batch_max`` and ``batch_wait_ms``, raw producer
 sends, acks awaited per batch), so the gap between it and the worker is the cost of tagging.
 
@@ -51,7 +51,7 @@ def create_passthrough(settings: Settings, *, batched: bool = False) -> faust.Ap
 
 
 def __getattr__(name: str):
-    # `faust -A stream.bench_apps:passthrough` looks the attribute up after import.
+    # `faust -A stream.tools.bench_apps:passthrough` looks the attribute up after import.
     if name in ("passthrough", "batched"):
         app = create_passthrough(Settings.from_env(), batched=name == "batched")
         globals()[name] = app

@@ -9,7 +9,7 @@ record::
 JSON mode prints each record as one JSON line, nothing else on stdout. The consumer joins no
 group (so it never steals partitions from, or commits offsets for, anyone) and is stopped on
 the way out however :func:`tail` ends: ``limit`` reached, ``idle_s`` without records, or
-cancellation (Ctrl-C under ``asyncio.run``; ``python -m stream.tail`` exits quietly).
+cancellation (Ctrl-C under ``asyncio.run``; ``python -m stream.tools.tail`` exits quietly).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from trainer.errors import StreamError
+from stream.errors import StreamError
 
 DEFAULT_TOPIC = "tagger.labels"
 
@@ -145,7 +145,7 @@ def _preview(value: bytes | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stream.tail", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stream.tools.tail", description=__doc__.split("\n")[0])
     ap.add_argument("--bootstrap", default=os.environ.get("TAGGER_KAFKA", "127.0.0.1:9092"))
     ap.add_argument("--topic", default=DEFAULT_TOPIC)
     ap.add_argument("--json", action="store_true", help="print raw records as JSON lines")

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from stream.records import InvalidEvent, parse_event
-from trainer.errors import StreamError
+from stream.errors import ConfigError, StreamError
 from trainer.loading import LABEL, read_events
 
 DEFAULT_TOPIC = "tagger.events"
@@ -192,7 +192,7 @@ async def replay(csv_path: str | Path, bootstrap: str, topic: str = DEFAULT_TOPI
     {(session_id, event_id): step_name}`` when the file has a ``step_name`` column.
     """
     if rate is not None and not rate > 0:
-        raise ValueError(f"rate must be a positive number of events per second; got {rate!r}")
+        raise ConfigError(f"rate must be a positive number of events per second; got {rate!r}")
     frame, _ = await asyncio.to_thread(read_events, csv_path, require_label=False)
     messages, truth = replay_messages(frame, sessions=sessions, end_sessions=end_sessions)
     n_events = sum(1 for m in messages if m.get("type") != "session_end")
