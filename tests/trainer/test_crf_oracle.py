@@ -68,20 +68,20 @@ def torch_crf(a: np.ndarray, window: int | None) -> LookaheadCRF:
     return crf
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(crfs(), st.sampled_from([0, 1, 2, None]))
 def test_offline_marginals_equal_the_enumeration(ea, window):
     e, a = ea
     crf = torch_crf(a, window)
     got = crf(torch.from_numpy(e)[None], torch.tensor([len(e)]))[0].detach().exp().numpy()
-    np.testing.assert_allclose(got, oracle(e, a, window), atol=1e-9)
+    np.testing.assert_allclose(got, oracle(e, a, window), rtol=1e-6, atol=1e-9)
     # a narrower window asked for at call time (what training at a visible depth uses)
     if window is None:
         narrow = crf(torch.from_numpy(e)[None], torch.tensor([len(e)]), 1)[0].detach().exp().numpy()
-        np.testing.assert_allclose(narrow, oracle(e, a, 1), atol=1e-9)
+        np.testing.assert_allclose(narrow, oracle(e, a, 1), rtol=1e-6, atol=1e-9)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(crfs(), crfs(), st.sampled_from([0, 1, 2, None]))
 def test_padding_changes_no_session(ea, eb, window):
     (e1, a), (e2, _) = ea, eb
@@ -90,11 +90,11 @@ def test_padding_changes_no_session(ea, eb, window):
     batch[0, :len(e1)], batch[1, :len(e2)] = e1, e2
     batch[0, len(e1):] = batch[1, len(e2):] = 7.0          # padding that would show if it leaked
     out = torch_crf(a, window)(torch.from_numpy(batch), torch.tensor([len(e1), len(e2)])).detach().exp().numpy()
-    np.testing.assert_allclose(out[0, :len(e1)], oracle(e1, a, window), atol=1e-9)
-    np.testing.assert_allclose(out[1, :len(e2)], oracle(e2, a, window), atol=1e-9)
+    np.testing.assert_allclose(out[0, :len(e1)], oracle(e1, a, window), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(out[1, :len(e2)], oracle(e2, a, window), rtol=1e-6, atol=1e-9)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(crfs(), st.integers(0, 2))
 def test_streamed_marginals_equal_the_enumeration_of_what_has_arrived(ea, window):
     """``step_many`` with final emissions (enc_lookahead 0), two sessions in one batch: after
@@ -110,10 +110,12 @@ def test_streamed_marginals_equal_the_enumeration_of_what_has_arrived(ea, window
         for got, seq in zip(outs, (e, other)):
             v = min(k + 1, window + 1)
             want = [brute_marginals(seq, a, min(t + window, k) + 1)[t] for t in range(k + 1 - v, k + 1)]
-            np.testing.assert_allclose(got.detach().exp().numpy(), np.array(want), atol=1e-9)
+            # the streamed step keeps float32 buffers in places: agreement to 1e-5, far below what a
+            # window off by one event moves (1e-2 and more)
+            np.testing.assert_allclose(got.detach().exp().numpy(), np.array(want), rtol=1e-5, atol=1e-8)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(crfs(), st.sampled_from([0, 1, 2, 3, None]))
 def test_baseline_lag_marginals_equal_the_enumeration(ea, lag):
     e, a = ea
