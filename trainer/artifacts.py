@@ -78,6 +78,18 @@ def softmax_t(logits: np.ndarray, temperature: float | np.ndarray) -> np.ndarray
     return e / e.sum(-1, keepdims=True)
 
 
+def covered_by(final_probs: np.ndarray, threshold: float, first_probs: np.ndarray | None = None,
+               first_threshold: float = 1.0) -> np.ndarray:
+    """The abstention rule of final labels, one place for training, offline and live scoring:
+    an event keeps its label when its final confidence reaches ``threshold`` or (stable policy
+    with agreement: ``first_probs`` given) it was shown on arrival at ``first_threshold`` and
+    the final label is that one."""
+    keep = final_probs.max(-1) >= threshold
+    if first_probs is not None:
+        keep |= (first_probs.max(-1) >= first_threshold) & (first_probs.argmax(-1) == final_probs.argmax(-1))
+    return keep
+
+
 @dataclass
 class LoadedModel:
     """A loaded artifact: everything needed to label events, offline or live."""
@@ -136,10 +148,8 @@ class LoadedModel:
     def covered(self, final_probs: np.ndarray, first_probs: np.ndarray | None) -> np.ndarray:
         """Which events keep a label (the rest abstain), from their calibrated final and
         on-arrival probabilities (n, C) each: the rule the live worker's final records follow."""
-        keep = final_probs.max(-1) >= self.threshold
-        if self.agreement and first_probs is not None:
-            keep |= (first_probs.max(-1) >= self.first_threshold) & (first_probs.argmax(-1) == final_probs.argmax(-1))
-        return keep
+        return covered_by(final_probs, self.threshold,
+                          first_probs if self.agreement else None, self.first_threshold)
 
     def arrival_probs(self, sessions: Sequence[EncodedSession]) -> list[np.ndarray]:
         """Calibrated probabilities each event had on arrival (the depth-0 temperature)."""
@@ -221,7 +231,7 @@ class LoadedModel:
             return sids, probs, [p.max(-1) >= self.threshold for p in probs]
         sids, enc = self.encoder.transform_frame(frame, base_dir=base_dir or self.base_dir)
         probs = [softmax_t(l, self.temperature) for l in self.predict_logits(enc)]
-        first = self.arrival_probs(enc) if arrival and self.policy == "stable" else [None] * len(probs)
+        first = self.arrival_probs(enc) if arrival and self.agreement else [None] * len(probs)
         return sids, probs, [self.covered(p, f) for p, f in zip(probs, first)]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from trainer.artifacts import save_artifact, softmax_t
+from trainer.artifacts import covered_by, save_artifact, softmax_t
 from trainer.baseline import BaselineLabeller
 from trainer.config import Config, ModelConfig
 from trainer.errors import ConfigError
@@ -652,12 +652,11 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
     if p.encoded["test"]:
         logits = session_logits(fit.model, p.encoded["test"], pick_device(cfg.train.device))
         probs = np.concatenate([softmax_t(l, temperature) for l in logits])
-        covered = probs.max(-1) >= chosen["threshold"]
-        if policy["policy"] == "stable":
+        covered = covered_by(probs, chosen["threshold"])
+        if policy["policy"] == "stable" and policy["agreement"]:   # arrival labels matter only then
             first = np.concatenate([softmax_t(z, prefix["prefix_temperatures"][0]) for z in
                                     arrival_logits(fit.model, p.encoded["test"], pick_device(cfg.train.device))])
-            if policy["agreement"]:
-                covered |= (first.max(-1) >= policy["first_threshold"]) & (first.argmax(-1) == probs.argmax(-1))
+            covered = covered_by(probs, chosen["threshold"], first, policy["first_threshold"])
         gold = p.frame.set_index("session_id").loc[p.splits["test"], "step_name"].tolist()
         test_report = score(gold, probs, p.label_map.labels, chosen["threshold"], covered)
         metrics["test"] = {**test_report["offline"], "classification": test_report["classification"],
