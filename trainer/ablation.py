@@ -79,6 +79,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_depth_training": {"train": {"depth_training": False}},  # full-lookahead training only
     "split_validation": {"train": {"validation": "split"}},     # one split, not session folds
     "no_elapsed_time": {"data": {"elapsed_time": False}},       # no time since the session start
+    "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
+    "seeds3": {"train": {"ensemble_seeds": 3}},
+    "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4
+    "mix_loglik": {"train": {"mixture_criterion": "loglik"}},   # auto weights by log-likelihood
+    "seeds2_loglik": {"train": {"ensemble_seeds": 2, "mixture_criterion": "loglik"}},
 }
 
 

@@ -239,6 +239,14 @@ class TrainConfig:
     # held-out events; the arrival threshold rises or falls to keep within it.
     max_edit_overhead: float = 0.08
     val_folds: int = 4
+    # Each network candidate is trained this many times with seeds seed, seed+1, ... and its
+    # log-probabilities averaged (the CRF is deterministic: once); the members are served
+    # together as one Mixture. Session folds stay those of `seed`.
+    ensemble_seeds: int = 1
+    # model.arch auto: the held-out score the per-depth weights maximise: top-1 macro-F1 (then
+    # accuracy, then log-likelihood) or the mean log-likelihood of the true labels (smoother:
+    # less prone to fit the few held-out sessions of a small log)
+    mixture_criterion: Literal["macro_f1", "loglik"] = "macro_f1"
     seed: int = 42
     device: str = "auto"
     hpo: HPOConfig = field(default_factory=HPOConfig)
@@ -363,6 +371,8 @@ def _validate(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
     if not 0 < t.precision_target <= 1:
         raise ConfigError("train.precision_target: must be in (0, 1]")
+    if t.ensemble_seeds < 1:
+        raise ConfigError("train.ensemble_seeds: must be >= 1")
     if not 0 < t.max_edit_overhead <= 1:
         raise ConfigError("train.max_edit_overhead: must be in (0, 1] (1: no limit)")
     if not 0 <= d.test_size < 1 or not 0 <= d.val_size < 1 or d.test_size + d.val_size >= 1:

@@ -11,6 +11,7 @@ once -> artifact with manifest, metrics and plots.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -71,10 +72,12 @@ class Validated:
 
 
 def validate(args: ModelConfig, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
-             *, progress: bool = False) -> Validated:
+             *, progress: bool = False, fold_seed: int | None = None) -> Validated:
     """Fit and score on held-out sessions: on ``val`` when given (the split plan), else on
     ``cfg.train.val_folds`` session folds of ``train``, one model per fold with early stopping
-    on its held-out part (the folds plan; ``final_fit`` then trains on every session)."""
+    on its held-out part (the folds plan; ``final_fit`` then trains on every session). The
+    folds are drawn with ``fold_seed`` (default ``cfg.train.seed``): candidates validated with
+    the same one hold out the same sessions, in the same order."""
     started = time.perf_counter()
     device = pick_device(cfg.train.device)
     streamable = args.lookahead is not None and cfg.train.prefix_calibration
@@ -86,7 +89,7 @@ def validate(args: ModelConfig, train: Sequence[EncodedSession], val: Sequence[E
                          fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started,
                          list(range(len(held))))
     k = max(2, min(cfg.train.val_folds, len(train)))
-    order = np.random.default_rng(cfg.train.seed).permutation(len(train))
+    order = np.random.default_rng(cfg.train.seed if fold_seed is None else fold_seed).permutation(len(train))
     oof: list[np.ndarray | None] = [None] * len(train)
     best: list[int] = []
     depth_z: list[list[np.ndarray]] = []
@@ -141,18 +144,30 @@ def _simplex(m: int, step: float = 0.1) -> list[tuple[float, ...]]:
             if sum(combo) == n]
 
 
+def seed_group(name: str) -> str:
+    """The candidate a member belongs to: ``bilstm.2`` (the second seed) is ``bilstm``."""
+    return name.split(".", 1)[0]
+
+
 def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
     k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
     weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
     then the mean log-likelihood of the true labels, so that ties of two candidates that are
-    both perfect go to the surer one; then the weights nearest the first candidate). Held-out rows line up across candidates:
-    they were validated on the same folds."""
-    archs = list(results)
-    first = results[archs[0]]
+    both perfect go to the surer one; then the weights nearest the first candidate). A
+    candidate trained with several seeds (``bilstm``, ``bilstm.2``, ...: ``train.ensemble_seeds``)
+    is their mean log-probability; its weight is shared equally among them. Held-out rows line
+    up across candidates: they were validated on the same folds."""
+    members = list(results)
+    groups: dict[str, list[str]] = {}
+    for m in members:
+        groups.setdefault(seed_group(m), []).append(m)
+    archs = list(groups)
+    first = results[members[0]]
     L = first.args.lookahead
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
     grid = _simplex(len(archs))
+    by_loglik = first.cfg.train.mixture_criterion == "loglik"
 
     def score(zs, y, w):
         keep = y != IGNORE
@@ -164,40 +179,64 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
 
     rows = []
     for k in depths or [None]:
-        if k is None or k == L:                   # final labels: every held-out event
-            y = np.concatenate(first.labels)
-            zs = [_log_softmax(np.concatenate(results[a].logits)) for a in archs]
-        else:
-            y = first.depth_logits[1][k]
-            zs = [_log_softmax(results[a].depth_logits[0][k]) for a in archs]
-        for a in archs:
-            got = np.concatenate(results[a].labels) if (k is None or k == L) else results[a].depth_logits[1][k]
+        final = k is None or k == L               # final labels: every held-out event
+        y = np.concatenate(first.labels) if final else first.depth_logits[1][k]
+        for m in members:
+            got = np.concatenate(results[m].labels) if final else results[m].depth_logits[1][k]
             if not np.array_equal(got, y):
-                raise AssertionError(f"held-out rows of {a} do not line up with {archs[0]}'s")
+                raise AssertionError(f"held-out rows of {m} do not line up with {members[0]}'s")
+
+        def member_z(m: str) -> np.ndarray:
+            return _log_softmax(np.concatenate(results[m].logits) if final else results[m].depth_logits[0][k])
+        zs = [sum(member_z(m) for m in groups[a]) / len(groups[a]) for a in archs]
         singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
                    for i, a in enumerate(archs)}
         scored = {w: score(zs, y, w) for w in grid}
-        best = max(grid, key=lambda w: (*scored[w], w))
-        rows.append({"k": k if k is not None else L, "weights": dict(zip(archs, best)),
+        if by_loglik:
+            best = max(grid, key=lambda w: (scored[w][2], scored[w][0], w))
+        else:
+            best = max(grid, key=lambda w: (*scored[w], w))
+        rows.append({"k": k if k is not None else L,
+                     "weights": {m: best[archs.index(seed_group(m))] / len(groups[seed_group(m)]) for m in members},
                      "macro_f1": scored[best][0], "accuracy": scored[best][1], "loglik": scored[best][2],
                      "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc, _) in singles.items()}})
-    weights = [[r["weights"][a] for a in archs] for r in rows]
-    used = [a for i, a in enumerate(archs) if any(w[i] > 0 for w in weights)]
-    return {"candidates": {a: v.scores(names) for a, v in results.items()}, "depths": rows,
-            "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
-            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
+    weights = [[r["weights"][m] for m in members] for r in rows]
+    used = [m for i, m in enumerate(members) if any(w[i] > 0 for w in weights)]
+    return {"candidates": {a: _group_scores([results[m] for m in groups[a]], names) for a in archs},
+            "depths": rows, "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
+            "criterion": ("held-out mean log-likelihood" if by_loglik else "held-out top-1 macro-F1")
+                         + " per visible depth, weights on a 0.1 grid"}
+
+
+def _group_scores(vs: Sequence[Validated], names: Sequence[str]) -> dict[str, Any]:
+    """``Validated.scores`` of a candidate trained with one or more seeds (mean log-probabilities)."""
+    if len(vs) == 1:
+        return vs[0].scores(names)
+    first = vs[0]
+
+    def mean(zs: Sequence[np.ndarray]) -> np.ndarray:
+        return sum(_log_softmax(z) for z in zs) / len(zs)
+    depth = None
+    if all(v.depth_logits for v in vs):
+        depth = ([mean([v.depth_logits[0][d] for v in vs]) for d in range(len(first.depth_logits[0]))],
+                 first.depth_logits[1])
+    joint = dataclasses.replace(first, logits=[mean([v.logits[j] for v in vs]) for j in range(len(first.logits))],
+                                depth_logits=depth, seconds=sum(v.seconds for v in vs))
+    return {**joint.scores(names), "seeds": len(vs)}
 
 
 def auto_table(info: dict[str, Any]) -> list[str]:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
     lines = ["model.arch auto: validated " + ", ".join(
-        f"{a} ({r['seconds']:.0f} s)" for a, r in info["candidates"].items())
+        f"{a}" + (f" x{r['seeds']} seeds" if r.get("seeds") else "") + f" ({r['seconds']:.0f} s)"
+        for a, r in info["candidates"].items())
         + "; held-out top-1 macro-F1 by visible later events k, each alone and combined:"]
     archs = list(info["candidates"])
     for r in info["depths"]:
         alone = ", ".join(f"{a} {f(r['alone'][a]['macro_f1'])}" for a in archs)
-        w = " + ".join(f"{r['weights'][a]:.1f} {a}" for a in archs if r["weights"][a] > 0)
+        group = {a: sum(w for m, w in r["weights"].items() if seed_group(m) == a) for a in archs}
+        w = " + ".join(f"{group[a]:.1f} {a}" for a in archs if group[a] > 0)
         lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w})")
     lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
@@ -584,10 +623,12 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         archs = list(cfg.model.auto_archs) if arch == "auto" else [arch]
         results: dict[str, Validated] = {}
         for a in archs:
-            acfg = cfg.replace(model={"arch": a})
-            results[a] = validate(model_args(p.encoder.spec(), len(p.label_map), acfg), p.encoded["train"],
-                                  p.encoded["val"], acfg, progress=progress)
-        if arch == "auto":
+            for i in range(1 if a == "crf" else cfg.train.ensemble_seeds):   # CRFsuite is deterministic
+                acfg = cfg.replace(model={"arch": a}, train={"seed": cfg.train.seed + i})
+                results[a if i == 0 else f"{a}.{i + 1}"] = validate(
+                    model_args(p.encoder.spec(), len(p.label_map), acfg), p.encoded["train"], p.encoded["val"],
+                    acfg, progress=progress, fold_seed=cfg.train.seed)
+        if arch == "auto" or len(results) > 1:
             auto_info = choose_mixture(results, p.label_map.labels)
             for line in auto_table(auto_info):
                 echo(line)

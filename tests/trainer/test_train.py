@@ -109,3 +109,51 @@ def test_auto_breaks_a_tie_of_perfect_candidates_towards_the_surer_one():
     row = info["depths"][0]
     assert row["macro_f1"] == 1.0 and row["alone"]["bilstm"]["macro_f1"] == 1.0
     assert row["weights"]["crf"] > row["weights"]["bilstm"]
+
+
+def test_auto_averages_the_seeds_of_a_candidate_and_shares_its_weight():
+    """Two seeds of one network, each wrong on a different third of the events: their mean
+    log-probability is right everywhere, so the candidate is scored (and weighted) as their
+    average, each seed carrying half of its weight into the served Mixture."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, auto_table, choose_mixture
+    y = np.arange(300) % 3
+    idx = np.arange(len(y))
+
+    def member(wrong):
+        z = np.zeros((len(y), 3))
+        z[idx, y] = 2.0
+        z[wrong, (y[wrong] + 1) % 3] = 3.0        # a confident mistake on these events
+        return Validated(args=ModelConfig(n_labels=3, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
+                         logits=[z], labels=[y], depth_logits=None, epochs=1, best_epochs=[1])
+    crf = member(idx[idx % 2 == 0])               # wrong on half of them
+    info = choose_mixture({"bilstm": member(idx[idx < 100]), "crf": crf, "bilstm.2": member(idx[idx >= 200])},
+                          ["a", "b", "c"])
+    row = info["depths"][0]
+    assert row["alone"]["bilstm"]["macro_f1"] == 1.0 and row["alone"]["crf"]["macro_f1"] < 0.8
+    assert row["weights"]["bilstm"] == row["weights"]["bilstm.2"] == 0.5 and row["weights"]["crf"] == 0.0
+    assert info["members"] == ["bilstm", "bilstm.2"] and info["chosen"] == "mixture"
+    assert info["candidates"]["bilstm"]["seeds"] == 2 and set(info["candidates"]) == {"bilstm", "crf"}
+    assert "bilstm x2 seeds" in auto_table(info)[0] and "1.0 bilstm" in auto_table(info)[1]
+
+
+def test_a_network_trained_with_two_seeds_is_served_as_their_mixture(tmp_path):
+    """``train.ensemble_seeds: 2``: two BiLSTMs from different seeds (different weights),
+    saved as one Mixture that streams exactly like its offline forward pass."""
+    import json
+
+    from tagger.cli import main
+    from tests.helpers import make_log, train_tiny
+    from trainer.artifacts import load_artifact
+    data = make_log(tmp_path, 60, 5)
+    out = train_tiny(data, tmp_path / "m", model={"arch": "bilstm"}, train={"epochs": 2, "ensemble_seeds": 2})
+    loaded = load_artifact(out)
+    members = loaded.model.members
+    assert len(members) == 2
+    w0, w1 = (next(m.parameters()).detach() for m in members)
+    assert not np.allclose(w0.numpy(), w1.numpy())
+    assert json.loads((out / "metrics.json").read_text())["auto"]["members"] == ["bilstm", "bilstm.2"]
+    test = make_log(tmp_path, 10, 6)
+    assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json"),
+                 "--streaming"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
