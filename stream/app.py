@@ -141,14 +141,53 @@ class WorkerService:
         gc.freeze()
         self.model_ready.set()
 
+    @property
+    def unacknowledged(self) -> int:
+        """Records sent (or to send) that the broker has not acknowledged yet."""
+        return len(self._outbox.messages) if self._outbox is not None else 0
+
+    async def drain(self, timeout_s: float = 2.0) -> bool:
+        """Before a shutdown: wait up to ``timeout_s`` for the batch in progress and any held
+        output to go through, then check the broker. True when nothing is left in flight and
+        the broker answers (Faust's own stop may then commit and leave the group); False when
+        the broker is unreachable, and a stop that waits for it would hang."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            await asyncio.wait_for(self.lock.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            return False   # a batch is still waiting for its acks
+        try:
+            if self._outbox is not None:
+                try:
+                    await asyncio.wait_for(self._flush_outbox(), max(0.1, deadline - time.monotonic()))
+                except Exception:
+                    return False
+            try:
+                await asyncio.wait_for(self._probe_broker(), max(0.5, deadline - time.monotonic()))
+            except Exception:
+                return False
+            return True
+        finally:
+            self.lock.release()
+
     async def stop(self) -> None:
-        # bounded: with the broker or Redis gone, a stop must not wait for them
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._flush_outbox(), 3.0)
+        """Bounded: with the broker or Redis gone, a stop must not wait for them. Output the
+        broker has not acknowledged is given up, never saved as done: its batch's offsets are
+        not committed and its sessions stay in Redis as of their last delivered records, so
+        the next owner labels those events again (the records it emits are exact repeats of
+        any that did arrive)."""
+        if self._outbox is not None and not self.lock.locked():
+            # (a batch holding the lock is still waiting on these sends: sending them again
+            # would put a second copy in the producer's queue)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_outbox(), 3.0)
         if self._store_stale and self.live is not None:
             self._last_rewrite = 0.0
+            # last chance to hand the sessions on, but none whose output is undelivered:
+            # memory is ahead of the labels for those, and the next owner would skip the events
+            held = self._outbox.touched if self._outbox is not None else set()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._persist([], []), 3.0)  # last chance to hand the sessions on
+                await asyncio.wait_for(self._persist([], [], skip=held), 3.0)
         if self._probe is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._probe.close(), 2.0)
@@ -403,7 +442,7 @@ class WorkerService:
         if self._finals:
             self.metrics.coverage.set(sum(self._finals) / len(self._finals))
 
-    async def _persist(self, touched, closed) -> None:
+    async def _persist(self, touched, closed, *, skip: set[str] = frozenset()) -> None:
         """Write the touched sessions through to the store (their changes since the last
         snapshot), then forget the closed ones. After a store failure every session held in
         memory is rewritten in full instead, at most once a second until it succeeds: deltas
@@ -415,7 +454,7 @@ class WorkerService:
             if time.monotonic() - self._last_rewrite < 1.0:
                 return
             self._last_rewrite = time.monotonic()
-            sids = list(self.live.sessions)
+            sids = [sid for sid in self.live.sessions if sid not in skip]
             marks = self.live.pending_deltas(sids)
             snaps = [self._full_snapshot(sid) for sid in sids]
         else:
@@ -432,7 +471,7 @@ class WorkerService:
             return
         self._redis_ok_at = time.monotonic()
         self.live.saved(marks)
-        if self._store_stale:
+        if self._store_stale and not skip & self.live.sessions.keys():
             log.info("session store back: rewrote %d sessions held in memory", len(snaps))
             self._store_stale = False
             self.live.evict_enabled = True

@@ -39,22 +39,52 @@ def cmd_worker(args) -> int:
 
 
 SHUTDOWN_TIMEOUT_S = 10.0
+# How long a stop waits for the batch in progress to be acknowledged before it decides that
+# the broker is unreachable.
+DRAIN_TIMEOUT_S = 2.0
 
 
 def _bounded_stop_worker_class():
     import faust
 
     class BoundedStopWorker(faust.Worker):
-        """A Faust worker whose shutdown is bounded: with the broker gone, Faust's stop waits
-        for commits and producer flushes for a minute or more. After SIGTERM/SIGINT the
-        process exits within ``SHUTDOWN_TIMEOUT_S`` whatever it waits for; nothing is lost
-        (offsets not committed are redelivered to the next worker, records deduplicate)."""
+        """A Faust worker that stops promptly whether or not the broker answers.
+
+        On SIGTERM/SIGINT the batch in progress gets ``DRAIN_TIMEOUT_S`` to be acknowledged,
+        then the broker is checked (``WorkerService.drain``). If it answers, Faust's own stop
+        runs (offsets of finished batches committed, the group left). If not, that stop would
+        wait for the broker (a commit, the producer's flush) for minutes, so the worker stops
+        without it and exits 0: its sessions are in Redis as of their last acknowledged
+        records, nothing more is committed, and the next owner is redelivered the unfinished
+        batch. ``SHUTDOWN_TIMEOUT_S`` stays the last resort: whatever hangs, the process exits
+        (code 1) by then."""
 
         def _schedule_shutdown(self, signal) -> None:  # mode.Worker's hook for every stop signal
-            _exit_after(SHUTDOWN_TIMEOUT_S)
+            if not self._signal_stop_time:
+                _exit_after(SHUTDOWN_TIMEOUT_S)
             super()._schedule_shutdown(signal)
 
+        async def _stop_on_signal(self, signal) -> None:
+            service = getattr(self.app, "worker_service", None)
+            if service is not None and not await service.drain(DRAIN_TIMEOUT_S):
+                await _stop_without_broker(service, signal)
+            await super()._stop_on_signal(signal)
+
     return BoundedStopWorker
+
+
+async def _stop_without_broker(service, signal) -> None:
+    """The broker is unreachable: stop the worker's own service (Redis written, closed) and
+    exit 0 without Faust's stop, which would wait for the broker to commit and flush."""
+    import os
+    log = logging.getLogger("tagger")
+    held = service.unacknowledged
+    await service.stop()
+    log.warning("%s: the broker is unreachable; stopped without committing%s", signal.name,
+                f" ({held} records not acknowledged: their batch is redelivered to the next owner)"
+                if held else "")
+    logging.shutdown()
+    os._exit(0)   # exits from here: nothing after this may commit the unfinished batch's offsets
 
 
 def _exit_after(seconds: float) -> None:

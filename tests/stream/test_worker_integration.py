@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -456,3 +457,82 @@ def test_health_and_readiness(tmp_path, settings_factory, faust_worker, tiny_mod
     assert info["model_version"] == _version(tiny_model)
     assert worker.proc.poll() is None
 
+
+
+def test_sigterm_while_the_broker_is_unreachable_stops_cleanly_and_loses_nothing(
+        tmp_path, settings_factory, tiny_model, heldout_log):
+    """The broker stops answering mid-stream (SIGSTOP: connections hang, as in a network
+    partition) and the worker is told to stop. It must exit 0 within a few seconds (not by
+    the 10 s watchdog), with the sessions it had labelled in Redis and without committing the
+    batch the broker never acknowledged: once the broker is back, a successor gives every
+    event its final. A broker of this test's own, so that stopping it disturbs no other."""
+    import redis as redis_sync
+
+    from stream.session_store import session_key
+    from stream.tools.processes import WorkerProcess
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack, ensure_topics
+
+    base = settings_factory(create_topics=False)
+    with embedded_stack(tmp_path / "stack", redis_url=base.redis_url) as info:
+        broker = info["components"]["kafka"]["pid"]
+        settings = dataclasses.replace(
+            base, kafka=info["kafka"], security_protocol="PLAINTEXT", kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S,
+            artifacts_dir=serving_root(tmp_path, tiny_model), web_port=free_port(), inactivity_s=300)
+        ensure_topics(settings)
+        messages, events, _ = _traffic(heldout_log, 12)
+        # `tagger worker`, the production entry point (its stop is the one under test)
+        first = WorkerProcess.start(settings, tmp_path / "worker-1.log")
+        second = None
+        stopped = False
+        try:
+            first.wait_ready()
+
+            async def main():
+                async with Tail(settings, settings.output_topic) as tail:
+                    publishing = asyncio.create_task(_publish(settings, messages, rate=40))
+                    await tail.until(lambda: len(tail.records) >= 30, "labels before the outage")
+                    labelled = {r["session_id"] for r in tail.records}
+                    await asyncio.sleep(1.0)  # their write-through follows the broker's ack
+                    nonlocal stopped
+                    os.kill(broker, signal.SIGSTOP)
+                    stopped = True
+                    assert not publishing.done(), "the outage came after the last event was published"
+                    await _wait_for(lambda: _http(settings.web_port, "/readyz")[0] == 503,
+                                    "/readyz 503 after the broker stopped")
+                    t0 = time.monotonic()
+                    first.proc.send_signal(signal.SIGTERM)
+                    code = await asyncio.to_thread(first.proc.wait, 30)
+                    exit_s = time.monotonic() - t0
+                    os.kill(broker, signal.SIGCONT)
+                    stopped = False
+                    nonlocal second
+                    second = WorkerProcess.start(settings, tmp_path / "worker-2.log")
+                    await asyncio.to_thread(second.wait_ready)
+                    await publishing
+                    await tail.until(_all_final(tail, events), "final for every event after the restart")
+                    await tail.settle()
+                    return code, exit_s, labelled, tail.records
+
+            code, exit_s, labelled, records = _run(main())
+        finally:
+            if stopped:
+                os.kill(broker, signal.SIGCONT)
+            for w in (first, second):
+                if w is not None:
+                    w.stop()
+    log_text = first.log_text()
+    print(f"exit {code} after {exit_s:.1f} s; {len(labelled)} sessions labelled before the outage; "
+          f"{len(records)} records for {len(events)} events\n{log_text[-1500:]}")
+    assert code == 0, log_text[-3000:]
+    assert exit_s < 8.0, f"took {exit_s:.1f} s to exit"
+    assert "did not finish within" not in log_text
+    client = redis_sync.Redis.from_url(settings.redis_url)
+    try:
+        missing = [sid for sid in labelled
+                   if not client.exists(session_key(settings.redis_prefix, sid, "meta"))]
+    finally:
+        client.close()
+    assert not missing, f"sessions labelled before the stop but not in Redis: {missing}"
+    unique = {(r["session_id"], r["event_id"], r["revision"]): r for r in records}
+    deduped = sorted(unique.values(), key=lambda r: (r["session_id"], r["seq"], r["revision"]))
+    _assert_contract(deduped, events)

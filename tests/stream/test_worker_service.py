@@ -8,6 +8,7 @@ survive any exception."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -24,7 +25,9 @@ from trainer.loading import read_events
 
 
 class Producer:
-    """Records sends; ``fail_acks`` sends in a row get a failed ack (a broker going away)."""
+    """Records sends; ``fail_acks`` sends in a row get a failed ack (a broker going away);
+    while ``hold`` is set no ack comes at all (a broker that stopped answering), and every
+    send is kept in ``held``."""
 
     def __init__(self):
         self.sent: list[tuple[str, bytes | None, bytes]] = []
@@ -32,10 +35,15 @@ class Producer:
         self.fail_at: set[int] = set()   # these sends (0-based, over all calls) get a failed ack
         self.calls = 0
         self.failed: list[tuple[str, bytes | None, bytes]] = []
+        self.hold = False
+        self.held: list[tuple[str, bytes | None, bytes]] = []
 
     async def send(self, topic, key, value, partition, timestamp, headers):
         fut = asyncio.get_running_loop().create_future()
         call, self.calls = self.calls, self.calls + 1
+        if self.hold:
+            self.held.append((topic, key, value))
+            return fut
         if self.fail_acks > 0 or call in self.fail_at:
             from aiokafka.errors import KafkaTimeoutError
             self.fail_acks = max(0, self.fail_acks - 1)
@@ -182,6 +190,35 @@ def test_a_retry_resends_only_the_unacknowledged_records_in_session_order(servic
         last[(r["session_id"], r["event_id"])] = r
     assert all(r["final"] for r in last.values())
     assert service.metrics.infra_errors.labels(component="kafka")._value.get() >= 1
+
+
+def test_a_stop_while_a_batch_waits_for_its_acks_sends_nothing_twice_and_saves_none_of_it(
+        service, messages):
+    """SIGTERM during a broker outage, while a batch waits for acks that do not come. Its
+    records are in the producer's queue already: sending them again would put a second copy
+    there, and both arrive if the broker answers before the process is gone (exact repeats
+    of finals). Its sessions must not be written to Redis either, even by the full rewrite
+    that follows a Redis failure: memory is ahead of the delivered labels, and the next
+    owner would skip the batch's events as already seen (finals lost)."""
+    async def main():
+        service.producer.hold = True
+        batch = asyncio.create_task(service.handle(_events(messages)))
+        for _ in range(200):
+            if service.producer.held and service.unacknowledged:
+                break
+            await asyncio.sleep(0.05)
+        assert service.producer.held, "the batch never reached the producer"
+        assert not await service.drain(0.3)   # the batch holds on: the broker is unreachable
+        service._store_stale = True           # and Redis had failed before: stop() rewrites
+        await service.stop()
+        batch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await batch
+
+    asyncio.run(main())
+    sends = Counter((t, k, v) for t, k, v in service.producer.held)
+    assert sends and max(sends.values()) == 1, "stop() sent a record a second time"
+    assert not service.mem.meta, "sessions of an undelivered batch were written to the store"
 
 
 def test_a_message_keyed_by_another_session_or_by_nothing_is_dead_lettered(service, messages):
