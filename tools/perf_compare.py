@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +41,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream import bench as B  # noqa: E402  (the repository root goes on the path first)
+from stream.tools import bench as B  # noqa: E402  (the repository root goes on the path first)
 
 
-def _fixtures(out: Path) -> tuple[B.BenchConfig, Path, Path]:
-    cfg = B.BenchConfig.for_mode(True, out)
+def _fixtures(out: Path, full: bool = False) -> tuple[B.BenchConfig, Path, Path]:
+    """The bench's generated pool and served model: quick mode's small BiLSTM, or with
+    ``full`` the default one a full ``tagger bench`` serves (trained on first use)."""
+    cfg = B.BenchConfig.for_mode(not full, out)
     for sub in ("logs", "models", "data"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     pool = B._generated(out / "data", cfg.pool_sessions, cfg.seed, "pool")
@@ -61,7 +65,7 @@ def paced(args: argparse.Namespace) -> None:
     from stream.tools.stack import embedded_stack, ensure_topics
     from trainer.artifacts import promote
     out = Path(args.out)
-    cfg, pool, model_dir = _fixtures(out)
+    cfg, pool, model_dir = _fixtures(out, args.full)
     cfg = dataclasses.replace(cfg, load_seconds=args.seconds)
     trees = dict(t.split("=", 1) for t in args.tree)
     runs: dict[str, list[dict]] = {name: [] for name in trees}
@@ -91,9 +95,13 @@ def paced(args: argparse.Namespace) -> None:
                     proc = h._start(s, f"perf-{name}-{r}", module=module)
                     proc.wait_ready(120)
                 time.sleep(2.0)
+                spy = _sampler(proc.proc.pid, out / "profiles" / f"{name}-{r}.txt") if args.profile else None
                 c0 = _cpu_seconds(proc.proc.pid)
                 _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not path.startswith("faust"))
                 run["cpu_ms_per_event"] = 1000 * (_cpu_seconds(proc.proc.pid) - c0) / run["events"]
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(30)
                 proc.stop()
                 runs[name].append(run)
                 print(f"{name} run {r + 1}: p50 {1000 * run['p50_s']:.0f} p95 {1000 * run['p95_s']:.0f} "
@@ -105,6 +113,34 @@ def paced(args: argparse.Namespace) -> None:
               f"  CPU {med['cpu_ms_per_event']:.3f} ms/event")
 
 
+def _sampler(pid: int, raw: Path) -> subprocess.Popen:
+    """py-spy on ``pid`` (every thread on CPU, 250 Hz), raw collapsed stacks into ``raw``; read
+    them with ``python tools/perf_compare.py top FILE``. Its own CPU is another process's, so
+    the worker's CPU per event is unaffected (the machine's load is not)."""
+    import shutil
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(raw),
+                             "--rate", "250", "--threads", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return proc
+
+
+def top(args: argparse.Namespace) -> None:
+    """The busiest threads and functions of raw py-spy profiles (several files: summed)."""
+    import re
+    text = "\n".join(Path(f).read_text(errors="replace") for f in args.files)
+    # frames of another source tree (a worktree of the old commit) read as this one's
+    text = re.sub(r"\(/[^();]*?/(stream|trainer|tagger)/", r"(\1/", text)
+    summ = B.summarize_pyspy(text, top=args.top)
+    print(f"{summ['samples']} busy samples ({summ['idle_samples']} idle)")
+    for title, key in (("threads", "threads"), ("self", "self"), ("inclusive (project code)", "inclusive")):
+        print(f"-- {title}")
+        for row in summ[key]:
+            print(f"  {row['percent']:5.1f}%  {row['function']}")
+
+
 def parts(args: argparse.Namespace) -> None:
     import torch
 
@@ -113,7 +149,7 @@ def parts(args: argparse.Namespace) -> None:
     from stream.tagging import LiveTagger
     from trainer.artifacts import load_artifact
     torch.set_num_threads(1)
-    _, pool, model_dir = _fixtures(Path(args.out))
+    _, pool, model_dir = _fixtures(Path(args.out), args.full)
     msgs = B._stage_messages(B._template(pool), args.events, "parts")
     raws = [B._kv(m)[1] for m in msgs]
     tagger = LiveTagger(load_artifact(model_dir))
@@ -180,6 +216,8 @@ def step(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "perf"), help="pool, model and logs")
+    ap.add_argument("--full", action="store_true", help="serve the default model of a full bench "
+                    "(and its pool), not quick mode's small one")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("paced", help="latency and CPU per event of workers from several source trees")
     p.add_argument("--tree", action="append", required=True, help="NAME=PATH[:BATCH_WAIT_MS], NAME=faust, "
@@ -187,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=700.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--profile", action="store_true", help="sample each worker with py-spy into OUT/profiles/")
+    t = sub.add_parser("top", help="summarise raw py-spy profiles (from paced --profile)")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--top", type=int, default=25)
     q = sub.add_parser("parts", help="in-process CPU per event of each step of a batch")
     q.add_argument("--batch", type=int, default=10)
     q.add_argument("--events", type=int, default=6000)
@@ -195,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--arch", default="bilstm")
     r.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args(argv)
-    {"paced": paced, "parts": parts, "step": step}[args.cmd](args)
+    {"paced": paced, "parts": parts, "step": step, "top": top}[args.cmd](args)
 
 
 if __name__ == "__main__":
