@@ -163,6 +163,10 @@ class LiveTagger:
                 p.probs = None
 
     # ---- events -------------------------------------------------------------------------
+    # inference_mode, not just the model's no_grad: tensors skip version counting and view
+    # tracking, which is much of a live step's cost (hundreds of small ops per round). The
+    # states it makes are inference tensors, used only here.
+    @torch.inference_mode()
     def process(self, events: Sequence[Any], partitions: Sequence[Optional[int]] | None = None) -> ProcessResult:
         """Tag a batch of parsed events (``stream.records.EventIn``).
 
@@ -232,6 +236,7 @@ class LiveTagger:
         self._evict(out.touched)
         return out
 
+    @torch.inference_mode()
     def finalize(self, session_ids: Iterable[str]) -> list[dict[str, Any]]:
         """End sessions (inactivity timeout): held events are labelled, then every pending
         event gets its final record."""
