@@ -163,7 +163,7 @@ class WorkerService:
                 except Exception:
                     return False
             try:
-                await asyncio.wait_for(self._probe_broker(), max(0.5, deadline - time.monotonic()))
+                await asyncio.wait_for(self._probe_broker(), max(1.5, deadline - time.monotonic()))
             except Exception:
                 return False
             return True
