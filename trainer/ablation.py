@@ -82,8 +82,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
     "seeds3": {"train": {"ensemble_seeds": 3}},
     "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4
-    "mix_loglik": {"train": {"mixture_criterion": "loglik"}},   # auto weights by log-likelihood
-    "seeds2_loglik": {"train": {"ensemble_seeds": 2, "mixture_criterion": "loglik"}},
+    "dropout4": {"model": {"dropout": 0.4}},                    # stronger regularisation
+    "wd1e3": {"train": {"weight_decay": 1e-3}},
 }
 
 

@@ -243,10 +243,6 @@ class TrainConfig:
     # log-probabilities averaged (the CRF is deterministic: once); the members are served
     # together as one Mixture. Session folds stay those of `seed`.
     ensemble_seeds: int = 1
-    # model.arch auto: the held-out score the per-depth weights maximise: top-1 macro-F1 (then
-    # accuracy, then log-likelihood) or the mean log-likelihood of the true labels (smoother:
-    # less prone to fit the few held-out sessions of a small log)
-    mixture_criterion: Literal["macro_f1", "loglik"] = "macro_f1"
     seed: int = 42
     device: str = "auto"
     hpo: HPOConfig = field(default_factory=HPOConfig)

@@ -167,7 +167,6 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
     L = first.args.lookahead
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
     grid = _simplex(len(archs))
-    by_loglik = first.cfg.train.mixture_criterion == "loglik"
 
     def score(zs, y, w):
         keep = y != IGNORE
@@ -192,10 +191,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
         singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
                    for i, a in enumerate(archs)}
         scored = {w: score(zs, y, w) for w in grid}
-        if by_loglik:
-            best = max(grid, key=lambda w: (scored[w][2], scored[w][0], w))
-        else:
-            best = max(grid, key=lambda w: (*scored[w], w))
+        best = max(grid, key=lambda w: (*scored[w], w))
         rows.append({"k": k if k is not None else L,
                      "weights": {m: best[archs.index(seed_group(m))] / len(groups[seed_group(m)]) for m in members},
                      "macro_f1": scored[best][0], "accuracy": scored[best][1], "loglik": scored[best][2],
@@ -204,8 +200,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
     used = [m for i, m in enumerate(members) if any(w[i] > 0 for w in weights)]
     return {"candidates": {a: _group_scores([results[m] for m in groups[a]], names) for a in archs},
             "depths": rows, "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
-            "criterion": ("held-out mean log-likelihood" if by_loglik else "held-out top-1 macro-F1")
-                         + " per visible depth, weights on a 0.1 grid"}
+            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
 
 
 def _group_scores(vs: Sequence[Validated], names: Sequence[str]) -> dict[str, Any]:
