@@ -281,12 +281,17 @@ class LookaheadLSTM(nn.Module):
             rows = torch.nonzero(k < lf).squeeze(1)
             if rows.numel() == 0:
                 break
-            gates = gx[base[rows] + lf[rows] - 1 - k] + F.linear(h[rows], cell.weight_hh, cell.bias_hh)
-            gi, gf, gg, go = gates.chunk(4, 1)
-            c_new = torch.sigmoid(gf) * c[rows] + torch.sigmoid(gi) * torch.tanh(gg)
-            h = h.index_copy(0, rows, torch.sigmoid(go) * torch.tanh(c_new))
+            h_new, c_new = self._cell(gx[base[rows] + lf[rows] - 1 - k], h[rows], c[rows])
+            h = h.index_copy(0, rows, h_new)
             c = c.index_copy(0, rows, c_new)
         return h.reshape(B, T, H)
+
+    def _cell(self, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one step of the backward cell (nn.LSTMCell's gates) given its input half gx (N, 4H)
+        cell = self.bwd
+        gi, gf, gg, go = (gx + F.linear(h, cell.weight_hh, cell.bias_hh)).chunk(4, 1)
+        c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+        return torch.sigmoid(go) * torch.tanh(c), c
 
     def full_backward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
@@ -327,16 +332,21 @@ class LookaheadLSTM(nn.Module):
         xs = torch.cat([torch.stack([s["x"] for s in states])[:, 1:], x_new[:, None]], 1)  # (B, K, H)
         fs = torch.cat([torch.stack([s["f"] for s in states])[:, 1:], f_new], 1)
         counts = [min(s["k"] + 1, K) for s in states]
-        lengths = torch.tensor(counts)
-        T = max(counts)
-        # left-align each session's valid rows (backward_windows pads at the end)
-        idx = (K - lengths[:, None] + torch.arange(T)[None]).clamp(max=K - 1).to(x_new.device)
-        idx = idx[..., None].expand(B, T, H)
-        b = self.backward_windows(torch.gather(xs, 1, idx), lengths)  # (B, T, H)
-        out = torch.cat([torch.gather(fs, 1, idx), b], -1)             # (B, T, 2H)
+        # Every window of the buffer ends at the newest event (nothing later has arrived), so
+        # each position's backward state is one reverse scan's state there: a scan from the
+        # newest row back to the oldest any session has gives every window at once (rows
+        # before a session's start are computed from padding and dropped below).
+        gx = F.linear(xs, self.bwd.weight_ih, self.bwd.bias_ih)       # (B, K, 4H)
+        hb = cb = x_new.new_zeros(B, H)
+        b = []
+        for r in range(K - 1, K - 1 - max(counts), -1):
+            hb, cb = self._cell(gx[:, r], hb, cb)
+            b.append(hb)
+        b = torch.stack(b[::-1], 1)                                    # (B, max(counts), H)
+        out = torch.cat([fs[:, K - b.shape[1]:], b], -1)               # (B, max(counts), 2H)
         new_states = [{"h": h2[:, i], "c": c2[:, i], "x": xs[i], "f": fs[i], "k": n}
                       for i, n in enumerate(counts)]
-        return new_states, [out[i, :n] for i, n in enumerate(counts)]
+        return new_states, [out[i, out.shape[1] - n:] for i, n in enumerate(counts)]
 
 
 class Block(nn.Module):
