@@ -281,12 +281,17 @@ class LookaheadLSTM(nn.Module):
             rows = torch.nonzero(k < lf).squeeze(1)
             if rows.numel() == 0:
                 break
-            gates = gx[base[rows] + lf[rows] - 1 - k] + F.linear(h[rows], cell.weight_hh, cell.bias_hh)
-            gi, gf, gg, go = gates.chunk(4, 1)
-            c_new = torch.sigmoid(gf) * c[rows] + torch.sigmoid(gi) * torch.tanh(gg)
-            h = h.index_copy(0, rows, torch.sigmoid(go) * torch.tanh(c_new))
+            h_new, c_new = self._cell(gx[base[rows] + lf[rows] - 1 - k], h[rows], c[rows])
+            h = h.index_copy(0, rows, h_new)
             c = c.index_copy(0, rows, c_new)
         return h.reshape(B, T, H)
+
+    def _cell(self, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one step of the backward cell (nn.LSTMCell's gates) given its input half gx (N, 4H)
+        cell = self.bwd
+        gi, gf, gg, go = (gx + F.linear(h, cell.weight_hh, cell.bias_hh)).chunk(4, 1)
+        c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+        return torch.sigmoid(go) * torch.tanh(c), c
 
     def full_backward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
@@ -327,16 +332,21 @@ class LookaheadLSTM(nn.Module):
         xs = torch.cat([torch.stack([s["x"] for s in states])[:, 1:], x_new[:, None]], 1)  # (B, K, H)
         fs = torch.cat([torch.stack([s["f"] for s in states])[:, 1:], f_new], 1)
         counts = [min(s["k"] + 1, K) for s in states]
-        lengths = torch.tensor(counts)
-        T = max(counts)
-        # left-align each session's valid rows (backward_windows pads at the end)
-        idx = (K - lengths[:, None] + torch.arange(T)[None]).clamp(max=K - 1).to(x_new.device)
-        idx = idx[..., None].expand(B, T, H)
-        b = self.backward_windows(torch.gather(xs, 1, idx), lengths)  # (B, T, H)
-        out = torch.cat([torch.gather(fs, 1, idx), b], -1)             # (B, T, 2H)
+        # Every window of the buffer ends at the newest event (nothing later has arrived), so
+        # each position's backward state is one reverse scan's state there: a scan from the
+        # newest row back to the oldest any session has gives every window at once (rows
+        # before a session's start are computed from padding and dropped below).
+        gx = F.linear(xs, self.bwd.weight_ih, self.bwd.bias_ih)       # (B, K, 4H)
+        hb = cb = x_new.new_zeros(B, H)
+        b = []
+        for r in range(K - 1, K - 1 - max(counts), -1):
+            hb, cb = self._cell(gx[:, r], hb, cb)
+            b.append(hb)
+        b = torch.stack(b[::-1], 1)                                    # (B, max(counts), H)
+        out = torch.cat([fs[:, K - b.shape[1]:], b], -1)               # (B, max(counts), 2H)
         new_states = [{"h": h2[:, i], "c": c2[:, i], "x": xs[i], "f": fs[i], "k": n}
                       for i, n in enumerate(counts)]
-        return new_states, [out[i, :n] for i, n in enumerate(counts)]
+        return new_states, [out[i, out.shape[1] - n:] for i, n in enumerate(counts)]
 
 
 class Block(nn.Module):
@@ -565,6 +575,15 @@ class LookaheadCRF(nn.Module):
             beta = torch.where(next_valid[..., None], b, torch.zeros_like(b))
         return beta
 
+    def _beta_to_end(self, e: torch.Tensor) -> torch.Tensor:
+        # e: (B, T, C) with T <= window + 1, so every row's window reaches the last row: _beta's
+        # result by one backward pass (the same per-row ops) instead of ``window`` full sweeps
+        beta = [e.new_zeros(e.shape[0], e.shape[2])]
+        for t in range(e.shape[1] - 2, -1, -1):
+            b = torch.logsumexp(self.trans[None] + (e[:, t + 1] + beta[-1])[:, None, :], -1)
+            beta.append(b - torch.logsumexp(b, -1, keepdim=True))
+        return torch.stack(beta[::-1], 1)
+
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
         # window: look at most that many events ahead instead of self.W (never more)
         B, T, C = e.shape
@@ -602,9 +621,12 @@ class LookaheadCRF(nn.Module):
         C = self.trans.shape[0]
         dev = self.trans.device
         n = torch.tensor([s["n"] + 1 for s in states], device=dev)     # events seen, (B,)
-        ep = torch.zeros(B, Le + 1, C, device=dev)                     # right-aligned provisional
-        for i, e in enumerate(e_prov):
-            ep[i, Le + 1 - len(e):] = e
+        if all(len(e) == Le + 1 for e in e_prov):                      # past every session's start
+            ep = torch.stack(e_prov)
+        else:
+            ep = torch.zeros(B, Le + 1, C, device=dev)                 # right-aligned provisional
+            for i, e in enumerate(e_prov):
+                ep[i, Le + 1 - len(e):] = e
         E = torch.stack([s["e"] for s in states])                      # (B, W + 1, C)
         A = torch.stack([s["a"] for s in states])
         f = n - 1 - Le                                                 # newest final position
@@ -626,8 +648,11 @@ class LookaheadCRF(nn.Module):
                             self._advance(a, e))
             alphas.append(a[:, None])
         alpha = torch.cat(alphas, 1)                                   # (B, K, C)
-        next_valid = (torch.arange(K, device=dev) + 1 < K)[None].expand(B, K)
-        beta = self._beta(e_seg, next_valid, W)
+        if Le == 0:
+            beta = self._beta_to_end(e_seg)
+        else:  # the first Le rows' windows stop short of the segment's end
+            next_valid = (torch.arange(K, device=dev) + 1 < K)[None].expand(B, K)
+            beta = self._beta(e_seg, next_valid, W)
         out = torch.log_softmax(alpha + beta, -1)
         v = torch.clamp(n, max=K).tolist()
         new = [{"n": int(m), "e": E[i], "a": A[i]} for i, m in enumerate(n.tolist())]
@@ -949,24 +974,30 @@ class Tagger(nn.Module):
         if not isinstance(xs, list):
             xs = [xs]
         new = [{"enc": []} for _ in states]
-        emissions = None
+        # the round's emissions as one (rows, C) tensor, each session's rows oldest first,
+        # split per session at the end: a few ops per round rather than a few per session
+        emissions, sizes = None, None
         for m, ((enc, head), x) in enumerate(zip(self._streams(), xs)):
             enc_states, outs = enc.step([s["enc"][m] for s in states], x[:, 0])
             for ns, es in zip(new, enc_states):
                 ns["enc"].append(es)
-            # one head call for the round's outputs, then a view per session
-            logits = list(head(torch.cat(outs)).split([len(o) for o in outs]))
-            emissions = logits if emissions is None else [a + b for a, b in zip(emissions, logits)]
+            logits = head(torch.cat(outs))
+            sizes = [len(o) for o in outs]
+            emissions = logits if emissions is None else emissions + logits
         if self.wide is not None:
+            V = self.enc_lookahead + 1
             wide_states, wide = self.wide.step([s["wide"] for s in states], events["lex"][:, 0],
-                                               events["nums"][:, 0], self.enc_lookahead + 1)
-            if emissions is None:                                      # the CRF arch: wide only
-                emissions = [wide[i, -min(ws["n"], self.enc_lookahead + 1):]
-                             for i, ws in enumerate(wide_states)]
-            else:
-                emissions = [e + wide[i, -len(e):] for i, e in enumerate(emissions)]
+                                               events["nums"][:, 0], V)
+            if sizes is None:                                          # the CRF arch: wide only
+                sizes = [min(ws["n"], V) for ws in wide_states]
+            # session i's last v_i of its V rows (wide: (B, V, C))
+            rows = torch.tensor([i * V + j for i, v in enumerate(sizes) for j in range(V - v, V)],
+                                device=wide.device)
+            w = wide.reshape(-1, wide.shape[-1])[rows]
+            emissions = w if emissions is None else emissions + w
             for ns, ws in zip(new, wide_states):
                 ns["wide"] = ws
+        emissions = list(emissions.split(sizes))
         if self.crf is None:
             return new, emissions
         crf_states, outs = self.crf.step_many([s["crf"] for s in states], emissions, self.enc_lookahead)
@@ -1078,7 +1109,7 @@ class Mixture(nn.Module):
         # the whole round at once (row-wise ops, so each row is what it would be alone): rows
         # of all sessions stacked, one log_softmax per member, the weights of each row's depth
         sizes = [len(o) for o in outs_by_member[0]]
-        depth = torch.cat([torch.arange(v - 1, -1, -1) for v in sizes]).to(self.weights.device)
+        depth = torch.tensor([d for v in sizes for d in range(v - 1, -1, -1)], device=self.weights.device)
         w = self.weights[depth]                                             # (rows, M); row r of a
         mixed = sum(w[:, i:i + 1] * torch.log_softmax(torch.cat(outs), -1)  # session has v-1-r
                     for i, outs in enumerate(outs_by_member))               # later events
