@@ -197,7 +197,9 @@ def local_redis_cluster(folder: str | Path | None = None, *, masters: int = 3,
     tmp = None
     if folder is None:
         tmp = folder = tempfile.mkdtemp(prefix="tagger-redis-cluster-")
-    folder = Path(folder)
+    # absolute: redis-server reads --cluster-config-file after it has moved into --dir, so a
+    # relative folder (tagger bench's default runs/bench) would be looked up twice over
+    folder = Path(folder).resolve()
     ports = _cluster_ports(masters)
     procs: list[subprocess.Popen] = []
     try:

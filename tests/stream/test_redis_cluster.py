@@ -231,3 +231,21 @@ def test_two_workers_in_one_group_on_the_cluster_give_every_event_one_final(
         assert w.proc.poll() is None and "Traceback" not in w.log_text()
     stored = _cleanup(redis_cluster_url, settings.redis_prefix)  # the sessions went to the cluster
     assert sum(stored.values()) >= len({sid for sid, _ in events}), stored
+
+
+@pytest.mark.integration
+def test_a_cluster_started_in_a_relative_folder_comes_up(tmp_path, monkeypatch):
+    """``tagger bench`` starts its cluster under its relative default folder (runs/bench):
+    redis-server moves into --dir before it opens its cluster config file, so a relative path
+    used to point nowhere and every node exited at start-up."""
+    from stream.tools.stack import local_redis_cluster
+    monkeypatch.chdir(tmp_path)
+    with local_redis_cluster("runs/bench/redis-cluster") as cluster:
+        client = sync_client(cluster["url"])
+        try:
+            client.set("tagger-test:relative", "1")
+            assert client.get("tagger-test:relative") == b"1"
+            client.delete("tagger-test:relative")
+        finally:
+            client.close()
+    assert list((tmp_path / "runs/bench/redis-cluster").glob("node-*/nodes.conf"))
