@@ -564,14 +564,18 @@ class LookaheadCRF(nn.Module):
         a = e + torch.logsumexp(alpha[:, :, None] + self.trans[None], 1)
         return a - torch.logsumexp(a, -1, keepdim=True)
 
+    def _retreat(self, nxt: torch.Tensor) -> torch.Tensor:
+        # nxt: (..., C) emissions plus backward message of the next position -> this
+        # position's backward message (..., C), normalised: _advance run backwards
+        b = torch.logsumexp(self.trans + nxt[..., None, :], -1)
+        return b - torch.logsumexp(b, -1, keepdim=True)
+
     def _beta(self, e: torch.Tensor, next_valid: torch.Tensor, window: int) -> torch.Tensor:
         # e: (B, T, C); next_valid: (B, T) whether t + 1 exists -> beta (B, T, C)
         B, T, C = e.shape
         beta = e.new_zeros(B, T, C)
         for _ in range(window):
-            nxt = torch.cat([e[:, 1:] + beta[:, 1:], e.new_zeros(B, 1, C)], 1)
-            b = torch.logsumexp(self.trans[None, None] + nxt[:, :, None, :], -1)
-            b = b - torch.logsumexp(b, -1, keepdim=True)
+            b = self._retreat(torch.cat([e[:, 1:] + beta[:, 1:], e.new_zeros(B, 1, C)], 1))
             beta = torch.where(next_valid[..., None], b, torch.zeros_like(b))
         return beta
 
@@ -580,8 +584,7 @@ class LookaheadCRF(nn.Module):
         # result by one backward pass (the same per-row ops) instead of ``window`` full sweeps
         beta = [e.new_zeros(e.shape[0], e.shape[2])]
         for t in range(e.shape[1] - 2, -1, -1):
-            b = torch.logsumexp(self.trans[None] + (e[:, t + 1] + beta[-1])[:, None, :], -1)
-            beta.append(b - torch.logsumexp(b, -1, keepdim=True))
+            beta.append(self._retreat(e[:, t + 1] + beta[-1]))
         return torch.stack(beta[::-1], 1)
 
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
