@@ -253,6 +253,13 @@ class LookaheadLSTM(nn.Module):
 
     supports_horizon = True
 
+    @property
+    def _fwd_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        # (w_ih, w_hh, b_ih, b_hh) of each layer of the forward LSTM, for torch.lstm_cell
+        f = self.fwd
+        return [tuple(getattr(f, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                for k in range(f.num_layers)]
+
     def backward_windows(self, x: torch.Tensor, lengths: torch.Tensor,
                          horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: (B, T, H). Position i's window is x[i+l-1], ..., x[i] with l = min(L+1, len-i):
@@ -326,21 +333,29 @@ class LookaheadLSTM(nn.Module):
         # Every op runs once for the whole round; only the final split is per session.
         B, H = x_new.shape
         K = self.L + 1
-        h = torch.stack([s["h"] for s in states], 1)
+        h = torch.stack([s["h"] for s in states], 1)                   # (layers, B, H)
         c = torch.stack([s["c"] for s in states], 1)
-        f_new, (h2, c2) = self.fwd(x_new[:, None, :], (h, c))         # (B, 1, H)
+        # the forward LSTM's one step, layer by layer: torch.lstm_cell is one fused op per
+        # layer where nn.LSTM on a length-1 sequence costs several times more per call
+        inp, hs, cs = x_new, [], []
+        for layer in range(self.fwd.num_layers):
+            hl, cl = torch.lstm_cell(inp, (h[layer], c[layer]), *self._fwd_weights[layer])
+            hs.append(hl)
+            cs.append(cl)
+            inp = hl
+        h2, c2 = torch.stack(hs), torch.stack(cs)
         xs = torch.cat([torch.stack([s["x"] for s in states])[:, 1:], x_new[:, None]], 1)  # (B, K, H)
-        fs = torch.cat([torch.stack([s["f"] for s in states])[:, 1:], f_new], 1)
+        fs = torch.cat([torch.stack([s["f"] for s in states])[:, 1:], inp[:, None]], 1)
         counts = [min(s["k"] + 1, K) for s in states]
         # Every window of the buffer ends at the newest event (nothing later has arrived), so
         # each position's backward state is one reverse scan's state there: a scan from the
         # newest row back to the oldest any session has gives every window at once (rows
         # before a session's start are computed from padding and dropped below).
-        gx = F.linear(xs, self.bwd.weight_ih, self.bwd.bias_ih)       # (B, K, 4H)
+        cell = self.bwd
         hb = cb = x_new.new_zeros(B, H)
         b = []
         for r in range(K - 1, K - 1 - max(counts), -1):
-            hb, cb = self._cell(gx[:, r], hb, cb)
+            hb, cb = torch.lstm_cell(xs[:, r], (hb, cb), cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
             b.append(hb)
         b = torch.stack(b[::-1], 1)                                    # (B, max(counts), H)
         out = torch.cat([fs[:, K - b.shape[1]:], b], -1)               # (B, max(counts), 2H)
