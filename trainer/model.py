@@ -126,20 +126,29 @@ class _Scaled(nn.Module):
         return self.cnn.net(x)
 
 
-def bag(weight: torch.Tensor, ids: torch.Tensor, mean: bool = False) -> torch.Tensor:
-    """(..., X) 0-padded feature ids -> (prod(...), D) rows of ``weight`` summed (or averaged)
-    per event; an event without features gives 0. Padding is dropped before the lookup, so
-    the cost follows the features present, not the padded width."""
-    if ids.shape[-1] == 0:                     # no lexical features at all (data.lexical: false)
-        return weight.new_zeros(math.prod(ids.shape[:-1]), weight.shape[1])
+def bag_index(ids: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(..., X) 0-padded feature ids -> ``bag``'s lookup plan: the present ids, each event's
+    offset into them and its count (None without lexical features). A live round computes it
+    once for every lookup over the same ids (the embedder's and each member's wide path)."""
+    if ids.shape[-1] == 0:
+        return None
     flat = ids.reshape(-1, ids.shape[-1])
-    N = flat.shape[0]
     present = flat != 0
     counts = present.sum(1)
-    offsets = torch.zeros(N, dtype=torch.long, device=flat.device)
-    if N > 1:
-        offsets[1:] = torch.cumsum(counts, 0)[:-1]
-    out = F.embedding_bag(flat[present], weight, offsets, mode="sum")
+    offsets = torch.cumsum(counts, 0) - counts
+    return flat[present], offsets, counts
+
+
+def bag(weight: torch.Tensor, ids: torch.Tensor, mean: bool = False,
+        index: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """(..., X) 0-padded feature ids -> (prod(...), D) rows of ``weight`` summed (or averaged)
+    per event; an event without features gives 0. Padding is dropped before the lookup, so
+    the cost follows the features present, not the padded width. ``index``: ``bag_index(ids)``
+    when the caller has it already."""
+    if ids.shape[-1] == 0:                     # no lexical features at all (data.lexical: false)
+        return weight.new_zeros(math.prod(ids.shape[:-1]), weight.shape[1])
+    present, offsets, counts = index if index is not None else bag_index(ids)
+    out = F.embedding_bag(present, weight, offsets, mode="sum")
     if mean:
         out = out / counts.clamp(min=1)[:, None]
     return out
@@ -202,7 +211,7 @@ class EventEmbedder(nn.Module):
         if self.lex is not None:
             lex = b["lex"]                                            # (B, T, X)
             B, T, X = lex.shape
-            parts.append(bag(self.lex.weight, lex, mean=True).reshape(B, T, -1))
+            parts.append(bag(self.lex.weight, lex, mean=True, index=b.get("lex_index")).reshape(B, T, -1))
         tab = torch.cat(parts, -1)
         extra = []
         if self.text is not None:
@@ -638,7 +647,8 @@ class LookaheadCRF(nn.Module):
         B = len(states)
         C = self.trans.shape[0]
         dev = self.trans.device
-        n = torch.tensor([s["n"] + 1 for s in states], device=dev)     # events seen, (B,)
+        seen = [s["n"] + 1 for s in states]
+        n = torch.tensor(seen, device=dev)                             # events seen, (B,)
         if all(len(e) == Le + 1 for e in e_prov):                      # past every session's start
             ep = torch.stack(e_prov)
         else:
@@ -649,12 +659,22 @@ class LookaheadCRF(nn.Module):
         A = torch.stack([s["a"] for s in states])
         f = n - 1 - Le                                                 # newest final position
         # e_prov's oldest row became final: its forward message joins the cache
+        # (the masks are skipped when every row of the round takes the same branch)
         e_f = ep[:, 0]
-        init = e_f - torch.logsumexp(e_f, -1, keepdim=True)
-        a_f = torch.where((f == 0)[:, None], init, self._advance(A[:, -1], e_f))
-        moved = (f >= 0)[:, None, None]
-        E = torch.where(moved, torch.cat([E[:, 1:], e_f[:, None]], 1), E)
-        A = torch.where(moved, torch.cat([A[:, 1:], a_f[:, None]], 1), A)
+        firsts = sum(m - 1 - Le == 0 for m in seen)                    # rows whose f is 0
+        if firsts == B:
+            a_f = e_f - torch.logsumexp(e_f, -1, keepdim=True)
+        elif firsts == 0:
+            a_f = self._advance(A[:, -1], e_f)
+        else:
+            init = e_f - torch.logsumexp(e_f, -1, keepdim=True)
+            a_f = torch.where((f == 0)[:, None], init, self._advance(A[:, -1], e_f))
+        E_moved, A_moved = torch.cat([E[:, 1:], e_f[:, None]], 1), torch.cat([A[:, 1:], a_f[:, None]], 1)
+        if min(seen) - 1 - Le >= 0:                                    # every row has a new final
+            E, A = E_moved, A_moved
+        else:
+            moved = (f >= 0)[:, None, None]
+            E, A = torch.where(moved, E_moved, E), torch.where(moved, A_moved, A)
         # the segment: final positions f-W .. f from the cache, provisional f+1 .. n-1
         e_seg = torch.cat([E, ep[:, 1:]], 1)                           # (B, K, C)
         pos = n[:, None] - K + torch.arange(K, device=dev)[None]       # (B, K) position of each row
@@ -672,8 +692,8 @@ class LookaheadCRF(nn.Module):
             next_valid = (torch.arange(K, device=dev) + 1 < K)[None].expand(B, K)
             beta = self._beta(e_seg, next_valid, W)
         out = torch.log_softmax(alpha + beta, -1)
-        v = torch.clamp(n, max=K).tolist()
-        new = [{"n": int(m), "e": E[i], "a": A[i]} for i, m in enumerate(n.tolist())]
+        v = [min(m, K) for m in seen]
+        new = [{"n": m, "e": E[i], "a": A[i]} for i, m in enumerate(seen)]
         return new, [out[i, K - vi:] for i, vi in enumerate(v)]
 
     def step(self, s: dict[str, Any], e_prov: torch.Tensor, enc_lookahead: int) -> tuple[dict, torch.Tensor]:
@@ -804,13 +824,15 @@ class WidePath(nn.Module):
         self.before_start = nn.Parameter(torch.zeros(past, n_labels))   # offset -P .. -1
         self.bias = nn.Parameter(torch.zeros(n_labels))
 
-    def scores(self, lex: torch.Tensor, nums: torch.Tensor) -> torch.Tensor:
-        # lex (B, T, X), nums (B, T, M) -> (B, T, O, C): each event's scores at every offset slot
+    def scores(self, lex: torch.Tensor, nums: torch.Tensor, index=None) -> torch.Tensor:
+        # lex (B, T, X), nums (B, T, M) -> (B, T, O, C): each event's scores at every offset
+        # slot. ``index``: ``bag_index(lex)``, when the caller has it.
         B, T = lex.shape[:2]
-        sc = bag(self.table, lex).reshape(B, T, self.O, self.C)
-        if self.nums.shape[1]:
-            sc = sc + torch.einsum("btm,omc->btoc", nums, self.nums)
-        return sc
+        sc = bag(self.table, lex, index=index)                         # (B*T, O*C)
+        M = self.nums.shape[1]
+        if M:  # one matmul against the (M, O*C) view of the number weights
+            sc = sc + nums.reshape(B * T, M) @ self.nums.transpose(0, 1).reshape(M, self.O * self.C)
+        return sc.reshape(B, T, self.O, self.C)
 
     def forward(self, lex: torch.Tensor, nums: torch.Tensor, lengths: torch.Tensor,
                 horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -835,23 +857,24 @@ class WidePath(nn.Module):
     def init_state(self, device) -> dict[str, Any]:
         return {"buf": torch.zeros(self.P + self.L + 1, self.O, self.C, device=device), "n": 0}
 
-    def step(self, states: list[dict], lex_new: torch.Tensor, nums_new: torch.Tensor, v_out: int
-             ) -> tuple[list[dict], torch.Tensor]:
+    def step(self, states: list[dict], lex_new: torch.Tensor, nums_new: torch.Tensor, v_out: int,
+             index=None) -> tuple[list[dict], torch.Tensor]:
         # lex_new (B, X), nums_new (B, M). Buffer row K-1 is the newest event. Returns new
         # states and the scores of each session's last v_out positions (B, v_out, C).
-        new = self.scores(lex_new[:, None], nums_new[:, None])[:, 0]    # (B, O, C)
+        new = self.scores(lex_new[:, None], nums_new[:, None], index)[:, 0]  # (B, O, C)
         buf = torch.cat([torch.stack([s["buf"] for s in states])[:, 1:], new[:, None]], 1)
         n = torch.tensor([s["n"] + 1 for s in states], device=buf.device)  # events seen
         K = buf.shape[1]
         out = buf.new_zeros(buf.shape[0], v_out, buf.shape[-1]) + self.bias
         # every (output position j, buffer row, offset slot) term in one gather, added into its
         # position in the order a loop over j, then slot, would (index_add_ goes in order)
-        js, rows, slots, past = self._step_plan(K, v_out, buf.device)
+        js, rows, slots, past, age, before = self._step_plan(K, v_out, buf.device)
         val = buf[:, rows, slots]                                      # (B, Q, C)
         # a row older than the session's first event reads the before-start score instead
-        fresh = past[None, :] & ((K - 1 - rows)[None, :] >= n[:, None])   # (B, Q)
-        if self.P:
-            val = torch.where(fresh[..., None], self.before_start[slots.clamp(max=self.P - 1)], val)
+        # (none can be once every session in the round has seen K events)
+        if self.P and min(s["n"] for s in states) + 1 < K:
+            fresh = past[None, :] & (age[None, :] >= n[:, None])       # (B, Q)
+            val = torch.where(fresh[..., None], self.before_start[before], val)
         out.index_add_(1, js, val)
         return [{"buf": b, "n": int(m)} for b, m in zip(buf.unbind(0), n.tolist())], out
 
@@ -863,9 +886,10 @@ class WidePath(nn.Module):
                      for j in range(v_out)                                # position depth v_out-1-j
                      for slot, o in enumerate(range(-self.P, min(self.F, v_out - 1 - j) + 1))
                      if 0 <= K - v_out + j + o < K]
-            js, rows, slots, past = zip(*terms)
-            plan = self._plans[key] = (torch.tensor(js, device=device), torch.tensor(rows, device=device),
-                                       torch.tensor(slots, device=device), torch.tensor(past, device=device))
+            js, rows, slots, past = (torch.tensor(t, device=device) for t in zip(*terms))
+            # age: how many events before the newest a term's row is; before: the before-start
+            # score a term reads instead when its row is older than the session
+            plan = self._plans[key] = (js, rows, slots, past, K - 1 - rows, slots.clamp(max=max(self.P - 1, 0)))
         return plan
 
 
@@ -988,6 +1012,8 @@ class Tagger(nn.Module):
         Returns the new states and, per session, logits (v, C) for its last v events (the ones
         whose label the new event may still change, oldest first; the oldest is final when
         v == lookahead + 1)."""
+        if "lex" in events and "lex_index" not in events:  # one lookup plan for every bag
+            events = {**events, "lex_index": bag_index(events["lex"][:, 0])}
         xs = self.embed(events) if self.embed is not None else []
         if not isinstance(xs, list):
             xs = [xs]
@@ -1005,13 +1031,13 @@ class Tagger(nn.Module):
         if self.wide is not None:
             V = self.enc_lookahead + 1
             wide_states, wide = self.wide.step([s["wide"] for s in states], events["lex"][:, 0],
-                                               events["nums"][:, 0], V)
+                                               events["nums"][:, 0], V, events.get("lex_index"))
             if sizes is None:                                          # the CRF arch: wide only
                 sizes = [min(ws["n"], V) for ws in wide_states]
-            # session i's last v_i of its V rows (wide: (B, V, C))
-            rows = torch.tensor([i * V + j for i, v in enumerate(sizes) for j in range(V - v, V)],
-                                device=wide.device)
-            w = wide.reshape(-1, wide.shape[-1])[rows]
+            w = wide.reshape(-1, wide.shape[-1])
+            if any(v < V for v in sizes):  # session i's last v_i of its V rows (wide: (B, V, C))
+                w = w[torch.tensor([i * V + j for i, v in enumerate(sizes) for j in range(V - v, V)],
+                                   device=wide.device)]
             emissions = w if emissions is None else emissions + w
             for ns, ws in zip(new, wide_states):
                 ns["wide"] = ws
@@ -1119,6 +1145,8 @@ class Mixture(nn.Module):
     def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
         outs_by_member = []
         new = [{"members": []} for _ in states]
+        if "lex" in events and "lex_index" not in events:  # one lookup plan for every member
+            events = {**events, "lex_index": bag_index(events["lex"][:, 0])}
         for i, m in enumerate(self.members):
             ms, outs = m.step([s["members"][i] for s in states], events)
             for ns, st in zip(new, ms):
