@@ -16,6 +16,13 @@ floor. Alternating trees on one stack cancels most of the machine's drift; quote
 ``step`` times ``Tagger.step`` rounds of 1, 10 and 64 sessions for a default-size model on
 random inputs (no data, no training): the model's share of a live batch.
 
+``interleave --tree before=PATH`` times the served model's ``step`` (default: ``--full``'s
+mixture) with the model code of another source tree and of this one, round by round on the
+same events (the other tree's ``trainer/model.py`` loaded beside this one, the same weights),
+so that both sides see the same machine load: the robust before/after for a model-step change
+on a busy machine, where whole-worker runs move by more than the change. It also prints the
+largest logit difference between the two.
+
 ``parts`` runs the worker's per-batch steps in-process (no Kafka): parse, tag, encode label
 records, snapshot, write through to the machine's Redis, and prints the thread CPU time per
 event of each. Both use the bench's generated pool and its quick BiLSTM (trained on first use
@@ -35,6 +42,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -213,6 +221,64 @@ def step(args: argparse.Namespace) -> None:
         print(f"{args.arch}, {b:2d} sessions per round: {1000 * med:.2f} ms per round, {1e6 * med / b:.0f} µs/event")
 
 
+def interleave(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    import torch
+
+    from stream.records import parse_event
+    from stream.tagging import LiveTagger, step_batch
+    from trainer.artifacts import load_artifact
+    from trainer.features import EventContext, derive
+    torch.set_num_threads(1)
+    name, _, path = args.tree.partition("=")
+    spec = importlib.util.spec_from_file_location("_other_model", Path(path) / "trainer" / "model.py")
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # dataclasses in the module look themselves up there
+    spec.loader.exec_module(other)
+    _, pool, model_dir = _fixtures(Path(args.out), args.full)
+    loaded = load_artifact(model_dir)
+    mine = loaded.model
+    theirs = other.build_model(other.checkpoint_args(loaded.manifest["model_args"])).eval()
+    theirs.load_state_dict(mine.state_dict())
+    live, enc = LiveTagger(loaded), loaded.encoder
+    events = [e for e in (parse_event(B._kv(m)[1]) for m in B._stage_messages(B._template(pool), args.events, "ilv"))
+              if e.type != "session_end"]
+    rounds, cur = [], []   # arrival order; a round holds distinct sessions, at most --batch
+    for ev in events:
+        if len(cur) == args.batch or any(e.session_id == ev.session_id for e in cur):
+            rounds.append(cur)
+            cur = []
+        cur.append(ev)
+    rounds.append(cur)
+    ctxs: dict[str, Any] = {}
+    states: dict[str, dict] = {name: {}, "this tree": {}}
+    times: dict[str, list[float]] = {name: [], "this tree": []}
+    worst = 0.0
+    with torch.inference_mode():
+        for i, rnd in enumerate(rounds):
+            derived = []
+            for ev in rnd:
+                d, ctxs[ev.session_id] = derive(live._raw(ev), ctxs.get(ev.session_id) or EventContext(start_ts=ev.ts),
+                                                enc.data, enc.auto_cols)
+                derived.append(d)
+            x = step_batch(enc.encode_derived(derived, loaded.base_dir), mine)
+            sides = [(name, theirs), ("this tree", mine)]
+            outs = {}
+            for side, model in (sides if i % 2 else sides[::-1]):   # alternate who goes first
+                st = states[side]
+                t0 = time.perf_counter()
+                new, out = model.step([st.get(e.session_id) or model.init_state() for e in rnd], x)
+                times[side].append(time.perf_counter() - t0)
+                st.update((e.session_id, s) for e, s in zip(rnd, new))
+                outs[side] = out
+            worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(outs[name], outs["this tree"])))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{len(rounds)} rounds of up to {args.batch} sessions ({args.events} events), model.step median: "
+          + ", ".join(f"{k} {1e6 * v:.0f} µs" for k, v in med.items())
+          + f"; this tree / {name}: {med['this tree'] / med[name]:.3f}; largest logit difference {worst:.1e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "perf"), help="pool, model and logs")
@@ -236,8 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("step", help="Tagger.step time per round of a default-size model")
     r.add_argument("--arch", default="bilstm")
     r.add_argument("--rounds", type=int, default=60)
+    i = sub.add_parser("interleave", help="the served model's step with another tree's model code and "
+                       "this tree's, round by round on the same events")
+    i.add_argument("--tree", required=True, help="NAME=PATH of the other source tree (a git worktree)")
+    i.add_argument("--batch", type=int, default=3, help="sessions per round")
+    i.add_argument("--events", type=int, default=3000)
     args = ap.parse_args(argv)
-    {"paced": paced, "parts": parts, "step": step, "top": top}[args.cmd](args)
+    {"paced": paced, "parts": parts, "step": step, "top": top, "interleave": interleave}[args.cmd](args)
 
 
 if __name__ == "__main__":
