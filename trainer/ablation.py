@@ -85,6 +85,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dropout4": {"model": {"dropout": 0.4}},                    # stronger regularisation
     "wd1e3": {"train": {"weight_decay": 1e-3}},
     "crf_l2": {"model": {"crf_c2": 0.5}},                       # the CRF member 10x more L2
+    "folds_validation": {"train": {"validation": "folds"}},     # session folds at any log size
 }
 
 
