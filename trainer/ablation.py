@@ -122,8 +122,9 @@ def merge(old: dict[str, Any], new: dict[str, Any], order: list[str]) -> dict[st
     """``new``'s variants added to ``old`` (replacing any of the same name), variants in
     ``order`` first; None when the references scored differently fold by fold, since
     the old rows' paired differences were taken against them."""
-    def per_fold(report, name):
-        return [(s["macro_f1"], s["accuracy"]) for s in report["contenders"][name]["per_fold"]]
+    def per_fold(report, name):  # None for a reference the report lacks (an older report)
+        row = report["contenders"].get(name)
+        return None if row is None else [(s["macro_f1"], s["accuracy"]) for s in row["per_fold"]]
     if any(per_fold(old, r) != per_fold(new, r) for r in REFERENCES):
         return None
     rows = {**old["contenders"], **new["contenders"]}
@@ -131,7 +132,7 @@ def merge(old: dict[str, Any], new: dict[str, Any], order: list[str]) -> dict[st
     names += [n for n in rows if n not in names and n not in REFERENCES]
     return {**old, "contenders_config": {**old["contenders_config"], **new["contenders_config"]},
             "archs": names, "seconds": round(old["seconds"] + new["seconds"], 1),
-            "contenders": {n: rows[n] for n in (*REFERENCES, *names)}}
+            "contenders": {n: rows[n] for n in (*REFERENCES, *names) if n in rows}}
 
 
 def run_log(name: str, path: Path, out: Path, variants: list[str], folds: int, seed: int,

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from tests.trainer.test_baseline import make_records
 from tagger.cli import main, streaming_replay
 from trainer.config import from_dict
-from trainer.cv import REFERENCES, cross_validate, format_table, session_folds
+from trainer.baseline import BaselineLabeller
+from trainer.cv import REFERENCES, cross_validate, format_table, horizon_lag, session_folds
+from trainer.evaluate import top1_scores
 from trainer.errors import ConfigError
 from trainer.loading import read_events
 
@@ -53,8 +56,30 @@ def test_cross_validation_pools_every_event_and_compares_per_fold(log, tmp_path)
         assert 0 <= r["edit_overhead"] <= 1 and r["first_top1_macro_f1"] is not None
     # the marker's label is its predecessor's: a causal CRF knows it on arrival
     assert rows["crf"]["first_top1_accuracy"] > 0.9
+    # the CRF ±2 held to the finals' horizon (lookahead 2: lag 0, reading t+2), on the same
+    # folds: what the same CRF decoded with that lag scores, and every model compared with it
+    horizon = rows["reference_crf_at_horizon"]
+    assert (horizon["lag"], horizon["horizon"]) == (0, 2)
+    want = []
+    for test in session_folds(frame, 3, seed=0):
+        held = frame["session_id"].isin(set(test))
+        ref = BaselineLabeller.fit(frame[~held].reset_index(drop=True), from_dict(TINY).data, kind="crf",
+                                   seed=from_dict(TINY).train.seed)
+        tests = frame[held].reset_index(drop=True)
+        pred = [ref.labels[i] for i in np.concatenate(ref.predict_proba(tests, decode=0)).argmax(-1)]
+        want.append(top1_scores(tests["step_name"].tolist(), pred)["macro_f1"])
+    assert [f["macro_f1"] for f in horizon["per_fold"]] == pytest.approx(want)
+    assert rows["bilstm"]["vs_crf_at_horizon"]["per_fold"] == pytest.approx(
+        [a["macro_f1"] - b for a, b in zip(rows["bilstm"]["per_fold"], want)])
     table = format_table(report)
     assert "CRF ±2 (reference)" in table and "| bilstm |" in table
+    assert "CRF ±2, fixed lag 0: reads t+2, as far as a final label (reference)" in table
+
+
+def test_horizon_reference_follows_the_lookahead():
+    assert horizon_lag(from_dict({})) == from_dict({}).model.lookahead - 2
+    assert horizon_lag(from_dict({"model": {"lookahead": 1}})) == 0
+    assert horizon_lag(from_dict({"model": {"lookahead": None}})) is None
 
 
 def test_cv_command_writes_json_and_table(log, tmp_path, capsys):
