@@ -222,7 +222,9 @@ class WorkerService:
                     "next owner", sum(len(m["records"]) for m in marks.values()), len(marks))
 
     def _label_partition(self, key: bytes) -> Optional[int]:
-        """The label topic partition the producer sends ``key``'s records to."""
+        """The label topic partition the producer sends ``key``'s records to: its own
+        partitioner over its metadata (aiokafka internals, read only at a stop), else aiokafka's
+        default partitioner over the configured partition count."""
         topic = self.settings.output_topic
         aio = getattr(self.app.producer, "_producer", None)
         with contextlib.suppress(Exception):
@@ -436,7 +438,15 @@ class WorkerService:
         resolved: dict[str, in_doubt.Doubt] = {}
         if doubts:
             t0 = time.monotonic()
-            landed = await self._read_landed(in_doubt.spans(doubts), set(doubts))
+            try:
+                landed = await self._read_landed(in_doubt.spans(doubts), set(doubts))
+            except Exception as exc:
+                if infrastructure(exc) is not None:
+                    raise   # the batch is held and retried until the broker can be read
+                # a bug here must not turn valid events into dead letters: send everything
+                # (exact repeats are possible, a loss is not)
+                log.exception("reading back label records in doubt failed; sending them again")
+                landed = {}
             for sid, ms in doubts.items():
                 resolved[sid] = in_doubt.Doubt(
                     landed=landed.get(sid, {}),
