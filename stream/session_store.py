@@ -11,8 +11,8 @@ Redis Cluster slot; ``TAGGER_REDIS=redis+cluster://host:port`` serves it from a 
     <prefix>s:{<sid>}:meta   JSON snapshot: counts, feature context, pending labels, revisions
     <prefix>s:{<sid>}:win    list of the last W raw events (JSON), for rebuilding model state
     <prefix>s:{<sid>}:ids    set of accepted event ids (idempotency on redelivery)
-    <prefix>s:{<sid>}:doubt  hash: label records of the session a worker sent but stopped before
-                             the broker acknowledged them (one field per stop, JSON: the label
+    <prefix>s:{<sid>}:doubt  JSON list, one entry per stop: label records of the session a worker
+                             sent but stopped before the broker acknowledged them (the label
                              topic partition, the offset they could have landed from, their
                              identities); see ``stream.in_doubt``. Deleted once resolved
     <prefix>open:<p>         sorted set: open sessions of input partition p by last activity,
@@ -139,7 +139,7 @@ class RedisSessionStore:
                 pipe.lrange(self._k(sid, "win"), 0, -1)
                 pipe.smembers(self._k(sid, "ids"))
                 if doubts is not None:
-                    pipe.hgetall(self._k(sid, "doubt"))
+                    pipe.get(self._k(sid, "doubt"))
             res = await pipe.execute()
         except store_errors() as exc:
             raise _unavailable("loading sessions", exc) from exc
@@ -147,23 +147,28 @@ class RedisSessionStore:
         for i, sid in enumerate(session_ids):
             meta, win, ids = res[n * i:n * i + 3]
             if doubts is not None and res[n * i + 3]:
-                doubts[sid] = [json.loads(v) for _, v in sorted(res[n * i + 3].items())]
+                doubts[sid] = json.loads(res[n * i + 3])
             if meta is None:
                 continue
             out[sid] = (json.loads(meta), [json.loads(w) for w in win], {x.decode() for x in ids})
         return out
 
     async def mark_in_doubt(self, markers: Mapping[str, dict]) -> None:
-        """Add one in-doubt marker per session (``{sid: marker}``, the marker JSON-able with a
-        unique ``id``) to the session's doubt hash; it outlives the session's own keys."""
+        """Add one in-doubt marker per session (``{sid: marker}``, JSON-able) to the markers the
+        session already has; they outlive the session's own keys. Plain GET/SET (a JSON list),
+        so that the ACL in docs/operations.md needs no new command."""
         if not markers:
             return
+        sids = list(markers)
         try:
             pipe = self.client.pipeline(transaction=False)
-            for sid, marker in markers.items():
-                key = self._k(sid, "doubt")
-                pipe.hset(key, str(marker["id"]), _dumps(marker))
-                pipe.expire(key, 2 * self.ttl)
+            for sid in sids:
+                pipe.get(self._k(sid, "doubt"))
+            old = await pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            for sid, prev in zip(sids, old):
+                pipe.set(self._k(sid, "doubt"), _dumps([*(json.loads(prev) if prev else []), markers[sid]]),
+                         ex=2 * self.ttl)
             await pipe.execute()
         except store_errors() as exc:
             raise _unavailable("marking records in doubt", exc) from exc
@@ -273,19 +278,19 @@ class MemorySessionStore:
         self.win: dict[str, list[dict]] = {}
         self.ids: dict[str, set[str]] = {}
         self.open: dict[Any, dict[str, float]] = {}
-        self.doubts: dict[str, dict[str, dict]] = {}
+        self.doubts: dict[str, list[dict]] = {}
 
     async def load(self, session_ids, *, doubts=None):
         if doubts is not None:
             for sid in session_ids:
                 if self.doubts.get(sid):
-                    doubts[sid] = [json.loads(_dumps(v)) for _, v in sorted(self.doubts[sid].items())]
+                    doubts[sid] = json.loads(_dumps(self.doubts[sid]))
         return {sid: (json.loads(_dumps(self.meta[sid])), list(self.win.get(sid, [])), set(self.ids.get(sid, ())))
                 for sid in session_ids if sid in self.meta}
 
     async def mark_in_doubt(self, markers):
         for sid, marker in markers.items():
-            self.doubts.setdefault(sid, {})[str(marker["id"])] = json.loads(_dumps(marker))
+            self.doubts.setdefault(sid, []).append(json.loads(_dumps(marker)))
 
     async def clear_doubts(self, session_ids):
         for sid in session_ids:

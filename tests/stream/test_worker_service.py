@@ -295,7 +295,7 @@ def test_records_a_stopped_worker_left_unacknowledged_are_on_the_label_topic_onc
     acked = Counter(service.producer.partition(k) for t, k, _ in service.producer.sent
                     if t == service.settings.output_topic)
     _stop_with_the_batch_unacknowledged(service, _events(messages[half:], start=half))
-    marked = {sid: list(ms.values()) for sid, ms in service.mem.doubts.items()}
+    marked = {sid: list(ms) for sid, ms in service.mem.doubts.items()}
     assert marked, "no marker for the records in doubt"
     for ms in marked.values():   # read back from where this worker's acknowledged output ended
         assert all(m["from"] == acked.get(m["partition"]) for m in ms)
