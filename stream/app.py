@@ -10,7 +10,9 @@ worker does not hold from Redis -> tag in a single-thread executor (model comput
 the event loop) -> produce all label records at once and wait for the broker's acks ->
 write the touched sessions through to Redis -> the batch's offsets are committed. A crash
 anywhere before the commit replays the batch: records may repeat (same session, event and
-revision, so they deduplicate) but none is lost.
+revision, so they deduplicate) but none is lost. A worker that stops with records sent but
+unacknowledged marks them in doubt in Redis, and the next owner reads the label topic back
+instead of sending again what landed (``stream.in_doubt``).
 
 Errors are classified where they happen. Bad input (and only bad input) goes to the DLQ.
 Infrastructure failures never do: a Redis failure (``StoreUnavailable``: connection, timeout,
@@ -38,6 +40,7 @@ from typing import Any, Optional
 
 import faust
 
+from stream import in_doubt
 from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
 from stream.records import InvalidEvent, check_key, dlq_record, encode_label, parse_event
@@ -88,7 +91,7 @@ class WorkerService:
 
     def __init__(self, app: faust.App, settings: Settings, *, metrics: Metrics | None = None,
                  store: SessionStore | None = None, policy: RevisionPolicy | None = None,
-                 limit_logs: bool = True):
+                 limit_logs: bool = True, read_landed=None):
         self.app, self.settings = app, settings
         self.limit_logs = limit_logs
         self.metrics = metrics or Metrics.create()
@@ -120,6 +123,11 @@ class WorkerService:
         self._redis_ok_at: Optional[float] = None
         self._probe = None  # an aiokafka client of our own for the broker check
         self._error_logged: dict[str, float] = {}
+        # label records in doubt (stream.in_doubt): per label partition, the offset after this
+        # worker's last fully acknowledged output there; sessions loaded with a marker
+        self._label_end: dict[int, int] = {}
+        self._doubts: dict[str, in_doubt.Doubt] = {}
+        self._read_landed = read_landed or (lambda wanted, sids: in_doubt.read_landed(self.settings, wanted, sids))
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -181,6 +189,8 @@ class WorkerService:
             # would put a second copy in the producer's queue)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_outbox(), 3.0)
+        if self._outbox is not None:
+            await self._mark_in_doubt(self._outbox)
         if self._store_stale and self.live is not None:
             self._last_rewrite = 0.0
             # last chance to hand the sessions on, but none whose output is undelivered:
@@ -194,6 +204,36 @@ class WorkerService:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.store.close(), 2.0)
         self.executor.shutdown(wait=False)
+
+    async def _mark_in_doubt(self, box: Outbox) -> None:
+        """Leave a marker in the store for each session with label records in ``box`` (sent,
+        maybe landed, never acknowledged): its next owner reads them back before sending
+        them again (``stream.in_doubt``)."""
+        import os
+        marks = in_doubt.markers(box.messages, self.settings.output_topic, self._label_partition,
+                                 self._label_end, f"{self.settings.app_id}:{os.getpid()}:{time.time():.6f}")
+        if not marks:
+            return
+        try:
+            await asyncio.wait_for(self.store.mark_in_doubt(marks), 3.0)
+        except Exception as exc:
+            log.error("could not mark the label records of %d sessions as in doubt (%s: %s): their next "
+                      "owner may send them again", len(marks), type(exc).__name__, exc)
+            return
+        log.warning("%d label records of %d sessions were not acknowledged: marked in doubt for their "
+                    "next owner", sum(len(m["records"]) for m in marks.values()), len(marks))
+
+    def _label_partition(self, key: bytes) -> Optional[int]:
+        """The label topic partition the producer sends ``key``'s records to: its own
+        partitioner over its metadata (aiokafka internals, read only at a stop), else aiokafka's
+        default partitioner over the configured partition count."""
+        topic = self.settings.output_topic
+        aio = getattr(self.app.producer, "_producer", None)
+        with contextlib.suppress(Exception):
+            if aio is not None and aio._metadata.partitions_for_topic(topic):
+                return aio._partition(topic, None, key, None, key, None)
+        from aiokafka.partitioner import murmur2
+        return (murmur2(key) & 0x7FFFFFFF) % self.settings.partitions
 
     def _on_model_event(self, result: str, version: str, detail: str) -> None:
         self.metrics.model_event(result, version)
@@ -311,6 +351,11 @@ class WorkerService:
             box.messages = _unacknowledged(box.messages, futs)
             raise
         self._broker_up()
+        topic = self.settings.output_topic
+        for (t, _, _), fut in zip(box.messages, futs):
+            md = fut.result() if t == topic else None
+            if md is not None and hasattr(md, "offset") and md.offset >= self._label_end.get(md.partition, -1):
+                self._label_end[md.partition] = md.offset + 1
         self._outbox = None
         await self._persist(box.touched, box.closed)
         for fn in box.after:
@@ -346,8 +391,7 @@ class WorkerService:
             missing = list({e.session_id for e in parsed} - self.live.sessions.keys())
             if missing:
                 try:
-                    for sid, (meta, window, ids) in (await self.store.load(missing)).items():
-                        self.live.restore(meta, window, ids)
+                    await self._restore(missing)
                 except StoreUnavailable as exc:
                     self._infra_failed("redis", exc, "continuing with in-memory state only")
             t0 = time.perf_counter()
@@ -363,7 +407,7 @@ class WorkerService:
             model_s = time.perf_counter() - t0
             for i, reason, detail in batch.rejected:
                 self._letter(box, sources[i], reason, detail, "session_id")
-            self._queue_records(box, batch.records)
+            self._queue_records(box, self._not_landed(batch.records) if self._doubts else batch.records)
             box.touched, box.closed = set(batch.touched), set(batch.closed)
             n_ends = sum(1 for e in parsed if e.type == "session_end")
 
@@ -386,6 +430,79 @@ class WorkerService:
         await self._flush_outbox()
         self.metrics.open_sessions.set(len(self.live.sessions))
         log.debug("batch of %d in %.1f ms", len(events), 1000 * (time.perf_counter() - started))
+
+    async def _restore(self, session_ids: list[str]) -> list[str]:
+        """Load these sessions from the store into memory (those it has; returned). Sessions
+        with label records in doubt are resolved first: their label partitions are read back
+        (a Kafka failure raises before anything is restored, so a retry loads them again)."""
+        doubts: dict[str, list[dict]] = {}
+        found = await self.store.load(session_ids, doubts=doubts)
+        resolved: dict[str, in_doubt.Doubt] = {}
+        if doubts:
+            t0 = time.monotonic()
+            try:
+                landed = await self._read_landed(in_doubt.spans(doubts), set(doubts))
+            except Exception as exc:
+                if infrastructure(exc) is not None:
+                    raise   # the batch is held and retried until the broker can be read
+                # a bug here must not turn valid events into dead letters: send everything
+                # (exact repeats are possible, a loss is not)
+                log.exception("reading back label records in doubt failed; sending them again")
+                landed = {}
+            for sid, ms in doubts.items():
+                resolved[sid] = in_doubt.Doubt(
+                    landed=landed.get(sid, {}),
+                    pending={(str(e), int(r)) for m in ms for e, r in m.get("records", ())})
+            log.info("read back the label records in doubt of %d sessions in %.2f s: %d of %d landed",
+                     len(doubts), time.monotonic() - t0,
+                     sum(len(d.landed.keys() & d.pending) for d in resolved.values()),
+                     sum(len(d.pending) for d in resolved.values()))
+        for sid, (meta, window, ids) in found.items():
+            self.live.restore(meta, window, ids)
+        for sid, doubt in resolved.items():
+            self._doubts[sid] = doubt
+        return list(found)
+
+    def _not_landed(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``records`` less those of sessions in doubt that already landed with the same
+        content (a stopped worker sent them; see ``stream.in_doubt``)."""
+        out = []
+        suppressed = 0
+        for rec in records:
+            doubt = self._doubts.get(rec["session_id"])
+            if doubt is not None:
+                ident = in_doubt.identity(rec)
+                doubt.pending.discard(ident)
+                if doubt.landed.get(ident) == in_doubt.digest(rec):
+                    suppressed += 1
+                    continue
+            out.append(rec)
+        if suppressed:
+            self.metrics.repeats_suppressed.inc(suppressed)
+            log.info("%d label records not sent again: they landed before their sender stopped", suppressed)
+        return out
+
+    async def _resolve_doubts(self, closed) -> None:
+        """Delete the markers of sessions no longer in doubt (every identity seen again, or
+        the session closed); after a write-through, so that a successor finds either the
+        marker or the sessions' new state."""
+        done, gone = [], []
+        for sid, d in self._doubts.items():
+            if not d.pending or sid in closed:
+                done.append(sid)
+            elif sid not in self.live.sessions:
+                gone.append(sid)  # evicted: reloading it reads its marker again
+        for sid in gone:
+            del self._doubts[sid]
+        if not done:
+            return
+        try:
+            await self.store.clear_doubts(done)
+        except StoreUnavailable as exc:
+            self._infra_failed("redis", exc, "in-doubt markers kept; cleared later")
+            return
+        for sid in done:
+            self._doubts.pop(sid, None)
 
     def _swap(self, candidate) -> None:
         old = self.live.loaded
@@ -476,8 +593,11 @@ class WorkerService:
             self._store_stale = False
             self.live.evict_enabled = True
         sessions = self.live.sessions
+        closed_now = set(self._closed_unsaved)
         self.live.drop([sid for sid in self._closed_unsaved if sid in sessions and sessions[sid].closed])
         self._closed_unsaved.clear()
+        if self._doubts:
+            await self._resolve_doubts(closed_now)
 
     def _full_snapshot(self, sid: str) -> dict[str, Any]:
         """A snapshot that replaces everything the store holds for the session."""
@@ -517,17 +637,17 @@ class WorkerService:
                 await self.store.prune_open(p, now - self.settings.session_ttl_s)
                 stale = [sid for sid in await self.store.idle(p, now - self.settings.inactivity_s)
                          if sid not in self.live.sessions]
-                found = await self.store.load(stale)
+                found = await self._restore(stale)
                 await self.store.forget_open(p, [sid for sid in stale if sid not in found])
-                for sid, (meta, window, ids) in found.items():
-                    self.live.restore(meta, window, ids)
-                    idle.append(sid)
+                idle.extend(found)
         except StoreUnavailable as exc:
             self._infra_failed("redis", exc, "idle sweep of stored sessions skipped")
         if not idle:
             return
         loop = asyncio.get_running_loop()
         records = await loop.run_in_executor(self.executor, self.live.finalize, idle)
+        if self._doubts:
+            records = self._not_landed(records)
         box = Outbox(touched=set(idle), closed=set(idle))
         self._queue_records(box, records)
         self._outbox = box
@@ -659,6 +779,8 @@ class WorkerService:
                 await self._persist([], [])
             gone = [sid for sid, sess in self.live.sessions.items() if sess.partition in lost]
             self.live.drop(gone)  # their state is in Redis; the new owner resumes them
+            for sid in gone:      # (and any marker of theirs, still in Redis, with them)
+                self._doubts.pop(sid, None)
             self.assigned -= lost
         self.metrics.partitions.set(len(self.assigned))
 

@@ -37,6 +37,7 @@ class Metrics:
     dependency_up: Gauge
     duplicate_run: Gauge
     duplicate_runs: Counter
+    repeats_suppressed: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
@@ -85,6 +86,9 @@ class Metrics:
                                 "(0 after any accepted event)", registry=r),
             duplicate_runs=Counter("tagger_duplicate_runs", "Runs of dropped duplicates long enough to be "
                                    "suspicious (a session store that outlived its broker?)", registry=r),
+            repeats_suppressed=Counter("tagger_label_repeats_suppressed",
+                                       "Label records not sent again because a stopped worker's unacknowledged "
+                                       "copy was found on the label topic", registry=r),
         )
 
     def __post_init__(self) -> None:

@@ -11,6 +11,10 @@ Redis Cluster slot; ``TAGGER_REDIS=redis+cluster://host:port`` serves it from a 
     <prefix>s:{<sid>}:meta   JSON snapshot: counts, feature context, pending labels, revisions
     <prefix>s:{<sid>}:win    list of the last W raw events (JSON), for rebuilding model state
     <prefix>s:{<sid>}:ids    set of accepted event ids (idempotency on redelivery)
+    <prefix>s:{<sid>}:doubt  JSON list, one entry per stop: label records of the session a worker
+                             sent but stopped before the broker acknowledged them (the label
+                             topic partition, the offset they could have landed from, their
+                             identities); see ``stream.in_doubt``. Deleted once resolved
     <prefix>open:<p>         sorted set: open sessions of input partition p by last activity,
                              so a worker that takes over a partition can finalise idle ones;
                              members older than the session TTL (their keys have expired) are
@@ -51,7 +55,10 @@ def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
 
 
 class SessionStore(Protocol):
-    async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]: ...
+    async def load(self, session_ids: Sequence[str], *,
+                   doubts: Optional[dict[str, list[dict]]] = None) -> dict[str, tuple[dict, list[dict], set[str]]]: ...
+    async def mark_in_doubt(self, markers: Mapping[str, dict]) -> None: ...
+    async def clear_doubts(self, session_ids: Iterable[str]) -> None: ...
     async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None: ...
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]: ...
     async def forget_open(self, partition: int, session_ids: Iterable[str]) -> None: ...
@@ -118,25 +125,65 @@ class RedisSessionStore:
     def _open(self, partition: Optional[int]) -> str:
         return f"{self.prefix}open:{partition if partition is not None else 'x'}"
 
-    async def load(self, session_ids: Sequence[str]) -> dict[str, tuple[dict, list[dict], set[str]]]:
+    async def load(self, session_ids: Sequence[str], *,
+                   doubts: Optional[dict[str, list[dict]]] = None) -> dict[str, tuple[dict, list[dict], set[str]]]:
+        """The stored sessions among ``session_ids``. With ``doubts`` (a dict), also fills it
+        with the in-doubt markers of the sessions that have any (same round trip)."""
         if not session_ids:
             return {}
+        n = 3 if doubts is None else 4
         try:
             pipe = self.client.pipeline(transaction=False)
             for sid in session_ids:
                 pipe.get(self._k(sid, "meta"))
                 pipe.lrange(self._k(sid, "win"), 0, -1)
                 pipe.smembers(self._k(sid, "ids"))
+                if doubts is not None:
+                    pipe.get(self._k(sid, "doubt"))
             res = await pipe.execute()
         except store_errors() as exc:
             raise _unavailable("loading sessions", exc) from exc
         out = {}
         for i, sid in enumerate(session_ids):
-            meta, win, ids = res[3 * i:3 * i + 3]
+            meta, win, ids = res[n * i:n * i + 3]
+            if doubts is not None and res[n * i + 3]:
+                doubts[sid] = json.loads(res[n * i + 3])
             if meta is None:
                 continue
             out[sid] = (json.loads(meta), [json.loads(w) for w in win], {x.decode() for x in ids})
         return out
+
+    async def mark_in_doubt(self, markers: Mapping[str, dict]) -> None:
+        """Add one in-doubt marker per session (``{sid: marker}``, JSON-able) to the markers the
+        session already has; they outlive the session's own keys. Plain GET/SET (a JSON list),
+        so that the ACL in docs/operations.md needs no new command."""
+        if not markers:
+            return
+        sids = list(markers)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for sid in sids:
+                pipe.get(self._k(sid, "doubt"))
+            old = await pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            for sid, prev in zip(sids, old):
+                pipe.set(self._k(sid, "doubt"), _dumps([*(json.loads(prev) if prev else []), markers[sid]]),
+                         ex=2 * self.ttl)
+            await pipe.execute()
+        except store_errors() as exc:
+            raise _unavailable("marking records in doubt", exc) from exc
+
+    async def clear_doubts(self, session_ids: Iterable[str]) -> None:
+        keys = [self._k(sid, "doubt") for sid in session_ids]
+        if not keys:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:  # one key per command: each session's key is in its own slot
+                pipe.delete(key)
+            await pipe.execute()
+        except store_errors() as exc:
+            raise _unavailable("clearing in-doubt markers", exc) from exc
 
     async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None:
         """One pipelined round trip: per session one call of the ``SAVE_SESSION`` script (its
@@ -231,10 +278,23 @@ class MemorySessionStore:
         self.win: dict[str, list[dict]] = {}
         self.ids: dict[str, set[str]] = {}
         self.open: dict[Any, dict[str, float]] = {}
+        self.doubts: dict[str, list[dict]] = {}
 
-    async def load(self, session_ids):
+    async def load(self, session_ids, *, doubts=None):
+        if doubts is not None:
+            for sid in session_ids:
+                if self.doubts.get(sid):
+                    doubts[sid] = json.loads(_dumps(self.doubts[sid]))
         return {sid: (json.loads(_dumps(self.meta[sid])), list(self.win.get(sid, [])), set(self.ids.get(sid, ())))
                 for sid in session_ids if sid in self.meta}
+
+    async def mark_in_doubt(self, markers):
+        for sid, marker in markers.items():
+            self.doubts.setdefault(sid, []).append(json.loads(_dumps(marker)))
+
+    async def clear_doubts(self, session_ids):
+        for sid in session_ids:
+            self.doubts.pop(sid, None)
 
     async def save(self, snapshots, window):
         for snap in snapshots:

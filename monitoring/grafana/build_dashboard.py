@@ -253,9 +253,12 @@ def build() -> dict:
                       target(f"sum by (instance, timer) (increase(tagger_timer_errors_total{{{SEL}}}[{RI}]))",
                              "{{instance}} {{timer}} errors")], "s"), 6, 8)
     L.add(timeseries("Duplicate runs", "Input events in a row dropped as already seen, and the "
-                     "runs long enough to be suspicious (a session store that outlived its broker).",
+                     "runs long enough to be suspicious (a session store that outlived its broker); "
+                     "label records not sent again because a stopped worker's unacknowledged copy "
+                     "was found on the label topic (records in doubt).",
                      [per("tagger_duplicate_run_events", "{{instance}} current run", agg="max"),
-                      per("tagger_duplicate_runs_total", "{{instance}} suspicious runs")]), 6, 8)
+                      per("tagger_duplicate_runs_total", "{{instance}} suspicious runs"),
+                      per("tagger_label_repeats_suppressed_total", "{{instance}} repeats not sent")]), 6, 8)
 
     L.row("Worker process")
     L.add(timeseries("Memory per worker", "Resident memory (RSS) and virtual memory of each "

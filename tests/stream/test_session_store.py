@@ -94,6 +94,38 @@ def test_open_index_ttls_and_a_rewrite_with_many_ids(with_redis):
     assert all(100 < t <= 120 for t in ttls) and 0 < closed_ttl <= 30 and gone_win == 0
 
 
+def test_in_doubt_markers_accumulate_read_back_with_the_session_and_clear(with_redis):
+    """Markers of two stops add up; ``load`` returns them (also for a session never saved)
+    in its one round trip; they outlive the session's keys; ``clear_doubts`` removes them."""
+    def marker(i):
+        return {"id": f"stop-{i}", "topic": "labels", "partition": 2, "from": 10 * i, "records": [[f"e{i}", 0]]}
+
+    async def go(store):
+        await store.save([snap("a", 1, raw=[{"i": 0}], ids=["e0"])], 8)
+        await store.mark_in_doubt({"a": marker(1), "new": marker(1)})
+        await store.mark_in_doubt({"a": marker(2)})
+        doubts, plain = {}, await store.load(["a", "new", "none"])
+        found = await store.load(["a", "new", "none"], doubts=doubts)
+        ttl = await store.client.ttl(store._k("a", "doubt"))
+        await store.clear_doubts(["a", "new"])
+        after: dict = {}
+        await store.load(["a", "new"], doubts=after)
+        return plain, found, doubts, ttl, after
+
+    plain, found, doubts, ttl, after = with_redis(go)
+    assert set(found) == set(plain) == {"a"} and found["a"][2] == {"e0"}
+    assert doubts == {"a": [marker(1), marker(2)], "new": [marker(1)]}
+    assert 120 < ttl <= 240 and after == {}
+
+    async def mem():
+        store, doubts = MemorySessionStore(), {}
+        await store.mark_in_doubt({"a": marker(1)})
+        await store.mark_in_doubt({"a": marker(2)})
+        await store.load(["a"], doubts=doubts)
+        return doubts
+    assert asyncio.run(mem()) == {"a": [marker(1), marker(2)]}
+
+
 def test_a_redis_that_lost_its_scripts_still_takes_saves(with_redis):
     async def go(store):
         await store.save([snap("a", 1, raw=[{"i": 0}], ids=["e0"])], 8)
@@ -136,6 +168,11 @@ def test_error_replies_of_redis_are_store_unavailable_and_the_acl_in_the_docs_su
             await store.save([snap("s1", 1, raw=[{"a": 1}], ids=["e0"])], 5)
             assert await store.idle(3, 1e12) == ["s1"]
             assert await store.prune_open(3, 0.0) == 0
+            await store.mark_in_doubt({"s1": {"id": "x", "records": [["e0", 0]]}})   # in-doubt markers
+            doubts: dict = {}
+            await store.load(["s1"], doubts=doubts)
+            assert doubts == {"s1": [{"id": "x", "records": [["e0", 0]]}]}
+            await store.clear_doubts(["s1"])
             return await store.load(["s1"])
         finally:
             await store.close()

@@ -21,7 +21,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
 
@@ -536,3 +536,70 @@ def test_sigterm_while_the_broker_is_unreachable_stops_cleanly_and_loses_nothing
     unique = {(r["session_id"], r["event_id"], r["revision"]): r for r in records}
     deduped = sorted(unique.values(), key=lambda r: (r["session_id"], r["seq"], r["revision"]))
     _assert_contract(deduped, events)
+
+
+def test_labels_in_flight_when_the_broker_stops_are_on_the_topic_once_after_a_successor_replays(
+        tmp_path, settings_factory, tiny_model, heldout_log):
+    """The broker stops (SIGSTOP) while the worker's next batch is forming; the batch goes out
+    to a broker that holds the request without answering, and the worker is told to stop.
+    When the broker resumes it appends those records anyway, and the successor is redelivered
+    the batch (never committed). It must not emit the records again: every
+    ``(session_id, event_id, revision)`` once on the label topic, one final per event."""
+    from stream.tools.processes import WorkerProcess
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack, ensure_topics
+
+    base = settings_factory(create_topics=False)
+    with embedded_stack(tmp_path / "stack", redis_url=base.redis_url) as info:
+        broker = info["components"]["kafka"]["pid"]
+        # a batch gathers for 1 s: the one forming when the broker stops is sent into the outage
+        settings = dataclasses.replace(
+            base, kafka=info["kafka"], security_protocol="PLAINTEXT", kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S,
+            artifacts_dir=serving_root(tmp_path, tiny_model), web_port=free_port(), inactivity_s=300,
+            batch_wait_ms=1000.0)
+        ensure_topics(settings)
+        messages, events, _ = _traffic(heldout_log, 16)
+        first = WorkerProcess.start(settings, tmp_path / "worker-1.log")
+        second = None
+        stopped = False
+        try:
+            first.wait_ready()
+
+            async def main():
+                async with Tail(settings, settings.output_topic) as tail:
+                    publishing = asyncio.create_task(_publish(settings, messages, rate=60))
+                    await tail.until(lambda: len(tail.records) >= 30, "labels before the outage")
+                    await asyncio.sleep(0.5)   # mid-way through a batch window
+                    nonlocal stopped, second
+                    os.kill(broker, signal.SIGSTOP)
+                    stopped = True
+                    assert not publishing.done(), "the outage came after the last event was published"
+                    await asyncio.sleep(2.0)   # the window closes: its records go out, unanswered
+                    first.proc.send_signal(signal.SIGTERM)
+                    code = await asyncio.to_thread(first.proc.wait, 30)
+                    os.kill(broker, signal.SIGCONT)
+                    stopped = False
+                    second = WorkerProcess.start(settings, tmp_path / "worker-2.log")
+                    await asyncio.to_thread(second.wait_ready)
+                    await publishing
+                    await tail.until(_all_final(tail, events), "final for every event after the restart")
+                    await tail.settle(3.0)
+                    return code, tail.records
+
+            code, records = _run(main())
+        finally:
+            if stopped:
+                os.kill(broker, signal.SIGCONT)
+            for w in (first, second):
+                if w is not None:
+                    w.stop()
+    log_text, log2 = first.log_text(), second.log_text()
+    print(f"exit {code}; {len(records)} records for {len(events)} events\n{log_text[-1500:]}\n{log2[-1500:]}")
+    assert code == 0, log_text[-3000:]
+    copies = Counter((r["session_id"], r["event_id"], r["revision"]) for r in records)
+    repeated = sorted(k for k, n in copies.items() if n > 1)
+    finals = [k for k in repeated if any(r["final"] for r in records if (r["session_id"], r["event_id"], r["revision"]) == k)]
+    assert not repeated, f"{len(repeated)} records on the topic twice ({len(finals)} finals): {repeated[:5]}"
+    _assert_contract(records, events)
+    # the scenario did happen: the stopped worker had records in flight and marked them
+    assert "marked in doubt" in log_text, log_text[-3000:]
+    assert "read back the label records in doubt" in log2, log2[-3000:]

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from stream import in_doubt
 from stream.app import DUPLICATE_RUN_WARN, WorkerService, _RateLimit
 from stream.tools.publisher import replay_messages
 from stream.session_store import MemorySessionStore, StoreUnavailable
@@ -51,8 +52,37 @@ class Producer:
             fut.set_exception(KafkaTimeoutError("no ack"))
         else:
             self.sent.append((topic, key, value))
-            fut.set_result(None)
+            fut.set_result(self._landed_at(topic, key))
         return fut
+
+    def _landed_at(self, topic, key):
+        """The RecordMetadata of the last record sent: partitioned by key like aiokafka's
+        default partitioner over the settings' 4 partitions, offsets counted per partition."""
+        from aiokafka.partitioner import murmur2
+        partition = (murmur2(key) & 0x7FFFFFFF) % 4 if key else 0
+        offset = sum(1 for t, k, _ in self.sent if t == topic and self.partition(k) == partition) - 1
+        return SimpleNamespace(topic=topic, partition=partition, offset=offset)
+
+    @staticmethod
+    def partition(key):
+        from aiokafka.partitioner import murmur2
+        return (murmur2(key) & 0x7FFFFFFF) % 4 if key else 0
+
+    def land_held(self):
+        """The broker, answering again, appends the requests it held (no ack reaches anyone)."""
+        self.sent.extend(self.held)
+        self.held = []
+
+    def read_back(self, wanted, sids):
+        """What ``stream.in_doubt.read_landed`` finds in the records sent so far."""
+        found = {}
+        for (topic, partition), frm in wanted.items():
+            log = [v for t, k, v in self.sent if t == topic and (partition is None or self.partition(k) == partition)]
+            for v in log[frm or 0:]:
+                rec = json.loads(v)
+                if rec["session_id"] in sids:
+                    found.setdefault(rec["session_id"], {})[in_doubt.identity(rec)] = in_doubt.digest(rec)
+        return found
 
     def records(self, topic):
         return [json.loads(v) for t, _, v in self.sent if t == topic]
@@ -219,6 +249,100 @@ def test_a_stop_while_a_batch_waits_for_its_acks_sends_nothing_twice_and_saves_n
     sends = Counter((t, k, v) for t, k, v in service.producer.held)
     assert sends and max(sends.values()) == 1, "stop() sent a record a second time"
     assert not service.mem.meta, "sessions of an undelivered batch were written to the store"
+
+
+def _stop_with_the_batch_unacknowledged(service, evs):
+    """SIGTERM while the broker holds ``evs``' label records without acknowledging them."""
+    async def main():
+        service.producer.hold = True
+        batch = asyncio.create_task(service.handle(evs))
+        for _ in range(200):
+            if service.producer.held and service.unacknowledged:
+                break
+            await asyncio.sleep(0.05)
+        assert service.producer.held, "the batch never reached the producer"
+        assert not await service.drain(0.3)
+        await service.stop()
+        batch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await batch
+    asyncio.run(main())
+    service.producer.hold = False
+
+
+def _next_owner(service):
+    """A second worker on the same store and broker; its read-backs are recorded."""
+    reads = []
+
+    async def read_landed(wanted, sids):
+        reads.append((dict(wanted), set(sids)))
+        return service.producer.read_back(wanted, sids)
+    nxt = WorkerService(SimpleNamespace(producer=service.producer), service.settings, store=service.mem,
+                        limit_logs=False, read_landed=read_landed)
+    asyncio.run(nxt.start())
+    nxt.assigned = {0}
+    return nxt, reads
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+def test_records_a_stopped_worker_left_unacknowledged_are_on_the_label_topic_once(service, messages, landed):
+    """A worker stops while the broker holds its last batch's label records; once the broker
+    answers again it may append them (``landed``) or not. The next owner is redelivered the
+    batch and labels it again: each record must be on the topic exactly once either way,
+    and every event must have exactly one final."""
+    half = len(messages) // 2
+    asyncio.run(service.handle(_events(messages[:half])))
+    acked = Counter(service.producer.partition(k) for t, k, _ in service.producer.sent
+                    if t == service.settings.output_topic)
+    _stop_with_the_batch_unacknowledged(service, _events(messages[half:], start=half))
+    marked = {sid: list(ms) for sid, ms in service.mem.doubts.items()}
+    assert marked, "no marker for the records in doubt"
+    for ms in marked.values():   # read back from where this worker's acknowledged output ended
+        assert all(m["from"] == acked.get(m["partition"]) for m in ms)
+    if landed:
+        service.producer.land_held()
+    else:
+        service.producer.held = []
+
+    nxt, reads = _next_owner(service)
+    asyncio.run(nxt.handle(_events(messages[half:], start=half)))   # the redelivered batch
+    recs = service.producer.records(service.settings.output_topic)
+    copies = Counter((r["session_id"], r["event_id"], r["revision"]) for r in recs)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
+    assert reads and set().union(*(sids for _, sids in reads)) == set(marked)
+    assert not service.mem.doubts, "the markers outlived their resolution"
+    assert nxt.metrics.repeats_suppressed._value.get() == (sum(
+        len(m["records"]) for ms in marked.values() for m in ms) if landed else 0)
+
+
+def test_a_record_that_landed_with_other_content_is_sent_again(service, messages):
+    """A successor that labels differently (another model version) emits its own records:
+    suppression is only for exact repeats."""
+    half = len(messages) // 2
+    asyncio.run(service.handle(_events(messages[:half])))
+    _stop_with_the_batch_unacknowledged(service, _events(messages[half:], start=half))
+    held = []
+    for t, k, v in service.producer.held:
+        rec = json.loads(v)
+        rec["model_version"] = "older"
+        held.append((t, k, json.dumps(rec).encode()))
+    service.producer.held = held
+    service.producer.land_held()
+    n_before = len(service.producer.records(service.settings.output_topic))
+    nxt, reads = _next_owner(service)
+    asyncio.run(nxt.handle(_events(messages[half:], start=half)))
+    resent = service.producer.records(service.settings.output_topic)[n_before:]
+    assert reads and len(resent) == len(held)
+    assert not service.mem.doubts
+
+
+def test_no_marker_no_read_back(service, messages):
+    """Sessions without a marker never cost a read of the label topic."""
+    nxt, reads = _next_owner(service)
+    asyncio.run(nxt.handle(_events(messages)))
+    assert _finals(service) == _keys(messages) and not reads
 
 
 def test_a_message_keyed_by_another_session_or_by_nothing_is_dead_lettered(service, messages):
