@@ -137,6 +137,30 @@ def test_auto_averages_the_seeds_of_a_candidate_and_shares_its_weight():
     assert "bilstm x2 seeds" in auto_table(info)[0] and "1.0 bilstm" in auto_table(info)[1]
 
 
+def test_auto_combines_three_candidates_when_each_covers_the_others_mistakes():
+    """Three candidates, each confidently wrong on a different third of the events and right
+    elsewhere: a mistake outweighs one right vote (so no pair is right everywhere) but not
+    two (so all three, no weight above 4/9, are), and ``auto`` keeps all three."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, auto_table, choose_mixture
+    y = np.arange(300) % 3
+    idx = np.arange(len(y))
+
+    def member(wrong):
+        z = np.zeros((len(y), 3))
+        z[idx, y] = 2.0
+        z[wrong, (y[wrong] + 1) % 3] = 4.5
+        return Validated(args=ModelConfig(n_labels=3, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
+                         logits=[z], labels=[y], depth_logits=None, epochs=1, best_epochs=[1])
+    info = choose_mixture({"bilstm": member(idx[idx < 100]), "crf": member(idx[(idx >= 100) & (idx < 200)]),
+                           "tcn": member(idx[idx >= 200])}, ["a", "b", "c"])
+    row = info["depths"][0]
+    assert all(row["alone"][a]["macro_f1"] < 0.8 for a in ("bilstm", "crf", "tcn"))
+    assert row["macro_f1"] == 1.0 and all(row["weights"][a] > 0 for a in ("bilstm", "crf", "tcn"))
+    assert info["members"] == ["bilstm", "crf", "tcn"] and info["chosen"] == "mixture"
+    assert "tcn" in auto_table(info)[1]
+
+
 def test_a_network_trained_with_two_seeds_is_served_as_their_mixture(tmp_path):
     """``train.ensemble_seeds: 2``: two BiLSTMs from different seeds (different weights),
     saved as one Mixture that streams exactly like its offline forward pass."""
