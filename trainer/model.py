@@ -139,6 +139,14 @@ def bag_index(ids: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, t
     return flat[present], offsets, counts
 
 
+def with_lex_index(events: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A live round's inputs (B, 1, ...) with ``lex_index``, the lookup plan every lexical bag of
+    the round shares (computed once, also across a mixture's members)."""
+    if "lex" not in events or "lex_index" in events:
+        return events
+    return {**events, "lex_index": bag_index(events["lex"][:, 0])}
+
+
 def bag(weight: torch.Tensor, ids: torch.Tensor, mean: bool = False,
         index: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """(..., X) 0-padded feature ids -> (prod(...), D) rows of ``weight`` summed (or averaged)
@@ -1012,8 +1020,7 @@ class Tagger(nn.Module):
         Returns the new states and, per session, logits (v, C) for its last v events (the ones
         whose label the new event may still change, oldest first; the oldest is final when
         v == lookahead + 1)."""
-        if "lex" in events and "lex_index" not in events:  # one lookup plan for every bag
-            events = {**events, "lex_index": bag_index(events["lex"][:, 0])}
+        events = with_lex_index(events)
         xs = self.embed(events) if self.embed is not None else []
         if not isinstance(xs, list):
             xs = [xs]
@@ -1145,8 +1152,7 @@ class Mixture(nn.Module):
     def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
         outs_by_member = []
         new = [{"members": []} for _ in states]
-        if "lex" in events and "lex_index" not in events:  # one lookup plan for every member
-            events = {**events, "lex_index": bag_index(events["lex"][:, 0])}
+        events = with_lex_index(events)  # one lookup plan for every member
         for i, m in enumerate(self.members):
             ms, outs = m.step([s["members"][i] for s in states], events)
             for ns, st in zip(new, ms):

@@ -459,6 +459,15 @@ def test_health_and_readiness(tmp_path, settings_factory, faust_worker, tiny_mod
 
 
 
+def _on_embedded_stack(base, info, tmp_path, tiny_model, **overrides):
+    """Worker settings on an embedded stack (its own broker and session timeout), serving the
+    tiny model, with sessions kept open for the test's length."""
+    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S
+    return dataclasses.replace(
+        base, kafka=info["kafka"], security_protocol="PLAINTEXT", kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S,
+        artifacts_dir=serving_root(tmp_path, tiny_model), web_port=free_port(), inactivity_s=300, **overrides)
+
+
 def test_sigterm_while_the_broker_is_unreachable_stops_cleanly_and_loses_nothing(
         tmp_path, settings_factory, tiny_model, heldout_log):
     """The broker stops answering mid-stream (SIGSTOP: connections hang, as in a network
@@ -470,14 +479,12 @@ def test_sigterm_while_the_broker_is_unreachable_stops_cleanly_and_loses_nothing
 
     from stream.session_store import session_key
     from stream.tools.processes import WorkerProcess
-    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack, ensure_topics
+    from stream.tools.stack import embedded_stack, ensure_topics
 
     base = settings_factory(create_topics=False)
     with embedded_stack(tmp_path / "stack", redis_url=base.redis_url) as info:
         broker = info["components"]["kafka"]["pid"]
-        settings = dataclasses.replace(
-            base, kafka=info["kafka"], security_protocol="PLAINTEXT", kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S,
-            artifacts_dir=serving_root(tmp_path, tiny_model), web_port=free_port(), inactivity_s=300)
+        settings = _on_embedded_stack(base, info, tmp_path, tiny_model)
         ensure_topics(settings)
         messages, events, _ = _traffic(heldout_log, 12)
         # `tagger worker`, the production entry point (its stop is the one under test)
@@ -546,16 +553,13 @@ def test_labels_in_flight_when_the_broker_stops_are_on_the_topic_once_after_a_su
     the batch (never committed). It must not emit the records again: every
     ``(session_id, event_id, revision)`` once on the label topic, one final per event."""
     from stream.tools.processes import WorkerProcess
-    from stream.tools.stack import EMBEDDED_SESSION_TIMEOUT_S, embedded_stack, ensure_topics
+    from stream.tools.stack import embedded_stack, ensure_topics
 
     base = settings_factory(create_topics=False)
     with embedded_stack(tmp_path / "stack", redis_url=base.redis_url) as info:
         broker = info["components"]["kafka"]["pid"]
         # a batch gathers for 1 s: the one forming when the broker stops is sent into the outage
-        settings = dataclasses.replace(
-            base, kafka=info["kafka"], security_protocol="PLAINTEXT", kafka_session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S,
-            artifacts_dir=serving_root(tmp_path, tiny_model), web_port=free_port(), inactivity_s=300,
-            batch_wait_ms=1000.0)
+        settings = _on_embedded_stack(base, info, tmp_path, tiny_model, batch_wait_ms=1000.0)
         ensure_topics(settings)
         messages, events, _ = _traffic(heldout_log, 16)
         first = WorkerProcess.start(settings, tmp_path / "worker-1.log")
