@@ -41,6 +41,7 @@ from typing import Any, Optional
 import faust
 
 from stream import in_doubt
+from stream.batching import age_bounded_batches
 from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
 from stream.records import InvalidEvent, check_key, dlq_record, encode_label, parse_event
@@ -843,7 +844,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
 
     @app.agent(events)
     async def tag(stream):
-        async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
+        async for batch in age_bounded_batches(stream, settings.batch_max, settings.batch_wait_ms / 1000):
             await service.handle(batch)
 
     @app.timer(interval=max(0.5, min(5.0, settings.inactivity_s / 4)))
