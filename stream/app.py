@@ -817,7 +817,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
                policy: RevisionPolicy | None = None) -> faust.App:
     # sessions live in Redis; Faust's table data folder would only litter the working directory
     datadir = Path(tempfile.gettempdir()) / f"tagger-faust-{settings.app_id}"
-    app = faust.App(settings.app_id, **faust_broker_settings(settings, datadir=datadir))
+    from stream.cli import bounded_stop_worker_class
+    # `faust -A stream.app worker` builds this class too, so it stops as `tagger worker` does
+    app = faust.App(settings.app_id, Worker=bounded_stop_worker_class(),
+                    **faust_broker_settings(settings, datadir=datadir))
     events = app.topic(settings.input_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=settings.partitions)
     labels = app.topic(settings.output_topic, key_serializer="raw", value_serializer="raw",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -44,7 +45,10 @@ SHUTDOWN_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 2.0
 
 
-def _bounded_stop_worker_class():
+@functools.cache
+def bounded_stop_worker_class():
+    """The worker class of `tagger worker`, and of `faust -A stream.app worker` (the app's
+    ``Worker`` setting)."""
     import faust
 
     class BoundedStopWorker(faust.Worker):
@@ -103,7 +107,7 @@ def _exit_after(seconds: float) -> None:
 
 
 def _BoundedStopWorker(*args, **kwargs):
-    return _bounded_stop_worker_class()(*args, **kwargs)
+    return bounded_stop_worker_class()(*args, **kwargs)
 
 
 def cmd_promote(args) -> int:

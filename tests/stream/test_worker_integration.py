@@ -468,8 +468,9 @@ def _on_embedded_stack(base, info, tmp_path, tiny_model, **overrides):
         artifacts_dir=serving_root(tmp_path, tiny_model), web_port=free_port(), inactivity_s=300, **overrides)
 
 
+@pytest.mark.parametrize("entry", ["tagger worker", "faust -A stream.app worker"])
 def test_sigterm_while_the_broker_is_unreachable_stops_cleanly_and_loses_nothing(
-        tmp_path, settings_factory, tiny_model, heldout_log):
+        tmp_path, settings_factory, tiny_model, heldout_log, entry):
     """The broker stops answering mid-stream (SIGSTOP: connections hang, as in a network
     partition) and the worker is told to stop. It must exit 0 within a few seconds (not by
     the 10 s watchdog), with the sessions it had labelled in Redis and without committing the
@@ -487,8 +488,10 @@ def test_sigterm_while_the_broker_is_unreachable_stops_cleanly_and_loses_nothing
         settings = _on_embedded_stack(base, info, tmp_path, tiny_model)
         ensure_topics(settings)
         messages, events, _ = _traffic(heldout_log, 12)
-        # `tagger worker`, the production entry point (its stop is the one under test)
-        first = WorkerProcess.start(settings, tmp_path / "worker-1.log")
+        # `tagger worker`, the production entry point, and Faust's own CLI on the same app
+        first = WorkerProcess.start(settings, tmp_path / "worker-1.log",
+                                    app="stream.app" if entry.startswith("faust") else None,
+                                    args=["-l", "info"] if entry.startswith("faust") else ())
         second = None
         stopped = False
         try:
