@@ -4,7 +4,7 @@
 an app for tests. The app is the only global object (STYLE.md); everything else hangs off
 ``app.worker_service`` (a ``WorkerService``) and is built from ``Settings`` at start-up.
 
-Per batch of input messages (``take_events``): validate (bad messages go to the DLQ with the
+Per batch of input messages (``stream.batching.age_bounded_batches``): validate (bad messages go to the DLQ with the
 original bytes, the reason and the source topic/partition/offset) -> load sessions this
 worker does not hold from Redis -> tag in a single-thread executor (model compute stays off
 the event loop) -> produce all label records at once and wait for the broker's acks ->

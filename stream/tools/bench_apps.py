@@ -3,7 +3,7 @@
 ``faust -A stream.tools.bench_apps:passthrough worker --without-web`` runs a bare agent that
 forwards every input message unchanged (``stream.events()`` and ``topic.send``, the
 idiomatic Faust way); ``stream.tools.bench_apps:batched`` forwards with the worker's own batch
-loop (``take_events`` with the settings' ``batch_max`` and ``batch_wait_ms``, raw producer
+loop (``stream.batching.age_bounded_batches`` with the settings' ``batch_max`` and ``batch_wait_ms``, raw producer
 sends, acks awaited per batch), so the gap between it and the worker is the cost of tagging.
 
 Both read ``Settings.from_env()`` (``TAGGER_KAFKA``, ``TAGGER_APP_ID``,
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import faust
 
+from stream.batching import age_bounded_batches
 from stream.settings import Settings, faust_broker_settings
 
 
@@ -36,7 +37,7 @@ def create_passthrough(settings: Settings, *, batched: bool = False) -> faust.Ap
     if batched:
         @app.agent(src)
         async def forward(stream):
-            async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
+            async for batch in age_bounded_batches(stream, settings.batch_max, settings.batch_wait_ms / 1000):
                 producer, out = app.producer, settings.output_topic
                 futs = [await producer.send(out, ev.message.key, ev.message.value, None, None, None)
                         for ev in batch]
