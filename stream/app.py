@@ -135,6 +135,7 @@ class WorkerService:
         # from (kept until a save after their records' acks removes it: a later batch's marker
         # must not narrow what an earlier, unsaved one covers)
         self._ahead: dict[str, Optional[int]] = {}
+        self._partition_of: dict[str, Optional[int]] = {}   # label partition by session (murmur2 costs)
         self._marker_id = f"{settings.app_id}:{os.getpid()}:{time.time():.6f}"
         self._read_landed = read_landed or (lambda wanted, sids: in_doubt.read_landed(self.settings, wanted, sids))
 
@@ -240,8 +241,11 @@ class WorkerService:
             return None
         topic, now = self.settings.output_topic, time.time()
         markers = {}
+        cache = self._partition_of
+        if len(cache) > 100_000:
+            cache.clear()
         for sid in session_ids:
-            p = self._label_partition(sid.encode())
+            p = cache[sid] if sid in cache else cache.setdefault(sid, self._label_partition(sid.encode()))
             frm = self._ahead[sid] if sid in self._ahead else self._label_end.get(p)
             self._ahead[sid] = frm
             markers[sid] = {"id": self._marker_id, "topic": topic, "partition": p, "from": frm,

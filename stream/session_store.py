@@ -141,25 +141,24 @@ class RedisSessionStore:
         ones in one list (same round trip)."""
         if not session_ids:
             return {}
-        n = 3 if doubts is None else 5
         try:
             pipe = self.client.pipeline(transaction=False)
             for sid in session_ids:
-                pipe.get(self._k(sid, "meta"))
+                if doubts is None:
+                    pipe.get(self._k(sid, "meta"))
+                else:  # one command for the three: same slot (the session's hash tag)
+                    pipe.execute_command("MGET", self._k(sid, "meta"), self._k(sid, "doubt"), self._k(sid, "wal"))
                 pipe.lrange(self._k(sid, "win"), 0, -1)
                 pipe.smembers(self._k(sid, "ids"))
-                if doubts is not None:
-                    pipe.get(self._k(sid, "doubt"))
-                    pipe.get(self._k(sid, "wal"))
             res = await pipe.execute()
         except store_errors() as exc:
             raise _unavailable("loading sessions", exc) from exc
         out = {}
         for i, sid in enumerate(session_ids):
-            meta, win, ids = res[n * i:n * i + 3]
+            meta, win, ids = res[3 * i:3 * i + 3]
             if doubts is not None:
-                ms = [*(json.loads(res[n * i + 3]) if res[n * i + 3] else []),
-                      *([json.loads(res[n * i + 4])] if res[n * i + 4] else [])]
+                meta, stop, ahead = meta
+                ms = [*(json.loads(stop) if stop else []), *([json.loads(ahead)] if ahead else [])]
                 if ms:
                     doubts[sid] = ms
             if meta is None:
