@@ -10,9 +10,11 @@ worker does not hold from Redis -> tag in a single-thread executor (model comput
 the event loop) -> produce all label records at once and wait for the broker's acks ->
 write the touched sessions through to Redis -> the batch's offsets are committed. A crash
 anywhere before the commit replays the batch: records may repeat (same session, event and
-revision, so they deduplicate) but none is lost. A worker that stops with records sent but
-unacknowledged marks them in doubt in Redis, and the next owner reads the label topic back
-instead of sending again what landed (``stream.in_doubt``).
+revision, so they deduplicate) but none is lost. Before a batch's label records are sent,
+its sessions get write-ahead markers in Redis (written while the model runs), removed by the
+save after the acks; a worker that dies in between (or stops with records unacknowledged,
+which also marks them) leaves them, and the next owner reads the label topic back instead of
+sending again what landed (``stream.in_doubt``).
 
 Errors are classified where they happen. Bad input (and only bad input) goes to the DLQ.
 Infrastructure failures never do: a Redis failure (``StoreUnavailable``: connection, timeout,
