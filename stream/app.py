@@ -265,7 +265,8 @@ class WorkerService:
         try:
             await task
         except StoreUnavailable as exc:
-            self._infra_failed("redis", exc, "label records sent without write-ahead markers")
+            # like a failed save: Redis may have lost writes (a restart), so rewrite it in full
+            self._write_failed(exc, "label records sent without write-ahead markers")
         except Exception as exc:  # a bug must not hold (or dead-letter) the batch
             self._log_limited("ahead", logging.ERROR, "writing write-ahead markers failed (%s: %s); label "
                               "records sent without them", type(exc).__name__, exc)
@@ -655,9 +656,7 @@ class WorkerService:
         try:
             await self.store.save(snaps, self.live.window_size, unmark=unmark)
         except StoreUnavailable as exc:
-            self._infra_failed("redis", exc, "sessions stay in memory and are rewritten when it is back")
-            self._store_stale = True
-            self.live.evict_enabled = False  # memory holds the only copy until the rewrite
+            self._write_failed(exc, "sessions stay in memory and are rewritten when it is back")
             return
         self._redis_ok_at = time.monotonic()
         self.live.saved(marks)
@@ -673,6 +672,13 @@ class WorkerService:
         self._closed_unsaved.clear()
         if self._doubts:
             await self._resolve_doubts(closed_now)
+
+    def _write_failed(self, exc: StoreUnavailable, what: str) -> None:
+        """A write to Redis failed: until a full rewrite of the sessions held here succeeds,
+        Redis cannot be trusted to resume them (it may have missed writes, or restarted empty)."""
+        self._infra_failed("redis", exc, what)
+        self._store_stale = True
+        self.live.evict_enabled = False  # memory holds the only copy until the rewrite
 
     def _full_snapshot(self, sid: str) -> dict[str, Any]:
         """A snapshot that replaces everything the store holds for the session."""

@@ -97,9 +97,12 @@ class FlakyStore(MemorySessionStore):
     def __init__(self):
         super().__init__()
         self.fail_saves = 0
+        self.full_rewrites = 0
         self.fail_idle: BaseException | None = None
 
     async def save(self, snapshots, window, **kw):
+        if snapshots and all(snap.get("replace") for snap in snapshots):
+            self.full_rewrites += 1
         if self.fail_saves > 0:
             self.fail_saves -= 1
             raise StoreUnavailable("Redis unavailable while saving sessions: ResponseError: OOM command not allowed")
@@ -417,6 +420,10 @@ def test_a_store_that_refuses_the_markers_holds_no_labels_and_dead_letters_nothi
     assert _finals(service) == _keys(messages)
     assert not service.producer.records(service.settings.dlq_topic)
     assert service.metrics.infra_errors.labels(component="redis")._value.get() >= 1
+    # as after a failed save, Redis is rewritten in full from memory (a Redis that refused a
+    # write may have restarted empty): the rewrite saves replace whole sessions
+    assert service.mem.full_rewrites, "no full rewrite after the failed marker write"
+    assert set(service.mem.meta) == {str(m["session_id"]) for m in messages} and not service._store_stale
 
 
 def test_a_record_that_landed_with_other_content_is_sent_again(service, messages):
