@@ -287,6 +287,7 @@ def _next_owner(service):
                         limit_logs=False, read_landed=read_landed)
     asyncio.run(nxt.start())
     nxt.assigned = {0}
+    nxt.producer, nxt.mem = service.producer, service.mem
     return nxt, reads
 
 
@@ -368,6 +369,44 @@ def test_records_a_killed_worker_left_unacknowledged_are_on_the_label_topic_once
     assert reads, "the next owner never read the label topic back"
     assert not service.mem.ahead and not service.mem.doubts, "markers outlived their resolution"
     assert (nxt.metrics.repeats_suppressed._value.get() > 0) == landed
+
+
+def test_a_successor_killed_while_resolving_sends_none_of_what_either_worker_landed(service, heldout_log):
+    """Worker A dies with a batch of session S1 in flight (its records land). B is
+    redelivered it in two smaller batches, together with new events of S2, which shares S1's
+    label partition: B's acknowledged output on that partition ends past A's records before
+    it loads S1, and after B's batch of S1 part of A's records are still to be seen again.
+    B dies with its next batch in flight. C must send again none of the records A or B landed: B's markers must
+    neither start after A's records nor be removed while some of them are still in doubt."""
+    frame, _ = read_events(heldout_log, require_label=False)
+    msgs, _ = replay_messages(frame, sessions=12)
+    by_sid = {}
+    for m in msgs:
+        if m.get("type") != "session_end":
+            by_sid.setdefault(str(m["session_id"]), []).append(m)
+    same = {}
+    for sid, ms in by_sid.items():
+        if len(ms) >= 6:
+            same.setdefault(service.producer.partition(sid.encode()), []).append(sid)
+    s1, s2 = next(sids for sids in same.values() if len(sids) >= 2)[:2]
+    m1, m2 = by_sid[s1], by_sid[s2]
+    ev = lambda ms, start: _events(ms, start=start)  # noqa: E731
+    asyncio.run(service.handle(ev(m1[:2] + m2[:2], 0)))
+    _kill_with_the_output_unacknowledged(service, lambda: service.handle(ev(m1[2:6], 4)))
+    service.producer.land_held()
+    b, _ = _next_owner(service)
+    asyncio.run(b.handle(ev(m2[2:3], 4)))                  # B's output on the partition goes on
+    asyncio.run(b.handle(ev(m1[2:4] + m2[3:4], 5)))
+    _kill_with_the_output_unacknowledged(b, lambda: b.handle(ev(m1[4:6] + m2[4:6], 8)))
+    service.producer.land_held()
+    c, reads = _next_owner(service)
+    ends = [m for m in msgs if m.get("type") == "session_end" and str(m["session_id"]) in (s1, s2)]
+    asyncio.run(c.handle(ev(m1[4:] + m2[4:] + ends, 8)))
+    recs, copies = _copies(service)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(m1 + m2) and set(finals.values()) == {1}
+    assert not service.mem.ahead and not service.mem.doubts   # closed: resolved
 
 
 def test_finals_of_an_idle_sweep_a_killed_worker_left_unacknowledged_are_sent_once(service, messages):
