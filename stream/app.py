@@ -10,9 +10,11 @@ worker does not hold from Redis -> tag in a single-thread executor (model comput
 the event loop) -> produce all label records at once and wait for the broker's acks ->
 write the touched sessions through to Redis -> the batch's offsets are committed. A crash
 anywhere before the commit replays the batch: records may repeat (same session, event and
-revision, so they deduplicate) but none is lost. A worker that stops with records sent but
-unacknowledged marks them in doubt in Redis, and the next owner reads the label topic back
-instead of sending again what landed (``stream.in_doubt``).
+revision, so they deduplicate) but none is lost. Before a batch's label records are sent,
+its sessions get write-ahead markers in Redis (written while the model runs), removed by the
+save after the acks; a worker that dies in between (or stops with records unacknowledged,
+which also marks them) leaves them, and the next owner reads the label topic back instead of
+sending again what landed (``stream.in_doubt``).
 
 Errors are classified where they happen. Bad input (and only bad input) goes to the DLQ.
 Infrastructure failures never do: a Redis failure (``StoreUnavailable``: connection, timeout,
@@ -30,6 +32,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections import deque
@@ -85,6 +88,9 @@ class Outbox:
     touched: set[str] = field(default_factory=set)
     closed: set[str] = field(default_factory=set)
     after: list[Any] = field(default_factory=list)  # callables run once delivered and persisted
+    # the write of the batch's write-ahead markers (stream.in_doubt), started with the model
+    # step; awaited before the first send
+    ahead: Optional[asyncio.Future] = None
 
 
 class WorkerService:
@@ -128,6 +134,12 @@ class WorkerService:
         # worker's last fully acknowledged output there; sessions loaded with a marker
         self._label_end: dict[int, int] = {}
         self._doubts: dict[str, in_doubt.Doubt] = {}
+        # sessions that may have a write-ahead marker in the store -> the offset it reads back
+        # from (kept until a save after their records' acks removes it: a later batch's marker
+        # must not narrow what an earlier, unsaved one covers)
+        self._ahead: dict[str, Optional[int]] = {}
+        self._partition_of: dict[str, Optional[int]] = {}   # label partition by session (murmur2 costs)
+        self._marker_id = f"{settings.app_id}:{os.getpid()}:{time.time():.6f}"
         self._read_landed = read_landed or (lambda wanted, sids: in_doubt.read_landed(self.settings, wanted, sids))
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -210,7 +222,6 @@ class WorkerService:
         """Leave a marker in the store for each session with label records in ``box`` (sent,
         maybe landed, never acknowledged): its next owner reads them back before sending
         them again (``stream.in_doubt``)."""
-        import os
         marks = in_doubt.markers(box.messages, self.settings.output_topic, self._label_partition,
                                  self._label_end, f"{self.settings.app_id}:{os.getpid()}:{time.time():.6f}")
         if not marks:
@@ -223,6 +234,43 @@ class WorkerService:
             return
         log.warning("%d label records of %d sessions were not acknowledged: marked in doubt for their "
                     "next owner", sum(len(m["records"]) for m in marks.values()), len(marks))
+
+    def _mark_ahead(self, session_ids) -> Optional[asyncio.Future]:
+        """Start writing the write-ahead markers of sessions whose label records are about to
+        be sent (``stream.in_doubt``): the label partition of each and the offset its records
+        may land from. Returns the write in progress, which ``_flush_outbox`` awaits before
+        sending; None while the store is failing (see ``_written_ahead``)."""
+        if self._store_stale or not session_ids:
+            return None
+        topic, now = self.settings.output_topic, time.time()
+        markers = {}
+        cache = self._partition_of
+        if len(cache) > 100_000:
+            cache.clear()
+        for sid in session_ids:
+            p = cache[sid] if sid in cache else cache.setdefault(sid, self._label_partition(sid.encode()))
+            frm = self._ahead[sid] if sid in self._ahead else self._label_end.get(p)
+            self._ahead[sid] = frm
+            markers[sid] = {"id": self._marker_id, "topic": topic, "partition": p, "from": frm,
+                            "records": None, "at": now}
+        task = asyncio.ensure_future(self.store.mark_ahead(markers))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if never awaited
+        return task
+
+    async def _written_ahead(self, box: Outbox) -> None:
+        """Wait for ``box``'s write-ahead markers. One that fails does not hold the records:
+        the store is failing, so the sessions' saves fail too and a successor would resume
+        them from older state and repeat records anyway; holding would only turn a Redis
+        outage into a labelling outage, where the worker otherwise labels from memory."""
+        task, box.ahead = box.ahead, None
+        try:
+            await task
+        except StoreUnavailable as exc:
+            # like a failed save: Redis may have lost writes (a restart), so rewrite it in full
+            self._write_failed(exc, "label records sent without write-ahead markers")
+        except Exception as exc:  # a bug must not hold (or dead-letter) the batch
+            self._log_limited("ahead", logging.ERROR, "writing write-ahead markers failed (%s: %s); label "
+                              "records sent without them", type(exc).__name__, exc)
 
     def _label_partition(self, key: bytes) -> Optional[int]:
         """The label topic partition the producer sends ``key``'s records to: its own
@@ -339,6 +387,8 @@ class WorkerService:
         box = self._outbox
         if box is None:
             return
+        if box.ahead is not None:
+            await self._written_ahead(box)
         producer = self.app.producer
         futs = []
         try:
@@ -395,6 +445,8 @@ class WorkerService:
                     await self._restore(missing)
                 except StoreUnavailable as exc:
                     self._infra_failed("redis", exc, "continuing with in-memory state only")
+            # written while the model runs; the send waits for it (_flush_outbox)
+            box.ahead = self._mark_ahead({e.session_id for e in parsed})
             t0 = time.perf_counter()
             try:
                 batch = await loop.run_in_executor(self.executor, self.live.process, parsed, partitions)
@@ -451,9 +503,21 @@ class WorkerService:
                 log.exception("reading back label records in doubt failed; sending them again")
                 landed = {}
             for sid, ms in doubts.items():
-                resolved[sid] = in_doubt.Doubt(
-                    landed=landed.get(sid, {}),
-                    pending={(str(e), int(r)) for m in ms for e, r in m.get("records", ())})
+                got = landed.get(sid, {})
+                # a write-ahead marker names no identities: what landed of the session is in doubt
+                pending = set(got) if any(m.get("records") is None for m in ms) else set()
+                pending.update((str(e), int(r)) for m in ms for e, r in m.get("records") or ())
+                resolved[sid] = in_doubt.Doubt(landed=got, pending=pending)
+                # a new write-ahead marker of the session (which replaces the one found) must
+                # read back from as early as the markers found did
+                p = self._label_partition(sid.encode())
+                froms = [m.get("from") for m in ms if m.get("partition") in (p, None)]
+                if froms:
+                    frm = None if any(f is None for f in froms) else min(froms)
+                    if sid in self._ahead:
+                        old = self._ahead[sid]
+                        frm = None if old is None or frm is None else min(old, frm)
+                    self._ahead[sid] = frm
             log.info("read back the label records in doubt of %d sessions in %.2f s: %d of %d landed",
                      len(doubts), time.monotonic() - t0,
                      sum(len(d.landed.keys() & d.pending) for d in resolved.values()),
@@ -495,6 +559,7 @@ class WorkerService:
                 gone.append(sid)  # evicted: reloading it reads its marker again
         for sid in gone:
             del self._doubts[sid]
+            self._ahead.pop(sid, None)   # its markers stay in the store, read again on reload
         if not done:
             return
         try:
@@ -504,6 +569,7 @@ class WorkerService:
             return
         for sid in done:
             self._doubts.pop(sid, None)
+            self._ahead.pop(sid, None)
 
     def _swap(self, candidate) -> None:
         old = self.live.loaded
@@ -568,7 +634,8 @@ class WorkerService:
         could resume. Until then closed sessions stay in memory too, so that neither the idle
         sweep nor a successor finalises them a second time from stale open state in Redis."""
         self._closed_unsaved.update(closed)
-        if self._store_stale:
+        rewrite = self._store_stale
+        if rewrite:
             if time.monotonic() - self._last_rewrite < 1.0:
                 return
             self._last_rewrite = time.monotonic()
@@ -580,15 +647,22 @@ class WorkerService:
             marks = self.live.pending_deltas(sids)
             # the deltas stay on the sessions until the save succeeded
             snaps = [self.live.snapshot(sid, clear=False) for sid in sids]
+        # Write-ahead markers that can go with this save: every output is acknowledged by
+        # now (but that of ``skip``), and the store holds every session (those saved here;
+        # when it was not stale, the others as of an earlier save). Sessions being resolved
+        # keep theirs until _resolve_doubts.
+        saved = set(sids)
+        unmark = [sid for sid in self._ahead if sid not in skip and sid not in self._doubts
+                  and (sid in saved or not rewrite)]
         try:
-            await self.store.save(snaps, self.live.window_size)
+            await self.store.save(snaps, self.live.window_size, unmark=unmark)
         except StoreUnavailable as exc:
-            self._infra_failed("redis", exc, "sessions stay in memory and are rewritten when it is back")
-            self._store_stale = True
-            self.live.evict_enabled = False  # memory holds the only copy until the rewrite
+            self._write_failed(exc, "sessions stay in memory and are rewritten when it is back")
             return
         self._redis_ok_at = time.monotonic()
         self.live.saved(marks)
+        for sid in unmark:
+            del self._ahead[sid]
         if self._store_stale and not skip & self.live.sessions.keys():
             log.info("session store back: rewrote %d sessions held in memory", len(snaps))
             self._store_stale = False
@@ -599,6 +673,13 @@ class WorkerService:
         self._closed_unsaved.clear()
         if self._doubts:
             await self._resolve_doubts(closed_now)
+
+    def _write_failed(self, exc: StoreUnavailable, what: str) -> None:
+        """A write to Redis failed: until a full rewrite of the sessions held here succeeds,
+        Redis cannot be trusted to resume them (it may have missed writes, or restarted empty)."""
+        self._infra_failed("redis", exc, what)
+        self._store_stale = True
+        self.live.evict_enabled = False  # memory holds the only copy until the rewrite
 
     def _full_snapshot(self, sid: str) -> dict[str, Any]:
         """A snapshot that replaces everything the store holds for the session."""
@@ -646,10 +727,11 @@ class WorkerService:
         if not idle:
             return
         loop = asyncio.get_running_loop()
+        ahead = self._mark_ahead(idle)
         records = await loop.run_in_executor(self.executor, self.live.finalize, idle)
         if self._doubts:
             records = self._not_landed(records)
-        box = Outbox(touched=set(idle), closed=set(idle))
+        box = Outbox(touched=set(idle), closed=set(idle), ahead=ahead)
         self._queue_records(box, records)
         self._outbox = box
         try:
@@ -777,11 +859,13 @@ class WorkerService:
         async with self.lock:
             if self._store_stale:  # the new owner resumes from Redis: give it what we hold
                 self._last_rewrite = 0.0
-                await self._persist([], [])
+                # (but not sessions whose output is held unacknowledged: see stop)
+                await self._persist([], [], skip=self._outbox.touched if self._outbox is not None else set())
             gone = [sid for sid, sess in self.live.sessions.items() if sess.partition in lost]
             self.live.drop(gone)  # their state is in Redis; the new owner resumes them
             for sid in gone:      # (and any marker of theirs, still in Redis, with them)
                 self._doubts.pop(sid, None)
+                self._ahead.pop(sid, None)
             self.assigned -= lost
         self.metrics.partitions.set(len(self.assigned))
 

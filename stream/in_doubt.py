@@ -1,4 +1,4 @@
-"""Label records in doubt: sent by a worker that stopped before the broker acknowledged them.
+"""Label records in doubt: sent by a worker that stopped or died before the broker acknowledged them.
 
 Without idempotent produce (tansu refuses InitProducerId) a worker that stops while its last
 batch's label records are unacknowledged cannot know whether they landed: the broker may hold
@@ -7,21 +7,38 @@ sessions stay in Redis as they were before it, so the next owner of the partitio
 those events again; had the records landed, each would appear twice (an "exact repeat", a
 second final of the same event). Dropping them instead could lose a final. So:
 
-1. The stopping worker writes a *marker* per session to the store (``SessionStore.mark_in_doubt``,
-   in the session's own Redis slot): the label topic partition the records went to, the offset
-   from which they could have landed (the end of its last fully acknowledged output on that
-   partition, or None when it had none), and the identities ``(event_id, revision)`` in doubt.
-2. A worker that loads a session with markers reads that label partition from the marked
-   offset to its end (``read_landed``: a consumer of its own, no group) before tagging, and
-   keeps the content digests of the session's records found there.
-3. A record it is about to emit whose identity landed with the same content is not sent again
+1. Write-ahead: before a batch's label records are sent, each of its sessions gets a marker
+   in the store (``SessionStore.mark_ahead``; ``<prefix>s:{sid}:wal``, in the session's own
+   Redis slot, one ``SET``): the label topic partition its records go to and the offset from
+   which they could land (the end of the worker's last acknowledged output on that partition,
+   or None when it had none: the log start). It names no identities: anything of the session
+   on that partition from there on is in doubt. The worker starts the write when the batch's
+   sessions are known, before the model step, and awaits it just before sending, so on the
+   happy path it costs no wait. The save that follows the records' acknowledgement removes it
+   (inside the save script, same round trip). A marker left behind means the worker died
+   (SIGKILL, a crash) between send and save; a later batch's marker of the session keeps the
+   earliest offset of any marker not yet removed.
+2. At a clean stop the worker also writes a *stop-time* marker per session with records still
+   unacknowledged (``SessionStore.mark_in_doubt``, ``<prefix>s:{sid}:doubt``): the same partition
+   and offset, plus the identities ``(event_id, revision)`` in doubt.
+3. A worker that loads a session with markers (both kinds come back in the load's round trip)
+   reads that label partition from the lowest marked offset to its end (``read_landed``: a
+   consumer of its own, no group) before tagging, and keeps the content digests of the
+   session's records found there. In doubt (pending) are the identities a stop-time marker
+   names, and, for a write-ahead marker, every identity of the session found.
+4. A record it is about to emit whose identity landed with the same content is not sent again
    (tagging is deterministic for the same model version); one with other content (another
    model) or not found is sent as usual. Nothing is dropped that did not land.
-4. The marker is deleted once every identity in doubt has been seen again (sent or
+5. The markers are deleted once every identity in doubt has been seen again (sent or
    suppressed) or the session closed, and its sessions were written through.
 
-Only sessions with markers pay for this: loading a session reads its marker in the same round
-trip, and a session without one costs a dict lookup per batch.
+While Redis fails (the worker holds sessions in memory) no write-ahead marker is written and
+the records go out anyway: the sessions' saves fail too, so a successor would resume them
+from older state and repeat records regardless, and holding the output would turn a Redis
+outage into a labelling outage. A Redis that restarts empty loses its markers with the
+sessions. Only sessions with markers pay for the read-back; loading a session reads its
+markers in the same command as its snapshot, and a session without one costs a dict lookup
+per batch.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ Redis Cluster slot; ``TAGGER_REDIS=redis+cluster://host:port`` serves it from a 
                              sent but stopped before the broker acknowledged them (the label
                              topic partition, the offset they could have landed from, their
                              identities); see ``stream.in_doubt``. Deleted once resolved
+    <prefix>s:{<sid>}:wal    JSON, the write-ahead marker: set before a batch's label records
+                             of the session are sent (the label partition and the offset from
+                             which they may land, no identities), deleted by the save that
+                             follows their acknowledgement (inside the save script); one left
+                             behind means the worker died in between. See ``stream.in_doubt``
     <prefix>open:<p>         sorted set: open sessions of input partition p by last activity,
                              so a worker that takes over a partition can finalise idle ones;
                              members older than the session TTL (their keys have expired) are
@@ -58,8 +63,10 @@ class SessionStore(Protocol):
     async def load(self, session_ids: Sequence[str], *,
                    doubts: Optional[dict[str, list[dict]]] = None) -> dict[str, tuple[dict, list[dict], set[str]]]: ...
     async def mark_in_doubt(self, markers: Mapping[str, dict]) -> None: ...
+    async def mark_ahead(self, markers: Mapping[str, dict]) -> None: ...
     async def clear_doubts(self, session_ids: Iterable[str]) -> None: ...
-    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None: ...
+    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int, *,
+                   unmark: Iterable[str] = ()) -> None: ...
     async def idle(self, partition: int, older_than: float, limit: int = 1000) -> list[str]: ...
     async def forget_open(self, partition: int, session_ids: Iterable[str]) -> None: ...
     async def prune_open(self, partition: int, before: float) -> int: ...
@@ -80,7 +87,8 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=str)
 
 
-# Writes one session's snapshot. KEYS: meta, win, ids (one hash tag, so one Cluster slot).
+# Writes one session's snapshot. KEYS: meta, win, ids and, when given, the write-ahead marker
+# to delete with it (one hash tag, so one Cluster slot).
 # ARGV: ttl, window, closed (0/1), replace (0/1: window and ids are whole, not deltas), meta
 # JSON, n (raw events that follow), the n raw events (JSON), then the new event ids.
 # RPUSH/SADD go in chunks: Lua's unpack() fails past a few thousand values, and a full
@@ -106,6 +114,7 @@ if not closed then
 end
 if #ARGV > 6 + n_raw then chunked('SADD', KEYS[3], 7 + n_raw, #ARGV) end
 redis.call('EXPIRE', KEYS[3], ttl)
+if #KEYS > 3 then redis.call('DEL', KEYS[4]) end
 return 1
 """
 
@@ -128,26 +137,30 @@ class RedisSessionStore:
     async def load(self, session_ids: Sequence[str], *,
                    doubts: Optional[dict[str, list[dict]]] = None) -> dict[str, tuple[dict, list[dict], set[str]]]:
         """The stored sessions among ``session_ids``. With ``doubts`` (a dict), also fills it
-        with the in-doubt markers of the sessions that have any (same round trip)."""
+        with the in-doubt markers of the sessions that have any, stop-time and write-ahead
+        ones in one list (same round trip)."""
         if not session_ids:
             return {}
-        n = 3 if doubts is None else 4
         try:
             pipe = self.client.pipeline(transaction=False)
             for sid in session_ids:
-                pipe.get(self._k(sid, "meta"))
+                if doubts is None:
+                    pipe.get(self._k(sid, "meta"))
+                else:  # one command for the three: same slot (the session's hash tag)
+                    pipe.execute_command("MGET", self._k(sid, "meta"), self._k(sid, "doubt"), self._k(sid, "wal"))
                 pipe.lrange(self._k(sid, "win"), 0, -1)
                 pipe.smembers(self._k(sid, "ids"))
-                if doubts is not None:
-                    pipe.get(self._k(sid, "doubt"))
             res = await pipe.execute()
         except store_errors() as exc:
             raise _unavailable("loading sessions", exc) from exc
         out = {}
         for i, sid in enumerate(session_ids):
-            meta, win, ids = res[n * i:n * i + 3]
-            if doubts is not None and res[n * i + 3]:
-                doubts[sid] = json.loads(res[n * i + 3])
+            meta, win, ids = res[3 * i:3 * i + 3]
+            if doubts is not None:
+                meta, stop, ahead = meta
+                ms = [*(json.loads(stop) if stop else []), *([json.loads(ahead)] if ahead else [])]
+                if ms:
+                    doubts[sid] = ms
             if meta is None:
                 continue
             out[sid] = (json.loads(meta), [json.loads(w) for w in win], {x.decode() for x in ids})
@@ -173,8 +186,24 @@ class RedisSessionStore:
         except store_errors() as exc:
             raise _unavailable("marking records in doubt", exc) from exc
 
+    async def mark_ahead(self, markers: Mapping[str, dict]) -> None:
+        """Set the write-ahead marker of each session (``{sid: marker}``, JSON-able; replacing
+        any it had): one pipelined round trip of plain ``SET``s, each in the session's slot.
+        The save that follows the records' acknowledgement deletes them (``unmark``)."""
+        if not markers:
+            return
+        ttl = 2 * self.ttl
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for sid, marker in markers.items():
+                pipe.execute_command("SET", self._k(sid, "wal"), _dumps(marker), "EX", ttl)
+            await pipe.execute()
+        except store_errors() as exc:
+            raise _unavailable("writing write-ahead markers", exc) from exc
+
     async def clear_doubts(self, session_ids: Iterable[str]) -> None:
-        keys = [self._k(sid, "doubt") for sid in session_ids]
+        """Delete the markers (stop-time and write-ahead) of these sessions."""
+        keys = [self._k(sid, part) for sid in session_ids for part in ("doubt", "wal")]
         if not keys:
             return
         try:
@@ -185,13 +214,17 @@ class RedisSessionStore:
         except store_errors() as exc:
             raise _unavailable("clearing in-doubt markers", exc) from exc
 
-    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int) -> None:
+    async def save(self, snapshots: Sequence[Mapping[str, Any]], window: int, *,
+                   unmark: Iterable[str] = ()) -> None:
         """One pipelined round trip: per session one call of the ``SAVE_SESSION`` script (its
-        three keys share a slot), then one ``ZADD``/``ZREM`` per partition for the open index
+        keys share a slot), then one ``ZADD``/``ZREM`` per partition for the open index
         (another slot). Replaces seven commands per session: building and parsing them in
-        redis-py was as much of the worker's time as the model."""
+        redis-py was as much of the worker's time as the model. The write-ahead markers of
+        the sessions in ``unmark`` go in the same round trip: inside the script for a saved
+        session, a ``DEL`` for any other."""
         import redis.exceptions as rexc
-        if not snapshots:
+        unmark = set(unmark)
+        if not snapshots and not unmark:
             return
         opened: dict[str, dict[str, float]] = {}
         closed_by: dict[str, list[str]] = {}
@@ -202,7 +235,11 @@ class RedisSessionStore:
             closed = bool(snap.get("closed"))
             raw = [] if closed else [_dumps(r) for r in snap.get("new_raw") or ()]
             ids = list(snap.get("new_ids") or ())
-            calls.append(([self._k(sid, "meta"), self._k(sid, "win"), self._k(sid, "ids")],
+            keys = [self._k(sid, "meta"), self._k(sid, "win"), self._k(sid, "ids")]
+            if sid in unmark:
+                unmark.discard(sid)
+                keys.append(self._k(sid, "wal"))
+            calls.append((keys,
                           [self.closed_ttl if closed else self.ttl, window, int(closed),
                            int(bool(snap.get("replace"))), _dumps(meta), len(raw), *raw, *ids]))
             index = self._open(snap.get("partition"))
@@ -222,6 +259,8 @@ class RedisSessionStore:
                 pipe.zrem(index, *sids)
             for index in opened:  # an index of a partition gone quiet expires with its sessions
                 pipe.expire(index, self.ttl)
+            for sid in unmark:  # (the saved ones were taken out above)
+                pipe.delete(self._k(sid, "wal"))
             try:
                 await pipe.execute()
                 return
@@ -279,12 +318,14 @@ class MemorySessionStore:
         self.ids: dict[str, set[str]] = {}
         self.open: dict[Any, dict[str, float]] = {}
         self.doubts: dict[str, list[dict]] = {}
+        self.ahead: dict[str, dict] = {}   # the write-ahead markers (``:wal``)
 
     async def load(self, session_ids, *, doubts=None):
         if doubts is not None:
             for sid in session_ids:
-                if self.doubts.get(sid):
-                    doubts[sid] = json.loads(_dumps(self.doubts[sid]))
+                ms = [*self.doubts.get(sid, ()), *([self.ahead[sid]] if sid in self.ahead else [])]
+                if ms:
+                    doubts[sid] = json.loads(_dumps(ms))
         return {sid: (json.loads(_dumps(self.meta[sid])), list(self.win.get(sid, [])), set(self.ids.get(sid, ())))
                 for sid in session_ids if sid in self.meta}
 
@@ -292,11 +333,18 @@ class MemorySessionStore:
         for sid, marker in markers.items():
             self.doubts.setdefault(sid, []).append(json.loads(_dumps(marker)))
 
+    async def mark_ahead(self, markers):
+        for sid, marker in markers.items():
+            self.ahead[sid] = json.loads(_dumps(marker))
+
     async def clear_doubts(self, session_ids):
         for sid in session_ids:
             self.doubts.pop(sid, None)
+            self.ahead.pop(sid, None)
 
-    async def save(self, snapshots, window):
+    async def save(self, snapshots, window, *, unmark=()):
+        for sid in unmark:
+            self.ahead.pop(sid, None)
         for snap in snapshots:
             sid = snap["session_id"]
             self.meta[sid] = {k: v for k, v in snap.items() if k not in ("new_raw", "new_ids", "replace")}

@@ -791,7 +791,7 @@ async def fault_redis_acl(ctx: "ChaosContext") -> FaultReport:
 
     user, password = f"tagger-chaos-{ctx.run_id}", uuid.uuid4().hex
     prefix = f"tagger-chaos:{ctx.run_id}:redis_acl:"
-    base = "on resetkeys ~{}* resetchannels -@all +get +set +del +expire +rpush +ltrim +llen +lrange " \
+    base = "on resetkeys ~{}* resetchannels -@all +get +mget +set +del +expire +rpush +ltrim +llen +lrange " \
            "+sadd +smembers +zadd +zrem +zrangebyscore +zremrangebyscore +ping".format(prefix)
     admin = redis_lib.Redis.from_url(ctx.base.redis_url)
     try:

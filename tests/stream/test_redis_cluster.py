@@ -21,7 +21,7 @@ from stream.tools.replay import frame_events
 from stream.session_store import MemorySessionStore, RedisSessionStore, session_key
 from stream.settings import Settings
 from stream.tagging import LiveTagger
-from tests.stream.test_session_store import snap
+from tests.stream.test_session_store import snap, write_ahead_steps
 from trainer.artifacts import load_artifact
 from trainer.errors import ConfigError
 from trainer.loading import read_events
@@ -70,7 +70,7 @@ def test_cluster_urls_are_settings_and_bad_ones_are_refused():
 @hyp_settings(max_examples=300, deadline=None)
 @given(sid=st.text(min_size=1, max_size=30), prefix=st.sampled_from(["tagger:", "t{x}:", "a{b:", ""]))
 def test_every_key_of_a_session_is_in_one_slot(sid, prefix):
-    slots = {key_slot(session_key(prefix, sid, part).encode()) for part in ("meta", "win", "ids")}
+    slots = {key_slot(session_key(prefix, sid, part).encode()) for part in ("meta", "win", "ids", "doubt", "wal")}
     assert len(slots) == 1
 
 
@@ -133,6 +133,15 @@ def test_store_on_the_cluster_reads_back_as_in_memory(redis_cluster_url):
     assert sorted(idle2) == sorted(f"sess-{i}" for i in range(2, 30, 4))  # closed ones left
     assert ping is True
     assert len(per_node) == 3 and min(per_node.values()) > 0, per_node  # spread over every master
+
+
+@pytest.mark.integration
+def test_write_ahead_markers_on_the_cluster_behave_as_in_memory(redis_cluster_url):
+    """Markers set, read back, removed inside the save script and by DEL, on whichever
+    node each session lives."""
+    got, prefix = with_cluster(redis_cluster_url, write_ahead_steps)
+    _cleanup(redis_cluster_url, prefix)
+    assert got == asyncio.run(write_ahead_steps(MemorySessionStore()))
 
 
 @pytest.mark.integration

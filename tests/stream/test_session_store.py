@@ -126,6 +126,39 @@ def test_in_doubt_markers_accumulate_read_back_with_the_session_and_clear(with_r
     assert asyncio.run(mem()) == {"a": [marker(1), marker(2)]}
 
 
+def ahead_marker(frm):
+    return {"id": "w", "topic": "labels", "partition": 1, "from": frm, "records": None, "at": 1.0}
+
+
+async def write_ahead_steps(store):
+    """Write-ahead markers through their life: set, read back with the session (after its
+    stop-time markers), replaced, removed by a save (inside the script for a saved session,
+    by a DEL for another), kept by a save that does not name them, cleared."""
+    await store.save([snap("a", 1, raw=[{"i": 0}], ids=["e0"])], 8)
+    await store.mark_in_doubt({"a": {"id": "stop", "records": [["e0", 0]]}})
+    await store.mark_ahead({"a": ahead_marker(3), "b": ahead_marker(None), "c": ahead_marker(5)})
+    await store.mark_ahead({"c": ahead_marker(7)})
+    first: dict = {}
+    await store.load(["a", "b", "c", "d"], doubts=first)
+    await store.save([snap("a", 2, raw=[{"i": 1}], ids=["e1"]), snap("c", 1)], 8, unmark=["a", "b"])
+    second: dict = {}
+    loaded = await store.load(["a", "b", "c"], doubts=second)
+    await store.clear_doubts(["a", "c"])
+    third: dict = {}
+    await store.load(["a", "b", "c"], doubts=third)
+    return first, second, loaded["a"][0]["n"], third
+
+
+def test_write_ahead_markers_read_back_with_the_session_and_go_with_its_save(with_redis):
+    in_redis, in_memory = with_redis(write_ahead_steps), asyncio.run(write_ahead_steps(MemorySessionStore()))
+    assert in_redis == in_memory
+    first, second, n, third = in_redis
+    stop = {"id": "stop", "records": [["e0", 0]]}
+    assert first == {"a": [stop, ahead_marker(3)], "b": [ahead_marker(None)], "c": [ahead_marker(7)]}
+    assert second == {"a": [stop], "c": [ahead_marker(7)]} and n == 2
+    assert third == {}
+
+
 def test_a_redis_that_lost_its_scripts_still_takes_saves(with_redis):
     async def go(store):
         await store.save([snap("a", 1, raw=[{"i": 0}], ids=["e0"])], 8)
@@ -173,6 +206,11 @@ def test_error_replies_of_redis_are_store_unavailable_and_the_acl_in_the_docs_su
             await store.load(["s1"], doubts=doubts)
             assert doubts == {"s1": [{"id": "x", "records": [["e0", 0]]}]}
             await store.clear_doubts(["s1"])
+            await store.mark_ahead({"s1": {"id": "w", "records": None}})   # write-ahead markers
+            await store.save([snap("s1", 2)], 5, unmark=["s1", "s2"])
+            doubts = {}
+            await store.load(["s1"], doubts=doubts)
+            assert doubts == {}
             return await store.load(["s1"])
         finally:
             await store.close()

@@ -610,3 +610,72 @@ def test_labels_in_flight_when_the_broker_stops_are_on_the_topic_once_after_a_su
     # the scenario did happen: the stopped worker had records in flight and marked them
     assert "marked in doubt" in log_text, log_text[-3000:]
     assert "read back the label records in doubt" in log2, log2[-3000:]
+
+
+def test_labels_in_flight_when_a_worker_is_killed_are_on_the_topic_once_after_a_successor_replays(
+        tmp_path, settings_factory, tiny_model, heldout_log):
+    """As above, but the worker is killed (SIGKILL) instead of told to stop: nothing of it
+    runs after the send, so only what it wrote before sending can tell the successor that
+    those records may have landed. When the broker resumes it appends them anyway, and the
+    successor is redelivered the batch: every ``(session_id, event_id, revision)`` must be on
+    the label topic once, with one final per event."""
+    from stream.tools.processes import WorkerProcess, metric_value
+    from stream.tools.stack import embedded_stack, ensure_topics
+
+    base = settings_factory(create_topics=False)
+    with embedded_stack(tmp_path / "stack", redis_url=base.redis_url) as info:
+        broker = info["components"]["kafka"]["pid"]
+        settings = _on_embedded_stack(base, info, tmp_path, tiny_model, batch_wait_ms=1000.0)
+        ensure_topics(settings)
+        messages, events, _ = _traffic(heldout_log, 16)
+        first = WorkerProcess.start(settings, tmp_path / "worker-1.log")
+        second = None
+        stopped = False
+
+        def queued() -> float:   # label records the worker has queued for sending so far
+            text = first.metrics()
+            return sum(metric_value(text, f'tagger_label_records_total{{kind="{k}"}}')
+                       for k in ("first", "revision", "final"))
+        try:
+            first.wait_ready()
+
+            async def main():
+                async with Tail(settings, settings.output_topic) as tail:
+                    publishing = asyncio.create_task(_publish(settings, messages, rate=60))
+                    await tail.until(lambda: len(tail.records) >= 30, "labels before the outage")
+                    nonlocal stopped, second
+                    os.kill(broker, signal.SIGSTOP)
+                    stopped = True
+                    assert not publishing.done(), "the outage came after the last event was published"
+                    before = await asyncio.to_thread(queued)
+                    # the batch forming now is labelled and sent into the outage, unanswered
+                    await _wait_for(lambda: queued() > before, "a batch sent into the outage")
+                    await asyncio.sleep(1.0)   # its requests reach the broker's socket
+                    first.kill9()
+                    await asyncio.to_thread(first.proc.wait, 30)
+                    os.kill(broker, signal.SIGCONT)
+                    stopped = False
+                    second = WorkerProcess.start(settings, tmp_path / "worker-2.log")
+                    await asyncio.to_thread(second.wait_ready)
+                    await publishing
+                    await tail.until(_all_final(tail, events), "final for every event after the restart")
+                    await tail.settle(3.0)
+                    return tail.records, await asyncio.to_thread(second.metrics)
+
+            records, metrics2 = _run(main())
+        finally:
+            if stopped:
+                os.kill(broker, signal.SIGCONT)
+            for w in (first, second):
+                if w is not None:
+                    w.stop()
+    log2 = second.log_text()
+    print(f"{len(records)} records for {len(events)} events\n{first.log_text()[-1500:]}\n{log2[-1500:]}")
+    assert first.proc.returncode == -signal.SIGKILL
+    copies = Counter((r["session_id"], r["event_id"], r["revision"]) for r in records)
+    repeated = sorted(k for k, n in copies.items() if n > 1)
+    finals = [k for k in repeated if any(r["final"] for r in records if (r["session_id"], r["event_id"], r["revision"]) == k)]
+    assert not repeated, f"{len(repeated)} records on the topic twice ({len(finals)} finals): {repeated[:5]}"
+    _assert_contract(records, events)
+    # the scenario did happen: records of the killed worker landed and were not sent again
+    assert metric_value(metrics2, "tagger_label_repeats_suppressed_total") > 0, log2[-3000:]

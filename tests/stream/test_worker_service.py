@@ -38,10 +38,13 @@ class Producer:
         self.failed: list[tuple[str, bytes | None, bytes]] = []
         self.hold = False
         self.held: list[tuple[str, bytes | None, bytes]] = []
+        self.on_send = None   # called with each send's (topic, key) before it goes out
 
     async def send(self, topic, key, value, partition, timestamp, headers):
         fut = asyncio.get_running_loop().create_future()
         call, self.calls = self.calls, self.calls + 1
+        if self.on_send is not None:
+            self.on_send(topic, key)
         if self.hold:
             self.held.append((topic, key, value))
             return fut
@@ -94,13 +97,16 @@ class FlakyStore(MemorySessionStore):
     def __init__(self):
         super().__init__()
         self.fail_saves = 0
+        self.full_rewrites = 0
         self.fail_idle: BaseException | None = None
 
-    async def save(self, snapshots, window):
+    async def save(self, snapshots, window, **kw):
+        if snapshots and all(snap.get("replace") for snap in snapshots):
+            self.full_rewrites += 1
         if self.fail_saves > 0:
             self.fail_saves -= 1
             raise StoreUnavailable("Redis unavailable while saving sessions: ResponseError: OOM command not allowed")
-        await super().save(snapshots, window)
+        await super().save(snapshots, window, **kw)
 
     async def idle(self, partition, older_than, limit=1000):
         if self.fail_idle is not None:
@@ -281,6 +287,7 @@ def _next_owner(service):
                         limit_logs=False, read_landed=read_landed)
     asyncio.run(nxt.start())
     nxt.assigned = {0}
+    nxt.producer, nxt.mem = service.producer, service.mem
     return nxt, reads
 
 
@@ -315,6 +322,147 @@ def test_records_a_stopped_worker_left_unacknowledged_are_on_the_label_topic_onc
     assert not service.mem.doubts, "the markers outlived their resolution"
     assert nxt.metrics.repeats_suppressed._value.get() == (sum(
         len(m["records"]) for ms in marked.values() for m in ms) if landed else 0)
+
+
+def _kill_with_the_output_unacknowledged(service, step):
+    """SIGKILL while the broker holds the label records of ``step()`` (a batch or an idle
+    sweep) without acknowledging them: nothing of the worker runs after that, no stop()."""
+    async def main():
+        service.producer.hold = True
+        task = asyncio.create_task(step())
+        for _ in range(200):
+            if service.producer.held and service.unacknowledged:
+                break
+            await asyncio.sleep(0.05)
+        assert service.producer.held, "the output never reached the producer"
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    asyncio.run(main())
+    service.producer.hold = False
+
+
+def _copies(service):
+    recs = service.producer.records(service.settings.output_topic)
+    return recs, Counter((r["session_id"], r["event_id"], r["revision"]) for r in recs)
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+def test_records_a_killed_worker_left_unacknowledged_are_on_the_label_topic_once(service, messages, landed):
+    """SIGKILL while the broker holds a batch's label records: no stop() runs, so only what
+    was in the store before the send can tell the next owner that they may have landed.
+    Every record must be on the topic once, every event have exactly one final."""
+    half = len(messages) // 2
+    asyncio.run(service.handle(_events(messages[:half])))
+    _kill_with_the_output_unacknowledged(service, lambda: service.handle(_events(messages[half:], start=half)))
+    assert not service.mem.doubts   # no stop-time marker: the process was gone
+    if landed:
+        service.producer.land_held()
+    else:
+        service.producer.held = []
+    nxt, reads = _next_owner(service)
+    asyncio.run(nxt.handle(_events(messages[half:], start=half)))   # the redelivered batch
+    recs, copies = _copies(service)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
+    assert reads, "the next owner never read the label topic back"
+    assert not service.mem.ahead and not service.mem.doubts, "markers outlived their resolution"
+    assert (nxt.metrics.repeats_suppressed._value.get() > 0) == landed
+
+
+def test_a_successor_killed_while_resolving_sends_none_of_what_either_worker_landed(service, heldout_log):
+    """Worker A dies with a batch of session S1 in flight (its records land). B is
+    redelivered it in two smaller batches, together with new events of S2, which shares S1's
+    label partition: B's acknowledged output on that partition ends past A's records before
+    it loads S1, and after B's batch of S1 part of A's records are still to be seen again.
+    B dies with its next batch in flight. C must send again none of the records A or B landed: B's markers must
+    neither start after A's records nor be removed while some of them are still in doubt."""
+    frame, _ = read_events(heldout_log, require_label=False)
+    msgs, _ = replay_messages(frame, sessions=12)
+    by_sid = {}
+    for m in msgs:
+        if m.get("type") != "session_end":
+            by_sid.setdefault(str(m["session_id"]), []).append(m)
+    same = {}
+    for sid, ms in by_sid.items():
+        if len(ms) >= 6:
+            same.setdefault(service.producer.partition(sid.encode()), []).append(sid)
+    s1, s2 = next(sids for sids in same.values() if len(sids) >= 2)[:2]
+    m1, m2 = by_sid[s1], by_sid[s2]
+    ev = lambda ms, start: _events(ms, start=start)  # noqa: E731
+    asyncio.run(service.handle(ev(m1[:2] + m2[:2], 0)))
+    _kill_with_the_output_unacknowledged(service, lambda: service.handle(ev(m1[2:6], 4)))
+    service.producer.land_held()
+    b, _ = _next_owner(service)
+    asyncio.run(b.handle(ev(m2[2:3], 4)))                  # B's output on the partition goes on
+    asyncio.run(b.handle(ev(m1[2:4] + m2[3:4], 5)))
+    _kill_with_the_output_unacknowledged(b, lambda: b.handle(ev(m1[4:6] + m2[4:6], 8)))
+    service.producer.land_held()
+    c, reads = _next_owner(service)
+    ends = [m for m in msgs if m.get("type") == "session_end" and str(m["session_id"]) in (s1, s2)]
+    asyncio.run(c.handle(ev(m1[4:] + m2[4:] + ends, 8)))
+    recs, copies = _copies(service)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(m1 + m2) and set(finals.values()) == {1}
+    assert not service.mem.ahead and not service.mem.doubts   # closed: resolved
+
+
+def test_finals_of_an_idle_sweep_a_killed_worker_left_unacknowledged_are_sent_once(service, messages):
+    """The same for the inactivity finals of the idle sweep: the next owner's sweep finds
+    the sessions idle in the store and finalises them again; the finals that landed are not
+    sent twice."""
+    open_only = [m for m in messages if m.get("type") != "session_end"]
+    asyncio.run(service.handle(_events(open_only)))
+    for sess in service.live.sessions.values():
+        sess.last_seen -= 60
+    for part in service.mem.open.values():
+        for sid in part:
+            part[sid] -= 60
+    _kill_with_the_output_unacknowledged(service, service.sweep)
+    service.producer.land_held()
+    nxt, reads = _next_owner(service)
+    asyncio.run(nxt.sweep())
+    recs, copies = _copies(service)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(open_only) and set(finals.values()) == {1}
+    assert reads and not service.mem.ahead
+
+
+def test_markers_are_in_the_store_before_a_send_and_gone_with_the_save(service, messages):
+    """The write-ahead marker of every session with label records is durable before the
+    first of them is sent, and removed by the save that follows their acknowledgement: a
+    worker that keeps running leaves none, and its successor reads nothing back."""
+    missing = []
+
+    def check(topic, key):
+        if topic == service.settings.output_topic and key.decode() not in service.mem.ahead:
+            missing.append(key)
+    service.producer.on_send = check
+    asyncio.run(service.handle(_events(messages)))
+    assert service.producer.records(service.settings.output_topic) and not missing
+    assert not service.mem.ahead and not service._ahead
+    nxt, reads = _next_owner(service)
+    asyncio.run(nxt.handle(_events(messages)))   # a replay after a clean handover
+    assert not reads
+
+
+def test_a_store_that_refuses_the_markers_holds_no_labels_and_dead_letters_nothing(service, messages):
+    """Redis failing (OOM, NOPERM, gone) when the markers are written: the batch is
+    labelled from memory as with any store failure, counted as a Redis error."""
+    async def refuse(markers):
+        raise StoreUnavailable("Redis unavailable while writing write-ahead markers: OOM command not allowed")
+    service.mem.mark_ahead = refuse
+    asyncio.run(service.handle(_events(messages)))
+    assert _finals(service) == _keys(messages)
+    assert not service.producer.records(service.settings.dlq_topic)
+    assert service.metrics.infra_errors.labels(component="redis")._value.get() >= 1
+    # as after a failed save, Redis is rewritten in full from memory (a Redis that refused a
+    # write may have restarted empty): the rewrite saves replace whole sessions
+    assert service.mem.full_rewrites, "no full rewrite after the failed marker write"
+    assert set(service.mem.meta) == {str(m["session_id"]) for m in messages} and not service._store_stale
 
 
 def test_a_record_that_landed_with_other_content_is_sent_again(service, messages):
