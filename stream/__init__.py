@@ -7,7 +7,8 @@
     session_store  Redis (and its in-memory twin) behind a small interface; redis_client
     model_holder   hot swap: follows ``artifacts/current``, vets a new model
     metrics        the Prometheus bundle; settings (TAGGER_* environment); preflight (start-up
-                   checks); errors (the stream exception tree); cli (its ``tagger`` subcommands)
+                   checks); errors (the stream exception tree); stopping (the worker class: a
+                   bounded stop); cli (its ``tagger`` subcommands)
     tools/         what people and tests run around the service (stack, demo, bench, chaos,
                    publish, tail, the streaming replay); the service never imports them
 

@@ -51,6 +51,7 @@ from stream.records import InvalidEvent, check_key, dlq_record, encode_label, pa
 from stream.revisions import RevisionPolicy
 from stream.session_store import RedisSessionStore, SessionStore, StoreUnavailable
 from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
+from stream.stopping import bounded_stop_worker_class
 from stream.tagging import LiveTagger
 
 log = logging.getLogger("tagger.worker")
@@ -901,7 +902,6 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
                policy: RevisionPolicy | None = None) -> faust.App:
     # sessions live in Redis; Faust's table data folder would only litter the working directory
     datadir = Path(tempfile.gettempdir()) / f"tagger-faust-{settings.app_id}"
-    from stream.cli import bounded_stop_worker_class
     # `faust -A stream.app worker` builds this class too, so it stops as `tagger worker` does
     app = faust.App(settings.app_id, Worker=bounded_stop_worker_class(),
                     **faust_broker_settings(settings, datadir=datadir))
