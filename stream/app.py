@@ -65,6 +65,8 @@ DLQ_MAX_ORIGINAL_BYTES = 512 * 1024
 DEPENDENCY_STALE_S = 4.0
 # Events in a row dropped as already seen before the worker says so (log line and metric).
 DUPLICATE_RUN_WARN = 200
+# Label partitions of sessions cached for the write-ahead markers (murmur2 costs ~10 µs a key).
+PARTITION_CACHE_MAX = 10_000
 
 
 def infrastructure(exc: BaseException) -> Optional[str]:
@@ -246,7 +248,7 @@ class WorkerService:
         topic, now = self.settings.output_topic, time.time()
         markers = {}
         cache = self._partition_of
-        if len(cache) > 100_000:
+        if len(cache) > PARTITION_CACHE_MAX:   # closed sessions leave it (_persist); evicted ones may not
             cache.clear()
         for sid in session_ids:
             p = cache[sid] if sid in cache else cache.setdefault(sid, self._label_partition(sid.encode()))
@@ -671,6 +673,8 @@ class WorkerService:
         sessions = self.live.sessions
         closed_now = set(self._closed_unsaved)
         self.live.drop([sid for sid in self._closed_unsaved if sid in sessions and sessions[sid].closed])
+        for sid in closed_now:
+            self._partition_of.pop(sid, None)
         self._closed_unsaved.clear()
         if self._doubts:
             await self._resolve_doubts(closed_now)
