@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hashlib
 import logging
@@ -65,7 +66,8 @@ DLQ_MAX_ORIGINAL_BYTES = 512 * 1024
 DEPENDENCY_STALE_S = 4.0
 # Events in a row dropped as already seen before the worker says so (log line and metric).
 DUPLICATE_RUN_WARN = 200
-# Label partitions of sessions cached for the write-ahead markers (murmur2 costs ~10 µs a key).
+# Label partitions of sessions cached for the write-ahead markers (murmur2 costs ~10 µs a
+# key); the least recently used leave first.
 PARTITION_CACHE_MAX = 10_000
 
 
@@ -141,7 +143,8 @@ class WorkerService:
         # from (kept until a save after their records' acks removes it: a later batch's marker
         # must not narrow what an earlier, unsaved one covers)
         self._ahead: dict[str, Optional[int]] = {}
-        self._partition_of: dict[str, Optional[int]] = {}   # label partition by session (murmur2 costs)
+        # label partition by session key, least recently used dropped (murmur2 costs)
+        self._partition_of = functools.lru_cache(maxsize=PARTITION_CACHE_MAX)(self._label_partition)
         self._marker_id = f"{settings.app_id}:{os.getpid()}:{time.time():.6f}"
         self._read_landed = read_landed or (lambda wanted, sids: in_doubt.read_landed(self.settings, wanted, sids))
 
@@ -247,11 +250,9 @@ class WorkerService:
             return None
         topic, now = self.settings.output_topic, time.time()
         markers = {}
-        cache = self._partition_of
-        if len(cache) > PARTITION_CACHE_MAX:   # closed sessions leave it (_persist); evicted ones may not
-            cache.clear()
+        partition_of = self._partition_of
         for sid in session_ids:
-            p = cache[sid] if sid in cache else cache.setdefault(sid, self._label_partition(sid.encode()))
+            p = partition_of(sid.encode())
             frm = self._ahead[sid] if sid in self._ahead else self._label_end.get(p)
             self._ahead[sid] = frm
             markers[sid] = {"id": self._marker_id, "topic": topic, "partition": p, "from": frm,
@@ -673,8 +674,6 @@ class WorkerService:
         sessions = self.live.sessions
         closed_now = set(self._closed_unsaved)
         self.live.drop([sid for sid in self._closed_unsaved if sid in sessions and sessions[sid].closed])
-        for sid in closed_now:
-            self._partition_of.pop(sid, None)
         self._closed_unsaved.clear()
         if self._doubts:
             await self._resolve_doubts(closed_now)

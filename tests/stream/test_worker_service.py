@@ -591,8 +591,34 @@ def test_closed_sessions_leave_no_per_session_state_behind(service, messages):
     closed = {str(m["session_id"]) for m in messages if m.get("type") == "session_end"}
     assert closed and closed <= sids
     assert not closed & service.live.sessions.keys()
-    assert not closed & service._partition_of.keys()
     assert not closed & service._ahead.keys()
+
+
+def test_label_partition_cache_is_bounded(tmp_path, tiny_model, messages, monkeypatch):
+    """The write-ahead markers' label partition cache keeps the most recently labelled
+    sessions only, however many sessions pass, and what it gives is the producer's partition
+    (murmur2 over the label topic's partitions)."""
+    from aiokafka.partitioner import murmur2
+
+    import stream.app as app_module
+    monkeypatch.setattr(app_module, "PARTITION_CACHE_MAX", 3)
+    root = tmp_path / "artifacts"
+    promote(tiny_model, root)
+    settings = Settings(artifacts_dir=root.resolve(), inactivity_s=5, web_port=0, partitions=4)
+    svc = WorkerService(SimpleNamespace(producer=Producer()), settings, store=FlakyStore(), limit_logs=False)
+    asyncio.run(svc.start())
+    svc.assigned = {0}
+    try:
+        renamed = [{**m, "session_id": f"{m['session_id']}-{copy}"} for copy in range(4) for m in messages]
+        sids = {m["session_id"] for m in renamed}
+        assert len(sids) >= 12
+        asyncio.run(svc.handle(_events(renamed)))
+        info = svc._partition_of.cache_info()
+        assert info.misses >= len(sids) and info.currsize == 3
+        for sid in sids:
+            assert svc._partition_of(sid.encode()) == (murmur2(sid.encode()) & 0x7FFFFFFF) % 4
+    finally:
+        svc.executor.shutdown(wait=False)
 
 
 def test_repeated_warnings_are_rate_limited():
