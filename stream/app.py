@@ -71,6 +71,12 @@ DUPLICATE_RUN_WARN = 200
 PARTITION_CACHE_MAX = 10_000
 
 
+def key_hash(key: bytes) -> int:
+    """What aiokafka's default partitioner takes modulo the partition count of a keyed record."""
+    from aiokafka.partitioner import murmur2
+    return murmur2(key) & 0x7FFFFFFF
+
+
 def infrastructure(exc: BaseException) -> Optional[str]:
     """``redis`` or ``kafka`` when ``exc`` is a failure of that dependency (retried or held in
     memory, never dead-lettered), else None (a bug or a poison message)."""
@@ -143,8 +149,8 @@ class WorkerService:
         # from (kept until a save after their records' acks removes it: a later batch's marker
         # must not narrow what an earlier, unsaved one covers)
         self._ahead: dict[str, Optional[int]] = {}
-        # label partition by session key, least recently used dropped (murmur2 costs)
-        self._partition_of = functools.lru_cache(maxsize=PARTITION_CACHE_MAX)(self._label_partition)
+        # the partitioner's hash of session keys, least recently used dropped (murmur2 costs)
+        self._key_hash = functools.lru_cache(maxsize=PARTITION_CACHE_MAX)(key_hash)
         self._marker_id = f"{settings.app_id}:{os.getpid()}:{time.time():.6f}"
         self._read_landed = read_landed or (lambda wanted, sids: in_doubt.read_landed(self.settings, wanted, sids))
 
@@ -250,9 +256,9 @@ class WorkerService:
             return None
         topic, now = self.settings.output_topic, time.time()
         markers = {}
-        partition_of = self._partition_of
+        n, hash_of = self._label_partition_count(), self._key_hash
         for sid in session_ids:
-            p = partition_of(sid.encode())
+            p = hash_of(sid.encode()) % n
             frm = self._ahead[sid] if sid in self._ahead else self._label_end.get(p)
             self._ahead[sid] = frm
             markers[sid] = {"id": self._marker_id, "topic": topic, "partition": p, "from": frm,
@@ -276,17 +282,20 @@ class WorkerService:
             self._log_limited("ahead", logging.ERROR, "writing write-ahead markers failed (%s: %s); label "
                               "records sent without them", type(exc).__name__, exc)
 
-    def _label_partition(self, key: bytes) -> Optional[int]:
-        """The label topic partition the producer sends ``key``'s records to: its own
-        partitioner over its metadata (aiokafka internals, read only at a stop), else aiokafka's
-        default partitioner over the configured partition count."""
-        topic = self.settings.output_topic
+    def _label_partition(self, key: bytes) -> int:
+        """The label topic partition the producer sends ``key``'s records to: aiokafka's
+        default partitioner (which Faust's producer uses) over the label topic's partitions."""
+        return self._key_hash(key) % self._label_partition_count()
+
+    def _label_partition_count(self) -> int:
+        """The label topic's partition count in the producer's metadata (aiokafka internals,
+        read only), else the configured one (before the producer has metadata)."""
         aio = getattr(self.app.producer, "_producer", None)
         with contextlib.suppress(Exception):
-            if aio is not None and aio._metadata.partitions_for_topic(topic):
-                return aio._partition(topic, None, key, None, key, None)
-        from aiokafka.partitioner import murmur2
-        return (murmur2(key) & 0x7FFFFFFF) % self.settings.partitions
+            partitions = aio._metadata.partitions_for_topic(self.settings.output_topic)
+            if partitions:
+                return len(partitions)
+        return self.settings.partitions
 
     def _on_model_event(self, result: str, version: str, detail: str) -> None:
         self.metrics.model_event(result, version)

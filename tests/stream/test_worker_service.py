@@ -595,9 +595,10 @@ def test_closed_sessions_leave_no_per_session_state_behind(service, messages):
 
 
 def test_label_partition_cache_is_bounded(tmp_path, tiny_model, messages, monkeypatch):
-    """The write-ahead markers' label partition cache keeps the most recently labelled
-    sessions only, however many sessions pass, and what it gives is the producer's partition
-    (murmur2 over the label topic's partitions)."""
+    """The write-ahead markers' cache of session key hashes keeps the most recently labelled
+    sessions only, however many sessions pass, and the partition it gives is the producer's
+    (murmur2 over the label topic's partitions, as many as the producer's metadata says once
+    it has them)."""
     from aiokafka.partitioner import murmur2
 
     import stream.app as app_module
@@ -613,10 +614,16 @@ def test_label_partition_cache_is_bounded(tmp_path, tiny_model, messages, monkey
         sids = {m["session_id"] for m in renamed}
         assert len(sids) >= 12
         asyncio.run(svc.handle(_events(renamed)))
-        info = svc._partition_of.cache_info()
+        info = svc._key_hash.cache_info()
         assert info.misses >= len(sids) and info.currsize == 3
         for sid in sids:
-            assert svc._partition_of(sid.encode()) == (murmur2(sid.encode()) & 0x7FFFFFFF) % 4
+            assert svc._label_partition(sid.encode()) == (murmur2(sid.encode()) & 0x7FFFFFFF) % 4
+        # once the producer knows the label topic (8 partitions here), cached keys follow it
+        topic = settings.output_topic
+        svc.app.producer._producer = SimpleNamespace(_metadata=SimpleNamespace(
+            partitions_for_topic=lambda t: set(range(8)) if t == topic else None))
+        for sid in sids:
+            assert svc._label_partition(sid.encode()) == (murmur2(sid.encode()) & 0x7FFFFFFF) % 8
     finally:
         svc.executor.shutdown(wait=False)
 
