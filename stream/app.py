@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import faust
+from aiokafka.partitioner import murmur2
 
 from stream import in_doubt
 from stream.batching import age_bounded_batches
@@ -66,14 +67,13 @@ DLQ_MAX_ORIGINAL_BYTES = 512 * 1024
 DEPENDENCY_STALE_S = 4.0
 # Events in a row dropped as already seen before the worker says so (log line and metric).
 DUPLICATE_RUN_WARN = 200
-# Label partitions of sessions cached for the write-ahead markers (murmur2 costs ~10 µs a
-# key); the least recently used leave first.
+# Session-key hashes cached for the write-ahead markers' label partitions (murmur2 costs
+# ~10 µs a key); the least recently used leave first.
 PARTITION_CACHE_MAX = 10_000
 
 
 def key_hash(key: bytes) -> int:
     """What aiokafka's default partitioner takes modulo the partition count of a keyed record."""
-    from aiokafka.partitioner import murmur2
     return murmur2(key) & 0x7FFFFFFF
 
 
@@ -256,9 +256,8 @@ class WorkerService:
             return None
         topic, now = self.settings.output_topic, time.time()
         markers = {}
-        n, hash_of = self._label_partition_count(), self._key_hash
         for sid in session_ids:
-            p = hash_of(sid.encode()) % n
+            p = self._label_partition(sid.encode())
             frm = self._ahead[sid] if sid in self._ahead else self._label_end.get(p)
             self._ahead[sid] = frm
             markers[sid] = {"id": self._marker_id, "topic": topic, "partition": p, "from": frm,
