@@ -29,11 +29,16 @@ _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 # tansu answers a fetch only when fetch_max_wait expires, not when data arrives (measured: a
 # record waits about half of it on average). Faust hard-codes 1500 ms, which puts ~0.4 s
-# (p90 0.7 s) on every hop; 50 ms gives ~20-40 ms end to end. Apache Kafka long-polls
-# properly, so there the value only bounds how often an idle worker polls.
-FETCH_MAX_WAIT_MS = 50
-# The faust transport scheme that applies FETCH_MAX_WAIT_MS (registered by faust_broker_settings).
+# (p90 0.7 s) on every hop. The worker's consumer uses TAGGER_FETCH_MAX_WAIT_MS (this
+# default): at 50 ms the input hop alone took ~30 ms of a 50 ms p99 budget on tansu (batches
+# came every ~31 ms), at 20 ms ~10 ms (docs/performance.md). Apache Kafka long-polls
+# properly, so there the value only bounds how often an idle worker polls (50 times a second
+# at 20 ms; raise it to poll less).
+FETCH_MAX_WAIT_MS = 20
+# The faust transport scheme that applies Settings.fetch_max_wait_ms (registered by
+# faust_broker_settings, which also sets _fetch_max_wait_ms).
 TRANSPORT_SCHEME = "tagger-kafka"
+_fetch_max_wait_ms = FETCH_MAX_WAIT_MS
 
 
 def _var(env: str, default: Any, parse=str):
@@ -74,6 +79,10 @@ class Settings:
     # smallest batches, the most CPU per event). See docs/operations.md.
     batch_max: int = _var("TAGGER_BATCH_MAX", 500, int)
     batch_wait_ms: float = _var("TAGGER_BATCH_WAIT_MS", 5.0, float)
+    # The worker consumer's fetch_max_wait (see FETCH_MAX_WAIT_MS above): on a broker that
+    # answers fetches only when it expires (tansu) a floor on every label's latency; on Apache
+    # Kafka how often an idle worker polls.
+    fetch_max_wait_ms: int = _var("TAGGER_FETCH_MAX_WAIT_MS", FETCH_MAX_WAIT_MS, int)
     # Consumer-group session timeout. tansu holds every JoinGroup for half of it, so it sets
     # how long a worker takes to start and a rebalance to finish; Apache Kafka rejects
     # values under its group.min.session.timeout.ms (6 s by default).
@@ -132,6 +141,7 @@ class Settings:
         check(0.0 <= self.lateness_s <= 3600.0, "lateness_s", "seconds between 0 and 3600")
         check(1 <= self.batch_max <= 100_000, "batch_max", "an integer between 1 and 100000")
         check(0.0 <= self.batch_wait_ms <= 1000.0, "batch_wait_ms", "milliseconds between 0 and 1000")
+        check(1 <= self.fetch_max_wait_ms <= 10_000, "fetch_max_wait_ms", "milliseconds between 1 and 10000")
         check(1.0 <= self.kafka_session_timeout_s <= 300.0, "kafka_session_timeout_s",
               "seconds between 1 and 300")
         check(0.5 <= self.kafka_wait_s <= 3600.0, "kafka_wait_s", "seconds between 0.5 and 3600")
@@ -209,6 +219,8 @@ def faust_broker_settings(settings: Settings, *, datadir: str | Path | None = No
     import faust  # deferred: the CLI reads settings without paying for the Faust import
 
     _register_transport()
+    global _fetch_max_wait_ms
+    _fetch_max_wait_ms = settings.fetch_max_wait_ms  # one app per process: read by the consumer thread
     session = settings.kafka_session_timeout_s
     credentials = None
     context = _ssl_context(settings)
@@ -265,7 +277,7 @@ def _fast_fetch_transport():
     class _ConsumerThread(driver.AIOKafkaConsumerThread):
         def _create_worker_consumer(self, transport):
             consumer = super()._create_worker_consumer(transport)
-            consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by start(); no public knob
+            consumer._fetch_max_wait_ms = _fetch_max_wait_ms  # read by start(); no public knob
             return consumer
 
     class _Consumer(driver.Consumer):

@@ -645,6 +645,25 @@ def test_session_ttl_must_outlive_the_inactivity_timeout():
         Settings(session_ttl_s=300, inactivity_s=300)
 
 
+def test_the_worker_consumer_takes_its_fetch_wait_from_the_setting():
+    """TAGGER_FETCH_MAX_WAIT_MS reaches the consumer the worker's Faust app builds (a floor on
+    every label's latency on tansu), and a nonsensical value is refused by name."""
+    from trainer.errors import ConfigError
+    from stream.settings import faust_broker_settings
+    with pytest.raises(ConfigError, match="TAGGER_FETCH_MAX_WAIT_MS"):
+        Settings.from_env({"TAGGER_FETCH_MAX_WAIT_MS": "0"})
+    import faust
+
+    async def consumer_wait(env: dict) -> int:
+        settings = Settings.from_env(env)
+        app = faust.App("fetch-wait-test", **faust_broker_settings(settings))
+        thread = app.consumer._thread  # noqa: SLF001 - the consumer thread Faust would start
+        return thread._create_worker_consumer(app.transport)._fetch_max_wait_ms  # noqa: SLF001
+
+    assert asyncio.run(consumer_wait({"TAGGER_FETCH_MAX_WAIT_MS": "35"})) == 35
+    assert asyncio.run(consumer_wait({})) == Settings().fetch_max_wait_ms == 20
+
+
 def test_a_swap_to_another_label_set_mid_stream_is_what_a_consumer_sees(service, messages,
                                                                         tiny_model_relabelled):
     """Hot swap to a retrain with one step merged into another and one renamed (a shorter,
