@@ -86,6 +86,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wd1e3": {"train": {"weight_decay": 1e-3}},
     "crf_l2": {"model": {"crf_c2": 0.5}},                       # the CRF member 10x more L2
     "folds_validation": {"train": {"validation": "folds"}},     # session folds at any log size
+    "crf_future2": {"model": {"crf_future": 2}},                # the CRF member reads t+1, t+2 too
     "auto_tcn": {"model": {"auto_archs": ["bilstm", "crf", "tcn"]}},                # a third auto candidate
     "auto_transformer": {"model": {"auto_archs": ["bilstm", "crf", "transformer"]}},
 }
