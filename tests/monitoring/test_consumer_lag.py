@@ -160,11 +160,14 @@ def test_a_live_worker_reports_the_group_lag(settings_factory, faust_worker, tin
     from stream.tools.publisher import replay
 
     port = free_port()
-    settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), web_port=port)
+    # one event a batch, so that the worker stays behind the burst for several of the gauge's
+    # 2-s refreshes (at full speed it caught up with 250 sessions in ~2 s, and no scrape saw
+    # the backlog; with one event a batch, 80 sessions kept it behind for ~4 s here)
+    settings = settings_factory(artifacts_dir=serving_root(tmp_path, tiny_model), web_port=port, batch_max=1)
     worker = faust_worker(settings)
     worker.wait_ready()
 
-    data = make_log(tmp_path, 250, 31, "burst.csv")
+    data = make_log(tmp_path, 160, 31, "burst.csv")
     published: dict = {}
     burst = threading.Thread(target=lambda: published.update(
         asyncio.run(replay(data, settings.kafka, settings.input_topic))))
