@@ -645,11 +645,14 @@ def test_session_ttl_must_outlive_the_inactivity_timeout():
         Settings(session_ttl_s=300, inactivity_s=300)
 
 
-def test_the_worker_consumer_takes_its_fetch_wait_from_the_setting():
+def test_the_worker_consumer_takes_its_fetch_wait_from_the_setting(monkeypatch):
     """TAGGER_FETCH_MAX_WAIT_MS reaches the consumer the worker's Faust app builds (a floor on
     every label's latency on tansu), and a nonsensical value is refused by name."""
     from trainer.errors import ConfigError
+    from stream import settings as settings_module
     from stream.settings import faust_broker_settings
+    # faust_broker_settings sets it for the process: restored afterwards whatever happens here
+    monkeypatch.setattr(settings_module, "_fetch_max_wait_ms", settings_module._fetch_max_wait_ms)
     with pytest.raises(ConfigError, match="TAGGER_FETCH_MAX_WAIT_MS"):
         Settings.from_env({"TAGGER_FETCH_MAX_WAIT_MS": "0"})
     import faust
