@@ -4,6 +4,7 @@ cannot attribute (its figures move by more between runs than most single changes
     python tools/perf_compare.py paced --tree before=/tmp/base --tree after=. --rate 700 --repeats 3
     python tools/perf_compare.py parts --batch 10
     python tools/perf_compare.py step --arch bilstm
+    python tools/perf_compare.py send
 
 ``paced`` starts one embedded stack (tansu + Redis), then alternates workers whose code comes
 from each source tree (a ``git worktree`` of the old commit, say), each fed ``--seconds`` of
@@ -23,9 +24,17 @@ so that both sides see the same machine load: the robust before/after for a mode
 on a busy machine, where whole-worker runs move by more than the change. It also prints the
 largest logit difference between the two.
 
+``paced --threads`` also prints each worker's CPU per event by thread (the main thread is
+named; the others by thread id: in a worker the consumer thread Faust starts comes before
+the model's executor thread, which ``--profile``'s py-spy files name).
+
+``send`` times aiokafka's per-record ``send`` against its batch API (``create_batch``,
+``send_batch``) on the embedded broker: the event loop's CPU per label record.
+
 ``parts`` runs the worker's per-batch steps in-process (no Kafka): parse, tag, encode label
 records, snapshot, write through to the machine's Redis, and prints the thread CPU time per
-event of each. Both use the bench's generated pool and its quick BiLSTM (trained on first use
+event of each; ``--by-step`` also splits the tagging (the model step, each member's parts,
+feature derivation and encoding). Both use the bench's generated pool and its quick BiLSTM (trained on first use
 under ``runs/perf``).
 """
 
@@ -34,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import signal
 import statistics
 import subprocess
@@ -65,6 +75,18 @@ def _fixtures(out: Path, full: bool = False) -> tuple[B.BenchConfig, Path, Path]
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks
+
+
+def _thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of ``pid`` so far, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / 100.0
+    return out
 
 
 def paced(args: argparse.Namespace) -> None:
@@ -104,9 +126,14 @@ def paced(args: argparse.Namespace) -> None:
                     proc.wait_ready(120)
                 time.sleep(2.0)
                 spy = _sampler(proc.proc.pid, out / "profiles" / f"{name}-{r}.txt") if args.profile else None
-                c0 = _cpu_seconds(proc.proc.pid)
+                c0, t0 = _cpu_seconds(proc.proc.pid), _thread_cpu_seconds(proc.proc.pid)
                 _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not path.startswith("faust"))
                 run["cpu_ms_per_event"] = 1000 * (_cpu_seconds(proc.proc.pid) - c0) / run["events"]
+                if args.threads:  # the busiest threads (the main thread's id is the pid)
+                    t1 = _thread_cpu_seconds(proc.proc.pid)
+                    per = sorted(((t1[t] - t0.get(t, 0.0), t) for t in t1), reverse=True)[:4]
+                    print(f"{name} run {r + 1} CPU ms/event by thread: " + ", ".join(
+                        f"{'main' if t == proc.proc.pid else t} {1000 * c / run['events']:.3f}" for c, t in per))
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
@@ -161,6 +188,7 @@ def parts(args: argparse.Namespace) -> None:
     msgs = B._stage_messages(B._template(pool), args.events, "parts")
     raws = [B._kv(m)[1] for m in msgs]
     tagger = LiveTagger(load_artifact(model_dir))
+    inner = _time_model_parts(tagger) if args.by_step else None
     prefix = "tagger-perf-parts:"
     cost = dict.fromkeys(("parse", "tag", "encode", "snapshot", "save"), 0.0)
     counts = {"events": 0, "records": 0}
@@ -195,6 +223,44 @@ def parts(args: argparse.Namespace) -> None:
     n = counts["events"]
     print(f"batch {args.batch}: {n} events, {counts['records'] / n:.2f} label records per event; thread CPU per event: "
           + ", ".join(f"{k} {1e6 * v / n:.0f} µs" for k, v in cost.items()) + f"; total {1e6 * sum(cost.values()) / n:.0f} µs")
+    if inner is not None:
+        print("inside tag (thread CPU per event; nested: a member's step holds its parts):")
+        for k, v in sorted(inner.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:28s} {1e6 * v / n:6.1f} µs")
+
+
+def _time_model_parts(tagger) -> dict[str, float]:
+    """Thread CPU seconds spent in each part of ``LiveTagger.process`` (the model's step and
+    its members' parts, feature derivation and encoding), by wrapping them in this process."""
+    import functools
+
+    import stream.tagging as T
+    import trainer.model as M
+    spent: dict[str, float] = dict.fromkeys(
+        ("Mixture.step", "Tagger.step (each member)", "LookaheadLSTM.step", "LookaheadCRF.step_many",
+         "EventEmbedder.forward", "WidePath.step", "derive", "encode_derived"), 0.0)
+
+    def wrap(owner, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.thread_time() - t
+        setattr(owner, attr, timed)
+
+    wrap(M.Mixture, "step", "Mixture.step")
+    wrap(M.Tagger, "step", "Tagger.step (each member)")
+    wrap(M.LookaheadLSTM, "step", "LookaheadLSTM.step")
+    wrap(M.LookaheadCRF, "step_many", "LookaheadCRF.step_many")
+    wrap(M.EventEmbedder, "forward", "EventEmbedder.forward")
+    wrap(M.WidePath, "step", "WidePath.step")
+    wrap(T, "derive", "derive")
+    wrap(type(tagger.loaded.encoder), "encode_derived", "encode_derived")
+    return spent
 
 
 def step(args: argparse.Namespace) -> None:
@@ -279,6 +345,72 @@ def interleave(args: argparse.Namespace) -> None:
           + f"; this tree / {name}: {med['this tree'] / med[name]:.3f}; largest logit difference {worst:.1e}")
 
 
+def send(args: argparse.Namespace) -> None:
+    """Event-loop CPU per label record of aiokafka's per-record ``send`` (what Faust's
+    producer wraps, and the worker's flush uses) against its batch API (``create_batch`` per
+    partition, one ``send_batch`` each), both awaiting every ack, on the embedded broker."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from stream.tools.stack import embedded_stack
+    value = json.dumps({"session_id": "perf-send-0000000000", "event_id": "e-000000", "label": "Look Up "
+                        "Customer Account", "confidence": 0.93, "abstained": False, "revision": 0,
+                        "final": False, "model_version": "20261204-204105-0868e8d5"}).encode()
+    keys = [f"perf-send-{i}".encode() for i in range(64)]
+    topic = "perf-send-labels"
+
+    async def run(bootstrap: str) -> dict[str, list[float]]:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for _ in range(100):  # the topic is auto-created by the first send
+                try:
+                    await producer.send_and_wait(topic, value, key=keys[0])
+                    break
+                except Exception:  # noqa: BLE001 - not there yet
+                    await asyncio.sleep(0.2)
+            parts = sorted(producer._metadata.partitions_for_topic(topic))  # noqa: SLF001
+            partitioner = DefaultPartitioner()
+
+            async def per_record() -> None:
+                futs = [await producer.send(topic, value, key=keys[i % len(keys)]) for i in range(args.records)]
+                for f in futs:
+                    await f
+
+            async def batched() -> None:
+                builders: dict[int, Any] = {}
+                for i in range(args.records):
+                    key = keys[i % len(keys)]
+                    part = partitioner(key, parts, parts)
+                    b = builders.get(part) or builders.setdefault(part, producer.create_batch())
+                    if b.append(key=key, value=value, timestamp=None) is None:
+                        raise RuntimeError("a flush outgrew one batch; use fewer --records")
+                futs = []
+                for part, b in builders.items():
+                    b.close()
+                    futs.append(await producer.send_batch(b, topic, partition=part))
+                for f in futs:
+                    await f
+
+            out: dict[str, list[float]] = {"send per record": [], "send_batch per partition": []}
+            for _ in range(args.repeats):
+                for name, fn in zip(out, (per_record, batched)):
+                    c0 = time.thread_time()
+                    for _ in range(args.flushes):
+                        await fn()
+                    out[name].append(1e6 * (time.thread_time() - c0) / (args.flushes * args.records))
+            return out
+        finally:
+            await producer.stop()
+
+    with embedded_stack(timeout_s=60) as info:
+        res = asyncio.run(run(info["kafka"]))
+    print(f"{args.records} records a flush over {len(keys)} keys, {args.flushes} flushes, {args.repeats} repeats:")
+    for name, xs in res.items():
+        print(f"  {name:26s} {statistics.median(xs):5.1f} µs CPU per record (median; "
+              + ", ".join(f"{x:.1f}" for x in xs) + ")")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "perf"), help="pool, model and logs")
@@ -291,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=700.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--threads", action="store_true", help="print the CPU per event of the busiest "
+                   "threads (ids; with --profile, py-spy's files name them)")
     p.add_argument("--profile", action="store_true", help="sample each worker with py-spy into OUT/profiles/")
     t = sub.add_parser("top", help="summarise raw py-spy profiles (from paced --profile)")
     t.add_argument("files", nargs="+")
@@ -299,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--batch", type=int, default=10)
     q.add_argument("--events", type=int, default=6000)
     q.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    q.add_argument("--by-step", action="store_true", help="also time the parts of the model step")
     r = sub.add_parser("step", help="Tagger.step time per round of a default-size model")
     r.add_argument("--arch", default="bilstm")
     r.add_argument("--rounds", type=int, default=60)
@@ -307,8 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--tree", required=True, help="NAME=PATH of the other source tree (a git worktree)")
     i.add_argument("--batch", type=int, default=3, help="sessions per round")
     i.add_argument("--events", type=int, default=3000)
+    o = sub.add_parser("send", help="CPU per label record: aiokafka's send against its batch API")
+    o.add_argument("--records", type=int, default=25, help="records per flush (a batch's output)")
+    o.add_argument("--flushes", type=int, default=200)
+    o.add_argument("--repeats", type=int, default=6)
     args = ap.parse_args(argv)
-    {"paced": paced, "parts": parts, "step": step, "top": top, "interleave": interleave}[args.cmd](args)
+    {"paced": paced, "parts": parts, "step": step, "top": top, "interleave": interleave,
+     "send": send}[args.cmd](args)
 
 
 if __name__ == "__main__":

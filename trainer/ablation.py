@@ -87,6 +87,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "crf_l2": {"model": {"crf_c2": 0.5}},                       # the CRF member 10x more L2
     "folds_validation": {"train": {"validation": "folds"}},     # session folds at any log size
     "crf_future2": {"model": {"crf_future": 2}},                # the CRF member reads t+1, t+2 too
+    "hidden128": {"model": {"hidden_dim": 128}},                # the BiLSTM member twice as wide
+    "crf_head": {"model": {"crf_head": True}},                  # a CRF output layer on the BiLSTM member
+    "resample": {"train": {"resample": True}},                  # oversample chunks with rare steps
+    "focal": {"train": {"loss": "focal"}},                      # focal loss instead of cross-entropy
     "auto_tcn": {"model": {"auto_archs": ["bilstm", "crf", "tcn"]}},                # a third auto candidate
     "auto_transformer": {"model": {"auto_archs": ["bilstm", "crf", "transformer"]}},
 }
