@@ -79,6 +79,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_depth_training": {"train": {"depth_training": False}},  # full-lookahead training only
     "split_validation": {"train": {"validation": "split"}},     # one split, not session folds
     "no_elapsed_time": {"data": {"elapsed_time": False}},       # no time since the session start
+    "num_clip5": {"data": {"num_clip": 5.0}},                   # standardised numbers clipped to +-5
     "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
     "seeds3": {"train": {"ensemble_seeds": 3}},
     "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4

@@ -423,6 +423,8 @@ class FeatureEncoder:
                     image[i] = pix
             cols.append(miss)
         nums = ((np.hstack(cols) - self.mean) / self.std).astype(np.float32)
+        if self.data.num_clip is not None:
+            np.clip(nums, -self.data.num_clip, self.data.num_clip, out=nums)
         text = np.zeros((n, self.text_dim), dtype=np.float32)
         if self.text_dim:
             if text_vectors is None:
@@ -482,6 +484,8 @@ class FeatureEncoder:
             data = build_section(DataConfig, d["data"], "data")
             if "lex" not in d["vocabs"]:                 # fit before lexical features existed
                 data = dataclasses.replace(data, lexical=False)
+            if "num_clip" not in d["data"]:               # fit before numbers were clipped
+                data = dataclasses.replace(data, num_clip=None)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
         except (KeyError, TypeError, ValueError) as exc:

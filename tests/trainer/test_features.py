@@ -130,3 +130,30 @@ def test_lexical_vocabulary_is_fit_on_training_events_and_capped():
     assert np.array_equal(one.lex[0, :one.lex.shape[1]], sessions[0].lex[0, :one.lex.shape[1]])
     off = FeatureEncoder.fit(frame, DataConfig(lexical=False))
     assert "lex" not in off.vocabs and off.spec()["n_lex"] == 0
+
+
+def _durations(values):
+    recs = [{"session_id": str(s), "timestamp": f"2024-01-01T00:{i:02d}:00", "event_name": "Focus: Inbox in Outlook",
+             "step_name": "Mail", "duration_s": str(v)} for s in range(2) for i, v in enumerate(values)]
+    frame = records_to_frame(recs, require_label=True)
+    frame["duration_s"] = frame["duration_s"].astype(float)
+    return frame
+
+
+def test_an_outlying_number_is_clipped_to_num_clip_standard_deviations_when_asked():
+    # 39 one-minute focus events and one of ten hours: standardised, the long one is ~6.2
+    frame = _durations([60.0] * 39 + [36000.0])
+    col = lambda enc: enc.num_names.index("duration_s")  # noqa: E731
+    clipped = FeatureEncoder.fit(frame, DataConfig(num_features=("duration_s",), num_clip=5.0))
+    _, (s, _) = clipped.transform_frame(frame)
+    assert s.nums[:, col(clipped)].max() == pytest.approx(5.0)
+    loose = FeatureEncoder.fit(frame, DataConfig(num_features=("duration_s",)))  # the default: no clipping
+    _, (s, _) = loose.transform_frame(frame)
+    assert s.nums[:, col(loose)].max() > 6.0
+    # an encoder saved before the setting existed keeps encoding as it was trained (no clip)
+    old = clipped.to_dict()
+    del old["data"]["num_clip"]
+    _, (s, _) = FeatureEncoder.from_dict(json.loads(json.dumps(old))).transform_frame(frame)
+    assert s.nums[:, col(clipped)].max() > 6.0
+    with pytest.raises(ConfigError, match="data.num_clip"):
+        from_dict({"data": {"num_clip": 0}})
