@@ -72,23 +72,6 @@ def _fixtures(out: Path, full: bool = False) -> tuple[B.BenchConfig, Path, Path]
     return cfg, pool, B._train_served_model(cfg, out, print)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks
-
-
-def _thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """User + system CPU seconds of each thread of ``pid`` so far, by thread id."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended
-            continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / 100.0
-    return out
-
-
 def paced(args: argparse.Namespace) -> None:
     from stream.settings import Settings
     from stream.tools.processes import free_port
@@ -126,11 +109,11 @@ def paced(args: argparse.Namespace) -> None:
                     proc.wait_ready(120)
                 time.sleep(2.0)
                 spy = _sampler(proc.proc.pid, out / "profiles" / f"{name}-{r}.txt") if args.profile else None
-                c0, t0 = _cpu_seconds(proc.proc.pid), _thread_cpu_seconds(proc.proc.pid)
+                c0, t0 = B._cpu_s(proc.proc.pid), B._thread_cpu_s(proc.proc.pid)
                 _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not path.startswith("faust"))
-                run["cpu_ms_per_event"] = 1000 * (_cpu_seconds(proc.proc.pid) - c0) / run["events"]
+                run["cpu_ms_per_event"] = 1000 * (B._cpu_s(proc.proc.pid) - c0) / run["events"]
                 if args.threads:  # the busiest threads (the main thread's id is the pid)
-                    t1 = _thread_cpu_seconds(proc.proc.pid)
+                    t1 = B._thread_cpu_s(proc.proc.pid)
                     per = sorted(((t1[t] - t0.get(t, 0.0), t) for t in t1), reverse=True)[:4]
                     print(f"{name} run {r + 1} CPU ms/event by thread: " + ", ".join(
                         f"{'main' if t == proc.proc.pid else t} {1000 * c / run['events']:.3f}" for c, t in per))

@@ -1647,14 +1647,28 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads), from /proc."""
+def _stat_cpu_s(stat: Path) -> float:
+    """User + system CPU seconds in a ``/proc`` ``stat`` file (0.0 once it is gone)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = stat.read_text()
     except OSError:
         return 0.0
     fields = raw[raw.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads), from /proc."""
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+def _thread_cpu_s(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of a process so far, by thread id."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return {}
+    return {int(t.name): _stat_cpu_s(t / "stat") for t in tasks}
 
 
 def _rss(pid: int) -> Optional[int]:
