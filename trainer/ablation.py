@@ -80,6 +80,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "split_validation": {"train": {"validation": "split"}},     # one split, not session folds
     "no_elapsed_time": {"data": {"elapsed_time": False}},       # no time since the session start
     "num_clip5": {"data": {"num_clip": 5.0}},                   # standardised numbers clipped to +-5
+    "no_char_ngrams": {"data": {"char_ngrams": False}},         # lexical: words and bigrams only
     "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
     "seeds3": {"train": {"ensemble_seeds": 3}},
     "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4

@@ -142,18 +142,18 @@ MAX_LEX = 96  # lexical features kept per event (the most general kinds first)
 
 
 @functools.lru_cache(maxsize=65536)
-def lexical_features(text: str) -> tuple[str, ...]:
+def lexical_features(text: str, chars: bool = True) -> tuple[str, ...]:
     """Sparse lexical features of one string, the CRF's strength on window titles: lower-cased
     words (digit runs by their length, so ``4214758435`` and ``5321984460`` share one), word
-    bigrams, and character 4-grams of longer words (``<budget>`` -> ``<bud``, ``budg`` ...),
-    which tie inflections, compounds and file names together. Memoised: live sessions repeat
-    the same titles and names."""
+    bigrams, and (``chars``) character 4-grams of longer words (``<budget>`` -> ``<bud``,
+    ``budg`` ...), which tie inflections, compounds and file names together. Memoised: live
+    sessions repeat the same titles and names."""
     words = []
     for w in _WORD.findall(text.lower()):
         words.append(f"<d{min(len(w), 10)}>" if w.isdigit() else w[:40])
     feats = [f"w={w}" for w in words]
     feats += [f"b={a}|{b}" for a, b in zip(words, words[1:])]
-    for w in words:
+    for w in words if chars else ():
         if len(w) >= 5 and not w.startswith("<d"):
             padded = f"<{w}>"
             feats += [f"c={padded[i:i + 4]}" for i in range(len(padded) - 3)]
@@ -222,9 +222,9 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
     if data.lexical:
         # categorical values first (few, general), then the name's and text columns' words
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
-        lex += lexical_features(name)
+        lex += lexical_features(name, data.char_ngrams)
         for t in texts:
-            lex += lexical_features(t)
+            lex += lexical_features(t, data.char_ngrams)
     derived = {
         "template": template,
         "tokens": list(toks),
@@ -484,8 +484,6 @@ class FeatureEncoder:
             data = build_section(DataConfig, d["data"], "data")
             if "lex" not in d["vocabs"]:                 # fit before lexical features existed
                 data = dataclasses.replace(data, lexical=False)
-            if "num_clip" not in d["data"]:               # fit before numbers were clipped
-                data = dataclasses.replace(data, num_clip=None)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -157,3 +157,25 @@ def test_an_outlying_number_is_clipped_to_num_clip_standard_deviations_when_aske
     assert s.nums[:, col(clipped)].max() > 6.0
     with pytest.raises(ConfigError, match="data.num_clip"):
         from_dict({"data": {"num_clip": 0}})
+
+
+def test_character_ngrams_can_be_left_out_of_the_lexical_features():
+    from trainer.features import lexical_features
+    title = "Budget Q3 2024.xlsx - Excel"
+    assert any(f.startswith("c=") for f in lexical_features(title, True))
+    words_only = lexical_features(title, False)
+    assert "w=budget" in words_only and "b=budget|q3" in words_only
+    assert not any(f.startswith("c=") for f in words_only)
+    frame = _frame()
+    with_chars = FeatureEncoder.fit(frame, DataConfig(char_ngrams=True))
+    without = FeatureEncoder.fit(frame, DataConfig(char_ngrams=False))
+    assert any(f.startswith("c=") for f in with_chars.vocabs["lex"].items)
+    assert not any(f.startswith("c=") for f in without.vocabs["lex"].items)
+    # an encoder saved before the setting existed had character n-grams: it keeps them
+    old = with_chars.to_dict()
+    del old["data"]["char_ngrams"]
+    again = FeatureEncoder.from_dict(json.loads(json.dumps(old)))
+    assert again.data.char_ngrams
+    _, a = with_chars.transform_frame(frame)
+    _, b = again.transform_frame(frame)
+    np.testing.assert_array_equal(a[0].lex, b[0].lex)
