@@ -153,10 +153,11 @@ def lexical_features(text: str, chars: bool = True) -> tuple[str, ...]:
         words.append(f"<d{min(len(w), 10)}>" if w.isdigit() else w[:40])
     feats = [f"w={w}" for w in words]
     feats += [f"b={a}|{b}" for a, b in zip(words, words[1:])]
-    for w in words if chars else ():
-        if len(w) >= 5 and not w.startswith("<d"):
-            padded = f"<{w}>"
-            feats += [f"c={padded[i:i + 4]}" for i in range(len(padded) - 3)]
+    if chars:
+        for w in words:
+            if len(w) >= 5 and not w.startswith("<d"):
+                padded = f"<{w}>"
+                feats += [f"c={padded[i:i + 4]}" for i in range(len(padded) - 3)]
     return tuple(dict.fromkeys(feats))
 
 
