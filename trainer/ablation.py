@@ -81,6 +81,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_elapsed_time": {"data": {"elapsed_time": False}},       # no time since the session start
     "num_clip5": {"data": {"num_clip": 5.0}},                   # standardised numbers clipped to +-5
     "no_char_ngrams": {"data": {"char_ngrams": False}},         # lexical: words and bigrams only
+    "crf_char_ngrams": {"model": {"crf_char_ngrams": True}},     # the CRF member reads the 4-grams too
+    "edit_final": {"train": {"edit_overhead_final": True}},      # final labels withheld to keep edit overhead
     "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
     "seeds3": {"train": {"ensemble_seeds": 3}},
     "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4

@@ -15,11 +15,13 @@ so the artifact is a plain state dict, ``step()`` serves it live, and nothing is
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from trainer.config import ModelConfig
@@ -93,6 +95,12 @@ def fit_crf(args: ModelConfig, train: Sequence[EncodedSession], *, c1: float = C
                    "features": len(info.state_features)}
 
 
+def without_lex(sessions: Sequence[EncodedSession], ids: np.ndarray) -> list[EncodedSession]:
+    """The sessions with the lexical feature ids in ``ids`` blanked (0, padding): what a CRF
+    fit on them never reads, so its weights for them stay zero."""
+    return [dataclasses.replace(s, lex=np.where(np.isin(s.lex, ids), 0, s.lex)) for s in sessions]
+
+
 def model_future(args: ModelConfig) -> int:
     """How many later events the CRF's state features read (``Tagger`` caps it likewise)."""
     return 0 if args.lookahead is None else min(args.wide_future, args.lookahead)
@@ -126,4 +134,4 @@ def load_weights(model: Tagger, state: dict[tuple[str, str], float],
         wide.bias[unseen] = UNSEEN
 
 
-__all__ = ["attributes", "fit_crf", "load_weights"]
+__all__ = ["attributes", "fit_crf", "load_weights", "without_lex"]

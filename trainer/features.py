@@ -142,23 +142,24 @@ MAX_LEX = 96  # lexical features kept per event (the most general kinds first)
 
 
 @functools.lru_cache(maxsize=65536)
-def lexical_features(text: str, chars: bool = True) -> tuple[str, ...]:
-    """Sparse lexical features of one string, the CRF's strength on window titles: lower-cased
-    words (digit runs by their length, so ``4214758435`` and ``5321984460`` share one), word
-    bigrams, and (``chars``) character 4-grams of longer words (``<budget>`` -> ``<bud``,
-    ``budg`` ...), which tie inflections, compounds and file names together. Memoised: live
-    sessions repeat the same titles and names."""
+def lexical_parts(text: str, chars: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Sparse lexical features of one string, the CRF's strength on window titles, in two
+    parts: lower-cased words (digit runs by their length, so ``4214758435`` and
+    ``5321984460`` share one) and word bigrams; and (``chars``) character 4-grams of longer
+    words (``<budget>`` -> ``<bud``, ``budg`` ...), which tie inflections, compounds and file
+    names together. Memoised: live sessions repeat the same titles and names."""
     words = []
     for w in _WORD.findall(text.lower()):
         words.append(f"<d{min(len(w), 10)}>" if w.isdigit() else w[:40])
     feats = [f"w={w}" for w in words]
     feats += [f"b={a}|{b}" for a, b in zip(words, words[1:])]
+    grams: list[str] = []
     if chars:
         for w in words:
             if len(w) >= 5 and not w.startswith("<d"):
                 padded = f"<{w}>"
-                feats += [f"c={padded[i:i + 4]}" for i in range(len(padded) - 3)]
-    return tuple(dict.fromkeys(feats))
+                grams += [f"c={padded[i:i + 4]}" for i in range(len(padded) - 3)]
+    return tuple(dict.fromkeys(feats)), tuple(dict.fromkeys(grams))
 
 
 def _text(value: Any) -> str:
@@ -221,11 +222,15 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
     texts = [_text(event.get(c)) for c in data.text_features]
     lex: list[str] = []
     if data.lexical:
-        # categorical values first (few, general), then the name's and text columns' words
+        # categorical values first (few, general), then the words and bigrams of the name and
+        # text columns, then their character 4-grams (most numerous, first cut by MAX_LEX)
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
-        lex += lexical_features(name, data.char_ngrams)
-        for t in texts:
-            lex += lexical_features(t, data.char_ngrams)
+        grams: list[str] = []
+        for t in (name, *texts):
+            general, chars = lexical_parts(t, data.char_ngrams)
+            lex += general
+            grams += chars
+        lex += grams
     derived = {
         "template": template,
         "tokens": list(toks),

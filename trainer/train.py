@@ -26,6 +26,7 @@ import torch
 from trainer.artifacts import covered_by, save_artifact, softmax_t
 from trainer.baseline import BaselineLabeller
 from trainer.config import Config, ModelConfig
+from trainer.crf import without_lex
 from trainer.errors import ConfigError
 from trainer.evaluate import score
 from trainer.features import EncodedSession, FeatureEncoder, LabelMap
@@ -424,8 +425,10 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
       or an abstention later filled in) is one revision. When the held-out share of revised
       events could exceed what ``train.max_edit_overhead`` allows (its one-sided upper bound at
       ``guarantee_confidence``; edit overhead = r / (1 + r) for a revised share r), the first
-      threshold moves to the one that shows the most labels on arrival within that budget,
-      or, if none is within it, to the one with the fewest revisions.
+      threshold (and, with ``train.edit_overhead_final``, the final one, raised above the
+      precision target's: fewer labels filled in late) moves to the one showing the most
+      labels, on arrival and in the end together, within that budget; if none is within it,
+      the first threshold moves to the one with the fewest revisions.
 
     When no threshold reaches the target over that union (the two views agree on too many
     wrong labels), ``agreement`` is False: the final label is kept only at the plain
@@ -442,7 +445,7 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     if not len(cL) or coverage == 0.0:
         return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
 
-    def at(first_thr: float, agreement: bool) -> dict[str, Any] | None:
+    def at(first_thr: float, agreement: bool, final_thr: float | None = None) -> dict[str, Any] | None:
         shown = c0 >= first_thr
         if agreement:
             agree = shown & (a0 == aL)
@@ -451,20 +454,25 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
             if not chosen["feasible"]:
                 return None
             threshold = min(chosen["threshold"], ABSTAIN_ALL)
-            covered = agree | (cL >= threshold)
         else:
+            agree = np.zeros_like(shown)
             threshold = plain_threshold
-            covered = cL >= threshold
-        right = int((aL == y)[covered].sum())
+        if final_thr is not None:          # a higher final threshold: fewer labels filled in late
+            if final_thr <= threshold:
+                return None
+            threshold = final_thr
+        covered = agree | (cL >= threshold)
+        right, m = int((aL == y)[covered].sum()), int(covered.sum())
+        lower = float(clopper_pearson_lower(right, m, cfg.train.guarantee_confidence)) if m else None
+        if final_thr is not None and (lower is None or lower < cfg.train.precision_target):
+            return None
         revised = (shown != covered) | (shown & covered & (a0 != aL))
         n, r = len(revised), int(revised.sum())
         return {"policy": "stable", "agreement": agreement, "first_threshold": float(first_thr),
                 "threshold": threshold, "first_coverage": float(shown.mean()),
                 "first_precision": float((a0 == y)[shown].mean()) if shown.any() else None,
-                "coverage": float(covered.mean()),
-                "precision": right / int(covered.sum()) if covered.any() else None,
-                "lower_bound": float(clopper_pearson_lower(right, int(covered.sum()), cfg.train.guarantee_confidence))
-                if covered.any() else None, "revised_share": r / n,
+                "coverage": float(covered.mean()), "precision": right / m if m else None,
+                "lower_bound": lower, "revised_share": r / n,
                 "revised_upper": float(1.0 - clopper_pearson_lower(n - r, n, cfg.train.guarantee_confidence))}
 
     budget = cfg.train.max_edit_overhead
@@ -477,13 +485,19 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     best = best or at(start, False)
     best["first_rule"] = "coverage"
     if best["revised_upper"] > budget:
-        # a grid of first thresholds by the share of events they show, 0 (ABSTAIN_ALL) to 1
+        # a grid of first thresholds by the share of events they show, 0 (ABSTAIN_ALL) to 1,
+        # and of final thresholds at or above the precision target's, by the share they keep
         grid = [ABSTAIN_ALL] + [float(np.quantile(c0, 1.0 - q, method="higher")) for q in np.linspace(0.02, 1.0, 50)]
-        options = [o for t in grid for ag in ((True, False) if agreement else (False,))
-                   if (o := at(t, ag)) is not None]
-        within = [o for o in options if o["revised_upper"] <= budget]
-        pick = (max(within, key=lambda o: (o["first_coverage"], o["coverage"])) if within
-                else min(options, key=lambda o: o["revised_share"]))
+        finals = [None] + (sorted({float(np.quantile(cL, 1.0 - q * coverage, method="higher"))
+                                   for q in np.linspace(0.1, 0.9, 9)}) if cfg.train.edit_overhead_final else [])
+        options = {ft: [o for t in grid for ag in ((True, False) if agreement else (False,))
+                        if (o := at(t, ag, ft)) is not None] for ft in finals}
+        within = [o for opts in options.values() for o in opts if o["revised_upper"] <= budget]
+        # within the budget the most labels shown, on arrival and in the end together; none
+        # within it: the fewest revisions at the precision target's own final threshold (a
+        # higher one would only trade labels away without reaching the budget)
+        pick = (max(within, key=lambda o: (o["first_coverage"] + o["coverage"], o["coverage"])) if within
+                else min(options[None], key=lambda o: o["revised_share"]))
         if pick["revised_share"] < best["revised_share"]:
             best = {**pick, "first_rule": "edit_overhead" if within else "fewest_revisions"}
     return best
@@ -616,12 +630,13 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         cal_logits, cal_labels = hpo_info.pop("oof_logits"), hpo_info.pop("oof_labels")
     else:
         archs = list(cfg.model.auto_archs) if arch == "auto" else [arch]
+        sessions = _sessions_by_arch(p, cfg, archs)
         results: dict[str, Validated] = {}
         for a in archs:
             for i in range(1 if a == "crf" else cfg.train.ensemble_seeds):   # CRFsuite is deterministic
                 acfg = cfg.replace(model={"arch": a}, train={"seed": cfg.train.seed + i})
                 results[a if i == 0 else f"{a}.{i + 1}"] = validate(
-                    model_args(p.encoder.spec(), len(p.label_map), acfg), p.encoded["train"], p.encoded["val"],
+                    model_args(p.encoder.spec(), len(p.label_map), acfg), *sessions[a],
                     acfg, progress=progress, fold_seed=cfg.train.seed)
         if arch == "auto" or len(results) > 1:
             auto_info = choose_mixture(results, p.label_map.labels)
@@ -629,7 +644,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                 echo(line)
             arch = auto_info["chosen"]
         if arch == "mixture":
-            fits = {a: final_fit(results[a], p.encoded["train"], progress=progress, echo=echo)
+            fits = {a: final_fit(results[a], sessions[seed_group(a)][0], progress=progress, echo=echo)
                     for a in auto_info["members"]}
             model, cal_logits, depth_logits = build_mixture(auto_info, results, fits)
             cal_labels = results[auto_info["members"][0]].labels
@@ -639,7 +654,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         else:
             v = results[arch]
             cfg = v.cfg
-            fit = final_fit(v, p.encoded["train"], progress=progress, echo=echo)
+            fit = final_fit(v, sessions[seed_group(arch)][0], progress=progress, echo=echo)
             cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
             depth_order = v.depth_order
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
@@ -670,7 +685,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                  f"its confidence >= {policy['threshold']:.3f} "
                  f"(coverage {policy['coverage']:.3f}, precision {policy['precision'] or 0:.3f}); "
                  f"revised once: {policy['revised_share']:.3f} of events"
-                 + (f" (first threshold moved to keep edit overhead <= {cfg.train.max_edit_overhead})"
+                 + (f" (thresholds moved to keep edit overhead <= {cfg.train.max_edit_overhead})"
                     if policy.get("first_rule") == "edit_overhead" else
                     " (no first threshold keeps edit overhead within train.max_edit_overhead: fewest revisions)"
                     if policy.get("first_rule") == "fewest_revisions" else ""))
@@ -711,6 +726,22 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         echo(format_summary(test_report))
     echo(f"artifact written to {out}")
     return metrics
+
+
+def _sessions_by_arch(p: Prepared, cfg: Config, archs: Sequence[str]
+                      ) -> dict[str, tuple[list[EncodedSession], list[EncodedSession]]]:
+    """The training and validation sessions each architecture is fit on: the encoded ones,
+    but with the character 4-grams blanked for the CRF when ``model.crf_char_ngrams`` is off
+    (its weights for them stay zero, so serving it the full features gives the same labels)."""
+    out = {}
+    for a in archs:
+        train, val = list(p.encoded["train"]), list(p.encoded["val"])
+        if a == "crf" and not cfg.model.crf_char_ngrams and "lex" in p.encoder.vocabs:
+            grams = np.array([i + 2 for i, f in enumerate(p.encoder.vocabs["lex"].items) if f.startswith("c=")],
+                             dtype=np.int64)
+            train, val = without_lex(train, grams), without_lex(val, grams)
+        out[a] = (train, val)
+    return out
 
 
 def _training_info(p: Prepared, cfg: Config, seconds: float) -> dict[str, Any]:

@@ -71,3 +71,28 @@ def test_crf_is_served_live_with_final_labels_equal_to_offline(crf_model):
     assert s["final_equals_offline"] == 1.0
     assert res["offline"]["token_accuracy"] > 0.95
     assert s["first_top1_accuracy"] > 0.95
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_crf_can_leave_the_character_ngrams_out(tmp_path, on):
+    """``model.crf_char_ngrams: false``: the CRF is fit without the character 4-grams, so its
+    weights for them are zero and serving it every feature gives the labels it was fit for;
+    its words and categorical values still carry weight."""
+    pd.DataFrame(make_records(30, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(make_records(6, seed=6, prefix="t")).to_csv(tmp_path / "test.csv", index=False)
+    train(tmp_path / "train.csv", tmp_path / "model",
+          from_dict({"model": {"arch": "crf", "lookahead": 2, "crf_char_ngrams": on}}),
+          progress=False, echo=lambda *_: None)
+    lm = load_artifact(tmp_path / "model")
+    items = lm.encoder.vocabs["lex"].items
+    grams = [i + 2 for i, f in enumerate(items) if f.startswith("c=")]
+    words = [i + 2 for i, f in enumerate(items) if not f.startswith("c=")]
+    assert grams and words
+    table = lm.model.wide.table.detach()
+    assert bool((table[grams] != 0).any()) is on
+    assert (table[words] != 0).any()
+    from tagger.cli import streaming_replay
+    from trainer.evaluate import evaluate
+    res = evaluate(tmp_path / "model", tmp_path / "test.csv", streaming=streaming_replay, plots=False)
+    assert res["streaming"]["final_equals_offline"] == 1.0
+    assert res["offline"]["token_accuracy"] > 0.95

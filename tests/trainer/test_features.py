@@ -101,20 +101,41 @@ def test_config_unknown_key_is_named():
 
 
 def test_lexical_features_of_a_window_title():
-    from trainer.features import lexical_features
-    f = lexical_features("Budget Q3 2024.xlsx - Excel")
-    assert {"w=budget", "w=q3", "w=<d4>", "w=xlsx", "w=excel", "b=budget|q3"} <= set(f)
-    assert "c=<bud" in f and "c=get>" in f          # character 4-grams of longer words
-    assert lexical_features("Budget Q3 2025.xlsx - Excel") == f   # numbers by length only
+    from trainer.features import lexical_parts
+    general, grams = lexical_parts("Budget Q3 2024.xlsx - Excel")
+    assert {"w=budget", "w=q3", "w=<d4>", "w=xlsx", "w=excel", "b=budget|q3"} <= set(general)
+    assert "c=<bud" in grams and "c=get>" in grams      # character 4-grams of longer words
+    assert lexical_parts("Budget Q3 2025.xlsx - Excel") == (general, grams)   # numbers by length only
+    f = general + grams
     assert len(f) == len(set(f))
 
 
 @given(st.text(max_size=120))
 def test_lexical_features_never_crash_and_are_typed(text):
-    from trainer.features import lexical_features
-    f = lexical_features(text)
-    assert f == lexical_features(text)
-    assert all(x[:2] in ("w=", "b=", "c=") for x in f)
+    from trainer.features import lexical_parts
+    general, grams = lexical_parts(text)
+    assert (general, grams) == lexical_parts(text)
+    assert all(x[:2] in ("w=", "b=") for x in general) and all(x[:2] == "c=" for x in grams)
+
+
+def test_words_of_a_text_column_are_kept_before_the_names_character_ngrams():
+    # a title long enough that its character 4-grams alone pass MAX_LEX: the text column's
+    # words and bigrams still reach the model, and the 4-grams are what the cap cuts
+    from trainer.features import MAX_LEX, lexical_parts
+    words = ["".join(chr(97 + (5 * i + 3 * j + j * j) % 26) for j in range(10)) for i in range(13)]
+    title = " ".join(words)
+    assert len(lexical_parts(title)[1]) > MAX_LEX                       # 4-grams alone pass the cap
+    recs = [{"session_id": str(s), "timestamp": f"2024-01-01T00:00:0{i}", "event_name": title,
+             "step_name": "Look", "text": "invoice approval"} for s in range(3) for i in range(2)]
+    frame = records_to_frame(recs, require_label=True)
+    enc = FeatureEncoder.fit(frame, DataConfig(text_features=("text",)))
+    lex = enc.vocabs["lex"]
+    _, sessions = enc.transform_frame(frame)
+    row = set(sessions[0].lex[0].tolist())
+    assert sessions[0].lex.shape[1] == MAX_LEX
+    first, last = f"<{words[0]}>"[:4], f"<{words[-1]}>"[-4:]
+    assert {lex.index["w=invoice"], lex.index["b=invoice|approval"], lex.index[f"w={words[0]}"]} <= row
+    assert lex.index[f"c={first}"] in row and lex.index[f"c={last}"] not in row   # later 4-grams cut
 
 
 def test_lexical_vocabulary_is_fit_on_training_events_and_capped():
@@ -160,12 +181,11 @@ def test_an_outlying_number_is_clipped_to_num_clip_standard_deviations_when_aske
 
 
 def test_character_ngrams_can_be_left_out_of_the_lexical_features():
-    from trainer.features import lexical_features
+    from trainer.features import lexical_parts
     title = "Budget Q3 2024.xlsx - Excel"
-    assert any(f.startswith("c=") for f in lexical_features(title, True))
-    words_only = lexical_features(title, False)
-    assert "w=budget" in words_only and "b=budget|q3" in words_only
-    assert not any(f.startswith("c=") for f in words_only)
+    assert lexical_parts(title, True)[1]
+    words_only, grams = lexical_parts(title, False)
+    assert "w=budget" in words_only and "b=budget|q3" in words_only and grams == ()
     frame = _frame()
     with_chars = FeatureEncoder.fit(frame, DataConfig(char_ngrams=True))
     without = FeatureEncoder.fit(frame, DataConfig(char_ngrams=False))

@@ -4,6 +4,7 @@ says about the labels shown before they are final."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from trainer.config import from_dict
 from trainer.fit import sample_horizons
@@ -51,8 +52,10 @@ def _arrival_and_final(seed: int = 0, n: int = 4000, classes: int = 4):
     return first, final, y
 
 
-def _policy(first, final, y, budget):
-    return stable_policy(first, final, y, from_dict({"train": {"max_edit_overhead": budget}}), 1.0, 1.0, 0.99)
+def _policy(first, final, y, budget, final_too=False):
+    return stable_policy(first, final, y, from_dict({"train": {"max_edit_overhead": budget,
+                                                               "edit_overhead_final": final_too}}),
+                         1.0, 1.0, 0.99)
 
 
 def test_arrival_threshold_keeps_revisions_within_the_edit_overhead_budget():
@@ -74,6 +77,34 @@ def test_when_no_arrival_threshold_is_within_budget_the_fewest_revisions_win():
     assert capped["first_rule"] == "fewest_revisions"
     assert capped["revised_share"] < free["revised_share"] and capped["precision"] >= 0.95
 
+
+
+def test_a_higher_final_threshold_keeps_revisions_within_budget_when_arrival_cannot():
+    """``train.edit_overhead_final``. Half of the events are sure in both views; 30% become sure only once later events are
+    seen (the arrival view guesses); 20% stay unsure. Every arrival threshold leaves those 30%
+    filled in late, over the budget, so the final threshold rises towards the events both
+    views are sure of: fewer labels in the end, revisions within the budget, and still at
+    the precision target."""
+    rng = np.random.default_rng(2)
+    n, classes = 4000, 4
+    y = rng.integers(0, classes, n)
+    group = rng.choice(3, n, p=[0.5, 0.3, 0.2])
+    guess = rng.integers(0, classes, n)
+    final = np.zeros((n, classes))
+    final[np.arange(n), np.where(group == 2, guess, y)] = np.select(
+        [group == 0, group == 1], [rng.uniform(8.5, 9.5, n), rng.uniform(6.0, 7.0, n)], 0.5)
+    first = np.zeros((n, classes))
+    first[np.arange(n), np.where(group == 0, y, guess)] = np.where(group == 0, final.max(-1), rng.uniform(0, 3, n))
+    free, capped = _policy(first, final, y, 1.0, True), _policy(first, final, y, 0.08, True)
+    assert free["threshold"] == 0.99 and free["coverage"] == pytest.approx(0.8, abs=0.03)
+    # by default (train.edit_overhead_final: false) the final labels stay, over the budget
+    kept = _policy(first, final, y, 0.08)
+    assert kept["threshold"] == 0.99 and kept["coverage"] == free["coverage"]
+    assert kept["first_rule"] == "fewest_revisions" and kept["revised_upper"] > 0.08 / 0.92
+    assert capped["first_rule"] == "edit_overhead" and capped["threshold"] > free["threshold"]
+    assert capped["revised_upper"] <= 0.08 / 0.92 < free["revised_share"]
+    # about the sure half and the surest of the rest are kept: fewer, not none
+    assert 0.45 < capped["coverage"] < free["coverage"] - 0.1 and capped["precision"] >= 0.95
 
 
 def test_when_agreeing_views_are_not_precise_the_final_label_alone_decides_still_once():
