@@ -425,10 +425,11 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
       or an abstention later filled in) is one revision. When the held-out share of revised
       events could exceed what ``train.max_edit_overhead`` allows (its one-sided upper bound at
       ``guarantee_confidence``; edit overhead = r / (1 + r) for a revised share r), the first
-      threshold (and, with ``train.edit_overhead_final``, the final one, raised above the
-      precision target's: fewer labels filled in late) moves to the one showing the most
-      labels, on arrival and in the end together, within that budget; if none is within it,
-      the first threshold moves to the one with the fewest revisions.
+      threshold moves to the one that shows the most labels on arrival within that budget
+      (with ``train.edit_overhead_final`` the final threshold may rise too, above the
+      precision target's, so that fewer labels are filled in late: the pair showing the most
+      labels on arrival and in the end together); if none is within it, the first threshold
+      moves to the one with the fewest revisions.
 
     When no threshold reaches the target over that union (the two views agree on too many
     wrong labels), ``agreement`` is False: the final label is kept only at the plain
@@ -493,11 +494,13 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
         options = {ft: [o for t in grid for ag in ((True, False) if agreement else (False,))
                         if (o := at(t, ag, ft)) is not None] for ft in finals}
         within = [o for opts in options.values() for o in opts if o["revised_upper"] <= budget]
-        # within the budget the most labels shown, on arrival and in the end together; none
-        # within it: the fewest revisions at the precision target's own final threshold (a
-        # higher one would only trade labels away without reaching the budget)
-        pick = (max(within, key=lambda o: (o["first_coverage"] + o["coverage"], o["coverage"])) if within
-                else min(options[None], key=lambda o: o["revised_share"]))
+        # within the budget the most labels shown: on arrival (then in the end) when only the
+        # first threshold moves; on arrival and in the end together when the final one may
+        # too. None within it: the fewest revisions at the precision target's own final
+        # threshold (a higher one would only trade labels away without reaching the budget)
+        most = ((lambda o: (o["first_coverage"] + o["coverage"], o["coverage"])) if cfg.train.edit_overhead_final
+                else (lambda o: (o["first_coverage"], o["coverage"])))
+        pick = (max(within, key=most) if within else min(options[None], key=lambda o: o["revised_share"]))
         if pick["revised_share"] < best["revised_share"]:
             best = {**pick, "first_rule": "edit_overhead" if within else "fewest_revisions"}
     return best
