@@ -55,8 +55,13 @@ class DataConfig:
     lexical_max: int = 30000
     # character 4-grams of longer words among the lexical features (words and bigrams always);
     # on is also what encoders saved before the setting read as (docs/ablation.md: without
-    # them training is ~2x faster, but wf's edit overhead rises to 0.135)
+    # them training is ~2x faster, but placelab loses 0.007)
     char_ngrams: bool = True
+    # where an event's 4-grams go among its lexical features: last, after the words and
+    # bigrams of the name and every text column, so that MAX_LEX cuts them first (true); or
+    # after each string's own words (false: what encoders fit before 2026-12-05 did, and
+    # what they read as, so that a model is always served the features it was trained on)
+    lex_chars_last: bool = True
     # the time since the session's first event as a feature
     elapsed_time: bool = True
     # Clip standardised numbers to +-num_clip (null: no clipping), as the CRF reference clips

@@ -229,7 +229,10 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         for t in (name, *texts):
             general, chars = lexical_parts(t, data.char_ngrams)
             lex += general
-            grams += chars
+            if data.lex_chars_last:
+                grams += chars
+            else:
+                lex += chars
         lex += grams
     derived = {
         "template": template,
@@ -490,6 +493,8 @@ class FeatureEncoder:
             data = build_section(DataConfig, d["data"], "data")
             if "lex" not in d["vocabs"]:                 # fit before lexical features existed
                 data = dataclasses.replace(data, lexical=False)
+            if "lex_chars_last" not in d["data"]:        # fit before the 4-grams went last
+                data = dataclasses.replace(data, lex_chars_last=False)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -136,6 +136,14 @@ def test_words_of_a_text_column_are_kept_before_the_names_character_ngrams():
     first, last = f"<{words[0]}>"[:4], f"<{words[-1]}>"[-4:]
     assert {lex.index["w=invoice"], lex.index["b=invoice|approval"], lex.index[f"w={words[0]}"]} <= row
     assert lex.index[f"c={first}"] in row and lex.index[f"c={last}"] not in row   # later 4-grams cut
+    # an encoder fit before the 4-grams went last keeps encoding as it was trained: the
+    # name's 4-grams first, so the text column's words are what the cap cuts
+    old = enc.to_dict()
+    del old["data"]["lex_chars_last"]
+    again = FeatureEncoder.from_dict(json.loads(json.dumps(old)))
+    _, sessions = again.transform_frame(frame)
+    row = set(sessions[0].lex[0].tolist())
+    assert lex.index[f"c={first}"] in row and lex.index["w=invoice"] not in row
 
 
 def test_lexical_vocabulary_is_fit_on_training_events_and_capped():
