@@ -83,6 +83,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_char_ngrams": {"data": {"char_ngrams": False}},         # lexical: words and bigrams only
     "crf_char_ngrams": {"model": {"crf_char_ngrams": True}},     # the CRF member reads the 4-grams too
     "edit_final": {"train": {"edit_overhead_final": True}},      # final labels withheld to keep edit overhead
+    "past4": {"model": {"wide_past": 4}},                       # the CRF and wide path read t-4 .. t
     "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
     "seeds3": {"train": {"ensemble_seeds": 3}},
     "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4
