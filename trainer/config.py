@@ -129,7 +129,8 @@ class ModelConfig:
     crf_future: int = 0
     # arch crf: read the character 4-grams of the lexical features (data.char_ngrams too). Off
     # (the default) it gets zero weight for them and reads categorical values, words and
-    # bigrams: in 5-fold CV as good or better on every log, and fit faster
+    # bigrams: in 5-fold CV better on wf, kasteren and gen, within 0.001 elsewhere, and
+    # fit faster (docs/ablation.md)
     crf_char_ngrams: bool = False
     wide: bool = True
     wide_past: int = 2
@@ -259,7 +260,7 @@ class TrainConfig:
     # ... and when no arrival threshold is enough, true: the final threshold rises too (above
     # the precision target's), so fewer labels are filled in late. The budget then holds, but
     # final labels are withheld from the events later events decide (window-focus profile:
-    # coverage ~0.5 -> ~0.17); false (the default): the fewest revisions at full coverage.
+    # coverage 0.55 -> 0.21); false (the default): the fewest revisions at full coverage.
     edit_overhead_final: bool = False
     val_folds: int = 4
     # Each network candidate is trained this many times with seeds seed, seed+1, ... and its

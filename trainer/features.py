@@ -377,6 +377,11 @@ class FeatureEncoder:
         return enc
 
     # ---- the spec: what a model built on this encoder expects -----------------------------
+    def char_gram_ids(self) -> np.ndarray:
+        """The ids of the character 4-grams (``lexical_parts``) in the lexical vocabulary."""
+        index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
+        return np.array([i for f, i in index.items() if f.startswith("c=")], dtype=np.int64)
+
     def spec(self) -> dict[str, Any]:
         return {"n_events": len(self.vocabs["template"]), "n_tokens": len(self.vocabs["token"]),
                 "n_lex": len(self.vocabs["lex"]) if "lex" in self.vocabs else 0,

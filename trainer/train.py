@@ -739,9 +739,8 @@ def _sessions_by_arch(p: Prepared, cfg: Config, archs: Sequence[str]
     out = {}
     for a in archs:
         train, val = list(p.encoded["train"]), list(p.encoded["val"])
-        if a == "crf" and not cfg.model.crf_char_ngrams and "lex" in p.encoder.vocabs:
-            grams = np.array([i + 2 for i, f in enumerate(p.encoder.vocabs["lex"].items) if f.startswith("c=")],
-                             dtype=np.int64)
+        if a == "crf" and not cfg.model.crf_char_ngrams:
+            grams = p.encoder.char_gram_ids()
             train, val = without_lex(train, grams), without_lex(val, grams)
         out[a] = (train, val)
     return out

@@ -84,9 +84,8 @@ def test_the_crf_can_leave_the_character_ngrams_out(tmp_path, on):
           from_dict({"model": {"arch": "crf", "lookahead": 2, "crf_char_ngrams": on}}),
           progress=False, echo=lambda *_: None)
     lm = load_artifact(tmp_path / "model")
-    items = lm.encoder.vocabs["lex"].items
-    grams = [i + 2 for i, f in enumerate(items) if f.startswith("c=")]
-    words = [i + 2 for i, f in enumerate(items) if not f.startswith("c=")]
+    grams = lm.encoder.char_gram_ids().tolist()
+    words = sorted(set(lm.encoder.vocabs["lex"].index.values()) - set(grams))
     assert grams and words
     table = lm.model.wide.table.detach()
     assert bool((table[grams] != 0).any()) is on
