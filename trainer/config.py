@@ -260,7 +260,7 @@ class TrainConfig:
     # ... and when no arrival threshold is enough, true: the final threshold rises too (above
     # the precision target's), so fewer labels are filled in late. The budget then holds, but
     # final labels are withheld from the events later events decide (window-focus profile:
-    # coverage 0.55 -> 0.21); false (the default): the fewest revisions at full coverage.
+    # coverage 0.546 -> 0.235); false (the default): the fewest revisions at full coverage.
     edit_overhead_final: bool = False
     val_folds: int = 4
     # Each network candidate is trained this many times with seeds seed, seed+1, ... and its
