@@ -548,9 +548,13 @@ class TextEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # no "Loading weights" bar in every training log
         self.model = SentenceTransformer(str(model_dir), device="cpu")
         self.name = name
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        # sentence-transformers 6 renamed the method (the old name warns); 5 has only the old one
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())
         self.cache: dict[str, np.ndarray] = {}
         self.max_cache = max_cache
 
