@@ -47,6 +47,7 @@ from aiokafka.partitioner import murmur2
 
 from stream import in_doubt
 from stream.batching import age_bounded_batches
+from stream.catch_up import CatchUp
 from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
 from stream.records import InvalidEvent, check_key, dlq_record, encode_label, parse_event
@@ -121,6 +122,9 @@ class WorkerService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger-model")
         self.lock = asyncio.Lock()
         self.assigned: set[int] = set()
+        # partitions whose backlog is not read yet since their assignment: their sessions
+        # are not finalised as idle until it is (stream.catch_up)
+        self.catch_up = CatchUp()
         self._finals = deque(maxlen=2000)  # recent final outcomes, for the coverage gauge
         self.started_at = time.time()
         self.model_ready = asyncio.Event()
@@ -310,21 +314,22 @@ class WorkerService:
         async with self.lock:
             try:
                 await self._until_infrastructure_works(lambda: self._handle(events))
-                return
             except Exception:
                 log.exception("batch of %d failed; retrying its events one by one", len(events))
-            for ev in events:
-                async def one(ev=ev) -> None:
-                    try:
-                        await self._handle([ev])
-                    except Exception as exc:
-                        if infrastructure(exc) is not None:
-                            raise
-                        box = Outbox()
-                        self._letter(box, ev, "processing_error", f"{type(exc).__name__}: {exc}", None)
-                        self._outbox = box
-                        await self._flush_outbox()
-                await self._until_infrastructure_works(one)
+                for ev in events:
+                    async def one(ev=ev) -> None:
+                        try:
+                            await self._handle([ev])
+                        except Exception as exc:
+                            if infrastructure(exc) is not None:
+                                raise
+                            box = Outbox()
+                            self._letter(box, ev, "processing_error", f"{type(exc).__name__}: {exc}", None)
+                            self._outbox = box
+                            await self._flush_outbox()
+                    await self._until_infrastructure_works(one)
+            for ev in events:   # labelled or dead-lettered, every one
+                self.catch_up.processed(ev.message.partition, ev.message.offset)
 
     async def _until_infrastructure_works(self, step) -> None:
         """Run ``step``; while it fails on Redis or Kafka, wait (0.5 s doubling to 5 s) and
@@ -723,9 +728,11 @@ class WorkerService:
         now = time.time()
         if self._broker_down or now - (self._broker_back_at or 0.0) < self.settings.inactivity_s:
             return   # sessions look idle because nothing could reach us: finalise none yet
-        idle = self.live.inactive(now, self.settings.inactivity_s)
+        held = self._catching_up(now)
+        idle = [sid for sid in self.live.inactive(now, self.settings.inactivity_s)
+                if self.live.sessions[sid].partition not in held]
         try:
-            for p in sorted(self.assigned):
+            for p in sorted(self.assigned - held):
                 # index members older than the TTL have no keys left: drop them, or they
                 # would be read first (oldest first) forever and starve real idle sessions
                 await self.store.prune_open(p, now - self.settings.session_ttl_s)
@@ -754,6 +761,25 @@ class WorkerService:
             self._infra_failed("kafka", exc, "finals of idle sessions held; sent again next tick")
             return
         log.info("finalised %d idle sessions (%d records)", len(idle), len(records))
+
+    def _catching_up(self, now: float) -> set[int]:
+        """The assigned partitions whose backlog this worker has not read yet (``CatchUp``)."""
+        if not self.catch_up.partitions:
+            return set()
+        consumer, tps = None, {}
+        with contextlib.suppress(Exception):   # mid-rebalance: nothing can be judged yet
+            consumer = self.app.consumer
+            tps = {tp.partition: tp for tp in consumer.assignment() if tp.topic == self.settings.input_topic}
+        held = set()
+        for p in self.catch_up.partitions:
+            tp, end, committed = tps.get(p), None, None
+            if tp is not None:
+                with contextlib.suppress(Exception):  # not fetched yet, or just revoked
+                    end = consumer.highwater(tp)
+                committed = consumer._committed_offset.get(tp)  # next offset to read, or None
+            if self.catch_up.holding(p, end, committed, now):
+                held.add(p)
+        return held
 
     def _timer_failed(self, timer: str, exc: BaseException) -> None:
         self.metrics.timer_errors.labels(timer=timer).inc()
@@ -862,6 +888,7 @@ class WorkerService:
     # ---- rebalances ---------------------------------------------------------------------
     async def on_assigned(self, assigned) -> None:
         self.assigned = {tp.partition for tp in assigned if tp.topic == self.settings.input_topic}
+        self.catch_up.assigned(self.assigned, time.time())
         self.metrics.partitions.set(len(self.assigned))
 
     async def on_revoked(self, revoked) -> None:

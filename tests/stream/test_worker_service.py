@@ -371,6 +371,58 @@ def test_records_a_killed_worker_left_unacknowledged_are_on_the_label_topic_once
     assert (nxt.metrics.repeats_suppressed._value.get() > 0) == landed
 
 
+class _Consumer:
+    """What the sweep asks Faust's consumer after an assignment: the log end of the first
+    fetch (None before one answered) and the group's committed offset."""
+
+    def __init__(self, topic, end, committed):
+        from faust.types import TP
+        self.tp = TP(topic, 0)
+        self.end, self._committed_offset = end, {self.tp: committed}
+
+    def assignment(self):
+        return [self.tp]
+
+    def highwater(self, tp):
+        return self.end
+
+
+def test_a_new_owner_finalises_no_idle_session_before_reading_the_partitions_backlog(service, messages):
+    """The chaos drill's two_workers failure (CI, 2026-12-05): a worker is killed with a
+    batch's records landed but its sessions not saved; the new owner's idle sweep ran before
+    it read the redelivered batch, found the stored sessions idle and finalised them from the
+    older state, so one (event, revision) reached the topic with two contents. Now the
+    sweep leaves the partition's sessions alone until the backlog the first fetch reported
+    is processed; then every record is on the topic once and every event has one final."""
+    open_only = [m for m in messages if m.get("type") != "session_end"]
+    ends = [m for m in messages if m.get("type") == "session_end"]
+    half = len(open_only) // 2
+    asyncio.run(service.handle(_events(open_only[:half])))
+    _kill_with_the_output_unacknowledged(service, lambda: service.handle(_events(open_only[half:], start=half)))
+    service.producer.land_held()
+    for part in service.mem.open.values():   # the stored sessions look idle to the next owner
+        for sid in part:
+            part[sid] -= 60
+    nxt, _ = _next_owner(service)
+    consumer = _Consumer(service.settings.input_topic, end=None, committed=half)
+    nxt.app = SimpleNamespace(producer=service.producer, consumer=consumer)
+    asyncio.run(nxt.on_assigned([consumer.tp]))
+    before = len(service.producer.records(service.settings.output_topic))
+    asyncio.run(nxt.sweep())                   # no fetch answered yet
+    consumer.end = len(open_only)              # the first fetch: the redelivered batch is there
+    asyncio.run(nxt.sweep())
+    assert len(service.producer.records(service.settings.output_topic)) == before, \
+        "idle sessions were finalised before the partition's backlog was read"
+    asyncio.run(nxt.handle(_events(open_only[half:], start=half)))
+    asyncio.run(nxt.handle(_events(ends, start=len(open_only))))
+    recs, copies = _copies(service)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
+    asyncio.run(nxt.sweep())
+    assert nxt.catch_up.partitions == [], "the partition was still held after its backlog"
+
+
 def test_a_successor_killed_while_resolving_sends_none_of_what_either_worker_landed(service, heldout_log):
     """Worker A dies with a batch of session S1 in flight (its records land). B is
     redelivered it in two smaller batches, together with new events of S2, which shares S1's
