@@ -766,17 +766,12 @@ class WorkerService:
         """The assigned partitions whose backlog this worker has not read yet (``CatchUp``)."""
         if not self.catch_up.partitions:
             return set()
-        consumer, tps = None, {}
+        offsets = {}
         with contextlib.suppress(Exception):   # mid-rebalance: nothing can be judged yet
-            consumer = self.app.consumer
-            tps = {tp.partition: tp for tp in consumer.assignment() if tp.topic == self.settings.input_topic}
+            offsets = self._input_offsets()
         held = set()
         for p in self.catch_up.partitions:
-            tp, end, committed = tps.get(p), None, None
-            if tp is not None:
-                with contextlib.suppress(Exception):  # not fetched yet, or just revoked
-                    end = consumer.highwater(tp)
-                committed = consumer._committed_offset.get(tp)  # next offset to read, or None
+            end, committed, _ = offsets.get(p, (None, None, None))
             if self.catch_up.holding(p, end, committed, now):
                 held.add(p)
         return held
@@ -866,17 +861,12 @@ class WorkerService:
         no scrape sees it half-built): a partition that moved to another worker stops being
         reported here, and the sum over workers is the group's lag.
         """
-        consumer = self.app.consumer
         try:
-            assignment = [tp for tp in consumer.assignment() if tp.topic == self.settings.input_topic]
             lags = {}
-            for tp in assignment:
-                end = consumer.highwater(tp)
-                committed = consumer._committed_offset.get(tp)  # next offset to read, or None
-                read = consumer._read_offset.get(tp)  # last offset handed to the agent, or None
+            for partition, (end, committed, read) in self._input_offsets().items():
                 position = committed if committed is not None else (read + 1 if read is not None else None)
                 if end is not None and position is not None:
-                    lags[tp.partition] = max(0, end - position)
+                    lags[partition] = max(0, end - position)
         except Exception as exc:  # not started yet, or mid-rebalance: lag is observability only
             log.debug("consumer lag not updated: %r", exc)
             return
@@ -884,6 +874,16 @@ class WorkerService:
         gauge.clear()
         for partition, lag in sorted(lags.items()):
             gauge.labels(partition=str(partition)).set(lag)
+
+    def _input_offsets(self) -> dict[int, tuple[Optional[int], Optional[int], Optional[int]]]:
+        """Per input partition the consumer holds: (the log end from its latest fetch, the
+        group's committed offset, i.e. the next to read, the last offset handed to the
+        agent), each None while unknown. Raises while the consumer cannot say (not started,
+        mid-rebalance)."""
+        consumer = self.app.consumer
+        return {tp.partition: (consumer.highwater(tp), consumer._committed_offset.get(tp),
+                               consumer._read_offset.get(tp))
+                for tp in consumer.assignment() if tp.topic == self.settings.input_topic}
 
     # ---- rebalances ---------------------------------------------------------------------
     async def on_assigned(self, assigned) -> None:

@@ -373,12 +373,13 @@ def test_records_a_killed_worker_left_unacknowledged_are_on_the_label_topic_once
 
 class _Consumer:
     """What the sweep asks Faust's consumer after an assignment: the log end of the first
-    fetch (None before one answered) and the group's committed offset."""
+    fetch (None before one answered), the group's committed offset (and the last offset
+    read, which the lag gauge reads too)."""
 
     def __init__(self, topic, end, committed):
         from faust.types import TP
         self.tp = TP(topic, 0)
-        self.end, self._committed_offset = end, {self.tp: committed}
+        self.end, self._committed_offset, self._read_offset = end, {self.tp: committed}, {}
 
     def assignment(self):
         return [self.tp]
