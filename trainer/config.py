@@ -262,6 +262,11 @@ class TrainConfig:
     # final labels are withheld from the events later events decide (window-focus profile:
     # coverage 0.546 -> 0.235); false (the default): the fewest revisions at full coverage.
     edit_overhead_final: bool = False
+    # model.arch auto: after the member weights, per visible depth a label bias
+    # -tau * log(training prior) with tau from this grid, the one with the best held-out
+    # top-1 macro-F1 (the smallest |tau| on ties; [0]: none). Moves labels towards rare steps,
+    # which macro-F1 weighs as much as common ones (docs/ablation.md)
+    auto_prior_taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     val_folds: int = 4
     # Each network candidate is trained this many times with seeds seed, seed+1, ... and its
     # log-probabilities averaged (the CRF is deterministic: once); the members are served
@@ -393,6 +398,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.precision_target: must be in (0, 1]")
     if t.ensemble_seeds < 1:
         raise ConfigError("train.ensemble_seeds: must be >= 1")
+    if 0.0 not in t.auto_prior_taus or any(not 0 <= x <= 4 for x in t.auto_prior_taus):
+        raise ConfigError("train.auto_prior_taus: values in [0, 4], 0 among them (0: no bias)")
     if not 0 < t.max_edit_overhead <= 1:
         raise ConfigError("train.max_edit_overhead: must be in (0, 1] (1: no limit)")
     if not 0 <= d.test_size < 1 or not 0 <= d.val_size < 1 or d.test_size + d.val_size >= 1:

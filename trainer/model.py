@@ -1068,6 +1068,9 @@ class MixtureConfig:
 
     members: list[dict[str, Any]]
     depth_weights: list[list[float]]
+    # per depth 0..L, one bias per label added to the mixed log-probabilities (``auto``'s
+    # prior correction, ``trainer.train.prior_bias``); None: none (and older checkpoints)
+    depth_bias: Optional[list[list[float]]] = None
     arch: str = "mixture"
 
     @property
@@ -1088,17 +1091,21 @@ class MixtureConfig:
     def to_args(self) -> dict[str, Any]:
         return {"arch": self.arch, "members": [dict(m) for m in self.members],
                 "depth_weights": [list(map(float, w)) for w in self.depth_weights],
-                "lookahead": self.lookahead, "n_labels": self.n_labels}
+                "lookahead": self.lookahead, "n_labels": self.n_labels,
+                **({"depth_bias": [list(map(float, b)) for b in self.depth_bias]}
+                   if self.depth_bias is not None else {})}
 
     @classmethod
     def from_args(cls, d: dict[str, Any]) -> "MixtureConfig":
-        unknown = sorted(set(d) - {"arch", "members", "depth_weights", "lookahead", "n_labels"})
+        unknown = sorted(set(d) - {"arch", "members", "depth_weights", "depth_bias", "lookahead", "n_labels"})
         if unknown:  # as for ModelConfig: a key this version does not know is an error
             raise ConfigError(f"model_args: unknown mixture argument(s) {unknown}")
         for key in ("members", "depth_weights"):
             if key not in d:
                 raise ConfigError(f"model_args: {key!r} is missing")
-        return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]])
+        bias = d.get("depth_bias")
+        return cls([dict(m) for m in d["members"]], [list(map(float, w)) for w in d["depth_weights"]],
+                   None if bias is None else [list(map(float, b)) for b in bias])
 
 
 class Mixture(nn.Module):
@@ -1120,6 +1127,11 @@ class Mixture(nn.Module):
         if len(args.depth_weights) != L + 1 or any(len(w) != len(self.members) for w in args.depth_weights):
             raise ConfigError("mixture weights: one row per depth 0..L, one weight per member")
         self.register_buffer("weights", torch.tensor(args.depth_weights, dtype=torch.float32))
+        bias = args.depth_bias
+        if bias is not None and (len(bias) != L + 1 or any(len(b) != args.n_labels for b in bias)):
+            raise ConfigError("mixture depth_bias: one row per depth 0..L, one bias per label")
+        # None when there is none: older checkpoints load unchanged, and no add per round
+        self.register_buffer("bias", None if bias is None else torch.tensor(bias, dtype=torch.float32))
 
     @property
     def streamable(self) -> bool:
@@ -1143,6 +1155,8 @@ class Mixture(nn.Module):
             depth = torch.minimum(depth, horizon.to(depth.device).clamp(0, L))
         w = self.weights[depth]                                                 # (B, T, M)
         out = sum(w[..., i:i + 1] * torch.log_softmax(m(batch)[0], -1) for i, m in enumerate(self.members))
+        if self.bias is not None:
+            out = out + self.bias[depth]
         return out, None
 
     def init_state(self, device=None) -> dict[str, Any]:
@@ -1165,6 +1179,8 @@ class Mixture(nn.Module):
         w = self.weights[depth]                                             # (rows, M); row r of a
         mixed = sum(w[:, i:i + 1] * torch.log_softmax(torch.cat(outs), -1)  # session has v-1-r
                     for i, outs in enumerate(outs_by_member))               # later events
+        if self.bias is not None:
+            mixed = mixed + self.bias[depth]
         return new, list(mixed.split(sizes))
 
 

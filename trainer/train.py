@@ -150,7 +150,26 @@ def seed_group(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[str, Any]:
+def prior_bias(prior: np.ndarray | None, tau: float) -> np.ndarray | None:
+    """The label bias -tau * log(prior) that ``model.arch: auto`` may add to the mixed
+    log-probabilities at a depth (logit adjustment, Menon et al. 2021): tau > 0 moves the
+    argmax towards rare steps, which macro-F1 weighs as much as common ones; None for 0."""
+    if prior is None or tau == 0:
+        return None
+    return (-tau * np.log(prior)).astype(np.float32)
+
+
+def training_prior(p: "Prepared", n_labels: int) -> np.ndarray:
+    """Each step's share of the labelled training events (add-one smoothed)."""
+    counts = np.ones(n_labels)
+    for s in p.encoded["train"] + p.encoded["val"]:
+        y = s.labels[s.labels != IGNORE] if s.labels is not None else np.zeros(0, np.int64)
+        counts += np.bincount(y, minlength=n_labels)[:n_labels]
+    return counts / counts.sum()
+
+
+def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: np.ndarray | None = None,
+                   taus: Sequence[float] = (0.0,)) -> dict[str, Any]:
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
     k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
     weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
@@ -169,9 +188,12 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
     grid = _simplex(len(archs))
 
-    def score(zs, y, w):
+    def score(zs, y, w, tau=0.0):
         keep = y != IGNORE
         z = sum(wi * zi[keep] for wi, zi in zip(w, zs) if wi > 0)
+        bias = prior_bias(prior, tau)
+        if bias is not None:
+            z = z + bias
         cls = classification_metrics(y[keep], z.argmax(-1), list(names))
         # ties (two candidates both perfect on held-out events, say) go to the likelier one
         loglik = float(_log_softmax(z)[np.arange(len(z)), y[keep]].mean()) if len(z) else 0.0
@@ -193,14 +215,20 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str]) -> dict[
                    for i, a in enumerate(archs)}
         scored = {w: score(zs, y, w) for w in grid}
         best = max(grid, key=lambda w: (*scored[w], w))
+        # then the label bias for these weights: a larger tau only when it scores better
+        tau_scores = {t: (scored[best] if t == 0 else score(zs, y, best, t)) for t in taus}
+        tau = max(tau_scores, key=lambda t: (*tau_scores[t][:2], -abs(t)))
         rows.append({"k": k if k is not None else L,
                      "weights": {m: best[archs.index(seed_group(m))] / len(groups[seed_group(m)]) for m in members},
-                     "macro_f1": scored[best][0], "accuracy": scored[best][1], "loglik": scored[best][2],
+                     "tau": tau, "macro_f1": tau_scores[tau][0], "accuracy": tau_scores[tau][1],
+                     "loglik": tau_scores[tau][2], "macro_f1_unbiased": scored[best][0],
                      "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc, _) in singles.items()}})
     weights = [[r["weights"][m] for m in members] for r in rows]
     used = [m for i, m in enumerate(members) if any(w[i] > 0 for w in weights)]
+    biased = any(r["tau"] for r in rows)
     return {"candidates": {a: _group_scores([results[m] for m in groups[a]], names) for a in archs},
-            "depths": rows, "members": used, "chosen": used[0] if len(used) == 1 else "mixture",
+            "depths": rows, "members": used, "chosen": used[0] if len(used) == 1 and not biased else "mixture",
+            "prior": [float(x) for x in prior] if biased else None,
             "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
 
 
@@ -233,7 +261,8 @@ def auto_table(info: dict[str, Any]) -> list[str]:
         alone = ", ".join(f"{a} {f(r['alone'][a]['macro_f1'])}" for a in archs)
         group = {a: sum(w for m, w in r["weights"].items() if seed_group(m) == a) for a in archs}
         w = " + ".join(f"{group[a]:.1f} {a}" for a in archs if group[a] > 0)
-        lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w})")
+        tau = f"; prior bias tau {r['tau']:g} (without it {f(r['macro_f1_unbiased'])})" if r.get("tau") else ""
+        lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w}{tau})")
     lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
 
@@ -243,26 +272,35 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
     (full lookahead per session, and per depth) for calibration."""
     members = info["members"]
     weights = [[r["weights"][a] for a in members] for r in info["depths"]]
+    prior = None if info.get("prior") is None else np.asarray(info["prior"])
+    n_labels = fits[members[0]].model.args.n_labels
+    biases = [prior_bias(prior, r.get("tau", 0.0)) for r in info["depths"]]
+    bias = ([np.zeros(n_labels, np.float32) if b is None else b for b in biases]
+            if any(b is not None for b in biases) else None)
     L = fits[members[0]].model.args.lookahead
     if len(weights) == 1 and L:                 # no per-depth held-out logits (prefix
         weights = weights * (L + 1)             # calibration off): the final weights at every depth
-    model = Mixture(MixtureConfig([fits[a].model.args.to_args() for a in members], weights))
+        bias = bias * (L + 1) if bias else None
+    model = Mixture(MixtureConfig([fits[a].model.args.to_args() for a in members], weights,
+                                  None if bias is None else [list(map(float, b)) for b in bias]))
     for m, a in zip(model.members, members):
         m.load_state_dict(fits[a].model.state_dict())
     model.eval()
     L = len(weights) - 1
     n = len(results[members[0]].logits)
     W = np.asarray(weights)
+    B = np.zeros((len(weights), n_labels), np.float32) if bias is None else np.asarray(bias, np.float32)
 
-    def tail_weights(m: int) -> np.ndarray:             # (m, M): a session's tail has fewer later events
-        return W[np.minimum(L or 0, np.arange(m - 1, -1, -1))]
-    logits = [sum(tail_weights(len(results[a].logits[j]))[:, i:i + 1] * _log_softmax(results[a].logits[j])
-                  for i, a in enumerate(members)) for j in range(n)]
+    def tail_depths(m: int) -> np.ndarray:              # a session's tail has fewer later events
+        return np.minimum(L or 0, np.arange(m - 1, -1, -1))
+    logits = [sum(W[tail_depths(len(results[a].logits[j]))][:, i:i + 1] * _log_softmax(results[a].logits[j])
+                  for i, a in enumerate(members)) + B[tail_depths(len(results[members[0]].logits[j]))]
+              for j in range(n)]
     depth = None
     if all(results[a].depth_logits for a in members):
         first = results[members[0]].depth_logits
         depth = ([sum(weights[k][i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
-                  for k in range(L + 1)], list(first[1]))
+                  + B[k] for k in range(L + 1)], list(first[1]))
     return model, logits, depth
 
 
@@ -644,7 +682,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                     model_args(p.encoder.spec(), len(p.label_map), acfg), *sessions[a],
                     acfg, progress=progress, fold_seed=cfg.train.seed)
         if arch == "auto" or len(results) > 1:
-            auto_info = choose_mixture(results, p.label_map.labels)
+            auto_info = choose_mixture(results, p.label_map.labels, training_prior(p, len(p.label_map)),
+                                       cfg.train.auto_prior_taus)
             for line in auto_table(auto_info):
                 echo(line)
             arch = auto_info["chosen"]

@@ -305,16 +305,20 @@ def test_crf_arch_is_exact_filtering_and_fixed_lag_smoothing():
             assert np.allclose(_brute_marginals(e, A, t, t + k), got, atol=1e-5), (k, t)
 
 
-def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
-    """A mixture weighs its members differently at each depth; what it shows with k later
-    events in is still its forward pass at horizon k, and it saves and loads."""
+@pytest.mark.parametrize("biased", [False, True], ids=["no_bias", "depth_bias"])
+def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path, biased):
+    """A mixture weighs its members differently at each depth (and may add a label bias per
+    depth: ``auto``'s prior correction); what it shows with k later events in is still its
+    forward pass at horizon k, and it saves and loads."""
     from trainer.model import Mixture, MixtureConfig, build_model, checkpoint_args
     torch.manual_seed(0)
     L = 2
     members = [build(make_args("bilstm", "concat", lookahead=L)), build(make_args("crf", "concat", lookahead=L,
                                                                                    wide_future=0))]
     torch.nn.init.normal_(members[1].crf.trans)
-    args = MixtureConfig([m.args.to_args() for m in members], [[0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
+    C = members[0].args.n_labels
+    bias = [[float(x) for x in torch.randn(C) * 2] for _ in range(L + 1)] if biased else None
+    args = MixtureConfig([m.args.to_args() for m in members], [[0.2, 0.8], [0.5, 0.5], [0.7, 0.3]], bias)
     mix = Mixture(args).eval()
     for m, src in zip(mix.members, members):
         m.load_state_dict(src.state_dict())
@@ -335,3 +339,7 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path):
     again = build_model(checkpoint_args(args.to_args())).eval()
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     assert torch.equal(mix(collate([s]))[0], again(collate([s]))[0])
+    if biased:    # the bias is there: without it the scores differ at every depth
+        plain = Mixture(MixtureConfig(args.members, args.depth_weights)).eval()
+        plain.load_state_dict({k: v for k, v in mix.state_dict().items() if k != "bias"})
+        assert not torch.allclose(plain(collate([s]))[0], mix(collate([s]))[0], atol=1e-2)

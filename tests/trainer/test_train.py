@@ -142,6 +142,37 @@ def test_auto_breaks_a_tie_of_perfect_candidates_towards_the_surer_one():
     assert row["weights"]["crf"] > row["weights"]["bilstm"]
 
 
+def test_auto_adds_a_label_bias_towards_a_rare_step_only_when_it_raises_held_out_macro_f1():
+    """A step seen on 5% of the events, whose events both candidates score a little below the
+    common step's: no weighting names it, so its F1 is 0. ``-tau * log(prior)`` lifts it over
+    the common step's score there (not elsewhere): ``auto`` picks a tau > 0 and serves a
+    Mixture with that bias. Where every step is already right, tau stays 0."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, auto_table, choose_mixture, prior_bias
+    n = 400
+    y = np.where(np.arange(n) % 20 == 0, 2, np.arange(n) % 2)       # step 2: 5% of the events
+    prior = np.bincount(y, minlength=3) / n
+
+    def member(rare_margin):
+        z = np.zeros((n, 3))
+        z[np.arange(n), y] = 3.0
+        rare = y == 2
+        z[rare, 0] = 3.0 + rare_margin            # the rare step's events look like step 0
+        z[rare, 2] = 3.0
+        return Validated(args=ModelConfig(n_labels=3, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
+                         logits=[z], labels=[y], depth_logits=None, epochs=1, best_epochs=[1])
+    taus = (0.0, 0.25, 0.5, 1.0)
+    info = choose_mixture({"bilstm": member(0.5), "crf": member(0.8)}, ["a", "b", "c"], prior, taus)
+    row = info["depths"][0]
+    assert row["macro_f1_unbiased"] < 0.7 and row["macro_f1"] == 1.0 and row["tau"] > 0
+    assert info["chosen"] == "mixture" and np.allclose(info["prior"], prior)
+    assert f"prior bias tau {row['tau']:g}" in auto_table(info)[1]
+    bias = prior_bias(np.asarray(info["prior"]), row["tau"])
+    assert bias[2] > bias[0] and bias[2] > bias[1]                  # towards the rare step
+    plain = choose_mixture({"bilstm": member(-1.0), "crf": member(-1.0)}, ["a", "b", "c"], prior, taus)
+    assert plain["depths"][0]["tau"] == 0.0 and plain["prior"] is None and plain["chosen"] == "bilstm"
+
+
 def test_auto_averages_the_seeds_of_a_candidate_and_shares_its_weight():
     """Two seeds of one network, each wrong on a different third of the events: their mean
     log-probability is right everywhere, so the candidate is scored (and weighted) as their
