@@ -177,7 +177,11 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     both perfect go to the surer one; then the weights nearest the first candidate). A
     candidate trained with several seeds (``bilstm``, ``bilstm.2``, ...: ``train.ensemble_seeds``)
     is their mean log-probability; its weight is shared equally among them. Held-out rows line
-    up across candidates: they were validated on the same folds."""
+    up across candidates: they were validated on the same folds.
+
+    With ``prior`` (each step's training share) the depth's weights are followed by a label
+    bias ``prior_bias(prior, tau)``, tau from ``taus`` by the same score (the smallest tau on
+    ties, so 0 unless a bias scores better); any tau > 0 makes the result a ``Mixture``."""
     members = list(results)
     groups: dict[str, list[str]] = {}
     for m in members:
@@ -229,7 +233,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     return {"candidates": {a: _group_scores([results[m] for m in groups[a]], names) for a in archs},
             "depths": rows, "members": used, "chosen": used[0] if len(used) == 1 and not biased else "mixture",
             "prior": [float(x) for x in prior] if biased else None,
-            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"}
+            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid, then a prior bias"}
 
 
 def _group_scores(vs: Sequence[Validated], names: Sequence[str]) -> dict[str, Any]:
