@@ -328,8 +328,9 @@ class WorkerService:
                             self._outbox = box
                             await self._flush_outbox()
                     await self._until_infrastructure_works(one)
-            for ev in events:   # labelled or dead-lettered, every one
-                self.catch_up.processed(ev.message.partition, ev.message.offset)
+            if self.catch_up.active:   # labelled or dead-lettered, every one
+                for ev in events:
+                    self.catch_up.processed(ev.message.partition, ev.message.offset)
 
     async def _until_infrastructure_works(self, step) -> None:
         """Run ``step``; while it fails on Redis or Kafka, wait (0.5 s doubling to 5 s) and
@@ -764,7 +765,7 @@ class WorkerService:
 
     def _catching_up(self, now: float) -> set[int]:
         """The assigned partitions whose backlog this worker has not read yet (``CatchUp``)."""
-        if not self.catch_up.partitions:
+        if not self.catch_up.active:
             return set()
         offsets = {}
         with contextlib.suppress(Exception):   # mid-rebalance: nothing can be judged yet

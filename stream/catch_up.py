@@ -47,8 +47,9 @@ class CatchUp:
         self._done = {}
 
     def processed(self, partition: int, offset: int) -> None:
-        """The message at ``offset`` of ``partition`` was processed (labelled or dead-lettered)."""
-        if offset >= self._done.get(partition, -1):
+        """The message at ``offset`` of ``partition`` was processed (labelled or dead-lettered).
+        Kept only while the partition is held: a caught-up one needs no bookkeeping."""
+        if partition in self._held and offset >= self._done.get(partition, -1):
             self._done[partition] = offset + 1
 
     def holding(self, partition: int, highwater: Optional[int], committed: Optional[int],
@@ -75,6 +76,11 @@ class CatchUp:
                         else f"at offset {reached} of {held.target}")
             return False
         return True
+
+    @property
+    def active(self) -> bool:
+        """Whether any partition is still held (else the worker skips all of this)."""
+        return bool(self._held)
 
     @property
     def partitions(self) -> list[int]:

@@ -65,12 +65,18 @@ def chunk_sessions(sessions: Sequence[EncodedSession], chunk_len: int, context: 
     return out
 
 
-def class_weights(sessions: Sequence[EncodedSession], n_labels: int) -> torch.Tensor:
-    """Inverse square-root frequency, mean 1: rare steps count more without drowning the rest."""
+def label_counts(sessions: Sequence[EncodedSession], n_labels: int) -> np.ndarray:
+    """How many labelled events each step has in ``sessions``."""
     counts = np.zeros(n_labels)
     for s in sessions:
         lab = s.labels[s.labels != IGNORE]
         counts += np.bincount(lab, minlength=n_labels)[:n_labels]
+    return counts
+
+
+def class_weights(sessions: Sequence[EncodedSession], n_labels: int) -> torch.Tensor:
+    """Inverse square-root frequency, mean 1: rare steps count more without drowning the rest."""
+    counts = label_counts(sessions, n_labels)
     w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
     w = w / w[counts > 0].mean() if (counts > 0).any() else np.ones(n_labels)
     return torch.tensor(w, dtype=torch.float32)

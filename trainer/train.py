@@ -30,7 +30,7 @@ from trainer.crf import without_lex
 from trainer.errors import ConfigError
 from trainer.evaluate import score
 from trainer.features import EncodedSession, FeatureEncoder, LabelMap
-from trainer.fit import FitResult, fit_any, fit_model, model_args, pick_device
+from trainer.fit import FitResult, fit_any, fit_model, label_counts, model_args, pick_device
 from trainer.hpo import search
 from trainer.loading import fingerprint, read_events, split_sessions
 from trainer.metrics import ABSTAIN_ALL, choose_threshold, classification_metrics, clopper_pearson_lower
@@ -161,10 +161,7 @@ def prior_bias(prior: np.ndarray | None, tau: float) -> np.ndarray | None:
 
 def training_prior(p: "Prepared", n_labels: int) -> np.ndarray:
     """Each step's share of the labelled training events (add-one smoothed)."""
-    counts = np.ones(n_labels)
-    for s in p.encoded["train"] + p.encoded["val"]:
-        y = s.labels[s.labels != IGNORE] if s.labels is not None else np.zeros(0, np.int64)
-        counts += np.bincount(y, minlength=n_labels)[:n_labels]
+    counts = 1.0 + label_counts(p.encoded["train"] + p.encoded["val"], n_labels)
     return counts / counts.sum()
 
 
@@ -275,35 +272,33 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
     """The ``Mixture`` of the final fits with the chosen weights, and its held-out logits
     (full lookahead per session, and per depth) for calibration."""
     members = info["members"]
-    weights = [[r["weights"][a] for a in members] for r in info["depths"]]
+    W = np.asarray([[r["weights"][a] for a in members] for r in info["depths"]])
     prior = None if info.get("prior") is None else np.asarray(info["prior"])
     n_labels = fits[members[0]].model.args.n_labels
-    biases = [prior_bias(prior, r.get("tau", 0.0)) for r in info["depths"]]
-    bias = ([np.zeros(n_labels, np.float32) if b is None else b for b in biases]
-            if any(b is not None for b in biases) else None)
+    # (depths, labels): each depth's label bias, zeros where its tau is 0
+    B = np.zeros((len(W), n_labels), np.float32)
+    for k, r in enumerate(info["depths"]):
+        b = prior_bias(prior, r.get("tau", 0.0))
+        if b is not None:
+            B[k] = b
     L = fits[members[0]].model.args.lookahead
-    if len(weights) == 1 and L:                 # no per-depth held-out logits (prefix
-        weights = weights * (L + 1)             # calibration off): the final weights at every depth
-        bias = bias * (L + 1) if bias else None
-    model = Mixture(MixtureConfig([fits[a].model.args.to_args() for a in members], weights,
-                                  None if bias is None else [list(map(float, b)) for b in bias]))
+    if len(W) == 1 and L:                       # no per-depth held-out logits (prefix calibration
+        W, B = np.repeat(W, L + 1, 0), np.repeat(B, L + 1, 0)   # off): the final ones at every depth
+    model = Mixture(MixtureConfig([fits[a].model.args.to_args() for a in members], W.tolist(),
+                                  B.tolist() if B.any() else None))
     for m, a in zip(model.members, members):
         m.load_state_dict(fits[a].model.state_dict())
     model.eval()
-    L = len(weights) - 1
-    n = len(results[members[0]].logits)
-    W = np.asarray(weights)
-    B = np.zeros((len(weights), n_labels), np.float32) if bias is None else np.asarray(bias, np.float32)
-
-    def tail_depths(m: int) -> np.ndarray:              # a session's tail has fewer later events
-        return np.minimum(L or 0, np.arange(m - 1, -1, -1))
-    logits = [sum(W[tail_depths(len(results[a].logits[j]))][:, i:i + 1] * _log_softmax(results[a].logits[j])
-                  for i, a in enumerate(members)) + B[tail_depths(len(results[members[0]].logits[j]))]
-              for j in range(n)]
+    L = len(W) - 1
+    logits = []
+    for j in range(len(results[members[0]].logits)):
+        d = np.minimum(L, np.arange(len(results[members[0]].logits[j]) - 1, -1, -1))  # a session's
+        logits.append(sum(W[d, i:i + 1] * _log_softmax(results[a].logits[j])           # tail has fewer
+                          for i, a in enumerate(members)) + B[d])                       # later events
     depth = None
     if all(results[a].depth_logits for a in members):
         first = results[members[0]].depth_logits
-        depth = ([sum(weights[k][i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
+        depth = ([sum(W[k, i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
                   + B[k] for k in range(L + 1)], list(first[1]))
     return model, logits, depth
 

@@ -29,6 +29,7 @@ def test_a_partition_without_backlog_is_not_held():
     assert not c.holding(3, 12, 12, 0.5)    # committed at the log end: nothing to read
     c.assigned({4}, now=0.0)
     assert not c.holding(4, 0, None, 0.5)   # an empty partition
+    assert not c.active                     # nothing held: the worker skips the bookkeeping
 
 
 def test_a_new_assignment_starts_over_and_forgets_old_progress():
