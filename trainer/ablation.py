@@ -97,6 +97,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "crf_head": {"model": {"crf_head": True}},                  # a CRF output layer on the BiLSTM member
     "resample": {"train": {"resample": True}},                  # oversample chunks with rare steps
     "focal": {"train": {"loss": "focal"}},                      # focal loss instead of cross-entropy
+    "featdrop2": {"train": {"feature_dropout": 0.2}},          # lexical and template ids dropped in training
+    "featdrop4": {"train": {"feature_dropout": 0.4}},
     "auto_tcn": {"model": {"auto_archs": ["bilstm", "crf", "tcn"]}},                # a third auto candidate
     "auto_transformer": {"model": {"auto_archs": ["bilstm", "crf", "transformer"]}},
 }

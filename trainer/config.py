@@ -235,6 +235,10 @@ class TrainConfig:
     resample: bool = False
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
+    # Feature dropout while training the networks: each lexical feature id of an event is
+    # dropped, and its template id read as unseen, with this probability, so that the
+    # network learns to label events from the rest of their features (titles of a new day)
+    feature_dropout: float = 0.0
     # Abstain unless the calibrated confidence clears a threshold chosen on validation so
     # that precision reaches this target (with `guarantee_confidence` via a binomial bound).
     precision_target: float = 0.95
@@ -400,6 +404,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.ensemble_seeds: must be >= 1")
     if 0.0 not in t.auto_prior_taus or any(not 0 <= x <= 4 for x in t.auto_prior_taus):
         raise ConfigError("train.auto_prior_taus: values in [0, 4], 0 among them (0: no bias)")
+    if not 0 <= t.feature_dropout < 1:
+        raise ConfigError("train.feature_dropout: must be in [0, 1)")
     if not 0 < t.max_edit_overhead <= 1:
         raise ConfigError("train.max_edit_overhead: must be in (0, 1] (1: no limit)")
     if not 0 <= d.test_size < 1 or not 0 <= d.val_size < 1 or d.test_size + d.val_size >= 1:

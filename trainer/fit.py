@@ -20,7 +20,7 @@ import torch
 from trainer.config import Config, ModelConfig
 from trainer.crf import fit_crf
 from trainer.errors import ConfigError
-from trainer.features import EncodedSession
+from trainer.features import UNK, EncodedSession
 from trainer.model import IGNORE, Tagger, collate
 
 
@@ -155,6 +155,8 @@ def fit_model(args: ModelConfig, train: Sequence[EncodedSession], val: Sequence[
             batch, tgt = collate([chunks[i] for i in idx], device, with_targets=True)
             if depths is not None:
                 batch["horizon"] = sample_horizons(tgt.shape, depths, rng).to(device)
+            if t.feature_dropout > 0:
+                drop_features(batch, t.feature_dropout, rng)
             _, loss = model(batch, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,6 +189,17 @@ def fit_model(args: ModelConfig, train: Sequence[EncodedSession], val: Sequence[
         model.load_state_dict(best)
     model.eval()
     return FitResult(model, best_epoch, history, time.perf_counter() - start)
+
+
+def drop_features(batch: dict[str, torch.Tensor], p: float, rng: np.random.Generator) -> None:
+    """``train.feature_dropout``: in place, each lexical id of the batch becomes padding and
+    each template id unseen (UNK), each with probability ``p``."""
+    lex = batch["lex"]
+    if lex.numel():
+        batch["lex"] = lex.masked_fill(torch.from_numpy(rng.random(tuple(lex.shape)) < p).to(lex.device), 0)
+    ev = batch["event"]
+    gone = torch.from_numpy(rng.random(tuple(ev.shape)) < p).to(ev.device) & (ev > UNK)
+    batch["event"] = ev.masked_fill(gone, UNK)
 
 
 def sample_horizons(shape: tuple[int, int], L: int, rng: np.random.Generator) -> torch.Tensor:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.config import from_dict
-from trainer.fit import sample_horizons
+from trainer.errors import ConfigError
+from trainer.features import PAD, UNK
+from trainer.fit import drop_features, sample_horizons
 from trainer.train import FOLDS_BELOW, depth_summary, stable_policy, validation_plan
 
 
@@ -25,6 +28,30 @@ def test_every_depth_is_trained_and_the_final_one_most():
     share = np.bincount(k.ravel(), minlength=5) / k.size
     assert set(np.unique(k)) == {0, 1, 2, 3, 4}
     assert 0.45 < share[4] < 0.55 and all(0.1 < s < 0.15 for s in share[:4])
+
+
+def test_feature_dropout_blanks_lexical_ids_and_hides_templates_but_never_touches_padding():
+    rng = np.random.default_rng(0)
+    lex = torch.from_numpy(rng.integers(2, 500, size=(8, 100, 12)))
+    lex[:, :, 9:] = PAD                                   # events with fewer features
+    lex[:, 90:] = PAD                                     # a padded tail
+    event = torch.from_numpy(rng.integers(2, 300, size=(8, 100)))
+    event[:, 90:] = PAD
+    event[:, 0] = UNK                                     # a template unseen in training
+    batch = {"lex": lex.clone(), "event": event.clone()}
+    drop_features(batch, 0.3, np.random.default_rng(1))
+    real = lex != PAD
+    dropped = real & (batch["lex"] == PAD)
+    assert 0.27 < dropped.sum() / real.sum() < 0.33       # about p of the features
+    kept = real & ~dropped
+    assert torch.equal(batch["lex"][kept], lex[kept]) and (batch["lex"][~real] == PAD).all()
+    hidden = (event > UNK) & (batch["event"] == UNK)
+    assert 0.27 < hidden.sum() / (event > UNK).sum() < 0.33
+    assert (batch["event"][event == PAD] == PAD).all() and (batch["event"][:, 0] == UNK).all()
+    assert torch.equal(batch["event"][~hidden], event[~hidden])
+    assert from_dict({"train": {"feature_dropout": 0.2}}).train.feature_dropout == 0.2
+    with pytest.raises(ConfigError, match="train.feature_dropout"):
+        from_dict({"train": {"feature_dropout": 1.0}})
 
 
 def test_training_says_in_one_line_which_depths_will_abstain():
