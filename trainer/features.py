@@ -226,9 +226,9 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         # text columns, then their character 4-grams (most numerous, first cut by MAX_LEX)
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
         grams: list[str] = []
-        for t in (name, *texts):
+        for col, t in ((None, name), *zip(data.text_features, texts)):
             general, chars = lexical_parts(t, data.char_ngrams)
-            lex += general
+            lex += [f"{col}:{g}" for g in general] if col is not None and data.lex_by_column else general
             if data.lex_chars_last:
                 grams += chars
             else:
@@ -500,6 +500,8 @@ class FeatureEncoder:
                 data = dataclasses.replace(data, lexical=False)
             if "lex_chars_last" not in d["data"]:        # fit before the 4-grams went last
                 data = dataclasses.replace(data, lex_chars_last=False)
+            if "lex_by_column" not in d["data"]:         # fit before text columns had their own words
+                data = dataclasses.replace(data, lex_by_column=False)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
         except (KeyError, TypeError, ValueError) as exc:

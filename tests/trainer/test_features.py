@@ -134,7 +134,7 @@ def test_words_of_a_text_column_are_kept_before_the_names_character_ngrams():
     row = set(sessions[0].lex[0].tolist())
     assert sessions[0].lex.shape[1] == MAX_LEX
     first, last = f"<{words[0]}>"[:4], f"<{words[-1]}>"[-4:]
-    assert {lex.index["w=invoice"], lex.index["b=invoice|approval"], lex.index[f"w={words[0]}"]} <= row
+    assert {lex.index["text:w=invoice"], lex.index["text:b=invoice|approval"], lex.index[f"w={words[0]}"]} <= row
     assert lex.index[f"c={first}"] in row and lex.index[f"c={last}"] not in row   # later 4-grams cut
     # an encoder fit before the 4-grams went last keeps encoding as it was trained: the
     # name's 4-grams first, so the text column's words are what the cap cuts
@@ -143,7 +143,30 @@ def test_words_of_a_text_column_are_kept_before_the_names_character_ngrams():
     again = FeatureEncoder.from_dict(json.loads(json.dumps(old)))
     _, sessions = again.transform_frame(frame)
     row = set(sessions[0].lex[0].tolist())
-    assert lex.index[f"c={first}"] in row and lex.index["w=invoice"] not in row
+    assert lex.index[f"c={first}"] in row and lex.index["text:w=invoice"] not in row
+
+
+def test_a_text_columns_words_are_features_of_their_own_beside_the_names():
+    # the same word in the event name and in a text column (a window title in both, say) is
+    # two features, each with its own weights, as in the CRF reference; an encoder saved
+    # before that keeps encoding both as one, as its model was trained
+    recs = [{"session_id": str(s), "timestamp": f"2024-01-01T00:00:0{i}", "event_name": "Focus: budget 2024 in Excel",
+             "step_name": "Plan", "text": "budget 2024"} for s in range(3) for i in range(2)]
+    frame = records_to_frame(recs, require_label=True)
+    enc = FeatureEncoder.fit(frame, DataConfig(text_features=("text",)))
+    lex = enc.vocabs["lex"]
+    _, sessions = enc.transform_frame(frame)
+    row = set(sessions[0].lex[0].tolist())
+    assert {lex.index["w=budget"], lex.index["text:w=budget"], lex.index["text:b=budget|<d4>"]} <= row
+    assert lex.index["w=budget"] != lex.index["text:w=budget"]
+    old = enc.to_dict()
+    del old["data"]["lex_by_column"]
+    old["vocabs"]["lex"] = [s for s in old["vocabs"]["lex"] if not s.startswith("text:")]
+    again = FeatureEncoder.from_dict(json.loads(json.dumps(old)))
+    assert again.data.lex_by_column is False
+    _, sessions = again.transform_frame(frame)
+    ids = again.vocabs["lex"].index
+    assert sessions[0].lex[0].tolist().count(ids["w=budget"]) == 2   # the name's and the column's
 
 
 def test_lexical_vocabulary_is_fit_on_training_events_and_capped():
