@@ -66,6 +66,9 @@ DATASETS: dict[str, Dataset] = {
     # tagger generate --profile window-focus --sessions 20 --seed 1
     "wf": Dataset({"data": {"text_features": ["text"], "num_features": ["duration_s"]}},
                   {"profile": "window-focus", "sessions": 20, "seed": 1}),
+    # tagger generate --profile window-focus-hard --seed 2: titles that say less (CRF +-2 ~0.43)
+    "wf_hard": Dataset({"data": {"text_features": ["text"], "num_features": ["duration_s"]}},
+                       {"profile": "window-focus-hard", "sessions": 20, "seed": 2}),
     # tagger generate --sessions 300 --seed 1
     "gen": Dataset(generate={"sessions": 300, "seed": 1}),
 }

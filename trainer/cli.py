@@ -94,10 +94,11 @@ def register(sub, *, replay: Optional["StreamingReplay"] = None) -> None:
     """Add the trainer's subcommands to ``sub``; ``replay`` runs ``evaluate --streaming`` and
     the live replay of each ``cv`` fold (without it, ``--streaming`` is refused)."""
     g = sub.add_parser("generate", help="write realistic generated task-mining logs")
-    g.add_argument("--profile", choices=("default", "window-focus"), default="default",
+    g.add_argument("--profile", choices=("default", "window-focus", "window-focus-hard"), default="default",
                    help="default: the seed's back-office task-mining process; window-focus: "
                         "one office worker's window-focus log, a session per working day, "
-                        "labelled with 28 job activities")
+                        "labelled with 28 job activities; window-focus-hard: the same with "
+                        "titles that say less about the activity")
     g.add_argument("--sessions", type=_non_negative,
                    help="sessions to write (default 1000; window-focus: working days, default 20)")
     g.add_argument("--seed", type=_non_negative, default=0,

@@ -1,12 +1,19 @@
 """Deterministic generator of labelled task-mining logs (the `tagger generate` command).
 
-This module owns the synthetic logs, in two profiles (`PROFILES`):
+This module owns the synthetic logs, in three profiles (`PROFILES`):
 
 * `default`: the customs / duty-invoice back-office process of the seed's log: its steps,
   the event templates each step emits, the transitions between steps, and how a walk
   through it is written out as a CSV (plus, optionally, one small PNG screenshot per event);
 * `window-focus`: a window-focus log of one office worker (`tagger generate --profile
-  window-focus`), described at the end of this docstring.
+  window-focus`), described at the end of this docstring;
+* `window-focus-hard`: the same with titles that say less about the activity (windows
+  borrowed from related activities and shared windows are more common), so that a CRF over
+  each event +-2 scores about 0.43 macro-F1 rather than 0.68, nearer the 0.38 it scores on
+  the real window-focus log DATA.md describes. It gets there another way than that log
+  does: a title's majority activity covers 60% of its events, against 74% there and in
+  `window-focus`. A stress test of the regime where the neighbours must carry the label,
+  not a replica.
 
 The default profile's logs are meant to be hard in the ways the seed's log is (see DATA.md):
 
@@ -74,7 +81,7 @@ from trainer.errors import ConfigError
 
 __all__ = ["generate", "STEPS", "COLUMNS", "PROFILES", "ACTIVITIES", "WF_COLUMNS"]
 
-PROFILES = ("default", "window-focus")
+PROFILES = ("default", "window-focus", "window-focus-hard")
 
 COLUMNS = ["timestamp", "session_id", "event_name", "group_id", "target_app", "text",
            "duration_s", "step_name"]
@@ -740,6 +747,9 @@ _WF_P_WORKING_SET = 0.45   # a run goes back to a window it already has open
 _WF_RECENT = 2             # ...which is its first window or one of the last few it opened
 _WF_P_DAY_POOL = 0.15      # a window it opens is one this activity used earlier today
 _WF_P_BORROW = 0.25        # ...or one that belongs to a related activity
+# window-focus-hard: the borrowing chance, and how much more often shared windows come up
+# (an activity's chance of one is scaled, at most _WF_MAX_GENERIC)
+_WF_HARD_P_BORROW, _WF_HARD_GENERIC, _WF_MAX_GENERIC = 0.6, 2.0, 0.9
 _WF_P_NEW_THREAD = 0.5     # a mail thread / ticket drawn is a new one
 _WF_THREAD_DAYS = 1.5      # mean working days a thread stays in use after it starts
 
@@ -882,8 +892,10 @@ class _DayWalker:
     activity's windows used so far today, and the mail threads and tickets still alive."""
 
     def __init__(self, rng: random.Random, day: int, days: int, date: datetime,
-                 threads: dict[tuple[str, int], list[list]]):
+                 threads: dict[tuple[str, int], list[list]], hard: bool = False):
         self.rng, self.day, self.days, self.date = rng, day, days, date
+        self.p_borrow = _WF_HARD_P_BORROW if hard else _WF_P_BORROW
+        self.generic_scale = _WF_HARD_GENERIC if hard else 1.0
         self.threads = threads          # (activity, window index) -> [[title, last day]]
         self.today: dict[str, list[tuple[str, str]]] = {}
 
@@ -908,7 +920,7 @@ class _DayWalker:
         if pool and rng.random() < _WF_P_DAY_POOL:
             return rng.choice(pool)
         src = act
-        if act.related and rng.random() < _WF_P_BORROW:
+        if act.related and rng.random() < self.p_borrow:
             src = ACTIVITY_OF[rng.choice(act.related)]
         idx = rng.choices(range(len(src.windows)), [w.weight for w in src.windows])[0]
         win = self._title(src, idx)
@@ -925,10 +937,11 @@ class _DayWalker:
         # What the run switches between: the window it started in, and the last few it
         # opened (a search or a mail read in passing drops out of it again).
         working: list[tuple[str, str]] = []
+        generic = act.generic if self.generic_scale == 1.0 else min(_WF_MAX_GENERIC, act.generic * self.generic_scale)
         for i in range(length):
             # A shared window opens a run only now and then (the worker switched over via
             # the inbox or the desktop); then only what follows says which run it is.
-            if rng.random() < (act.generic if i else act.generic * 0.4 * (length > 1)):
+            if rng.random() < (generic if i else generic * 0.4 * (length > 1)):
                 win = self._shared()
             elif working and rng.random() < _WF_P_WORKING_SET:
                 choices = [w for w in working if w != out[-1]] or working
@@ -1079,7 +1092,7 @@ def _wf_times(rng: random.Random, n: int) -> list[int]:
     return out
 
 
-def _generate_window_focus(days: int, seed: int, out: Path, progress: bool) -> dict:
+def _generate_window_focus(days: int, seed: int, out: Path, progress: bool, hard: bool = False) -> dict:
     plan_rng = random.Random(f"tagger-generate:window-focus:{seed}:plan")
     sizes = _wf_day_sizes(plan_rng, days)
     plan = _wf_plan(plan_rng, sizes)
@@ -1088,7 +1101,7 @@ def _generate_window_focus(days: int, seed: int, out: Path, progress: bool) -> d
     rows = []
     for d in tqdm(range(days), disable=not progress, file=sys.stderr, desc="days", unit="day"):
         rng = random.Random(f"tagger-generate:window-focus:{seed}:day:{d}")
-        walker = _DayWalker(rng, d, days, dates[d], threads)
+        walker = _DayWalker(rng, d, days, dates[d], threads, hard)
         events: list[tuple[str, str, str]] = []
         for name, length in _wf_runs(rng, plan[d]):
             run = walker.run(ACTIVITY_OF[name], length)
@@ -1135,7 +1148,7 @@ def generate(sessions: int | None, seed: int, out: str | Path,
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
     if sessions is None:
-        sessions = WF_DEFAULT_DAYS if profile == "window-focus" else 1000
+        sessions = WF_DEFAULT_DAYS if profile.startswith("window-focus") else 1000
     if sessions < 0:
         raise ConfigError(f"sessions must be >= 0, got {sessions}")
     if seed < 0:
@@ -1145,10 +1158,10 @@ def generate(sessions: int | None, seed: int, out: str | Path,
                          f"got {sessions}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if profile == "window-focus":
+    if profile.startswith("window-focus"):
         if images_dir is not None:
-            raise ConfigError("the window-focus profile has no screenshots; drop --images")
-        return _generate_window_focus(sessions, seed, out, progress)
+            raise ConfigError(f"the {profile} profile has no screenshots; drop --images")
+        return _generate_window_focus(sessions, seed, out, progress, hard=profile == "window-focus-hard")
     renderer = None
     if images_dir is not None:
         images_dir = Path(images_dir)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tagger.cli import main
+from trainer.errors import ConfigError
 from trainer.generate import COLUMNS, OUT_OF_PROCESS, STEPS, WF_COLUMNS, WF_DEFAULT_DAYS, generate
 
 AU, NAU = "Account Update Duty Invoice", "No Account Update Duty Invoice"
@@ -430,3 +431,18 @@ def test_cli_generate_profile(tmp_path, capsys):
     assert main(["generate", "--profile", "window-focus", "--images", str(tmp_path / "shots"),
                  "--out", str(tmp_path / "x.csv")]) == 2
     assert "no screenshots" in capsys.readouterr().err
+
+
+def test_focus_hard_profile_has_titles_that_say_less_about_the_activity(focus, tmp_path):
+    # the same days, runs and statistics, but windows borrowed from related activities and
+    # shared windows come up more often: a title alone names the activity less often
+    _, df = focus
+    path = tmp_path / "hard.csv"
+    seed = int(df["session_id"].iloc[0][2:].split("-")[0])
+    stats = generate(None, seed, path, profile="window-focus-hard")
+    hard = pd.read_csv(path)
+    assert list(hard.columns[:7]) == WF_COLUMNS and stats["sessions"] == hard["session_id"].nunique() == 20
+    assert 8_500 <= len(hard) <= 11_500 and hard["step_name"].nunique() == 28
+    assert _majority_share(hard, "text") < _majority_share(df, "text") - 0.05
+    with pytest.raises(ConfigError, match="no screenshots"):
+        generate(2, 1, tmp_path / "x.csv", images_dir=tmp_path / "img", profile="window-focus-hard")
