@@ -118,6 +118,16 @@ def test_lexical_features_never_crash_and_are_typed(text):
     assert all(x[:2] in ("w=", "b=") for x in general) and all(x[:2] == "c=" for x in grams)
 
 
+def _named_and_texted(name: str, text: str):
+    """Three two-event sessions of one event name and one text column: the frame, an encoder
+    fit on it, and its encoded sessions."""
+    recs = [{"session_id": str(s), "timestamp": f"2024-01-01T00:00:0{i}", "event_name": name,
+             "step_name": "Look", "text": text} for s in range(3) for i in range(2)]
+    frame = records_to_frame(recs, require_label=True)
+    enc = FeatureEncoder.fit(frame, DataConfig(text_features=("text",)))
+    return frame, enc, enc.transform_frame(frame)[1]
+
+
 def test_words_of_a_text_column_are_kept_before_the_names_character_ngrams():
     # a title long enough that its character 4-grams alone pass MAX_LEX: the text column's
     # words and bigrams still reach the model, and the 4-grams are what the cap cuts
@@ -125,12 +135,8 @@ def test_words_of_a_text_column_are_kept_before_the_names_character_ngrams():
     words = ["".join(chr(97 + (5 * i + 3 * j + j * j) % 26) for j in range(10)) for i in range(13)]
     title = " ".join(words)
     assert len(lexical_parts(title)[1]) > MAX_LEX                       # 4-grams alone pass the cap
-    recs = [{"session_id": str(s), "timestamp": f"2024-01-01T00:00:0{i}", "event_name": title,
-             "step_name": "Look", "text": "invoice approval"} for s in range(3) for i in range(2)]
-    frame = records_to_frame(recs, require_label=True)
-    enc = FeatureEncoder.fit(frame, DataConfig(text_features=("text",)))
+    frame, enc, sessions = _named_and_texted(title, "invoice approval")
     lex = enc.vocabs["lex"]
-    _, sessions = enc.transform_frame(frame)
     row = set(sessions[0].lex[0].tolist())
     assert sessions[0].lex.shape[1] == MAX_LEX
     first, last = f"<{words[0]}>"[:4], f"<{words[-1]}>"[-4:]
@@ -150,12 +156,8 @@ def test_a_text_columns_words_are_features_of_their_own_beside_the_names():
     # the same word in the event name and in a text column (a window title in both, say) is
     # two features, each with its own weights, as in the CRF reference; an encoder saved
     # before that keeps encoding both as one, as its model was trained
-    recs = [{"session_id": str(s), "timestamp": f"2024-01-01T00:00:0{i}", "event_name": "Focus: budget 2024 in Excel",
-             "step_name": "Plan", "text": "budget 2024"} for s in range(3) for i in range(2)]
-    frame = records_to_frame(recs, require_label=True)
-    enc = FeatureEncoder.fit(frame, DataConfig(text_features=("text",)))
+    frame, enc, sessions = _named_and_texted("Focus: budget 2024 in Excel", "budget 2024")
     lex = enc.vocabs["lex"]
-    _, sessions = enc.transform_frame(frame)
     row = set(sessions[0].lex[0].tolist())
     assert {lex.index["w=budget"], lex.index["text:w=budget"], lex.index["text:b=budget|<d4>"]} <= row
     assert lex.index["w=budget"] != lex.index["text:w=budget"]
