@@ -142,17 +142,19 @@ MAX_LEX = 96  # lexical features kept per event (the most general kinds first)
 
 
 @functools.lru_cache(maxsize=65536)
-def lexical_parts(text: str, chars: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def lexical_parts(text: str, chars: bool = True, namespace: str = "") -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Sparse lexical features of one string, the CRF's strength on window titles, in two
     parts: lower-cased words (digit runs by their length, so ``4214758435`` and
     ``5321984460`` share one) and word bigrams; and (``chars``) character 4-grams of longer
     words (``<budget>`` -> ``<bud``, ``budg`` ...), which tie inflections, compounds and file
-    names together. Memoised: live sessions repeat the same titles and names."""
+    names together. ``namespace`` prefixes the words and bigrams (``text:w=budget``: a text
+    column's, apart from the event name's), not the 4-grams. Memoised: live sessions repeat
+    the same titles and names."""
     words = []
     for w in _WORD.findall(text.lower()):
         words.append(f"<d{min(len(w), 10)}>" if w.isdigit() else w[:40])
-    feats = [f"w={w}" for w in words]
-    feats += [f"b={a}|{b}" for a, b in zip(words, words[1:])]
+    feats = [f"{namespace}w={w}" for w in words]
+    feats += [f"{namespace}b={a}|{b}" for a, b in zip(words, words[1:])]
     grams: list[str] = []
     if chars:
         for w in words:
@@ -226,9 +228,11 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         # text columns, then their character 4-grams (most numerous, first cut by MAX_LEX)
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
         grams: list[str] = []
-        for col, t in ((None, name), *zip(data.text_features, texts)):
-            general, chars = lexical_parts(t, data.char_ngrams)
-            lex += [f"{col}:{g}" for g in general] if col is not None and data.lex_by_column else general
+        # a text column's words in a namespace of its own (data.lex_by_column), the name's bare
+        spaces = [""] + [f"{c}:" if data.lex_by_column else "" for c in data.text_features]
+        for space, t in zip(spaces, (name, *texts)):
+            general, chars = lexical_parts(t, data.char_ngrams, space)
+            lex += general
             if data.lex_chars_last:
                 grams += chars
             else:

@@ -937,7 +937,7 @@ class _DayWalker:
         # What the run switches between: the window it started in, and the last few it
         # opened (a search or a mail read in passing drops out of it again).
         working: list[tuple[str, str]] = []
-        generic = act.generic if self.generic_scale == 1.0 else min(_WF_MAX_GENERIC, act.generic * self.generic_scale)
+        generic = min(_WF_MAX_GENERIC, act.generic * self.generic_scale)
         for i in range(length):
             # A shared window opens a run only now and then (the worker switched over via
             # the inbox or the desktop); then only what follows says which run it is.

@@ -446,3 +446,17 @@ def test_focus_hard_profile_has_titles_that_say_less_about_the_activity(focus, t
     assert _majority_share(hard, "text") < _majority_share(df, "text") - 0.05
     with pytest.raises(ConfigError, match="no screenshots"):
         generate(2, 1, tmp_path / "x.csv", images_dir=tmp_path / "img", profile="window-focus-hard")
+
+
+def test_the_cli_offers_every_profile_the_generator_has():
+    # trainer.cli spells the choices out (importing the generator would cost every command
+    # half a second of start-up): they must stay the generator's
+    import argparse
+
+    from trainer.cli import register
+    from trainer.generate import PROFILES
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    gen = sub.choices["generate"]
+    profile = next(a for a in gen._actions if a.dest == "profile")
+    assert tuple(profile.choices) == PROFILES
