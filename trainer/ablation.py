@@ -105,6 +105,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "featdrop4": {"train": {"feature_dropout": 0.4}},
     "auto_tcn": {"model": {"auto_archs": ["bilstm", "crf", "tcn"]}},                # a third auto candidate
     "auto_transformer": {"model": {"auto_archs": ["bilstm", "crf", "transformer"]}},
+    # a second CRF reading t+1 beside the causal one: auto weighs each per visible depth
+    "auto_crf_ahead": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead"]}},
+    "auto_crf_ahead2": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead"], "crf_ahead": 2}},
 }
 
 

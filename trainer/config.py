@@ -83,6 +83,9 @@ _FROM_DATA = {"from_data": True}
 # Archs a checkpoint's ``Tagger`` can be: the networks and the CRFsuite CRF (``auto`` picks
 # among these; ``logreg`` is the classic baseline, never a network).
 NETWORK_ARCHS = ("bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf")
+# What ``model.auto_archs`` may name: those, and ``crf_ahead``, a second CRF whose state
+# features also read the next ``model.crf_ahead`` events (``ModelConfig.candidate``)
+AUTO_CANDIDATES = NETWORK_ARCHS + ("crf_ahead",)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class ModelConfig:
     crf_c1: float = 0.05
     crf_c2: float = 0.05
     crf_future: int = 0
+    # auto's candidate crf_ahead: a CRF whose state features read this many later events too.
+    # Beside the causal crf, auto can weigh it for the labels that have seen them (finals)
+    # and leave the arrival labels to the causal one
+    crf_ahead: int = 1
     # arch crf: read the character 4-grams of the lexical features (data.char_ngrams too). Off
     # (the default) it gets zero weight for them and reads categorical values, words and
     # bigrams: in 5-fold CV better on wf, kasteren and gen, within 0.001 elsewhere, and
@@ -164,8 +171,8 @@ class ModelConfig:
         if self.lookahead is not None and self.lookahead < 0:
             raise ConfigError("model.lookahead: must be >= 0 or null")
         for a in self.auto_archs:
-            if a not in NETWORK_ARCHS:
-                raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(NETWORK_ARCHS)}")
+            if a not in AUTO_CANDIDATES:
+                raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(AUTO_CANDIDATES)}")
         if not self.auto_archs:
             raise ConfigError("model.auto_archs: name at least one architecture")
         if self.context < 1:
@@ -175,6 +182,14 @@ class ModelConfig:
                               f"({self.nhead})")
         if self.history_every < 1:
             raise ConfigError("model.history_every: must be >= 1")
+        if self.crf_ahead < 1:
+            raise ConfigError("model.crf_ahead: must be >= 1 (later events the crf_ahead candidate reads)")
+
+    def candidate(self, name: str) -> dict[str, Any]:
+        """The ``model:`` overrides that make one of ``auto_archs`` (``AUTO_CANDIDATES``)."""
+        if name == "crf_ahead":
+            return {"arch": "crf", "crf_future": self.crf_ahead}
+        return {"arch": name}
 
     def sized(self, spec: Mapping[str, Any], n_labels: int, *, image_backbone: Optional[str] = None,
               freeze_backbone: bool = True) -> "ModelConfig":

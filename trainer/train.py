@@ -675,8 +675,9 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         sessions = _sessions_by_arch(p, cfg, archs)
         results: dict[str, Validated] = {}
         for a in archs:
-            for i in range(1 if a == "crf" else cfg.train.ensemble_seeds):   # CRFsuite is deterministic
-                acfg = cfg.replace(model={"arch": a}, train={"seed": cfg.train.seed + i})
+            model = cfg.model.candidate(a)
+            for i in range(1 if model["arch"] == "crf" else cfg.train.ensemble_seeds):   # CRFsuite is deterministic
+                acfg = cfg.replace(model=model, train={"seed": cfg.train.seed + i})
                 results[a if i == 0 else f"{a}.{i + 1}"] = validate(
                     model_args(p.encoder.spec(), len(p.label_map), acfg), *sessions[a],
                     acfg, progress=progress, fold_seed=cfg.train.seed)
@@ -779,7 +780,7 @@ def _sessions_by_arch(p: Prepared, cfg: Config, archs: Sequence[str]
     out = {}
     for a in archs:
         train, val = list(p.encoded["train"]), list(p.encoded["val"])
-        if a == "crf" and not cfg.model.crf_char_ngrams:
+        if cfg.model.candidate(a)["arch"] == "crf" and not cfg.model.crf_char_ngrams:
             grams = p.encoder.char_gram_ids()
             train, val = without_lex(train, grams), without_lex(val, grams)
         out[a] = (train, val)

@@ -95,3 +95,52 @@ def test_the_crf_can_leave_the_character_ngrams_out(tmp_path, on):
     res = evaluate(tmp_path / "model", tmp_path / "test.csv", streaming=streaming_replay, plots=False)
     assert res["streaming"]["final_equals_offline"] == 1.0
     assert res["offline"]["token_accuracy"] > 0.95
+
+
+def announced_records(n_sessions: int, seed: int, prefix: str = "s") -> list[dict]:
+    """Sessions of 'open' events whose step only the event after them tells: an 'open'
+    followed by 'confirm invoice' is part of invoicing, one followed by 'confirm order' of
+    ordering; the confirmations are both 'confirming', so no label sequence tells them apart."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for s in range(n_sessions):
+        ts = 1_700_000_000_000 + s * 10_000_000
+        for _ in range(int(rng.integers(5, 10))):
+            step = str(rng.choice(["invoicing", "ordering"]))
+            for name, label in (("open record", step), (f"confirm {step.removesuffix('ing')}", "confirming")):
+                records.append({"session_id": f"{prefix}{s}", "timestamp": ts, "event_name": name,
+                                "step_name": label})
+                ts += int(rng.integers(1000, 9000))
+    return records
+
+
+def test_auto_weighs_a_crf_that_reads_the_next_event_for_the_labels_that_have_seen_it(tmp_path):
+    """``auto_archs: [crf, crf_ahead]``: the causal CRF cannot tell an 'open' on arrival, the
+    one reading t+1 can once the next event is in. Auto gives the later depths to crf_ahead,
+    so the final labels of the ambiguous events are right, and they equal offline when served."""
+    from tagger.cli import streaming_replay
+    from trainer.evaluate import evaluate
+    pd.DataFrame(announced_records(24, seed=1)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(announced_records(6, seed=2, prefix="t")).to_csv(tmp_path / "test.csv", index=False)
+    metrics = train(tmp_path / "train.csv", tmp_path / "model",
+                    from_dict({"model": {"arch": "auto", "auto_archs": ["crf", "crf_ahead"], "lookahead": 2},
+                               "train": {"val_folds": 2}}), progress=False, echo=lambda *_: None)
+    depths = metrics["auto"]["depths"]
+    assert [r["k"] for r in depths] == [0, 1, 2]
+    assert all(r["weights"]["crf_ahead"] > 0.5 for r in depths[1:])
+    assert depths[-1]["alone"]["crf_ahead"]["macro_f1"] > depths[-1]["alone"]["crf"]["macro_f1"] + 0.2
+    lm = load_artifact(tmp_path / "model")
+    ahead = [m for m in lm.model.members if m.args.crf_future == 1]
+    assert len(ahead) == 1 and ahead[0].args.arch == "crf" and ahead[0].wide.F == 1
+    res = evaluate(tmp_path / "model", tmp_path / "test.csv", streaming=streaming_replay, plots=False)
+    assert res["offline"]["token_accuracy"] == 1.0
+    assert res["streaming"]["final_equals_offline"] == 1.0
+
+
+def test_auto_names_the_candidates_it_knows():
+    from trainer.errors import ConfigError
+    with pytest.raises(ConfigError, match="'crf_later' is not one of .*'crf_ahead'"):
+        from_dict({"model": {"auto_archs": ["crf", "crf_later"]}})
+    with pytest.raises(ConfigError, match="model.crf_ahead: must be >= 1"):
+        from_dict({"model": {"crf_ahead": 0}})
+    assert from_dict({"model": {"crf_ahead": 2}}).model.candidate("crf_ahead") == {"arch": "crf", "crf_future": 2}
