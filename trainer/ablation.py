@@ -103,11 +103,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "focal": {"train": {"loss": "focal"}},                      # focal loss instead of cross-entropy
     "featdrop2": {"train": {"feature_dropout": 0.2}},          # lexical and template ids dropped in training
     "featdrop4": {"train": {"feature_dropout": 0.4}},
-    "auto_tcn": {"model": {"auto_archs": ["bilstm", "crf", "tcn"]}},                # a third auto candidate
-    "auto_transformer": {"model": {"auto_archs": ["bilstm", "crf", "transformer"]}},
-    # a second CRF reading t+1 beside the causal one: auto weighs each per visible depth
-    "auto_crf_ahead": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead"]}},
-    "auto_crf_ahead2": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead"], "crf_ahead": 2}},
+    "auto_tcn": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead", "tcn"]}},   # one more auto candidate
+    "auto_transformer": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead", "transformer"]}},
+    # no second CRF reading t+1 beside the causal one (the default before 2026-12-05, 11th session)
+    "no_crf_ahead": {"model": {"auto_archs": ["bilstm", "crf"]}},
+    "crf_ahead2": {"model": {"crf_ahead": 2}},                  # the second CRF reads t+1, t+2
 }
 
 

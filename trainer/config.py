@@ -102,7 +102,7 @@ class ModelConfig:
     # whose held-out labels score best is trained; the table goes into the artifact's metrics
     arch: Literal["auto", "bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf",
                   "logreg"] = "auto"
-    auto_archs: tuple[str, ...] = ("bilstm", "crf")
+    auto_archs: tuple[str, ...] = ("bilstm", "crf", "crf_ahead")   # crf_ahead: default since 2026-12-05
     # late: one encoder and classifier per modality, logits summed
     fusion: Literal["concat", "gated", "sum", "cross_attention", "late"] = "concat"
     # Each event sees every earlier event (within `context`) and at most `lookahead` later
