@@ -775,15 +775,20 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
 def _sessions_by_arch(p: Prepared, cfg: Config, archs: Sequence[str]
                       ) -> dict[str, tuple[list[EncodedSession], list[EncodedSession]]]:
     """The training and validation sessions each architecture is fit on: the encoded ones,
-    but with the character 4-grams blanked for the CRF when ``model.crf_char_ngrams`` is off
-    (its weights for them stay zero, so serving it the full features gives the same labels)."""
+    but with the character 4-grams blanked for the CRF candidates (``crf``, ``crf_ahead``)
+    when ``model.crf_char_ngrams`` is off (their weights for them stay zero, so serving them
+    the full features gives the same labels)."""
+    full = (list(p.encoded["train"]), list(p.encoded["val"]))
+    blanked = None                                  # shared by the CRF candidates
     out = {}
     for a in archs:
-        train, val = list(p.encoded["train"]), list(p.encoded["val"])
         if cfg.model.candidate(a)["arch"] == "crf" and not cfg.model.crf_char_ngrams:
-            grams = p.encoder.char_gram_ids()
-            train, val = without_lex(train, grams), without_lex(val, grams)
-        out[a] = (train, val)
+            if blanked is None:
+                grams = p.encoder.char_gram_ids()
+                blanked = (without_lex(full[0], grams), without_lex(full[1], grams))
+            out[a] = blanked
+        else:
+            out[a] = full
     return out
 
 
