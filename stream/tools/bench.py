@@ -941,10 +941,9 @@ def _model_info(model_dir: Path) -> dict[str, Any]:
     if args.get("arch") == "mixture":           # model.arch auto: describe the network member
         members = args.get("members") or []
         net = next((m for m in members if m.get("arch") != "crf"), members[0] if members else {})
-        # a CRF whose state features read later events is auto's candidate crf_ahead
-        names = [f"crf_ahead (t+{m['crf_future']})" if m.get("arch") == "crf" and m.get("crf_future")
-                 else str(m.get("arch")) for m in members]
-        arch = "mixture of " + (" and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1])
+        # auto's candidate crf_ahead is the CRF whose state features read later events
+        arch = "mixture of " + ", ".join("crf_ahead" if m.get("arch") == "crf" and m.get("crf_future")
+                                         else str(m.get("arch")) for m in members)
         args = {**net, "arch": arch}
     return {"path": str(model_dir), "version": lm.version, "arch": args.get("arch"),
             "lookahead": lm.lookahead, "context": args.get("context"), "hidden_dim": args.get("hidden_dim"),
