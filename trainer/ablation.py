@@ -108,6 +108,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # no second CRF reading t+1 beside the causal one (the default before 2026-12-05, 11th session)
     "no_crf_ahead": {"model": {"auto_archs": ["bilstm", "crf"]}},
     "crf_ahead2": {"model": {"crf_ahead": 2}},                  # the second CRF reads t+1, t+2
+    "crf_ahead12": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead", "crf_ahead2"]}},  # both
 }
 
 

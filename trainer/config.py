@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,8 +85,10 @@ _FROM_DATA = {"from_data": True}
 # among these; ``logreg`` is the classic baseline, never a network).
 NETWORK_ARCHS = ("bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf")
 # What ``model.auto_archs`` may name: those, and ``crf_ahead``, a second CRF whose state
-# features also read the next ``model.crf_ahead`` events (``ModelConfig.candidate``)
-AUTO_CANDIDATES = NETWORK_ARCHS + ("crf_ahead",)
+# features also read the next ``model.crf_ahead`` events, or ``crf_aheadN``, one that reads the
+# next N (``ModelConfig.candidate``)
+AUTO_CANDIDATES = NETWORK_ARCHS + ("crf_ahead", "crf_aheadN")
+_CRF_AHEAD_N = re.compile(r"crf_ahead([1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class ModelConfig:
         if self.lookahead is not None and self.lookahead < 0:
             raise ConfigError("model.lookahead: must be >= 0 or null")
         for a in self.auto_archs:
-            if a not in AUTO_CANDIDATES:
+            if a not in AUTO_CANDIDATES[:-1] and not _CRF_AHEAD_N.fullmatch(a):
                 raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(AUTO_CANDIDATES)}")
         if not self.auto_archs:
             raise ConfigError("model.auto_archs: name at least one architecture")
@@ -189,6 +192,8 @@ class ModelConfig:
         """The ``model:`` overrides that make one of ``auto_archs`` (``AUTO_CANDIDATES``)."""
         if name == "crf_ahead":
             return {"arch": "crf", "crf_future": self.crf_ahead}
+        if m := _CRF_AHEAD_N.fullmatch(name):
+            return {"arch": "crf", "crf_future": int(m.group(1))}
         return {"arch": name}
 
     def sized(self, spec: Mapping[str, Any], n_labels: int, *, image_backbone: Optional[str] = None,

@@ -39,7 +39,9 @@ Two options sit around any encoder:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Any, Optional
 
 import torch
@@ -1058,6 +1060,168 @@ class Tagger(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
+# A mixture's CRF members stepped as one
+# ------------------------------------------------------------------------------------------
+
+class CRFBank:
+    """The CRF members of a ``Mixture`` (arch crf, each a ``WidePath`` under a ``LookaheadCRF``)
+    advanced by one event per session together: one set of ops per round for all of them
+    instead of one per member, with the members' own weights (nothing is copied, so what is
+    trained or loaded is what it steps). The members may read different numbers of events
+    before (``wide_past``) and after (``crf_future``) an event; they share the mixture's
+    lookahead L, so each member's segment of the last K = L + 1 events is split into W_m + 1
+    final rows (the CRF's backward window W_m) and Le_m provisional ones (the later events its
+    state features read), with W_m + Le_m + 1 = K.
+
+    A session's state holds, per member, the K rows of emissions and of forward messages of
+    its segment (rows past the final ones are overwritten each round) and one buffer of every
+    member's scores of the last events. ``step`` gives each member's log-marginals for the
+    round's rows, sessions in order, each session's last min(n, K) rows oldest first: what the
+    members' own ``Tagger.step`` gives, concatenated (the test suite checks it)."""
+
+    def __init__(self, members: Sequence["Tagger"]):
+        self.members = list(members)
+        wides, crfs = [m.wide for m in members], [m.crf for m in members]
+        self.Le = [m.enc_lookahead for m in members]                   # provisional rows
+        self.W = [c.W or 0 for c in crfs]                              # backward windows
+        K = {le + w + 1 for le, w in zip(self.Le, self.W)}
+        if len(K) != 1 or len({c.trans.shape[0] for c in crfs}) != 1 or len({w.nums.shape[1] for w in wides}) != 1:
+            raise ConfigError("CRF members stepped together need the same lookahead, labels and numbers")
+        self.K, self.C = K.pop(), crfs[0].trans.shape[0]
+        # the wide paths' buffer: the last Kw events' scores at every member's offsets
+        self.Kw = max(w.P + w.L + 1 for w in wides)
+        self.V = [w.F + 1 for w in wides]                              # emission rows per member
+        self.v_off = list(accumulate(self.V, initial=0))
+        o_off = list(accumulate((w.O for w in wides), initial=0))
+        p_off = list(accumulate((w.P for w in wides), initial=0))
+        terms = []
+        for m, w in enumerate(wides):
+            Km, Vm = w.P + w.L + 1, self.V[m]
+            for j in range(Vm):                                        # row j: depth Vm-1-j
+                for slot, o in enumerate(range(-w.P, min(w.F, Vm - 1 - j) + 1)):
+                    row = Km - Vm + j + o
+                    if 0 <= row < Km:
+                        terms.append((self.v_off[m] + j, row + self.Kw - Km, o_off[m] + slot, o < 0,
+                                      p_off[m] + min(slot, max(w.P - 1, 0))))
+        self._terms = [torch.tensor(t) for t in zip(*terms)]           # js, rows, slots, past, before
+        self.Osum, self.any_past = o_off[-1], p_off[-1] > 0
+        # where each member's emissions go in its segment (the last Le_m + 1 rows); the index
+        # past the last emission row reads a zero row
+        self._ep_index = torch.tensor([[self.v_off[m] + r - (self.K - self.V[m]) if r >= self.K - self.V[m]
+                                        else self.v_off[-1] for r in range(self.K)] for m in range(len(members))])
+        self._cached = torch.tensor([[r < w for r in range(self.K)] for w in self.W])      # (M, K)
+        self.W_min = min(self.W)
+        # the backward chains: one per member to the segment's end, and one per row r < Le_m,
+        # whose window W_m stops short of it (its end row r + W_m)
+        self._chains = [(m, self.K - 1) for m in range(len(members))]
+        self._chains += [(m, r + self.W[m]) for m in range(len(members)) for r in range(self.Le[m])]
+        self._chain_member = torch.tensor([m for m, _ in self._chains])
+        self._chain_end = torch.tensor([e for _, e in self._chains])
+        self.end_min = min(e for _, e in self._chains)
+        self._index_on: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _index(self, dev) -> tuple[torch.Tensor, ...]:
+        # the fixed index tensors on the device the weights are on (copied once per device)
+        key = str(dev)
+        if key not in self._index_on:
+            self._index_on[key] = tuple(t.to(dev) for t in (*self._terms, self._ep_index, self._cached,
+                                                            self._chain_member, self._chain_end,
+                                                            torch.arange(self.K)))
+        return self._index_on[key]
+
+    @classmethod
+    def of(cls, members: Sequence["Tagger"]) -> Optional["CRFBank"]:
+        """A bank for those of ``members`` that are CRFs (None unless there are two or more)."""
+        crf = [m for m in members if m.encoder is None and m.wide is not None and m.crf is not None
+               and m.args.lookahead is not None]
+        return cls(crf) if len(crf) >= 2 else None
+
+    def init_state(self, device) -> dict[str, Any]:
+        M, K, C = len(self.members), self.K, self.C
+        return {"n": 0, "buf": torch.zeros(self.Kw, self.Osum, C, device=device),
+                "seg": torch.zeros(2, M, K, C, device=device)}            # emissions, alphas
+
+    def _scores(self, lex: torch.Tensor, nums: torch.Tensor, index) -> torch.Tensor:
+        # lex (B, X), nums (B, M_n) -> (B, Osum, C): the new event's scores at every member's
+        # offsets (each member's own lookup, then one product for the numbers)
+        B = lex.shape[0]
+        wides = [m.wide for m in self.members]
+        sc = torch.cat([bag(w.table, lex[:, None], index=index) for w in wides], 1)
+        n_nums = wides[0].nums.shape[1]
+        if n_nums:
+            wn = torch.cat([w.nums.transpose(0, 1).reshape(n_nums, w.O * self.C) for w in wides], 1)
+            sc = sc + nums @ wn
+        return sc.reshape(B, self.Osum, self.C)
+
+    def step(self, states: list[dict], events: dict[str, Any]) -> tuple[list[dict], list[torch.Tensor]]:
+        """Each session advanced by one event (``events``: the round's (B, 1, ...) inputs with
+        ``lex_index``). Returns the new states and per member its (rows, C) log-marginals."""
+        wides, crfs = [m.wide for m in self.members], [m.crf for m in self.members]
+        M, K, C = len(self.members), self.K, self.C
+        B = len(states)
+        dev = crfs[0].trans.device
+        n = torch.tensor([s["n"] + 1 for s in states], device=dev)        # events seen
+        n_min = int(n.min())
+        # -- the wide paths: the new event's scores join the buffer; each member's emissions of
+        # its last Le_m + 1 events sum their terms (the order WidePath.step adds them in)
+        new = self._scores(events["lex"][:, 0], events["nums"][:, 0], events.get("lex_index"))
+        buf = torch.cat([torch.stack([s["buf"] for s in states])[:, 1:], new[:, None]], 1)
+        js, rows, slots, past, before, ep_index, cached, cm, ce, arange_k = self._index(dev)
+        val = buf[:, rows, slots]                                        # (B, Q, C)
+        if self.any_past and n_min < self.Kw:     # rows older than a session read before-start
+            fresh = past[None, :] & ((self.Kw - 1 - rows)[None, :] >= n[:, None])
+            val = torch.where(fresh[..., None], torch.cat([w.before_start for w in wides])[before], val)
+        bias = torch.cat([w.bias.expand(v, C) for w, v in zip(wides, self.V)])
+        out = bias.expand(B, -1, -1).clone()
+        out.index_add_(1, js, val)
+        # -- each member's segment: its final rows move up one, its emissions fill the rest
+        # (rows before a session's start hold what they may: no row at or after it reads them,
+        # as the forward messages restart at position 0 and the backward ones read later rows)
+        ep = torch.cat([out, out.new_zeros(B, 1, C)], 1)[:, ep_index].transpose(0, 1)  # (M, B, K, C)
+        pos = n[:, None] - K + arange_k[None]                           # (B, K) position of each row
+        seg = torch.stack([s["seg"] for s in states], 2)                 # (2, M, B, K, C)
+        cached = cached[:, None, :, None]                                # (M, 1, K, 1)
+        e = torch.where(cached, torch.cat([seg[0, :, :, 1:], seg.new_zeros(M, B, 1, C)], 2), ep)
+        trans = torch.stack([c.trans for c in crfs])                     # (M, C, C)
+        # -- forward messages: rows before W_m are cached (the last round's row r + 1), the rest
+        # advance from the row before (the first from the last round's row 0, when W_m is 0),
+        # restarting at a session's first event
+        old = seg[1]
+        alphas = [old[:, :, r] for r in range(self.W_min + 1)]          # rows -1 .. W_min - 1
+        for r in range(self.W_min, K):
+            er = e[:, :, r]
+            a = er + torch.logsumexp(alphas[-1][..., :, None] + trans[:, None], 2)
+            a = a - torch.logsumexp(a, -1, keepdim=True)
+            if n_min <= K:  # some row r may be a session's first event
+                init = er - torch.logsumexp(er, -1, keepdim=True)
+                a = torch.where((pos[:, r] == 0)[None, :, None], init, a)
+            alphas.append(torch.where(cached[:, :, r], old[:, :, r + 1], a) if r < K - 1 else a)
+        alpha = torch.stack(alphas[1:], 2)                               # (M, B, K, C)
+        # -- backward messages: every chain at once, from the segment's end back
+        ec, tc = e[cm], trans[cm][:, None]                               # (N, B, K, C), (N, 1, C, C)
+        betas = [ec.new_zeros(ec.shape[:2] + (C,))]
+        for r in range(K - 2, -1, -1):
+            b = torch.logsumexp(tc + (ec[:, :, r + 1] + betas[-1])[..., None, :], -1)
+            b = b - torch.logsumexp(b, -1, keepdim=True)
+            # a chain that ends at or before row r has nothing after it there
+            betas.append(torch.where((ce > r)[:, None, None], b, torch.zeros_like(b)) if r >= self.end_min else b)
+        chains = torch.stack(betas[::-1], 2)                             # (N, B, K, C)
+        beta = chains[:M]
+        if len(self._chains) > M:
+            beta = beta.clone()
+            for c, (m, end) in enumerate(self._chains[M:], M):
+                r = end - self.W[m]
+                beta[m, :, r] = chains[c, :, r]
+        lm = torch.log_softmax(alpha + beta, -1)                         # (M, B, K, C)
+        seg = torch.stack([e, alpha]).unbind(2)
+        new_states = [{"n": m, "buf": b_, "seg": s_} for m, b_, s_ in zip(n.tolist(), buf.unbind(0), seg)]
+        if n_min >= K:
+            return new_states, list(lm.reshape(M, B * K, C).unbind(0))
+        keep = torch.tensor([i * K + r for i, m in enumerate(n.tolist()) for r in range(K - min(m, K), K)], device=dev)
+        return new_states, list(lm.reshape(M, B * K, C)[:, keep].unbind(0))
+
+
+# ------------------------------------------------------------------------------------------
 # A mixture of taggers
 # ------------------------------------------------------------------------------------------
 
@@ -1115,7 +1279,9 @@ class Mixture(nn.Module):
     arrival and the final one. ``model.arch: auto`` fits the weights on held-out sessions.
 
     Same interface as ``Tagger``: ``forward`` gives the final (depth L) output, ``step`` the
-    outputs of the last v events, each at its own depth; so finals still equal offline."""
+    outputs of the last v events, each at its own depth; so finals still equal offline.
+    ``step`` advances two or more CRF members as one (``CRFBank``): a CRF member costs a
+    few rows more per round, not a set of ops of its own."""
 
     def __init__(self, args: MixtureConfig):
         super().__init__()
@@ -1132,6 +1298,9 @@ class Mixture(nn.Module):
             raise ConfigError("mixture depth_bias: one row per depth 0..L, one bias per label")
         # None when there is none: older checkpoints load unchanged, and no add per round
         self.register_buffer("bias", None if bias is None else torch.tensor(bias, dtype=torch.float32))
+        # the CRF members step as one (a plain attribute: the members own the weights)
+        self.bank = CRFBank.of(self.members)
+        self._in_bank = {i for i, m in enumerate(self.members) if self.bank is not None and m in self.bank.members}
 
     @property
     def streamable(self) -> bool:
@@ -1160,25 +1329,41 @@ class Mixture(nn.Module):
         return out, None
 
     def init_state(self, device=None) -> dict[str, Any]:
-        return {"members": [m.init_state(device) for m in self.members]}
+        # a member in the bank keeps its state in the bank's (None in its own place)
+        state = {"members": [None if i in self._in_bank else m.init_state(device)
+                             for i, m in enumerate(self.members)]}
+        if self.bank is not None:
+            state["bank"] = self.bank.init_state(device or self.weights.device)
+        return state
 
     @torch.no_grad()
     def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
-        outs_by_member = []
-        new = [{"members": []} for _ in states]
+        rows_by_member: list[Optional[torch.Tensor]] = [None] * len(self.members)
+        new = [{"members": [None] * len(self.members)} for _ in states]
         events = with_lex_index(events)  # one lookup plan for every member
+        sizes = None
         for i, m in enumerate(self.members):
+            if i in self._in_bank:
+                continue
             ms, outs = m.step([s["members"][i] for s in states], events)
             for ns, st in zip(new, ms):
-                ns["members"].append(st)
-            outs_by_member.append(outs)
+                ns["members"][i] = st
+            rows_by_member[i] = torch.cat(outs)
+            sizes = [len(o) for o in outs]
+        if self.bank is not None:
+            bank_states, rows = self.bank.step([s["bank"] for s in states], events)
+            for ns, st in zip(new, bank_states):
+                ns["bank"] = st
+            for i, r in zip(sorted(self._in_bank), rows):
+                rows_by_member[i] = r
+            # every member labels a session's last min(n, L + 1) events
+            sizes = sizes or [min(st["n"], self.bank.K) for st in bank_states]
         # the whole round at once (row-wise ops, so each row is what it would be alone): rows
         # of all sessions stacked, one log_softmax per member, the weights of each row's depth
-        sizes = [len(o) for o in outs_by_member[0]]
         depth = torch.tensor([d for v in sizes for d in range(v - 1, -1, -1)], device=self.weights.device)
         w = self.weights[depth]                                             # (rows, M); row r of a
-        mixed = sum(w[:, i:i + 1] * torch.log_softmax(torch.cat(outs), -1)  # session has v-1-r
-                    for i, outs in enumerate(outs_by_member))               # later events
+        mixed = sum(w[:, i:i + 1] * torch.log_softmax(rows, -1)             # session has v-1-r
+                    for i, rows in enumerate(rows_by_member))               # later events
         if self.bias is not None:
             mixed = mixed + self.bias[depth]
         return new, list(mixed.split(sizes))

@@ -144,3 +144,10 @@ def test_auto_names_the_candidates_it_knows():
     with pytest.raises(ConfigError, match="model.crf_ahead: must be >= 1"):
         from_dict({"model": {"crf_ahead": 0}})
     assert from_dict({"model": {"crf_ahead": 2}}).model.candidate("crf_ahead") == {"arch": "crf", "crf_future": 2}
+    # crf_aheadN: a CRF that reads the next N events, beside the others
+    cfg = from_dict({"model": {"auto_archs": ["crf", "crf_ahead", "crf_ahead2"]}}).model
+    assert cfg.candidate("crf_ahead2") == {"arch": "crf", "crf_future": 2}
+    assert cfg.candidate("crf_ahead") == {"arch": "crf", "crf_future": 1}
+    for bad in ("crf_ahead0", "crf_ahead-1", "crf_aheadx"):
+        with pytest.raises(ConfigError, match=f"{bad!r} is not one of"):
+            from_dict({"model": {"auto_archs": ["crf", bad]}})
