@@ -238,7 +238,7 @@ def _time_model_parts(tagger) -> dict[str, float]:
     wrap(M.Tagger, "step", "Tagger.step (each member)")
     wrap(M.LookaheadLSTM, "step", "LookaheadLSTM.step")
     wrap(M.LookaheadCRF, "step_many", "LookaheadCRF.step_many")
-    wrap(M.CRFBank, "step", "CRFBank.step (the CRF members)")
+    wrap(M.CRFBank, "step", "CRFBank.step")
     wrap(M.EventEmbedder, "forward", "EventEmbedder.forward")
     wrap(M.WidePath, "step", "WidePath.step")
     wrap(T, "derive", "derive")
