@@ -1280,8 +1280,8 @@ class Mixture(nn.Module):
 
     Same interface as ``Tagger``: ``forward`` gives the final (depth L) output, ``step`` the
     outputs of the last v events, each at its own depth; so finals still equal offline.
-    ``step`` advances two or more CRF members as one (``CRFBank``): a CRF member costs a
-    few rows more per round, not a set of ops of its own."""
+    ``step`` advances two or more CRF members as one (``CRFBank``): a further CRF member adds
+    rows to the same ops (and its own lookup), not a set of ops of its own."""
 
     def __init__(self, args: MixtureConfig):
         super().__init__()
