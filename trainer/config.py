@@ -91,6 +91,15 @@ AUTO_CANDIDATES = NETWORK_ARCHS + ("crf_ahead", "crf_aheadN")
 _CRF_AHEAD_N = re.compile(r"crf_ahead([1-9][0-9]*)")
 
 
+def candidate_of(member_args: Mapping[str, Any]) -> str:
+    """The ``auto_archs`` name of a trained member (its ``model_args``): what
+    ``ModelConfig.candidate`` made it from."""
+    future = member_args.get("crf_future") or 0
+    if member_args.get("arch") != "crf" or not future:
+        return str(member_args.get("arch"))
+    return "crf_ahead" if future == member_args.get("crf_ahead", 1) else f"crf_ahead{future}"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: the YAML ``model:`` section and, with the sizes the data fixes filled in
@@ -174,7 +183,7 @@ class ModelConfig:
         if self.lookahead is not None and self.lookahead < 0:
             raise ConfigError("model.lookahead: must be >= 0 or null")
         for a in self.auto_archs:
-            if a not in AUTO_CANDIDATES[:-1] and not _CRF_AHEAD_N.fullmatch(a):
+            if a not in NETWORK_ARCHS + ("crf_ahead",) and not _CRF_AHEAD_N.fullmatch(a):
                 raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(AUTO_CANDIDATES)}")
         if not self.auto_archs:
             raise ConfigError("model.auto_archs: name at least one architecture")

@@ -1129,12 +1129,10 @@ class CRFBank:
                                                             torch.arange(self.K)))
         return self._index_on[key]
 
-    @classmethod
-    def of(cls, members: Sequence["Tagger"]) -> Optional["CRFBank"]:
-        """A bank for those of ``members`` that are CRFs (None unless there are two or more)."""
-        crf = [m for m in members if m.encoder is None and m.wide is not None and m.crf is not None
-               and m.args.lookahead is not None]
-        return cls(crf) if len(crf) >= 2 else None
+    @staticmethod
+    def takes(member: "Tagger") -> bool:
+        """Whether a mixture member is a CRF the bank steps (arch crf: a wide path, no network)."""
+        return member.encoder is None and member.wide is not None and member.crf is not None
 
     def init_state(self, device) -> dict[str, Any]:
         M, K, C = len(self.members), self.K, self.C
@@ -1298,9 +1296,10 @@ class Mixture(nn.Module):
             raise ConfigError("mixture depth_bias: one row per depth 0..L, one bias per label")
         # None when there is none: older checkpoints load unchanged, and no add per round
         self.register_buffer("bias", None if bias is None else torch.tensor(bias, dtype=torch.float32))
-        # the CRF members step as one (a plain attribute: the members own the weights)
-        self.bank = CRFBank.of(self.members)
-        self._in_bank = {i for i, m in enumerate(self.members) if self.bank is not None and m in self.bank.members}
+        # two or more CRF members step as one (a plain attribute: the members own the weights)
+        crf = [i for i, m in enumerate(self.members) if CRFBank.takes(m)]
+        self._in_bank = crf if len(crf) >= 2 else []
+        self.bank = CRFBank([self.members[i] for i in self._in_bank]) if self._in_bank else None
 
     @property
     def streamable(self) -> bool:
@@ -1354,7 +1353,7 @@ class Mixture(nn.Module):
             bank_states, rows = self.bank.step([s["bank"] for s in states], events)
             for ns, st in zip(new, bank_states):
                 ns["bank"] = st
-            for i, r in zip(sorted(self._in_bank), rows):
+            for i, r in zip(self._in_bank, rows):
                 rows_by_member[i] = r
             # every member labels a session's last min(n, L + 1) events
             sizes = sizes or [min(st["n"], self.bank.K) for st in bank_states]

@@ -936,14 +936,13 @@ def _train_served_model(cfg: BenchConfig, out: Path, echo) -> Path:
 
 def _model_info(model_dir: Path) -> dict[str, Any]:
     from trainer.artifacts import load_artifact
+    from trainer.config import candidate_of
     lm = load_artifact(model_dir)
     args = lm.manifest.get("model_args", {})
     if args.get("arch") == "mixture":           # model.arch auto: describe the network member
         members = args.get("members") or []
         net = next((m for m in members if m.get("arch") != "crf"), members[0] if members else {})
-        # auto's candidate crf_ahead is the CRF whose state features read later events
-        arch = "mixture of " + ", ".join("crf_ahead" if m.get("arch") == "crf" and m.get("crf_future")
-                                         else str(m.get("arch")) for m in members)
+        arch = "mixture of " + ", ".join(candidate_of(m) for m in members)
         args = {**net, "arch": arch}
     return {"path": str(model_dir), "version": lm.version, "arch": args.get("arch"),
             "lookahead": lm.lookahead, "context": args.get("context"), "hidden_dim": args.get("hidden_dim"),

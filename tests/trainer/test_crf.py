@@ -3,6 +3,8 @@ CRFsuite's own probabilities, and the model serves live like the networks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -148,6 +150,11 @@ def test_auto_names_the_candidates_it_knows():
     cfg = from_dict({"model": {"auto_archs": ["crf", "crf_ahead", "crf_ahead2"]}}).model
     assert cfg.candidate("crf_ahead2") == {"arch": "crf", "crf_future": 2}
     assert cfg.candidate("crf_ahead") == {"arch": "crf", "crf_future": 1}
+    # and back: a trained member's args name the candidate it was made from (the bench's line)
+    from trainer.config import candidate_of
+    for name in cfg.auto_archs:
+        member = dataclasses.replace(cfg, **cfg.candidate(name)).to_args()
+        assert candidate_of(member) == name
     for bad in ("crf_ahead0", "crf_ahead-1", "crf_aheadx"):
         with pytest.raises(ConfigError, match=f"{bad!r} is not one of"):
             from_dict({"model": {"auto_archs": ["crf", bad]}})

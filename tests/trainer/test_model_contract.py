@@ -373,7 +373,7 @@ def test_a_mixtures_crf_members_step_together_as_each_would_alone(L):
             m.load_state_dict(src.state_dict())
         assert (mix.bank is not None) and len(mix.bank.members) == 3
         if not banked:                                # each member's own step
-            mix.bank, mix._in_bank = None, set()
+            mix.bank, mix._in_bank = None, []
         states, outs = {}, {}
         for t in range(max(b + len(s) for b, s in zip(start, sessions))):
             rnd = [i for i, s in enumerate(sessions) if start[i] <= t < start[i] + len(s)]
