@@ -237,10 +237,9 @@ def _time_model_parts(tagger) -> dict[str, float]:
     wrap(M.Mixture, "step", "Mixture.step")
     wrap(M.Tagger, "step", "Tagger.step (each member)")
     wrap(M.LookaheadLSTM, "step", "LookaheadLSTM.step")
-    wrap(M.LookaheadCRF, "step_many", "LookaheadCRF.step_many")
-    wrap(M.CRFBank, "step", "CRFBank.step")
+    wrap(M.ChainBank, "step", "ChainBank.step")
     wrap(M.EventEmbedder, "forward", "EventEmbedder.forward")
-    wrap(M.WidePath, "step", "WidePath.step")
+    wrap(M.WideBank, "step", "WideBank.step")
     wrap(T, "derive", "derive")
     wrap(type(tagger.loaded.encoder), "encode_derived", "encode_derived")
     return spent

@@ -29,7 +29,7 @@ Two options sit around any encoder:
 
 - ``crf_head``: a linear-chain CRF output layer read as marginals with bounded lookahead. The
   label distribution at t is softmax(alpha_t + beta_t): alpha is the forward message
-  (causal; cached in ``step()``), beta the backward message over only the next W = L // 2
+  (causal; cached by ``step()``), beta the backward message over only the next W = L // 2
   events. The encoder then gets lookahead L - W, so the whole model still sees exactly L
   events ahead. Trained by cross-entropy on these marginals, which are what is served.
 - ``fusion="late"``: one encoder and classifier per modality (tabular, text, image) whose
@@ -584,9 +584,10 @@ class LookaheadCRF(nn.Module):
     """Linear-chain CRF marginals with a bounded backward window.
 
     Output at t: log softmax(alpha_t + beta_t). alpha_t(y) = e_t(y) + logsumexp_y'(alpha_{t-1}(y')
-    + A[y', y]) is the forward message (causal, so ``step()`` caches it); beta_t sums over the
-    label paths of only the next ``window`` events (None: to the session's end). Messages are
-    renormalised as they go, which the final log-softmax makes harmless."""
+    + A[y', y]) is the forward message (causal, so the live step caches it: ``ChainBank``);
+    beta_t sums over the label paths of only the next ``window`` events (None: to the
+    session's end). Messages are renormalised as they go, which the final log-softmax makes
+    harmless."""
 
     def __init__(self, n_labels: int, window: Optional[int]):
         super().__init__()
@@ -613,14 +614,6 @@ class LookaheadCRF(nn.Module):
             beta = torch.where(next_valid[..., None], b, torch.zeros_like(b))
         return beta
 
-    def _beta_to_end(self, e: torch.Tensor) -> torch.Tensor:
-        # e: (B, T, C) with T <= window + 1, so every row's window reaches the last row: _beta's
-        # result by one backward pass (the same per-row ops) instead of ``window`` full sweeps
-        beta = [e.new_zeros(e.shape[0], e.shape[2])]
-        for t in range(e.shape[1] - 2, -1, -1):
-            beta.append(self._retreat(e[:, t + 1] + beta[-1]))
-        return torch.stack(beta[::-1], 1)
-
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
         # window: look at most that many events ahead instead of self.W (never more)
         B, T, C = e.shape
@@ -636,79 +629,6 @@ class LookaheadCRF(nn.Module):
         if window is not None:
             W = min(W, window)
         return torch.log_softmax(alpha + self._beta(e, next_valid, W), -1)
-
-    def init_state(self, device) -> dict[str, Any]:
-        # e / a: emissions and forward messages of the last W + 1 final positions, right-
-        # aligned in fixed-size buffers (rows before the session's start are zeros), so that
-        # a round of sessions steps in one batch whatever their lengths
-        C = self.trans.shape[0]
-        W = self.W or 0
-        return {"n": 0, "e": torch.zeros(W + 1, C, device=device), "a": torch.zeros(W + 1, C, device=device)}
-
-    def step_many(self, states: list[dict[str, Any]], e_prov: list[torch.Tensor], enc_lookahead: int
-                  ) -> tuple[list[dict], list[torch.Tensor]]:
-        """Sessions advanced by one event each, in one batch. ``e_prov[i]``: (v_i, C) current
-        emissions of session i's last v_i events (from the encoder's step; the oldest is final
-        when v_i is ``enc_lookahead + 1``). Returns the new states and, per session,
-        log-marginals of its last min(n, enc_lookahead + W + 1) events, oldest first."""
-        W = self.W or 0
-        Le = enc_lookahead
-        K = Le + W + 1                                                 # segment rows
-        B = len(states)
-        C = self.trans.shape[0]
-        dev = self.trans.device
-        seen = [s["n"] + 1 for s in states]
-        n = torch.tensor(seen, device=dev)                             # events seen, (B,)
-        if all(len(e) == Le + 1 for e in e_prov):                      # past every session's start
-            ep = torch.stack(e_prov)
-        else:
-            ep = torch.zeros(B, Le + 1, C, device=dev)                 # right-aligned provisional
-            for i, e in enumerate(e_prov):
-                ep[i, Le + 1 - len(e):] = e
-        E = torch.stack([s["e"] for s in states])                      # (B, W + 1, C)
-        A = torch.stack([s["a"] for s in states])
-        f = n - 1 - Le                                                 # newest final position
-        # e_prov's oldest row became final: its forward message joins the cache
-        # (the masks are skipped when every row of the round takes the same branch)
-        e_f = ep[:, 0]
-        firsts = sum(m - 1 - Le == 0 for m in seen)                    # rows whose f is 0
-        if firsts == B:
-            a_f = e_f - torch.logsumexp(e_f, -1, keepdim=True)
-        elif firsts == 0:
-            a_f = self._advance(A[:, -1], e_f)
-        else:
-            init = e_f - torch.logsumexp(e_f, -1, keepdim=True)
-            a_f = torch.where((f == 0)[:, None], init, self._advance(A[:, -1], e_f))
-        E_moved, A_moved = torch.cat([E[:, 1:], e_f[:, None]], 1), torch.cat([A[:, 1:], a_f[:, None]], 1)
-        if min(seen) - 1 - Le >= 0:                                    # every row has a new final
-            E, A = E_moved, A_moved
-        else:
-            moved = (f >= 0)[:, None, None]
-            E, A = torch.where(moved, E_moved, E), torch.where(moved, A_moved, A)
-        # the segment: final positions f-W .. f from the cache, provisional f+1 .. n-1
-        e_seg = torch.cat([E, ep[:, 1:]], 1)                           # (B, K, C)
-        pos = n[:, None] - K + torch.arange(K, device=dev)[None]       # (B, K) position of each row
-        alphas = [A]
-        a = A[:, -1]
-        for r in range(W + 1, K):
-            e = e_seg[:, r]
-            a = torch.where((pos[:, r] == 0)[:, None], e - torch.logsumexp(e, -1, keepdim=True),
-                            self._advance(a, e))
-            alphas.append(a[:, None])
-        alpha = torch.cat(alphas, 1)                                   # (B, K, C)
-        if Le == 0:
-            beta = self._beta_to_end(e_seg)
-        else:  # the first Le rows' windows stop short of the segment's end
-            next_valid = (torch.arange(K, device=dev) + 1 < K)[None].expand(B, K)
-            beta = self._beta(e_seg, next_valid, W)
-        out = torch.log_softmax(alpha + beta, -1)
-        v = [min(m, K) for m in seen]
-        new = [{"n": m, "e": E[i], "a": A[i]} for i, m in enumerate(seen)]
-        return new, [out[i, K - vi:] for i, vi in enumerate(v)]
-
-    def step(self, s: dict[str, Any], e_prov: torch.Tensor, enc_lookahead: int) -> tuple[dict, torch.Tensor]:
-        new, out = self.step_many([s], [e_prov], enc_lookahead)
-        return new[0], out[0]
 
 
 class LookaheadTCN(nn.Module):
@@ -820,8 +740,7 @@ class WidePath(nn.Module):
     lookahead, or its ``horizon`` while training at every depth) contribute nothing.
 
     Beside a network it adds CRF-like lexical strength; alone under a ``LookaheadCRF`` it is
-    the linear-chain CRF of ``arch="crf"``. For ``step`` each event's scores for every
-    offset are computed once, when it arrives, into a buffer of the last P + L + 1 events."""
+    the linear-chain CRF of ``arch="crf"``. Live, ``WideBank`` steps it."""
 
     def __init__(self, n_lex: int, n_nums: int, n_labels: int, past: int, future: int, lookahead: int):
         super().__init__()
@@ -864,43 +783,180 @@ class WidePath(nn.Module):
             out = out + col * keep[..., None]
         return out
 
-    def init_state(self, device) -> dict[str, Any]:
-        return {"buf": torch.zeros(self.P + self.L + 1, self.O, self.C, device=device), "n": 0}
 
-    def step(self, states: list[dict], lex_new: torch.Tensor, nums_new: torch.Tensor, v_out: int,
-             index=None) -> tuple[list[dict], torch.Tensor]:
-        # lex_new (B, X), nums_new (B, M). Buffer row K-1 is the newest event. Returns new
-        # states and the scores of each session's last v_out positions (B, v_out, C).
-        new = self.scores(lex_new[:, None], nums_new[:, None], index)[:, 0]  # (B, O, C)
-        buf = torch.cat([torch.stack([s["buf"] for s in states])[:, 1:], new[:, None]], 1)
-        n = torch.tensor([s["n"] + 1 for s in states], device=buf.device)  # events seen
-        K = buf.shape[1]
-        out = buf.new_zeros(buf.shape[0], v_out, buf.shape[-1]) + self.bias
-        # every (output position j, buffer row, offset slot) term in one gather, added into its
-        # position in the order a loop over j, then slot, would (index_add_ goes in order)
-        js, rows, slots, past, age, before = self._step_plan(K, v_out, buf.device)
-        val = buf[:, rows, slots]                                      # (B, Q, C)
-        # a row older than the session's first event reads the before-start score instead
-        # (none can be once every session in the round has seen K events)
-        if self.P and min(s["n"] for s in states) + 1 < K:
-            fresh = past[None, :] & (age[None, :] >= n[:, None])       # (B, Q)
-            val = torch.where(fresh[..., None], self.before_start[before], val)
+# ------------------------------------------------------------------------------------------
+# Streaming: wide paths and CRFs advanced by one event per session, many at once
+# ------------------------------------------------------------------------------------------
+
+def last_rows(n: Sequence[int], K: int, device) -> Optional[torch.Tensor]:
+    """Indices into a round's B * K rows (session after session, K each, oldest first) of
+    each session's last min(n_i, K) rows: the positions it has. None when every session has K."""
+    if min(n) >= K:
+        return None
+    return torch.tensor([i * K + r for i, m in enumerate(n) for r in range(K - min(m, K), K)], device=device)
+
+
+class WideBank:
+    """``WidePath``s advanced by one event per session together: a network's own, a CRF's, or
+    every member's of a ``Mixture`` (one set of ops per round for all of them). Nothing is
+    copied: each step reads the paths' own weights, so what is trained or loaded is what runs.
+
+    A session's state is one buffer of every path's scores of its last Kw events at each of
+    the path's offsets (Kw: the longest P + L + 1), computed once per event, when it arrives.
+    ``step`` gives each path's emissions of the session's last L_m + 1 events, which sum their
+    terms from the buffer in one gather and one ``index_add_`` for all paths, in the order
+    ``WidePath.forward`` adds them; rows before a session's start are for the caller to drop."""
+
+    def __init__(self, wides: Sequence[WidePath]):
+        self.wides = list(wides)
+        if len({w.C for w in wides}) != 1 or len({w.nums.shape[1] for w in wides}) != 1:
+            raise ConfigError("wide paths stepped together need the same labels and numbers")
+        self.C = wides[0].C
+        self.Kw = max(w.P + w.L + 1 for w in wides)
+        self.V = [w.L + 1 for w in wides]                              # emission rows per path
+        self.v_off = list(accumulate(self.V, initial=0))
+        o_off = list(accumulate((w.O for w in wides), initial=0))
+        p_off = list(accumulate((w.P for w in wides), initial=0))
+        # one term per (output row, offset): the buffer row and slot it reads, whether it reads
+        # an earlier event, and the before-start score it reads instead when that event is
+        # older than the session
+        terms = [(self.v_off[m] + j, self.Kw - self.V[m] + j + o, o_off[m] + slot, o < 0,
+                  p_off[m] + min(slot, max(w.P - 1, 0)))
+                 for m, w in enumerate(wides)
+                 for j in range(self.V[m])                              # row j: depth V_m-1-j
+                 for slot, o in enumerate(range(-w.P, min(w.F, self.V[m] - 1 - j) + 1))]
+        self._terms = [torch.tensor(t) for t in zip(*terms)]           # js, rows, slots, past, before
+        self.Osum, self.any_past = o_off[-1], p_off[-1] > 0
+        self._on: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def init_state(self, device) -> torch.Tensor:
+        return torch.zeros(self.Kw, self.Osum, self.C, device=device, dtype=self.wides[0].bias.dtype)
+
+    def _scores(self, lex: torch.Tensor, nums: torch.Tensor, index) -> torch.Tensor:
+        # lex (B, X), nums (B, M_n) -> (B, Osum, C): the new event's scores at every path's
+        # offsets (each path's own lookup, then one product for the numbers)
+        sc = torch.cat([bag(w.table, lex[:, None], index=index) for w in self.wides], 1)
+        n_nums = self.wides[0].nums.shape[1]
+        if n_nums:
+            sc = sc + nums @ torch.cat([w.nums.transpose(0, 1).reshape(n_nums, w.O * self.C) for w in self.wides], 1)
+        return sc.reshape(lex.shape[0], self.Osum, self.C)
+
+    def step(self, bufs: Sequence[torch.Tensor], n: Sequence[int], events: dict[str, Any]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bufs``: each session's state; ``n``: the events each has seen, the new one
+        included; ``events``: the round's (B, 1, ...) inputs (with ``lex_index``). Returns the
+        new states (B, Kw, Osum, C) and the emissions (B, sum_m L_m + 1, C), path after path."""
+        new = self._scores(events["lex"][:, 0], events["nums"][:, 0], events.get("lex_index"))
+        buf = torch.cat([torch.stack(list(bufs))[:, 1:], new[:, None]], 1)
+        key = str(buf.device)
+        if key not in self._on:                                         # index tensors, once per device
+            self._on[key] = tuple(t.to(buf.device) for t in self._terms)
+        js, rows, slots, past, before = self._on[key]
+        val = buf[:, rows, slots]                                       # (B, Q, C)
+        if self.any_past and min(n) < self.Kw:    # rows older than a session read before-start
+            fresh = past[None, :] & ((self.Kw - 1 - rows)[None, :] >= torch.tensor(n, device=buf.device)[:, None])
+            val = torch.where(fresh[..., None], torch.cat([w.before_start for w in self.wides])[before], val)
+        out = torch.cat([w.bias.expand(v, self.C) for w, v in zip(self.wides, self.V)]).expand(len(n), -1, -1).clone()
         out.index_add_(1, js, val)
-        return [{"buf": b, "n": int(m)} for b, m in zip(buf.unbind(0), n.tolist())], out
+        return buf, out
 
-    def _step_plan(self, K: int, v_out: int, device) -> tuple[torch.Tensor, ...]:
-        key = (K, v_out, str(device))
-        plan = self.__dict__.setdefault("_plans", {}).get(key)
-        if plan is None:
-            terms = [(j, K - v_out + j + o, slot, o < 0)
-                     for j in range(v_out)                                # position depth v_out-1-j
-                     for slot, o in enumerate(range(-self.P, min(self.F, v_out - 1 - j) + 1))
-                     if 0 <= K - v_out + j + o < K]
-            js, rows, slots, past = (torch.tensor(t, device=device) for t in zip(*terms))
-            # age: how many events before the newest a term's row is; before: the before-start
-            # score a term reads instead when its row is older than the session
-            plan = self._plans[key] = (js, rows, slots, past, K - 1 - rows, slots.clamp(max=max(self.P - 1, 0)))
-        return plan
+
+class ChainBank:
+    """``LookaheadCRF``s advanced by one event per session together, each over its own
+    emissions: a network's CRF output layer, a CRF's, or every CRF member's of a ``Mixture``
+    (one set of ops per round for all of them, with their own weights).
+
+    CRF m has Le_m provisional rows (the events after an event that its emissions still
+    read: a CRF's state features, a network's lookahead) and a backward window of W_m; they
+    share K = Le_m + W_m + 1, the lookahead plus one. So each one's segment of a session's last
+    K events is laid out the same way: W_m + 1 final rows, then Le_m provisional ones.
+
+    A session's state holds, per CRF, the K rows of emissions and of forward messages of its
+    segment, ``(2, M, K, C)`` (rows past the final ones are overwritten each round). Forward
+    messages advance from the first row that is cached in no CRF, a ``where`` taking the
+    cached one for those that have it, and restart at a session's first event; the backward
+    chains run all at once, one per CRF to the segment's end and one per provisional row
+    r < Le_m, whose window stops at row r + W_m. ``step`` gives, per CRF, the log-marginals of
+    each session's K rows: forward filtering on the newest, fixed-lag smoothing on the oldest."""
+
+    def __init__(self, crfs: Sequence[LookaheadCRF], provisional: Sequence[int]):
+        self.crfs = list(crfs)
+        self.Le = list(provisional)
+        self.W = [c.W or 0 for c in crfs]                              # backward windows
+        K = {le + w + 1 for le, w in zip(self.Le, self.W)}
+        if len(K) != 1 or len({c.trans.shape[0] for c in crfs}) != 1:
+            raise ConfigError("CRFs stepped together need the same lookahead and labels")
+        self.K, self.C = K.pop(), crfs[0].trans.shape[0]
+        V = [le + 1 for le in self.Le]
+        v_off = list(accumulate(V, initial=0))
+        self.rows = v_off[-1]                  # emission rows per session: CRF after CRF, Le_m + 1 each
+        # where each CRF's emissions go in its segment (its last Le_m + 1 rows); the index past
+        # the last emission row reads a zero row
+        ep_index = [[v_off[m] + r - (self.K - V[m]) if r >= self.K - V[m] else self.rows for r in range(self.K)]
+                    for m in range(len(crfs))]
+        self.W_min = min(self.W)
+        self._chains = [(m, self.K - 1) for m in range(len(crfs))]
+        self._chains += [(m, r + self.W[m]) for m in range(len(crfs)) for r in range(self.Le[m])]
+        self.end_min = min(e for _, e in self._chains)
+        self._index = [torch.tensor(ep_index), torch.tensor([[r < w for r in range(self.K)] for w in self.W]),
+                       torch.tensor([m for m, _ in self._chains]), torch.tensor([e for _, e in self._chains]),
+                       torch.arange(self.K)]
+        self._on: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def init_state(self, device) -> torch.Tensor:
+        return torch.zeros(2, len(self.crfs), self.K, self.C, device=device, dtype=self.crfs[0].trans.dtype)
+
+    def step(self, segs: Sequence[torch.Tensor], n: Sequence[int], emissions: torch.Tensor
+             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``segs``: each session's state; ``n``: the events each has seen, the new one
+        included; ``emissions``: (B, rows, C), CRF after CRF each session's current emissions of
+        its last Le_m + 1 events, oldest first (rows before its start are not read). Returns
+        the new states and the log-marginals (M, B, K, C)."""
+        M, K, C = len(self.crfs), self.K, self.C
+        B = len(n)
+        dev = emissions.device
+        if str(dev) not in self._on:
+            self._on[str(dev)] = tuple(t.to(dev) for t in self._index)
+        ep_index, cached, cm, ce, arange_k = self._on[str(dev)]
+        ep = torch.cat([emissions, emissions.new_zeros(B, 1, C)], 1)[:, ep_index].transpose(0, 1)  # (M, B, K, C)
+        seg = torch.stack(list(segs), 2)                                 # (2, M, B, K, C)
+        cached = cached[:, None, :, None]                                # (M, 1, K, 1)
+        # final rows move up one (the oldest drops out); the others take this round's emissions
+        # (rows before a session's start hold what they may: no row at or after it reads them,
+        # as the forward messages restart at position 0 and the backward ones read later rows)
+        e = torch.where(cached, torch.cat([seg[0, :, :, 1:], seg.new_zeros(M, B, 1, C)], 2), ep)
+        trans = torch.stack([c.trans for c in self.crfs])                # (M, C, C)
+        # -- forward messages: rows before W_m are cached (the last round's row r + 1), the rest
+        # advance from the row before (the first from the last round's row 0, when W_m is 0)
+        young = min(n) <= K                       # some row r may be a session's first event
+        if young:
+            pos = torch.tensor(n, device=dev)[:, None] - K + arange_k[None]   # (B, K)
+        old = seg[1]
+        alphas = [old[:, :, r] for r in range(self.W_min + 1)]          # rows -1 .. W_min - 1
+        for r in range(self.W_min, K):
+            er = e[:, :, r]
+            a = er + torch.logsumexp(alphas[-1][..., :, None] + trans[:, None], 2)
+            a = a - torch.logsumexp(a, -1, keepdim=True)
+            if young:
+                a = torch.where((pos[:, r] == 0)[None, :, None], er - torch.logsumexp(er, -1, keepdim=True), a)
+            alphas.append(torch.where(cached[:, :, r], old[:, :, r + 1], a) if r < K - 1 else a)
+        alpha = torch.stack(alphas[1:], 2)                               # (M, B, K, C)
+        # -- backward messages: every chain at once, from the segment's end back
+        ec, tc = e[cm], trans[cm][:, None]                               # (N, B, K, C), (N, 1, C, C)
+        betas = [ec.new_zeros(ec.shape[:2] + (C,))]
+        for r in range(K - 2, -1, -1):
+            b = torch.logsumexp(tc + (ec[:, :, r + 1] + betas[-1])[..., None, :], -1)
+            b = b - torch.logsumexp(b, -1, keepdim=True)
+            # a chain that ends at or before row r has nothing after it there
+            betas.append(torch.where((ce > r)[:, None, None], b, torch.zeros_like(b)) if r >= self.end_min else b)
+        chains = torch.stack(betas[::-1], 2)                             # (N, B, K, C)
+        beta = chains[:M]
+        if len(self._chains) > M:            # a short chain's end row r + W_m gives row r's message
+            beta = beta.clone()
+            for c, (m, end) in enumerate(self._chains[M:], M):
+                r = end - self.W[m]
+                beta[m, :, r] = chains[c, :, r]
+        return list(torch.stack([e, alpha]).unbind(2)), torch.log_softmax(alpha + beta, -1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -949,6 +1005,11 @@ class Tagger(nn.Module):
             if args.n_lex and args.wide and self.enc_lookahead is not None:
                 self.wide = WidePath(args.n_lex, args.n_nums, args.n_labels, args.wide_past,
                                      min(args.wide_future, self.enc_lookahead), self.enc_lookahead)
+        # live, the wide path and the CRF advance one event per session (plain attributes:
+        # they step the modules above with their weights)
+        bounded = args.lookahead is not None
+        self._wide_step = WideBank([self.wide]) if self.wide is not None and bounded else None
+        self._crf_step = ChainBank([self.crf], [self.enc_lookahead]) if self.crf is not None and bounded else None
         self.register_buffer("class_weights", class_weights if class_weights is not None
                              else torch.ones(args.n_labels), persistent=False)
         self.loss_kind, self.focal_gamma, self.label_smoothing = loss, focal_gamma, label_smoothing
@@ -1006,217 +1067,69 @@ class Tagger(nn.Module):
             return self.wide.F == 0
         return self.crf is None and all(getattr(enc, "supports_horizon", False) for enc, _ in self._streams())
 
-    def init_state(self, device=None) -> dict[str, Any]:
+    def init_state(self, device=None, own_wide: bool = True) -> dict[str, Any]:
+        """A new session's state. ``own_wide=False``: without the wide path's, for a caller
+        that steps it (a ``Mixture`` steps all its members' together)."""
         device = device or next(self.parameters()).device
-        state = {"enc": [enc.init_state(device) for enc, _ in self._streams()]}
-        if self.crf is not None:
-            state["crf"] = self.crf.init_state(device)
-        if self.wide is not None:
-            state["wide"] = self.wide.init_state(device)
+        state = {"n": 0, "enc": [enc.init_state(device) for enc, _ in self._streams()]}
+        if self._wide_step is not None and own_wide:
+            state["wide"] = self._wide_step.init_state(device)
+        if self._crf_step is not None:
+            state["crf"] = self._crf_step.init_state(device)
         return state
 
     @torch.no_grad()
-    def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
-        """Append one event to each session. ``events`` tensors are (B, 1, ...).
+    def step(self, states: list[dict], events: dict[str, torch.Tensor], wide: Optional[torch.Tensor] = None
+             ) -> tuple[list[dict], list[torch.Tensor]]:
+        """Append one event to each session. ``events`` tensors are (B, 1, ...). ``wide``: the
+        wide path's rows of the round, (B, enc_lookahead + 1, C), from a caller that steps it
+        (states made with ``own_wide=False``).
 
         Returns the new states and, per session, logits (v, C) for its last v events (the ones
         whose label the new event may still change, oldest first; the oldest is final when
         v == lookahead + 1)."""
         events = with_lex_index(events)
+        n = [s["n"] + 1 for s in states]                                 # events seen
+        new = [{"n": m, "enc": []} for m in n]
+        V = self.enc_lookahead + 1                                       # emission rows
+        dev = events["event"].device
+        # the round's emissions as one (rows, C) tensor, each session's last min(n, V) rows
+        # oldest first, split per session at the end: a few ops per round, not per session
         xs = self.embed(events) if self.embed is not None else []
         if not isinstance(xs, list):
             xs = [xs]
-        new = [{"enc": []} for _ in states]
-        # the round's emissions as one (rows, C) tensor, each session's rows oldest first,
-        # split per session at the end: a few ops per round rather than a few per session
-        emissions, sizes = None, None
+        emissions = None
         for m, ((enc, head), x) in enumerate(zip(self._streams(), xs)):
             enc_states, outs = enc.step([s["enc"][m] for s in states], x[:, 0])
             for ns, es in zip(new, enc_states):
                 ns["enc"].append(es)
             logits = head(torch.cat(outs))
-            sizes = [len(o) for o in outs]
             emissions = logits if emissions is None else emissions + logits
-        if self.wide is not None:
-            V = self.enc_lookahead + 1
-            wide_states, wide = self.wide.step([s["wide"] for s in states], events["lex"][:, 0],
-                                               events["nums"][:, 0], V, events.get("lex_index"))
-            if sizes is None:                                          # the CRF arch: wide only
-                sizes = [min(ws["n"], V) for ws in wide_states]
-            w = wide.reshape(-1, wide.shape[-1])
-            if any(v < V for v in sizes):  # session i's last v_i of its V rows (wide: (B, V, C))
-                w = w[torch.tensor([i * V + j for i, v in enumerate(sizes) for j in range(V - v, V)],
-                                   device=wide.device)]
-            emissions = w if emissions is None else emissions + w
-            for ns, ws in zip(new, wide_states):
-                ns["wide"] = ws
-        emissions = list(emissions.split(sizes))
-        if self.crf is None:
-            return new, emissions
-        crf_states, outs = self.crf.step_many([s["crf"] for s in states], emissions, self.enc_lookahead)
-        for ns, cs in zip(new, crf_states):
-            ns["crf"] = cs
-        return new, outs
-
-
-# ------------------------------------------------------------------------------------------
-# A mixture's CRF members stepped as one
-# ------------------------------------------------------------------------------------------
-
-class CRFBank:
-    """The CRF members of a ``Mixture`` (arch crf, each a ``WidePath`` under a ``LookaheadCRF``)
-    advanced by one event per session together: one set of ops per round for all of them
-    instead of one per member, with the members' own weights (nothing is copied, so what is
-    trained or loaded is what it steps). The members may read different numbers of events
-    before (``wide_past``) and after (``crf_future``) an event; they share the mixture's
-    lookahead L, so each member's segment of the last K = L + 1 events is split into W_m + 1
-    final rows (the CRF's backward window W_m) and Le_m provisional ones (the later events its
-    state features read), with W_m + Le_m + 1 = K.
-
-    A session's state holds, per member, the K rows of emissions and of forward messages of
-    its segment (rows past the final ones are overwritten each round) and one buffer of every
-    member's scores of the last events. ``step`` gives each member's log-marginals for the
-    round's rows, sessions in order, each session's last min(n, K) rows oldest first: what the
-    members' own ``Tagger.step`` gives, concatenated (the test suite checks it)."""
-
-    def __init__(self, members: Sequence["Tagger"]):
-        self.members = list(members)
-        wides, crfs = [m.wide for m in members], [m.crf for m in members]
-        self.Le = [m.enc_lookahead for m in members]                   # provisional rows
-        self.W = [c.W or 0 for c in crfs]                              # backward windows
-        K = {le + w + 1 for le, w in zip(self.Le, self.W)}
-        if len(K) != 1 or len({c.trans.shape[0] for c in crfs}) != 1 or len({w.nums.shape[1] for w in wides}) != 1:
-            raise ConfigError("CRF members stepped together need the same lookahead, labels and numbers")
-        self.K, self.C = K.pop(), crfs[0].trans.shape[0]
-        # the wide paths' buffer: the last Kw events' scores at every member's offsets
-        self.Kw = max(w.P + w.L + 1 for w in wides)
-        self.V = [w.F + 1 for w in wides]                              # emission rows per member
-        self.v_off = list(accumulate(self.V, initial=0))
-        o_off = list(accumulate((w.O for w in wides), initial=0))
-        p_off = list(accumulate((w.P for w in wides), initial=0))
-        terms = []
-        for m, w in enumerate(wides):
-            Km, Vm = w.P + w.L + 1, self.V[m]
-            for j in range(Vm):                                        # row j: depth Vm-1-j
-                for slot, o in enumerate(range(-w.P, min(w.F, Vm - 1 - j) + 1)):
-                    row = Km - Vm + j + o
-                    if 0 <= row < Km:
-                        terms.append((self.v_off[m] + j, row + self.Kw - Km, o_off[m] + slot, o < 0,
-                                      p_off[m] + min(slot, max(w.P - 1, 0))))
-        self._terms = [torch.tensor(t) for t in zip(*terms)]           # js, rows, slots, past, before
-        self.Osum, self.any_past = o_off[-1], p_off[-1] > 0
-        # where each member's emissions go in its segment (the last Le_m + 1 rows); the index
-        # past the last emission row reads a zero row
-        self._ep_index = torch.tensor([[self.v_off[m] + r - (self.K - self.V[m]) if r >= self.K - self.V[m]
-                                        else self.v_off[-1] for r in range(self.K)] for m in range(len(members))])
-        self._cached = torch.tensor([[r < w for r in range(self.K)] for w in self.W])      # (M, K)
-        self.W_min = min(self.W)
-        # the backward chains: one per member to the segment's end, and one per row r < Le_m,
-        # whose window W_m stops short of it (its end row r + W_m)
-        self._chains = [(m, self.K - 1) for m in range(len(members))]
-        self._chains += [(m, r + self.W[m]) for m in range(len(members)) for r in range(self.Le[m])]
-        self._chain_member = torch.tensor([m for m, _ in self._chains])
-        self._chain_end = torch.tensor([e for _, e in self._chains])
-        self.end_min = min(e for _, e in self._chains)
-        self._index_on: dict[str, tuple[torch.Tensor, ...]] = {}
-
-    def _index(self, dev) -> tuple[torch.Tensor, ...]:
-        # the fixed index tensors on the device the weights are on (copied once per device)
-        key = str(dev)
-        if key not in self._index_on:
-            self._index_on[key] = tuple(t.to(dev) for t in (*self._terms, self._ep_index, self._cached,
-                                                            self._chain_member, self._chain_end,
-                                                            torch.arange(self.K)))
-        return self._index_on[key]
-
-    @staticmethod
-    def takes(member: "Tagger") -> bool:
-        """Whether a mixture member is a CRF the bank steps (arch crf: a wide path, no network)."""
-        return member.encoder is None and member.wide is not None and member.crf is not None
-
-    def init_state(self, device) -> dict[str, Any]:
-        M, K, C = len(self.members), self.K, self.C
-        return {"n": 0, "buf": torch.zeros(self.Kw, self.Osum, C, device=device),
-                "seg": torch.zeros(2, M, K, C, device=device)}            # emissions, alphas
-
-    def _scores(self, lex: torch.Tensor, nums: torch.Tensor, index) -> torch.Tensor:
-        # lex (B, X), nums (B, M_n) -> (B, Osum, C): the new event's scores at every member's
-        # offsets (each member's own lookup, then one product for the numbers)
-        B = lex.shape[0]
-        wides = [m.wide for m in self.members]
-        sc = torch.cat([bag(w.table, lex[:, None], index=index) for w in wides], 1)
-        n_nums = wides[0].nums.shape[1]
-        if n_nums:
-            wn = torch.cat([w.nums.transpose(0, 1).reshape(n_nums, w.O * self.C) for w in wides], 1)
-            sc = sc + nums @ wn
-        return sc.reshape(B, self.Osum, self.C)
-
-    def step(self, states: list[dict], events: dict[str, Any]) -> tuple[list[dict], list[torch.Tensor]]:
-        """Each session advanced by one event (``events``: the round's (B, 1, ...) inputs with
-        ``lex_index``). Returns the new states and per member its (rows, C) log-marginals."""
-        wides, crfs = [m.wide for m in self.members], [m.crf for m in self.members]
-        M, K, C = len(self.members), self.K, self.C
-        B = len(states)
-        dev = crfs[0].trans.device
-        n = torch.tensor([s["n"] + 1 for s in states], device=dev)        # events seen
-        n_min = int(n.min())
-        # -- the wide paths: the new event's scores join the buffer; each member's emissions of
-        # its last Le_m + 1 events sum their terms (the order WidePath.step adds them in)
-        new = self._scores(events["lex"][:, 0], events["nums"][:, 0], events.get("lex_index"))
-        buf = torch.cat([torch.stack([s["buf"] for s in states])[:, 1:], new[:, None]], 1)
-        js, rows, slots, past, before, ep_index, cached, cm, ce, arange_k = self._index(dev)
-        val = buf[:, rows, slots]                                        # (B, Q, C)
-        if self.any_past and n_min < self.Kw:     # rows older than a session read before-start
-            fresh = past[None, :] & ((self.Kw - 1 - rows)[None, :] >= n[:, None])
-            val = torch.where(fresh[..., None], torch.cat([w.before_start for w in wides])[before], val)
-        bias = torch.cat([w.bias.expand(v, C) for w, v in zip(wides, self.V)])
-        out = bias.expand(B, -1, -1).clone()
-        out.index_add_(1, js, val)
-        # -- each member's segment: its final rows move up one, its emissions fill the rest
-        # (rows before a session's start hold what they may: no row at or after it reads them,
-        # as the forward messages restart at position 0 and the backward ones read later rows)
-        ep = torch.cat([out, out.new_zeros(B, 1, C)], 1)[:, ep_index].transpose(0, 1)  # (M, B, K, C)
-        pos = n[:, None] - K + arange_k[None]                           # (B, K) position of each row
-        seg = torch.stack([s["seg"] for s in states], 2)                 # (2, M, B, K, C)
-        cached = cached[:, None, :, None]                                # (M, 1, K, 1)
-        e = torch.where(cached, torch.cat([seg[0, :, :, 1:], seg.new_zeros(M, B, 1, C)], 2), ep)
-        trans = torch.stack([c.trans for c in crfs])                     # (M, C, C)
-        # -- forward messages: rows before W_m are cached (the last round's row r + 1), the rest
-        # advance from the row before (the first from the last round's row 0, when W_m is 0),
-        # restarting at a session's first event
-        old = seg[1]
-        alphas = [old[:, :, r] for r in range(self.W_min + 1)]          # rows -1 .. W_min - 1
-        for r in range(self.W_min, K):
-            er = e[:, :, r]
-            a = er + torch.logsumexp(alphas[-1][..., :, None] + trans[:, None], 2)
-            a = a - torch.logsumexp(a, -1, keepdim=True)
-            if n_min <= K:  # some row r may be a session's first event
-                init = er - torch.logsumexp(er, -1, keepdim=True)
-                a = torch.where((pos[:, r] == 0)[None, :, None], init, a)
-            alphas.append(torch.where(cached[:, :, r], old[:, :, r + 1], a) if r < K - 1 else a)
-        alpha = torch.stack(alphas[1:], 2)                               # (M, B, K, C)
-        # -- backward messages: every chain at once, from the segment's end back
-        ec, tc = e[cm], trans[cm][:, None]                               # (N, B, K, C), (N, 1, C, C)
-        betas = [ec.new_zeros(ec.shape[:2] + (C,))]
-        for r in range(K - 2, -1, -1):
-            b = torch.logsumexp(tc + (ec[:, :, r + 1] + betas[-1])[..., None, :], -1)
-            b = b - torch.logsumexp(b, -1, keepdim=True)
-            # a chain that ends at or before row r has nothing after it there
-            betas.append(torch.where((ce > r)[:, None, None], b, torch.zeros_like(b)) if r >= self.end_min else b)
-        chains = torch.stack(betas[::-1], 2)                             # (N, B, K, C)
-        beta = chains[:M]
-        if len(self._chains) > M:
-            beta = beta.clone()
-            for c, (m, end) in enumerate(self._chains[M:], M):
-                r = end - self.W[m]
-                beta[m, :, r] = chains[c, :, r]
-        lm = torch.log_softmax(alpha + beta, -1)                         # (M, B, K, C)
-        seg = torch.stack([e, alpha]).unbind(2)
-        new_states = [{"n": m, "buf": b_, "seg": s_} for m, b_, s_ in zip(n.tolist(), buf.unbind(0), seg)]
-        if n_min >= K:
-            return new_states, list(lm.reshape(M, B * K, C).unbind(0))
-        keep = torch.tensor([i * K + r for i, m in enumerate(n.tolist()) for r in range(K - min(m, K), K)], device=dev)
-        return new_states, list(lm.reshape(M, B * K, C)[:, keep].unbind(0))
+        have = last_rows(n, V, dev)          # where those rows sit among B * V (None: all V)
+        if self._wide_step is not None and wide is None:
+            bufs, wide = self._wide_step.step([s["wide"] for s in states], n, events)
+            for ns, b in zip(new, bufs.unbind(0)):
+                ns["wide"] = b
+        if self._crf_step is None:
+            if wide is not None:
+                w = wide.reshape(-1, wide.shape[-1])
+                w = w if have is None else w[have]
+                emissions = w if emissions is None else emissions + w
+            return new, list(emissions.split([min(m, V) for m in n]))
+        # the CRF reads every session's V rows (B, V, C); rows before a session's start are 0
+        if emissions is not None and have is not None:
+            emissions = emissions.new_zeros(len(n) * V, emissions.shape[-1]).index_copy_(0, have, emissions)
+        if emissions is not None:
+            emissions = emissions.reshape(len(n), V, -1)
+        if wide is not None:
+            emissions = wide if emissions is None else emissions + wide
+        segs, lm = self._crf_step.step([s["crf"] for s in states], n, emissions)
+        for ns, sg in zip(new, segs):
+            ns["crf"] = sg
+        K = self._crf_step.K
+        rows = lm[0].reshape(len(n) * K, -1)
+        keep = last_rows(n, K, dev)
+        return new, list((rows if keep is None else rows[keep]).split([min(m, K) for m in n]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1278,8 +1191,9 @@ class Mixture(nn.Module):
 
     Same interface as ``Tagger``: ``forward`` gives the final (depth L) output, ``step`` the
     outputs of the last v events, each at its own depth; so finals still equal offline.
-    ``step`` advances two or more CRF members as one (``CRFBank``): a further CRF member adds
-    rows to the same ops (and its own lookup), not a set of ops of its own."""
+    ``step`` advances every member's wide path as one (``WideBank``) and the CRF members' CRFs
+    as one (``ChainBank``): a further CRF member adds rows to the same ops (and its own
+    lookup), not a set of ops of its own."""
 
     def __init__(self, args: MixtureConfig):
         super().__init__()
@@ -1296,10 +1210,17 @@ class Mixture(nn.Module):
             raise ConfigError("mixture depth_bias: one row per depth 0..L, one bias per label")
         # None when there is none: older checkpoints load unchanged, and no add per round
         self.register_buffer("bias", None if bias is None else torch.tensor(bias, dtype=torch.float32))
-        # two or more CRF members step as one (a plain attribute: the members own the weights)
-        crf = [i for i, m in enumerate(self.members) if CRFBank.takes(m)]
-        self._in_bank = crf if len(crf) >= 2 else []
-        self.bank = CRFBank([self.members[i] for i in self._in_bank]) if self._in_bank else None
+        # live, every member's wide path steps in one bank, the CRF members' first (their rows
+        # are the CRF bank's emissions), and the CRF members' CRFs in another (plain
+        # attributes: the members own the weights); the networks step themselves, with their
+        # wide path's rows from the bank
+        self._crf_members = [i for i, m in enumerate(self.members) if m.args.arch == "crf"]
+        order = self._crf_members + [i for i, m in enumerate(self.members)
+                                     if m.args.arch != "crf" and m.wide is not None]
+        self.wides = WideBank([self.members[i].wide for i in order]) if order else None
+        self._wide_rows = {i: slice(self.wides.v_off[k], self.wides.v_off[k + 1]) for k, i in enumerate(order)}
+        crfs = [self.members[i] for i in self._crf_members]
+        self.crfs = ChainBank([m.crf for m in crfs], [m.enc_lookahead for m in crfs]) if crfs else None
 
     @property
     def streamable(self) -> bool:
@@ -1328,37 +1249,48 @@ class Mixture(nn.Module):
         return out, None
 
     def init_state(self, device=None) -> dict[str, Any]:
-        # a member in the bank keeps its state in the bank's (None in its own place)
-        state = {"members": [None if i in self._in_bank else m.init_state(device)
-                             for i, m in enumerate(self.members)]}
-        if self.bank is not None:
-            state["bank"] = self.bank.init_state(device or self.weights.device)
+        # a CRF member's state is in the banks' (None in its own place)
+        device = device or self.weights.device
+        crf = set(self._crf_members)
+        state = {"n": 0, "members": [None if i in crf else m.init_state(device, own_wide=False)
+                                     for i, m in enumerate(self.members)]}
+        if self.wides is not None:
+            state["wide"] = self.wides.init_state(device)
+        if self.crfs is not None:
+            state["crf"] = self.crfs.init_state(device)
         return state
 
     @torch.no_grad()
     def step(self, states: list[dict], events: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
-        rows_by_member: list[Optional[torch.Tensor]] = [None] * len(self.members)
-        new = [{"members": [None] * len(self.members)} for _ in states]
         events = with_lex_index(events)  # one lookup plan for every member
-        sizes = None
+        n = [s["n"] + 1 for s in states]                                 # events seen
+        new = [{"n": m, "members": [None] * len(self.members)} for m in n]
+        rows_by_member: list[Optional[torch.Tensor]] = [None] * len(self.members)
+        K = self.args.lookahead + 1                  # every member labels a session's last
+        keep = last_rows(n, K, self.weights.device)  # min(n, K) events
+        wide = None
+        if self.wides is not None:
+            bufs, wide = self.wides.step([s["wide"] for s in states], n, events)
+            for ns, b in zip(new, bufs.unbind(0)):
+                ns["wide"] = b
+        if self.crfs is not None:
+            segs, lm = self.crfs.step([s["crf"] for s in states], n, wide[:, :self.crfs.rows])
+            for ns, sg in zip(new, segs):
+                ns["crf"] = sg
+            lm = lm.reshape(lm.shape[0], len(n) * K, -1)
+            for i, rows in zip(self._crf_members, (lm if keep is None else lm[:, keep]).unbind(0)):
+                rows_by_member[i] = rows
         for i, m in enumerate(self.members):
-            if i in self._in_bank:
+            if rows_by_member[i] is not None:                            # a CRF member
                 continue
-            ms, outs = m.step([s["members"][i] for s in states], events)
+            ms, outs = m.step([s["members"][i] for s in states], events,
+                              wide[:, self._wide_rows[i]] if i in self._wide_rows else None)
             for ns, st in zip(new, ms):
                 ns["members"][i] = st
             rows_by_member[i] = torch.cat(outs)
-            sizes = [len(o) for o in outs]
-        if self.bank is not None:
-            bank_states, rows = self.bank.step([s["bank"] for s in states], events)
-            for ns, st in zip(new, bank_states):
-                ns["bank"] = st
-            for i, r in zip(self._in_bank, rows):
-                rows_by_member[i] = r
-            # every member labels a session's last min(n, L + 1) events
-            sizes = sizes or [min(st["n"], self.bank.K) for st in bank_states]
         # the whole round at once (row-wise ops, so each row is what it would be alone): rows
         # of all sessions stacked, one log_softmax per member, the weights of each row's depth
+        sizes = [min(m, K) for m in n]
         depth = torch.tensor([d for v in sizes for d in range(v - 1, -1, -1)], device=self.weights.device)
         w = self.weights[depth]                                             # (rows, M); row r of a
         mixed = sum(w[:, i:i + 1] * torch.log_softmax(rows, -1)             # session has v-1-r

@@ -346,46 +346,50 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path, biased):
 
 
 @pytest.mark.parametrize("L", [4, 1, 0])
-def test_a_mixtures_crf_members_step_together_as_each_would_alone(L):
-    """The served mixture steps its CRF members as one (``CRFBank``): members that read
-    different numbers of events before and after an event (with L = 1 a member that reads the
-    next event has no backward window left), in rounds that mix sessions at their start
-    (fewer events than the lookahead) with sessions well past it, label every row as the
-    members' own ``step`` would."""
+def test_a_mixtures_members_step_together_as_each_would_alone(L):
+    """The served mixture steps its members' wide paths as one (``WideBank``) and its CRF
+    members' CRFs as one (``ChainBank``): members that read different numbers of events before
+    and after an event (with L = 1 a member that reads the next event has no backward window
+    left), in rounds that mix sessions at their start (fewer events than the lookahead) with
+    sessions well past it, label every row as the members' own ``step`` would, mixed with the
+    weights of the row's depth."""
     from trainer.model import Mixture, MixtureConfig
     torch.manual_seed(0)
     members = [build(make_args("bilstm", "concat", lookahead=L)),
                build(make_args("crf", "concat", lookahead=L, wide_future=0)),
                build(make_args("crf", "concat", lookahead=L, wide_future=1)),
                build(make_args("crf", "concat", lookahead=L, wide_future=2, wide_past=3))]
-    for m in members[1:]:
+    for m in members:
         with torch.no_grad():
-            for p in (m.crf.trans, m.wide.before_start, m.wide.bias):
+            for p in (m.wide.before_start, m.wide.bias) + ((m.crf.trans,) if m.crf is not None else ()):
                 torch.nn.init.normal_(p)
             torch.nn.init.normal_(m.wide.nums, std=0.3)
     weights = [[float(x) for x in torch.rand(len(members))] for _ in range(L + 1)]
     sessions = [session(n, 40 + i) for i, n in enumerate([12, 3, 9, 1, 15, 6])]
     start = [0, 2, 0, 5, 1, 3]                        # rounds mix young and old sessions
+    mix = Mixture(MixtureConfig([m.args.to_args() for m in members], weights)).eval()
+    for m, src in zip(mix.members, members):
+        m.load_state_dict(src.state_dict())
+    assert len(mix.wides.wides) == 4 and len(mix.crfs.crfs) == 3
 
-    def served(banked: bool) -> dict:
-        mix = Mixture(MixtureConfig([m.args.to_args() for m in members], weights)).eval()
-        for m, src in zip(mix.members, members):
-            m.load_state_dict(src.state_dict())
-        assert (mix.bank is not None) and len(mix.bank.members) == 3
-        if not banked:                                # each member's own step
-            mix.bank, mix._in_bank = None, []
+    def served(model, combine=lambda rows: rows[0]) -> dict:
         states, outs = {}, {}
         for t in range(max(b + len(s) for b, s in zip(start, sessions))):
             rnd = [i for i, s in enumerate(sessions) if start[i] <= t < start[i] + len(s)]
             batch = collate([sessions[i].rows(t - start[i], t - start[i] + 1) for i in rnd])
             batch.pop("lengths")
-            new, o = mix.step([states.get(i) or mix.init_state() for i in rnd], batch)
+            new, o = model.step([states.get(i) or model.init_state() for i in rnd], batch)
             for i, st, rows in zip(rnd, new, o):
                 states[i], outs[i, t] = st, rows
         return outs
 
-    together, alone = served(True), served(False)
-    assert together.keys() == alone.keys() and len(together) == sum(len(s) for s in sessions)
-    for key in together:
-        assert together[key].shape == alone[key].shape, key
-        assert torch.allclose(together[key], alone[key], atol=1e-5), key
+    together = served(mix)
+    alone = [served(m.eval()) for m in members]       # each member its own step
+    assert together.keys() == alone[0].keys() and len(together) == sum(len(s) for s in sessions)
+    w = torch.tensor(weights)
+    for key, got in together.items():
+        rows = [a[key] for a in alone]
+        depth = torch.arange(len(got) - 1, -1, -1)
+        want = sum(w[depth, i:i + 1] * torch.log_softmax(r, -1) for i, r in enumerate(rows))
+        assert got.shape == want.shape, key
+        assert torch.allclose(got, want, atol=1e-5), key
