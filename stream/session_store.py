@@ -39,6 +39,8 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 
+import orjson
+
 from stream.redis_client import async_client, unavailable_errors  # one server or a Redis Cluster
 from stream.errors import StreamError
 
@@ -83,8 +85,15 @@ def session_key(prefix: str, sid: str, part: str) -> str:
     return f"{prefix}s:{{{sid}}}:{part}"
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)
+def _dumps(obj: Any) -> bytes | str:
+    # orjson: a session's snapshot (its pending labels' probabilities, mostly floats) in a
+    # tenth of json.dumps' time. Both write what json.loads reads back the same (inputs
+    # with NaN are refused before they get here); json.dumps takes what orjson refuses (a
+    # lone surrogate, an integer past 64 bits).
+    try:
+        return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(obj, separators=(",", ":"), default=str)
 
 
 # Writes one session's snapshot. KEYS: meta, win, ids and, when given, the write-ahead marker
