@@ -1217,10 +1217,10 @@ class Mixture(nn.Module):
         self._crf_members = [i for i, m in enumerate(self.members) if m.args.arch == "crf"]
         order = self._crf_members + [i for i, m in enumerate(self.members)
                                      if m.args.arch != "crf" and m.wide is not None]
-        self.wides = WideBank([self.members[i].wide for i in order]) if order else None
-        self._wide_rows = {i: slice(self.wides.v_off[k], self.wides.v_off[k + 1]) for k, i in enumerate(order)}
+        self.wide_bank = WideBank([self.members[i].wide for i in order]) if order else None
+        self._wide_rows = {i: slice(self.wide_bank.v_off[k], self.wide_bank.v_off[k + 1]) for k, i in enumerate(order)}
         crfs = [self.members[i] for i in self._crf_members]
-        self.crfs = ChainBank([m.crf for m in crfs], [m.enc_lookahead for m in crfs]) if crfs else None
+        self.chain_bank = ChainBank([m.crf for m in crfs], [m.enc_lookahead for m in crfs]) if crfs else None
 
     @property
     def streamable(self) -> bool:
@@ -1254,10 +1254,10 @@ class Mixture(nn.Module):
         crf = set(self._crf_members)
         state = {"n": 0, "members": [None if i in crf else m.init_state(device, own_wide=False)
                                      for i, m in enumerate(self.members)]}
-        if self.wides is not None:
-            state["wide"] = self.wides.init_state(device)
-        if self.crfs is not None:
-            state["crf"] = self.crfs.init_state(device)
+        if self.wide_bank is not None:
+            state["wide"] = self.wide_bank.init_state(device)
+        if self.chain_bank is not None:
+            state["crf"] = self.chain_bank.init_state(device)
         return state
 
     @torch.no_grad()
@@ -1269,12 +1269,12 @@ class Mixture(nn.Module):
         K = self.args.lookahead + 1                  # every member labels a session's last
         keep = last_rows(n, K, self.weights.device)  # min(n, K) events
         wide = None
-        if self.wides is not None:
-            bufs, wide = self.wides.step([s["wide"] for s in states], n, events)
+        if self.wide_bank is not None:
+            bufs, wide = self.wide_bank.step([s["wide"] for s in states], n, events)
             for ns, b in zip(new, bufs.unbind(0)):
                 ns["wide"] = b
-        if self.crfs is not None:
-            segs, lm = self.crfs.step([s["crf"] for s in states], n, wide[:, :self.crfs.rows])
+        if self.chain_bank is not None:
+            segs, lm = self.chain_bank.step([s["crf"] for s in states], n, wide[:, :self.chain_bank.rows])
             for ns, sg in zip(new, segs):
                 ns["crf"] = sg
             lm = lm.reshape(lm.shape[0], len(n) * K, -1)

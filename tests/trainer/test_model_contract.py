@@ -50,16 +50,11 @@ def session(n, seed=0, labels=True):
 
 
 def stream_outputs(model, s):
-    """Label a growing prefix event by event; return the logits each position had when final."""
+    """Label a growing prefix event by event; return the logits each position had when final
+    (its last output: the one with the most later events in)."""
     final = {}
-    state = [model.init_state()]
-    for t in range(len(s)):
-        batch = collate([s.rows(t, t + 1)])
-        batch.pop("lengths")
-        state, outs = model.step(state, batch)
-        o = outs[0]
-        for j in range(len(o)):
-            final[t - len(o) + 1 + j] = o[j]
+    for k, rows in sorted(stream_by_depth(model, s).items()):
+        final.update(rows)
     return torch.stack([final[i] for i in range(len(s))])
 
 
@@ -370,7 +365,7 @@ def test_a_mixtures_members_step_together_as_each_would_alone(L):
     mix = Mixture(MixtureConfig([m.args.to_args() for m in members], weights)).eval()
     for m, src in zip(mix.members, members):
         m.load_state_dict(src.state_dict())
-    assert len(mix.wides.wides) == 4 and len(mix.crfs.crfs) == 3
+    assert len(mix.wide_bank.wides) == 4 and len(mix.chain_bank.crfs) == 3
 
     def served(model, combine=lambda rows: rows[0]) -> dict:
         states, outs = {}, {}
