@@ -74,6 +74,19 @@ def test_closing_and_a_full_rewrite_replace_what_was_there(run_both):
     assert in_redis["c"][1] == [] and in_redis["c"][0]["closed"] is True
 
 
+def test_what_orjson_refuses_is_saved_and_read_back_too(run_both):
+    """Snapshots are written with orjson; what it refuses (a lone surrogate from a JSON escape
+    in a text field, an integer past 64 bits) is written with json.dumps instead, and reads
+    back from Redis as it does from memory."""
+    raw = [{"event_id": "e0", "fields": {"title": "Read: \ud800 x"}}, {"event_id": "e1", "count": 2 ** 70}]
+    s = snap("a", 2, raw=raw, ids=["e0", "e1"])
+    s["ctx"] = {**s["ctx"], "total": 2 ** 70}
+    in_redis, in_memory = run_both([[s]], window=5, sids=["a"])
+    assert in_redis == in_memory
+    meta, window, ids = in_redis["a"]
+    assert window == raw and meta["ctx"]["total"] == 2 ** 70 and ids == {"e0", "e1"}
+
+
 def test_open_index_ttls_and_a_rewrite_with_many_ids(with_redis):
     many = [f"id-{i}" for i in range(12_000)]  # past what one Lua unpack() takes
 
