@@ -580,6 +580,21 @@ class HistoryTransformer(LookaheadTransformer):
         return new_states, outs
 
 
+def crf_advance(alpha: torch.Tensor, e: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """A CRF's forward message, normalised: ``alpha`` (..., C) the previous position's, ``e``
+    (..., C) this one's emissions, ``trans`` (..., C, C) [from, to], broadcast over the leading
+    dimensions (one CRF offline, several side by side live: ``ChainBank``)."""
+    a = e + torch.logsumexp(alpha[..., :, None] + trans, -2)
+    return a - torch.logsumexp(a, -1, keepdim=True)
+
+
+def crf_retreat(nxt: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """A CRF's backward message, normalised: ``nxt`` (..., C) the next position's emissions
+    plus its backward message; ``crf_advance`` run backwards."""
+    b = torch.logsumexp(trans + nxt[..., None, :], -1)
+    return b - torch.logsumexp(b, -1, keepdim=True)
+
+
 class LookaheadCRF(nn.Module):
     """Linear-chain CRF marginals with a bounded backward window.
 
@@ -594,23 +609,12 @@ class LookaheadCRF(nn.Module):
         self.trans = nn.Parameter(torch.zeros(n_labels, n_labels))     # A[from, to]
         self.W = window
 
-    def _advance(self, alpha: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        # alpha: (B, C) previous forward message, e: (B, C) emissions -> (B, C)
-        a = e + torch.logsumexp(alpha[:, :, None] + self.trans[None], 1)
-        return a - torch.logsumexp(a, -1, keepdim=True)
-
-    def _retreat(self, nxt: torch.Tensor) -> torch.Tensor:
-        # nxt: (..., C) emissions plus backward message of the next position -> this
-        # position's backward message (..., C), normalised: _advance run backwards
-        b = torch.logsumexp(self.trans + nxt[..., None, :], -1)
-        return b - torch.logsumexp(b, -1, keepdim=True)
-
     def _beta(self, e: torch.Tensor, next_valid: torch.Tensor, window: int) -> torch.Tensor:
         # e: (B, T, C); next_valid: (B, T) whether t + 1 exists -> beta (B, T, C)
         B, T, C = e.shape
         beta = e.new_zeros(B, T, C)
         for _ in range(window):
-            b = self._retreat(torch.cat([e[:, 1:] + beta[:, 1:], e.new_zeros(B, 1, C)], 1))
+            b = crf_retreat(torch.cat([e[:, 1:] + beta[:, 1:], e.new_zeros(B, 1, C)], 1), self.trans)
             beta = torch.where(next_valid[..., None], b, torch.zeros_like(b))
         return beta
 
@@ -620,7 +624,7 @@ class LookaheadCRF(nn.Module):
         a = e[:, 0] - torch.logsumexp(e[:, 0], -1, keepdim=True)
         alphas = [a]
         for t in range(1, T):
-            a = self._advance(a, e[:, t])
+            a = crf_advance(a, e[:, t], self.trans)
             alphas.append(a)
         alpha = torch.stack(alphas, 1)
         pos = torch.arange(T, device=e.device)
@@ -898,9 +902,11 @@ class ChainBank:
         self._chains = [(m, self.K - 1) for m in range(len(crfs))]
         self._chains += [(m, r + self.W[m]) for m in range(len(crfs)) for r in range(self.Le[m])]
         self.end_min = min(e for _, e in self._chains)
+        # a short chain c of CRF m gives row r = its end - W_m its backward message
+        short = [(m, e - self.W[m], c) for c, (m, e) in enumerate(self._chains) if c >= len(crfs)]
         self._index = [torch.tensor(ep_index), torch.tensor([[r < w for r in range(self.K)] for w in self.W]),
                        torch.tensor([m for m, _ in self._chains]), torch.tensor([e for _, e in self._chains]),
-                       torch.arange(self.K)]
+                       torch.arange(self.K)] + [torch.tensor([x[i] for x in short], dtype=torch.long) for i in range(3)]
         self._on: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def init_state(self, device) -> torch.Tensor:
@@ -917,7 +923,7 @@ class ChainBank:
         dev = emissions.device
         if str(dev) not in self._on:
             self._on[str(dev)] = tuple(t.to(dev) for t in self._index)
-        ep_index, cached, cm, ce, arange_k = self._on[str(dev)]
+        ep_index, cached, cm, ce, arange_k, short_m, short_r, short_c = self._on[str(dev)]
         ep = torch.cat([emissions, emissions.new_zeros(B, 1, C)], 1)[:, ep_index].transpose(0, 1)  # (M, B, K, C)
         seg = torch.stack(list(segs), 2)                                 # (2, M, B, K, C)
         cached = cached[:, None, :, None]                                # (M, 1, K, 1)
@@ -935,8 +941,7 @@ class ChainBank:
         alphas = [old[:, :, r] for r in range(self.W_min + 1)]          # rows -1 .. W_min - 1
         for r in range(self.W_min, K):
             er = e[:, :, r]
-            a = er + torch.logsumexp(alphas[-1][..., :, None] + trans[:, None], 2)
-            a = a - torch.logsumexp(a, -1, keepdim=True)
+            a = crf_advance(alphas[-1], er, trans[:, None])
             if young:
                 a = torch.where((pos[:, r] == 0)[None, :, None], er - torch.logsumexp(er, -1, keepdim=True), a)
             alphas.append(torch.where(cached[:, :, r], old[:, :, r + 1], a) if r < K - 1 else a)
@@ -945,17 +950,14 @@ class ChainBank:
         ec, tc = e[cm], trans[cm][:, None]                               # (N, B, K, C), (N, 1, C, C)
         betas = [ec.new_zeros(ec.shape[:2] + (C,))]
         for r in range(K - 2, -1, -1):
-            b = torch.logsumexp(tc + (ec[:, :, r + 1] + betas[-1])[..., None, :], -1)
-            b = b - torch.logsumexp(b, -1, keepdim=True)
+            b = crf_retreat(ec[:, :, r + 1] + betas[-1], tc)
             # a chain that ends at or before row r has nothing after it there
             betas.append(torch.where((ce > r)[:, None, None], b, torch.zeros_like(b)) if r >= self.end_min else b)
         chains = torch.stack(betas[::-1], 2)                             # (N, B, K, C)
         beta = chains[:M]
         if len(self._chains) > M:            # a short chain's end row r + W_m gives row r's message
             beta = beta.clone()
-            for c, (m, end) in enumerate(self._chains[M:], M):
-                r = end - self.W[m]
-                beta[m, :, r] = chains[c, :, r]
+            beta[short_m, :, short_r] = chains[short_c, :, short_r]
         return list(torch.stack([e, alpha]).unbind(2)), torch.log_softmax(alpha + beta, -1)
 
 
