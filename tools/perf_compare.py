@@ -12,7 +12,9 @@ fresh sessions at ``--rate`` events/s; it prints first-label latency p50/p95/p99
 worker's CPU time per event (user + system, all threads, from /proc). A tree given as
 ``name=path:WAIT`` runs with ``TAGGER_BATCH_WAIT_MS=WAIT``; ``name=faust`` or
 ``name=faust-batched`` runs the bare Faust agents of ``stream.tools.bench_apps`` instead, as a
-floor. Alternating trees on one stack cancels most of the machine's drift; quote medians.
+floor, and ``name=aiokafka`` or ``name=librdkafka`` its bare forwarders on that client (no
+Faust), the floor below that.
+Alternating trees on one stack cancels most of the machine's drift; quote medians.
 
 ``step`` times ``Tagger.step`` rounds of 1, 10 and 64 sessions for a default-size model on
 random inputs (no data, no training): the model's share of a live batch.
@@ -96,7 +98,11 @@ def paced(args: argparse.Namespace) -> None:
                 s = dataclasses.replace(h._settings(name), web_port=free_port(),
                                         batch_wait_ms=float(wait) if wait else base.batch_wait_ms)
                 ensure_topics(s)
-                if path.startswith("faust"):
+                bare = path.startswith("faust") or path in ("aiokafka", "librdkafka")  # forwards input as it came
+                if path in ("aiokafka", "librdkafka"):
+                    proc = h._start(s, f"perf-{name}-{r}", module="stream.tools.bench_apps", args=[path])
+                    proc.wait_logged("[^Worker]: Ready", 120)
+                elif path.startswith("faust"):
                     app = "batched" if path == "faust-batched" else "passthrough"
                     proc = h._start(s, f"perf-{name}-{r}", app=f"stream.tools.bench_apps:{app}",
                                     args=["--without-web", "-l", "info"])
@@ -110,7 +116,7 @@ def paced(args: argparse.Namespace) -> None:
                 time.sleep(2.0)
                 spy = _sampler(proc.proc.pid, out / "profiles" / f"{name}-{r}.txt") if args.profile else None
                 c0, t0 = B._cpu_s(proc.proc.pid), B._thread_cpu_s(proc.proc.pid)
-                _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not path.startswith("faust"))
+                _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not bare)
                 run["cpu_ms_per_event"] = 1000 * (B._cpu_s(proc.proc.pid) - c0) / run["events"]
                 if args.threads:  # the busiest threads (the main thread's id is the pid)
                     t1 = B._thread_cpu_s(proc.proc.pid)
@@ -401,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("paced", help="latency and CPU per event of workers from several source trees")
     p.add_argument("--tree", action="append", required=True, help="NAME=PATH[:BATCH_WAIT_MS], NAME=faust, "
-                   "NAME=faust-batched; repeat the option")
+                   "NAME=faust-batched, NAME=aiokafka, NAME=librdkafka; repeat the option")
     p.add_argument("--rate", type=float, default=700.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=6.0)

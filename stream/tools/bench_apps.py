@@ -5,6 +5,11 @@ forwards every input message unchanged (``stream.events()`` and ``topic.send``, 
 idiomatic Faust way); ``stream.tools.bench_apps:batched`` forwards with the worker's own batch
 loop (``stream.batching.age_bounded_batches`` with the settings' ``batch_max`` and ``batch_wait_ms``, raw producer
 sends, acks awaited per batch), so the gap between it and the worker is the cost of tagging.
+``python -m stream.tools.bench_apps worker [aiokafka|librdkafka]`` runs no Faust at all: one
+group consumer and producer (aiokafka's, or confluent-kafka's over librdkafka) forwarding each
+fetched batch, awaiting its acks, then committing: the floor of what a Python worker on that
+client costs per event (``tools/perf_compare.py paced --tree NAME=aiokafka``, ``NAME=librdkafka``).
+Plaintext brokers only (the embedded stack).
 
 Both read ``Settings.from_env()`` (``TAGGER_KAFKA``, ``TAGGER_APP_ID``,
 ``TAGGER_INPUT_TOPIC``, ``TAGGER_OUTPUT_TOPIC``, ``TAGGER_PARTITIONS``,
@@ -22,7 +27,7 @@ from pathlib import Path
 import faust
 
 from stream.batching import age_bounded_batches
-from stream.settings import Settings, faust_broker_settings
+from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
 
 
 def create_passthrough(settings: Settings, *, batched: bool = False) -> faust.App:
@@ -51,6 +56,69 @@ def create_passthrough(settings: Settings, *, batched: bool = False) -> faust.Ap
     return app
 
 
+async def aiokafka_forward(settings: Settings) -> None:
+    """Copy ``input_topic`` to ``output_topic`` with aiokafka alone, in the consumer group
+    ``app_id``: fetch a batch, send each record, await the acks, commit. Logs Faust's ready
+    line once it holds partitions, so the bench harness waits for it as for a Faust app."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    kw = kafka_client_kwargs(settings)
+    session_ms = int(settings.kafka_session_timeout_s * 1000)
+    consumer = AIOKafkaConsumer(settings.input_topic, group_id=settings.app_id, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=settings.fetch_max_wait_ms,
+                                session_timeout_ms=session_ms, heartbeat_interval_ms=session_ms // 3, **kw)
+    producer = AIOKafkaProducer(acks="all", **kw)
+    await consumer.start()
+    await producer.start()
+    ready = False
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=200, max_records=settings.batch_max)
+            if not ready and consumer.assignment():
+                print("[^Worker]: Ready", flush=True)
+                ready = True
+            acks = [await producer.send(settings.output_topic, value=m.value, key=m.key)
+                    for msgs in batch.values() for m in msgs]
+            if acks:
+                await asyncio.gather(*acks)
+                await consumer.commit()
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def librdkafka_forward(settings: Settings) -> None:
+    """``aiokafka_forward`` with confluent-kafka's consumer and producer (librdkafka fetches
+    and batches in its own threads): wait for a record, take up to ``batch_max`` of those
+    already fetched, produce each, flush (every ack in), commit synchronously."""
+    from confluent_kafka import Consumer, Producer
+    session_ms = int(settings.kafka_session_timeout_s * 1000)
+    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": settings.app_id,
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "fetch.wait.max.ms": settings.fetch_max_wait_ms, "session.timeout.ms": session_ms,
+                         "heartbeat.interval.ms": session_ms // 3})
+    producer = Producer({"bootstrap.servers": settings.kafka, "acks": "all", "linger.ms": 1})
+    consumer.subscribe([settings.input_topic])
+    ready = False
+    try:
+        while True:
+            # wait for one record, then take what has already arrived: consume(n, timeout)
+            # alone would wait for n records or the whole timeout
+            first = consumer.poll(0.2)
+            msgs = [] if first is None else [first, *consumer.consume(settings.batch_max - 1, timeout=0)]
+            if not ready and consumer.assignment():
+                print("[^Worker]: Ready", flush=True)
+                ready = True
+            for m in msgs:
+                if m.error() is None:
+                    producer.produce(settings.output_topic, value=m.value(), key=m.key())
+            if msgs:
+                producer.flush()
+                consumer.commit(asynchronous=False)
+    finally:
+        producer.flush(10)
+        consumer.close()
+
+
 def __getattr__(name: str):
     # `faust -A stream.tools.bench_apps:passthrough` looks the attribute up after import.
     if name in ("passthrough", "batched"):
@@ -58,3 +126,11 @@ def __getattr__(name: str):
         globals()[name] = app
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":  # `python -m stream.tools.bench_apps worker [CLIENT]`, as the harness starts a worker
+    import sys
+    if sys.argv[2:3] == ["librdkafka"]:
+        librdkafka_forward(Settings.from_env())
+    else:
+        asyncio.run(aiokafka_forward(Settings.from_env()))
