@@ -9,7 +9,8 @@ cannot attribute (its figures move by more between runs than most single changes
 ``paced`` starts one embedded stack (tansu + Redis), then alternates workers whose code comes
 from each source tree (a ``git worktree`` of the old commit, say), each fed ``--seconds`` of
 fresh sessions at ``--rate`` events/s; it prints first-label latency p50/p95/p99 and the
-worker's CPU time per event (user + system, all threads, from /proc). A tree given as
+worker's CPU time per event (user + system, all threads, from /proc) and, for a worker, its
+events per batch (its ``tagger_batch_events`` histogram). A tree given as
 ``name=path:WAIT`` runs with ``TAGGER_BATCH_WAIT_MS=WAIT``; ``name=faust`` or
 ``name=faust-batched`` runs the bare Faust agents of ``stream.tools.bench_apps`` instead, as a
 floor, and ``name=aiokafka`` or ``name=librdkafka`` its bare forwarders on that client (no
@@ -116,8 +117,15 @@ def paced(args: argparse.Namespace) -> None:
                 time.sleep(2.0)
                 spy = _sampler(proc.proc.pid, out / "profiles" / f"{name}-{r}.txt") if args.profile else None
                 c0, t0 = B._cpu_s(proc.proc.pid), B._thread_cpu_s(proc.proc.pid)
+                b0 = None if bare else _batches(s)
                 _, run, _ = h._paced(s, proc, {}, args.rate, f"{name}{r}", worker=not bare)
                 run["cpu_ms_per_event"] = 1000 * (B._cpu_s(proc.proc.pid) - c0) / run["events"]
+                if b0 is not None:  # the worker's own count: batches handed to the model
+                    b1 = _batches(s)
+                    run["events_per_batch"] = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1)
+                    run["batches_per_s"] = (b1[1] - b0[1]) / args.seconds
+                    print(f"{name} run {r + 1}: {run['events_per_batch']:.1f} events per batch, "
+                          f"{run['batches_per_s']:.0f} batches/s")
                 if args.threads:  # the busiest threads (the main thread's id is the pid)
                     t1 = B._thread_cpu_s(proc.proc.pid)
                     per = sorted(((t1[t] - t0.get(t, 0.0), t) for t in t1), reverse=True)[:4]
@@ -135,6 +143,11 @@ def paced(args: argparse.Namespace) -> None:
         med = {k: statistics.median(x[k] for x in rs) for k in ("p50_s", "p95_s", "p99_s", "cpu_ms_per_event")}
         print(f"  {name:12s} p50 {1000 * med['p50_s']:.0f} p95 {1000 * med['p95_s']:.0f} p99 {1000 * med['p99_s']:.0f} ms"
               f"  CPU {med['cpu_ms_per_event']:.3f} ms/event")
+
+
+def _batches(s) -> tuple[float, float]:
+    """The worker's ``tagger_batch_events`` histogram: (events, batches) so far."""
+    return B._metric(s, "tagger_batch_events_sum"), B._metric(s, "tagger_batch_events_count")
 
 
 def _sampler(pid: int, raw: Path) -> subprocess.Popen:
