@@ -93,6 +93,7 @@ TARGETS = {"worker_vs_faust": 0.5, "latency_p99_s_at_50pct": 0.050, "cost_ratio_
            "capacity_vs_faust": 0.5, "worker_cpu_ms_per_event_at_500": 0.5}
 P99_TARGET_S = 0.050      # the latency a paced rate must keep to count as within capacity
 CPU_PROBE_RATE = 500.0    # events/s at which the worker's CPU per event is reported
+BARE_KINDS = ("faust", "aiokafka", "librdkafka")  # forwarders without tagging (stream.tools.bench_apps)
 FINAL = b'"final":true'
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 QUALITY_ARCHS = ("bilstm", "transformer", "logreg")
@@ -210,6 +211,7 @@ def _stages(cfg: BenchConfig, res: dict[str, Any], out: Path, run_id: str, timed
         h.close()  # the kept worker: later runs should have the machine to themselves
         res["capacity"] = timed("capacity", h.capacities, [("worker", "worker", 1, None),
                                                             ("faust", "faust", 1, None)])
+        res["client_floor"] = timed("client_floor", h.client_floor)
         cap = res["capacity"]["worker"]
         # loads are fractions of the worker's paced capacity (nothing passed: of the lowest probe)
         paced_max = cap["events_per_s"] or min(p["rate"] for p in cap["probes"])
@@ -242,6 +244,7 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
         "faust_capacity_events_per_s_at_p99_50ms": cap_f["events_per_s"],
         "worker_cpu_ms_per_event_at_500": cap_w["cpu_ms_per_event_at_500"],
         "faust_cpu_ms_per_event_at_500": cap_f["cpu_ms_per_event_at_500"],
+        **{f"{k}_cpu_ms_per_event_at_500": r["cpu_ms_per_event"] for k, r in (res.get("client_floor") or {}).items()},
         "capacity_vs_faust": _ratio(cap_w["events_per_s"], cap_f["events_per_s"]),
         "capacity_window_s": cap_w["window_s"],
         "cluster_capacity_events_per_s_1_worker": (cluster.get("1") or {}).get("events_per_s"),
@@ -447,11 +450,15 @@ class _Harness:
     def _probe(self, kind: str, rate: float, tag: str, *, workers: int = 1,
                redis_url: Optional[str] = None) -> dict[str, Any]:
         seconds = self.cfg.capacity_window_s
-        if kind == "faust":
+        if kind in BARE_KINDS:
             from stream.tools.stack import ensure_topics
             s = self._settings(tag)
             ensure_topics(s, [s.input_topic, s.output_topic])
-            proc = self._start(s, tag, app="stream.tools.bench_apps:passthrough", args=["--without-web", "-l", "info"])
+            if kind == "faust":
+                proc = self._start(s, tag, app="stream.tools.bench_apps:passthrough",
+                                   args=["--without-web", "-l", "info"])
+            else:  # a forwarder on the Kafka client alone (stream.tools.bench_apps)
+                proc = self._start(s, tag, module="stream.tools.bench_apps", args=[kind])
             try:
                 proc.wait_logged("[^Worker]: Ready", 120)
                 time.sleep(1.0)
@@ -471,6 +478,19 @@ class _Harness:
                 p.stop()
         # process CPU (every thread) from the first paced event to the last final label
         return {"rate": rate, **run, "cpu_ms_per_event": round(1000 * (cpu1 - cpu0) / max(run["events"], 1), 4)}
+
+    def client_floor(self) -> dict[str, Any]:
+        """CPU per event of a forwarder on each Kafka client alone (no Faust, no tagging), paced
+        at ``CPU_PROBE_RATE`` for one capacity window: what the client costs any Python worker
+        before its own work (``stream.tools.bench_apps``)."""
+        out = {}
+        for kind in ("aiokafka", "librdkafka"):
+            self.echo(f"client floor, {kind}: {CPU_PROBE_RATE:.0f} events/s for {self.cfg.capacity_window_s:g} s")
+            run = self._probe(kind, CPU_PROBE_RATE, f"floor-{kind}")
+            self.echo(f"  p50 {1000 * run['p50_s']:.1f} ms, p99 {1000 * run['p99_s']:.1f} ms; "
+                      f"process CPU {run['cpu_ms_per_event']:.3f} ms/event")
+            out[kind] = run
+        return out
 
     def cluster_capacity(self, folder: Path) -> dict[str, Any]:
         """Worker capacity with its sessions in a Redis Cluster (three masters on loopback),
@@ -1422,6 +1442,10 @@ def headline_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                                                     if h.get("faust_cpu_ms_per_event_at_500") else ""),
          f"≤ {TARGETS['worker_cpu_ms_per_event_at_500']}",
          "—" if cpu is None else _mark(cpu <= TARGETS["worker_cpu_ms_per_event_at_500"])),
+        *([(f"Kafka client alone at {CPU_PROBE_RATE:.0f} events/s paced, aiokafka / librdkafka (CPU ms/event)",
+            f"{h['aiokafka_cpu_ms_per_event_at_500']:.3f} / {h['librdkafka_cpu_ms_per_event_at_500']:.3f}",
+            "floor of a worker on that client", "")]
+          if h.get("aiokafka_cpu_ms_per_event_at_500") else []),
         *([("capacity on a Redis Cluster (3 masters), 1 / 2 workers (events/s)",
             f"{cluster['1']['events_per_s']:,.0f} / {cluster['2']['events_per_s']:,.0f}", "", "")]
           if cluster else []),
@@ -1596,6 +1620,9 @@ def _capacity_section(res: dict[str, Any]) -> str:
             rows.append((name, f"{p['rate']:,.0f}", f"{p['offered_events_per_s']:,.0f}",
                          f"{1000 * p['p50_s']:.1f}", f"{1000 * p['p99_s']:.1f}", "yes" if p["ok"] else "no",
                          "" if p.get("cpu_ms_per_event") is None else f"{p['cpu_ms_per_event']:.3f}"))
+    for kind, p in (res.get("client_floor") or {}).items():   # one probe each, no search
+        rows.append((f"bare {kind} forwarder (no Faust)", f"{p['rate']:,.0f}", f"{p['offered_events_per_s']:,.0f}",
+                     f"{1000 * p['p50_s']:.1f}", f"{1000 * p['p99_s']:.1f}", "", f"{p['cpu_ms_per_event']:.3f}"))
     text += _md_table(("consumer", "rate", "offered events/s", "p50 ms", "p99 ms", "within target",
                        "process CPU ms/event"), rows)
     text += "\nCapacity: " + ", ".join(f"{name} {c['events_per_s']:,.0f} events/s" for name, c in blocks) + ".\n"

@@ -47,6 +47,12 @@ def test_quick_bench_writes_every_headline_figure_report_and_plots(tmp_path, red
         assert results["capacity"][kind]["events_per_s"] == max([p["rate"] for p in probes if p["ok"]], default=0)
     assert set(results["quality"]["generated"]["models"]) == {"bilstm", "transformer", "logreg"}
     assert all("error" not in m for m in results["quality"]["generated"]["models"].values())
+    # the Kafka clients' own floor: each bare forwarder passed every paced event through
+    for kind in ("aiokafka", "librdkafka"):
+        floor = results["client_floor"][kind]
+        assert floor["rate"] == 500.0 and floor["labelled"] == floor["events"] > 0, (kind, floor)
+        assert 0 < figures[f"{kind}_cpu_ms_per_event_at_500"] < 1000
+    assert "bare librdkafka forwarder (no Faust)" in report
     assert results["headline"] == figures
     assert (out / "readme_table.md").read_text().startswith("`tagger bench --quick")
 
