@@ -1435,7 +1435,7 @@ def headline_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [
         (f"capacity at p99 ≤ {1000 * P99_TARGET_S:.0f} ms, worker / bare Faust agent (events/s, paced, {win})",
          f"{cap_w['events_per_s']:,.0f} / {cap_f['events_per_s']:,.0f}",
-         f"≥ {TARGETS['capacity_vs_faust']:.0%} of Faust agent (ratio {h['capacity_vs_faust']:.2f})",
+         f"≥ {TARGETS['capacity_vs_faust']:.0%} of Faust agent (ratio {h['capacity_vs_faust']:.3f})",
          _mark(h["capacity_vs_faust"] >= TARGETS["capacity_vs_faust"]) if cap_f["events_per_s"] else "—"),
         (f"worker CPU per event at {CPU_PROBE_RATE:.0f} events/s paced (ms; bare Faust agent)",
          ("—" if cpu is None else f"{cpu:.3f}") + (f" ({h['faust_cpu_ms_per_event_at_500']:.3f})"
@@ -1450,7 +1450,7 @@ def headline_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{cluster['1']['events_per_s']:,.0f} / {cluster['2']['events_per_s']:,.0f}", "", "")]
           if cluster else []),
         ("worker throughput, backlog (events/s)", _fmt_summ(tp["worker"]["events_per_s"]),
-         f"≥ {TARGETS['worker_vs_faust']:.0%} of Faust agent (ratio {h['worker_vs_faust']:.2f})",
+         f"≥ {TARGETS['worker_vs_faust']:.0%} of Faust agent (ratio {h['worker_vs_faust']:.3f})",
          _mark(h["worker_vs_faust"] >= TARGETS["worker_vs_faust"])),
         ("bare Faust agent (events/s)", _fmt_summ(tp["faust_passthrough"]["events_per_s"]), "", ""),
         *([("Faust agent, worker's batch loop (events/s)",
