@@ -8,8 +8,9 @@ sends, acks awaited per batch), so the gap between it and the worker is the cost
 ``python -m stream.tools.bench_apps worker [aiokafka|librdkafka]`` runs no Faust at all: one
 group consumer and producer (aiokafka's, or confluent-kafka's over librdkafka) forwarding each
 fetched batch, awaiting its acks, then committing: the floor of what a Python worker on that
-client costs per event (``tools/perf_compare.py paced --tree NAME=aiokafka``, ``NAME=librdkafka``).
-Plaintext brokers only (the embedded stack).
+client costs per event (``tools/perf_compare.py paced --tree NAME=aiokafka``, ``NAME=librdkafka``;
+``tagger bench``'s client floor). The librdkafka one reads no TLS or SASL settings: it is for
+the embedded, plaintext stack.
 
 Both read ``Settings.from_env()`` (``TAGGER_KAFKA``, ``TAGGER_APP_ID``,
 ``TAGGER_INPUT_TOPIC``, ``TAGGER_OUTPUT_TOPIC``, ``TAGGER_PARTITIONS``,
