@@ -103,6 +103,9 @@ class Outbox:
     # the write of the batch's write-ahead markers (stream.in_doubt), started with the model
     # step; awaited before the first send
     ahead: Optional[asyncio.Future] = None
+    # once delivered and persisted: seconds spent sending and awaiting the acks (the
+    # write-ahead markers' wait included), then writing the sessions through
+    timing: Optional[tuple[float, float]] = None
 
 
 class WorkerService:
@@ -409,6 +412,7 @@ class WorkerService:
             await self._written_ahead(box)
         producer = self.app.producer
         futs = []
+        t0 = time.perf_counter()
         try:
             for topic, key, value in box.messages:
                 futs.append(await producer.send(topic, key, value, None, None, None))
@@ -426,7 +430,9 @@ class WorkerService:
             if md is not None and hasattr(md, "offset") and md.offset >= self._label_end.get(md.partition, -1):
                 self._label_end[md.partition] = md.offset + 1
         self._outbox = None
+        t1 = time.perf_counter()
         await self._persist(box.touched, box.closed)
+        box.timing = (t1 - t0, time.perf_counter() - t1)
         for fn in box.after:
             fn()
 
@@ -439,6 +445,7 @@ class WorkerService:
             self._swap(candidate)
         s = self.settings
         box = Outbox()
+        model_s = queue_s = 0.0
         parsed, partitions, published, sources = [], [], {}, []
         for ev in events:
             msg = ev.message
@@ -478,7 +485,9 @@ class WorkerService:
             model_s = time.perf_counter() - t0
             for i, reason, detail in batch.rejected:
                 self._letter(box, sources[i], reason, detail, "session_id")
+            t1 = time.perf_counter()
             self._queue_records(box, self._not_landed(batch.records) if self._doubts else batch.records)
+            queue_s = time.perf_counter() - t1
             box.touched, box.closed = set(batch.touched), set(batch.closed)
             n_ends = sum(1 for e in parsed if e.type == "session_end")
 
@@ -500,6 +509,9 @@ class WorkerService:
         self._outbox = box
         await self._flush_outbox()
         self.metrics.open_sessions.set(len(self.live.sessions))
+        if box.timing is not None and log.isEnabledFor(logging.DEBUG):  # read by `tagger bench`'s profile
+            log.debug("phases: model %.1f queue %.1f ack %.1f save %.1f ms (%d records)", 1000 * model_s,
+                      1000 * queue_s, 1000 * box.timing[0], 1000 * box.timing[1], len(box.messages))
         log.debug("batch of %d in %.1f ms", len(events), 1000 * (time.perf_counter() - started))
 
     async def _restore(self, session_ids: list[str]) -> list[str]:

@@ -27,9 +27,11 @@ so that both sides see the same machine load: the robust before/after for a mode
 on a busy machine, where whole-worker runs move by more than the change. It also prints the
 largest logit difference between the two.
 
-``paced --threads`` also prints each worker's CPU per event by thread (the main thread is
-named; the others by thread id: in a worker the consumer thread Faust starts comes before
-the model's executor thread, which ``--profile``'s py-spy files name).
+``paced --phases`` runs workers at debug level and prints where a batch's wall time went
+(the model step, queueing records, the acks, the Redis save; ``tagger bench``'s
+``batch_phases``). ``paced --threads`` also prints each worker's CPU per event by thread (the
+main thread is named; the others by thread id: in a worker the consumer thread Faust starts
+comes before the model's executor thread, which ``--profile``'s py-spy files name).
 
 ``send`` times aiokafka's per-record ``send`` against its batch API (``create_batch``,
 ``send_batch``) on the embedded broker: the event loop's CPU per label record.
@@ -112,7 +114,7 @@ def paced(args: argparse.Namespace) -> None:
                     B.REPO_ROOT = Path(path).resolve()  # the worker imports this tree's code
                     # a tree from before the top-level CLI (tagger/cli.py) runs `python -m trainer.cli`
                     module = "tagger.cli" if (B.REPO_ROOT / "tagger" / "cli.py").exists() else "trainer.cli"
-                    proc = h._start(s, f"perf-{name}-{r}", module=module)
+                    proc = h._start(s, f"perf-{name}-{r}", module=module, verbose=args.phases)
                     proc.wait_ready(120)
                 time.sleep(2.0)
                 spy = _sampler(proc.proc.pid, out / "profiles" / f"{name}-{r}.txt") if args.profile else None
@@ -135,6 +137,11 @@ def paced(args: argparse.Namespace) -> None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
                 proc.stop()
+                if args.phases and not bare:   # the worker's log is complete now
+                    b = B.batch_phases(proc.log.read_text(errors="replace"))
+                    if b:
+                        print(f"{name} run {r + 1}: batch median {b['batch_ms_median']:.1f} ms; "
+                              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in b["share"].items()))
                 runs[name].append(run)
                 print(f"{name} run {r + 1}: p50 {1000 * run['p50_s']:.0f} p95 {1000 * run['p95_s']:.0f} "
                       f"p99 {1000 * run['p99_s']:.0f} ms, CPU {run['cpu_ms_per_event']:.3f} ms/event", flush=True)
@@ -426,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--threads", action="store_true", help="print the CPU per event of the busiest "
                    "threads (ids; with --profile, py-spy's files name them)")
+    p.add_argument("--phases", action="store_true", help="run workers at debug level and print where "
+                   "their batches' time went (model, queueing, acks, Redis save)")
     p.add_argument("--profile", action="store_true", help="sample each worker with py-spy into OUT/profiles/")
     t = sub.add_parser("top", help="summarise raw py-spy profiles (from paced --profile)")
     t.add_argument("files", nargs="+")

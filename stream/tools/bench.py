@@ -1250,21 +1250,21 @@ def summarize_pyspy(raw: str, top: int = 15) -> dict[str, Any]:
 
 
 def batch_phases(log: str) -> dict[str, Any]:
-    """The worker's debug lines ``phases: model M queue Q ack A ms (R records)`` and ``batch
-    of N in T ms`` -> batch sizes and where a batch's time goes."""
-    ph = np.asarray(re.findall(r"phases: model ([\d.]+) queue ([\d.]+) ack ([\d.]+) ms \((\d+) records\)", log),
-                    dtype=float).reshape(-1, 4)
+    """The worker's debug lines ``phases: model M queue Q ack A save S ms (R records)`` and
+    ``batch of N in T ms`` -> batch sizes and where a batch's time goes."""
+    ph = np.asarray(re.findall(r"phases: model ([\d.]+) queue ([\d.]+) ack ([\d.]+) save ([\d.]+) ms "
+                               r"\((\d+) records\)", log), dtype=float).reshape(-1, 5)
     bt = np.asarray(re.findall(r"batch of (\d+) in ([\d.]+) ms", log), dtype=float).reshape(-1, 2)
     if not len(ph) or not len(bt):
         return {}
     total = float(bt[:, 1].sum())
-    model, queue, ack = (float(x) for x in ph[:, :3].sum(0))
+    model, queue, ack, save = (float(x) for x in ph[:, :4].sum(0))
     return {"batches": int(len(bt)), "events_median": float(np.median(bt[:, 0])),
             "events_mean": round(float(bt[:, 0].mean()), 1), "events_max": int(bt[:, 0].max()),
             "batch_ms_median": float(np.median(bt[:, 1])), "total_ms": round(total, 1),
             "share": {"model (executor)": round(model / total, 3), "produce (queue records)": round(queue / total, 3),
-                      "broker acks": round(ack / total, 3),
-                      "other (parse, Redis load/save, metrics)": round(1 - (model + queue + ack) / total, 3)}}
+                      "broker acks": round(ack / total, 3), "Redis save": round(save / total, 3),
+                      "other (parse, Redis load, metrics)": round(1 - (model + queue + ack + save) / total, 3)}}
 
 
 def _thread_name(frame: str) -> str:

@@ -74,11 +74,12 @@ def test_pyspy_summary_counts_busy_samples_per_thread_and_function():
 
 
 def test_batch_phases_split_the_batch_time():
-    log = ("phases: model 30.0 queue 5.0 ack 5.0 ms (10 records)\nbatch of 8 in 50.0 ms\n"
-           "phases: model 10.0 queue 0.0 ack 0.0 ms (2 records)\nbatch of 2 in 10.0 ms\n")
+    log = ("phases: model 30.0 queue 5.0 ack 5.0 save 4.0 ms (10 records)\nbatch of 8 in 50.0 ms\n"
+           "phases: model 10.0 queue 0.0 ack 0.0 save 2.0 ms (2 records)\nbatch of 2 in 10.0 ms\n")
     b = batch_phases(log)
     assert b["batches"] == 2 and b["events_max"] == 8
     assert b["share"]["model (executor)"] == pytest.approx(40 / 60, abs=1e-3)
+    assert b["share"]["Redis save"] == pytest.approx(6 / 60, abs=1e-3)
     assert sum(b["share"].values()) == pytest.approx(1.0, abs=1e-3)
 
 

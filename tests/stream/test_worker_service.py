@@ -167,6 +167,18 @@ def test_a_batch_is_labelled_and_written_through(service, messages):
     assert service.dependencies()["redis"]
 
 
+def test_at_debug_level_each_batch_logs_where_its_time_went(service, messages, caplog):
+    """The lines `tagger bench`'s profile stage splits a batch's time with."""
+    from stream.tools.bench import batch_phases
+    caplog.set_level(logging.DEBUG, logger="tagger.worker")
+    evs = _events(messages)
+    asyncio.run(service.handle(evs))
+    b = batch_phases(caplog.text)
+    assert b["batches"] == 1 and b["events_max"] == len(evs)
+    assert b["share"]["model (executor)"] > 0 and b["share"]["Redis save"] > 0
+    assert sum(b["share"].values()) == pytest.approx(1.0, abs=1e-2)
+
+
 def test_a_failed_save_loses_no_delta_and_dead_letters_nothing(service, messages):
     """A save refused by Redis (OOM, NOPERM, READONLY) keeps the sessions in memory and
     rewrites them in full later: the store ends up with every event id and the window."""
