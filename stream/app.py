@@ -408,11 +408,11 @@ class WorkerService:
         box = self._outbox
         if box is None:
             return
+        t0 = time.perf_counter()
         if box.ahead is not None:
             await self._written_ahead(box)
         producer = self.app.producer
         futs = []
-        t0 = time.perf_counter()
         try:
             for topic, key, value in box.messages:
                 futs.append(await producer.send(topic, key, value, None, None, None))

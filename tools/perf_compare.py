@@ -101,8 +101,8 @@ def paced(args: argparse.Namespace) -> None:
                 s = dataclasses.replace(h._settings(name), web_port=free_port(),
                                         batch_wait_ms=float(wait) if wait else base.batch_wait_ms)
                 ensure_topics(s)
-                bare = path.startswith("faust") or path in ("aiokafka", "librdkafka")  # forwards input as it came
-                if path in ("aiokafka", "librdkafka"):
+                bare = path.startswith("faust") or path in B.CLIENT_FORWARDERS  # forwards input as it came
+                if path in B.CLIENT_FORWARDERS:
                     proc = h._start(s, f"perf-{name}-{r}", module="stream.tools.bench_apps", args=[path])
                     proc.wait_logged("[^Worker]: Ready", 120)
                 elif path.startswith("faust"):

@@ -83,6 +83,7 @@ import numpy as np
 
 from stream.errors import StackError
 from stream.settings import FETCH_MAX_WAIT_MS, Settings, kafka_client_kwargs
+from stream.tools.bench_apps import CLIENT_FORWARDERS
 from stream.tools.processes import REPO_ROOT, WorkerProcess, free_port, metric_value, run_sync, wait_until
 
 HEADLINE_KEYS = ("worker_events_per_s", "faust_passthrough_events_per_s",
@@ -93,7 +94,7 @@ TARGETS = {"worker_vs_faust": 0.5, "latency_p99_s_at_50pct": 0.050, "cost_ratio_
            "capacity_vs_faust": 0.5, "worker_cpu_ms_per_event_at_500": 0.5}
 P99_TARGET_S = 0.050      # the latency a paced rate must keep to count as within capacity
 CPU_PROBE_RATE = 500.0    # events/s at which the worker's CPU per event is reported
-BARE_KINDS = ("faust", "aiokafka", "librdkafka")  # forwarders without tagging (stream.tools.bench_apps)
+BARE_KINDS = ("faust", *CLIENT_FORWARDERS)  # forwarders without tagging (stream.tools.bench_apps)
 FINAL = b'"final":true'
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 QUALITY_ARCHS = ("bilstm", "transformer", "logreg")
@@ -484,7 +485,7 @@ class _Harness:
         at ``CPU_PROBE_RATE`` for one capacity window: what the client costs any Python worker
         before its own work (``stream.tools.bench_apps``)."""
         out = {}
-        for kind in ("aiokafka", "librdkafka"):
+        for kind in CLIENT_FORWARDERS:
             self.echo(f"client floor, {kind}: {CPU_PROBE_RATE:.0f} events/s for {self.cfg.capacity_window_s:g} s")
             run = self._probe(kind, CPU_PROBE_RATE, f"floor-{kind}")
             self.echo(f"  p50 {1000 * run['p50_s']:.1f} ms, p99 {1000 * run['p99_s']:.1f} ms; "
@@ -846,6 +847,8 @@ class _Records:
 async def _aiokafka_loop(kw: dict, src: str, dst: str, partitions: int, n: int) -> None:
     """The bare consume -> produce loop: poll a batch, send each message, await the acks."""
     from aiokafka import AIOKafkaProducer, TopicPartition
+
+    from stream.tools.bench_apps import forward_fetched
     c = _consumer(kw)
     producer = AIOKafkaProducer(acks="all", **kw)
     await c.start()
@@ -857,13 +860,7 @@ async def _aiokafka_loop(kw: dict, src: str, dst: str, partitions: int, n: int) 
             await c.seek_to_beginning(tp)
         done = 0
         while done < n:
-            batch = await c.getmany(timeout_ms=200, max_records=500)
-            futs = []
-            for msgs in batch.values():
-                for m in msgs:
-                    futs.append(await producer.send(dst, value=m.value, key=m.key))
-            await asyncio.gather(*futs)
-            done += len(futs)
+            done += await forward_fetched(c, producer, dst, 500)
     finally:
         await producer.stop()
         await c.stop()

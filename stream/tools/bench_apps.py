@@ -24,15 +24,19 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
-
-import faust
+from typing import TYPE_CHECKING, Any
 
 from stream.batching import age_bounded_batches
 from stream.settings import Settings, faust_broker_settings, kafka_client_kwargs
 
+if TYPE_CHECKING:
+    import faust
+
 
 def create_passthrough(settings: Settings, *, batched: bool = False) -> faust.App:
     """A Faust app whose one agent copies ``input_topic`` to ``output_topic``."""
+    import faust  # deferred: `tagger bench` imports this module for its names alone
+
     datadir = Path(tempfile.gettempdir()) / f"tagger-faust-{settings.app_id}"
     app = faust.App(settings.app_id, **faust_broker_settings(settings, datadir=datadir))
     src = app.topic(settings.input_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -57,6 +61,15 @@ def create_passthrough(settings: Settings, *, batched: bool = False) -> faust.Ap
     return app
 
 
+async def forward_fetched(consumer: Any, producer: Any, topic: str, max_records: int) -> int:
+    """One round of a bare aiokafka consume -> produce loop: fetch up to ``max_records``, send
+    each to ``topic`` with its key, await every ack; returns how many were forwarded."""
+    batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
+    acks = [await producer.send(topic, value=m.value, key=m.key) for msgs in batch.values() for m in msgs]
+    await asyncio.gather(*acks)
+    return len(acks)
+
+
 async def aiokafka_forward(settings: Settings) -> None:
     """Copy ``input_topic`` to ``output_topic`` with aiokafka alone, in the consumer group
     ``app_id``: fetch a batch, send each record, await the acks, commit. Logs Faust's ready
@@ -73,14 +86,11 @@ async def aiokafka_forward(settings: Settings) -> None:
     ready = False
     try:
         while True:
-            batch = await consumer.getmany(timeout_ms=200, max_records=settings.batch_max)
+            n = await forward_fetched(consumer, producer, settings.output_topic, settings.batch_max)
             if not ready and consumer.assignment():
                 print("[^Worker]: Ready", flush=True)
                 ready = True
-            acks = [await producer.send(settings.output_topic, value=m.value, key=m.key)
-                    for msgs in batch.values() for m in msgs]
-            if acks:
-                await asyncio.gather(*acks)
+            if n:
                 await consumer.commit()
     finally:
         await producer.stop()
@@ -129,9 +139,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":  # `python -m stream.tools.bench_apps worker [CLIENT]`, as the harness starts a worker
+# the forwarders on a Kafka client alone, by the name `worker CLIENT` takes
+CLIENT_FORWARDERS = {"aiokafka": lambda s: asyncio.run(aiokafka_forward(s)), "librdkafka": librdkafka_forward}
+
+
+if __name__ == "__main__":  # `python -m stream.tools.bench_apps worker CLIENT`, as the harness starts a worker
     import sys
-    if sys.argv[2:3] == ["librdkafka"]:
-        librdkafka_forward(Settings.from_env())
-    else:
-        asyncio.run(aiokafka_forward(Settings.from_env()))
+    client = sys.argv[2] if len(sys.argv) > 2 else "aiokafka"
+    if sys.argv[1:2] != ["worker"] or client not in CLIENT_FORWARDERS:
+        sys.exit(f"usage: python -m stream.tools.bench_apps worker [{'|'.join(CLIENT_FORWARDERS)}]")
+    CLIENT_FORWARDERS[client](Settings.from_env())
