@@ -14,7 +14,10 @@ revision, so they deduplicate) but none is lost. Before a batch's label records 
 its sessions get write-ahead markers in Redis (written while the model runs), removed by the
 save after the acks; a worker that dies in between (or stops with records unacknowledged,
 which also marks them) leaves them, and the next owner reads the label topic back instead of
-sending again what landed (``stream.in_doubt``).
+sending again what landed (``stream.in_doubt``). With ``TAGGER_OVERLAP`` (on by default) the
+next batch is tagged while a batch's output waits for its acks and its save: the batch's
+sessions are snapshotted when its tagging ends, its offsets are committed only after both, and
+the next batch's sends wait for them (``WorkerService.handle``).
 
 Errors are classified where they happen. Bad input (and only bad input) goes to the DLQ.
 Infrastructure failures never do: a Redis failure (``StoreUnavailable``: connection, timeout,
@@ -106,6 +109,16 @@ class Outbox:
     # once delivered and persisted: seconds spent sending and awaiting the acks (the
     # write-ahead markers' wait included), then writing the sessions through
     timing: Optional[tuple[float, float]] = None
+    # With overlap (``WorkerService.handle``), taken when the batch's tagging ended, before
+    # the next batch changes its sessions: their snapshots, the deltas those hold
+    # (``LiveTagger.pending_deltas``) and the sessions whose write-ahead markers the save
+    # removes. None: taken when the sessions are saved (``_persist``).
+    snaps: Optional[list[dict[str, Any]]] = None
+    marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    unmark: list[str] = field(default_factory=list)
+    # the batch's input events and the coroutine that acknowledges one, called for each once
+    # the output is delivered and saved (overlap); None: ``handle`` acknowledges them
+    acks: Optional[tuple[Any, list]] = None
 
 
 class WorkerService:
@@ -138,6 +151,15 @@ class WorkerService:
         self._last_rewrite = 0.0
         self._closed_unsaved: set[str] = set()
         self._outbox: Optional[Outbox] = None
+        # Overlap: the flush of the last batch (sends, acks, save), running while the next
+        # batch is tagged, and its outbox. What its save changes in memory (deltas handed to
+        # the store, closed sessions dropped) waits in _deferred while a batch is tagged.
+        self._inflight: Optional[asyncio.Future] = None
+        self._inflight_box: Optional[Outbox] = None
+        self._tagging = False
+        self._deferred: list[Any] = []
+        # the sessions of the batch being tagged, until its outbox holds their output
+        self._tagging_sids: set[str] = set()
         self._duplicate_run = 0
         self._broker_ok_at: Optional[float] = None
         # inactivity is only measured while events can arrive: a failed send or broker probe
@@ -186,6 +208,13 @@ class WorkerService:
         """Records sent (or to send) that the broker has not acknowledged yet."""
         return len(self._outbox.messages) if self._outbox is not None else 0
 
+    async def settle(self) -> None:
+        """Wait until the last batch's output is delivered and its sessions saved (with
+        overlap it may still be in flight when ``handle`` returns); a broker or Redis failure
+        is waited out as a batch would wait it out."""
+        async with self.lock:
+            await self._until_infrastructure_works(self._settle)
+
     async def drain(self, timeout_s: float = 2.0) -> bool:
         """Before a shutdown: wait up to ``timeout_s`` for the batch in progress and any held
         output to go through, then check the broker. True when nothing is left in flight and
@@ -197,11 +226,12 @@ class WorkerService:
         except asyncio.TimeoutError:
             return False   # a batch is still waiting for its acks
         try:
-            if self._outbox is not None:
-                try:
+            try:
+                await asyncio.wait_for(self._settle(), max(0.1, deadline - time.monotonic()))
+                if self._outbox is not None:
                     await asyncio.wait_for(self._flush_outbox(), max(0.1, deadline - time.monotonic()))
-                except Exception:
-                    return False
+            except Exception:
+                return False
             try:
                 await asyncio.wait_for(self._probe_broker(), max(1.5, deadline - time.monotonic()))
             except Exception:
@@ -216,7 +246,13 @@ class WorkerService:
         not committed and its sessions stay in Redis as of their last delivered records, so
         the next owner labels those events again (the records it emits are exact repeats of
         any that did arrive)."""
-        if self._outbox is not None and not self.lock.locked():
+        flight = self._inflight
+        if flight is not None and not flight.done():
+            # the last batch's output, in flight: give it as long as a held outbox gets below
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(flight), 3.0)
+        flying = flight is not None and not flight.done()
+        if self._outbox is not None and not self.lock.locked() and not flying:
             # (a batch holding the lock is still waiting on these sends: sending them again
             # would put a second copy in the producer's queue)
             with contextlib.suppress(Exception):
@@ -227,7 +263,10 @@ class WorkerService:
             self._last_rewrite = 0.0
             # last chance to hand the sessions on, but none whose output is undelivered:
             # memory is ahead of the labels for those, and the next owner would skip the events
-            held = self._outbox.touched if self._outbox is not None else set()
+            held = set(self._tagging_sids)
+            for box in (self._outbox, self._inflight_box if flying else None):
+                if box is not None:
+                    held |= box.touched
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._persist([], [], skip=held), 3.0)
         if self._probe is not None:
@@ -307,16 +346,32 @@ class WorkerService:
         self.metrics.model_event(result, version)
 
     # ---- the batch loop -----------------------------------------------------------------
-    async def handle(self, events: list) -> None:
+    async def handle(self, events: list, ack=None) -> None:
         """Process a batch. A Redis or Kafka failure is waited out (the batch is retried with
         backoff, its output kept in the outbox); any other failure processes its events one
         by one, so that a poison message goes to the DLQ (reason ``processing_error``) and the
-        rest flow."""
+        rest flow.
+
+        ``ack`` (the agent's ``stream.ack``) acknowledges an input event; the batching then
+        leaves that to the worker. With it and ``settings.overlap``, a batch's output is sent,
+        acknowledged by the broker and saved while the next batch is tagged: ``handle``
+        returns once the batch is tagged and its output queued, and its events are
+        acknowledged once that output is delivered and its sessions saved. Each batch's sends
+        and save start only after the previous batch's have finished, so a session's records
+        stay in order and no older snapshot is written over a newer one. Without ``ack`` the
+        batch is done, output and save, when ``handle`` returns."""
         # Faust starts the agent before the _Lifecycle service has loaded the model
         await self.model_ready.wait()
+        overlap = ack if self.settings.overlap else None
+        handed = False   # the batch's input acknowledgements went with its output in flight
+
+        async def step() -> None:
+            nonlocal handed
+            handed = await self._handle(events, overlap)
+
         async with self.lock:
             try:
-                await self._until_infrastructure_works(lambda: self._handle(events))
+                await self._until_infrastructure_works(step)
             except Exception:
                 log.exception("batch of %d failed; retrying its events one by one", len(events))
                 for ev in events:
@@ -334,6 +389,9 @@ class WorkerService:
             if self.catch_up.active:   # labelled or dead-lettered, every one
                 for ev in events:
                     self.catch_up.processed(ev.message.partition, ev.message.offset)
+            if ack is not None and not handed:
+                for ev in events:
+                    await ack(ev)
 
     async def _until_infrastructure_works(self, step) -> None:
         """Run ``step``; while it fails on Redis or Kafka, wait (0.5 s doubling to 5 s) and
@@ -341,22 +399,28 @@ class WorkerService:
         exceptions propagate."""
         delay = 0.5
         queued = False  # the step ran far enough to leave its output in the outbox
+        retry = False
         while True:
             stepped = False
+            before = None
             try:
-                if self._outbox is not None:  # an earlier output first (order per session)
-                    await self._flush_outbox()
+                if retry:
+                    await self._settle()   # the batch in flight (overlap) failed: its outbox first
+                if self._outbox is not None and self._inflight is None:
+                    await self._flush_outbox()   # an earlier output first (order per session)
                 if queued:
                     return   # the failed step's output went through: it is done
-                stepped = True
+                stepped, before = True, self._outbox
                 await step()
                 return
             except Exception as exc:
                 component = infrastructure(exc)
                 if component is None:
                     raise
-                queued = queued or (stepped and self._outbox is not None)
+                # (an outbox that was there before the step is the batch in flight, not its own)
+                queued = queued or (stepped and self._outbox is not None and self._outbox is not before)
                 self._infra_failed(component, exc, "batch held; retrying")
+            retry = True
             await asyncio.sleep(delay)
             delay = min(2 * delay, 5.0)
 
@@ -431,15 +495,79 @@ class WorkerService:
                 self._label_end[md.partition] = md.offset + 1
         self._outbox = None
         t1 = time.perf_counter()
-        await self._persist(box.touched, box.closed)
+        if box.snaps is not None:
+            await self._save_taken(box)
+        else:
+            await self._persist(box.touched, box.closed)
         box.timing = (t1 - t0, time.perf_counter() - t1)
         for fn in box.after:
             fn()
+        if box.acks is not None:
+            ack, events = box.acks
+            for ev in events:
+                await ack(ev)
 
-    async def _handle(self, events: list) -> None:
+    async def _settle(self) -> None:
+        """Wait for the batch whose output is in flight (overlap), then finish what its save
+        left for after the tagging. Raises as its flush did (its outbox is kept for a retry)."""
+        await self._landed()
+        self._run_deferred()
+
+    async def _landed(self) -> None:
+        """Wait for the flush in flight, if any (a cancelled wait leaves it running)."""
+        flight = self._inflight
+        if flight is None:
+            return
+        try:
+            await asyncio.shield(flight)
+        finally:
+            if flight.done():
+                self._inflight = self._inflight_box = None
+
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for fn in deferred:
+            fn()
+
+    async def _save_taken(self, box: Outbox) -> None:
+        """``_persist`` for a batch whose snapshots were taken when its tagging ended
+        (overlap). The save is the same; what it changes in memory waits while the next batch
+        is tagged. Once the store has failed, the full rewrite of ``_persist`` (taken by the
+        next batch, which does not overlap then) writes these sessions instead."""
+        self._closed_unsaved.update(box.closed)
+        if self._store_stale:
+            return
+        try:
+            await self.store.save(box.snaps, self.live.window_size, unmark=box.unmark)
+        except StoreUnavailable as exc:
+            self._write_failed(exc, "sessions stay in memory and are rewritten when it is back")
+            return
+        self._redis_ok_at = time.monotonic()
+        for sid in box.unmark:
+            self._ahead.pop(sid, None)
+        self._closed_unsaved.difference_update(box.closed)
+
+        def in_memory() -> None:
+            self.live.saved(box.marks)
+            sessions = self.live.sessions
+            # (a session the next batch reopened with a late event stays)
+            self.live.drop([sid for sid in box.closed if sid in sessions and sessions[sid].closed])
+
+        if self._tagging:
+            self._deferred.append(in_memory)
+        else:
+            in_memory()
+
+    async def _handle(self, events: list, ack=None) -> bool:
+        """Tag a batch and deliver its output. With ``ack`` (overlap, see ``handle``) the
+        tagging runs while the previous batch's output is in flight, and this batch's output is
+        left in flight in turn: returns True when its input acknowledgements went with it."""
         assert self.live is not None
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        flight = self._inflight
+        if flight is not None and (ack is None or flight.done()):
+            await self._settle()
         candidate = self.holder.take_candidate()
         if candidate is not None:
             self._swap(candidate)
@@ -464,24 +592,52 @@ class WorkerService:
                 published[(e.session_id, e.event_id)] = float(pub) if isinstance(pub, (int, float)) else (
                     msg.timestamp if msg.timestamp else time.time())
         if parsed:
-            missing = list({e.session_id for e in parsed} - self.live.sessions.keys())
+            sids = {e.session_id for e in parsed}
+            missing = list(sids - self.live.sessions.keys())
+            if self._inflight is not None and (self._doubts or self._store_stale
+                                               or any(sid in self._ahead for sid in missing)):
+                # Redis holds a missing session as of its last save (the batch in flight
+                # saves only sessions held here), but resolving doubts, a rewrite or a marker
+                # the flight removes wait for it
+                await self._settle()
+                missing = list(sids - self.live.sessions.keys())
             if missing:
                 try:
                     await self._restore(missing)
                 except StoreUnavailable as exc:
                     self._infra_failed("redis", exc, "continuing with in-memory state only")
-            # written while the model runs; the send waits for it (_flush_outbox)
-            box.ahead = self._mark_ahead({e.session_id for e in parsed})
+            flight = self._inflight
+            if flight is None:
+                # written while the model runs; the send waits for it (_flush_outbox)
+                box.ahead = self._mark_ahead(sids)
+            else:
+                # the sessions the flight's save will hold are not evicted before it has
+                self.live.pinned = self._inflight_box.touched
+                self._tagging = True
             t0 = time.perf_counter()
+            self._tagging_sids = sids
+            tagged = loop.run_in_executor(self.executor, self.live.process, parsed, partitions)
             try:
-                batch = await loop.run_in_executor(self.executor, self.live.process, parsed, partitions)
+                if flight is not None:
+                    await self._landed()
+                    # after the flight's save, which removes the markers it covers
+                    box.ahead = self._mark_ahead(sids)
+                batch = await tagged
             except BaseException:
+                if not tagged.done():   # the model thread still changes these sessions
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(tagged)
+                self._tagging, self.live.pinned = False, frozenset()
+                self._run_deferred()
                 # Redis holds every session as of the last completed batch; memory may now be
                 # ahead of it. Forget this batch's sessions so a retry (or the next owner)
                 # resumes them from Redis and labels these events again instead of skipping
                 # them as already seen. Repeated records deduplicate by revision.
-                self.live.drop({e.session_id for e in parsed})
+                self.live.drop(sids)
+                self._tagging_sids = set()
                 raise
+            self._tagging, self.live.pinned = False, frozenset()
+            self._run_deferred()
             model_s = time.perf_counter() - t0
             for i, reason, detail in batch.rejected:
                 self._letter(box, sources[i], reason, detail, "session_id")
@@ -506,13 +662,33 @@ class WorkerService:
                 self.metrics.batch_size.observe(len(events))
                 self._count_duplicates(batch.accepted, batch.duplicates)
             box.after.append(count)
+
+        def phases() -> None:
+            if log.isEnabledFor(logging.DEBUG):   # read by `tagger bench`'s profile
+                log.debug("phases: model %.1f queue %.1f ack %.1f save %.1f ms (%d records)", 1000 * model_s,
+                          1000 * queue_s, 1000 * box.timing[0], 1000 * box.timing[1], len(box.messages))
+        box.after.append(phases)
+        if self._inflight is not None:   # (a batch of dead letters only: nothing was tagged)
+            await self._settle()
         self._outbox = box
-        await self._flush_outbox()
+        self._tagging_sids = set()
+        overlap = ack is not None and not self._store_stale and not self._doubts
+        if overlap:
+            # the snapshots now, before the next batch changes these sessions
+            kept = [sid for sid in box.touched if sid in self.live.sessions]
+            box.marks = self.live.pending_deltas(kept)
+            box.snaps = [self.live.snapshot(sid, clear=False) for sid in kept]
+            box.unmark = list(self._ahead)
+            box.acks = (ack, events)
+            self._inflight_box = box
+            self._inflight = asyncio.ensure_future(self._flush_outbox())
+            # (a failure is raised to whoever waits for it next: _settle)
+            self._inflight.add_done_callback(lambda f: f.cancelled() or f.exception())
+        else:
+            await self._flush_outbox()
         self.metrics.open_sessions.set(len(self.live.sessions))
-        if box.timing is not None and log.isEnabledFor(logging.DEBUG):  # read by `tagger bench`'s profile
-            log.debug("phases: model %.1f queue %.1f ack %.1f save %.1f ms (%d records)", 1000 * model_s,
-                      1000 * queue_s, 1000 * box.timing[0], 1000 * box.timing[1], len(box.messages))
         log.debug("batch of %d in %.1f ms", len(events), 1000 * (time.perf_counter() - started))
+        return overlap
 
     async def _restore(self, session_ids: list[str]) -> list[str]:
         """Load these sessions from the store into memory (those it has; returned). Sessions
@@ -734,6 +910,7 @@ class WorkerService:
                 self._timer_failed("sweep", exc)
 
     async def _sweep(self) -> None:
+        await self._settle()
         if self._outbox is not None:
             await self._flush_outbox()
         if self._store_stale:
@@ -909,6 +1086,9 @@ class WorkerService:
         if not lost or self.live is None:
             return
         async with self.lock:
+            # the last batch's output first, as a batch in progress would (and its save, which
+            # must not land after the new owner has resumed these sessions)
+            await self._until_infrastructure_works(self._settle)
             if self._store_stale:  # the new owner resumes from Redis: give it what we hold
                 self._last_rewrite = 0.0
                 # (but not sessions whose output is held unacknowledged: see stop)
@@ -982,8 +1162,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, store: Ses
 
     @app.agent(events)
     async def tag(stream):
-        async for batch in age_bounded_batches(stream, settings.batch_max, settings.batch_wait_ms / 1000):
-            await service.handle(batch)
+        # with overlap the worker acknowledges each batch once its output is delivered and saved
+        ack = stream.ack if settings.overlap else None
+        async for batch in age_bounded_batches(stream, settings.batch_max, settings.batch_wait_ms / 1000,
+                                               ack=ack is None):
+            await service.handle(batch, ack)
 
     @app.timer(interval=max(0.5, min(5.0, settings.inactivity_s / 4)))
     async def _sweep() -> None:

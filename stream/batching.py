@@ -24,10 +24,12 @@ import asyncio
 from typing import Any, AsyncIterator
 
 
-async def age_bounded_batches(stream: Any, max_: int, wait_s: float) -> AsyncIterator[list]:
+async def age_bounded_batches(stream: Any, max_: int, wait_s: float, *, ack: bool = True) -> AsyncIterator[list]:
     """Yield lists of Faust events from ``stream``: at most ``max_`` each, handed over when the
     oldest has waited ``wait_s`` seconds. The events of a batch are acknowledged when the next
-    batch is asked for (or the iteration ends), never before."""
+    batch is asked for (or the iteration ends), never before; with ``ack=False`` never here:
+    the caller acknowledges each with ``stream.ack(event)`` once it is done with it (a caller
+    that finishes a batch after asking for the next)."""
     if max_ < 1:
         raise ValueError(f"max_ must be at least 1, got {max_}")
     loop = asyncio.get_running_loop()
@@ -81,8 +83,9 @@ async def age_bounded_batches(stream: Any, max_: int, wait_s: float) -> AsyncIte
             try:
                 yield batch
             finally:
-                for event in batch:
-                    await stream.ack(event)
+                if ack:
+                    for event in batch:
+                        await stream.ack(event)
     finally:
         stream.enable_acks = acks_before
         stream._processors.remove(buffer)  # noqa: SLF001 - the processor added above

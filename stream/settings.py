@@ -45,6 +45,16 @@ def _var(env: str, default: Any, parse=str):
     return field(default=default, metadata={"env": env, "parse": parse})
 
 
+def _flag(raw: str) -> bool:
+    """1/true/yes/on or 0/false/no/off, any case."""
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka: str = _var("TAGGER_KAFKA", "127.0.0.1:9092")  # host:port[,host:port...]
@@ -79,6 +89,10 @@ class Settings:
     # smallest batches, the most CPU per event). See docs/operations.md.
     batch_max: int = _var("TAGGER_BATCH_MAX", 500, int)
     batch_wait_ms: float = _var("TAGGER_BATCH_WAIT_MS", 5.0, float)
+    # Tag the next batch while this one's label records await their acks and its sessions
+    # are saved (each batch's input is acknowledged only once both are done); off: one batch
+    # at a time, end to end. See docs/performance.md.
+    overlap: bool = _var("TAGGER_OVERLAP", True, _flag)
     # The worker consumer's fetch_max_wait (see FETCH_MAX_WAIT_MS above): on a broker that
     # answers fetches only when it expires (tansu) a floor on every label's latency; on Apache
     # Kafka how often an idle worker polls.
@@ -107,7 +121,7 @@ class Settings:
             try:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError:
-                kind = {int: "an integer", float: "a number"}.get(f.metadata["parse"], "a value")
+                kind = {int: "an integer", float: "a number", _flag: "on or off (1/0, true/false)"}.get(f.metadata["parse"], "a value")
                 raise ConfigError(f"{f.metadata['env']}: expected {kind}, got {raw!r}") from None
         return cls(**values)
 

@@ -124,6 +124,9 @@ class LiveTagger:
         self.n_ids = 0
         self.evicted: deque[str] = deque(maxlen=1000)  # the most recent evictions (for tests, logs)
         self.evict_enabled = True  # the worker turns it off while the store is behind
+        # sessions never evicted whatever their age: those of a batch whose save is in flight
+        # (the worker's overlap), which the store may not hold yet
+        self.pinned: frozenset[str] | set[str] = frozenset()
         self._window = window
         self.loaded = model   # the LoadedModel served (its .model is the network)
         self._check(model)
@@ -262,7 +265,8 @@ class LiveTagger:
         excess = len(self.sessions) - self.max_sessions
         if (excess <= 0 and self.n_ids <= self.max_ids) or not self.evict_enabled:
             return
-        victims = sorted((s.last_seen, sid) for sid, s in self.sessions.items() if sid not in keep)
+        victims = sorted((s.last_seen, sid) for sid, s in self.sessions.items()
+                         if sid not in keep and sid not in self.pinned)
         for k, (_, sid) in enumerate(victims):
             if k >= excess and self.n_ids <= self.max_ids:
                 break

@@ -766,3 +766,145 @@ def test_a_swap_to_another_label_set_mid_stream_is_what_a_consumer_sees(service,
     old_first = {(r["session_id"], r["event_id"]) for r in recs[:before]}
     assert any(r["final"] and (r["session_id"], r["event_id"]) in old_first for r in after)
     assert service.metrics.model_swaps.labels(result="ok")._value.get() == 1
+
+
+# ---- overlap: a batch is tagged while the last one's output is in flight -----------------
+
+class GatedProducer(Producer):
+    """Acks come only when ``release()`` is called (a broker that takes its time), until
+    ``gated`` is set to False."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting: list = []
+        self.gated = True
+
+    async def send(self, topic, key, value, partition, timestamp, headers):
+        if not self.gated or self.fail_acks > 0 or self.calls in self.fail_at:
+            return await super().send(topic, key, value, partition, timestamp, headers)
+        fut = asyncio.get_running_loop().create_future()
+        self.calls += 1
+        self.waiting.append((fut, (topic, key, value)))
+        return fut
+
+    def release(self):
+        for fut, sent in self.waiting:
+            self.sent.append(sent)
+            fut.set_result(self._landed_at(sent[0], sent[1]))
+        self.waiting = []
+
+
+def _labels(records):
+    """Label records less what differs between two runs (when, and the model's promotion)."""
+    return [{k: v for k, v in r.items() if k not in ("emitted_at", "model_version")} for r in records]
+
+
+def _batches(msgs, size):
+    return [_events(msgs[i:i + size], start=i) for i in range(0, len(msgs), size)]
+
+
+def _serial_records(tiny_model, tmp_path, msgs, size):
+    """The label records a worker without overlap sends for ``msgs`` in batches of ``size``."""
+    root = tmp_path / "serial"
+    promote(tiny_model, root)
+    svc = WorkerService(SimpleNamespace(producer=Producer()), Settings(artifacts_dir=root.resolve(), inactivity_s=5,
+                        web_port=0, overlap=False), store=FlakyStore(), limit_logs=False)
+
+    async def main():
+        await svc.start()
+        acked = []
+
+        async def ack(ev):
+            acked.append(ev)
+        for batch in _batches(msgs, size):
+            await svc.handle(batch, ack)
+            assert acked[-len(batch):] == batch, "without overlap a batch is acknowledged by the time handle returns"
+    asyncio.run(main())
+    svc.executor.shutdown(wait=False)
+    return svc.app.producer.records(svc.settings.output_topic), svc.store
+
+
+def test_with_overlap_the_next_batch_is_tagged_while_the_last_ones_acks_are_awaited(
+        service, messages, tiny_model, tmp_path):
+    """The point of the overlap, and its rules: batch 2 is tagged while batch 1's label
+    records wait for their acks; batch 2's records are sent only after batch 1's are acked
+    and saved (a session's records in order); an input event is acknowledged only once its
+    batch's output is delivered and its sessions saved; and the records are exactly those of
+    a worker that handles one batch at a time."""
+    producer = service.producer = service.app.producer = GatedProducer()
+    size = 9
+    b1, b2, *rest = _batches(messages, size)
+    first2 = {(str(m["session_id"]), str(m["event_id"])) for m in messages[size:2 * size] if m.get("type") != "session_end"}
+    acked = []
+
+    async def ack(ev):
+        m = json.loads(ev.value)
+        sid = str(m["session_id"])
+        if m.get("type") != "session_end":
+            assert any(r["session_id"] == sid and r["event_id"] == str(m["event_id"])
+                       for r in producer.records(service.settings.output_topic)), "acknowledged before its label"
+            assert str(m["event_id"]) in service.mem.ids.get(sid, ()), "acknowledged before its session was saved"
+        acked.append(ev)
+
+    async def main():
+        await service.handle(b1, ack)            # returns with its output in flight
+        for _ in range(400):
+            if producer.waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert producer.waiting and not acked
+        second = asyncio.create_task(service.handle(b2, ack))
+        for _ in range(400):                     # batch 2 gets tagged meanwhile
+            seen = {(sid, eid) for sid, s in service.live.sessions.items() for eid in s.ids}
+            if first2 <= seen:
+                break
+            await asyncio.sleep(0.01)
+        assert first2 <= seen, "batch 2 was not tagged while batch 1 waited for its acks"
+        n_waiting = len(producer.waiting)
+        await asyncio.sleep(0.05)
+        assert not second.done() and len(producer.waiting) == n_waiting, \
+            "batch 2 sent before batch 1 was acknowledged"
+        assert not acked
+        producer.release()                       # batch 1 delivered: saved, acknowledged
+        await second
+        assert acked == b1
+        producer.gated = False
+        producer.release()
+        for batch in rest:
+            await service.handle(batch, ack)
+        await asyncio.wait_for(service.settle(), 10)
+        assert acked == [ev for batch in [b1, b2, *rest] for ev in batch]
+
+    asyncio.run(main())
+    serial, serial_store = _serial_records(tiny_model, tmp_path, messages, size)
+    assert _labels(producer.records(service.settings.output_topic)) == _labels(serial)
+    assert service.mem.ids == serial_store.ids and service.mem.meta.keys() == serial_store.meta.keys()
+    assert _finals(service) == _keys(messages)
+
+
+def test_with_overlap_a_failed_ack_of_the_batch_in_flight_loses_and_doubles_no_label(
+        service, messages, tiny_model, tmp_path):
+    """The broker fails an ack of batch 1 while batch 2 is tagged: batch 2's tagging is undone
+    and redone after batch 1 is delivered (from the state batch 1 saved), so consumers see
+    the same labels as from a worker without overlap, each event acknowledged once."""
+    size = 9
+    service.producer.fail_at = {4}
+    acked = Counter()
+
+    async def ack(ev):
+        acked[(ev.message.partition, ev.message.offset)] += 1
+
+    async def main():
+        for batch in _batches(messages, size):
+            await service.handle(batch, ack)
+        await asyncio.wait_for(service.settle(), 30)
+
+    asyncio.run(main())
+    assert service.metrics.infra_errors.labels(component="kafka")._value.get() >= 1
+    assert set(acked.values()) == {1} and len(acked) == len(messages)
+    serial, _ = _serial_records(tiny_model, tmp_path, messages, size)
+    key = lambda r: (r["session_id"], r["event_id"], r["revision"])  # noqa: E731
+    got = {key(r): r for r in _labels(service.producer.records(service.settings.output_topic))}
+    assert got == {key(r): r for r in _labels(serial)}, "not the labels of a worker without overlap"
+    assert _finals(service) == _keys(messages)
+    assert not service.producer.records(service.settings.dlq_topic)
