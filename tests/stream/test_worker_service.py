@@ -908,3 +908,45 @@ def test_with_overlap_a_failed_ack_of_the_batch_in_flight_loses_and_doubles_no_l
     assert got == {key(r): r for r in _labels(serial)}, "not the labels of a worker without overlap"
     assert _finals(service) == _keys(messages)
     assert not service.producer.records(service.settings.dlq_topic)
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+def test_with_overlap_a_stop_with_the_batch_in_flight_leaves_it_unacknowledged_and_in_doubt(
+        service, messages, landed):
+    """SIGTERM while the broker holds the label records of the batch in flight (``handle``
+    has returned, the next batch would be tagged meanwhile): none of its input is
+    acknowledged, its records are marked in doubt, and the next owner, redelivered the
+    batch, puts each record on the topic once and gives every event one final."""
+    half = len(messages) // 2
+    acked = []
+
+    async def ack(ev):
+        acked.append(ev)
+
+    async def main():
+        await service.handle(_events(messages[:half]), ack)
+        await asyncio.wait_for(service.settle(), 10)
+        service.producer.hold = True
+        await service.handle(_events(messages[half:], start=half), ack)   # returns: its output in flight
+        for _ in range(200):
+            if service.producer.held:
+                break
+            await asyncio.sleep(0.05)
+        assert service.producer.held, "the batch never reached the producer"
+        await service.stop()
+
+    asyncio.run(main())
+    service.producer.hold = False
+    assert len(acked) == half, "input of the batch in flight was acknowledged"
+    assert service.mem.doubts, "no marker for the records in doubt"
+    if landed:
+        service.producer.land_held()
+    else:
+        service.producer.held = []
+    nxt, _ = _next_owner(service)
+    asyncio.run(nxt.handle(_events(messages[half:], start=half)))   # the redelivered batch
+    recs = service.producer.records(service.settings.output_topic)
+    copies = Counter((r["session_id"], r["event_id"], r["revision"]) for r in recs)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
