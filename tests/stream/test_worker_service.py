@@ -303,6 +303,23 @@ def _next_owner(service):
     return nxt, reads
 
 
+def _redelivered_to_the_next_owner(service, messages, half, landed):
+    """The broker answers again, having appended the held label records (``landed``) or not;
+    the next owner is redelivered ``messages[half:]``. Each record must be on the topic once
+    and every event must have one final. Returns the next owner and its read-backs."""
+    if landed:
+        service.producer.land_held()
+    else:
+        service.producer.held = []
+    nxt, reads = _next_owner(service)
+    asyncio.run(nxt.handle(_events(messages[half:], start=half)))   # the redelivered batch
+    recs, copies = _copies(service)
+    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
+    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
+    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
+    return nxt, reads
+
+
 @pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
 def test_records_a_stopped_worker_left_unacknowledged_are_on_the_label_topic_once(service, messages, landed):
     """A worker stops while the broker holds its last batch's label records; once the broker
@@ -318,18 +335,7 @@ def test_records_a_stopped_worker_left_unacknowledged_are_on_the_label_topic_onc
     assert marked, "no marker for the records in doubt"
     for ms in marked.values():   # read back from where this worker's acknowledged output ended
         assert all(m["from"] == acked.get(m["partition"]) for m in ms)
-    if landed:
-        service.producer.land_held()
-    else:
-        service.producer.held = []
-
-    nxt, reads = _next_owner(service)
-    asyncio.run(nxt.handle(_events(messages[half:], start=half)))   # the redelivered batch
-    recs = service.producer.records(service.settings.output_topic)
-    copies = Counter((r["session_id"], r["event_id"], r["revision"]) for r in recs)
-    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
-    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
-    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
+    nxt, reads = _redelivered_to_the_next_owner(service, messages, half, landed)
     assert reads and set().union(*(sids for _, sids in reads)) == set(marked)
     assert not service.mem.doubts, "the markers outlived their resolution"
     assert nxt.metrics.repeats_suppressed._value.get() == (sum(
@@ -368,16 +374,7 @@ def test_records_a_killed_worker_left_unacknowledged_are_on_the_label_topic_once
     asyncio.run(service.handle(_events(messages[:half])))
     _kill_with_the_output_unacknowledged(service, lambda: service.handle(_events(messages[half:], start=half)))
     assert not service.mem.doubts   # no stop-time marker: the process was gone
-    if landed:
-        service.producer.land_held()
-    else:
-        service.producer.held = []
-    nxt, reads = _next_owner(service)
-    asyncio.run(nxt.handle(_events(messages[half:], start=half)))   # the redelivered batch
-    recs, copies = _copies(service)
-    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
-    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
-    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
+    nxt, reads = _redelivered_to_the_next_owner(service, messages, half, landed)
     assert reads, "the next owner never read the label topic back"
     assert not service.mem.ahead and not service.mem.doubts, "markers outlived their resolution"
     assert (nxt.metrics.repeats_suppressed._value.get() > 0) == landed
@@ -939,14 +936,4 @@ def test_with_overlap_a_stop_with_the_batch_in_flight_leaves_it_unacknowledged_a
     service.producer.hold = False
     assert len(acked) == half, "input of the batch in flight was acknowledged"
     assert service.mem.doubts, "no marker for the records in doubt"
-    if landed:
-        service.producer.land_held()
-    else:
-        service.producer.held = []
-    nxt, _ = _next_owner(service)
-    asyncio.run(nxt.handle(_events(messages[half:], start=half)))   # the redelivered batch
-    recs = service.producer.records(service.settings.output_topic)
-    copies = Counter((r["session_id"], r["event_id"], r["revision"]) for r in recs)
-    assert max(copies.values()) == 1, [k for k, n in copies.items() if n > 1][:5]
-    finals = Counter((r["session_id"], r["event_id"]) for r in recs if r["final"])
-    assert set(finals) == _keys(messages) and set(finals.values()) == {1}
+    _redelivered_to_the_next_owner(service, messages, half, landed)
