@@ -675,9 +675,7 @@ class WorkerService:
         overlap = ack is not None and not self._store_stale and not self._doubts
         if overlap:
             # the snapshots now, before the next batch changes these sessions
-            kept = [sid for sid in box.touched if sid in self.live.sessions]
-            box.marks = self.live.pending_deltas(kept)
-            box.snaps = [self.live.snapshot(sid, clear=False) for sid in kept]
+            box.marks, box.snaps = self._snapshots(box.touched)
             box.unmark = list(self._ahead)
             box.acks = (ack, events)
             self._inflight_box = box
@@ -849,10 +847,8 @@ class WorkerService:
             marks = self.live.pending_deltas(sids)
             snaps = [self._full_snapshot(sid) for sid in sids]
         else:
-            sids = [sid for sid in touched if sid in self.live.sessions]
-            marks = self.live.pending_deltas(sids)
-            # the deltas stay on the sessions until the save succeeded
-            snaps = [self.live.snapshot(sid, clear=False) for sid in sids]
+            marks, snaps = self._snapshots(touched)
+            sids = list(marks)
         # Write-ahead markers that can go with this save: every output is acknowledged by
         # now (but that of ``skip``), and the store holds every session (those saved here;
         # when it was not stale, the others as of an earlier save). Sessions being resolved
@@ -879,6 +875,12 @@ class WorkerService:
         self._closed_unsaved.clear()
         if self._doubts:
             await self._resolve_doubts(closed_now)
+
+    def _snapshots(self, touched) -> tuple[dict[str, tuple[int, int]], list[dict[str, Any]]]:
+        """The touched sessions still held here: the deltas each holds and its snapshot. The
+        deltas stay on the sessions until the save succeeded (``LiveTagger.saved``)."""
+        sids = [sid for sid in touched if sid in self.live.sessions]
+        return self.live.pending_deltas(sids), [self.live.snapshot(sid, clear=False) for sid in sids]
 
     def _write_failed(self, exc: StoreUnavailable, what: str) -> None:
         """A write to Redis failed: until a full rewrite of the sessions held here succeeds,
