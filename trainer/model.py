@@ -584,15 +584,15 @@ def crf_advance(alpha: torch.Tensor, e: torch.Tensor, trans: torch.Tensor) -> to
     """A CRF's forward message, normalised: ``alpha`` (..., C) the previous position's, ``e``
     (..., C) this one's emissions, ``trans`` (..., C, C) [from, to], broadcast over the leading
     dimensions (one CRF offline, several side by side live: ``ChainBank``)."""
-    a = e + torch.logsumexp(alpha[..., :, None] + trans, -2)
-    return a - torch.logsumexp(a, -1, keepdim=True)
+    # log_softmax normalises in one kernel where ``a - logsumexp(a)`` takes about ten ops:
+    # half of a live round's log-sum-exps (sixteenth session, docs/performance.md)
+    return torch.log_softmax(e + torch.logsumexp(alpha[..., :, None] + trans, -2), -1)
 
 
 def crf_retreat(nxt: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     """A CRF's backward message, normalised: ``nxt`` (..., C) the next position's emissions
     plus its backward message; ``crf_advance`` run backwards."""
-    b = torch.logsumexp(trans + nxt[..., None, :], -1)
-    return b - torch.logsumexp(b, -1, keepdim=True)
+    return torch.log_softmax(torch.logsumexp(trans + nxt[..., None, :], -1), -1)
 
 
 class LookaheadCRF(nn.Module):
@@ -621,7 +621,7 @@ class LookaheadCRF(nn.Module):
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
         # window: look at most that many events ahead instead of self.W (never more)
         B, T, C = e.shape
-        a = e[:, 0] - torch.logsumexp(e[:, 0], -1, keepdim=True)
+        a = torch.log_softmax(e[:, 0], -1)
         alphas = [a]
         for t in range(1, T):
             a = crf_advance(a, e[:, t], self.trans)
@@ -943,7 +943,7 @@ class ChainBank:
             er = e[:, :, r]
             a = crf_advance(alphas[-1], er, trans[:, None])
             if young:
-                a = torch.where((pos[:, r] == 0)[None, :, None], er - torch.logsumexp(er, -1, keepdim=True), a)
+                a = torch.where((pos[:, r] == 0)[None, :, None], torch.log_softmax(er, -1), a)
             alphas.append(torch.where(cached[:, :, r], old[:, :, r + 1], a) if r < K - 1 else a)
         alpha = torch.stack(alphas[1:], 2)                               # (M, B, K, C)
         # -- backward messages: every chain at once, from the segment's end back
