@@ -378,9 +378,11 @@ class LookaheadLSTM(nn.Module):
             b.append(hb)
         b = torch.stack(b[::-1], 1)                                    # (B, max(counts), H)
         out = torch.cat([fs[:, K - b.shape[1]:], b], -1)               # (B, max(counts), 2H)
-        new_states = [{"h": h2[:, i], "c": c2[:, i], "x": xs[i], "f": fs[i], "k": n}
-                      for i, n in enumerate(counts)]
-        return new_states, [out[i, out.shape[1] - n:] for i, n in enumerate(counts)]
+        # one unbind per tensor rather than an index per session (each a dispatch of its own)
+        new_states = [{"h": h, "c": c, "x": x, "f": f, "k": n}
+                      for h, c, x, f, n in zip(h2.unbind(1), c2.unbind(1), xs.unbind(0), fs.unbind(0), counts)]
+        width = out.shape[1]
+        return new_states, [o if n == width else o[width - n:] for o, n in zip(out.unbind(0), counts)]
 
 
 class Block(nn.Module):
