@@ -848,12 +848,11 @@ class WorkerService:
             snaps = [self._full_snapshot(sid) for sid in sids]
         else:
             marks, snaps = self._snapshots(touched)
-            sids = list(marks)
         # Write-ahead markers that can go with this save: every output is acknowledged by
         # now (but that of ``skip``), and the store holds every session (those saved here;
         # when it was not stale, the others as of an earlier save). Sessions being resolved
         # keep theirs until _resolve_doubts.
-        saved = set(sids)
+        saved = set(marks)
         unmark = [sid for sid in self._ahead if sid not in skip and sid not in self._doubts
                   and (sid in saved or not rewrite)]
         try:
@@ -879,8 +878,8 @@ class WorkerService:
     def _snapshots(self, touched) -> tuple[dict[str, tuple[int, int]], list[dict[str, Any]]]:
         """The touched sessions still held here: the deltas each holds and its snapshot. The
         deltas stay on the sessions until the save succeeded (``LiveTagger.saved``)."""
-        sids = [sid for sid in touched if sid in self.live.sessions]
-        return self.live.pending_deltas(sids), [self.live.snapshot(sid, clear=False) for sid in sids]
+        marks = self.live.pending_deltas(touched)         # (only sessions held here)
+        return marks, [self.live.snapshot(sid, clear=False) for sid in marks]
 
     def _write_failed(self, exc: StoreUnavailable, what: str) -> None:
         """A write to Redis failed: until a full rewrite of the sessions held here succeeds,

@@ -382,7 +382,7 @@ class LookaheadLSTM(nn.Module):
         new_states = [{"h": h, "c": c, "x": x, "f": f, "k": n}
                       for h, c, x, f, n in zip(h2.unbind(1), c2.unbind(1), xs.unbind(0), fs.unbind(0), counts)]
         width = out.shape[1]
-        return new_states, [o if n == width else o[width - n:] for o, n in zip(out.unbind(0), counts)]
+        return new_states, [o[width - n:] for o, n in zip(out.unbind(0), counts)]
 
 
 class Block(nn.Module):
@@ -586,8 +586,7 @@ def crf_advance(alpha: torch.Tensor, e: torch.Tensor, trans: torch.Tensor) -> to
     """A CRF's forward message, normalised: ``alpha`` (..., C) the previous position's, ``e``
     (..., C) this one's emissions, ``trans`` (..., C, C) [from, to], broadcast over the leading
     dimensions (one CRF offline, several side by side live: ``ChainBank``)."""
-    # log_softmax normalises in one kernel where ``a - logsumexp(a)`` takes about ten ops:
-    # half of a live round's log-sum-exps (sixteenth session, docs/performance.md)
+    # log_softmax normalises in one kernel, where ``a - logsumexp(a)`` takes about ten ops
     return torch.log_softmax(e + torch.logsumexp(alpha[..., :, None] + trans, -2), -1)
 
 
