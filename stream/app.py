@@ -852,9 +852,8 @@ class WorkerService:
         # now (but that of ``skip``), and the store holds every session (those saved here;
         # when it was not stale, the others as of an earlier save). Sessions being resolved
         # keep theirs until _resolve_doubts.
-        saved = set(marks)
         unmark = [sid for sid in self._ahead if sid not in skip and sid not in self._doubts
-                  and (sid in saved or not rewrite)]
+                  and (sid in marks or not rewrite)]
         try:
             await self.store.save(snaps, self.live.window_size, unmark=unmark)
         except StoreUnavailable as exc:
