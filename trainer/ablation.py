@@ -91,6 +91,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "past4": {"model": {"wide_past": 4}},                       # the CRF and wide path read t-4 .. t
     "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
     "seeds3": {"train": {"ensemble_seeds": 3}},
+    "lookahead5": {"model": {"lookahead": 5}},                  # finals after 5 later events, not 4
     "lookahead6": {"model": {"lookahead": 6}},                  # finals after 6 later events, not 4
     "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4
     "dropout4": {"model": {"dropout": 0.4}},                    # stronger regularisation
