@@ -121,6 +121,12 @@ class ModelConfig:
     # ones, in training and live alike: a live label is final after `lookahead` more events.
     # null means unbounded (offline-only, full bidirectional).
     lookahead: Optional[int] = 4
+    # A network (any arch but crf) reads at most this many later events, even when the
+    # lookahead is longer; null: the whole lookahead. Beyond it a network's label is final
+    # early, and in auto's mixture the CRF members alone smooth over the rest of the
+    # lookahead (a CRF's fixed-lag smoothing gains from later events where a network
+    # trained at every depth up to L gains less, docs/ablation.md)
+    network_lookahead: Optional[int] = None
     context: int = 64
     emb_event_dim: int = 64
     emb_token_dim: int = 32
@@ -182,6 +188,8 @@ class ModelConfig:
                                   f"{list(typing.get_args(tp))}")
         if self.lookahead is not None and self.lookahead < 0:
             raise ConfigError("model.lookahead: must be >= 0 or null")
+        if self.network_lookahead is not None and self.network_lookahead < 0:
+            raise ConfigError("model.network_lookahead: must be >= 0 or null")
         for a in self.auto_archs:
             if a not in NETWORK_ARCHS + ("crf_ahead",) and not _CRF_AHEAD_N.fullmatch(a):
                 raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(AUTO_CANDIDATES)}")
@@ -205,17 +213,26 @@ class ModelConfig:
             return {"arch": "crf", "crf_future": int(m.group(1))}
         return {"arch": name}
 
+    @property
+    def network_horizon(self) -> Optional[int]:
+        """The later events a network of this config reads: the lookahead, capped at
+        ``network_lookahead``."""
+        if self.network_lookahead is None:
+            return self.lookahead
+        return self.network_lookahead if self.lookahead is None else min(self.lookahead, self.network_lookahead)
+
     def sized(self, spec: Mapping[str, Any], n_labels: int, *, image_backbone: Optional[str] = None,
               freeze_backbone: bool = True) -> "ModelConfig":
         """This config with what the data fixes filled in: the label count and a fitted
         ``FeatureEncoder.spec()``. For arch crf, ``wide_future`` is ``crf_future`` (the later
-        events its state features read)."""
+        events its state features read); for a network, ``lookahead`` is ``network_horizon``."""
         return dataclasses.replace(
             self, n_labels=n_labels, n_events=spec["n_events"], n_tokens=spec["n_tokens"],
             cat_sizes=tuple(spec["cat_sizes"]), n_nums=len(spec["num_names"]), text_dim=spec["text_dim"],
             image_size=spec["image_size"], n_lex=spec.get("n_lex", 0),
             image_backbone=image_backbone if spec["image_size"] else None, freeze_backbone=freeze_backbone,
-            wide_future=self.crf_future if self.arch == "crf" else self.wide_future)
+            wide_future=self.crf_future if self.arch == "crf" else self.wide_future,
+            lookahead=self.lookahead if self.arch == "crf" else self.network_horizon)
 
     def to_args(self) -> dict[str, Any]:
         """The checkpoint's ``model_args``: every field, JSON-ready."""

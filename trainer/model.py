@@ -1157,7 +1157,10 @@ class MixtureConfig:
 
     @property
     def lookahead(self) -> Optional[int]:
-        return self.members[0]["lookahead"]
+        # the longest member's: a member that reads fewer later events (a network under
+        # ``model.network_lookahead``) is final early and holds its final output
+        Ls = [m["lookahead"] for m in self.members]
+        return None if None in Ls else max(Ls)
 
     @property
     def context(self) -> int:
@@ -1203,8 +1206,10 @@ class Mixture(nn.Module):
         self.args = args
         self.members = nn.ModuleList(Tagger(ModelConfig.from_args(m)) for m in args.members)
         L = args.lookahead
-        if L is None or any(m.args.lookahead != L for m in self.members):
-            raise ConfigError("mixture members need the same bounded lookahead")
+        if L is None:
+            raise ConfigError("mixture members need a bounded lookahead")
+        if len({m.args.lookahead for m in self.members if m.args.arch == "crf"}) > 1:
+            raise ConfigError("a mixture's CRF members need the same lookahead")
         if len(args.depth_weights) != L + 1 or any(len(w) != len(self.members) for w in args.depth_weights):
             raise ConfigError("mixture weights: one row per depth 0..L, one weight per member")
         self.register_buffer("weights", torch.tensor(args.depth_weights, dtype=torch.float32))
@@ -1224,6 +1229,9 @@ class Mixture(nn.Module):
         self._wide_rows = {i: slice(self.wide_bank.v_off[k], self.wide_bank.v_off[k + 1]) for k, i in enumerate(order)}
         crfs = [self.members[i] for i in self._crf_members]
         self.chain_bank = ChainBank([m.crf for m in crfs], [m.enc_lookahead for m in crfs]) if crfs else None
+        # members that read fewer later events than the mixture: per member, how many of its
+        # final rows a session's state holds (the events between its lookahead and L)
+        self._held = {i: L - m.args.lookahead for i, m in enumerate(self.members) if m.args.lookahead < L}
 
     @property
     def streamable(self) -> bool:
@@ -1261,6 +1269,9 @@ class Mixture(nn.Module):
             state["wide"] = self.wide_bank.init_state(device)
         if self.chain_bank is not None:
             state["crf"] = self.chain_bank.init_state(device)
+        if self._held:
+            C = self.args.n_labels
+            state["held"] = {i: torch.zeros(d, C, device=device) for i, d in self._held.items()}
         return state
 
     @torch.no_grad()
@@ -1290,7 +1301,10 @@ class Mixture(nn.Module):
                               wide[:, self._wide_rows[i]] if i in self._wide_rows else None)
             for ns, st in zip(new, ms):
                 ns["members"][i] = st
-            rows_by_member[i] = torch.cat(outs)
+            rows = torch.cat(outs)
+            if i in self._held:
+                rows = self._hold(i, states, new, n, rows)
+            rows_by_member[i] = rows
         # the whole round at once (row-wise ops, so each row is what it would be alone): rows
         # of all sessions stacked, one log_softmax per member, the weights of each row's depth
         sizes = [min(m, K) for m in n]
@@ -1301,6 +1315,25 @@ class Mixture(nn.Module):
         if self.bias is not None:
             mixed = mixed + self.bias[depth]
         return new, list(mixed.split(sizes))
+
+    def _hold(self, i: int, states: list[dict], new: list[dict], n: Sequence[int], rows: torch.Tensor
+              ) -> torch.Tensor:
+        """Member i reads L_i < L later events: its rows of the round (each session's last
+        min(n, L_i + 1) events) preceded by the final rows it gave the events L_i + 1 .. L
+        back, which the sessions' states hold; the held rows move on by one, taking the
+        event that became final for it now. Returns the member's rows as if it read L."""
+        D = self._held[i]
+        Li = self.members[i].args.lookahead
+        K, V, dev = self.args.lookahead + 1, Li + 1, rows.device
+        have = last_rows(n, V, dev)                  # the member's rows, right-aligned in V slots
+        if have is not None:
+            rows = rows.new_zeros(len(n) * V, rows.shape[-1]).index_copy_(0, have, rows)
+        full = torch.cat([torch.stack([s["held"][i] for s in states]), rows.reshape(len(n), V, -1)], 1)
+        for ns, h in zip(new, full[:, 1:D + 1].unbind(0)):   # (rows before a session's start are
+            ns.setdefault("held", {})[i] = h                    # never read: see last_rows)
+        keep = last_rows(n, K, dev)
+        full = full.reshape(len(n) * K, -1)
+        return full if keep is None else full[keep]
 
 
 def checkpoint_args(model_args: dict[str, Any]) -> ModelConfig | MixtureConfig:

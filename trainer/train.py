@@ -55,6 +55,19 @@ class Validated:
     seconds: float = 0.0
     depth_order: list[int] | None = None  # session (index into logits) of each depth-logit block
 
+    def at_depth(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out logits and labels at depth k (``prefix_logits``' rows: every event
+        with at least k later events, session by session). Past this model's own lookahead L
+        its labels are final: the depth-L rows, less each session's last k - L (a member of a
+        mixture whose lookahead is longer, ``model.network_lookahead``)."""
+        z, y = self.depth_logits
+        L = len(z) - 1
+        if k <= L:
+            return z[k], y[k]
+        sizes = [max(0, len(self.labels[i]) - L) for i in self.depth_order]
+        keep = np.concatenate([np.arange(n) < n - (k - L) for n in sizes]) if sizes else np.zeros(0, bool)
+        return z[L][keep], y[L][keep]
+
     def scores(self, names: Sequence[str]) -> dict[str, Any]:
         """Held-out top-1 macro-F1 and accuracy at full lookahead and on arrival (k = 0)."""
         y = np.concatenate(self.labels)
@@ -185,7 +198,9 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
         groups.setdefault(seed_group(m), []).append(m)
     archs = list(groups)
     first = results[members[0]]
-    L = first.args.lookahead
+    # members may read different spans (``model.network_lookahead``): the mixture's is the longest
+    Ls = [v.args.lookahead for v in results.values()]
+    L = None if None in Ls else max(Ls)
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
     grid = _simplex(len(archs))
 
@@ -203,14 +218,14 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     rows = []
     for k in depths or [None]:
         final = k is None or k == L               # final labels: every held-out event
-        y = np.concatenate(first.labels) if final else first.depth_logits[1][k]
+        y = np.concatenate(first.labels) if final else first.at_depth(k)[1]
         for m in members:
-            got = np.concatenate(results[m].labels) if final else results[m].depth_logits[1][k]
+            got = np.concatenate(results[m].labels) if final else results[m].at_depth(k)[1]
             if not np.array_equal(got, y):
                 raise AssertionError(f"held-out rows of {m} do not line up with {members[0]}'s")
 
         def member_z(m: str) -> np.ndarray:
-            return _log_softmax(np.concatenate(results[m].logits) if final else results[m].depth_logits[0][k])
+            return _log_softmax(np.concatenate(results[m].logits) if final else results[m].at_depth(k)[0])
         zs = [sum(member_z(m) for m in groups[a]) / len(groups[a]) for a in archs]
         singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
                    for i, a in enumerate(archs)}
@@ -281,9 +296,12 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
         b = prior_bias(prior, r.get("tau", 0.0))
         if b is not None:
             B[k] = b
-    L = fits[members[0]].model.args.lookahead
+    Ls = [fits[a].model.args.lookahead for a in members]
+    L = None if None in Ls else max(Ls)
     if len(W) == 1 and L:                       # no per-depth held-out logits (prefix calibration
         W, B = np.repeat(W, L + 1, 0), np.repeat(B, L + 1, 0)   # off): the final ones at every depth
+    elif L is not None and len(W) > L + 1:      # the members kept read less far than the longest
+        W, B = np.concatenate([W[:L], W[-1:]]), np.concatenate([B[:L], B[-1:]])   # candidate: final at L
     model = Mixture(MixtureConfig([fits[a].model.args.to_args() for a in members], W.tolist(),
                                   B.tolist() if B.any() else None))
     for m, a in zip(model.members, members):
@@ -297,9 +315,8 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
                           for i, a in enumerate(members)) + B[d])                       # later events
     depth = None
     if all(results[a].depth_logits for a in members):
-        first = results[members[0]].depth_logits
-        depth = ([sum(W[k, i] * _log_softmax(results[a].depth_logits[0][k]) for i, a in enumerate(members))
-                  + B[k] for k in range(L + 1)], list(first[1]))
+        depth = ([sum(W[k, i] * _log_softmax(results[a].at_depth(k)[0]) for i, a in enumerate(members))
+                  + B[k] for k in range(L + 1)], [results[members[0]].at_depth(k)[1] for k in range(L + 1)])
     return model, logits, depth
 
 

@@ -28,6 +28,18 @@ def test_arch_crf_reads_crf_future_later_events():
     assert args.wide_future == 1
 
 
+def test_a_network_reads_at_most_network_lookahead_later_events_and_a_crf_the_whole_lookahead():
+    def reads(**model):
+        return from_dict({"model": model}).model.sized(SPEC, 3).lookahead
+    assert reads(arch="bilstm", lookahead=6, network_lookahead=4) == 4
+    assert reads(arch="crf", lookahead=6, network_lookahead=4) == 6
+    assert reads(arch="bilstm", lookahead=3, network_lookahead=4) == 3       # never past the lookahead
+    assert reads(arch="bilstm", lookahead=None, network_lookahead=4) == 4
+    assert reads(arch="bilstm", lookahead=6) == 6
+    with pytest.raises(ConfigError, match="model.network_lookahead"):
+        ModelConfig(network_lookahead=-1)
+
+
 def test_what_the_data_fixes_is_not_a_config_key():
     with pytest.raises(ConfigError, match="'model.n_labels'"):
         from_dict({"model": {"n_labels": 3}})

@@ -388,3 +388,53 @@ def test_a_mixtures_members_step_together_as_each_would_alone(L):
         want = sum(w[depth, i:i + 1] * torch.log_softmax(r, -1) for i, r in enumerate(rows))
         assert got.shape == want.shape, key
         assert torch.allclose(got, want, atol=1e-5), key
+
+
+def test_a_mixture_whose_network_reads_less_far_holds_its_final_rows():
+    """``model.network_lookahead``: the network member reads 2 later events, the CRF members
+    (and so the mixture) 4. Streamed in rounds that mix young and old sessions, each row the
+    mixture shows with k later events in mixes every member's row at depth min(k, its own
+    lookahead) (past 2 the network's final row, held in the session's state) with the
+    weights of depth k, and a session's tail at its end is the offline output."""
+    from trainer.model import Mixture, MixtureConfig
+    torch.manual_seed(0)
+    members = [build(make_args("bilstm", "concat", lookahead=2)),
+               build(make_args("crf", "concat", lookahead=4, wide_future=0)),
+               build(make_args("crf", "concat", lookahead=4, wide_future=1))]
+    for m in members[1:]:
+        torch.nn.init.normal_(m.crf.trans)
+    weights = [[float(x) for x in torch.rand(3)] for _ in range(5)]
+    mix = Mixture(MixtureConfig([m.args.to_args() for m in members], weights)).eval()
+    for m, src in zip(mix.members, members):
+        m.load_state_dict(src.state_dict())
+    assert mix.args.lookahead == 4
+    sessions = [session(n, 60 + i) for i, n in enumerate([11, 2, 7, 1, 14])]
+    start = [0, 3, 1, 6, 2]
+
+    def served(model) -> dict:
+        """(session, depth, position) -> the row ``step`` showed, rounds as in the worker"""
+        states, seen = {}, {}
+        for t in range(max(b + len(s) for b, s in zip(start, sessions))):
+            rnd = [i for i, s in enumerate(sessions) if start[i] <= t < start[i] + len(s)]
+            batch = collate([sessions[i].rows(t - start[i], t - start[i] + 1) for i in rnd])
+            batch.pop("lengths")
+            new, outs = model.step([states.get(i) or model.init_state() for i in rnd], batch)
+            for i, st, rows in zip(rnd, new, outs):
+                states[i] = st
+                n = t - start[i] + 1
+                assert len(rows) == min(n, model.args.lookahead + 1)
+                for j, row in enumerate(rows):
+                    seen[i, len(rows) - 1 - j, n - len(rows) + j] = row
+        return seen
+
+    together = served(mix)
+    alone = [served(m.eval()) for m in members]
+    w = torch.tensor(weights)
+    for (i, k, t), got in together.items():
+        want = sum(w[k, m] * torch.log_softmax(a[i, min(k, members[m].args.lookahead), t], -1)
+                   for m, a in enumerate(alone))
+        assert torch.allclose(got, want, atol=1e-5), (i, k, t)
+    for i, s in enumerate(sessions):
+        final, _ = mix(collate([s]))
+        for t in range(len(s)):
+            assert torch.allclose(together[i, min(4, len(s) - 1 - t), t], final[0, t], atol=1e-4), (i, t)

@@ -270,3 +270,25 @@ def test_a_network_trained_with_two_seeds_is_served_as_their_mixture(tmp_path):
     assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json"),
                  "--streaming"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
+
+
+def test_a_network_reading_less_far_than_the_lookahead_is_served_beside_the_crfs(tmp_path):
+    """``model.network_lookahead: 2`` under ``lookahead: 4``: ``auto``'s network reads 2 later
+    events, its CRF members 4. The served mixture's finals come after 4, calibrated at every
+    depth 0..4, and equal the offline labels on every event when replayed live."""
+    import json
+
+    from tagger.cli import main
+    from tests.helpers import make_log, train_tiny
+    from trainer.artifacts import load_artifact
+    data = make_log(tmp_path, 60, 5)
+    out = train_tiny(data, tmp_path / "m", model={"arch": "auto", "auto_archs": ["bilstm", "crf"], "lookahead": 4,
+                                                  "network_lookahead": 2}, train={"epochs": 2})
+    loaded = load_artifact(out)
+    reads = {m.args.arch: m.args.lookahead for m in loaded.model.members}
+    assert reads == {"bilstm": 2, "crf": 4}, json.loads((out / "metrics.json").read_text())["auto"]["depths"]
+    assert loaded.lookahead == 4 and len(loaded.prefix_temperatures) == 5
+    test = make_log(tmp_path, 10, 6)
+    assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json"),
+                 "--streaming"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
