@@ -323,10 +323,6 @@ class TrainConfig:
     # top-1 macro-F1 (the smallest |tau| on ties; [0]: none). Moves labels towards rare steps,
     # which macro-F1 weighs as much as common ones (docs/ablation.md)
     auto_prior_taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    # model.arch auto, when its members read different spans (model.network_lookahead): true,
-    # the depths from the shortest member's lookahead on share one weighting, the final
-    # labels' (chosen on every held-out event at its final output); false, a weighting each
-    auto_tied_finals: bool = False
     val_folds: int = 4
     # Each network candidate is trained this many times with seeds seed, seed+1, ... and its
     # log-probabilities averaged (the CRF is deterministic: once); the members are served

@@ -179,7 +179,7 @@ def training_prior(p: "Prepared", n_labels: int) -> np.ndarray:
 
 
 def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: np.ndarray | None = None,
-                   taus: Sequence[float] = (0.0,), tied_finals: bool = False) -> dict[str, Any]:
+                   taus: Sequence[float] = (0.0,)) -> dict[str, Any]:
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
     k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
     weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
@@ -191,11 +191,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
 
     With ``prior`` (each step's training share) the depth's weights are followed by a label
     bias ``prior_bias(prior, tau)``, tau from ``taus`` by the same score (the smallest tau on
-    ties, so 0 unless a bias scores better); any tau > 0 makes the result a ``Mixture``.
-
-    Members may read different numbers of later events (``model.network_lookahead``); the
-    mixture's L is the longest. With ``tied_finals`` the depths from the shortest member's
-    lookahead up to L share the final weighting and bias instead of one each."""
+    ties, so 0 unless a bias scores better); any tau > 0 makes the result a ``Mixture``."""
     members = list(results)
     groups: dict[str, list[str]] = {}
     for m in members:
@@ -206,9 +202,6 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     Ls = [v.args.lookahead for v in results.values()]
     L = None if None in Ls else max(Ls)
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
-    tie = min(Ls) if tied_finals and depths and min(Ls) < L else None
-    if tie is not None:                           # the final row first, then its copies
-        depths = list(range(tie)) + [L]
     grid = _simplex(len(archs))
 
     def score(zs, y, w, tau=0.0):
@@ -246,8 +239,6 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
                      "tau": tau, "macro_f1": tau_scores[tau][0], "accuracy": tau_scores[tau][1],
                      "loglik": tau_scores[tau][2], "macro_f1_unbiased": scored[best][0],
                      "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc, _) in singles.items()}})
-    if tie is not None:
-        rows = rows[:-1] + [{**rows[-1], "k": k, "tied": True} for k in range(tie, L)] + rows[-1:]
     weights = [[r["weights"][m] for m in members] for r in rows]
     used = [m for i, m in enumerate(members) if any(w[i] > 0 for w in weights)]
     biased = any(r["tau"] for r in rows)
@@ -287,8 +278,7 @@ def auto_table(info: dict[str, Any]) -> list[str]:
         group = {a: sum(w for m, w in r["weights"].items() if seed_group(m) == a) for a in archs}
         w = " + ".join(f"{group[a]:.1f} {a}" for a in archs if group[a] > 0)
         tau = f"; prior bias tau {r['tau']:g} (without it {f(r['macro_f1_unbiased'])})" if r.get("tau") else ""
-        tied = " as the finals" if r.get("tied") else ""
-        lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w}{tau}){tied}")
+        lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w}{tau})")
     lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
 
@@ -710,7 +700,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                     acfg, progress=progress, fold_seed=cfg.train.seed)
         if arch == "auto" or len(results) > 1:
             auto_info = choose_mixture(results, p.label_map.labels, training_prior(p, len(p.label_map)),
-                                       cfg.train.auto_prior_taus, cfg.train.auto_tied_finals)
+                                       cfg.train.auto_prior_taus)
             for line in auto_table(auto_info):
                 echo(line)
             arch = auto_info["chosen"]
