@@ -292,3 +292,30 @@ def test_a_network_reading_less_far_than_the_lookahead_is_served_beside_the_crfs
     assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json"),
                  "--streaming"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
+
+
+def test_auto_lines_up_members_that_read_different_spans():
+    """A network reading 1 later event beside a CRF reading 2 (``model.network_lookahead``):
+    at depth 2 the network's rows are its final ones, less each session's last event, so they
+    line up with the CRF's, and ``auto`` weighs depths 0..2."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, choose_mixture
+    rng = np.random.default_rng(0)
+    lengths = [5, 1, 4, 6]
+    labels = [rng.integers(0, 3, n) for n in lengths]
+    order = [2, 0, 3, 1]                          # held-out blocks in fold order, not session order
+
+    def member(L):
+        full = [rng.normal(size=(n, 3)) for n in lengths]
+        z = [np.concatenate([full[i][:max(0, lengths[i] - k)] + k for i in order]) for k in range(L + 1)]
+        y = [np.concatenate([labels[i][:max(0, lengths[i] - k)] for i in order]) for k in range(L + 1)]
+        return Validated(args=ModelConfig(n_labels=3, n_events=3, n_tokens=3, lookahead=L), cfg=from_dict({}),
+                         logits=full, labels=labels, depth_logits=(z, y), epochs=1, best_epochs=[1],
+                         depth_order=order)
+    net, crf = member(1), member(2)
+    z2, y2 = net.at_depth(2)
+    assert np.array_equal(y2, crf.at_depth(2)[1])
+    assert np.array_equal(y2, np.concatenate([labels[i][:max(0, lengths[i] - 2)] for i in order]))
+    assert np.allclose(z2, np.concatenate([net.logits[i][:max(0, lengths[i] - 2)] + 1 for i in order]))  # depth-1 rows
+    info = choose_mixture({"bilstm": net, "crf": crf}, ["a", "b", "c"])
+    assert [r["k"] for r in info["depths"]] == [0, 1, 2]
