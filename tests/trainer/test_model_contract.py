@@ -340,6 +340,20 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path, biased):
         assert not torch.allclose(plain(collate([s]))[0], mix(collate([s]))[0], atol=1e-2)
 
 
+def served_in_rounds(model, sessions, start) -> dict:
+    """Stream sessions as the worker does, session i's first event in round ``start[i]``, so
+    that rounds mix young and old sessions: (session, round) -> the rows ``step`` showed."""
+    states, outs = {}, {}
+    for t in range(max(b + len(s) for b, s in zip(start, sessions))):
+        rnd = [i for i, s in enumerate(sessions) if start[i] <= t < start[i] + len(s)]
+        batch = collate([sessions[i].rows(t - start[i], t - start[i] + 1) for i in rnd])
+        batch.pop("lengths")
+        new, o = model.step([states.get(i) or model.init_state() for i in rnd], batch)
+        for i, st, rows in zip(rnd, new, o):
+            states[i], outs[i, t] = st, rows
+    return outs
+
+
 @pytest.mark.parametrize("L", [4, 1, 0])
 def test_a_mixtures_members_step_together_as_each_would_alone(L):
     """The served mixture steps its members' wide paths as one (``WideBank``) and its CRF
@@ -367,19 +381,8 @@ def test_a_mixtures_members_step_together_as_each_would_alone(L):
         m.load_state_dict(src.state_dict())
     assert len(mix.wide_bank.wides) == 4 and len(mix.chain_bank.crfs) == 3
 
-    def served(model, combine=lambda rows: rows[0]) -> dict:
-        states, outs = {}, {}
-        for t in range(max(b + len(s) for b, s in zip(start, sessions))):
-            rnd = [i for i, s in enumerate(sessions) if start[i] <= t < start[i] + len(s)]
-            batch = collate([sessions[i].rows(t - start[i], t - start[i] + 1) for i in rnd])
-            batch.pop("lengths")
-            new, o = model.step([states.get(i) or model.init_state() for i in rnd], batch)
-            for i, st, rows in zip(rnd, new, o):
-                states[i], outs[i, t] = st, rows
-        return outs
-
-    together = served(mix)
-    alone = [served(m.eval()) for m in members]       # each member its own step
+    together = served_in_rounds(mix, sessions, start)
+    alone = [served_in_rounds(m.eval(), sessions, start) for m in members]   # each member its own step
     assert together.keys() == alone[0].keys() and len(together) == sum(len(s) for s in sessions)
     w = torch.tensor(weights)
     for key, got in together.items():
@@ -412,19 +415,13 @@ def test_a_mixture_whose_network_reads_less_far_holds_its_final_rows():
     start = [0, 3, 1, 6, 2]
 
     def served(model) -> dict:
-        """(session, depth, position) -> the row ``step`` showed, rounds as in the worker"""
-        states, seen = {}, {}
-        for t in range(max(b + len(s) for b, s in zip(start, sessions))):
-            rnd = [i for i, s in enumerate(sessions) if start[i] <= t < start[i] + len(s)]
-            batch = collate([sessions[i].rows(t - start[i], t - start[i] + 1) for i in rnd])
-            batch.pop("lengths")
-            new, outs = model.step([states.get(i) or model.init_state() for i in rnd], batch)
-            for i, st, rows in zip(rnd, new, outs):
-                states[i] = st
-                n = t - start[i] + 1
-                assert len(rows) == min(n, model.args.lookahead + 1)
-                for j, row in enumerate(rows):
-                    seen[i, len(rows) - 1 - j, n - len(rows) + j] = row
+        """(session, depth, position) -> the row ``step`` showed"""
+        seen = {}
+        for (i, t), rows in served_in_rounds(model, sessions, start).items():
+            n = t - start[i] + 1
+            assert len(rows) == min(n, model.args.lookahead + 1)
+            for j, row in enumerate(rows):
+                seen[i, len(rows) - 1 - j, n - len(rows) + j] = row
         return seen
 
     together = served(mix)
