@@ -1205,7 +1205,7 @@ class Mixture(nn.Module):
         super().__init__()
         self.args = args
         self.members = nn.ModuleList(Tagger(ModelConfig.from_args(m)) for m in args.members)
-        L = args.lookahead
+        self.L = L = args.lookahead             # the longest member's
         if L is None:
             raise ConfigError("mixture members need a bounded lookahead")
         if len({m.args.lookahead for m in self.members if m.args.arch == "crf"}) > 1:
@@ -1245,7 +1245,7 @@ class Mixture(nn.Module):
         # each position is weighted by the depth it has: its horizon, at most L, and at most
         # the events after it in its session (a session's tail at its end is final with the
         # weights of the depth it reached, as the live worker finalises it)
-        L = self.args.lookahead
+        L = self.L
         lengths = batch["lengths"].to(self.weights.device)
         T = batch["event"].shape[1]
         pos = torch.arange(T, device=self.weights.device)
@@ -1280,7 +1280,7 @@ class Mixture(nn.Module):
         n = [s["n"] + 1 for s in states]                                 # events seen
         new = [{"n": m, "members": [None] * len(self.members)} for m in n]
         rows_by_member: list[Optional[torch.Tensor]] = [None] * len(self.members)
-        K = self.args.lookahead + 1                  # every member labels a session's last
+        K = self.L + 1                               # every member labels a session's last
         keep = last_rows(n, K, self.weights.device)  # min(n, K) events
         wide = None
         if self.wide_bank is not None:
@@ -1324,7 +1324,7 @@ class Mixture(nn.Module):
         event that became final for it now. Returns the member's rows as if it read L."""
         D = self._held[i]
         Li = self.members[i].args.lookahead
-        K, V, dev = self.args.lookahead + 1, Li + 1, rows.device
+        K, V, dev = self.L + 1, Li + 1, rows.device
         have = last_rows(n, V, dev)                  # the member's rows, right-aligned in V slots
         if have is not None:
             rows = rows.new_zeros(len(n) * V, rows.shape[-1]).index_copy_(0, have, rows)
