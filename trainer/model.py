@@ -39,7 +39,7 @@ Two options sit around any encoder:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any, Optional
@@ -1139,6 +1139,12 @@ class Tagger(nn.Module):
 # A mixture of taggers
 # ------------------------------------------------------------------------------------------
 
+def longest_lookahead(lookaheads: Iterable[Optional[int]]) -> Optional[int]:
+    """The lookahead of models combined: the longest (None, unbounded, if any is)."""
+    Ls = list(lookaheads)
+    return None if None in Ls else max(Ls)
+
+
 @dataclass
 class MixtureConfig:
     """A ``Mixture``'s constructor arguments (stored in the checkpoint like ``ModelConfig``):
@@ -1159,8 +1165,7 @@ class MixtureConfig:
     def lookahead(self) -> Optional[int]:
         # the longest member's: a member that reads fewer later events (a network under
         # ``model.network_lookahead``) is final early and holds its final output
-        Ls = [m["lookahead"] for m in self.members]
-        return None if None in Ls else max(Ls)
+        return longest_lookahead(m["lookahead"] for m in self.members)
 
     @property
     def context(self) -> int:
@@ -1208,8 +1213,6 @@ class Mixture(nn.Module):
         self.L = L = args.lookahead             # the longest member's
         if L is None:
             raise ConfigError("mixture members need a bounded lookahead")
-        if len({m.args.lookahead for m in self.members if m.args.arch == "crf"}) > 1:
-            raise ConfigError("a mixture's CRF members need the same lookahead")
         if len(args.depth_weights) != L + 1 or any(len(w) != len(self.members) for w in args.depth_weights):
             raise ConfigError("mixture weights: one row per depth 0..L, one weight per member")
         self.register_buffer("weights", torch.tensor(args.depth_weights, dtype=torch.float32))
@@ -1231,7 +1234,9 @@ class Mixture(nn.Module):
         self.chain_bank = ChainBank([m.crf for m in crfs], [m.enc_lookahead for m in crfs]) if crfs else None
         # members that read fewer later events than the mixture: per member, how many of its
         # final rows a session's state holds (the events between its lookahead and L)
-        self._held = {i: L - m.args.lookahead for i, m in enumerate(self.members) if m.args.lookahead < L}
+        # (and its own rows per session, L_i + 1)
+        self._held = {i: (L - m.args.lookahead, m.args.lookahead + 1)
+                      for i, m in enumerate(self.members) if m.args.lookahead < L}
 
     @property
     def streamable(self) -> bool:
@@ -1271,7 +1276,7 @@ class Mixture(nn.Module):
             state["crf"] = self.chain_bank.init_state(device)
         if self._held:
             C = self.args.n_labels
-            state["held"] = {i: torch.zeros(d, C, device=device) for i, d in self._held.items()}
+            state["held"] = {i: torch.zeros(d, C, device=device) for i, (d, _) in self._held.items()}
         return state
 
     @torch.no_grad()
@@ -1322,9 +1327,7 @@ class Mixture(nn.Module):
         min(n, L_i + 1) events) preceded by the final rows it gave the events L_i + 1 .. L
         back, which the sessions' states hold; the held rows move on by one, taking the
         event that became final for it now. Returns the member's rows as if it read L."""
-        D = self._held[i]
-        Li = self.members[i].args.lookahead
-        K, V, dev = self.L + 1, Li + 1, rows.device
+        (D, V), K, dev = self._held[i], self.L + 1, rows.device
         have = last_rows(n, V, dev)                  # the member's rows, right-aligned in V slots
         if have is not None:
             rows = rows.new_zeros(len(n) * V, rows.shape[-1]).index_copy_(0, have, rows)

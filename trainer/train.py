@@ -34,7 +34,8 @@ from trainer.fit import FitResult, fit_any, fit_model, label_counts, model_args,
 from trainer.hpo import search
 from trainer.loading import fingerprint, read_events, split_sessions
 from trainer.metrics import ABSTAIN_ALL, choose_threshold, classification_metrics, clopper_pearson_lower
-from trainer.model import IGNORE, Mixture, MixtureConfig, Tagger, arrival_logits, collate, session_logits
+from trainer.model import (IGNORE, Mixture, MixtureConfig, Tagger, arrival_logits, collate, longest_lookahead,
+                           session_logits)
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     archs = list(groups)
     first = results[members[0]]
     # members may read different spans (``model.network_lookahead``): the mixture's is the longest
-    Ls = [v.args.lookahead for v in results.values()]
-    L = None if None in Ls else max(Ls)
+    L = longest_lookahead(v.args.lookahead for v in results.values())
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
     grid = _simplex(len(archs))
 
@@ -296,8 +296,7 @@ def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dic
         b = prior_bias(prior, r.get("tau", 0.0))
         if b is not None:
             B[k] = b
-    Ls = [fits[a].model.args.lookahead for a in members]
-    L = None if None in Ls else max(Ls)
+    L = longest_lookahead(fits[a].model.args.lookahead for a in members)
     if len(W) == 1 and L:                       # no per-depth held-out logits (prefix calibration
         W, B = np.repeat(W, L + 1, 0), np.repeat(B, L + 1, 0)   # off): the final ones at every depth
     elif L is not None and len(W) > L + 1:      # the members kept read less far than the longest
