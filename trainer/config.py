@@ -323,6 +323,10 @@ class TrainConfig:
     # top-1 macro-F1 (the smallest |tau| on ties; [0]: none). Moves labels towards rare steps,
     # which macro-F1 weighs as much as common ones (docs/ablation.md)
     auto_prior_taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # model.arch auto: 0 takes the member weights that score best on the pooled held-out
+    # events; N > 0 takes the mean of the best weights on N bootstrap resamples of the
+    # held-out sessions (bagged ensemble selection), less swayed by a few sessions
+    auto_bags: int = 0
     val_folds: int = 4
     # Each network candidate is trained this many times with seeds seed, seed+1, ... and its
     # log-probabilities averaged (the CRF is deterministic: once); the members are served
@@ -454,6 +458,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.precision_target: must be in (0, 1]")
     if t.ensemble_seeds < 1:
         raise ConfigError("train.ensemble_seeds: must be >= 1")
+    if t.auto_bags < 0:
+        raise ConfigError("train.auto_bags: must be >= 0 (0: the best weights on all held-out events)")
     if 0.0 not in t.auto_prior_taus or any(not 0 <= x <= 4 for x in t.auto_prior_taus):
         raise ConfigError("train.auto_prior_taus: values in [0, 4], 0 among them (0: no bias)")
     if not 0 <= t.feature_dropout < 1:

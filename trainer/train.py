@@ -69,6 +69,14 @@ class Validated:
         keep = np.concatenate([np.arange(n) < n - (k - L) for n in sizes]) if sizes else np.zeros(0, bool)
         return z[L][keep], y[L][keep]
 
+    def sessions_at(self, k: int | None) -> np.ndarray:
+        """The held-out session (index into ``labels``) of each row of ``at_depth(k)``, or of
+        the full-lookahead rows (``np.concatenate(labels)``) when k is None."""
+        if k is None:
+            return np.repeat(np.arange(len(self.labels)), [len(y) for y in self.labels])
+        order = np.asarray(self.depth_order, dtype=np.int64)
+        return np.repeat(order, [max(0, len(self.labels[i]) - k) for i in order])
+
     def scores(self, names: Sequence[str]) -> dict[str, Any]:
         """Held-out top-1 macro-F1 and accuracy at full lookahead and on arrival (k = 0)."""
         y = np.concatenate(self.labels)
@@ -179,8 +187,37 @@ def training_prior(p: "Prepared", n_labels: int) -> np.ndarray:
     return counts / counts.sum()
 
 
+def bagged_best(preds: np.ndarray, y: np.ndarray, sessions: np.ndarray, n_labels: int, rank: np.ndarray,
+                bags: int, seed: int) -> np.ndarray:
+    """Bagged selection (Caruana et al. 2006): for each of ``bags`` bootstrap resamples of
+    the held-out sessions, the grid point whose labels ``preds`` (grid, rows) score the best
+    top-1 macro-F1 (then accuracy, then ``rank``: the full data's order) on the resample.
+    Returns how often each grid point won, as a share. A resample draws whole sessions, so
+    the weights are not chosen by a few sessions' events; sums of per-session counts make each
+    resample a matrix product instead of a re-count."""
+    S, C = int(sessions.max()) + 1, n_labels
+    flat = sessions * C
+    support = np.bincount(flat + y, minlength=S * C).reshape(S, C).astype(float)
+    hit = preds == y
+    tp = np.stack([np.bincount(flat[h] + y[h], minlength=S * C) for h in hit]).reshape(len(preds), S, C)
+    shown = np.stack([np.bincount(flat + p, minlength=S * C) for p in preds]).reshape(len(preds), S, C)
+    rng = np.random.default_rng(seed)
+    draws = np.stack([np.bincount(rng.integers(0, S, S), minlength=S) for _ in range(bags)]).astype(float)
+    sup = draws @ support                                        # (bags, C)
+    tp_b = np.einsum("bs,gsc->bgc", draws, tp)
+    den = sup[:, None, :] + np.einsum("bs,gsc->bgc", draws, shown)
+    present = sup > 0
+    f1 = np.where(present[:, None, :], 2 * tp_b / np.maximum(den, 1e-12), 0.0).sum(-1) / present.sum(-1)[:, None]
+    acc = tp_b.sum(-1) / sup.sum(-1)[:, None]
+    wins = np.zeros(len(preds))
+    for b in range(bags):
+        best = np.lexsort((rank, np.round(acc[b], 12), np.round(f1[b], 12)))[-1]
+        wins[best] += 1
+    return wins / bags
+
+
 def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: np.ndarray | None = None,
-                   taus: Sequence[float] = (0.0,)) -> dict[str, Any]:
+                   taus: Sequence[float] = (0.0,), bags: int = 0, seed: int = 0) -> dict[str, Any]:
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
     k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
     weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
@@ -192,7 +229,10 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
 
     With ``prior`` (each step's training share) the depth's weights are followed by a label
     bias ``prior_bias(prior, tau)``, tau from ``taus`` by the same score (the smallest tau on
-    ties, so 0 unless a bias scores better); any tau > 0 makes the result a ``Mixture``."""
+    ties, so 0 unless a bias scores better); any tau > 0 makes the result a ``Mixture``.
+
+    With ``bags`` > 0 (``train.auto_bags``) a depth's weights are instead the mean of the best
+    grid weights on that many bootstrap resamples of the held-out sessions (``bagged_best``)."""
     members = list(results)
     groups: dict[str, list[str]] = {}
     for m in members:
@@ -231,6 +271,15 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
                    for i, a in enumerate(archs)}
         scored = {w: score(zs, y, w) for w in grid}
         best = max(grid, key=lambda w: (*scored[w], w))
+        if bags:
+            keep = y != IGNORE
+            rank = np.empty(len(grid))
+            rank[sorted(range(len(grid)), key=lambda g: (*scored[grid[g]], grid[g]))] = np.arange(len(grid))
+            preds = np.stack([sum(wi * zi[keep] for wi, zi in zip(w, zs) if wi > 0).argmax(-1) for w in grid])
+            share = bagged_best(preds, y[keep], first.sessions_at(None if final else k)[keep], len(names),
+                                rank, bags, seed + (0 if k is None else k))
+            best = tuple(float(x) for x in np.round(share @ np.asarray(grid), 6))
+            scored[best] = score(zs, y, best)
         # then the label bias for these weights: a larger tau only when it scores better
         tau_scores = {t: (scored[best] if t == 0 else score(zs, y, best, t)) for t in taus}
         tau = max(tau_scores, key=lambda t: (*tau_scores[t][:2], -abs(t)))
@@ -245,7 +294,9 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     return {"candidates": {a: _group_scores([results[m] for m in groups[a]], names) for a in archs},
             "depths": rows, "members": used, "chosen": used[0] if len(used) == 1 and not biased else "mixture",
             "prior": [float(x) for x in prior] if biased else None,
-            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid, then a prior bias"}
+            "criterion": "held-out top-1 macro-F1 per visible depth, weights on a 0.1 grid"
+                         + (f" (the mean of the best on {bags} bootstrap resamples of sessions)" if bags else "")
+                         + ", then a prior bias"}
 
 
 def _group_scores(vs: Sequence[Validated], names: Sequence[str]) -> dict[str, Any]:
@@ -699,7 +750,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                     acfg, progress=progress, fold_seed=cfg.train.seed)
         if arch == "auto" or len(results) > 1:
             auto_info = choose_mixture(results, p.label_map.labels, training_prior(p, len(p.label_map)),
-                                       cfg.train.auto_prior_taus)
+                                       cfg.train.auto_prior_taus, cfg.train.auto_bags, cfg.train.seed)
             for line in auto_table(auto_info):
                 echo(line)
             arch = auto_info["chosen"]

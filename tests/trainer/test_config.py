@@ -40,6 +40,12 @@ def test_a_network_reads_at_most_network_lookahead_later_events_and_a_crf_the_wh
         ModelConfig(network_lookahead=-1)
 
 
+def test_auto_bags_must_not_be_negative():
+    assert from_dict({"train": {"auto_bags": 16}}).train.auto_bags == 16
+    with pytest.raises(ConfigError, match="train.auto_bags"):
+        from_dict({"train": {"auto_bags": -1}})
+
+
 def test_what_the_data_fixes_is_not_a_config_key():
     with pytest.raises(ConfigError, match="'model.n_labels'"):
         from_dict({"model": {"n_labels": 3}})

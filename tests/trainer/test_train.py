@@ -200,6 +200,39 @@ def test_auto_adds_a_label_bias_towards_a_rare_step_only_when_it_raises_held_out
     assert plain["depths"][0]["tau"] == 0.0 and plain["prior"] is None and plain["chosen"] == "bilstm"
 
 
+def test_bagged_weights_move_towards_a_candidate_that_wins_on_most_held_out_sessions():
+    """One long held-out session favours the CRF, nine short ones the BiLSTM. Pooled over
+    events the long one decides: the plain choice is the CRF-led weighting with the best
+    log-likelihood, (0.4, 0.6). ``auto_bags`` resamples whole sessions; the resamples that miss
+    the long one (about a third) pick BiLSTM-led weights, so the mean moves towards the
+    BiLSTM, still short of handing it the labels; the same seed gives the same weights."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, choose_mixture
+    sizes = [600] + [30] * 9
+    labels = [np.arange(n) % 3 for n in sizes]
+
+    def member(right_on):
+        logits = []
+        for i, y in enumerate(labels):
+            z = np.zeros((len(y), 3))
+            z[np.arange(len(y)), y if i in right_on else (y + 1) % 3] = 5.0
+            logits.append(z)
+        return Validated(args=ModelConfig(n_labels=3, n_events=3, n_tokens=3, lookahead=None), cfg=from_dict({}),
+                         logits=logits, labels=labels, depth_logits=None, epochs=1, best_epochs=[1],
+                         depth_order=list(range(len(sizes))))
+    results = {"bilstm": member(set(range(1, 10))), "crf": member({0})}
+    plain = choose_mixture(results, ["a", "b", "c"])
+    assert plain["depths"][0]["weights"] == {"bilstm": 0.4, "crf": 0.6}
+    assert "bootstrap" not in plain["criterion"]
+    info = choose_mixture(results, ["a", "b", "c"], bags=32, seed=3)
+    row = info["depths"][0]
+    w = row["weights"]
+    assert 0.4 < w["bilstm"] < 0.5 < w["crf"] and abs(w["bilstm"] + w["crf"] - 1.0) < 1e-6
+    assert row["macro_f1"] == plain["depths"][0]["macro_f1"]          # the CRF still labels
+    assert info["members"] == ["bilstm", "crf"] and "32 bootstrap resamples" in info["criterion"]
+    assert choose_mixture(results, ["a", "b", "c"], bags=32, seed=3)["depths"][0]["weights"] == w
+
+
 def test_auto_averages_the_seeds_of_a_candidate_and_shares_its_weight():
     """Two seeds of one network, each wrong on a different third of the events: their mean
     log-probability is right everywhere, so the candidate is scored (and weighted) as their
@@ -317,5 +350,13 @@ def test_auto_lines_up_members_that_read_different_spans():
     assert np.array_equal(y2, crf.at_depth(2)[1])
     assert np.array_equal(y2, np.concatenate([labels[i][:max(0, lengths[i] - 2)] for i in order]))
     assert np.allclose(z2, np.concatenate([net.logits[i][:max(0, lengths[i] - 2)] + 1 for i in order]))  # depth-1 rows
+    # each row's session (auto_bags resamples sessions): the block order, beyond L too
+    for k in (0, 1, 2):
+        assert np.array_equal(net.sessions_at(k), np.repeat(order, [max(0, lengths[i] - k) for i in order]))
+        assert len(net.sessions_at(k)) == len(net.at_depth(k)[1])
+    assert np.array_equal(net.sessions_at(None), np.repeat(np.arange(4), lengths))
     info = choose_mixture({"bilstm": net, "crf": crf}, ["a", "b", "c"])
     assert [r["k"] for r in info["depths"]] == [0, 1, 2]
+    bagged = choose_mixture({"bilstm": net, "crf": crf}, ["a", "b", "c"], bags=8)
+    assert [r["k"] for r in bagged["depths"]] == [0, 1, 2]
+    assert all(abs(sum(r["weights"].values()) - 1.0) < 1e-6 for r in bagged["depths"])
