@@ -86,15 +86,20 @@ _FROM_DATA = {"from_data": True}
 NETWORK_ARCHS = ("bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf")
 # What ``model.auto_archs`` may name: those, and ``crf_ahead``, a second CRF whose state
 # features also read the next ``model.crf_ahead`` events, or ``crf_aheadN``, one that reads the
-# next N (``ModelConfig.candidate``)
-AUTO_CANDIDATES = NETWORK_ARCHS + ("crf_ahead", "crf_aheadN")
+# next N, or ``<network>_causal`` (``bilstm_causal``, ...), that network reading no later
+# event (``network_lookahead: 0``), trained for the label on arrival alone
+# (``ModelConfig.candidate``)
+AUTO_CANDIDATES = NETWORK_ARCHS + ("crf_ahead", "crf_aheadN", "<network>_causal")
 _CRF_AHEAD_N = re.compile(r"crf_ahead([1-9][0-9]*)")
+_CAUSAL = re.compile("(" + "|".join(a for a in NETWORK_ARCHS if a != "crf") + ")_causal")
 
 
 def candidate_of(member_args: Mapping[str, Any]) -> str:
     """The ``auto_archs`` name of a trained member (its ``model_args``): what
     ``ModelConfig.candidate`` made it from."""
     future = member_args.get("crf_future") or 0
+    if member_args.get("arch") != "crf" and member_args.get("network_lookahead") == 0:
+        return f"{member_args.get('arch')}_causal"
     if member_args.get("arch") != "crf" or not future:
         return str(member_args.get("arch"))
     return "crf_ahead" if future == member_args.get("crf_ahead", 1) else f"crf_ahead{future}"
@@ -191,7 +196,7 @@ class ModelConfig:
         if self.network_lookahead is not None and self.network_lookahead < 0:
             raise ConfigError("model.network_lookahead: must be >= 0 or null")
         for a in self.auto_archs:
-            if a not in NETWORK_ARCHS + ("crf_ahead",) and not _CRF_AHEAD_N.fullmatch(a):
+            if a not in NETWORK_ARCHS + ("crf_ahead",) and not _CRF_AHEAD_N.fullmatch(a) and not _CAUSAL.fullmatch(a):
                 raise ConfigError(f"model.auto_archs: {a!r} is not one of {list(AUTO_CANDIDATES)}")
         if not self.auto_archs:
             raise ConfigError("model.auto_archs: name at least one architecture")
@@ -211,6 +216,8 @@ class ModelConfig:
             return {"arch": "crf", "crf_future": self.crf_ahead}
         if m := _CRF_AHEAD_N.fullmatch(name):
             return {"arch": "crf", "crf_future": int(m.group(1))}
+        if m := _CAUSAL.fullmatch(name):
+            return {"arch": m.group(1), "network_lookahead": 0}
         return {"arch": name}
 
     @property

@@ -40,6 +40,23 @@ def test_a_network_reads_at_most_network_lookahead_later_events_and_a_crf_the_wh
         ModelConfig(network_lookahead=-1)
 
 
+def test_a_causal_network_candidate_reads_no_later_event():
+    """``bilstm_causal`` in ``auto_archs``: the BiLSTM with ``network_lookahead: 0``, sized to
+    read no later event while the others keep the lookahead; its trained args name it back."""
+    import dataclasses
+
+    from trainer.config import candidate_of
+    cfg = from_dict({"model": {"auto_archs": ["bilstm", "crf", "bilstm_causal"]}}).model
+    assert cfg.candidate("bilstm_causal") == {"arch": "bilstm", "network_lookahead": 0}
+    member = dataclasses.replace(cfg, **cfg.candidate("bilstm_causal")).sized(SPEC, 3)
+    assert member.lookahead == 0 and cfg.sized(SPEC, 3).lookahead == 4
+    assert candidate_of(member.to_args()) == "bilstm_causal"
+    assert candidate_of(dataclasses.replace(cfg, arch="bilstm").sized(SPEC, 3).to_args()) == "bilstm"
+    for bad in ("crf_causal", "lstm_causal"):
+        with pytest.raises(ConfigError, match=f"{bad!r} is not one of"):
+            from_dict({"model": {"auto_archs": ["bilstm", bad]}})
+
+
 def test_auto_bags_must_not_be_negative():
     assert from_dict({"train": {"auto_bags": 16}}).train.auto_bags == 16
     with pytest.raises(ConfigError, match="train.auto_bags"):
