@@ -231,6 +231,9 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     bias ``prior_bias(prior, tau)``, tau from ``taus`` by the same score (the smallest tau on
     ties, so 0 unless a bias scores better); any tau > 0 makes the result a ``Mixture``.
 
+    A network that reads no later event (``bilstm_causal``: lookahead 0 where the others
+    read L > 0) is weighed at k = 0 only.
+
     With ``bags`` > 0 (``train.auto_bags``) a depth's weights are instead the mean of the best
     grid weights on that many bootstrap resamples of the held-out sessions (``bagged_best``)."""
     members = list(results)
@@ -242,7 +245,13 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     # members may read different spans (``model.network_lookahead``): the mixture's is the longest
     L = longest_lookahead(v.args.lookahead for v in results.values())
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
-    grid = _simplex(len(archs))
+    # a network that reads no later event (``bilstm_causal``) beside members that do is there
+    # for the label on arrival: it is weighed at k = 0 only, so it never pulls a label that has
+    # seen later events back towards the arrival view
+    arrival = [bool(L) and results[groups[a][0]].args.arch != "crf" and results[groups[a][0]].args.lookahead == 0
+               for a in archs]
+    full_grid = _simplex(len(archs))
+    later_grid = [w for w in full_grid if not any(wi > 0 and ar for wi, ar in zip(w, arrival))] or full_grid
 
     def score(zs, y, w, tau=0.0):
         keep = y != IGNORE
@@ -258,6 +267,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     rows = []
     for k in depths or [None]:
         final = k is None or k == L               # final labels: every held-out event
+        grid = full_grid if k == 0 else later_grid
         y = np.concatenate(first.labels) if final else first.at_depth(k)[1]
         for m in members:
             got = np.concatenate(results[m].labels) if final else results[m].at_depth(k)[1]

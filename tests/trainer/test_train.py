@@ -327,6 +327,36 @@ def test_a_network_reading_less_far_than_the_lookahead_is_served_beside_the_crfs
     assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
 
 
+def test_a_network_reading_no_later_event_is_weighed_for_arrival_labels_only():
+    """``bilstm_causal`` (lookahead 0) beside a BiLSTM and a CRF reading one later event: even
+    where it is the best alone at every depth, ``auto`` gives it weight on arrival (k = 0)
+    and none once a label has seen a later event, so the final labels are those of the
+    other members (the same as without it)."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, choose_mixture
+    rng = np.random.default_rng(0)
+    lengths = [40, 25, 35]
+    labels = [rng.integers(0, 3, n) for n in lengths]
+    order = [1, 2, 0]
+
+    def member(arch, L, sure):
+        full = [rng.normal(size=(n, 3)) + sure * np.eye(3)[y] for n, y in zip(lengths, labels)]
+        z = [np.concatenate([full[i][:max(0, lengths[i] - k)] for i in order]) for k in range(L + 1)]
+        y = [np.concatenate([labels[i][:max(0, lengths[i] - k)] for i in order]) for k in range(L + 1)]
+        return Validated(args=ModelConfig(arch=arch, n_labels=3, n_events=3, n_tokens=3, lookahead=L),
+                         cfg=from_dict({}), logits=full, labels=labels, depth_logits=(z, y), epochs=1,
+                         best_epochs=[1], depth_order=order)
+    results = {"bilstm": member("bilstm", 1, 1.0), "crf": member("crf", 1, 1.0),
+               "bilstm_causal": member("bilstm", 0, 6.0)}
+    info = choose_mixture(results, ["a", "b", "c"])
+    arrive, final = info["depths"]
+    assert arrive["alone"]["bilstm_causal"]["macro_f1"] == final["alone"]["bilstm_causal"]["macro_f1"] == 1.0
+    assert arrive["weights"]["bilstm_causal"] > 0 and final["weights"]["bilstm_causal"] == 0.0
+    without = choose_mixture({a: results[a] for a in ("bilstm", "crf")}, ["a", "b", "c"])
+    assert {a: final["weights"][a] for a in ("bilstm", "crf")} == without["depths"][1]["weights"]
+    assert "bilstm_causal" in info["members"]
+
+
 def test_auto_lines_up_members_that_read_different_spans():
     """A network reading 1 later event beside a CRF reading 2 (``model.network_lookahead``):
     at depth 2 the network's rows are its final ones, less each session's last event, so they
