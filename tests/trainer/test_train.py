@@ -327,6 +327,32 @@ def test_a_network_reading_less_far_than_the_lookahead_is_served_beside_the_crfs
     assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
 
 
+def test_a_causal_network_candidate_is_served_for_arrival_labels(tmp_path):
+    """``auto_archs: [bilstm, crf, bilstm_causal]``: the causal BiLSTM is trained reading no
+    later event and weighed on arrival only; the served mixture keeps its labels until the
+    others' finals and still equals the offline labels on every event when replayed live."""
+    import json
+
+    from tagger.cli import main
+    from tests.helpers import make_log, train_tiny
+    from trainer.artifacts import load_artifact
+    from trainer.config import candidate_of
+    data = make_log(tmp_path, 60, 5)
+    out = train_tiny(data, tmp_path / "m", model={"arch": "auto", "lookahead": 3,
+                                                  "auto_archs": ["bilstm", "crf", "bilstm_causal"]})
+    depths = json.loads((out / "metrics.json").read_text())["auto"]["depths"]
+    assert [d["k"] for d in depths] == [0, 1, 2, 3]
+    assert depths[0]["weights"]["bilstm_causal"] > 0, depths[0]
+    assert all(d["weights"]["bilstm_causal"] == 0.0 for d in depths[1:])
+    loaded = load_artifact(out)
+    reads = {candidate_of(m.args.to_args()): m.args.lookahead for m in loaded.model.members}
+    assert reads["bilstm_causal"] == 0 and loaded.lookahead == 3
+    test = make_log(tmp_path, 10, 6)
+    assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json"),
+                 "--streaming"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
+
+
 def test_a_network_reading_no_later_event_is_weighed_for_arrival_labels_only():
     """``bilstm_causal`` (lookahead 0) beside a BiLSTM and a CRF reading one later event: even
     where it is the best alone at every depth, ``auto`` gives it weight on arrival (k = 0)
