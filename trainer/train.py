@@ -281,7 +281,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
                    for i, a in enumerate(archs)}
         scored = {w: score(zs, y, w) for w in grid}
         best = max(grid, key=lambda w: (*scored[w], w))
-        if bags:
+        if bags and (y != IGNORE).any():
             keep = y != IGNORE
             rank = np.empty(len(grid))
             rank[sorted(range(len(grid)), key=lambda g: (*scored[grid[g]], grid[g]))] = np.arange(len(grid))
