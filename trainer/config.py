@@ -94,6 +94,12 @@ _CRF_AHEAD_N = re.compile(r"crf_ahead([1-9][0-9]*)")
 _CAUSAL = re.compile("(" + "|".join(a for a in NETWORK_ARCHS if a != "crf") + ")_causal")
 
 
+def arrival_only(candidate: str) -> bool:
+    """Whether an ``auto_archs`` candidate is there for the label on arrival alone
+    (``<network>_causal``): ``auto`` weighs it at k = 0 only."""
+    return bool(_CAUSAL.fullmatch(candidate))
+
+
 def candidate_of(member_args: Mapping[str, Any]) -> str:
     """The ``auto_archs`` name of a trained member (its ``model_args``): what
     ``ModelConfig.candidate`` made it from."""

@@ -25,7 +25,7 @@ import torch
 
 from trainer.artifacts import covered_by, save_artifact, softmax_t
 from trainer.baseline import BaselineLabeller
-from trainer.config import Config, ModelConfig
+from trainer.config import Config, ModelConfig, arrival_only
 from trainer.crf import without_lex
 from trainer.errors import ConfigError
 from trainer.evaluate import score
@@ -231,8 +231,8 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     bias ``prior_bias(prior, tau)``, tau from ``taus`` by the same score (the smallest tau on
     ties, so 0 unless a bias scores better); any tau > 0 makes the result a ``Mixture``.
 
-    A network that reads no later event (``bilstm_causal``: lookahead 0 where the others
-    read L > 0) is weighed at k = 0 only.
+    A candidate for the label on arrival (``bilstm_causal``: ``config.arrival_only``) is
+    weighed at k = 0 only (unless L is 0, where arrival is final).
 
     With ``bags`` > 0 (``train.auto_bags``) a depth's weights are instead the mean of the best
     grid weights on that many bootstrap resamples of the held-out sessions (``bagged_best``)."""
@@ -245,11 +245,9 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     # members may read different spans (``model.network_lookahead``): the mixture's is the longest
     L = longest_lookahead(v.args.lookahead for v in results.values())
     depths = list(range(L + 1)) if (L is not None and all(v.depth_logits for v in results.values())) else []
-    # a network that reads no later event (``bilstm_causal``) beside members that do is there
-    # for the label on arrival: it is weighed at k = 0 only, so it never pulls a label that has
-    # seen later events back towards the arrival view
-    arrival = [bool(L) and results[groups[a][0]].args.arch != "crf" and results[groups[a][0]].args.lookahead == 0
-               for a in archs]
+    # a candidate named for the label on arrival (``bilstm_causal``) is weighed at k = 0 only,
+    # so it never pulls a label that has seen later events back towards the arrival view
+    arrival = [bool(L) and arrival_only(a) for a in archs]
     full_grid = _simplex(len(archs))
     later_grid = [w for w in full_grid if not any(wi > 0 and ar for wi, ar in zip(w, arrival))] or full_grid
 
@@ -280,11 +278,12 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
         singles = {a: score(zs, y, tuple(float(i == j) for j in range(len(archs))))
                    for i, a in enumerate(archs)}
         scored = {w: score(zs, y, w) for w in grid}
-        best = max(grid, key=lambda w: (*scored[w], w))
+        ranked = sorted(grid, key=lambda w: (*scored[w], w))      # worst to best
+        best = ranked[-1]
         if bags and (y != IGNORE).any():
             keep = y != IGNORE
-            rank = np.empty(len(grid))
-            rank[sorted(range(len(grid)), key=lambda g: (*scored[grid[g]], grid[g]))] = np.arange(len(grid))
+            place = {w: i for i, w in enumerate(ranked)}
+            rank = np.array([place[w] for w in grid], dtype=float)
             preds = np.stack([sum(wi * zi[keep] for wi, zi in zip(w, zs) if wi > 0).argmax(-1) for w in grid])
             share = bagged_best(preds, y[keep], first.sessions_at(None if final else k)[keep], len(names),
                                 rank, bags, seed + (0 if k is None else k))
