@@ -71,6 +71,11 @@ class DataConfig:
     lex_by_column: bool = True
     # the time since the session's first event as a feature
     elapsed_time: bool = True
+    # the hour of the day an event happened (and its four-hour part of the day) among its
+    # lexical features: meals, mail in the morning, reports on a Friday afternoon. Read off the
+    # timestamp's UTC clock, which is the wall clock for timestamps without an offset. Off is
+    # what encoders saved before the setting read as.
+    time_of_day: bool = True
     # Clip standardised numbers to +-num_clip (null: no clipping), as the CRF reference clips
     # at 5, so that one outlier (an hours-long focus duration, z ~ 26) cannot outweigh an
     # event's other features. Off by default: at 5 it gained nothing under 5-fold CV

@@ -227,6 +227,9 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         # categorical values first (few, general), then the words and bigrams of the name and
         # text columns, then their character 4-grams (most numerous, first cut by MAX_LEX)
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
+        if data.time_of_day and math.isfinite(ts):
+            hour = int(ts % 86400.0 // 3600.0)
+            lex += [f"h={hour}", f"dp={hour // 4}"]
         grams: list[str] = []
         # a text column's words in a namespace of its own (data.lex_by_column), the name's bare
         spaces = [""] + [f"{c}:" if data.lex_by_column else "" for c in data.text_features]
@@ -506,6 +509,8 @@ class FeatureEncoder:
                 data = dataclasses.replace(data, lex_chars_last=False)
             if "lex_by_column" not in d["data"]:         # fit before text columns had their own words
                 data = dataclasses.replace(data, lex_by_column=False)
+            if "time_of_day" not in d["data"]:           # fit before the hour was a feature
+                data = dataclasses.replace(data, time_of_day=False)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
         except (KeyError, TypeError, ValueError) as exc:

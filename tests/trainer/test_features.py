@@ -232,3 +232,31 @@ def test_character_ngrams_can_be_left_out_of_the_lexical_features():
     _, a = with_chars.transform_frame(frame)
     _, b = again.transform_frame(frame)
     np.testing.assert_array_equal(a[0].lex, b[0].lex)
+
+
+def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
+    # the same event at 07:xx and at 19:xx differs only by its hour and part of the day; a
+    # timestamp with an offset is read on the UTC clock (20:30+02:00 is hour 18)
+    stamps = ("2024-01-01T07:10:00", "2024-01-02T19:10:00", "2024-01-03T20:30:00+02:00",
+              "2024-01-04T07:40:00", "2024-01-05T19:50:00", "2024-01-06T18:05:00Z")
+    recs = [{"session_id": str(s), "timestamp": ts, "event_name": "Fridge door opened", "step_name": "Meal"}
+            for s, ts in enumerate(stamps)]
+    frame = records_to_frame(recs, require_label=True)
+    enc = FeatureEncoder.fit(frame, DataConfig())
+    ids = enc.vocabs["lex"].index
+    assert "h=20" not in ids
+    _, sessions = enc.transform_frame(frame)
+    rows = [set(s.lex[0].tolist()) for s in sessions]
+    assert {ids["h=7"], ids["dp=1"]} <= rows[0] and ids["h=19"] not in rows[0]
+    assert {ids["h=19"], ids["dp=4"]} <= rows[1] and ids["dp=1"] not in rows[1]
+    assert {ids["h=18"], ids["dp=4"]} <= rows[2]
+    assert rows[0] == rows[3] and rows[2] == rows[5]          # the same hour another day: the same
+    one, _ = enc.transform_one(dict(frame.iloc[1]))            # live, one event at a time: the same
+    assert {ids["h=19"], ids["dp=4"]} <= set(one.lex[0].tolist())
+    # an encoder saved before the hour was a feature keeps encoding without it
+    old = enc.to_dict()
+    del old["data"]["time_of_day"]
+    again = FeatureEncoder.from_dict(json.loads(json.dumps(old)))
+    assert again.data.time_of_day is False
+    _, sessions = again.transform_frame(frame)
+    assert not {ids["h=7"], ids["dp=1"]} & set(sessions[0].lex[0].tolist())

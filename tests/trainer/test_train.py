@@ -416,3 +416,42 @@ def test_auto_lines_up_members_that_read_different_spans():
     bagged = choose_mixture({"bilstm": net, "crf": crf}, ["a", "b", "c"], bags=8)
     assert [r["k"] for r in bagged["depths"]] == [0, 1, 2]
     assert all(abs(sum(r["weights"].values()) - 1.0) < 1e-6 for r in bagged["depths"])
+
+
+def _meals(path, days: int, seed: int):
+    """Kitchen sessions: the same sensor events, at the same pace, in the morning (breakfast)
+    and in the evening (dinner); only the hour tells the two apart."""
+    import csv
+    import random
+    rng = random.Random(seed)
+    steps = ["Fridge opened", "Cupboard opened", "Stove on", "Stove off", "Dishwasher opened"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["session_id", "timestamp", "event_name", "step_name"])
+        for d in range(days):
+            for hour, meal in ((7, "Breakfast"), (19, "Dinner")):
+                minute = rng.randrange(0, 30)
+                for i, name in enumerate(rng.sample(steps, 4)):
+                    w.writerow([f"{seed}-{d}-{hour}", f"2024-03-{1 + d % 28:02d}T{hour:02d}:{minute + 2 * i:02d}:00", name, meal])
+    return path
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_step_that_only_the_hour_of_the_day_tells_apart_is_learned_from_it(tmp_path, on):
+    """Breakfast and dinner are the same kitchen events; with ``data.time_of_day`` (the
+    default) a model labels them by the hour, without it it can only guess."""
+    import json
+
+    from tagger.cli import main
+    from tests.helpers import TINY
+    from trainer.train import train
+    out = tmp_path / "m"
+    cfg = from_dict(TINY).replace(model={"arch": "crf"}, data={"time_of_day": on})
+    train(_meals(tmp_path / "train.csv", 24, 0), out, cfg, progress=False, echo=lambda *_: None)
+    test = _meals(tmp_path / "test.csv", 8, 1)
+    assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json")]) == 0
+    acc = json.loads((tmp_path / "e.json").read_text())["offline"]["token_accuracy"]
+    if on:
+        assert acc == 1.0
+    else:
+        assert acc <= 0.75
