@@ -76,6 +76,9 @@ class DataConfig:
     # timestamp's UTC clock, which is the wall clock for timestamps without an offset. Off is
     # what encoders saved before the setting read as.
     time_of_day: bool = True
+    # the hour itself besides the part of the day (false: the four-hour part alone, fewer
+    # weights for a log whose steps keep no hours)
+    time_of_day_hour: bool = True
     # Clip standardised numbers to +-num_clip (null: no clipping), as the CRF reference clips
     # at 5, so that one outlier (an hours-long focus duration, z ~ 26) cannot outweigh an
     # event's other features. Off by default: at 5 it gained nothing under 5-fold CV

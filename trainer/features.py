@@ -229,7 +229,7 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
         if data.time_of_day and math.isfinite(ts):
             hour = int(ts % 86400.0 // 3600.0)
-            lex += [f"h={hour}", f"dp={hour // 4}"]
+            lex += ([f"h={hour}"] if data.time_of_day_hour else []) + [f"dp={hour // 4}"]
         grams: list[str] = []
         # a text column's words in a namespace of its own (data.lex_by_column), the name's bare
         spaces = [""] + [f"{c}:" if data.lex_by_column else "" for c in data.text_features]

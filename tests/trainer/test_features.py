@@ -253,6 +253,11 @@ def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
     assert rows[0] == rows[3] and rows[2] == rows[5]          # the same hour another day: the same
     one, _ = enc.transform_one(dict(frame.iloc[1]))            # live, one event at a time: the same
     assert {ids["h=19"], ids["dp=4"]} <= set(one.lex[0].tolist())
+    # data.time_of_day_hour: false keeps the part of the day alone
+    parts = FeatureEncoder.fit(frame, DataConfig(time_of_day_hour=False))
+    assert not any(x.startswith("h=") for x in parts.vocabs["lex"].items)
+    _, coarse = parts.transform_frame(frame)
+    assert parts.vocabs["lex"].index["dp=4"] in set(coarse[1].lex[0].tolist())
     # an encoder saved before the hour was a feature keeps encoding without it
     old = enc.to_dict()
     del old["data"]["time_of_day"]
