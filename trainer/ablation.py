@@ -82,8 +82,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_depth_training": {"train": {"depth_training": False}},  # full-lookahead training only
     "split_validation": {"train": {"validation": "split"}},     # one split, not session folds
     "no_elapsed_time": {"data": {"elapsed_time": False}},       # no time since the session start
-    "no_time_of_day": {"data": {"time_of_day": False}},         # no hour of the day (before 2026-12-06)
-    "day_parts": {"data": {"time_of_day_hour": False}},         # the four-hour part of the day, not the hour
+    "day_parts": {"data": {"time_of_day": True}},               # the four-hour part of the day as a feature
+    "time_of_day": {"data": {"time_of_day": True, "time_of_day_hour": True}},   # and the hour
     "num_clip5": {"data": {"num_clip": 5.0}},                   # standardised numbers clipped to +-5
     "no_char_ngrams": {"data": {"char_ngrams": False}},         # lexical: words and bigrams only
     "crf_char_ngrams": {"model": {"crf_char_ngrams": True}},     # the CRF member reads the 4-grams too

@@ -509,7 +509,7 @@ class FeatureEncoder:
                 data = dataclasses.replace(data, lex_chars_last=False)
             if "lex_by_column" not in d["data"]:         # fit before text columns had their own words
                 data = dataclasses.replace(data, lex_by_column=False)
-            if "time_of_day" not in d["data"]:           # fit before the hour was a feature
+            if "time_of_day" not in d["data"]:           # fit before the setting existed
                 data = dataclasses.replace(data, time_of_day=False)
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])

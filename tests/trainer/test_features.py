@@ -235,14 +235,16 @@ def test_character_ngrams_can_be_left_out_of_the_lexical_features():
 
 
 def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
-    # the same event at 07:xx and at 19:xx differs only by its hour and part of the day; a
-    # timestamp with an offset is read on the UTC clock (20:30+02:00 is hour 18)
+    # data.time_of_day (off by default): the same event at 07:xx and at 19:xx differs only by
+    # its hour and part of the day; a timestamp with an offset is read on the UTC clock
+    # (20:30+02:00 is hour 18)
     stamps = ("2024-01-01T07:10:00", "2024-01-02T19:10:00", "2024-01-03T20:30:00+02:00",
               "2024-01-04T07:40:00", "2024-01-05T19:50:00", "2024-01-06T18:05:00Z")
     recs = [{"session_id": str(s), "timestamp": ts, "event_name": "Fridge door opened", "step_name": "Meal"}
             for s, ts in enumerate(stamps)]
     frame = records_to_frame(recs, require_label=True)
-    enc = FeatureEncoder.fit(frame, DataConfig())
+    assert not any(x.startswith(("h=", "dp=")) for x in FeatureEncoder.fit(frame, DataConfig()).vocabs["lex"].items)
+    enc = FeatureEncoder.fit(frame, DataConfig(time_of_day=True, time_of_day_hour=True))
     ids = enc.vocabs["lex"].index
     assert "h=20" not in ids
     _, sessions = enc.transform_frame(frame)
@@ -253,12 +255,12 @@ def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
     assert rows[0] == rows[3] and rows[2] == rows[5]          # the same hour another day: the same
     one, _ = enc.transform_one(dict(frame.iloc[1]))            # live, one event at a time: the same
     assert {ids["h=19"], ids["dp=4"]} <= set(one.lex[0].tolist())
-    # data.time_of_day_hour: false keeps the part of the day alone
-    parts = FeatureEncoder.fit(frame, DataConfig(time_of_day_hour=False))
+    # data.time_of_day alone: the part of the day, not the hour
+    parts = FeatureEncoder.fit(frame, DataConfig(time_of_day=True))
     assert not any(x.startswith("h=") for x in parts.vocabs["lex"].items)
     _, coarse = parts.transform_frame(frame)
     assert parts.vocabs["lex"].index["dp=4"] in set(coarse[1].lex[0].tolist())
-    # an encoder saved before the hour was a feature keeps encoding without it
+    # an encoder saved before the setting existed keeps encoding without it
     old = enc.to_dict()
     del old["data"]["time_of_day"]
     again = FeatureEncoder.from_dict(json.loads(json.dumps(old)))

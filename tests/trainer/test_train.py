@@ -438,8 +438,8 @@ def _meals(path, days: int, seed: int):
 
 @pytest.mark.parametrize("on", [True, False])
 def test_a_step_that_only_the_hour_of_the_day_tells_apart_is_learned_from_it(tmp_path, on):
-    """Breakfast and dinner are the same kitchen events; with ``data.time_of_day`` (the
-    default) a model labels them by the hour, without it it can only guess."""
+    """Breakfast and dinner are the same kitchen events; with ``data.time_of_day`` a model
+    labels them by the part of the day, without it (the default) it can only guess."""
     import json
 
     from tagger.cli import main
