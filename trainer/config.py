@@ -500,6 +500,12 @@ def _validate(cfg: Config) -> None:
                           "cat_features, num_features, text_features, event_name_text and image_col")
     if d.image_backbone and not d.image_col:
         raise ConfigError("data.image_backbone: needs data.image_col")
+    if d.time_of_day and (not d.lexical or d.feature_set == "group_id_only"):
+        raise ConfigError("data.time_of_day: the part of the day is a lexical feature; it needs "
+                          "data.lexical: true and data.feature_set: full")
+    if d.time_of_day_hour and not d.time_of_day:
+        raise ConfigError("data.time_of_day_hour: the hour comes with the part of the day; set "
+                          "data.time_of_day: true too")
 
 
 def load_config(path: str | Path | None) -> Config:

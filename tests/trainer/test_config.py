@@ -63,6 +63,14 @@ def test_auto_bags_must_not_be_negative():
         from_dict({"train": {"auto_bags": -1}})
 
 
+def test_the_time_of_day_is_a_lexical_feature_and_the_hour_comes_with_the_part_of_the_day():
+    assert from_dict({"data": {"time_of_day": True, "time_of_day_hour": True}}).data.time_of_day_hour
+    with pytest.raises(ConfigError, match="data.time_of_day: .*data.lexical: true"):
+        from_dict({"data": {"time_of_day": True, "lexical": False}})
+    with pytest.raises(ConfigError, match="data.time_of_day_hour: .*data.time_of_day: true"):
+        from_dict({"data": {"time_of_day_hour": True}})
+
+
 def test_what_the_data_fixes_is_not_a_config_key():
     with pytest.raises(ConfigError, match="'model.n_labels'"):
         from_dict({"model": {"n_labels": 3}})
