@@ -420,19 +420,21 @@ def test_auto_lines_up_members_that_read_different_spans():
 
 def _meals(path, days: int, seed: int):
     """Kitchen sessions: the same sensor events, at the same pace, in the morning (breakfast)
-    and in the evening (dinner); only the hour tells the two apart."""
-    import csv
+    and in the evening (dinner); only the hour tells the two apart. Written as the other
+    tests write their logs (records, then ``DataFrame.to_csv``)."""
     import random
+
+    import pandas as pd
     rng = random.Random(seed)
     steps = ["Fridge opened", "Cupboard opened", "Stove on", "Stove off", "Dishwasher opened"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["session_id", "timestamp", "event_name", "step_name"])
-        for d in range(days):
-            for hour, meal in ((7, "Breakfast"), (19, "Dinner")):
-                minute = rng.randrange(0, 30)
-                for i, name in enumerate(rng.sample(steps, 4)):
-                    w.writerow([f"{seed}-{d}-{hour}", f"2024-03-{1 + d % 28:02d}T{hour:02d}:{minute + 2 * i:02d}:00", name, meal])
+    records = []
+    for d in range(days):
+        for hour, meal in ((7, "Breakfast"), (19, "Dinner")):
+            minute = rng.randrange(0, 30)
+            records += [{"session_id": f"{seed}-{d}-{hour}", "event_name": name, "step_name": meal,
+                         "timestamp": f"2024-03-{1 + d % 28:02d}T{hour:02d}:{minute + 2 * i:02d}:00"}
+                        for i, name in enumerate(rng.sample(steps, 4))]
+    pd.DataFrame(records).to_csv(path, index=False)
     return path
 
 
