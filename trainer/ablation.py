@@ -84,6 +84,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_elapsed_time": {"data": {"elapsed_time": False}},       # no time since the session start
     "day_parts": {"data": {"time_of_day": True}},               # the four-hour part of the day as a feature
     "time_of_day": {"data": {"time_of_day": True, "time_of_day_hour": True}},   # and the hour
+    # the part of the day read by one more auto candidate alone (crf_clock), weighed per log
+    "clock_auto": {"data": {"time_of_day": "auto"}},
+    "no_clock": {"data": {"time_of_day": False}},
     "num_clip5": {"data": {"num_clip": 5.0}},                   # standardised numbers clipped to +-5
     "no_char_ngrams": {"data": {"char_ngrams": False}},         # lexical: words and bigrams only
     "crf_char_ngrams": {"model": {"crf_char_ngrams": True}},     # the CRF member reads the 4-grams too

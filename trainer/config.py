@@ -74,11 +74,15 @@ class DataConfig:
     # the part of the day an event happened in (four-hour parts: 0-3 h, 4-7 h, ...) among its
     # lexical features, and with time_of_day_hour the hour too: meals in a home, the morning
     # inbox. Read off the timestamp's UTC clock (the wall clock for timestamps without an
-    # offset). Off by default: on the real home logs it lifts macro-F1 by 0.02-0.03, but on
-    # the window-focus profile, whose activities keep no hours, it lets 16 training days tie
-    # activities to the hours they happened to be worked (docs/ablation.md). Off is also what
-    # encoders saved before the setting read as.
-    time_of_day: bool = False
+    # offset). true: every model reads it. On the real home logs it lifts macro-F1 by
+    # 0.02-0.03, but on the window-focus profile, whose activities keep no hours, it lets 16
+    # training days tie activities to the hours they happened to be worked (docs/ablation.md).
+    # auto: only a candidate of model.arch auto reads it, ``crf_clock``, the causal CRF with
+    # the part of the day, which auto weighs on held-out sessions beside its other candidates
+    # (so a log whose steps keep no hours gives it no weight); every other model, and every
+    # model of a single arch, ignores it. Off (false) is what encoders saved before the
+    # setting read as.
+    time_of_day: Literal[False, True, "auto"] = False
     time_of_day_hour: bool = False
     # Clip standardised numbers to +-num_clip (null: no clipping), as the CRF reference clips
     # at 5, so that one outlier (an hours-long focus duration, z ~ 26) cannot outweigh an
@@ -103,6 +107,11 @@ _CRF_AHEAD_N = re.compile(r"crf_ahead([1-9][0-9]*)")
 _CAUSAL = re.compile("(" + "|".join(a for a in NETWORK_ARCHS if a != "crf") + ")_causal")
 
 
+# data.time_of_day auto: the candidate auto adds beside auto_archs, the causal CRF reading the
+# time of day (the only model that reads it)
+CLOCK_CANDIDATE = "crf_clock"
+
+
 def arrival_only(candidate: str) -> bool:
     """Whether an ``auto_archs`` candidate is there for the label on arrival alone
     (``<network>_causal``): ``auto`` weighs it at k = 0 only."""
@@ -112,6 +121,8 @@ def arrival_only(candidate: str) -> bool:
 def candidate_of(member_args: Mapping[str, Any]) -> str:
     """The ``auto_archs`` name of a trained member (its ``model_args``): what
     ``ModelConfig.candidate`` made it from."""
+    if member_args.get("read_clock"):
+        return CLOCK_CANDIDATE
     future = member_args.get("crf_future") or 0
     if member_args.get("arch") != "crf" and member_args.get("network_lookahead") == 0:
         return f"{member_args.get('arch')}_causal"
@@ -199,6 +210,10 @@ class ModelConfig:
     # data.image_backbone); inside an artifact, the file name of the copy beside the weights
     image_backbone: Optional[str] = field(default=None, metadata=_FROM_DATA)
     freeze_backbone: bool = field(default=True, metadata=_FROM_DATA)
+    # data.time_of_day auto: the lexical ids of the time of day, which this model does not read
+    # (masked; empty for the candidate crf_clock, which reads them: read_clock)
+    lex_ignore: tuple[int, ...] = field(default=(), metadata=_FROM_DATA)
+    read_clock: bool = field(default=False, metadata=_FROM_DATA)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -229,6 +244,8 @@ class ModelConfig:
         """The ``model:`` overrides that make one of ``auto_archs`` (``AUTO_CANDIDATES``)."""
         if name == "crf_ahead":
             return {"arch": "crf", "crf_future": self.crf_ahead}
+        if name == CLOCK_CANDIDATE:        # model_args(..., read_clock=True) lets it read the clock
+            return {"arch": "crf", "crf_future": 0}
         if m := _CRF_AHEAD_N.fullmatch(name):
             return {"arch": "crf", "crf_future": int(m.group(1))}
         if m := _CAUSAL.fullmatch(name):
@@ -244,17 +261,19 @@ class ModelConfig:
         return self.network_lookahead if self.lookahead is None else min(self.lookahead, self.network_lookahead)
 
     def sized(self, spec: Mapping[str, Any], n_labels: int, *, image_backbone: Optional[str] = None,
-              freeze_backbone: bool = True) -> "ModelConfig":
+              freeze_backbone: bool = True, read_clock: bool = False) -> "ModelConfig":
         """This config with what the data fixes filled in: the label count and a fitted
         ``FeatureEncoder.spec()``. For arch crf, ``wide_future`` is ``crf_future`` (the later
-        events its state features read); for a network, ``lookahead`` is ``network_horizon``."""
+        events its state features read); for a network, ``lookahead`` is ``network_horizon``.
+        The spec's ``clock_lex`` (data.time_of_day auto) are ignored unless ``read_clock``."""
         return dataclasses.replace(
             self, n_labels=n_labels, n_events=spec["n_events"], n_tokens=spec["n_tokens"],
             cat_sizes=tuple(spec["cat_sizes"]), n_nums=len(spec["num_names"]), text_dim=spec["text_dim"],
             image_size=spec["image_size"], n_lex=spec.get("n_lex", 0),
             image_backbone=image_backbone if spec["image_size"] else None, freeze_backbone=freeze_backbone,
             wide_future=self.crf_future if self.arch == "crf" else self.wide_future,
-            lookahead=self.lookahead if self.arch == "crf" else self.network_horizon)
+            lookahead=self.lookahead if self.arch == "crf" else self.network_horizon,
+            lex_ignore=() if read_clock else tuple(spec.get("clock_lex", ())), read_clock=read_clock)
 
     def to_args(self) -> dict[str, Any]:
         """The checkpoint's ``model_args``: every field, JSON-ready."""
@@ -505,7 +524,7 @@ def _validate(cfg: Config) -> None:
                           "data.lexical: true and data.feature_set: full")
     if d.time_of_day_hour and not d.time_of_day:
         raise ConfigError("data.time_of_day_hour: the hour comes with the part of the day; set "
-                          "data.time_of_day: true too")
+                          "data.time_of_day: true (or auto) too")
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -69,6 +69,8 @@ def fit_crf(args: ModelConfig, train: Sequence[EncodedSession], *, c1: float = C
     if args.arch != "crf":
         raise ConfigError(f"model.arch: fit_crf needs 'crf', got {args.arch!r}")
     started = time.perf_counter()
+    if args.lex_ignore:                  # features it does not read get no weight (stay 0)
+        train = without_lex(train, np.array(args.lex_ignore, dtype=np.int64))
     P = args.wide_past
     X, Y = [], []
     for s in train:

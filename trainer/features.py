@@ -389,9 +389,16 @@ class FeatureEncoder:
         index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
         return np.array([i for f, i in index.items() if f.startswith("c=")], dtype=np.int64)
 
+    def clock_ids(self) -> np.ndarray:
+        """The ids of the time of day (the part of the day and the hour) in the lexical vocabulary."""
+        index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
+        return np.array([i for f, i in index.items() if f.startswith(("dp=", "h="))], dtype=np.int64)
+
     def spec(self) -> dict[str, Any]:
         return {"n_events": len(self.vocabs["template"]), "n_tokens": len(self.vocabs["token"]),
                 "n_lex": len(self.vocabs["lex"]) if "lex" in self.vocabs else 0,
+                # data.time_of_day auto: the ids only auto's crf_clock reads (ModelConfig.lex_ignore)
+                "clock_lex": self.clock_ids().tolist() if self.data.time_of_day == "auto" else [],
                 "max_tokens": MAX_TOKENS, "cat_names": self.cat_names,
                 "cat_sizes": [len(self.vocabs[f"cat:{n}"]) for n in self.cat_names],
                 "num_names": self.num_names, "text_dim": self.text_dim,

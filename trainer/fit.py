@@ -82,11 +82,12 @@ def class_weights(sessions: Sequence[EncodedSession], n_labels: int) -> torch.Te
     return torch.tensor(w, dtype=torch.float32)
 
 
-def model_args(spec: dict[str, Any], n_labels: int, cfg: Config) -> ModelConfig:
+def model_args(spec: dict[str, Any], n_labels: int, cfg: Config, *, read_clock: bool = False) -> ModelConfig:
     """The network's constructor arguments: the config's model section sized for the data
-    (a fitted ``FeatureEncoder.spec()`` and the label count)."""
+    (a fitted ``FeatureEncoder.spec()`` and the label count). ``read_clock``: the model reads
+    the time of day that ``data.time_of_day: auto`` derives (auto's ``crf_clock``)."""
     return cfg.model.sized(spec, n_labels, image_backbone=backbone_path(cfg) if spec["image_size"] else None,
-                           freeze_backbone=cfg.data.freeze_backbone)
+                           freeze_backbone=cfg.data.freeze_backbone, read_clock=read_clock)
 
 
 def backbone_path(cfg: Config) -> str | None:

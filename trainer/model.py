@@ -1015,7 +1015,24 @@ class Tagger(nn.Module):
         self._crf_step = ChainBank([self.crf], [self.enc_lookahead]) if self.crf is not None and bounded else None
         self.register_buffer("class_weights", class_weights if class_weights is not None
                              else torch.ones(args.n_labels), persistent=False)
+        # lexical ids this model does not read (data.time_of_day auto: the time of day, read by
+        # auto's crf_clock alone). Masked before the embedder and the wide path in training, so
+        # the wide path's rows for them stay 0 and a WideBank stepping the unmasked ids (a
+        # Mixture's, shared with a member that reads them) gives the same scores; live, masked
+        # before the embedder's bag
+        self.register_buffer("lex_ignore", torch.tensor(args.lex_ignore, dtype=torch.long)
+                             if args.lex_ignore else None, persistent=False)
         self.loss_kind, self.focal_gamma, self.label_smoothing = loss, focal_gamma, label_smoothing
+
+    def _unread(self, events: dict[str, Any]) -> dict[str, Any]:
+        """``events`` with the ids of ``lex_ignore`` blanked (0, padding), and the lookup plan
+        made for the unmasked ids dropped."""
+        if self.lex_ignore is None or "lex" not in events:
+            return events
+        lex = events["lex"]
+        out = {k: v for k, v in events.items() if k != "lex_index"}
+        out["lex"] = lex.masked_fill(torch.isin(lex, self.lex_ignore), 0)
+        return out
 
     def _streams(self):
         if self.encoder is None:
@@ -1024,6 +1041,7 @@ class Tagger(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
         """batch tensors are (B, T, ...) with ``lengths`` (B,); returns (logits (B,T,C), loss)."""
+        batch = self._unread(batch)
         xs = self.embed(batch) if self.embed is not None else []       # (B, T, H) or a list
         if not isinstance(xs, list):
             xs = [xs]
@@ -1098,7 +1116,7 @@ class Tagger(nn.Module):
         dev = events["event"].device
         # the round's emissions as one (rows, C) tensor, each session's last min(n, V) rows
         # oldest first, split per session at the end: a few ops per round, not per session
-        xs = self.embed(events) if self.embed is not None else []
+        xs = self.embed(with_lex_index(self._unread(events))) if self.embed is not None else []
         if not isinstance(xs, list):
             xs = [xs]
         emissions = None

@@ -25,7 +25,7 @@ import torch
 
 from trainer.artifacts import covered_by, save_artifact, softmax_t
 from trainer.baseline import BaselineLabeller
-from trainer.config import Config, ModelConfig, arrival_only
+from trainer.config import CLOCK_CANDIDATE, Config, ModelConfig, arrival_only
 from trainer.crf import without_lex
 from trainer.errors import ConfigError
 from trainer.evaluate import score
@@ -747,7 +747,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                         epochs=hpo_info["epochs"], progress=progress, desc="final fit (train+val)")
         cal_logits, cal_labels = hpo_info.pop("oof_logits"), hpo_info.pop("oof_labels")
     else:
-        archs = list(cfg.model.auto_archs) if arch == "auto" else [arch]
+        archs = auto_candidates(cfg) if arch == "auto" else [arch]
         sessions = _sessions_by_arch(p, cfg, archs)
         results: dict[str, Validated] = {}
         for a in archs:
@@ -755,8 +755,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             for i in range(1 if model["arch"] == "crf" else cfg.train.ensemble_seeds):   # CRFsuite is deterministic
                 acfg = cfg.replace(model=model, train={"seed": cfg.train.seed + i})
                 results[a if i == 0 else f"{a}.{i + 1}"] = validate(
-                    model_args(p.encoder.spec(), len(p.label_map), acfg), *sessions[a],
-                    acfg, progress=progress, fold_seed=cfg.train.seed)
+                    model_args(p.encoder.spec(), len(p.label_map), acfg, read_clock=a == CLOCK_CANDIDATE),
+                    *sessions[a], acfg, progress=progress, fold_seed=cfg.train.seed)
         if arch == "auto" or len(results) > 1:
             auto_info = choose_mixture(results, p.label_map.labels, training_prior(p, len(p.label_map)),
                                        cfg.train.auto_prior_taus, cfg.train.auto_bags, cfg.train.seed)
@@ -846,6 +846,12 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         echo(format_summary(test_report))
     echo(f"artifact written to {out}")
     return metrics
+
+
+def auto_candidates(cfg: Config) -> list[str]:
+    """What ``model.arch: auto`` validates: ``model.auto_archs``, and with
+    ``data.time_of_day: auto`` the causal CRF that reads the time of day (``crf_clock``)."""
+    return list(cfg.model.auto_archs) + ([CLOCK_CANDIDATE] if cfg.data.time_of_day == "auto" else [])
 
 
 def _sessions_by_arch(p: Prepared, cfg: Config, archs: Sequence[str]
