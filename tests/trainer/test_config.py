@@ -69,6 +69,11 @@ def test_the_time_of_day_is_a_lexical_feature_and_the_hour_comes_with_the_part_o
         from_dict({"data": {"time_of_day": True, "lexical": False}})
     with pytest.raises(ConfigError, match="data.time_of_day_hour: .*data.time_of_day: true"):
         from_dict({"data": {"time_of_day_hour": True}})
+    assert from_dict({"data": {"time_of_day": "auto", "time_of_day_hour": True}}).data.time_of_day == "auto"
+    with pytest.raises(ConfigError, match="data.time_of_day: .*data.lexical: true"):
+        from_dict({"data": {"time_of_day": "auto", "lexical": False}})
+    with pytest.raises(ConfigError, match=r"data.time_of_day: 'sometimes' is not one of \[False, True, 'auto'\]"):
+        from_dict({"data": {"time_of_day": "sometimes"}})
 
 
 def test_what_the_data_fixes_is_not_a_config_key():

@@ -457,3 +457,81 @@ def test_a_step_that_only_the_hour_of_the_day_tells_apart_is_learned_from_it(tmp
         assert acc == 1.0
     else:
         assert acc <= 0.75
+
+
+def test_with_the_time_of_day_on_auto_only_the_clock_crf_reads_it_and_auto_weighs_it(tmp_path):
+    """``data.time_of_day: auto``: the part of the day is read by one more candidate of
+    ``auto``, ``crf_clock``, and by no other model. On the meals log only it can tell
+    breakfast from dinner, so auto gives it weight at every depth and the served mixture
+    labels the meals; the network member's labels do not move when the clock is removed from
+    its input, and the replay's final labels equal the offline ones."""
+    import json
+
+    from tagger.cli import main
+    from tests.helpers import TINY
+    from trainer.artifacts import load_artifact
+    from trainer.loading import read_events
+    from trainer.train import train
+    out = tmp_path / "m"
+    cfg = from_dict(TINY).replace(model={"arch": "auto", "auto_archs": ["bilstm", "crf"]},
+                                  data={"time_of_day": "auto"}, train={"epochs": 3})
+    train(_meals(tmp_path / "train.csv", 24, 0), out, cfg, progress=False, echo=lambda *_: None)
+    info = json.loads((out / "metrics.json").read_text())["auto"]
+    assert set(info["candidates"]) == {"bilstm", "crf", "crf_clock"}
+    for row in info["depths"]:
+        assert row["alone"]["crf_clock"]["macro_f1"] == 1.0, row
+        assert row["alone"]["bilstm"]["macro_f1"] < 0.8 and row["alone"]["crf"]["macro_f1"] < 0.8, row
+        assert row["weights"]["crf_clock"] > 0, row
+    test = _meals(tmp_path / "test.csv", 8, 1)
+    assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json"),
+                 "--streaming"]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["offline"]["token_accuracy"] == 1.0
+    assert report["streaming"]["final_equals_offline"] == 1.0
+    loaded = load_artifact(out)
+    clock = loaded.encoder.clock_ids()
+    assert len(clock) == 2                                 # dp=1 (7 h) and dp=4 (19 h)
+    members = getattr(loaded.model, "members", [loaded.model])
+    readers = [m for m in members if m.args.read_clock]
+    assert len(readers) == 1 and readers[0].args.lex_ignore == () and readers[0].wide.table[clock].abs().sum() > 0
+    frame, _ = read_events(test)
+    _, sessions = loaded.encoder.transform_frame(frame, base_dir=loaded.base_dir)
+    for m in members:
+        if not m.args.read_clock:
+            assert sorted(m.args.lex_ignore) == sorted(clock.tolist())
+            _assert_blind_to(m, sessions, clock)
+
+
+def _assert_blind_to(model, sessions, ids):
+    """The model's labels are the same with the lexical ids ``ids`` removed from its input."""
+    from trainer.crf import without_lex
+    from trainer.model import session_logits
+    for a, b in zip(session_logits(model, sessions), session_logits(model, without_lex(sessions, ids))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_with_the_time_of_day_on_auto_a_single_network_does_not_read_it(tmp_path):
+    """``data.time_of_day: auto`` with one architecture (no ``auto`` to weigh the clock
+    candidate): the network ignores the part of the day in training and live alike, so on
+    the meals log it can only guess, as with the setting off."""
+    import json
+
+    from tagger.cli import main
+    from tests.helpers import TINY
+    from trainer.artifacts import load_artifact
+    from trainer.loading import read_events
+    from trainer.train import train
+    out = tmp_path / "m"
+    cfg = from_dict(TINY).replace(model={"arch": "bilstm"}, data={"time_of_day": "auto"}, train={"epochs": 3})
+    train(_meals(tmp_path / "train.csv", 24, 0), out, cfg, progress=False, echo=lambda *_: None)
+    test = _meals(tmp_path / "test.csv", 8, 1)
+    assert main(["-q", "evaluate", "--model", str(out), "--data", str(test), "--json", str(tmp_path / "e.json"),
+                 "--streaming"]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["offline"]["token_accuracy"] <= 0.75
+    assert report["streaming"]["final_equals_offline"] == 1.0
+    loaded = load_artifact(out)
+    clock = loaded.encoder.clock_ids()
+    assert len(clock) == 2 and sorted(loaded.model.args.lex_ignore) == sorted(clock.tolist())
+    frame, _ = read_events(test)
+    _assert_blind_to(loaded.model, loaded.encoder.transform_frame(frame, base_dir=loaded.base_dir)[1], clock)
