@@ -33,7 +33,7 @@ from trainer.features import EncodedSession, FeatureEncoder, LabelMap
 from trainer.fit import FitResult, fit_any, fit_model, label_counts, model_args, pick_device
 from trainer.hpo import search
 from trainer.loading import fingerprint, read_events, split_sessions
-from trainer.metrics import ABSTAIN_ALL, choose_threshold, classification_metrics, clopper_pearson_lower
+from trainer.metrics import ABSTAIN_ALL, THRESHOLD_MARGIN, choose_threshold, classification_metrics, clopper_pearson_lower
 from trainer.model import (IGNORE, Mixture, MixtureConfig, Tagger, arrival_logits, collate, longest_lookahead,
                            session_logits)
 
@@ -591,7 +591,8 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
 
     budget = cfg.train.max_edit_overhead
     budget = budget / (1.0 - budget) if budget < 1.0 else float("inf")   # as a revised share
-    start = float(np.quantile(c0, 1.0 - coverage, method="higher"))
+    # a hair below the held-out confidence it is read at (see the grid below)
+    start = float(np.quantile(c0, 1.0 - coverage, method="higher")) - THRESHOLD_MARGIN
     # agreement needs the events whose two views agree to be precise enough; when they are
     # not, the final label alone decides (at its plain threshold), still revised at most once
     best = at(start, True)
@@ -601,8 +602,13 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     if best["revised_upper"] > budget:
         # a grid of first thresholds by the share of events they show, 0 (ABSTAIN_ALL) to 1,
         # and of final thresholds at or above the precision target's, by the share they keep
-        grid = [ABSTAIN_ALL] + [float(np.quantile(c0, 1.0 - q, method="higher")) for q in np.linspace(0.02, 1.0, 50)]
-        finals = [None] + (sorted({float(np.quantile(cL, 1.0 - q * coverage, method="higher"))
+        # (each a hair below the held-out confidence it is read at, as choose_threshold's is: an
+        # event that looks like a held-out one can come out equal to it, and float rounding
+        # (a live round sums in another order than an offline pass) would then decide whether
+        # it is shown, and so whether its final label is kept: 3 of gen's 5,233 events were)
+        grid = [ABSTAIN_ALL] + [float(np.quantile(c0, 1.0 - q, method="higher")) - THRESHOLD_MARGIN
+                                for q in np.linspace(0.02, 1.0, 50)]
+        finals = [None] + (sorted({float(np.quantile(cL, 1.0 - q * coverage, method="higher")) - THRESHOLD_MARGIN
                                    for q in np.linspace(0.05, 0.95, 19)}) if cfg.train.edit_overhead_final else [])
         options = {ft: [o for t in grid for ag in ((True, False) if agreement else (False,))
                         if (o := at(t, ag, ft)) is not None] for ft in finals}

@@ -98,6 +98,24 @@ def test_arrival_threshold_keeps_revisions_within_the_edit_overhead_budget():
     assert capped["precision"] >= 0.95 and capped["coverage"] >= free["coverage"]
 
 
+def test_the_arrival_threshold_sits_clear_of_every_held_out_confidence():
+    """Sessions that start alike give their first events the same arrival confidence, and a
+    live round sums in another order than an offline pass: a threshold equal to one of those
+    confidences would let float rounding decide whether an event is shown on arrival, and so
+    whether its final label is kept (gen's 5-fold CV once had 3 finals differ from offline).
+    Whichever rule picks it, the arrival threshold is a hair below the confidence it was read
+    at, not on it."""
+    from trainer.artifacts import softmax_t
+    for first, final, y in (_arrival_and_final(), _arrival_and_final(1)):
+        first[:1000] = first[0]                          # a quarter of the events look alike
+        c0 = softmax_t(first, 1.0).max(-1)
+        for budget in (1.0, 0.08):
+            pol = _policy(first, final, y, budget)
+            t = pol["first_threshold"]
+            assert not np.isclose(c0, t, rtol=0.0, atol=1e-7).any(), (pol["first_rule"], t)
+            assert (c0 >= t).mean() == pytest.approx(pol["first_coverage"])
+
+
 def test_when_no_arrival_threshold_is_within_budget_the_fewest_revisions_win():
     first, final, y = _arrival_and_final()   # arrival confidence unrelated to being right
     free, capped = _policy(first, final, y, 1.0), _policy(first, final, y, 0.08)
