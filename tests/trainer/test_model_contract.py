@@ -340,6 +340,41 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path, biased):
         assert not torch.allclose(plain(collate([s]))[0], mix(collate([s]))[0], atol=1e-2)
 
 
+def test_a_member_that_does_not_read_some_lexical_ids_streams_like_its_forward_pass():
+    """``data.time_of_day: auto``: the network member does not read the time of day's lexical
+    ids (``lex_ignore``), the CRF member beside it does. Training masks them, so the
+    network's wide rows for them stay at their initial 0 (set here as training leaves them)
+    and the mixture's shared wide bank may step the unmasked ids: what the mixture shows with
+    k later events in is its forward pass at horizon k, and the network's labels are the
+    same with those ids removed from its input, offline and live."""
+    from trainer.crf import without_lex
+    from trainer.model import Mixture, MixtureConfig
+    torch.manual_seed(0)
+    L, ignored = 2, (3, 7, 11)
+    net = build(make_args("bilstm", "concat", lookahead=L, lex_ignore=ignored))
+    with torch.no_grad():
+        net.wide.table[list(ignored)] = 0.0
+    crf = build(make_args("crf", "concat", lookahead=L, wide_future=0))
+    torch.nn.init.normal_(crf.crf.trans)
+    mix = Mixture(MixtureConfig([net.args.to_args(), crf.args.to_args()], [[0.5, 0.5], [0.3, 0.7], [0.6, 0.4]])).eval()
+    for m, src in zip(mix.members, (net, crf)):
+        m.load_state_dict(src.state_dict())
+    s = session(10, 70)
+    assert np.isin(s.lex, ignored).any()
+    seen = stream_by_depth(mix, s)
+    for k in range(L + 1):
+        batch = collate([s])
+        batch["horizon"] = torch.full((1, len(s)), k, dtype=torch.long)
+        full, _ = mix(batch)
+        for t in range(len(s) - k):
+            assert torch.allclose(seen[k][t], full[0, t], atol=1e-4), (k, t)
+    blind = without_lex([s], np.array(ignored))[0]
+    net.eval()
+    assert torch.equal(net(collate([s]))[0], net(collate([blind]))[0])
+    assert torch.allclose(stream_outputs(net, s), stream_outputs(net, blind), atol=1e-6)
+    assert not torch.allclose(crf.eval()(collate([s]))[0], crf(collate([blind]))[0], atol=1e-3)
+
+
 def served_in_rounds(model, sessions, start) -> dict:
     """Stream sessions as the worker does, session i's first event in round ``start[i]``, so
     that rounds mix young and old sessions: (session, round) -> the rows ``step`` showed."""
