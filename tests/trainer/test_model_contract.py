@@ -300,6 +300,19 @@ def test_crf_arch_is_exact_filtering_and_fixed_lag_smoothing():
             assert np.allclose(_brute_marginals(e, A, t, t + k), got, atol=1e-5), (k, t)
 
 
+def assert_streams_at_every_depth_like_forward(model, s, L) -> dict:
+    """What ``model`` shows for session ``s`` with k = 0..L later events in is its forward pass
+    at horizon k; returns the streamed rows by depth."""
+    seen = stream_by_depth(model, s)
+    for k in range(L + 1):
+        batch = collate([s])
+        batch["horizon"] = torch.full((1, len(s)), k, dtype=torch.long)
+        full, _ = model(batch)
+        for t in range(len(s) - k):
+            assert torch.allclose(seen[k][t], full[0, t], atol=1e-4), (k, t)
+    return seen
+
+
 @pytest.mark.parametrize("biased", [False, True], ids=["no_bias", "depth_bias"])
 def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path, biased):
     """A mixture weighs its members differently at each depth (and may add a label bias per
@@ -319,13 +332,7 @@ def test_mixture_streams_every_depth_like_its_forward_pass(tmp_path, biased):
         m.load_state_dict(src.state_dict())
     assert mix.depth_exact
     s = session(10, 30)
-    seen = stream_by_depth(mix, s)
-    for k in range(L + 1):
-        batch = collate([s])
-        batch["horizon"] = torch.full((1, len(s)), k, dtype=torch.long)
-        full, _ = mix(batch)
-        for t in range(len(s) - k):
-            assert torch.allclose(seen[k][t], full[0, t], atol=1e-4), (k, t)
+    seen = assert_streams_at_every_depth_like_forward(mix, s, L)
     # the session's tail, final at its end, is the forward pass with the depth each event reached
     final, _ = mix(collate([s, session(13, 31)]))
     for t in range(len(s) - L, len(s)):
@@ -361,13 +368,7 @@ def test_a_member_that_does_not_read_some_lexical_ids_streams_like_its_forward_p
         m.load_state_dict(src.state_dict())
     s = session(10, 70)
     assert np.isin(s.lex, ignored).any()
-    seen = stream_by_depth(mix, s)
-    for k in range(L + 1):
-        batch = collate([s])
-        batch["horizon"] = torch.full((1, len(s)), k, dtype=torch.long)
-        full, _ = mix(batch)
-        for t in range(len(s) - k):
-            assert torch.allclose(seen[k][t], full[0, t], atol=1e-4), (k, t)
+    assert_streams_at_every_depth_like_forward(mix, s, L)
     blind = without_lex([s], np.array(ignored))[0]
     net.eval()
     assert torch.equal(net(collate([s]))[0], net(collate([blind]))[0])
