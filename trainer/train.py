@@ -308,6 +308,22 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
                          + ", then a prior bias"}
 
 
+def clock_verdict(info: dict[str, Any]) -> dict[str, Any] | None:
+    """``data.time_of_day: auto``: whether the time of day earns a place in ``auto``'s mixture.
+    ``crf_clock`` is the causal ``crf`` with it; it is kept when its held-out top-1 macro-F1
+    alone, averaged over the depths, is above ``crf``'s: the clock told steps apart on
+    sessions it was not fit on. Otherwise the mixture is chosen without it, so that a log
+    whose steps keep no hours gives it no weight at all, not the small weights that a grid
+    search over one more candidate finds by chance on a few held-out sessions (on the
+    window-focus profile 0.1 at every depth, with crf_clock alone under crf at each).
+    None when ``crf`` or ``crf_clock`` was not validated."""
+    rows = info["depths"]
+    if not rows or any(a not in rows[0]["alone"] for a in (CLOCK_CANDIDATE, "crf")):
+        return None
+    clock, plain = (float(np.mean([r["alone"][a]["macro_f1"] for r in rows])) for a in (CLOCK_CANDIDATE, "crf"))
+    return {"kept": clock > plain, CLOCK_CANDIDATE: clock, "crf": plain}
+
+
 def _group_scores(vs: Sequence[Validated], names: Sequence[str]) -> dict[str, Any]:
     """``Validated.scores`` of a candidate trained with one or more seeds (mean log-probabilities)."""
     if len(vs) == 1:
@@ -339,6 +355,10 @@ def auto_table(info: dict[str, Any]) -> list[str]:
         w = " + ".join(f"{group[a]:.1f} {a}" for a in archs if group[a] > 0)
         tau = f"; prior bias tau {r['tau']:g} (without it {f(r['macro_f1_unbiased'])})" if r.get("tau") else ""
         lines.append(f"  k={r['k']}: {alone}; combined {f(r['macro_f1'])} ({w}{tau})")
+    if clock := info.get("clock"):
+        lines.append(f"  time of day (data.time_of_day auto): {CLOCK_CANDIDATE} alone {f(clock[CLOCK_CANDIDATE])} "
+                     f"against crf {f(clock['crf'])}, mean over k: "
+                     + ("weighed above" if clock["kept"] else f"left out (the weights above are without {CLOCK_CANDIDATE})"))
     lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
 
@@ -764,8 +784,16 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                     model_args(p.encoder.spec(), len(p.label_map), acfg, read_clock=a == CLOCK_CANDIDATE),
                     *sessions[a], acfg, progress=progress, fold_seed=cfg.train.seed)
         if arch == "auto" or len(results) > 1:
-            auto_info = choose_mixture(results, p.label_map.labels, training_prior(p, len(p.label_map)),
-                                       cfg.train.auto_prior_taus, cfg.train.auto_bags, cfg.train.seed)
+            def choose(rs: dict[str, Validated]) -> dict[str, Any]:
+                return choose_mixture(rs, p.label_map.labels, training_prior(p, len(p.label_map)),
+                                      cfg.train.auto_prior_taus, cfg.train.auto_bags, cfg.train.seed)
+            auto_info = choose(results)
+            clock = clock_verdict(auto_info)
+            if clock is not None and not clock["kept"]:
+                results = {m: v for m, v in results.items() if seed_group(m) != CLOCK_CANDIDATE}
+                auto_info = choose(results)
+            if clock is not None:
+                auto_info["clock"] = clock
             for line in auto_table(auto_info):
                 echo(line)
             arch = auto_info["chosen"]

@@ -436,10 +436,12 @@ def test_auto_lines_up_members_that_read_different_spans():
     assert all(abs(sum(r["weights"].values()) - 1.0) < 1e-6 for r in bagged["depths"])
 
 
-def _meals(path, days: int, seed: int):
+def _meals(path, days: int, seed: int, hours_tell: bool = True):
     """Kitchen sessions: the same sensor events, at the same pace, in the morning (breakfast)
-    and in the evening (dinner); only the hour tells the two apart. Written as the other
-    tests write their logs (records, then ``DataFrame.to_csv``)."""
+    and in the evening (dinner); only the hour tells the two apart. With ``hours_tell=False``
+    the other way round: each meal has a sensor of its own (toaster, oven) and is cooked at
+    either hour. Written as the other tests write their logs (records, then
+    ``DataFrame.to_csv``)."""
     import random
 
     import pandas as pd
@@ -449,9 +451,13 @@ def _meals(path, days: int, seed: int):
     for d in range(days):
         for hour, meal in ((7, "Breakfast"), (19, "Dinner")):
             minute = rng.randrange(0, 30)
+            names = rng.sample(steps, 4)
+            if not hours_tell:
+                meal = rng.choice(["Breakfast", "Dinner"])
+                names[0] = "Toaster on" if meal == "Breakfast" else "Oven on"
             records += [{"session_id": f"{seed}-{d}-{hour}", "event_name": name, "step_name": meal,
                          "timestamp": f"2024-03-{1 + d % 28:02d}T{hour:02d}:{minute + 2 * i:02d}:00"}
-                        for i, name in enumerate(rng.sample(steps, 4))]
+                        for i, name in enumerate(names)]
     pd.DataFrame(records).to_csv(path, index=False)
     return path
 
@@ -496,6 +502,7 @@ def test_with_the_time_of_day_on_auto_only_the_clock_crf_reads_it_and_auto_weigh
     train(_meals(tmp_path / "train.csv", 24, 0), out, cfg, progress=False, echo=lambda *_: None)
     info = json.loads((out / "metrics.json").read_text())["auto"]
     assert set(info["candidates"]) == {"bilstm", "crf", "crf_clock"}
+    assert info["clock"]["kept"] and info["clock"]["crf_clock"] == 1.0 > info["clock"]["crf"]
     for row in info["depths"]:
         assert row["alone"]["crf_clock"]["macro_f1"] == 1.0, row
         assert row["alone"]["bilstm"]["macro_f1"] < 0.8 and row["alone"]["crf"]["macro_f1"] < 0.8, row
@@ -518,6 +525,28 @@ def test_with_the_time_of_day_on_auto_only_the_clock_crf_reads_it_and_auto_weigh
         if not m.args.read_clock:
             assert sorted(m.args.lex_ignore) == sorted(clock.tolist())
             _assert_blind_to(m, sessions, clock)
+
+
+def test_with_the_time_of_day_on_auto_a_clock_that_tells_nothing_gets_no_weight(tmp_path):
+    """Meals told by their own sensor, each cooked at either hour: the causal CRF with the
+    time of day is no better alone on held-out sessions than the one without, so ``auto``
+    leaves it out (no weight at any depth, not the small weights a grid search over one more
+    candidate can find by chance) and says so in the training log."""
+    import json
+
+    from tests.helpers import TINY
+    from trainer.artifacts import load_artifact
+    from trainer.train import train
+    out, lines = tmp_path / "m", []
+    cfg = from_dict(TINY).replace(model={"arch": "auto", "auto_archs": ["bilstm", "crf"]},
+                                  data={"time_of_day": "auto"}, train={"epochs": 3})
+    train(_meals(tmp_path / "train.csv", 24, 0, hours_tell=False), out, cfg, progress=False, echo=lines.append)
+    info = json.loads((out / "metrics.json").read_text())["auto"]
+    assert not info["clock"]["kept"] and info["clock"]["crf_clock"] <= info["clock"]["crf"]
+    assert "crf_clock" not in info["candidates"] and "crf_clock" not in info["members"]
+    assert any("crf_clock alone" in line and "left out" in line for line in lines), lines
+    members = getattr(load_artifact(out).model, "members", None) or [load_artifact(out).model]
+    assert not any(m.args.read_clock for m in members)
 
 
 def _assert_blind_to(model, sessions, ids):
