@@ -78,10 +78,11 @@ class DataConfig:
     # 0.02-0.03, but on the window-focus profile, whose activities keep no hours, it lets 16
     # training days tie activities to the hours they happened to be worked (docs/ablation.md).
     # auto: only a candidate of model.arch auto reads it, ``crf_clock``, the causal CRF with
-    # the part of the day, which auto weighs on held-out sessions beside its other candidates
-    # (so a log whose steps keep no hours gives it no weight); every other model, and every
-    # model of a single arch, ignores it. Off (false) is what encoders saved before the
-    # setting read as.
+    # the part of the day. It is weighed beside the other candidates when, alone on held-out
+    # sessions, it beats the causal crf without the clock; otherwise it gets no weight
+    # (``train.clock_verdict``), so a log whose steps keep no hours is labelled as without it.
+    # Every other model, and every model of a single arch, ignores it. Off (false) is what
+    # encoders saved before the setting read as.
     time_of_day: Literal[False, True, "auto"] = False
     time_of_day_hour: bool = False
     # Clip standardised numbers to +-num_clip (null: no clipping), as the CRF reference clips

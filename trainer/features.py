@@ -223,13 +223,21 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         cats[f"col:{col}"] = _text(event.get(col)) or "none"
     texts = [_text(event.get(c)) for c in data.text_features]
     lex: list[str] = []
+    extra: dict[str, list[str]] = {}
     if data.lexical:
         # categorical values first (few, general), then the words and bigrams of the name and
         # text columns, then their character 4-grams (most numerous, first cut by MAX_LEX)
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
         if data.time_of_day and math.isfinite(ts):
             hour = int(ts % 86400.0 // 3600.0)
-            lex += ([f"h={hour}"] if data.time_of_day_hour else []) + [f"dp={hour // 4}"]
+            clock = ([f"h={hour}"] if data.time_of_day_hour else []) + [f"dp={hour // 4}"]
+            if data.time_of_day == "auto":
+                # apart, after the MAX_LEX cut and last in the vocabulary: the other features
+                # and their ids are what they are without the clock, so a model that does not
+                # read it is the model trained without it (ModelConfig.lex_ignore)
+                extra["clock"] = clock
+            else:
+                lex += clock
         grams: list[str] = []
         # a text column's words in a namespace of its own (data.lex_by_column), the name's bare
         spaces = [""] + [f"{c}:" if data.lex_by_column else "" for c in data.text_features]
@@ -249,6 +257,7 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         "texts": texts + ([name] if data.event_name_text else []),
         "image": _text(event.get(data.image_col)) if data.image_col else None,
         "lex": lex,
+        **extra,
     }
     if data.feature_set == "group_id_only":
         # the event is its group_id and nothing else: the same keys and shapes as "full", so
@@ -357,6 +366,9 @@ class FeatureEncoder:
         if data.lexical:
             vocabs["lex"] = Vocab.fit((f for d in derived for f in d["lex"]), data.min_freq,
                                       max_size=data.lexical_max)
+            clock = Vocab.fit((f for d in derived for f in d.get("clock", ())), data.min_freq)
+            if clock.items:                              # data.time_of_day auto: the last ids
+                vocabs["lex"] = Vocab(vocabs["lex"].items + clock.items)
         cat_names = list(DERIVED_CATS) + [f"col:{c}" for c in auto + list(data.cat_features)]
         for name in cat_names:
             vocabs[f"cat:{name}"] = Vocab.fit((d["cats"][name] for d in derived), data.min_freq)
@@ -463,7 +475,8 @@ class FeatureEncoder:
         lex = np.zeros((n, 0), dtype=np.int64)
         if "lex" in self.vocabs:
             lv = self.vocabs["lex"].index
-            rows = [[i for i in map(lv.get, d["lex"]) if i is not None][:MAX_LEX] for d in derived]
+            rows = [[i for i in map(lv.get, d["lex"]) if i is not None][:MAX_LEX]
+                    + [i for i in map(lv.get, d.get("clock", ())) if i is not None] for d in derived]
             lex = np.zeros((n, max((len(r) for r in rows), default=0)), dtype=np.int64)
             for i, r in enumerate(rows):
                 lex[i, :len(r)] = r

@@ -178,7 +178,9 @@ class EventEmbedder(nn.Module):
         self.cats = nn.ModuleList(nn.Embedding(n, min(a.emb_cat_dim, max(2, n)), padding_idx=0)
                                   for n in a.cat_sizes)
         self.nums = nn.Linear(a.n_nums, a.num_proj_dim) if a.n_nums else None
-        self.lex = nn.Embedding(a.n_lex, a.lex_dim, padding_idx=0) if a.n_lex else None  # mean bag
+        # mean bag; without rows for the ids it does not read (lex_ignore: the last ids, masked
+        # before the lookup), so that it starts as it would without them
+        self.lex = nn.Embedding(a.n_lex - len(a.lex_ignore), a.lex_dim, padding_idx=0) if a.n_lex else None
         tab_dim = a.emb_event_dim + a.emb_token_dim + sum(e.embedding_dim for e in self.cats) + (
             a.num_proj_dim if a.n_nums else 0) + (a.lex_dim if a.n_lex else 0)
         self.text = nn.Linear(a.text_dim, a.text_proj_dim) if a.text_dim else None
@@ -980,6 +982,9 @@ class Tagger(nn.Module):
             raise ConfigError(f"model.arch: {args.arch!r} is not a network; choose from "
                               f"{sorted(ENCODERS) + ['crf']}")
         self.args = args
+        if args.lex_ignore and sorted(args.lex_ignore) != list(range(args.n_lex - len(args.lex_ignore), args.n_lex)):
+            raise ConfigError(f"model_args: lex_ignore {list(args.lex_ignore)} must be the last lexical ids "
+                              f"(up to n_lex {args.n_lex})")
         self.extra_encoders, self.extra_heads = nn.ModuleList(), nn.ModuleList()
         if args.arch == "crf":
             # the linear-chain CRF: causal state features (event and wide_past before it),
