@@ -527,26 +527,37 @@ def test_with_the_time_of_day_on_auto_only_the_clock_crf_reads_it_and_auto_weigh
             _assert_blind_to(m, sessions, clock)
 
 
-def test_with_the_time_of_day_on_auto_a_clock_that_tells_nothing_gets_no_weight(tmp_path):
+def test_with_the_time_of_day_on_auto_a_clock_that_tells_nothing_changes_nothing(tmp_path):
     """Meals told by their own sensor, each cooked at either hour: the causal CRF with the
     time of day is no better alone on held-out sessions than the one without, so ``auto``
     leaves it out (no weight at any depth, not the small weights a grid search over one more
-    candidate can find by chance) and says so in the training log."""
+    candidate can find by chance) and says so in the training log. What it serves then labels
+    every event with the same probabilities as the model trained with the setting off."""
     import json
 
     from tests.helpers import TINY
     from trainer.artifacts import load_artifact
+    from trainer.loading import read_events
     from trainer.train import train
-    out, lines = tmp_path / "m", []
-    cfg = from_dict(TINY).replace(model={"arch": "auto", "auto_archs": ["bilstm", "crf"]},
-                                  data={"time_of_day": "auto"}, train={"epochs": 3})
-    train(_meals(tmp_path / "train.csv", 24, 0, hours_tell=False), out, cfg, progress=False, echo=lines.append)
-    info = json.loads((out / "metrics.json").read_text())["auto"]
-    assert not info["clock"]["kept"] and info["clock"]["crf_clock"] <= info["clock"]["crf"]
-    assert "crf_clock" not in info["candidates"] and "crf_clock" not in info["members"]
-    assert any("crf_clock alone" in line and "left out" in line for line in lines), lines
-    members = getattr(load_artifact(out).model, "members", None) or [load_artifact(out).model]
-    assert not any(m.args.read_clock for m in members)
+    data = _meals(tmp_path / "train.csv", 24, 0, hours_tell=False)
+    frame, _ = read_events(_meals(tmp_path / "test.csv", 8, 1, hours_tell=False))
+    probs, lines = {}, []
+    for setting in ("auto", False):
+        out = tmp_path / f"m_{setting}"
+        cfg = from_dict(TINY).replace(model={"arch": "auto", "auto_archs": ["bilstm", "crf"]},
+                                      data={"time_of_day": setting}, train={"epochs": 3})
+        train(data, out, cfg, progress=False, echo=lines.append)
+        lm = load_artifact(out)
+        probs[setting] = lm.predict_decisions(frame)[1]
+        if setting == "auto":
+            info = json.loads((out / "metrics.json").read_text())["auto"]
+            assert not info["clock"]["kept"] and info["clock"]["crf_clock"] <= info["clock"]["crf"]
+            assert "crf_clock" not in info["candidates"] and "crf_clock" not in info["members"]
+            assert any("crf_clock alone" in line and "left out" in line for line in lines), lines
+            members = getattr(lm.model, "members", None) or [lm.model]
+            assert not any(m.args.read_clock for m in members) and len(lm.encoder.clock_ids()) == 2
+    for a, b in zip(probs["auto"], probs[False]):
+        np.testing.assert_array_equal(a, b)
 
 
 def _assert_blind_to(model, sessions, ids):
