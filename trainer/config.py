@@ -81,9 +81,10 @@ class DataConfig:
     # the part of the day. It is weighed beside the other candidates when, alone on held-out
     # sessions, it beats the causal crf without the clock; otherwise it gets no weight
     # (``train.clock_verdict``), so a log whose steps keep no hours is labelled as without it.
-    # Every other model, and every model of a single arch, ignores it. Off (false) is what
+    # Every other model, and every model of a single arch, ignores it, and with the clock left
+    # out the model is bit for bit the one trained with the setting off. Off (false) is what
     # encoders saved before the setting read as.
-    time_of_day: Literal[False, True, "auto"] = False
+    time_of_day: Literal[False, True, "auto"] = "auto"   # auto: default since 2026-12-06
     time_of_day_hour: bool = False
     # Clip standardised numbers to +-num_clip (null: no clipping), as the CRF reference clips
     # at 5, so that one outlier (an hours-long focus duration, z ~ 26) cannot outweigh an
@@ -520,12 +521,16 @@ def _validate(cfg: Config) -> None:
                           "cat_features, num_features, text_features, event_name_text and image_col")
     if d.image_backbone and not d.image_col:
         raise ConfigError("data.image_backbone: needs data.image_col")
-    if d.time_of_day and (not d.lexical or d.feature_set == "group_id_only"):
+    # (auto, the default, is off without the lexical features rather than an error)
+    if d.time_of_day is True and (not d.lexical or d.feature_set == "group_id_only"):
         raise ConfigError("data.time_of_day: the part of the day is a lexical feature; it needs "
                           "data.lexical: true and data.feature_set: full")
     if d.time_of_day_hour and not d.time_of_day:
         raise ConfigError("data.time_of_day_hour: the hour comes with the part of the day; set "
                           "data.time_of_day: true (or auto) too")
+    if d.time_of_day_hour and (not d.lexical or d.feature_set == "group_id_only"):
+        raise ConfigError("data.time_of_day_hour: the hour is a lexical feature; it needs "
+                          "data.lexical: true and data.feature_set: full")
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -401,10 +401,15 @@ class FeatureEncoder:
         index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
         return np.array([i for f, i in index.items() if f.startswith("c=")], dtype=np.int64)
 
-    def clock_ids(self) -> np.ndarray:
-        """The ids of the time of day (the part of the day and the hour) in the lexical vocabulary."""
+    def clock_features(self) -> list[str]:
+        """The time of day's lexical features (``dp=``: the part of the day, ``h=``: the hour)."""
         index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
-        return np.array([i for f, i in index.items() if f.startswith(("dp=", "h="))], dtype=np.int64)
+        return [f for f in index if f.startswith(("dp=", "h="))]
+
+    def clock_ids(self) -> np.ndarray:
+        """The ids of ``clock_features`` in the lexical vocabulary."""
+        index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
+        return np.array([index[f] for f in self.clock_features()], dtype=np.int64)
 
     def spec(self) -> dict[str, Any]:
         return {"n_events": len(self.vocabs["template"]), "n_tokens": len(self.vocabs["token"]),

@@ -773,7 +773,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                         epochs=hpo_info["epochs"], progress=progress, desc="final fit (train+val)")
         cal_logits, cal_labels = hpo_info.pop("oof_logits"), hpo_info.pop("oof_labels")
     else:
-        archs = auto_candidates(cfg) if arch == "auto" else [arch]
+        archs = auto_candidates(cfg, p.encoder) if arch == "auto" else [arch]
         sessions = _sessions_by_arch(p, cfg, archs)
         results: dict[str, Validated] = {}
         for a in archs:
@@ -882,10 +882,14 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
     return metrics
 
 
-def auto_candidates(cfg: Config) -> list[str]:
+def auto_candidates(cfg: Config, encoder: FeatureEncoder) -> list[str]:
     """What ``model.arch: auto`` validates: ``model.auto_archs``, and with
-    ``data.time_of_day: auto`` the causal CRF that reads the time of day (``crf_clock``)."""
-    return list(cfg.model.auto_archs) + ([CLOCK_CANDIDATE] if cfg.data.time_of_day == "auto" else [])
+    ``data.time_of_day: auto`` the causal CRF that reads the time of day (``crf_clock``) when
+    the training sessions have it in two parts of the day at least (a log of one hour or
+    without lexical features has nothing for it to tell steps apart with)."""
+    kinds = [f.split("=", 1)[0] for f in encoder.clock_features()]     # "dp", and "h" with the hour
+    clock = cfg.data.time_of_day == "auto" and max((kinds.count(k) for k in set(kinds)), default=0) >= 2
+    return list(cfg.model.auto_archs) + ([CLOCK_CANDIDATE] if clock else [])
 
 
 def _sessions_by_arch(p: Prepared, cfg: Config, archs: Sequence[str]

@@ -68,10 +68,13 @@ def test_the_time_of_day_is_a_lexical_feature_and_the_hour_comes_with_the_part_o
     with pytest.raises(ConfigError, match="data.time_of_day: .*data.lexical: true"):
         from_dict({"data": {"time_of_day": True, "lexical": False}})
     with pytest.raises(ConfigError, match="data.time_of_day_hour: .*data.time_of_day: true"):
-        from_dict({"data": {"time_of_day_hour": True}})
+        from_dict({"data": {"time_of_day": False, "time_of_day_hour": True}})
     assert from_dict({"data": {"time_of_day": "auto", "time_of_day_hour": True}}).data.time_of_day == "auto"
-    with pytest.raises(ConfigError, match="data.time_of_day: .*data.lexical: true"):
-        from_dict({"data": {"time_of_day": "auto", "lexical": False}})
+    # auto, the default, is off without the lexical features, not an error; asking for the hour is
+    assert from_dict({"data": {"lexical": False}}).data.time_of_day == "auto"
+    assert from_dict({"data": {"feature_set": "group_id_only"}}).data.time_of_day == "auto"
+    with pytest.raises(ConfigError, match="data.time_of_day_hour: .*data.lexical: true"):
+        from_dict({"data": {"time_of_day_hour": True, "lexical": False}})
     with pytest.raises(ConfigError, match=r"data.time_of_day: 'sometimes' is not one of \[False, True, 'auto'\]"):
         from_dict({"data": {"time_of_day": "sometimes"}})
 

@@ -100,13 +100,14 @@ def test_auto_combines_the_candidates_per_depth_and_serves_the_result(log, tmp_p
     lines = []
     metrics = train(log, tmp_path / "m", cfg, progress=False, echo=lines.append)
     auto = metrics["auto"]
-    assert set(auto["candidates"]) == {"bilstm", "crf"}
+    # data.time_of_day auto (the default): crf_clock too, when alone it beats crf on held-out sessions
+    assert set(auto["candidates"]) == {"bilstm", "crf"} | ({"crf_clock"} if auto["clock"]["kept"] else set())
     assert [r["k"] for r in auto["depths"]] == [0, 1, 2]
     for r in auto["depths"]:
         assert sum(r["weights"].values()) == pytest.approx(1.0)
         # one model alone is on the grid too, so the choice is never worse on held-out data
         assert r["macro_f1"] >= max(a["macro_f1"] for a in r["alone"].values()) - 1e-12
-    used = [a for a in ("bilstm", "crf") if any(r["weights"][a] > 0 for r in auto["depths"])]
+    used = [a for a in auto["candidates"] if any(r["weights"][a] > 0 for r in auto["depths"])]
     assert auto["members"] == used
     lm = load_artifact(tmp_path / "m")
     if len(used) == 1:
