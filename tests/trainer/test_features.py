@@ -138,7 +138,8 @@ def test_words_of_a_text_column_are_kept_before_the_names_character_ngrams():
     frame, enc, sessions = _named_and_texted(title, "invoice approval")
     lex = enc.vocabs["lex"]
     row = set(sessions[0].lex[0].tolist())
-    assert sessions[0].lex.shape[1] == MAX_LEX
+    # MAX_LEX of them, then the part of the day (data.time_of_day auto), which the cap never cuts
+    assert sessions[0].lex.shape[1] == MAX_LEX + 1 and set(enc.clock_ids().tolist()) & row
     first, last = f"<{words[0]}>"[:4], f"<{words[-1]}>"[-4:]
     assert {lex.index["text:w=invoice"], lex.index["text:b=invoice|approval"], lex.index[f"w={words[0]}"]} <= row
     assert lex.index[f"c={first}"] in row and lex.index[f"c={last}"] not in row   # later 4-grams cut
@@ -174,7 +175,8 @@ def test_a_text_columns_words_are_features_of_their_own_beside_the_names():
 def test_lexical_vocabulary_is_fit_on_training_events_and_capped():
     frame = _frame()
     enc = FeatureEncoder.fit(frame, DataConfig(lexical_max=10))
-    assert len(enc.vocabs["lex"]) == 10 + 2                       # PAD and UNK ids stay reserved
+    # PAD and UNK ids stay reserved; the time of day (data.time_of_day auto) comes on top of the cap
+    assert len(enc.vocabs["lex"]) == 10 + 2 + len(enc.clock_features())
     full = FeatureEncoder.fit(frame, DataConfig())
     # features seen once (the RareAx.. names, one session each) are not in the vocabulary
     assert not any("rareax" in s for s in full.vocabs["lex"].items)
@@ -235,15 +237,18 @@ def test_character_ngrams_can_be_left_out_of_the_lexical_features():
 
 
 def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
-    # data.time_of_day (off by default): the same event at 07:xx and at 19:xx differs only by
-    # its hour and part of the day; a timestamp with an offset is read on the UTC clock
-    # (20:30+02:00 is hour 18)
+    # data.time_of_day: the same event at 07:xx and at 19:xx differs only by its hour and part
+    # of the day; a timestamp with an offset is read on the UTC clock (20:30+02:00 is hour 18)
     stamps = ("2024-01-01T07:10:00", "2024-01-02T19:10:00", "2024-01-03T20:30:00+02:00",
               "2024-01-04T07:40:00", "2024-01-05T19:50:00", "2024-01-06T18:05:00Z")
     recs = [{"session_id": str(s), "timestamp": ts, "event_name": "Fridge door opened", "step_name": "Meal"}
             for s, ts in enumerate(stamps)]
     frame = records_to_frame(recs, require_label=True)
-    assert not any(x.startswith(("h=", "dp=")) for x in FeatureEncoder.fit(frame, DataConfig()).vocabs["lex"].items)
+    assert not FeatureEncoder.fit(frame, DataConfig(time_of_day=False)).clock_features()
+    # auto (the default): the same features, after every other one in the vocabulary
+    auto = FeatureEncoder.fit(frame, DataConfig())
+    assert auto.vocabs["lex"].items[-2:] == ["dp=1", "dp=4"] and sorted(auto.clock_features()) == ["dp=1", "dp=4"]
+    assert auto.vocabs["lex"].items[:-2] == FeatureEncoder.fit(frame, DataConfig(time_of_day=False)).vocabs["lex"].items
     enc = FeatureEncoder.fit(frame, DataConfig(time_of_day=True, time_of_day_hour=True))
     ids = enc.vocabs["lex"].index
     assert "h=20" not in ids
