@@ -139,6 +139,7 @@ def _name_features(name: str) -> tuple:
 
 _WORD = re.compile(r"[^\W_]+", re.U)
 MAX_LEX = 96  # lexical features kept per event (the most general kinds first)
+CLOCK_PREFIXES = ("dp=", "h=")  # data.time_of_day: the part of the day, the hour
 
 
 @functools.lru_cache(maxsize=65536)
@@ -396,20 +397,22 @@ class FeatureEncoder:
         return enc
 
     # ---- the spec: what a model built on this encoder expects -----------------------------
+    def _lex_by_prefix(self, prefixes: tuple[str, ...]) -> dict[str, int]:
+        """The lexical features of these kinds (``c=``, ``dp=``, ...) and their ids."""
+        index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
+        return {f: i for f, i in index.items() if f.startswith(prefixes)}
+
     def char_gram_ids(self) -> np.ndarray:
         """The ids of the character 4-grams (``lexical_parts``) in the lexical vocabulary."""
-        index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
-        return np.array([i for f, i in index.items() if f.startswith("c=")], dtype=np.int64)
+        return np.array(list(self._lex_by_prefix(("c=",)).values()), dtype=np.int64)
 
     def clock_features(self) -> list[str]:
         """The time of day's lexical features (``dp=``: the part of the day, ``h=``: the hour)."""
-        index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
-        return [f for f in index if f.startswith(("dp=", "h="))]
+        return list(self._lex_by_prefix(CLOCK_PREFIXES))
 
     def clock_ids(self) -> np.ndarray:
         """The ids of ``clock_features`` in the lexical vocabulary."""
-        index = self.vocabs["lex"].index if "lex" in self.vocabs else {}
-        return np.array([index[f] for f in self.clock_features()], dtype=np.int64)
+        return np.array(list(self._lex_by_prefix(CLOCK_PREFIXES).values()), dtype=np.int64)
 
     def spec(self) -> dict[str, Any]:
         return {"n_events": len(self.vocabs["template"]), "n_tokens": len(self.vocabs["token"]),

@@ -609,10 +609,17 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
                 "lower_bound": lower, "revised_share": r / n,
                 "revised_upper": float(1.0 - clopper_pearson_lower(n - r, n, cfg.train.guarantee_confidence))}
 
+    def cut(conf: np.ndarray, share: float) -> float:
+        """The threshold that shows ``share`` of the held-out events: a hair below the held-out
+        confidence it is read at, as ``choose_threshold``'s. An event that looks like a held-out
+        one can come out equal to that confidence, and float rounding (a live round sums in
+        another order than an offline pass) would then decide whether it is shown, and so
+        whether its final label is kept: 3 of gen's 5,233 events were."""
+        return float(np.quantile(conf, 1.0 - share, method="higher")) - THRESHOLD_MARGIN
+
     budget = cfg.train.max_edit_overhead
     budget = budget / (1.0 - budget) if budget < 1.0 else float("inf")   # as a revised share
-    # a hair below the held-out confidence it is read at (see the grid below)
-    start = float(np.quantile(c0, 1.0 - coverage, method="higher")) - THRESHOLD_MARGIN
+    start = cut(c0, coverage)
     # agreement needs the events whose two views agree to be precise enough; when they are
     # not, the final label alone decides (at its plain threshold), still revised at most once
     best = at(start, True)
@@ -622,14 +629,9 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     if best["revised_upper"] > budget:
         # a grid of first thresholds by the share of events they show, 0 (ABSTAIN_ALL) to 1,
         # and of final thresholds at or above the precision target's, by the share they keep
-        # (each a hair below the held-out confidence it is read at, as choose_threshold's is: an
-        # event that looks like a held-out one can come out equal to it, and float rounding
-        # (a live round sums in another order than an offline pass) would then decide whether
-        # it is shown, and so whether its final label is kept: 3 of gen's 5,233 events were)
-        grid = [ABSTAIN_ALL] + [float(np.quantile(c0, 1.0 - q, method="higher")) - THRESHOLD_MARGIN
-                                for q in np.linspace(0.02, 1.0, 50)]
-        finals = [None] + (sorted({float(np.quantile(cL, 1.0 - q * coverage, method="higher")) - THRESHOLD_MARGIN
-                                   for q in np.linspace(0.05, 0.95, 19)}) if cfg.train.edit_overhead_final else [])
+        grid = [ABSTAIN_ALL] + [cut(c0, q) for q in np.linspace(0.02, 1.0, 50)]
+        finals = [None] + (sorted({cut(cL, q * coverage) for q in np.linspace(0.05, 0.95, 19)})
+                           if cfg.train.edit_overhead_final else [])
         options = {ft: [o for t in grid for ag in ((True, False) if agreement else (False,))
                         if (o := at(t, ag, ft)) is not None] for ft in finals}
         within = [o for opts in options.values() for o in opts if o["revised_upper"] <= budget]
