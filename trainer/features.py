@@ -26,8 +26,10 @@ import functools
 import math
 import os
 import re
+import zoneinfo
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -36,6 +38,7 @@ import pandas as pd
 
 from trainer.config import DataConfig, build_section, to_plain
 from trainer.errors import ArtifactError, DataError
+from trainer.loading import utc_offset
 
 PAD, UNK = 0, 1
 MAX_TOKENS = 16
@@ -178,6 +181,23 @@ DERIVED_NUMS = ("log_dt_prev", "log_dt_start", "path_depth", "log_digits", "n_id
 DERIVED_CATS = ("action_type", "app", "file_extension", "shape")
 
 
+@functools.lru_cache(maxsize=16)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(name)
+
+
+def wall_hour(timestamp: Any, ts: float, tz: str) -> int:
+    """The hour (0-23) an event happened at on the clock of ``data.timezone``: ``local``, the
+    wall clock its timestamp was written in (``utc_offset``); else the instant ``ts`` on that
+    zone's clock."""
+    if tz == "local":
+        return int((ts + utc_offset(timestamp)) % 86400.0 // 3600.0)
+    try:
+        return datetime.fromtimestamp(ts, _zone(tz)).hour
+    except (OverflowError, OSError, ValueError):        # beyond what datetime holds: UTC
+        return int(ts % 86400.0 // 3600.0)
+
+
 def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
            auto_cols: Sequence[str]) -> tuple[dict[str, Any], EventContext]:
     """Raw event + session context -> derived features and the next context."""
@@ -230,7 +250,7 @@ def derive(event: Mapping[str, Any], ctx: EventContext, data: DataConfig,
         # text columns, then their character 4-grams (most numerous, first cut by MAX_LEX)
         lex = [f"k:{k}={v}" for k, v in cats.items() if k != "shape"] + [f"t={template}"]
         if data.time_of_day and math.isfinite(ts):
-            hour = int(ts % 86400.0 // 3600.0)
+            hour = wall_hour(event.get("timestamp"), ts, data.timezone)
             clock = ([f"h={hour}"] if data.time_of_day_hour else []) + [f"dp={hour // 4}"]
             if data.time_of_day == "auto":
                 # apart, after the MAX_LEX cut and last in the vocabulary: the other features
@@ -539,6 +559,8 @@ class FeatureEncoder:
                 data = dataclasses.replace(data, lex_by_column=False)
             if "time_of_day" not in d["data"]:           # fit before the setting existed
                 data = dataclasses.replace(data, time_of_day=False)
+            if "timezone" not in d["data"]:              # fit before it: the UTC clock
+                data = dataclasses.replace(data, timezone="UTC")
             return cls(data, d["auto_cols"], {k: Vocab(v) for k, v in d["vocabs"].items()},
                        d["num_names"], d["mean"], d["std"], d["fill"], d["text_dim"], d["text_model"])
         except (KeyError, TypeError, ValueError) as exc:

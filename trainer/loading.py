@@ -99,6 +99,23 @@ def parse_timestamp(value: Any) -> float:
     return dt.timestamp()
 
 
+def utc_offset(value: Any) -> float:
+    """The UTC offset, in seconds, that a timestamp was written with (``09:00+05:00``:
+    18000): 0 for ``Z``, for epoch milliseconds and for a time without an offset (which
+    ``parse_timestamp`` takes as UTC, so that it reads as written). For values that
+    ``parse_timestamp`` accepts; anything else gives 0."""
+    if not isinstance(value, str):
+        return 0.0
+    text = value.strip()
+    if not text or text[-1] in "Zz" or _EPOCH_MS.match(text):
+        return 0.0
+    try:
+        offset = datetime.fromisoformat(text).utcoffset()
+    except ValueError:
+        return 0.0
+    return offset.total_seconds() if offset is not None else 0.0
+
+
 def derive_event_id(session_id: str, timestamp: str, event_name: str, occurrence: int = 0) -> str:
     """A deterministic id from an event's content: the same event redelivered gets the same id."""
     key = f"{session_id}\x1f{timestamp}\x1f{event_name}\x1f{occurrence}".encode("utf-8", "surrogatepass")

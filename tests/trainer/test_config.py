@@ -77,6 +77,12 @@ def test_the_time_of_day_is_a_lexical_feature_and_the_hour_comes_with_the_part_o
         from_dict({"data": {"time_of_day_hour": True, "lexical": False}})
     with pytest.raises(ConfigError, match=r"data.time_of_day: 'sometimes' is not one of \[False, True, 'auto'\]"):
         from_dict({"data": {"time_of_day": "sometimes"}})
+    # the clock it is read on: local (the default), UTC, or an IANA zone name
+    assert from_dict({}).data.timezone == "local"
+    assert from_dict({"data": {"timezone": "Europe/Berlin"}}).data.timezone == "Europe/Berlin"
+    for bad in ("Mars/Olympus", "Europe", "../etc/passwd", "", "utc"):
+        with pytest.raises(ConfigError, match="data.timezone: unknown time zone"):
+            from_dict({"data": {"timezone": bad}})
 
 
 def test_what_the_data_fixes_is_not_a_config_key():

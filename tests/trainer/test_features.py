@@ -238,7 +238,7 @@ def test_character_ngrams_can_be_left_out_of_the_lexical_features():
 
 def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
     # data.time_of_day: the same event at 07:xx and at 19:xx differs only by its hour and part
-    # of the day; a timestamp with an offset is read on the UTC clock (20:30+02:00 is hour 18)
+    # of the day; on the UTC clock (data.timezone: UTC) 20:30+02:00 is hour 18
     stamps = ("2024-01-01T07:10:00", "2024-01-02T19:10:00", "2024-01-03T20:30:00+02:00",
               "2024-01-04T07:40:00", "2024-01-05T19:50:00", "2024-01-06T18:05:00Z")
     recs = [{"session_id": str(s), "timestamp": ts, "event_name": "Fridge door opened", "step_name": "Meal"}
@@ -249,7 +249,7 @@ def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
     auto = FeatureEncoder.fit(frame, DataConfig())
     assert auto.vocabs["lex"].items[-2:] == ["dp=1", "dp=4"] and sorted(auto.clock_features()) == ["dp=1", "dp=4"]
     assert auto.vocabs["lex"].items[:-2] == FeatureEncoder.fit(frame, DataConfig(time_of_day=False)).vocabs["lex"].items
-    enc = FeatureEncoder.fit(frame, DataConfig(time_of_day=True, time_of_day_hour=True))
+    enc = FeatureEncoder.fit(frame, DataConfig(time_of_day=True, time_of_day_hour=True, timezone="UTC"))
     ids = enc.vocabs["lex"].index
     assert "h=20" not in ids
     _, sessions = enc.transform_frame(frame)
@@ -267,8 +267,43 @@ def test_the_hour_of_the_day_is_a_feature_read_off_the_timestamps_clock():
     assert parts.vocabs["lex"].index["dp=4"] in set(coarse[1].lex[0].tolist())
     # an encoder saved before the setting existed keeps encoding without it
     old = enc.to_dict()
-    del old["data"]["time_of_day"]
+    del old["data"]["time_of_day"], old["data"]["timezone"]
     again = FeatureEncoder.from_dict(json.loads(json.dumps(old)))
     assert again.data.time_of_day is False
     _, sessions = again.transform_frame(frame)
     assert not {ids["h=7"], ids["dp=1"]} & set(sessions[0].lex[0].tolist())
+
+
+def test_the_time_of_day_is_read_on_the_wall_clock_the_timestamp_was_written_in():
+    # data.timezone local (the default): 07:26+05:00 is a morning, whatever UTC says (02:26);
+    # a timestamp without an offset is read as written, Z and epoch milliseconds on UTC
+    stamps = ("2024-05-20 07:26:22.001+05:00", "2024-05-21 07:40:00+05:00", "2024-05-22T07:05:00",
+              "2024-05-23T23:30:00Z", "2024-05-24T23:10:00Z", "1716595200000")   # the last: 00:00Z
+    recs = [{"session_id": str(s), "timestamp": ts, "event_name": "Open inbox", "step_name": "Mail"}
+            for s, ts in enumerate(stamps)]
+    frame = records_to_frame(recs, require_label=True)
+
+    def hours(data: DataConfig) -> list[int]:
+        enc = FeatureEncoder.fit(frame, data)
+        names = {i: f for f, i in enc.vocabs["lex"].index.items()}
+        _, sessions = enc.transform_frame(frame)
+        out = []
+        for s in sessions:
+            h = [names[i] for i in s.lex[0].tolist() if names.get(i, "").startswith("h=")]
+            out.append(int(h[0][2:]) if h else None)
+        return out
+
+    every = {"min_freq": 1, "time_of_day": True, "time_of_day_hour": True}
+    assert hours(DataConfig(**every)) == [7, 7, 7, 23, 23, 0]
+    # the encoders saved before the setting read the UTC clock, and still do
+    assert hours(DataConfig(**every, timezone="UTC")) == [2, 2, 7, 23, 23, 0]
+    # a zone name: the instant on that zone's clock, summer time included (Tokyo: UTC+9)
+    assert hours(DataConfig(**every, timezone="Asia/Tokyo")) == [11, 11, 16, 8, 8, 9]
+    enc = FeatureEncoder.fit(frame, DataConfig(**every))
+    old = enc.to_dict()
+    del old["data"]["timezone"]
+    assert FeatureEncoder.from_dict(json.loads(json.dumps(old))).data.timezone == "UTC"
+    assert FeatureEncoder.from_dict(json.loads(json.dumps(enc.to_dict()))).data.timezone == "local"
+    # live, one event at a time, from the record's own timestamp text: the same hour
+    one, _ = enc.transform_one(dict(frame.iloc[0]))
+    assert enc.vocabs["lex"].index["h=7"] in set(one.lex[0].tolist())
