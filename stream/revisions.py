@@ -16,6 +16,7 @@ final label that agrees with the label shown on arrival: a label is revised at m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -77,11 +78,13 @@ class RevisionPolicy:
 
     @staticmethod
     def final(probs: np.ndarray, threshold: float, labels: Sequence[str],
-              agree_with: Decision | None = None) -> Decision:
+              agree_with: Decision | None = None, agree_margin: float = math.inf) -> Decision:
         """The calibrated decision: the top label when its probability reaches the threshold,
         or (``stable`` policy, ``agree_with`` = the label shown since arrival) when it is that
-        label; else abstain. ``LoadedModel.covered`` applies the same rule offline."""
+        label and its probability reaches ``threshold - agree_margin``; else abstain.
+        ``LoadedModel.covered`` applies the same rule offline."""
         best = int(probs.argmax())
         p = float(probs[best])
-        keep = p >= threshold or (agree_with is not None and agree_with.label == labels[best])
+        keep = p >= threshold or (agree_with is not None and agree_with.label == labels[best]
+                                  and p >= threshold - agree_margin)
         return Decision(labels[best] if keep else None, p)

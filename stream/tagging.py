@@ -343,6 +343,7 @@ class LiveTagger:
         thr, version = self.loaded.threshold, self.loaded.version
         stable = self.loaded.policy == "stable"
         agree = self.loaded.agreement          # stable: a final that agrees with arrival is kept
+        margin = self.loaded.agreement_margin  # ... at confidence >= thr - margin
         labels = self.loaded.labels
         emitted_at = iso_now(self.clock)
         # one softmax and one copy to numpy for the whole round, then a slice per session.
@@ -375,13 +376,13 @@ class LiveTagger:
                     if p.probs is None:
                         keep.append(p)
                         continue
-                    d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
+                    d = self.policy.final(p.probs, thr, labels, p.shown if agree else None, margin)
                     is_final = True
                 else:
                     p.probs = probs[j]
                     is_final = p.seq <= sess.n - 1 - L
                     if is_final:
-                        d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
+                        d = self.policy.final(p.probs, thr, labels, p.shown if agree else None, margin)
                     else:
                         d = self.policy.decide(p.shown, live[j], self.loaded.prefix_threshold(v - 1 - j),
                                                labels, hold=stable)
@@ -399,11 +400,11 @@ class LiveTagger:
         thr, version = self.loaded.threshold, self.loaded.version
         emitted_at = iso_now(self.clock)
         records = []
-        agree = self.loaded.agreement
+        agree, margin = self.loaded.agreement, self.loaded.agreement_margin
         labels = self.loaded.labels
         for p in sess.pending:
             if p.probs is not None:
-                d = self.policy.final(p.probs, thr, labels, p.shown if agree else None)
+                d = self.policy.final(p.probs, thr, labels, p.shown if agree else None, margin)
             elif p.shown is not None and (p.shown.label is None or p.shown.label in labels):
                 d = p.shown  # context lost (e.g. Redis restarted): final as last shown
             else:  # nothing to go on, or a step this model does not know: abstain

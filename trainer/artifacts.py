@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -78,15 +79,23 @@ def softmax_t(logits: np.ndarray, temperature: float | np.ndarray) -> np.ndarray
     return e / e.sum(-1, keepdims=True)
 
 
+def agreement_margin(value: Any) -> float:
+    """The stable policy's bound on an agreeing final label's confidence, as the manifest
+    holds it (``calibration.agreement_margin``; absent or null: unbounded, math.inf)."""
+    return math.inf if value is None else float(value)
+
+
 def covered_by(final_probs: np.ndarray, threshold: float, first_probs: np.ndarray | None = None,
-               first_threshold: float = 1.0) -> np.ndarray:
+               first_threshold: float = 1.0, margin: float = math.inf) -> np.ndarray:
     """The abstention rule of final labels, one place for training, offline and live scoring:
     an event keeps its label when its final confidence reaches ``threshold`` or (stable policy
-    with agreement: ``first_probs`` given) it was shown on arrival at ``first_threshold`` and
-    the final label is that one."""
-    keep = final_probs.max(-1) >= threshold
+    with agreement: ``first_probs`` given) it was shown on arrival at ``first_threshold``, the
+    final label is that one, and its confidence reaches ``threshold - margin``."""
+    conf = final_probs.max(-1)
+    keep = conf >= threshold
     if first_probs is not None:
-        keep |= (first_probs.max(-1) >= first_threshold) & (first_probs.argmax(-1) == final_probs.argmax(-1))
+        keep |= ((first_probs.max(-1) >= first_threshold) & (first_probs.argmax(-1) == final_probs.argmax(-1))
+                 & (conf >= threshold - margin))
     return keep
 
 
@@ -142,6 +151,12 @@ class LoadedModel:
         return self.policy == "stable" and bool(self.manifest["calibration"].get("agreement", True))
 
     @property
+    def agreement_margin(self) -> float:
+        """``stable`` policy with agreement: an agreeing final label is kept when its confidence
+        reaches ``threshold - agreement_margin`` (math.inf, the artifacts before the bound: any)."""
+        return agreement_margin(self.manifest["calibration"].get("agreement_margin"))
+
+    @property
     def first_threshold(self) -> float:
         return float(self.manifest["calibration"].get("first_threshold", self.prefix_threshold(0)))
 
@@ -149,7 +164,7 @@ class LoadedModel:
         """Which events keep a label (the rest abstain), from their calibrated final and
         on-arrival probabilities (n, C) each: the rule the live worker's final records follow."""
         return covered_by(final_probs, self.threshold,
-                          first_probs if self.agreement else None, self.first_threshold)
+                          first_probs if self.agreement else None, self.first_threshold, self.agreement_margin)
 
     def arrival_probs(self, sessions: Sequence[EncodedSession]) -> list[np.ndarray]:
         """Calibrated probabilities each event had on arrival (the depth-0 temperature)."""

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from trainer.artifacts import covered_by, save_artifact, softmax_t
+from trainer.artifacts import agreement_margin, covered_by, save_artifact, softmax_t
 from trainer.baseline import BaselineLabeller
 from trainer.config import CLOCK_CANDIDATE, Config, ModelConfig, arrival_only
 from trainer.crf import without_lex
@@ -541,6 +541,13 @@ def first_and_final(logits: Sequence[np.ndarray], depth0: np.ndarray, order: Seq
     return first, final
 
 
+# stable policy: the bounds tried on the confidence of a final label kept because it agrees
+# with the one shown on arrival (threshold - m; inf: any). On the window-focus profile the
+# unbounded agreement missed the precision target and the shown labels were withdrawn at the
+# end although 97% of them agreed (docs/ablation.md)
+AGREE_MARGINS = (math.inf, 0.3, 0.2, 0.1, 0.05)
+
+
 def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np.ndarray, cfg: Config,
                   t_first: float, t_final: float, plain_threshold: float) -> dict[str, Any]:
     """The abstention policy the worker serves (``calibration.policy: stable``): a label (or
@@ -564,9 +571,13 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
       final labels within the budget, then shows the most on arrival); if none is within it,
       the first threshold moves to the one with the fewest revisions.
 
-    When no threshold reaches the target over that union (the two views agree on too many
-    wrong labels), ``agreement`` is False: the final label is kept only at the plain
-    threshold, and the event is still revised at most once. ``policy: plain`` (each depth's
+    The agreement may be bounded (``agreement_margin`` m, one of ``AGREE_MARGINS``): an
+    agreeing final label is then kept only when its confidence reaches ``threshold - m``, so
+    that the low-confidence agreements, the least precise, are not what makes the union miss
+    the target. The margin with the fewest held-out revisions is taken (None: unbounded).
+    When no threshold reaches the target over that union at any margin (the two views agree
+    on too many wrong labels), ``agreement`` is False: the final label is kept only at the
+    plain threshold, and the event is still revised at most once. ``policy: plain`` (each depth's
     own threshold, the label may change at every depth) is returned only when the plain
     threshold covers nothing."""
     keep = labels != IGNORE
@@ -579,13 +590,16 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     if not len(cL) or coverage == 0.0:
         return {**plain, "first_threshold": ABSTAIN_ALL, "first_coverage": 0.0}
 
-    def at(first_thr: float, agreement: bool, final_thr: float | None = None) -> dict[str, Any] | None:
+    def at(first_thr: float, margin: float | None, final_thr: float | None = None) -> dict[str, Any] | None:
+        # margin None: no agreement; math.inf: every agreeing final label is kept; m: those
+        # whose confidence reaches threshold - m (an agreeing event scores cL + m)
         shown = c0 >= first_thr
-        if agreement:
+        if margin is not None:
             agree = shown & (a0 == aL)
-            chosen = choose_threshold(aL == y, np.where(agree, 2.0, cL), cfg.train.precision_target,
+            score = np.where(agree, 2.0 if math.isinf(margin) else cL + margin, cL)
+            chosen = choose_threshold(aL == y, score, cfg.train.precision_target,
                                       cfg.train.guarantee_confidence, method="binomial")
-            if not chosen["feasible"]:
+            if not chosen["feasible"] or (not math.isinf(margin) and chosen["threshold"] > ABSTAIN_ALL):
                 return None
             threshold = min(chosen["threshold"], ABSTAIN_ALL)
         else:
@@ -595,6 +609,8 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
             if final_thr <= threshold:
                 return None
             threshold = final_thr
+        if margin is not None and not math.isinf(margin):
+            agree &= cL >= threshold - margin
         covered = agree | (cL >= threshold)
         right, m = int((aL == y)[covered].sum()), int(covered.sum())
         lower = float(clopper_pearson_lower(right, m, cfg.train.guarantee_confidence)) if m else None
@@ -602,7 +618,9 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
             return None
         revised = (shown != covered) | (shown & covered & (a0 != aL))
         n, r = len(revised), int(revised.sum())
-        return {"policy": "stable", "agreement": agreement, "first_threshold": float(first_thr),
+        return {"policy": "stable", "agreement": margin is not None,
+                "agreement_margin": None if margin is None or math.isinf(margin) else float(margin),
+                "first_threshold": float(first_thr),
                 "threshold": threshold, "first_coverage": float(shown.mean()),
                 "first_precision": float((a0 == y)[shown].mean()) if shown.any() else None,
                 "coverage": float(covered.mean()), "precision": right / m if m else None,
@@ -622,9 +640,9 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     start = cut(c0, coverage)
     # agreement needs the events whose two views agree to be precise enough; when they are
     # not, the final label alone decides (at its plain threshold), still revised at most once
-    best = at(start, True)
-    agreement = best is not None
-    best = best or at(start, False)
+    agreeing = [o for m in AGREE_MARGINS if (o := at(start, m)) is not None]
+    best = (min(agreeing, key=lambda o: (o["revised_share"], -o["coverage"])) if agreeing
+            else at(start, None))
     best["first_rule"] = "coverage"
     if best["revised_upper"] > budget:
         # a grid of first thresholds by the share of events they show, 0 (ABSTAIN_ALL) to 1,
@@ -632,8 +650,8 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
         grid = [ABSTAIN_ALL] + [cut(c0, q) for q in np.linspace(0.02, 1.0, 50)]
         finals = [None] + (sorted({cut(cL, q * coverage) for q in np.linspace(0.05, 0.95, 19)})
                            if cfg.train.edit_overhead_final else [])
-        options = {ft: [o for t in grid for ag in ((True, False) if agreement else (False,))
-                        if (o := at(t, ag, ft)) is not None] for ft in finals}
+        options = {ft: [o for t in grid for m in AGREE_MARGINS + (None,)
+                        if (o := at(t, m, ft)) is not None] for ft in finals}
         within = [o for opts in options.values() for o in opts if o["revised_upper"] <= budget]
         # within the budget the most labels shown: on arrival (then in the end) when only the
         # first threshold moves; in the end (then on arrival) when the final one may too, so
@@ -837,8 +855,10 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                       "precision": policy["precision"], "lower_bound": policy["lower_bound"]}
             echo(f"abstention (stable): labelled on arrival at confidence >= {policy['first_threshold']:.3f} "
                  f"({policy['first_coverage']:.3f} of held-out events, precision {policy['first_precision'] or 0:.3f}); "
-                 f"final label kept when {'it agrees or ' if policy['agreement'] else ''}"
-                 f"its confidence >= {policy['threshold']:.3f} "
+                 f"final label kept when "
+                 + ("" if not policy["agreement"] else "it agrees or " if policy.get("agreement_margin") is None
+                    else f"it agrees at confidence >= {policy['threshold'] - policy['agreement_margin']:.3f} or ")
+                 + f"its confidence >= {policy['threshold']:.3f} "
                  f"(coverage {policy['coverage']:.3f}, precision {policy['precision'] or 0:.3f}); "
                  f"revised once: {policy['revised_share']:.3f} of events"
                  + (f" (thresholds moved to keep edit overhead <= {cfg.train.max_edit_overhead})"
@@ -863,7 +883,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         if policy["policy"] == "stable" and policy["agreement"]:   # arrival labels matter only then
             first = np.concatenate([softmax_t(z, prefix["prefix_temperatures"][0]) for z in
                                     arrival_logits(fit.model, p.encoded["test"], pick_device(cfg.train.device))])
-            covered = covered_by(probs, chosen["threshold"], first, policy["first_threshold"])
+            covered = covered_by(probs, chosen["threshold"], first, policy["first_threshold"],
+                                 agreement_margin(policy.get("agreement_margin")))
         gold = p.frame.set_index("session_id").loc[p.splits["test"], "step_name"].tolist()
         test_report = score(gold, probs, p.label_map.labels, chosen["threshold"], covered)
         metrics["test"] = {**test_report["offline"], "classification": test_report["classification"],
@@ -873,7 +894,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                         calibration={k: chosen[k] for k in ("coverage", "precision", "lower_bound",
                                                              "feasible", "method", "confidence",
                                                              "target_precision")} | prefix
-                        | {k: v for k, v in policy.items() if k in ("policy", "first_threshold", "agreement")},
+                        | {k: v for k, v in policy.items()
+                           if k in ("policy", "first_threshold", "agreement", "agreement_margin")},
                         metrics=metrics, training=_training_info(p, cfg, time.perf_counter() - started),
                         config=cfg.to_dict())
     if test_report is not None:

@@ -104,21 +104,28 @@ def test_streaming_final_labels_equal_offline_labels(lm, sessions):
         assert 0.0 <= res[key] <= 1.0
 
 
-@pytest.mark.parametrize("agreement", [True, False])
-def test_stable_policy_revises_each_event_at_most_once_and_finals_equal_offline(lm, sessions, agreement):
+@pytest.mark.parametrize("agreement,margin", [(True, None), (False, None), (True, 0.05)])
+def test_stable_policy_revises_each_event_at_most_once_and_finals_equal_offline(lm, sessions, agreement, margin):
     """Under the stable policy, with or without agreement (a final label that agrees with the
-    one shown on arrival kept below the threshold), an event's label changes at most once,
-    at finality, and the final label is the offline decision."""
+    one shown on arrival kept below the threshold; with a margin, only down to threshold -
+    margin), an event's label changes at most once, at finality, and the final label is the
+    offline decision."""
     import dataclasses
     frame, _ = sessions
     cal = {**lm.manifest["calibration"], "policy": "stable", "agreement": agreement,
-           "threshold": 0.6, "first_threshold": 0.6}
+           "agreement_margin": margin, "threshold": 0.6, "first_threshold": 0.6}
     cal["prefix_thresholds"] = [0.6] * len(cal.get("prefix_thresholds") or [0] * (lm.lookahead + 1))
     stable = dataclasses.replace(lm, manifest={**lm.manifest, "calibration": cal}, threshold=0.6)
     assert stable.agreement is agreement
     sids, probs, covered = stable.predict_decisions(frame)
     kept_by_agreement = sum(int((c & (p.max(-1) < 0.6)).sum()) for p, c in zip(probs, covered))
     assert (kept_by_agreement > 0) is agreement
+    if margin is not None:      # none kept below 0.55, though the unbounded rule keeps some there
+        assert not any((c & (p.max(-1) < 0.6 - margin)).any() for p, c in zip(probs, covered))
+        _, _, unbounded = dataclasses.replace(
+            stable, manifest={**stable.manifest, "calibration": {**cal, "agreement_margin": None}}
+        ).predict_decisions(frame)
+        assert any((c & (p.max(-1) < 0.6 - margin)).any() for p, c in zip(probs, unbounded))
     emissions: dict = {}
     res = streaming_evaluation(stable, frame, offline_probs=dict(zip(sids, probs)),
                                offline_covered=dict(zip(sids, covered)), emissions_out=emissions)
