@@ -86,16 +86,16 @@ def agreement_margin(value: Any) -> float:
 
 
 def covered_by(final_probs: np.ndarray, threshold: float, first_probs: np.ndarray | None = None,
-               first_threshold: float = 1.0, margin: float = math.inf) -> np.ndarray:
+               first_threshold: float = 1.0, agree_margin: float = math.inf) -> np.ndarray:
     """The abstention rule of final labels, one place for training, offline and live scoring:
     an event keeps its label when its final confidence reaches ``threshold`` or (stable policy
     with agreement: ``first_probs`` given) it was shown on arrival at ``first_threshold``, the
-    final label is that one, and its confidence reaches ``threshold - margin``."""
+    final label is that one, and its confidence reaches ``threshold - agree_margin``."""
     conf = final_probs.max(-1)
     keep = conf >= threshold
     if first_probs is not None:
         keep |= ((first_probs.max(-1) >= first_threshold) & (first_probs.argmax(-1) == final_probs.argmax(-1))
-                 & (conf >= threshold - margin))
+                 & (conf >= threshold - agree_margin))
     return keep
 
 
