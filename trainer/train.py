@@ -639,8 +639,9 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     budget = cfg.train.max_edit_overhead
     budget = budget / (1.0 - budget) if budget < 1.0 else float("inf")   # as a revised share
     start = cut(c0, coverage)
-    # agreement needs the events whose two views agree to be precise enough; when they are
-    # not, the final label alone decides (at its plain threshold), still revised at most once
+    # agreement needs the events whose two views agree (down to threshold - margin) to be
+    # precise enough; the margin with the fewest revisions is taken, and when none is, the
+    # final label alone decides (at its plain threshold), still revised at most once
     agreeing = [o for m in AGREE_MARGINS if (o := at(start, m)) is not None]
     best = (min(agreeing, key=lambda o: (o["revised_share"], -o["coverage"])) if agreeing
             else at(start, None))
