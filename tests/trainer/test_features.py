@@ -12,8 +12,8 @@ from hypothesis import given, strategies as st
 from trainer.config import DataConfig, from_dict
 from trainer.errors import ConfigError, DataError
 from trainer.features import (UNK, EventContext, FeatureEncoder, LabelMap, derive, identifier_keys,
-                              name_shape, split_event_name)
-from trainer.loading import records_to_frame
+                              name_shape, split_event_name, wall_hour)
+from trainer.loading import parse_timestamp, records_to_frame
 
 
 def test_event_name_parts():
@@ -297,8 +297,10 @@ def test_the_time_of_day_is_read_on_the_wall_clock_the_timestamp_was_written_in(
     assert hours(DataConfig(**every)) == [7, 7, 7, 23, 23, 0]
     # the encoders saved before the setting read the UTC clock, and still do
     assert hours(DataConfig(**every, timezone="UTC")) == [2, 2, 7, 23, 23, 0]
-    # a zone name: the instant on that zone's clock, summer time included (Tokyo: UTC+9)
+    # a zone name: the instant on that zone's clock (Tokyo: UTC+9), summer time included
     assert hours(DataConfig(**every, timezone="Asia/Tokyo")) == [11, 11, 16, 8, 8, 9]
+    for stamp, hour in (("2024-07-01T10:00:00Z", 12), ("2024-01-15T10:00:00Z", 11)):
+        assert wall_hour(stamp, parse_timestamp(stamp), "Europe/Berlin") == hour
     enc = FeatureEncoder.fit(frame, DataConfig(**every))
     old = enc.to_dict()
     del old["data"]["timezone"]
