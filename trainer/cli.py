@@ -68,7 +68,7 @@ def cmd_predict(args) -> int:
 
 def cmd_cv(args) -> int:
     from trainer.config import load_config
-    from trainer.cv import cross_validate, format_table, write_report
+    from trainer.cv import cross_validate, format_labels, format_table, write_report
     cfg = load_config(args.config)
     if args.epochs:
         cfg = cfg.replace(train={"epochs": args.epochs})
@@ -76,6 +76,8 @@ def cmd_cv(args) -> int:
                             workdir=args.keep, streaming=None if args.no_streaming else args.replay)
     write_report(report, args.json)
     print(format_table(report))
+    if labels := format_labels(report):
+        print(f"\n{labels}")
     print(f"report written to {args.json}")
     return 0
 

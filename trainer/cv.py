@@ -30,6 +30,12 @@ calibrated threshold (the precision target); ``first_top1_macro_f1`` / ``first_t
 the label behind each event's first live record; ``edit_overhead`` and
 ``final_equals_offline`` from the replay. Paired per-fold differences against both
 references say whether a lead holds fold by fold or only on average.
+
+Per label: ``per_label_f1`` (pooled top-1 F1 of each label in the log) for every row, and
+``label_sessions`` (each label's events and sessions). A label that only one session holds
+is missing from the training folds whenever that session is tested, so no model can score
+on it; ``format_labels`` names such labels, gives macro-F1 over the others, and the labels
+each model gains and loses most on against the CRF ±2.
 """
 
 from __future__ import annotations
@@ -89,6 +95,21 @@ def session_folds(frame: pd.DataFrame, k: int, seed: int) -> list[list[str]]:
 def _scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
     from trainer.evaluate import top1_scores
     return top1_scores(list(gold), list(pred))
+
+
+def _per_label_f1(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, float]:
+    """Top-1 F1 of each label present in ``gold`` (the labels macro-F1 averages over)."""
+    from trainer.evaluate import top1_metrics
+    per_class = top1_metrics(list(gold), list(pred))["per_class"]
+    return {name: per_class[name]["f1"] for name in sorted(set(gold))}
+
+
+def label_sessions(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per label of the log: its events and the sessions that hold it. A label held by one
+    session only is absent from every training fold when that session is tested."""
+    by = frame.groupby("step_name")["session_id"]
+    return {str(k): {"events": int(n), "sessions": int(m)}
+            for k, n, m in zip(by.size().index, by.size().values, by.nunique().values)}
 
 
 def _diffs(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:
@@ -239,13 +260,14 @@ def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int,
             if pool.stream:
                 row["first_vs_causal_crf"] = _diffs([s.get("first_top1_macro_f1") for s in pool.folds],
                                                     causal_f1)
+        row["per_label_f1"] = _per_label_f1(pool.gold, pool.top1)
         row["per_fold"] = pool.folds
         contenders[name] = row
     return {"data": str(data), "events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
             "labels": int(frame["step_name"].nunique()), "folds": folds, "seed": seed,
             "contenders_config": {a: configs[a].to_dict() for a in archs},
             "archs": list(archs), "config": cfg.to_dict(), "seconds": round(seconds, 1),
-            "contenders": contenders}
+            "label_sessions": label_sessions(frame), "contenders": contenders}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -277,6 +299,42 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_labels(report: dict[str, Any], top: int = 3) -> str:
+    """Lines under the table on the labels behind macro-F1: those held by one session only
+    (no training fold holds them when their session is tested, so every model scores F1 0 on
+    them: they cap macro-F1, and a margin over the CRF shrinks by their share), macro-F1
+    over the other labels, and per model the labels it gains and loses most on against the
+    CRF ±2."""
+    def name(n):
+        return {CRF: "CRF ±2", CAUSAL: "causal CRF", HORIZON: "CRF ±2 at the horizon"}.get(n, n)
+
+    rows = report["contenders"]
+    if not all("per_label_f1" in r for r in rows.values()):
+        return ""                                   # a report written before these fields
+    counts = report.get("label_sessions", {})
+    lone = [lab for lab in rows[CRF]["per_label_f1"] if counts.get(lab, {}).get("sessions") == 1]
+    lines = []
+    if lone:
+        rest = [lab for lab in rows[CRF]["per_label_f1"] if lab not in lone]
+        lines.append(f"{len(lone)} of {len(rest) + len(lone)} labels occur{'s' if len(lone) == 1 else ''} "
+                     "in one session only, so no training fold holds them when that session is tested: "
+                     + ", ".join(f"{lab} ({counts[lab]['events']} events)" for lab in lone) + ".")
+        if rest:
+            lines.append(f"macro-F1 over the other {len(rest)} labels: " + ", ".join(
+                f"{name(n)} {np.mean([r['per_label_f1'][lab] for lab in rest]):.3f}" for n, r in rows.items()))
+    crf = rows[CRF]["per_label_f1"]
+    for n, r in rows.items():
+        if n in REFERENCES:
+            continue
+        d = sorted(((r["per_label_f1"][lab] - crf[lab], lab) for lab in crf if lab not in lone), reverse=True)
+        gained = [f"{lab} {x:+.3f}" for x, lab in d[:top] if x > 0]
+        lost = [f"{lab} {x:+.3f}" for x, lab in reversed(d[-top:]) if x < 0]
+        if gained or lost:
+            lines.append(f"{n} against the CRF ±2, per label: most gained "
+                         f"{', '.join(gained) or 'none'}; most lost {', '.join(lost) or 'none'}")
+    return "\n".join(lines)
+
+
 def write_report(report: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,4 +342,5 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
     path.write_text(json.dumps(report, indent=2, default=json_default), encoding="utf-8")
 
 
-__all__ = ["cross_validate", "format_table", "horizon_lag", "session_folds", "write_report", "REFERENCES"]
+__all__ = ["cross_validate", "format_labels", "format_table", "horizon_lag", "label_sessions", "session_folds",
+           "write_report", "REFERENCES"]

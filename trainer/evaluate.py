@@ -48,13 +48,19 @@ def label_ids(names: Sequence[str], labels: list[str]) -> tuple[np.ndarray, list
     return np.asarray(ids, dtype=np.int64), extended
 
 
+def top1_metrics(gold: Sequence[str], pred: Sequence[Optional[str]]) -> dict[str, Any]:
+    """``classification_metrics`` of label names (a None prediction counts as wrong)."""
+    names = sorted(set(gold) | {p for p in pred if p is not None})
+    y, _ = label_ids(gold, names)
+    index = {n: i for i, n in enumerate(names)}
+    p = np.array([-1 if x is None else index[x] for x in pred], dtype=np.int64)
+    return classification_metrics(y, p, names)
+
+
 def top1_scores(gold: Sequence[str], pred: Sequence[Optional[str]], prefix: str = "") -> dict[str, Any]:
     """Accuracy and macro-F1 (over the labels present in ``gold``) of label names; a None
     prediction counts as wrong."""
-    names = sorted(set(gold) | {p for p in pred if p is not None})
-    y, _ = label_ids(gold, names)
-    p = np.array([-1 if x is None else names.index(x) for x in pred], dtype=np.int64)
-    cls = classification_metrics(y, p, names)
+    cls = top1_metrics(gold, pred)
     return {f"{prefix}accuracy": cls["token_accuracy"], f"{prefix}macro_f1": cls["macro_f1"]}
 
 

@@ -76,6 +76,40 @@ def test_cross_validation_pools_every_event_and_compares_per_fold(log, tmp_path)
     assert "CRF ±2, fixed lag 0: reads t+2, as far as a final label (reference)" in table
 
 
+def test_a_label_only_one_session_holds_is_named_and_macro_f1_is_given_without_it(tmp_path, capsys):
+    # one session's "gamma" events get a step of their own: whichever fold tests that
+    # session, no training fold holds the step, so every model scores F1 0 on it
+    records = make_records(12, seed=5)
+    lone = [r for r in records if r["session_id"] == "s3" and r["step_name"] == "gamma"]
+    assert lone
+    for r in lone:
+        r["step_name"] = "Once a year"
+    path = tmp_path / "log.csv"
+    pd.DataFrame(records).to_csv(path, index=False)
+    out = tmp_path / "cv.json"
+    assert main(["-q", "cv", "--data", str(path), "--json", str(out), "--folds", "3", "--arch", "crf",
+                 "--no-streaming"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["label_sessions"]["Once a year"] == {"events": len(lone), "sessions": 1}
+    assert report["label_sessions"]["gamma"]["sessions"] > 1
+    n = len({r["step_name"] for r in records})
+    rows = report["contenders"]
+    rest = [lab for lab in rows["reference_crf"]["per_label_f1"] if lab != "Once a year"]
+    for name, row in rows.items():
+        per_label = row["per_label_f1"]
+        assert per_label["Once a year"] == 0.0, name
+        # macro-F1 is the mean of the per-label F1 over the labels of the log
+        assert np.mean(list(per_label.values())) == pytest.approx(row["macro_f1"]), name
+    assert (f"1 of {n} labels occurs in one session only, so no training fold holds them when that session "
+            f"is tested: Once a year ({len(lone)} events).") in printed
+    without = {n: np.mean([r["per_label_f1"][lab] for lab in rest]) for n, r in rows.items()}
+    assert (f"macro-F1 over the other {n - 1} labels: CRF ±2 {without['reference_crf']:.3f}, "
+            f"causal CRF {without['reference_causal_crf']:.3f}") in printed
+    assert f"crf {without['crf']:.3f}" in printed
+    assert without["crf"] > rows["crf"]["macro_f1"]
+
+
 def test_horizon_reference_follows_the_lookahead():
     assert horizon_lag(from_dict({})) == from_dict({}).model.lookahead - 2
     assert horizon_lag(from_dict({"model": {"lookahead": 1}})) == 0
