@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from trainer.config import Config, from_dict
-from trainer.cv import REFERENCES, cross_validate, format_table, write_report
+from trainer.cv import REFERENCES, cross_validate, format_labels, format_table, write_report
 from trainer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -230,7 +230,10 @@ def render(out: Path, order: list[str], cmd: str, folds: int, seed: int) -> str:
     bases = "; ".join(f"`{n}` {_overrides(DATASETS[n].base)}" for n in names if n in DATASETS)
     text = HEADER.format(cmd=cmd, folds=folds, seed=seed, variants=variants or "none yet",
                          bases=bases or "none yet")
-    return text + "".join(f"\n{format_table(reports[n])}\n" for n in names)
+    for n in names:
+        labels = format_labels(reports[n])
+        text += f"\n{format_table(reports[n])}\n" + (f"\n{labels}\n" if labels else "")
+    return text
 
 
 def write_doc(doc: Path, text: str) -> None:
