@@ -97,11 +97,6 @@ def _scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
     return top1_scores(list(gold), list(pred))
 
 
-def _per_label_f1(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, float]:
-    """Top-1 F1 of each label present in ``gold`` (the labels macro-F1 averages over)."""
-    from trainer.evaluate import top1_metrics
-    per_class = top1_metrics(list(gold), list(pred))["per_class"]
-    return {name: per_class[name]["f1"] for name in sorted(set(gold))}
 
 
 def label_sessions(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -229,9 +224,10 @@ def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int,
     causal_f1 = [s["macro_f1"] for s in pools[CAUSAL].folds]
     horizon_f1 = [s["macro_f1"] for s in pools[HORIZON].folds] if HORIZON in pools else None
     contenders: dict[str, Any] = {}
+    from trainer.evaluate import top1_metrics
     for name, pool in pools.items():
-        offline = _scores(pool.gold, pool.top1)
-        row: dict[str, Any] = {"macro_f1": offline["macro_f1"], "accuracy": offline["accuracy"],
+        offline = top1_metrics(pool.gold, pool.top1)
+        row: dict[str, Any] = {"macro_f1": offline["macro_f1"], "accuracy": offline["token_accuracy"],
                                "train_seconds_per_fold": float(np.mean(pool.seconds))}
         if name in REFERENCES:
             row["kind"] = "reference"
@@ -260,7 +256,8 @@ def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int,
             if pool.stream:
                 row["first_vs_causal_crf"] = _diffs([s.get("first_top1_macro_f1") for s in pool.folds],
                                                     causal_f1)
-        row["per_label_f1"] = _per_label_f1(pool.gold, pool.top1)
+        # top-1 F1 of each label of the log (those macro-F1 averages over)
+        row["per_label_f1"] = {lab: offline["per_class"][lab]["f1"] for lab in sorted(set(pool.gold))}
         row["per_fold"] = pool.folds
         contenders[name] = row
     return {"data": str(data), "events": int(len(frame)), "sessions": int(frame["session_id"].nunique()),
