@@ -73,12 +73,14 @@ def cmd_cv(args) -> int:
     if args.epochs:
         cfg = cfg.replace(train={"epochs": args.epochs})
     report = cross_validate(args.data, cfg, folds=args.folds, archs=args.arch, seed=args.seed,
-                            workdir=args.keep, streaming=None if args.no_streaming else args.replay)
+                            workdir=args.keep, streaming=None if args.no_streaming else args.replay,
+                            predictions=args.predictions)
     write_report(report, args.json)
     print(format_table(report))
     if labels := format_labels(report):
         print(f"\n{labels}")
-    print(f"report written to {args.json}")
+    print(f"report written to {args.json}"
+          + (f"; every event's predictions to {args.predictions}" if args.predictions else ""))
     return 0
 
 
@@ -153,4 +155,7 @@ def register(sub, *, replay: Optional["StreamingReplay"] = None) -> None:
     c.add_argument("--epochs", type=int, help="override train.epochs")
     c.add_argument("--keep", help="keep each fold's artifacts in this folder (default: a temporary one)")
     c.add_argument("--no-streaming", action="store_true", help="skip the live replay of each fold")
+    c.add_argument("--predictions", help="write every event's pooled predictions here (CSV: its fold, the "
+                                         "event, a column per row of the table; NAME.first and "
+                                         "NAME.covered for models)")
     c.set_defaults(func=cmd_cv, replay=replay)

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 REFERENCES = ("reference_crf", "reference_causal_crf", "reference_crf_at_horizon")
 CRF, CAUSAL, HORIZON = REFERENCES
 CRF_REACH = 2  # later events the CRF ±2's state features read
+# the columns that name an event in ``--predictions`` (after its fold)
+EVENT_COLUMNS = ("session_id", "event_id", "seq", "timestamp", "event_name", "step_name")
 
 
 def horizon_lag(cfg: Config) -> Optional[int]:
@@ -119,12 +121,14 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
                    seed: int = 0, workdir: str | Path | None = None,
                    streaming: Optional["StreamingReplay"] = None,
                    variants: dict[str, dict[str, Any]] | None = None,
+                   predictions: str | Path | None = None,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the cross-validation; returns the report (see the module docstring). Contenders are
     ``archs`` (each the config with ``model.arch`` set; default: the config's own) or
     ``variants``, name -> config overrides (``{"model": {"hidden_dim": 64}}``), as the
     ablation passes them. ``streaming`` (a ``trainer.evaluate.StreamingReplay``) replays each
-    fold live; without it the streaming columns stay empty."""
+    fold live; without it the streaming columns stay empty. ``predictions``: a CSV path for
+    every event's pooled predictions (``write_predictions``)."""
     from trainer.artifacts import load_artifact
     from trainer.baseline import BaselineLabeller
     from trainer.loading import fingerprint, read_events
@@ -145,6 +149,7 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
     lag = horizon_lag(cfg)
     refs = [r for r in REFERENCES if r != HORIZON or lag is not None]
     pools: dict[str, _Pool] = {name: _Pool() for name in refs + archs}
+    tested: list[pd.DataFrame] = []                  # the test events, fold by fold
     started = time.perf_counter()
     tmp = None
     if workdir is None:
@@ -157,6 +162,7 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
             train_frame = frame[~frame["session_id"].isin(test_set)].reset_index(drop=True)
             test_frame = frame[frame["session_id"].isin(test_set)].reset_index(drop=True)
             gold = test_frame["step_name"].tolist()
+            tested.append(test_frame[list(EVENT_COLUMNS)].assign(fold=f + 1))
             echo(f"fold {f + 1}/{folds}: {len(test_ids)} test sessions ({len(test_frame)} events), "
                  f"{train_frame['session_id'].nunique()} training sessions")
             # the references, from the same derived features
@@ -212,6 +218,8 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
         if tmp is not None:
             tmp.cleanup()
     report = _report(data, frame, cfg, folds, seed, archs, configs, pools, time.perf_counter() - started)
+    if predictions is not None:
+        write_predictions(pd.concat(tested, ignore_index=True), pools, predictions)
     if lag is not None:
         report["contenders"][HORIZON]["lag"] = lag
         report["contenders"][HORIZON]["horizon"] = lag + CRF_REACH
@@ -332,6 +340,24 @@ def format_labels(report: dict[str, Any], top: int = 3) -> str:
     return "\n".join(lines)
 
 
+def write_predictions(events: pd.DataFrame, pools: dict[str, _Pool], path: str | Path) -> None:
+    """One row per event of the log (every session tested once): ``fold`` (the fold that
+    tested it), the event (``EVENT_COLUMNS``), then per row of the table its top-1 label
+    offline (column named as the row), and for a model also ``NAME.covered`` (kept at the
+    precision target) and, when replayed live, ``NAME.first`` (the label behind its first
+    record)."""
+    table = events[["fold", *EVENT_COLUMNS]].copy()
+    for name, pool in pools.items():
+        table[name] = pool.top1
+        if name not in REFERENCES:
+            table[f"{name}.covered"] = pool.covered
+            if pool.stream:
+                table[f"{name}.first"] = pool.first
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+
+
 def write_report(report: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,4 +366,4 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
 
 
 __all__ = ["cross_validate", "format_labels", "format_table", "horizon_lag", "label_sessions", "session_folds",
-           "write_report", "REFERENCES"]
+           "write_predictions", "write_report", "REFERENCES"]

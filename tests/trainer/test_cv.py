@@ -42,7 +42,7 @@ def test_folds_split_sessions_and_cover_each_once(log):
 
 def test_cross_validation_pools_every_event_and_compares_per_fold(log, tmp_path):
     report = cross_validate(log, from_dict(TINY), folds=3, archs=["crf", "bilstm"], echo=lambda *_: None,
-                            streaming=streaming_replay)
+                            streaming=streaming_replay, predictions=tmp_path / "events.csv")
     frame, _ = read_events(log)
     assert report["events"] == len(frame) and report["sessions"] == 12 and report["folds"] == 3
     rows = report["contenders"]
@@ -54,6 +54,10 @@ def test_cross_validation_pools_every_event_and_compares_per_fold(log, tmp_path)
             [a["macro_f1"] - b["macro_f1"] for a, b in zip(r["per_fold"], rows["reference_crf"]["per_fold"])])
         assert r["final_equals_offline"] == 1.0               # both are served live
         assert 0 <= r["edit_overhead"] <= 1 and r["first_top1_macro_f1"] is not None
+        # the first live labels, event by event, are the ones the first-label scores came from
+        table = pd.read_csv(tmp_path / "events.csv", dtype=str, keep_default_na=False)
+        assert top1_scores(table["step_name"].tolist(), table[f"{name}.first"].tolist())["macro_f1"] == \
+            pytest.approx(r["first_top1_macro_f1"])
     # the marker's label is its predecessor's: a causal CRF knows it on arrival
     assert rows["crf"]["first_top1_accuracy"] > 0.9
     # the CRF ±2 held to the finals' horizon (lookahead 2: lag 0, reading t+2), on the same
@@ -86,9 +90,9 @@ def test_a_label_only_one_session_holds_is_named_and_macro_f1_is_given_without_i
         r["step_name"] = "Once a year"
     path = tmp_path / "log.csv"
     pd.DataFrame(records).to_csv(path, index=False)
-    out = tmp_path / "cv.json"
+    out, preds = tmp_path / "cv.json", tmp_path / "preds" / "events.csv"
     assert main(["-q", "cv", "--data", str(path), "--json", str(out), "--folds", "3", "--arch", "crf",
-                 "--no-streaming"]) == 0
+                 "--no-streaming", "--predictions", str(preds)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["label_sessions"]["Once a year"] == {"events": len(lone), "sessions": 1}
@@ -108,6 +112,26 @@ def test_a_label_only_one_session_holds_is_named_and_macro_f1_is_given_without_i
             f"causal CRF {without['reference_causal_crf']:.3f}") in printed
     assert f"crf {without['crf']:.3f}" in printed
     assert without["crf"] > rows["crf"]["macro_f1"]
+
+    # --predictions: every event once, the fold that tested it, and each row's labels, from
+    # which its scores come back
+    table = pd.read_csv(preds, dtype=str, keep_default_na=False)
+    frame, _ = read_events(path)
+    assert len(table) == len(frame) and not table.duplicated(["session_id", "seq"]).any()
+    assert (table.groupby("session_id")["fold"].nunique() == 1).all()
+    assert sorted(table["fold"].unique()) == ["1", "2", "3"]
+    assert set(table.columns) >= {"session_id", "event_id", "seq", "timestamp", "event_name", "step_name",
+                                  *REFERENCES, "crf", "crf.covered"}
+    for name, row in rows.items():
+        scores = top1_scores(table["step_name"].tolist(), table[name].tolist())
+        assert scores["macro_f1"] == pytest.approx(row["macro_f1"]), name
+        assert scores["accuracy"] == pytest.approx(row["accuracy"]), name
+    # the step can still be predicted elsewhere (its session trained the other folds' models),
+    # never where it is: no training fold held it when its session was tested
+    once = table["step_name"] == "Once a year"
+    assert not (table.loc[once, list(rows)] == "Once a year").any().any()
+    covered = table["crf.covered"] == "True"
+    assert covered.mean() == pytest.approx(rows["crf"]["coverage"])
 
 
 def test_horizon_reference_follows_the_lookahead():
