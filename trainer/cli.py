@@ -8,6 +8,7 @@ imports; ``tagger.cli`` passes it in as ``replay`` (a ``trainer.evaluate.Streami
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -66,9 +67,28 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def writable(path: str, option: str) -> None:
+    """Raise a ConfigError naming ``option`` unless a file can be written at ``path``: checked
+    before a long run, so that a mistyped path does not lose it at the end."""
+    from pathlib import Path
+    from trainer.errors import ConfigError
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; name a file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot make its folder ({exc.strerror})") from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"{option} {path}: not writable")
+
+
 def cmd_cv(args) -> int:
     from trainer.config import load_config
     from trainer.cv import cross_validate, format_labels, format_table, write_report
+    writable(args.json, "--json")
+    if args.predictions:
+        writable(args.predictions, "--predictions")
     cfg = load_config(args.config)
     if args.epochs:
         cfg = cfg.replace(train={"epochs": args.epochs})

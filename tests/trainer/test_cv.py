@@ -148,6 +148,16 @@ def test_cv_command_writes_json_and_table(log, tmp_path, capsys):
     assert "| crf |" in capsys.readouterr().out
     assert main(["-q", "cv", "--data", str(log), "--json", str(out), "--folds", "30"]) == 2
     assert "cannot make 30 folds" in capsys.readouterr().err
+    # an output that cannot be written is refused before anything is trained, not after
+    assert main(["-q", "cv", "--data", str(log), "--json", str(tmp_path), "--arch", "crf"]) == 2
+    assert f"tagger cv: error: --json {tmp_path}: is a folder; name a file" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["-q", "cv", "--data", str(log), "--json", str(out), "--arch", "crf",
+                 "--predictions", str(blocker / "events.csv")]) == 2
+    err = capsys.readouterr()
+    assert f"tagger cv: error: --predictions {blocker / 'events.csv'}: cannot make its folder" in err.err
+    assert "fold 1/" not in err.out + err.err
 
 
 def test_auto_combines_the_candidates_per_depth_and_serves_the_result(log, tmp_path):
