@@ -99,8 +99,6 @@ def _scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
     return top1_scores(list(gold), list(pred))
 
 
-
-
 def label_sessions(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     """Per label of the log: its events and the sessions that hold it. A label held by one
     session only is absent from every training fold when that session is tested."""
@@ -228,11 +226,11 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
 
 def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int, archs: Sequence[str],
             configs: dict[str, Config], pools: dict[str, _Pool], seconds: float) -> dict[str, Any]:
+    from trainer.evaluate import top1_metrics
     crf_f1 = [s["macro_f1"] for s in pools[CRF].folds]
     causal_f1 = [s["macro_f1"] for s in pools[CAUSAL].folds]
     horizon_f1 = [s["macro_f1"] for s in pools[HORIZON].folds] if HORIZON in pools else None
     contenders: dict[str, Any] = {}
-    from trainer.evaluate import top1_metrics
     for name, pool in pools.items():
         offline = top1_metrics(pool.gold, pool.top1)
         row: dict[str, Any] = {"macro_f1": offline["macro_f1"], "accuracy": offline["token_accuracy"],
