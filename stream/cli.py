@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from trainer.cli import writable
+
 
 def cmd_worker(args) -> int:
     from stream.preflight import check_worker
@@ -100,6 +102,8 @@ def cmd_tail(args) -> int:
 
 def cmd_demo(args) -> int:
     from stream.tools.demo import run_demo
+    writable(args.json, "--json")
+    writable(args.workdir, "--workdir", folder=True)
     summary = run_demo(sessions=args.sessions, json_out=args.json, rate=args.rate, quiet=args.quiet,
                        live=sys.stdout.isatty(), workdir=Path(args.workdir),
                        train_sessions=args.train_sessions)
@@ -108,6 +112,8 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from stream.tools.bench import BenchConfig, run_bench
+    writable(args.json, "--json")
+    writable(args.out, "--out", folder=True)
     out = Path(args.out or ("runs/bench-quick" if args.quick else "runs/bench"))
     cfg = BenchConfig.for_mode(args.quick, out, model=Path(args.model) if args.model else None,
                                repeats=args.repeats, events=args.events, profile=args.profile,
@@ -122,6 +128,8 @@ def cmd_bench(args) -> int:
 
 def cmd_chaos(args) -> int:
     from stream.tools.chaos import FAULTS, ChaosConfig, format_report, run_chaos, scale_run
+    writable(args.json, "--json")
+    writable(args.workdir, "--workdir", folder=True)
     for noisy in ("aiokafka", "kafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)  # the broker pause makes them shout
 

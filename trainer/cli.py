@@ -22,6 +22,8 @@ def _progress(args) -> bool:
 
 def cmd_generate(args) -> int:
     from trainer.generate import generate
+    writable(args.out, "--out")
+    writable(args.images, "--images", folder=True)
     stats = generate(args.sessions, args.seed, args.out, images_dir=args.images,
                      progress=_progress(args), profile=args.profile)
     print(f"wrote {stats['events']} events in {stats['sessions']} sessions to {stats['path']}")
@@ -33,6 +35,7 @@ def cmd_generate(args) -> int:
 def cmd_train(args) -> int:
     from trainer.config import load_config
     from trainer.train import train
+    writable(args.out, "--out", folder=True)
     cfg = load_config(args.config)
     overrides = {}
     if args.arch:
@@ -48,6 +51,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from trainer.evaluate import evaluate
     from trainer.report import format_summary
+    writable(args.json, "--json")
     res = evaluate(args.model, args.data, args.json, streaming=args.replay if args.streaming else None,
                    skip_bad_rows=args.skip_bad_rows, progress=_progress(args))
     print(f"{res['events']} events in {res['sessions']} sessions, model {res['model_version']}")
@@ -62,33 +66,44 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from trainer.evaluate import predict
+    writable(args.out, "--out")
     out = predict(args.model, args.data, args.out, skip_bad_rows=args.skip_bad_rows)
     print(f"labelled {len(out)} events ({int(out['abstained'].sum())} abstained) -> {args.out}")
     return 0
 
 
-def writable(path: str, option: str) -> None:
-    """Raise a ConfigError naming ``option`` unless a file can be written at ``path``: checked
-    before a long run, so that a mistyped path does not lose it at the end."""
+def writable(path: str | None, option: str, *, folder: bool = False) -> None:
+    """Raise a ConfigError naming ``option`` unless ``path`` can be written (a file, or with
+    ``folder`` a folder): checked before the work, so that a mistyped path fails at once
+    instead of with a traceback after a long run. Nothing is created here."""
+    if path is None:
+        return
     from pathlib import Path
     from trainer.errors import ConfigError
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{option} {path}: is a folder; name a file")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot make its folder ({exc.strerror})") from None
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ConfigError(f"{option} {path}: not writable")
+    if p.exists():
+        if folder and not p.is_dir():
+            raise ConfigError(f"{option} {path}: is a file; name a folder")
+        if not folder and p.is_dir():
+            raise ConfigError(f"{option} {path}: is a folder; name a file")
+        if not os.access(p, os.W_OK | (os.X_OK if folder else 0)):
+            raise ConfigError(f"{option} {path}: not writable")
+        return
+    above = p.parent
+    while not above.exists():              # ends at "." or the root, which exist
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"{option} {path}: {above} is a file, so no folder can be made there")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot write in {above}")
 
 
 def cmd_cv(args) -> int:
     from trainer.config import load_config
     from trainer.cv import cross_validate, format_labels, format_table, write_report
     writable(args.json, "--json")
-    if args.predictions:
-        writable(args.predictions, "--predictions")
+    writable(args.predictions, "--predictions")
+    writable(args.keep, "--keep", folder=True)
     cfg = load_config(args.config)
     if args.epochs:
         cfg = cfg.replace(train={"epochs": args.epochs})

@@ -63,3 +63,40 @@ def test_a_bad_value_is_one_line_and_exit_2():
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == ("tagger generate: error: argument --seed: "
                                                    "expected an integer >= 0, got -1")
+
+
+@pytest.mark.parametrize("command,option", [
+    (["train", "--data", "LOG", "--out", "{x}/model"], "--out"),
+    (["evaluate", "--model", "MODEL", "--data", "LOG", "--json", "{x}/eval.json"], "--json"),
+    (["predict", "--model", "MODEL", "--data", "LOG", "--out", "{x}/pred.csv"], "--out"),
+    (["generate", "--sessions", "3", "--out", "{x}/gen.csv"], "--out"),
+    (["generate", "--sessions", "3", "--out", "OK/gen.csv", "--images", "{x}/shots"], "--images"),
+    (["cv", "--data", "LOG", "--json", "OK/cv.json", "--keep", "{x}/folds"], "--keep"),
+    (["bench", "--quick", "--json", "{x}/bench.json"], "--json"),
+    (["bench", "--quick", "--out", "{x}/bench"], "--out"),
+    (["chaos", "--quick", "--workdir", "{x}/chaos"], "--workdir"),
+    (["demo", "--json", "{x}/demo.json", "--workdir", "OK/demo"], "--json"),
+])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, command, option):
+    # "{x}" is a file, so nothing can be written under it: the command says so and which
+    # option, before reading, training or generating anything (no traceback at the end)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    model = REPO_ROOT / "tests" / "fixtures" / "artifact_v0_1"
+    args = [a.replace("{x}", str(blocker)).replace("LOG", str(tmp_path / "missing.csv"))
+            .replace("MODEL", str(model)).replace("OK", str(tmp_path / "ok")) for a in command]
+    assert main(["-q", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    target = next(a for a in args if a.startswith(str(blocker)))
+    assert err == [f"tagger {command[0]}: error: {option} {target}: {blocker} is a file, so no folder "
+                   "can be made there"]
+    assert not (tmp_path / "ok").exists()      # nothing was written
+
+
+def test_a_folder_where_a_file_is_wanted_and_a_file_where_a_folder_is(tmp_path, capsys):
+    assert main(["-q", "predict", "--model", "M", "--data", "D", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"tagger predict: error: --out {tmp_path}: is a folder; name a file"
+    f = tmp_path / "m"
+    f.write_text("")
+    assert main(["-q", "train", "--data", "D", "--out", str(f)]) == 2
+    assert capsys.readouterr().err.strip() == f"tagger train: error: --out {f}: is a file; name a folder"

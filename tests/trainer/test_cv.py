@@ -156,7 +156,8 @@ def test_cv_command_writes_json_and_table(log, tmp_path, capsys):
     assert main(["-q", "cv", "--data", str(log), "--json", str(out), "--arch", "crf",
                  "--predictions", str(blocker / "events.csv")]) == 2
     err = capsys.readouterr()
-    assert f"tagger cv: error: --predictions {blocker / 'events.csv'}: cannot make its folder" in err.err
+    assert (f"tagger cv: error: --predictions {blocker / 'events.csv'}: {blocker} is a file, so no folder "
+            "can be made there") in err.err
     assert "fold 1/" not in err.out + err.err
 
 
