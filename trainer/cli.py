@@ -20,6 +20,32 @@ def _progress(args) -> bool:
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
+def writable(path: str | None, option: str, *, folder: bool = False) -> None:
+    """Raise a ConfigError naming ``option`` unless ``path`` can be written (a file, or with
+    ``folder`` a folder): checked before the work, so that a mistyped path fails at once
+    instead of with a traceback after a long run. Nothing is created here."""
+    if path is None:
+        return
+    from pathlib import Path
+    from trainer.errors import ConfigError
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise ConfigError(f"{option} {path}: is a file; name a folder")
+        if not folder and p.is_dir():
+            raise ConfigError(f"{option} {path}: is a folder; name a file")
+        if not os.access(p, os.W_OK | (os.X_OK if folder else 0)):
+            raise ConfigError(f"{option} {path}: not writable")
+        return
+    above = p.parent
+    while not above.exists():              # ends at "." or the root, which exist
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"{option} {path}: {above} is a file, so no folder can be made there")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot write in {above}")
+
+
 def cmd_generate(args) -> int:
     from trainer.generate import generate
     writable(args.out, "--out")
@@ -70,32 +96,6 @@ def cmd_predict(args) -> int:
     out = predict(args.model, args.data, args.out, skip_bad_rows=args.skip_bad_rows)
     print(f"labelled {len(out)} events ({int(out['abstained'].sum())} abstained) -> {args.out}")
     return 0
-
-
-def writable(path: str | None, option: str, *, folder: bool = False) -> None:
-    """Raise a ConfigError naming ``option`` unless ``path`` can be written (a file, or with
-    ``folder`` a folder): checked before the work, so that a mistyped path fails at once
-    instead of with a traceback after a long run. Nothing is created here."""
-    if path is None:
-        return
-    from pathlib import Path
-    from trainer.errors import ConfigError
-    p = Path(path)
-    if p.exists():
-        if folder and not p.is_dir():
-            raise ConfigError(f"{option} {path}: is a file; name a folder")
-        if not folder and p.is_dir():
-            raise ConfigError(f"{option} {path}: is a folder; name a file")
-        if not os.access(p, os.W_OK | (os.X_OK if folder else 0)):
-            raise ConfigError(f"{option} {path}: not writable")
-        return
-    above = p.parent
-    while not above.exists():              # ends at "." or the root, which exist
-        above = above.parent
-    if not above.is_dir():
-        raise ConfigError(f"{option} {path}: {above} is a file, so no folder can be made there")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: cannot write in {above}")
 
 
 def cmd_cv(args) -> int:

@@ -160,7 +160,8 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
             train_frame = frame[~frame["session_id"].isin(test_set)].reset_index(drop=True)
             test_frame = frame[frame["session_id"].isin(test_set)].reset_index(drop=True)
             gold = test_frame["step_name"].tolist()
-            tested.append(test_frame[list(EVENT_COLUMNS)].assign(fold=f + 1))
+            if predictions is not None:
+                tested.append(test_frame[list(EVENT_COLUMNS)].assign(fold=f + 1))
             echo(f"fold {f + 1}/{folds}: {len(test_ids)} test sessions ({len(test_frame)} events), "
                  f"{train_frame['session_id'].nunique()} training sessions")
             # the references, from the same derived features
