@@ -94,6 +94,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_prior_bias": {"train": {"auto_prior_taus": [0.0]}},      # auto adds no label bias (before 2026-12-05)
     "bagged": {"train": {"auto_bags": 32}},                     # auto's weights: mean best over 32 session bootstraps
     "edit_final": {"train": {"edit_overhead_final": True}},      # final labels withheld to keep edit overhead
+    "events_bound": {"train": {"guarantee_over": "events"}},    # precision bound over events, not sessions (before 2026-12-07)
     "past4": {"model": {"wide_past": 4}},                       # the CRF and wide path read t-4 .. t
     "seeds2": {"train": {"ensemble_seeds": 2}},                 # each network twice, averaged
     "seeds3": {"train": {"ensemble_seeds": 3}},

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import beta as _beta
+from scipy.stats import norm as _norm
+from scipy.stats import t as _student
 
 ABSTAIN = -1
 """Prediction id meaning "no label" (the model abstained)."""
@@ -300,12 +302,67 @@ def clopper_pearson_lower(k: Any, m: Any, confidence: float) -> np.ndarray:
     return np.where(m > 0, lb, np.nan)
 
 
+def clustered_lower(k: Any, m: Any, confidence: float) -> np.ndarray:
+    """One-sided lower bound on a precision pooled over sessions whose events are not
+    independent: ``k`` correct of ``m`` covered events per session, shape ``(..., sessions)``.
+
+    Events of one session (a working day, one user's habits) succeed or fail together, so a
+    binomial bound over all events is too tight: it certifies on held-out days a threshold
+    that new days then miss. This is Korn and Graubard's (1998) Clopper-Pearson interval for
+    clustered samples: the pooled rate p = sum k / sum m keeps its Clopper-Pearson form, at
+    an effective number of events n* = p (1 - p) / var(p), var from the between-session
+    spread (the ratio estimator's linearised variance, G / (G - 1) sum (k - p m)^2 / M^2 over
+    G sessions), shrunk by (z / t_{G-1})^2 for the few sessions that variance is read from.
+    n* is capped at the events themselves, so the bound is never above the binomial one.
+    Where it cannot be estimated (one session, or p = 0 or 1) the binomial bound is kept.
+    NaN where no event is covered, as ``clopper_pearson_lower``."""
+    k, m = np.asarray(k, dtype=np.float64), np.asarray(m, dtype=np.float64)
+    K, M = k.sum(-1), m.sum(-1)
+    G = (m > 0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = K / M
+        var = G / np.maximum(G - 1, 1) * ((k - p[..., None] * m) ** 2).sum(-1) / M ** 2
+        shrink = (_norm.ppf(confidence) / _student.ppf(confidence, np.maximum(G - 1, 1))) ** 2
+        n_eff = np.where((G > 1) & (var > 0), p * (1 - p) / var * shrink, M)
+    n_eff = np.minimum(np.nan_to_num(n_eff, nan=0.0, posinf=0.0), M)
+    n_eff = np.where(n_eff > 0, n_eff, M)
+    return clopper_pearson_lower(p * n_eff, n_eff, confidence)
+
+
+def precision_lower(correct: Any, covered: Any, sessions: Any, confidence: float) -> float:
+    """Lower bound on the precision of the ``covered`` events: ``clustered_lower`` over
+    ``sessions`` (each event's session), or the binomial bound when ``sessions`` is None."""
+    ok, cov = np.asarray(correct, dtype=bool), np.asarray(covered, dtype=bool)
+    if sessions is None:
+        return float(clopper_pearson_lower(int(ok[cov].sum()), int(cov.sum()), confidence))
+    _, idx = np.unique(np.asarray(sessions)[cov], return_inverse=True)
+    k = np.bincount(idx, weights=ok[cov].astype(np.float64))
+    m = np.bincount(idx).astype(np.float64)
+    return float(clustered_lower(k, m, confidence))
+
+
+def _by_session(ok: np.ndarray, conf: np.ndarray, sessions: np.ndarray, thr: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold (rows, ``thr``) and session (columns): covered and correct counts."""
+    _, idx = np.unique(sessions, return_inverse=True)
+    m = np.zeros((len(thr), idx.max() + 1 if idx.size else 0), dtype=np.int64)
+    k = np.zeros_like(m)
+    asc = thr[::-1]
+    for g in range(m.shape[1]):
+        c = conf[idx == g]
+        c_ok = np.sort(c[ok[idx == g]])
+        c = np.sort(c)
+        m[:, g] = (len(c) - np.searchsorted(c, asc, side="left"))[::-1]
+        k[:, g] = (len(c_ok) - np.searchsorted(c_ok, asc, side="left"))[::-1]
+    return k, m
+
+
 THRESHOLD_MARGIN = 1e-6
 
 
 def choose_threshold(correct: Any, conf: Any, target_precision: float = 0.95,
                      confidence: float = 0.9, method: Literal["binomial", "empirical"] = "binomial",
-                     grid: Any = None) -> dict:
+                     grid: Any = None, sessions: Any = None) -> dict:
     """The lowest confidence threshold whose covered events are precise enough, on validation data.
 
     Candidates are the distinct validation confidences (or ``grid``), scanned from the
@@ -323,6 +380,10 @@ def choose_threshold(correct: Any, conf: Any, target_precision: float = 0.95,
     correctness, so skipping is part of fixing the order. (Strictly the guarantee is
     conditional on the validation confidences; pass a fixed ``grid`` to make the candidate
     set data-independent too.)
+
+    With ``sessions`` (each event's session, any hashable ids) the bound is
+    ``clustered_lower``: the guarantee is then over new sessions like the held-out ones, not
+    over new events of those sessions, and the threshold is never lower than without.
 
     ``method="empirical"``: the lowest threshold whose empirical precision is >= target, no
     guarantee. The binomial threshold is never lower than the empirical one.
@@ -352,7 +413,13 @@ def choose_threshold(correct: Any, conf: Any, target_precision: float = 0.95,
         covered = c[None, :] >= thr[:, None]             # (thresholds, events)
         m = covered.sum(axis=1)
         k = (covered & ok[None, :]).sum(axis=1)
-    lb = clopper_pearson_lower(k, m, confidence)
+    if sessions is not None and method == "binomial":
+        sessions = np.asarray(sessions)
+        if sessions.shape != c.shape:
+            raise ValueError(f"sessions holds {sessions.size} ids for {c.size} events")
+        lb = clustered_lower(*_by_session(ok, c, sessions, thr), confidence)
+    else:
+        lb = clopper_pearson_lower(k, m, confidence)
     with np.errstate(invalid="ignore", divide="ignore"):
         prec = np.where(m > 0, k / np.maximum(m, 1), np.nan)
 

@@ -33,7 +33,8 @@ from trainer.features import EncodedSession, FeatureEncoder, LabelMap
 from trainer.fit import FitResult, fit_any, fit_model, label_counts, model_args, pick_device
 from trainer.hpo import search
 from trainer.loading import fingerprint, read_events, split_sessions
-from trainer.metrics import ABSTAIN_ALL, THRESHOLD_MARGIN, choose_threshold, classification_metrics, clopper_pearson_lower
+from trainer.metrics import (ABSTAIN_ALL, THRESHOLD_MARGIN, choose_threshold, classification_metrics,
+                             clopper_pearson_lower, precision_lower)
 from trainer.model import (IGNORE, Mixture, MixtureConfig, Tagger, arrival_logits, collate, longest_lookahead,
                            session_logits)
 
@@ -498,14 +499,28 @@ def prefix_calibration(model: Tagger, held: Sequence[EncodedSession], cfg: Confi
     return calibrate_depths(z, y, cfg, temperature, threshold, labels)
 
 
+def guarantee_sessions(cfg: Config, sessions: np.ndarray | None, keep: np.ndarray) -> np.ndarray | None:
+    """Each kept held-out row's session for the precision bound (``train.guarantee_over:
+    sessions``), or None: the bound treats events as independent."""
+    if sessions is None or cfg.train.guarantee_over != "sessions":
+        return None
+    sessions = np.asarray(sessions)
+    if sessions.shape != keep.shape:
+        raise ValueError(f"{sessions.size} session ids for {keep.size} held-out rows")
+    return sessions[keep]
+
+
 def calibrate_depths(z: Sequence[np.ndarray], y: Sequence[np.ndarray], cfg: Config, temperature: float,
-                     threshold: float, labels: Sequence[str] | None = None) -> dict[str, Any]:
+                     threshold: float, labels: Sequence[str] | None = None,
+                     sessions: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
     """``prefix_calibration`` on collected per-depth logits (``prefix_logits``); also scores
     each depth: top-1 accuracy and macro-F1 (abstention ignored) and coverage at the
-    precision target, the figures a live consumer cares about."""
+    precision target, the figures a live consumer cares about. ``sessions``: per depth, each
+    row's held-out session (``guarantee_sessions``)."""
     temps, thrs, cover, depths = [], [], [], []
     for k, (zk, yk) in enumerate(zip(z, y)):
         keep = yk != IGNORE
+        groups = guarantee_sessions(cfg, None if sessions is None else sessions[k], keep)
         if k == len(z) - 1:
             t_k, thr_k = temperature, threshold
             probs = softmax_t(zk[keep], t_k)
@@ -514,7 +529,7 @@ def calibrate_depths(z: Sequence[np.ndarray], y: Sequence[np.ndarray], cfg: Conf
             t_k = fit_temperature(zk, yk)
             probs = softmax_t(zk[keep], t_k)
             chosen = choose_threshold(probs.argmax(-1) == yk[keep], probs.max(-1), cfg.train.precision_target,
-                                      cfg.train.guarantee_confidence, method="binomial")
+                                      cfg.train.guarantee_confidence, method="binomial", sessions=groups)
             thr_k, cov = chosen["threshold"], chosen["coverage"]
         temps.append(float(t_k))
         thrs.append(float(thr_k))
@@ -550,7 +565,8 @@ AGREE_MARGINS = (math.inf, 0.3, 0.2, 0.1, 0.05)
 
 
 def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np.ndarray, cfg: Config,
-                  t_first: float, t_final: float, plain_threshold: float) -> dict[str, Any]:
+                  t_first: float, t_final: float, plain_threshold: float,
+                  sessions: np.ndarray | None = None) -> dict[str, Any]:
     """The abstention policy the worker serves (``calibration.policy: stable``): a label (or
     an abstention) is shown on arrival and revised at most once, when it becomes final.
 
@@ -582,6 +598,7 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     own threshold, the label may change at every depth) is returned only when the plain
     threshold covers nothing."""
     keep = labels != IGNORE
+    groups = guarantee_sessions(cfg, sessions, keep)
     p0 = softmax_t(first_logits[keep], t_first)
     pL = softmax_t(final_logits[keep], t_final)
     y = labels[keep]
@@ -599,7 +616,7 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
             agree = shown & (a0 == aL)
             score = np.where(agree, 2.0 if math.isinf(margin) else cL + margin, cL)
             chosen = choose_threshold(aL == y, score, cfg.train.precision_target,
-                                      cfg.train.guarantee_confidence, method="binomial")
+                                      cfg.train.guarantee_confidence, method="binomial", sessions=groups)
             if not chosen["feasible"] or (not math.isinf(margin) and chosen["threshold"] > ABSTAIN_ALL):
                 return None
             threshold = min(chosen["threshold"], ABSTAIN_ALL)
@@ -614,7 +631,7 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
             agree &= cL >= threshold - margin
         covered = agree | (cL >= threshold)
         right, m = int((aL == y)[covered].sum()), int(covered.sum())
-        lower = float(clopper_pearson_lower(right, m, cfg.train.guarantee_confidence)) if m else None
+        lower = float(precision_lower(aL == y, covered, groups, cfg.train.guarantee_confidence)) if m else None
         if final_thr is not None and (lower is None or lower < cfg.train.precision_target):
             return None
         revised = (shown != covered) | (shown & covered & (a0 != aL))
@@ -757,8 +774,9 @@ def calibrate(logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], cfg: C
     temperature = fit_temperature(z, y)
     probs = softmax_t(z[keep], temperature)
     correct = probs.argmax(-1) == y[keep]
+    sessions = guarantee_sessions(cfg, np.repeat(np.arange(len(labels)), [len(x) for x in labels]), keep)
     chosen = choose_threshold(correct, probs.max(-1), cfg.train.precision_target,
-                              cfg.train.guarantee_confidence, method="binomial")
+                              cfg.train.guarantee_confidence, method="binomial", sessions=sessions)
     return temperature, chosen
 
 
@@ -783,6 +801,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
     auto_info: dict[str, Any] | None = None
     depth_logits = None
     depth_order = None
+    layout: Validated | None = None           # whose held-out rows the per-depth logits follow
     if arch == "logreg":
         return _train_baseline(p, out_dir, cfg, started, echo)
     if cfg.train.hpo.enabled:
@@ -823,8 +842,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             fits = {a: final_fit(results[a], sessions[seed_group(a)][0], progress=progress, echo=echo)
                     for a in auto_info["members"]}
             model, cal_logits, depth_logits = build_mixture(auto_info, results, fits)
-            cal_labels = results[auto_info["members"][0]].labels
-            depth_order = results[auto_info["members"][0]].depth_order
+            layout = results[auto_info["members"][0]]     # whose held-out rows the mixture's follow
+            cal_labels, depth_order = layout.labels, layout.depth_order
             fit = FitResult(model, max(f.best_epoch for f in fits.values()), [],
                             sum(f.seconds for f in fits.values()))
         else:
@@ -832,13 +851,15 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             cfg = v.cfg
             fit = final_fit(v, sessions[seed_group(arch)][0], progress=progress, echo=echo)
             cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
-            depth_order = v.depth_order
+            depth_order, layout = v.depth_order, v
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)
     prefix: dict[str, Any] = {}
     if cfg.train.prefix_calibration and fit.model.streamable and not hpo_info and depth_logits:
         # with HPO the final model is fit on train+validation: no held-out sessions are left
         # for it, so the live worker falls back to the full-lookahead calibration
-        prefix = calibrate_depths(*depth_logits, cfg, temperature, chosen["threshold"], p.label_map.labels)
+        prefix = calibrate_depths(*depth_logits, cfg, temperature, chosen["threshold"], p.label_map.labels,
+                                  sessions=None if layout is None else
+                                  [layout.sessions_at(k) for k in range(len(depth_logits[0]))])
         echo("prefix-time calibration (k = visible later events): " + ", ".join(
             f"k={k}: T={t:.2f} thr={h:.3f}" for k, (t, h) in
             enumerate(zip(prefix["prefix_temperatures"], prefix["prefix_thresholds"]))))
@@ -849,7 +870,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         first, final = first_and_final(cal_logits, depth_logits[0][0], depth_order)
         present = sorted(set(depth_order))
         policy = stable_policy(first, final, np.concatenate([cal_labels[i] for i in present]), cfg,
-                               prefix["prefix_temperatures"][0], temperature, chosen["threshold"])
+                               prefix["prefix_temperatures"][0], temperature, chosen["threshold"],
+                               sessions=np.repeat(present, [len(cal_labels[i]) for i in present]))
         if policy["policy"] == "stable":
             prefix["prefix_thresholds"][0] = policy["first_threshold"]
             prefix["prefix_thresholds"][-1] = policy["threshold"]

@@ -20,11 +20,13 @@ from trainer.metrics import (
     choose_threshold,
     classification_metrics,
     clopper_pearson_lower,
+    clustered_lower,
     incremental_from_emissions,
     incremental_metrics,
     offline_metrics,
     outputs_from_emissions,
     outputs_to_emissions,
+    precision_lower,
     risk_coverage_curve,
     selective_metrics,
 )
@@ -298,6 +300,68 @@ def test_binomial_guarantee_holds_in_simulation():
         ok = rng.random(300) < 0.93
         claims += choose_threshold(ok, c, 0.95, 0.9)["feasible"]
     assert claims / trials <= 0.10 + 0.02
+
+
+def _days(rng, days: int, per_day: int, spread: float):
+    """Held-out or new working days: confidences, whether each label is right, each event's
+    day. A day's labels are right more or less often than the confidence says (its logit
+    shifted by a normal draw of sd ``spread``), as a day's own titles and habits make them."""
+    day = np.repeat(np.arange(days), per_day)
+    conf = rng.uniform(0.5, 1.0, days * per_day)
+    logit = 20 * (conf - 0.7) + rng.normal(0.0, spread, days)[day]
+    return rng.random(days * per_day) < 1 / (1 + np.exp(-logit)), conf, day
+
+
+def test_a_precision_bound_over_sessions_keeps_its_guarantee_on_new_days_where_one_over_events_does_not():
+    """Sixteen held-out days whose precision varies from day to day: the binomial bound
+    treats their 4,800 events as independent and certifies thresholds that new days miss
+    far more often than 1 - confidence allows; the bound over sessions keeps to it, for a
+    little coverage."""
+    rng = np.random.default_rng(0)
+    trials = 200
+    missed = {"events": 0, "sessions": 0}
+    coverage = {"events": [], "sessions": []}
+    for _ in range(trials):
+        ok, conf, day = _days(rng, 16, 300, spread=0.6)
+        new_ok, new_conf, _ = _days(rng, 400, 300, spread=0.6)     # the days to come
+        for over, sessions in (("events", None), ("sessions", day)):
+            chosen = choose_threshold(ok, conf, 0.95, 0.9, sessions=sessions)
+            shown = new_conf >= chosen["threshold"]
+            coverage[over].append(shown.mean())
+            missed[over] += bool(shown.any() and new_ok[shown].mean() < 0.95)
+    assert missed["events"] / trials > 0.15                     # the binomial claim fails
+    assert missed["sessions"] / trials <= 0.10 + 0.02           # this one holds
+    assert 0.85 < np.mean(coverage["sessions"]) / np.mean(coverage["events"]) < 1.0
+
+
+def test_a_precision_bound_over_sessions_costs_little_when_days_do_not_differ_and_never_certifies_more():
+    rng = np.random.default_rng(1)
+    ratios = []
+    for _ in range(40):
+        ok, conf, day = _days(rng, 16, 300, spread=0.0)
+        events = choose_threshold(ok, conf, 0.95, 0.9)
+        sessions = choose_threshold(ok, conf, 0.95, 0.9, sessions=day)
+        assert sessions["threshold"] >= events["threshold"]
+        assert sessions["lower_bound"] is None or sessions["lower_bound"] >= 0.95
+        if events["coverage"]:
+            ratios.append(sessions["coverage"] / events["coverage"])
+        else:
+            assert not sessions["coverage"]
+    assert len(ratios) > 30 and np.median(ratios) > 0.95
+
+
+def test_the_bound_over_sessions_is_the_binomial_one_where_sessions_cannot_differ():
+    # one session, or every covered label right: no between-session spread to read
+    assert clustered_lower([90], [100], 0.9) == pytest.approx(clopper_pearson_lower(90, 100, 0.9))
+    assert clustered_lower([50, 40], [50, 40], 0.9) == pytest.approx(clopper_pearson_lower(90, 90, 0.9))
+    # two sessions alike: the spread is 0 and so is the widening
+    assert clustered_lower([45, 45], [50, 50], 0.9) == pytest.approx(clopper_pearson_lower(90, 100, 0.9))
+    # two that differ: wider
+    assert clustered_lower([50, 40], [50, 50], 0.9) < clopper_pearson_lower(90, 100, 0.9)
+    assert precision_lower([1, 1, 0, 1], [1, 1, 1, 0], ["a", "a", "b", "b"], 0.9) == pytest.approx(
+        float(clustered_lower([2, 0], [2, 1], 0.9)))
+    with pytest.raises(ValueError, match="sessions holds 2 ids for 3 events"):
+        choose_threshold([1, 1, 0], [0.9, 0.8, 0.7], sessions=["a", "b"])
 
 
 def test_infeasible_threshold_abstains_on_everything():

@@ -11,7 +11,7 @@ from trainer.config import from_dict
 from trainer.errors import ConfigError
 from trainer.features import PAD, UNK
 from trainer.fit import drop_features, sample_horizons
-from trainer.train import FOLDS_BELOW, depth_summary, stable_policy, validation_plan
+from trainer.train import FOLDS_BELOW, calibrate, depth_summary, stable_policy, validation_plan
 
 
 def test_few_sessions_are_validated_on_folds_many_on_a_split():
@@ -114,6 +114,39 @@ def test_the_arrival_threshold_sits_clear_of_every_held_out_confidence():
             t = pol["first_threshold"]
             assert not np.isclose(c0, t, rtol=0.0, atol=1e-7).any(), (pol["first_rule"], t)
             assert (c0 >= t).mean() == pytest.approx(pol["first_coverage"])
+
+
+def test_the_served_policy_certifies_its_precision_over_held_out_days_not_events():
+    """Sixteen held-out days: half the events are sure and right; 30% are half-sure, right 97%
+    of the time on fourteen days and 40% on two. Pooled, the half-sure labels pass a
+    binomial bound over the 3,200 covered events (0.96), but that precision is two kinds of
+    day averaged, and a new day like the bad two gets 0.78. Over sessions the bound sees the
+    spread and keeps only the sure half; ``guarantee_over: events`` keeps the old bound."""
+    rng = np.random.default_rng(3)
+    days, per_day, classes = 16, 250, 4
+    day = np.repeat(np.arange(days), per_day)
+    n = days * per_day
+    y = rng.integers(0, classes, n)
+    kind = rng.choice(3, n, p=[0.5, 0.3, 0.2])               # sure, half-sure, unsure
+    right = np.where(kind == 0, True, rng.random(n) < np.where(day < 2, 0.4, 0.97))
+    label = np.where(right, y, (y + rng.integers(1, classes, n)) % classes)
+    final = np.zeros((n, classes))
+    final[np.arange(n), label] = np.select([kind == 0, kind == 1], [9.0, 6.0], 0.3)
+    policies = {}
+    for over in ("sessions", "events"):
+        cfg = from_dict({"train": {"max_edit_overhead": 1.0, "guarantee_over": over}})
+        # as training does: the plain threshold from ``calibrate``, then the served policy
+        temperature, plain = calibrate(np.split(final, days), np.split(y, days), cfg)
+        policies[over] = stable_policy(final, final, y, cfg, temperature, temperature, plain["threshold"],
+                                       sessions=day)
+        assert plain["coverage"] == pytest.approx(policies[over]["coverage"])
+    events, sessions = policies["events"], policies["sessions"]
+    assert events["coverage"] == pytest.approx(0.8, abs=0.02) and events["lower_bound"] >= 0.95
+    assert sessions["coverage"] == pytest.approx(0.5, abs=0.02) and sessions["lower_bound"] >= 0.95
+    assert sessions["first_threshold"] > events["first_threshold"]
+    # without session ids the bound is the binomial one, whatever the setting
+    assert stable_policy(final, final, y, from_dict({"train": {"max_edit_overhead": 1.0}}), temperature,
+                         temperature, plain["threshold"])["coverage"] == pytest.approx(events["coverage"])
 
 
 def test_when_no_arrival_threshold_is_within_budget_the_fewest_revisions_win():
