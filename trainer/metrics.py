@@ -304,7 +304,7 @@ def clopper_pearson_lower(k: Any, m: Any, confidence: float) -> np.ndarray:
 
 def clustered_lower(k: Any, m: Any, confidence: float) -> np.ndarray:
     """One-sided lower bound on a precision pooled over sessions whose events are not
-    independent: ``k`` correct of ``m`` covered events per session, shape ``(..., sessions)``.
+    independent: ``k`` correct of ``m`` covered events per session (last axis: sessions).
 
     Events of one session (a working day, one user's habits) succeed or fail together, so a
     binomial bound over all events is too tight: it certifies on held-out days a threshold
@@ -312,18 +312,25 @@ def clustered_lower(k: Any, m: Any, confidence: float) -> np.ndarray:
     clustered samples: the pooled rate p = sum k / sum m keeps its Clopper-Pearson form, at
     an effective number of events n* = p (1 - p) / var(p), var from the between-session
     spread (the ratio estimator's linearised variance, G / (G - 1) sum (k - p m)^2 / M^2 over
-    G sessions), shrunk by (z / t_{G-1})^2 for the few sessions that variance is read from.
-    n* is capped at the events themselves, so the bound is never above the binomial one.
-    Where it cannot be estimated (one session, or p = 0 or 1) the binomial bound is kept.
-    NaN where no event is covered, as ``clopper_pearson_lower``."""
+    the G sessions with a covered event), shrunk by (z / t_{G-1})^2 for the few sessions that
+    variance is read from. n* is capped at the events themselves, so the bound is never above
+    the binomial one. Where it cannot be estimated (one session, or p = 0 or 1) the binomial
+    bound is kept. NaN where no event is covered, as ``clopper_pearson_lower``."""
     k, m = np.asarray(k, dtype=np.float64), np.asarray(m, dtype=np.float64)
-    K, M = k.sum(-1), m.sum(-1)
-    G = (m > 0).sum(-1)
+    return _clustered(k.sum(-1), m.sum(-1), (k ** 2).sum(-1), (k * m).sum(-1), (m ** 2).sum(-1),
+                      (m > 0).sum(-1), confidence)
+
+
+def _clustered(K: Any, M: Any, kk: Any, km: Any, mm: Any, G: Any, confidence: float) -> np.ndarray:
+    """``clustered_lower`` from the sums over sessions of k, m, k^2, k m, m^2 and the number
+    of sessions G with a covered event."""
+    K, M, G = np.asarray(K, np.float64), np.asarray(M, np.float64), np.asarray(G, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = K / M
-        var = G / np.maximum(G - 1, 1) * ((k - p[..., None] * m) ** 2).sum(-1) / M ** 2
+        spread = np.maximum(kk - 2 * p * km + p ** 2 * mm, 0.0)    # sum (k - p m)^2
+        var = G / np.maximum(G - 1, 1) * spread / M ** 2
         shrink = (_norm.ppf(confidence) / _student.ppf(confidence, np.maximum(G - 1, 1))) ** 2
-        n_eff = np.where((G > 1) & (var > 0), p * (1 - p) / var * shrink, M)
+        n_eff = np.where((G > 1) & (var > 1e-15), p * (1 - p) / var * shrink, M)
     n_eff = np.minimum(np.nan_to_num(n_eff, nan=0.0, posinf=0.0), M)
     n_eff = np.where(n_eff > 0, n_eff, M)
     return clopper_pearson_lower(p * n_eff, n_eff, confidence)
@@ -341,20 +348,34 @@ def precision_lower(correct: Any, covered: Any, sessions: Any, confidence: float
     return float(clustered_lower(k, m, confidence))
 
 
-def _by_session(ok: np.ndarray, conf: np.ndarray, sessions: np.ndarray, thr: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Per threshold (rows, ``thr``) and session (columns): covered and correct counts."""
-    _, idx = np.unique(sessions, return_inverse=True)
-    m = np.zeros((len(thr), idx.max() + 1 if idx.size else 0), dtype=np.int64)
-    k = np.zeros_like(m)
-    asc = thr[::-1]
-    for g in range(m.shape[1]):
-        c = conf[idx == g]
-        c_ok = np.sort(c[ok[idx == g]])
-        c = np.sort(c)
-        m[:, g] = (len(c) - np.searchsorted(c, asc, side="left"))[::-1]
-        k[:, g] = (len(c_ok) - np.searchsorted(c_ok, asc, side="left"))[::-1]
-    return k, m
+def _clustered_by_threshold(ok: np.ndarray, conf: np.ndarray, sessions: Any, thr: np.ndarray,
+                            confidence: float) -> np.ndarray:
+    """``clustered_lower`` of the events covered at each threshold of ``thr``, in
+    O(n log n): the events are added from the most confident down, and the sums the bound
+    needs (of k, m, k^2, k m, m^2 over sessions) grow by what each event adds to its
+    session's counts, so no per-session table is built."""
+    _, sid = np.unique(np.asarray(sessions), return_inverse=True)
+    order = np.argsort(-conf, kind="stable")
+    g, o = sid[order], ok[order].astype(np.float64)
+    # each event's session counts before it (m0: events, k0: correct ones), in this order
+    by = np.argsort(g, kind="stable")
+    gs, os_ = g[by], o[by]
+    start = np.r_[0, np.flatnonzero(gs[1:] != gs[:-1]) + 1] if gs.size else np.zeros(0, np.int64)
+    first = np.zeros(gs.size, bool)
+    first[start] = True
+    seg = np.cumsum(first) - 1
+    m0s = np.arange(gs.size) - start[seg]
+    ck = np.cumsum(os_)
+    k0s = ck - os_ - (ck[start] - os_[start])[seg]
+    m0, k0, new = np.empty_like(m0s), np.empty_like(k0s), np.empty_like(first)
+    m0[by], k0[by], new[by] = m0s, k0s, first
+    prefix = lambda x: np.r_[0.0, np.cumsum(x, dtype=np.float64)]   # noqa: E731
+    K, M = prefix(o), prefix(np.ones_like(o))
+    kk, mm = prefix(o * (2 * k0 + 1)), prefix(2 * m0 + 1)
+    km = prefix(k0 + o * m0 + o)
+    G = prefix(new)
+    n = np.searchsorted(-conf[order], -np.asarray(thr, np.float64), side="right")   # covered at each
+    return _clustered(K[n], M[n], kk[n], km[n], mm[n], G[n], confidence)
 
 
 THRESHOLD_MARGIN = 1e-6
@@ -417,7 +438,7 @@ def choose_threshold(correct: Any, conf: Any, target_precision: float = 0.95,
         sessions = np.asarray(sessions)
         if sessions.shape != c.shape:
             raise ValueError(f"sessions holds {sessions.size} ids for {c.size} events")
-        lb = clustered_lower(*_by_session(ok, c, sessions, thr), confidence)
+        lb = _clustered_by_threshold(ok, c, sessions, thr, confidence)
     else:
         lb = clopper_pearson_lower(k, m, confidence)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -891,7 +891,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                     if policy.get("first_rule") == "fewest_revisions" else ""))
     echo(f"trained {arch} in {fit.seconds:.1f}s (best epoch {fit.best_epoch}); temperature "
          f"{temperature:.3f}; threshold {chosen['threshold']:.4f} for precision >= "
-         f"{cfg.train.precision_target} (coverage {chosen['coverage'] or 0:.3f} on validation)")
+         f"{cfg.train.precision_target} on new {cfg.train.guarantee_over} (coverage {chosen['coverage'] or 0:.3f} "
+         f"on validation)")
     metrics: dict[str, Any] = {"validation": {"temperature": temperature, **chosen, **prefix,
                                               "abstention": policy},
                                "history": fit.history, "train_seconds": fit.seconds}

@@ -350,6 +350,28 @@ def test_a_precision_bound_over_sessions_costs_little_when_days_do_not_differ_an
     assert len(ratios) > 30 and np.median(ratios) > 0.95
 
 
+def test_the_threshold_scan_over_sessions_bounds_exactly_the_events_it_covers():
+    """The scan adds events from the most confident down and keeps running sums; whatever
+    threshold it picks, its bound is the one computed afresh from the covered events' counts
+    per session."""
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(30):
+        n = int(rng.integers(50, 600))
+        conf = np.round(rng.uniform(0.5, 1.0, n), 2)             # ties, as real confidences have
+        day = rng.integers(0, int(rng.integers(2, 12)), n)
+        ok = rng.random(n) < conf ** np.where(day % 3 == 0, 3.0, 0.1)
+        chosen = choose_threshold(ok, conf, 0.9, 0.9, sessions=day)
+        if not chosen["feasible"]:
+            continue
+        covered = conf >= chosen["threshold"]
+        assert chosen["n_covered"] == covered.sum()
+        assert chosen["lower_bound"] == pytest.approx(precision_lower(ok, covered, day, 0.9), abs=1e-9)
+        assert chosen["lower_bound"] >= 0.9
+        checked += 1
+    assert checked >= 10
+
+
 def test_the_bound_over_sessions_is_the_binomial_one_where_sessions_cannot_differ():
     # one session, or every covered label right: no between-session spread to read
     assert clustered_lower([90], [100], 0.9) == pytest.approx(clopper_pearson_lower(90, 100, 0.9))
