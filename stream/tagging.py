@@ -32,7 +32,7 @@ import torch
 
 from stream.errors import ModelNotServable
 from stream.revisions import Decision, RevisionPolicy
-from trainer.artifacts import LoadedModel
+from trainer.artifacts import LoadedModel, softmax_t
 from trainer.features import EncodedSession, EventContext, derive
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,10 @@ def _event_from_dict(d: Mapping[str, Any]) -> Any:
 
 
 def _calibrated(logits: torch.Tensor, temperature: float) -> np.ndarray:
-    return torch.softmax(logits.float() / max(temperature, 1e-6), -1).cpu().numpy()
+    """Final probabilities exactly as the offline pass computes them (``softmax_t`` in
+    float64 on the float32 logits): a float32 softmax rounds confidences near 1 by up to
+    6e-8, enough to move an event across a threshold the offline pass keeps it below."""
+    return softmax_t(logits.float().cpu().numpy(), temperature)
 
 
 def step_batch(enc: EncodedSession, model) -> dict[str, torch.Tensor]:
