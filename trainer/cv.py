@@ -27,7 +27,9 @@ no streaming model with that lookahead can close.
 Scores (top-1: arg-max labels, abstention ignored, as for the references):
 ``macro_f1`` / ``accuracy`` offline; ``coverage`` and ``selective_accuracy`` at each fold's
 calibrated threshold (the precision target); ``first_top1_macro_f1`` / ``first_top1_accuracy``,
-the label behind each event's first live record; ``edit_overhead`` and
+the label behind each event's first live record; ``first_coverage`` /
+``first_selective_accuracy``, the share of events labelled on arrival (not abstained) and how
+often those labels were right; ``edit_overhead`` and
 ``final_equals_offline`` from the replay. Paired per-fold differences against both
 references say whether a lead holds fold by fold or only on average.
 
@@ -78,6 +80,7 @@ class _Pool:
     top1: list[str] = field(default_factory=list)
     covered: list[bool] = field(default_factory=list)
     first: list[str | None] = field(default_factory=list)
+    shown: list[str | None] = field(default_factory=list)    # shown on arrival, None: abstained
     stream: list[dict[str, Any]] = field(default_factory=list)   # per fold streaming block
     folds: list[dict[str, Any]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -203,10 +206,12 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
                                       offline_covered=dict(zip(sids, covered)),
                                       base_dir=data.parent, per_event=True)
                     pool.first += block.pop("first_top1_labels")
+                    pool.shown += block.pop("first_shown_labels")
                     pool.stream.append(block)
                     scores["first_top1_macro_f1"] = block["first_top1_macro_f1"]
                 else:
                     pool.first += [None] * len(top1)
+                    pool.shown += [None] * len(top1)
                 pool.seconds.append(seconds)
                 pool.folds.append(scores)
                 echo(f"  {arch}: macro-F1 {scores['macro_f1']:.3f}"
@@ -256,6 +261,11 @@ def _report(data: Path, frame: pd.DataFrame, cfg: Config, folds: int, seed: int,
                     vals = [(b.get(key), n) for b, n in zip(pool.stream, events) if b.get(key) is not None]
                     row[key] = (float(sum(v * n for v, n in vals) / sum(n for _, n in vals))
                                 if vals else None)
+                # how many events got a label on arrival, and how often it was right
+                shown = np.asarray([x is not None for x in pool.shown])
+                first_right = np.asarray(pool.gold, dtype=object) == np.asarray(pool.shown, dtype=object)
+                row["first_coverage"] = float(shown.mean()) if len(shown) else None
+                row["first_selective_accuracy"] = float(first_right[shown].mean()) if shown.any() else None
             f1 = [s["macro_f1"] for s in pool.folds]
             row["vs_crf"] = _diffs(f1, crf_f1)
             if horizon_f1 is not None:
@@ -286,17 +296,19 @@ def format_table(report: dict[str, Any]) -> str:
 
     lines = [f"{Path(report['data']).name}: {report['events']} events, {report['sessions']} sessions, "
              f"{report['labels']} labels, {report['folds']} folds by session (seed {report['seed']})", "",
-             "| model | macro-F1 | accuracy | coverage | first-label macro-F1 | edit overhead | "
+             "| model | macro-F1 | accuracy | coverage | first-label macro-F1 | first-label coverage | "
+             "edit overhead | "
              "final = offline | ΔF1 vs CRF ±2 (per fold) | ΔF1 vs CRF ±2 at the same horizon | "
              "Δ first vs causal CRF | train s/fold |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["contenders"].items():
         label = {CRF: "CRF ±2 (reference)", CAUSAL: "causal CRF, filtering (reference)"}.get(name, name)
         if name == HORIZON:
             label = (f"CRF ±2, fixed lag {r['lag']}: reads t+{r['horizon']}, as far as a final label "
                      "(reference)") if "lag" in r else "CRF ±2 at the finals' horizon (reference)"
         lines.append(f"| {label} | {f(r['macro_f1'])} | {f(r['accuracy'])} | {f(r.get('coverage'))} | "
-                     f"{f(r.get('first_top1_macro_f1'))} | {f(r.get('edit_overhead'))} | "
+                     f"{f(r.get('first_top1_macro_f1'))} | {f(r.get('first_coverage'))} | "
+                     f"{f(r.get('edit_overhead'))} | "
                      f"{f(r.get('final_equals_offline'))} | {d(r.get('vs_crf'))} | "
                      f"{d(r.get('vs_crf_at_horizon'))} | "
                      f"{d(r.get('first_vs_causal_crf'))} | {r['train_seconds_per_fold']:.0f} |")
@@ -344,7 +356,7 @@ def write_predictions(events: pd.DataFrame, pools: dict[str, _Pool], path: str |
     tested it), the event (``EVENT_COLUMNS``), then per row of the table its top-1 label
     offline (column named as the row), and for a model also ``NAME.covered`` (kept at the
     precision target) and, when replayed live, ``NAME.first`` (the label behind its first
-    record)."""
+    record) and ``NAME.shown`` (the label that record showed; empty where it abstained)."""
     table = events[["fold", *EVENT_COLUMNS]].copy()
     for name, pool in pools.items():
         table[name] = pool.top1
@@ -352,6 +364,7 @@ def write_predictions(events: pd.DataFrame, pools: dict[str, _Pool], path: str |
             table[f"{name}.covered"] = pool.covered
             if pool.stream:
                 table[f"{name}.first"] = pool.first
+                table[f"{name}.shown"] = pool.shown
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path, index=False)

@@ -250,7 +250,9 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     st = metrics.get("streaming")
     if st:
         lines.append(
-            f"streaming: first accuracy {_fmt(st.get('first_accuracy'))} | final accuracy "
+            f"streaming: labelled on arrival {_fmt(st.get('first_coverage'))}"
+            f" (right {_fmt(st.get('first_accuracy_answered'))})"
+            f" | first accuracy {_fmt(st.get('first_accuracy'))} | final accuracy "
             f"{_fmt(st.get('final_accuracy'))} | edit overhead {_fmt(st.get('edit_overhead'))}"
             f" | correction time {_fmt(st.get('correction_time'))} | relative correctness "
             f"{_fmt(st.get('relative_correctness'))} | final = offline "

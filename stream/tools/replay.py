@@ -127,7 +127,9 @@ def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs:
     """The ``streaming`` block of ``evaluate --streaming`` (DESIGN.md contract keys first).
     ``first_top1_*``: the top-1 label behind each event's first record (its best guess on
     arrival, abstained or not), scored like the offline top-1 labels. ``per_event`` adds
-    those labels, frame order, as ``first_top1_labels`` (for ``tagger cv``).
+    those labels, frame order, as ``first_top1_labels``, and the label each event's first
+    record showed (None: abstained) as ``first_shown_labels`` (for ``tagger cv``).
+    ``first_coverage``: the share of events labelled on arrival (not abstained).
     ``emissions_out``, when given, receives every session's emissions ``(seq, step, label)``
     in emission order (for the session timeline plots)."""
     if base_dir is not None:
@@ -141,6 +143,7 @@ def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs:
     gold = {sid: g["step_name"].tolist() for sid, g in frame.groupby("session_id", sort=False)}
     per_session = []
     top1: list[Optional[str]] = []
+    shown: list[Optional[str]] = []
     for sid, evs in sessions.items():
         probs = offline_probs[sid]
         cov = offline_covered[sid] if offline_covered is not None else probs.max(-1) >= lm.threshold
@@ -149,6 +152,8 @@ def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs:
         got = firsts.get(sid, {})
         # an event final at once (lookahead 0) that abstained: its first is its offline arg-max
         top1.extend(got.get(j) or lm.labels[int(probs[j].argmax())] for j in range(len(evs)))
+        on_arrival = {j: label for j, t, label in emissions[sid] if t == j}   # the last one wins
+        shown.extend(on_arrival.get(j) for j in range(len(evs)))
     agg = aggregate_incremental(per_session)
     keys = ("first_accuracy", "final_accuracy", "edit_overhead", "correction_time",
             "relative_correctness", "final_equals_offline")
@@ -156,8 +161,11 @@ def streaming_evaluation(lm: LoadedModel, frame: pd.DataFrame, *, offline_probs:
     out.update({k: v for k, v in agg.items() if k not in out})
     flat_gold = [g for sid in sessions for g in gold[sid]]
     out.update(top1_scores(flat_gold, top1, prefix="first_top1_"))
+    n_events = out.get("events") or 0
+    out["first_coverage"] = out["n_first_answered"] / n_events if n_events else None
     if per_event:
         out["first_top1_labels"] = top1
+        out["first_shown_labels"] = shown
     out["lookahead"] = tagger.lookahead
     out["us_per_event"] = round(timing["us_per_event"], 1)
     out["policy"] = {"margin": tagger.policy.margin, "abstain_band": tagger.policy.abstain_band}

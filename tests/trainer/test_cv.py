@@ -58,6 +58,14 @@ def test_cross_validation_pools_every_event_and_compares_per_fold(log, tmp_path)
         table = pd.read_csv(tmp_path / "events.csv", dtype=str, keep_default_na=False)
         assert top1_scores(table["step_name"].tolist(), table[f"{name}.first"].tolist())["macro_f1"] == \
             pytest.approx(r["first_top1_macro_f1"])
+        # what each event showed on arrival: its first top-1 label, or nothing (abstained);
+        # the first-label coverage and precision are those events'
+        shown = table[f"{name}.shown"] != ""
+        assert (table.loc[shown, f"{name}.shown"] == table.loc[shown, f"{name}.first"]).all()
+        assert r["first_coverage"] == pytest.approx(shown.mean())
+        if shown.any():
+            assert r["first_selective_accuracy"] == pytest.approx(
+                (table.loc[shown, f"{name}.shown"] == table.loc[shown, "step_name"]).mean())
     # the marker's label is its predecessor's: a causal CRF knows it on arrival
     assert rows["crf"]["first_top1_accuracy"] > 0.9
     # the CRF ±2 held to the finals' horizon (lookahead 2: lag 0, reading t+2), on the same

@@ -53,6 +53,10 @@ def test_evaluate_json_follows_the_contract(models, data, tmp_path):
     assert set(res["streaming"]) >= {"first_accuracy", "final_accuracy", "edit_overhead", "correction_time",
                                      "relative_correctness", "final_equals_offline"}
     assert res["streaming"]["final_equals_offline"] > 0.999
+    # the share of events labelled on arrival, and how the accuracy of those labels follows
+    st = res["streaming"]
+    assert st["first_coverage"] == pytest.approx(st["n_first_answered"] / res["events"]) and st["first_coverage"] > 0
+    assert st["first_accuracy"] == pytest.approx(st["first_coverage"] * st["first_accuracy_answered"])
     assert (tmp_path / "eval_plots" / "confusion.png").exists()
     # --streaming also draws a few sessions' label histories beside the other plots
     timelines = sorted((tmp_path / "eval_plots").glob("*timeline*.png"))
