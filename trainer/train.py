@@ -34,7 +34,7 @@ from trainer.fit import FitResult, fit_any, fit_model, label_counts, model_args,
 from trainer.hpo import search
 from trainer.loading import fingerprint, read_events, split_sessions
 from trainer.metrics import (ABSTAIN_ALL, THRESHOLD_MARGIN, choose_threshold, classification_metrics,
-                             clopper_pearson_lower, precision_lower)
+                             precision_lower)
 from trainer.model import (IGNORE, Mixture, MixtureConfig, Tagger, arrival_logits, collate, longest_lookahead,
                            session_logits)
 
@@ -581,7 +581,8 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
     - Every event whose first record differs from its final one (a label withdrawn or changed,
       or an abstention later filled in) is one revision. When the held-out share of revised
       events could exceed what ``train.max_edit_overhead`` allows (its one-sided upper bound at
-      ``guarantee_confidence``; edit overhead = r / (1 + r) for a revised share r), the first
+      ``guarantee_confidence``, over held-out sessions as the precision's, since a day's
+      revisions come together; edit overhead = r / (1 + r) for a revised share r), the first
       threshold moves to the one that shows the most labels on arrival within that budget
       (with ``train.edit_overhead_final`` the final threshold may rise too, above the
       precision target's, so that fewer labels are filled in late: the pair that keeps the most
@@ -643,7 +644,9 @@ def stable_policy(first_logits: np.ndarray, final_logits: np.ndarray, labels: np
                 "first_precision": float((a0 == y)[shown].mean()) if shown.any() else None,
                 "coverage": float(covered.mean()), "precision": right / m if m else None,
                 "lower_bound": lower, "revised_share": r / n,
-                "revised_upper": float(1.0 - clopper_pearson_lower(n - r, n, cfg.train.guarantee_confidence))}
+                # revisions come by the day as wrong labels do: bounded over the same sessions
+                "revised_upper": 1.0 - precision_lower(~revised, np.ones(n, dtype=bool), groups,
+                                                       cfg.train.guarantee_confidence)}
 
     def cut(conf: np.ndarray, share: float) -> float:
         """The threshold that shows ``share`` of the held-out events: a hair below the held-out

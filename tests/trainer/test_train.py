@@ -149,6 +149,39 @@ def test_the_served_policy_certifies_its_precision_over_held_out_days_not_events
                          temperature, plain["threshold"])["coverage"] == pytest.approx(events["coverage"])
 
 
+def test_the_edit_overhead_budget_is_bounded_over_held_out_days_as_the_precision_is():
+    """Sixteen held-out days: half the events are sure on arrival and in the end; on two days
+    every other event also looks sure on arrival (at a confidence amid the sure ones') and is
+    withdrawn in the end. Pooled, 7.8% of events are revised, which a binomial bound over
+    4,000 events holds within the 0.08 budget (a revised share of 0.087). But the revisions
+    are two days' worth, and a new day like those revises half its events: over days the
+    bound is far above the budget, so training must not claim it (the rule says so)."""
+    rng = np.random.default_rng(4)
+    days, per_day, classes = 16, 250, 4
+    day = np.repeat(np.arange(days), per_day)
+    n = days * per_day
+    y = rng.integers(0, classes, n)
+    sure = rng.random(n) < 0.5
+    other = (y + rng.integers(1, classes, n)) % classes
+    label = np.where(sure | (rng.random(n) < 0.5), y, other)     # the unsure: right half the time
+    final = np.zeros((n, classes))
+    final[np.arange(n), label] = np.where(sure, 9.0, 0.3)
+    bad = (day < 2) & ~sure
+    first = np.zeros((n, classes))
+    first[np.arange(n), np.where(sure, label, other)] = np.where(sure, rng.uniform(6, 12, n),
+                                                                 np.where(bad, 8.5, 0.3))
+    pol = {over: stable_policy(first, final, y, from_dict({"train": {"max_edit_overhead": 0.08,
+                                                                      "guarantee_over": over}}),
+                               1.0, 1.0, 0.99, sessions=day)
+           for over in ("sessions", "events")}
+    events, sessions = pol["events"], pol["sessions"]
+    # the same thresholds and the same held-out revisions; only the bound differs
+    assert sessions["first_threshold"] == events["first_threshold"]
+    assert sessions["revised_share"] == events["revised_share"] == pytest.approx(0.078, abs=0.005)
+    assert events["revised_upper"] <= 0.08 / 0.92 and events["first_rule"] == "edit_overhead"
+    assert sessions["revised_upper"] > 0.15 and sessions["first_rule"] == "fewest_revisions"
+
+
 def test_when_no_arrival_threshold_is_within_budget_the_fewest_revisions_win():
     first, final, y = _arrival_and_final()   # arrival confidence unrelated to being right
     free, capped = _policy(first, final, y, 1.0), _policy(first, final, y, 0.08)
