@@ -69,6 +69,10 @@ DATASETS: dict[str, Dataset] = {
     # tagger generate --profile window-focus-hard --seed 2: titles that say less (CRF +-2 ~0.43)
     "wf_hard": Dataset({"data": {"text_features": ["text"], "num_features": ["duration_s"]}},
                        {"profile": "window-focus-hard", "sessions": 20, "seed": 2}),
+    # tagger generate --profile window-focus --sessions 20 --seed 3 (and 4): the profile on
+    # days no setting was developed on, for checking that a gain on wf is not wf's alone
+    **{f"wf_s{s}": Dataset({"data": {"text_features": ["text"], "num_features": ["duration_s"]}},
+                           {"profile": "window-focus", "sessions": 20, "seed": s}) for s in (3, 4)},
     # tagger generate --sessions 300 --seed 1
     "gen": Dataset(generate={"sessions": 300, "seed": 1}),
 }
