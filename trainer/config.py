@@ -368,7 +368,8 @@ class TrainConfig:
     abstention: Literal["stable", "plain"] = "stable"
     # Stable abstention: the most revisions (labels withdrawn, changed or filled in after
     # arrival) to allow, as edit overhead = revisions / (events + revisions), bounded on
-    # held-out events; the arrival threshold rises or falls to keep within it.
+    # held-out sessions (or events: guarantee_over); the arrival threshold moves to keep
+    # within it.
     max_edit_overhead: float = 0.08
     # ... and when no arrival threshold is enough, true: the final threshold rises too (above
     # the precision target's), so fewer labels are filled in late. The budget then holds, but
