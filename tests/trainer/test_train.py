@@ -688,3 +688,45 @@ def test_with_the_time_of_day_on_auto_a_single_network_does_not_read_it(tmp_path
     assert len(clock) == 2 and sorted(loaded.model.args.lex_ignore) == sorted(clock.tolist())
     frame, _ = read_events(test)
     _assert_blind_to(loaded.model, loaded.encoder.transform_frame(frame, base_dir=loaded.base_dir)[1], clock)
+
+
+def test_the_arrival_guard_keeps_the_causal_crf_unless_the_mixture_beats_it_across_sessions():
+    """``train.auto_arrival_guard``. On arrival (k = 0) the BiLSTM is right on one long
+    held-out session and wrong on nine short ones, where the causal CRF is right: pooled it
+    scores better, but a resample of the sessions without the long one (about a third of
+    them) says the opposite, so the guard serves the CRF alone on arrival. Where the BiLSTM
+    is better on every session the guard keeps the weights chosen without it. Labels that
+    have seen a later event are not touched."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, choose_mixture
+    lengths = [200] + [20] * 9
+    labels = [np.arange(n) % 3 for n in lengths]
+    order = list(range(len(lengths)))
+
+    def member(arch, right_on):
+        full = []
+        for i, y in enumerate(labels):
+            z = np.zeros((len(y), 3))
+            z[np.arange(len(y)), y if right_on(i) else (y + 1) % 3] = 5.0
+            full.append(z)
+        z = [np.concatenate([full[i][:max(0, lengths[i] - k)] for i in order]) for k in range(2)]
+        y = [np.concatenate([labels[i][:max(0, lengths[i] - k)] for i in order]) for k in range(2)]
+        return Validated(args=ModelConfig(arch=arch, n_labels=3, n_events=3, n_tokens=3, lookahead=1),
+                         cfg=from_dict({}), logits=full, labels=labels, depth_logits=(z, y), epochs=1,
+                         best_epochs=[1], depth_order=order)
+    names = ["a", "b", "c"]
+    one_day = {"bilstm": member("bilstm", lambda i: i == 0), "crf": member("crf", lambda i: i > 0)}
+    free = choose_mixture(one_day, names)
+    # pooled, the weights chosen beat the CRF alone
+    assert free["depths"][0]["macro_f1"] > free["depths"][0]["alone"]["crf"]["macro_f1"]
+    assert free["depths"][0]["weights"]["bilstm"] > 0
+    guarded = choose_mixture(one_day, names, arrival_guard=0.8)
+    arrive, final = guarded["depths"]
+    assert arrive["weights"] == {"bilstm": 0.0, "crf": 1.0} and 0.5 < arrive["guard"] < 0.8
+    assert arrive["macro_f1"] == arrive["alone"]["crf"]["macro_f1"]
+    assert final["weights"] == free["depths"][1]["weights"] and "guard" not in final
+    every_day = {"bilstm": member("bilstm", lambda i: True), "crf": member("crf", lambda i: i % 2 == 0)}
+    kept = choose_mixture(every_day, names, arrival_guard=0.8)["depths"][0]
+    assert kept["weights"] == choose_mixture(every_day, names)["depths"][0]["weights"] and kept["guard"] == 1.0
+    with pytest.raises(ConfigError, match="auto_arrival_guard"):
+        from_dict({"train": {"auto_arrival_guard": 1.0}})
