@@ -96,7 +96,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "crf_char_ngrams": {"model": {"crf_char_ngrams": True}},     # the CRF member reads the 4-grams too
     "merged_text_words": {"data": {"lex_by_column": False}},   # text columns' words = the name's (before 2026-12-05)
     "no_prior_bias": {"train": {"auto_prior_taus": [0.0]}},      # auto adds no label bias (before 2026-12-05)
-    "arrival_guard": {"train": {"auto_arrival_guard": 0.8}},    # arrivals: the causal CRF unless the mix beats it
     "bagged": {"train": {"auto_bags": 32}},                     # auto's weights: mean best over 32 session bootstraps
     "edit_final": {"train": {"edit_overhead_final": True}},      # final labels withheld to keep edit overhead
     "events_bound": {"train": {"guarantee_over": "events"}},    # precision bound over events, not sessions (before 2026-12-07)

@@ -385,10 +385,6 @@ class TrainConfig:
     # events; N > 0 takes the mean of the best weights on N bootstrap resamples of the
     # held-out sessions (bagged ensemble selection), less swayed by a few sessions
     auto_bags: int = 0
-    # model.arch auto, labels on arrival (k = 0): keep the chosen weights only when they beat
-    # the causal CRF alone on at least this share of 200 bootstrap resamples of the held-out
-    # sessions, else serve the causal CRF alone there; 0: off (the best weights always)
-    auto_arrival_guard: float = 0.0
     val_folds: int = 4
     # Each network candidate is trained this many times with seeds seed, seed+1, ... and its
     # log-probabilities averaged (the CRF is deterministic: once); the members are served
@@ -520,8 +516,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.precision_target: must be in (0, 1]")
     if t.ensemble_seeds < 1:
         raise ConfigError("train.ensemble_seeds: must be >= 1")
-    if not 0 <= t.auto_arrival_guard < 1:
-        raise ConfigError("train.auto_arrival_guard: must be in [0, 1) (0: off)")
     if t.auto_bags < 0:
         raise ConfigError("train.auto_bags: must be >= 0 (0: the best weights on all held-out events)")
     if 0.0 not in t.auto_prior_taus or any(not 0 <= x <= 4 for x in t.auto_prior_taus):

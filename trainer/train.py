@@ -218,8 +218,7 @@ def bagged_best(preds: np.ndarray, y: np.ndarray, sessions: np.ndarray, n_labels
 
 
 def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: np.ndarray | None = None,
-                   taus: Sequence[float] = (0.0,), bags: int = 0, seed: int = 0,
-                   arrival_guard: float = 0.0) -> dict[str, Any]:
+                   taus: Sequence[float] = (0.0,), bags: int = 0, seed: int = 0) -> dict[str, Any]:
     """``model.arch: auto``: how to combine the validated candidates, per visible depth
     k = 0..L: the weights (a 0.1 grid, summing to 1; one-hot means one model alone) whose
     weighted sum of held-out log-probabilities scores the best top-1 macro-F1 (then accuracy;
@@ -237,11 +236,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
     weighed at k = 0 only (unless L is 0, where arrival is final).
 
     With ``bags`` > 0 (``train.auto_bags``) a depth's weights are instead the mean of the best
-    grid weights on that many bootstrap resamples of the held-out sessions (``bagged_best``).
-
-    With ``arrival_guard`` p > 0 (``train.auto_arrival_guard``) the weights at k = 0 stay only
-    when they beat the causal CRF (candidate ``crf``) alone on at least a share p of 200
-    bootstrap resamples of the held-out sessions; else the causal CRF alone labels arrivals."""
+    grid weights on that many bootstrap resamples of the held-out sessions (``bagged_best``)."""
     members = list(results)
     groups: dict[str, list[str]] = {}
     for m in members:
@@ -295,19 +290,6 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
                                 rank, bags, seed + (0 if k is None else k))
             best = tuple(float(x) for x in np.round(share @ np.asarray(grid), 6))
             scored[best] = score(zs, y, best)
-        guard = None
-        if arrival_guard and k == 0 and L and "crf" in archs and (y != IGNORE).any():
-            alone = tuple(float(a == "crf") for a in archs)
-            if best != alone:
-                keep = y != IGNORE
-                preds = np.stack([sum(wi * zi[keep] for wi, zi in zip(w, zs) if wi > 0).argmax(-1)
-                                  for w in (alone, best)])
-                _, sid = np.unique(first.sessions_at(k)[keep], return_inverse=True)
-                # ties go to the causal CRF (the higher rank)
-                guard = float(bagged_best(preds, y[keep], sid, len(names), np.array([1.0, 0.0]), 200, seed)[1])
-                if guard < arrival_guard:
-                    best = alone
-                    scored[best] = singles["crf"]
         # then the label bias for these weights: a larger tau only when it scores better
         tau_scores = {t: (scored[best] if t == 0 else score(zs, y, best, t)) for t in taus}
         tau = max(tau_scores, key=lambda t: (*tau_scores[t][:2], -abs(t)))
@@ -315,8 +297,7 @@ def choose_mixture(results: dict[str, Validated], names: Sequence[str], prior: n
                      "weights": {m: best[archs.index(seed_group(m))] / len(groups[seed_group(m)]) for m in members},
                      "tau": tau, "macro_f1": tau_scores[tau][0], "accuracy": tau_scores[tau][1],
                      "loglik": tau_scores[tau][2], "macro_f1_unbiased": scored[best][0],
-                     "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc, _) in singles.items()},
-                     **({"guard": guard} if guard is not None else {})})
+                     "alone": {a: {"macro_f1": f, "accuracy": acc} for a, (f, acc, _) in singles.items()}})
     weights = [[r["weights"][m] for m in members] for r in rows]
     used = [m for i, m in enumerate(members) if any(w[i] > 0 for w in weights)]
     biased = any(r["tau"] for r in rows)
@@ -849,8 +830,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         if arch == "auto" or len(results) > 1:
             def choose(rs: dict[str, Validated]) -> dict[str, Any]:
                 return choose_mixture(rs, p.label_map.labels, training_prior(p, len(p.label_map)),
-                                      cfg.train.auto_prior_taus, cfg.train.auto_bags, cfg.train.seed,
-                                      cfg.train.auto_arrival_guard)
+                                      cfg.train.auto_prior_taus, cfg.train.auto_bags, cfg.train.seed)
             auto_info = choose(results)
             clock = clock_verdict(auto_info)
             if clock is not None and not clock["kept"]:
