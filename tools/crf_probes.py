@@ -3,6 +3,7 @@
     python tools/crf_probes.py LOG.csv NAME clusters [--k 16,64]
     python tools/crf_probes.py LOG.csv NAME penalties [--grid 0.05/0.05,0.05/1.0]
     python tools/crf_probes.py LOG.csv NAME stack [--windows 8,32]
+    python tools/crf_probes.py LOG.csv NAME buckets
 
 Each probe refits ``tagger cv``'s two references (the CRF ±2, whole-session marginals, and
 the causal CRF, forward filtering) with one change, on the ablation's folds (5 by session,
@@ -116,11 +117,26 @@ def stack(windows: list[int]) -> dict[str, tuple[Change, dict]]:
     return {"ctx" + "+".join(map(str, windows)): (apply, {})}
 
 
+def buckets(num_features: list[str]) -> dict[str, tuple[Change, dict]]:
+    def bins(x: pd.Series) -> pd.Series:
+        v = pd.to_numeric(x, errors="coerce")
+        return np.floor(np.log2(1.0 + v.clip(lower=0.0))).map(lambda b: "nan" if np.isnan(b) else str(int(b)))
+
+    def columns(frame: pd.DataFrame) -> pd.DataFrame:
+        gap = frame.groupby("session_id", sort=False)["_ts"].diff().fillna(0.0)
+        return frame.assign(gap_bin=bins(gap), **{f"{c}_bin": bins(frame[c]) for c in num_features})
+
+    def apply(train, test, data):
+        return columns(train), columns(test), with_columns(data, ["gap_bin", *(f"{c}_bin" for c in num_features)])
+
+    return {"log2 buckets": (apply, {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log")
     ap.add_argument("name", choices=list(DATASETS))
-    ap.add_argument("probe", choices=["clusters", "penalties", "stack"])
+    ap.add_argument("probe", choices=["clusters", "penalties", "stack", "buckets"])
     ap.add_argument("--k", default="16,64", help="clusters: cluster counts")
     ap.add_argument("--grid", default="0.05/0.01,0.05/0.3,0.05/1.0,0.2/0.05",
                     help="penalties: c1/c2 pairs")
@@ -133,8 +149,10 @@ def main() -> None:
         changes = clusters([int(x) for x in a.k.split(",")])
     elif a.probe == "penalties":
         changes = penalties([tuple(float(v) for v in g.split("/")) for g in a.grid.split(",")])
-    else:
+    elif a.probe == "stack":
         changes = stack([int(x) for x in a.windows.split(",")])
+    else:
+        changes = buckets(list(cfg.data.num_features))
     names = ["unchanged", *changes]
     gold_all: list[str] = []
     pooled = {(n, r): [] for n in names for r, _, _ in REFERENCES}
