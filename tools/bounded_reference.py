@@ -21,7 +21,7 @@ import numpy as np
 from trainer.ablation import DATASETS
 from trainer.baseline import BaselineLabeller
 from trainer.config import from_dict
-from trainer.cv import session_folds
+from trainer.cv import fold_frames
 from trainer.evaluate import top1_scores
 from trainer.loading import read_events
 
@@ -38,9 +38,7 @@ def main() -> None:
     decodes = ["marginal", *(int(x) for x in a.lags.split(","))]
     pooled = {d: ([], []) for d in decodes}
     per_fold = {d: [] for d in decodes}
-    for test in session_folds(frame, a.folds, 0):
-        held = frame["session_id"].isin(set(test))
-        train, tests = frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
+    for _, train, tests in fold_frames(frame, a.folds, 0):
         ref = BaselineLabeller.fit(train, cfg.data, kind="crf", seed=cfg.train.seed)
         gold = tests["step_name"].tolist()
         for d in decodes:

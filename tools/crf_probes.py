@@ -1,7 +1,7 @@
 """Cheap probes of a feature or penalty idea on the CRF references, before building it into a model.
 
     python tools/crf_probes.py LOG.csv NAME clusters [--k 16,64]
-    python tools/crf_probes.py LOG.csv NAME penalties [--grid 0.05/0.05,0.05/1.0]
+    python tools/crf_probes.py LOG.csv NAME penalties [--grid 0.05/1.0,0.2/0.05]
     python tools/crf_probes.py LOG.csv NAME stack [--windows 8,32]
     python tools/crf_probes.py LOG.csv NAME buckets
 
@@ -37,7 +37,7 @@ import pandas as pd
 from trainer.ablation import DATASETS
 from trainer.baseline import BaselineLabeller
 from trainer.config import DataConfig, from_dict
-from trainer.cv import session_folds
+from trainer.cv import fold_frames, session_folds
 from trainer.evaluate import top1_scores
 from trainer.loading import read_events
 
@@ -157,9 +157,7 @@ def main() -> None:
     gold_all: list[str] = []
     pooled = {(n, r): [] for n in names for r, _, _ in REFERENCES}
     per_fold = {(n, r): [] for n in names for r, _, _ in REFERENCES}
-    for f, test_ids in enumerate(session_folds(frame, a.folds, 0)):
-        held = frame["session_id"].isin(set(test_ids))
-        train, test = frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
+    for f, (_, train, test) in enumerate(fold_frames(frame, a.folds, 0)):
         gold = test["step_name"].astype(str).tolist()
         gold_all += gold
         for n in names:

@@ -47,7 +47,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -97,6 +97,17 @@ def session_folds(frame: pd.DataFrame, k: int, seed: int) -> list[list[str]]:
     return [[sessions[i] for i in order[f::k]] for f in range(k)]
 
 
+def fold_frames(frame: pd.DataFrame, k: int, seed: int
+                ) -> Iterator[tuple[list[str], pd.DataFrame, pd.DataFrame]]:
+    """Each of ``session_folds``' folds: its test sessions, then the training and the test
+    events (the other folds' and its own, each with a fresh index). The folds are drawn at
+    the call, so a bad ``k`` fails there; the frames are cut one fold at a time."""
+    def split(test_ids: list[str]) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+        held = frame["session_id"].isin(set(test_ids))
+        return test_ids, frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
+    return map(split, session_folds(frame, k, seed))
+
+
 def _scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
     from trainer.evaluate import top1_scores
     return top1_scores(list(gold), list(pred))
@@ -142,7 +153,7 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
         variants = {a: {"model": {"arch": a}} for a in (archs or [cfg.model.arch])}
     archs = list(variants)
     configs = {name: cfg.replace(**over) if over else cfg for name, over in variants.items()}
-    fold_ids = session_folds(frame, folds, seed)
+    splits = fold_frames(frame, folds, seed)
     fp = fingerprint(data)
     clash = [a for a in archs if a in REFERENCES]
     if clash:
@@ -158,10 +169,7 @@ def cross_validate(data: str | Path, cfg: Config, *, folds: int = 5, archs: Sequ
         workdir = tmp.name
     workdir = Path(workdir)
     try:
-        for f, test_ids in enumerate(fold_ids):
-            test_set = set(test_ids)
-            train_frame = frame[~frame["session_id"].isin(test_set)].reset_index(drop=True)
-            test_frame = frame[frame["session_id"].isin(test_set)].reset_index(drop=True)
+        for f, (test_ids, train_frame, test_frame) in enumerate(splits):
             gold = test_frame["step_name"].tolist()
             if predictions is not None:
                 tested.append(test_frame[list(EVENT_COLUMNS)].assign(fold=f + 1))
@@ -377,5 +385,5 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
     path.write_text(json.dumps(report, indent=2, default=json_default), encoding="utf-8")
 
 
-__all__ = ["cross_validate", "format_labels", "format_table", "horizon_lag", "label_sessions", "session_folds",
+__all__ = ["cross_validate", "fold_frames", "format_labels", "format_table", "horizon_lag", "label_sessions", "session_folds",
            "write_predictions", "write_report", "REFERENCES"]
