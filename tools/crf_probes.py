@@ -4,6 +4,7 @@
     python tools/crf_probes.py LOG.csv NAME penalties [--grid 0.05/1.0,0.2/0.05]
     python tools/crf_probes.py LOG.csv NAME stack [--windows 8,32]
     python tools/crf_probes.py LOG.csv NAME buckets
+    python tools/crf_probes.py LOG.csv NAME neighbours [--k 10]
 
 Each probe refits ``tagger cv``'s two references (the CRF ±2, whole-session marginals, and
 the causal CRF, forward filtering) with one change, on the ablation's folds (5 by session,
@@ -19,6 +20,12 @@ macro-F1 and the paired per-fold difference against the unchanged reference:
   the training sessions, 4 inner folds) are summed over the ``w`` events before each event;
   the top label of that sum is a categorical column (``ctx{w}``): the activity the recent
   past was in, beyond the ±2 window.
+
+- ``neighbours``: the labels of the training titles nearest each event's title (cosine of
+  the same embeddings; titles from the event's own session left out on the training
+  sessions, so that a training day does not vote for itself): ``nn`` the top label of the
+  ``k`` nearest titles' label counts, weighed by similarity; ``same`` the top label of the
+  identical title on other days (``none`` for a title no other day had).
 
 A probe that does not lift the references on several logs is not worth a model change;
 docs/ablation.md records the ones run.
@@ -117,6 +124,58 @@ def stack(windows: list[int]) -> dict[str, tuple[Change, dict]]:
     return {"ctx" + "+".join(map(str, windows)): (apply, {})}
 
 
+def neighbours(k: int) -> dict[str, tuple[Change, dict]]:
+    from trainer.features import default_text_embedder
+
+    def texts(frame: pd.DataFrame, data: DataConfig) -> pd.Series:
+        cols = list(data.text_features) or ["event_name"]
+        return frame[cols].fillna("").astype(str).agg(" | ".join, axis=1)
+
+    def apply(train, test, data):
+        tr, te = texts(train, data), texts(test, data)
+        labels = sorted(train["step_name"].astype(str).unique())
+        known = sorted(set(tr))
+        tid = {t: i for i, t in enumerate(known)}
+        sessions = sorted(train["session_id"].astype(str).unique())
+        sid = {s: i for i, s in enumerate(sessions)}
+        lid = {x: i for i, x in enumerate(labels)}
+        # label counts per (session, title)
+        counts = np.zeros((len(sessions), len(known), len(labels)))
+        np.add.at(counts, (train["session_id"].astype(str).map(sid).to_numpy(), tr.map(tid).to_numpy(),
+                           train["step_name"].astype(str).map(lid).to_numpy()), 1.0)
+        total = counts.sum(0)
+        every = sorted(set(tr) | set(te))
+        emb = dict(zip(every, default_text_embedder().embed(every)))
+        bank = np.stack([emb[t] for t in known])
+        bank /= np.linalg.norm(bank, axis=1, keepdims=True) + 1e-9
+
+        def columns(frame: pd.DataFrame, text: pd.Series, own: bool) -> pd.DataFrame:
+            nn, same = [], []
+            keys = list(zip(frame["session_id"].astype(str), text)) if own else [(None, t) for t in text]
+            memo: dict = {}
+            for key in keys:
+                if key not in memo:
+                    s, t = key
+                    c = total - counts[sid[s]] if own else total          # other days' counts
+                    q = emb[t] / (np.linalg.norm(emb[t]) + 1e-9)
+                    sim = bank @ q
+                    seen = c.sum(1) > 0
+                    sim = np.where(seen, sim, -np.inf)
+                    top = np.argsort(-sim)[:k]
+                    top = top[np.isfinite(sim[top])]
+                    vote = (sim[top, None] * (c[top] / c[top].sum(1, keepdims=True))).sum(0)
+                    j = tid.get(t)
+                    memo[key] = (labels[int(vote.argmax())] if len(top) else "none",
+                                 labels[int(c[j].argmax())] if j is not None and c[j].sum() > 0 else "none")
+                nn.append(memo[key][0])
+                same.append(memo[key][1])
+            return frame.assign(nn=nn, same=same)
+
+        return columns(train, tr, True), columns(test, te, False), with_columns(data, ["nn", "same"])
+
+    return {f"neighbours k={k}": (apply, {})}
+
+
 def buckets(num_features: list[str]) -> dict[str, tuple[Change, dict]]:
     def bins(x: pd.Series) -> pd.Series:
         v = pd.to_numeric(x, errors="coerce")
@@ -136,8 +195,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log")
     ap.add_argument("name", choices=list(DATASETS))
-    ap.add_argument("probe", choices=["clusters", "penalties", "stack", "buckets"])
-    ap.add_argument("--k", default="16,64", help="clusters: cluster counts")
+    ap.add_argument("probe", choices=["clusters", "penalties", "stack", "buckets", "neighbours"])
+    ap.add_argument("--k", default=None, help="clusters: cluster counts (16,64); neighbours: titles (10)")
     ap.add_argument("--grid", default="0.05/0.01,0.05/0.3,0.05/1.0,0.2/0.05",
                     help="penalties: c1/c2 pairs")
     ap.add_argument("--windows", default="8,32", help="stack: past events summed")
@@ -146,7 +205,9 @@ def main() -> None:
     cfg = from_dict(DATASETS[a.name].base)
     frame, _ = read_events(Path(a.log), require_label=True, numeric_columns=cfg.data.num_features)
     if a.probe == "clusters":
-        changes = clusters([int(x) for x in a.k.split(",")])
+        changes = clusters([int(x) for x in (a.k or "16,64").split(",")])
+    elif a.probe == "neighbours":
+        changes = neighbours(int(a.k or 10))
     elif a.probe == "penalties":
         changes = penalties([tuple(float(v) for v in g.split("/")) for g in a.grid.split(",")])
     elif a.probe == "stack":
