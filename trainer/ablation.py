@@ -106,6 +106,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lookahead6": {"model": {"lookahead": 6}},                  # finals after 6 later events, not 4
     # finals after 6 later events, the network reading 4 of them (the CRF members smooth over 6)
     "crf_lag6": {"model": {"lookahead": 6, "network_lookahead": 4}},
+    # finals after 16 later events, the network reading 4 of them: the CRF members' fixed-lag
+    # smoothing reaches as far as whole-session marginals do on the window-focus logs' runs
+    "crf_lag16": {"model": {"lookahead": 16, "network_lookahead": 4}},
     "lookahead8": {"model": {"lookahead": 8}},                  # finals after 8 later events, not 4
     "dropout4": {"model": {"dropout": 0.4}},                    # stronger regularisation
     "wd1e3": {"train": {"weight_decay": 1e-3}},

@@ -160,13 +160,18 @@ class ModelConfig:
     # Each event sees every earlier event (within `context`) and at most `lookahead` later
     # ones, in training and live alike: a live label is final after `lookahead` more events.
     # null means unbounded (offline-only, full bidirectional).
-    lookahead: Optional[int] = 4
+    # The default, 16 with networks reading 4 of them: in auto's mixture the CRF members
+    # smooth over 16 later events, which on logs of long activity runs reaches what
+    # whole-session smoothing reaches (docs/ablation.md, twenty-eighth session); a network
+    # alone (arch bilstm, ...) is final after its 4. For fully bidirectional offline
+    # networks set both to null.
+    lookahead: Optional[int] = 16
     # A network (any arch but crf) reads at most this many later events, even when the
     # lookahead is longer; null: the whole lookahead. Beyond it a network's label is final
     # early, and in auto's mixture the CRF members alone smooth over the rest of the
     # lookahead (a CRF's fixed-lag smoothing gains from later events where a network
     # trained at every depth up to L gains less, docs/ablation.md)
-    network_lookahead: Optional[int] = None
+    network_lookahead: Optional[int] = 4
     context: int = 64
     emb_event_dim: int = 64
     emb_token_dim: int = 32

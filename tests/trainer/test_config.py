@@ -35,7 +35,9 @@ def test_a_network_reads_at_most_network_lookahead_later_events_and_a_crf_the_wh
     assert reads(arch="crf", lookahead=6, network_lookahead=4) == 6
     assert reads(arch="bilstm", lookahead=3, network_lookahead=4) == 3       # never past the lookahead
     assert reads(arch="bilstm", lookahead=None, network_lookahead=4) == 4
-    assert reads(arch="bilstm", lookahead=6) == 6
+    assert reads(arch="bilstm", lookahead=6, network_lookahead=None) == 6
+    # the defaults: finals after 16 later events, a network reading 4 of them
+    assert reads(arch="bilstm") == 4 and reads(arch="crf") == 16
     with pytest.raises(ConfigError, match="model.network_lookahead"):
         ModelConfig(network_lookahead=-1)
 
