@@ -58,13 +58,15 @@ def with_columns(data: DataConfig, names: list[str]) -> DataConfig:
     return dataclasses.replace(data, cat_features=tuple(data.cat_features) + tuple(names))
 
 
+def texts(frame: pd.DataFrame, data: DataConfig) -> pd.Series:
+    """What an event's embedding is of: its configured text columns, else its name."""
+    cols = list(data.text_features) or ["event_name"]
+    return frame[cols].fillna("").astype(str).agg(" | ".join, axis=1)
+
+
 def clusters(ks: list[int]) -> dict[str, tuple[Change, dict]]:
     from sklearn.cluster import KMeans
     from trainer.features import default_text_embedder
-
-    def texts(frame: pd.DataFrame, data: DataConfig) -> pd.Series:
-        cols = list(data.text_features) or ["event_name"]
-        return frame[cols].fillna("").astype(str).agg(" | ".join, axis=1)
 
     def change(k_list: list[int]) -> Change:
         def apply(train, test, data):
@@ -126,10 +128,6 @@ def stack(windows: list[int]) -> dict[str, tuple[Change, dict]]:
 
 def neighbours(k: int) -> dict[str, tuple[Change, dict]]:
     from trainer.features import default_text_embedder
-
-    def texts(frame: pd.DataFrame, data: DataConfig) -> pd.Series:
-        cols = list(data.text_features) or ["event_name"]
-        return frame[cols].fillna("").astype(str).agg(" | ".join, axis=1)
 
     def apply(train, test, data):
         tr, te = texts(train, data), texts(test, data)
