@@ -20,7 +20,8 @@ macro-F1 and the paired per-fold difference against the unchanged reference:
   the training sessions, 4 inner folds) are summed over the ``w`` events before each event;
   the top label of that sum is a categorical column (``ctx{w}``): the activity the recent
   past was in, beyond the ±2 window.
-
+- ``buckets``: the pause since the session's previous event and each numeric column in
+  powers of two, as categorical columns.
 - ``neighbours``: the labels of the training titles nearest each event's title (cosine of
   the same embeddings; titles from the event's own session left out on the training
   sessions, so that a training day does not vote for itself): ``nn`` the top label of the
