@@ -113,6 +113,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # smoothing reaches as far as whole-session marginals do on the window-focus logs' runs
     # (the default's config since the 28th session; kept under the name it was measured by)
     "crf_lag16": {"model": {"lookahead": 16, "network_lookahead": 4}},
+    # finals after 8 later events, the network reading 4: half the default's smoothing lag
+    "crf_lag8": {"model": {"lookahead": 8, "network_lookahead": 4}},
     "lookahead8": {"model": {"lookahead": 8, "network_lookahead": None}},
     "dropout4": {"model": {"dropout": 0.4}},                    # stronger regularisation
     "wd1e3": {"train": {"weight_decay": 1e-3}},
