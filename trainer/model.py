@@ -952,7 +952,8 @@ class ChainBank:
             sums.append(s)
         S = torch.stack(sums[::-1], 1)                                   # (N, K - 1, B, C)
         # v's maximum is at least the smallest s / C (softmax's maximum is >= 1 / C), so with
-        # every s >= 2 ** -490 a term that underflowed (< 2 ** -1074) is under C**2 * 2 ** -584 of its sum
+        # every s >= 2 ** -490 the terms that underflowed (< 2 ** -1074 each, times at most C,
+        # C / v's maximum after a rescale) are under C**3 * 2 ** -94 of a sum: below rounding
         if not bool(S.amin() >= 2.0 ** -490):
             return None
         return F.pad(S.log_() + R[:, None, None], (0, 0, 0, 0, 0, 1)).to(ec.dtype)
