@@ -884,7 +884,10 @@ class ChainBank:
     cached one for those that have it, and restart at a session's first event; the backward
     chains run all at once, one per CRF to the segment's end and one per provisional row
     r < Le_m, whose window stops at row r + W_m. ``step`` gives, per CRF, the log-marginals of
-    each session's K rows: forward filtering on the newest, fixed-lag smoothing on the oldest."""
+    each session's K rows: forward filtering on the newest, fixed-lag smoothing on the oldest.
+    The backward chains step in probability space (``_retreat``), in log space when a sum
+    underflows there (``_retreat_log``, ``LookaheadCRF._beta``'s steps); the forward messages,
+    which the state keeps, are ``crf_advance``'s, as offline."""
 
     def __init__(self, crfs: Sequence[LookaheadCRF], provisional: Sequence[int]):
         self.crfs = list(crfs)
@@ -905,15 +908,66 @@ class ChainBank:
         self._chains = [(m, self.K - 1) for m in range(len(crfs))]
         self._chains += [(m, r + self.W[m]) for m in range(len(crfs)) for r in range(self.Le[m])]
         self.end_min = min(e for _, e in self._chains)
-        # a short chain c of CRF m gives row r = its end - W_m its backward message
-        short = [(m, e - self.W[m], c) for c, (m, e) in enumerate(self._chains) if c >= len(crfs)]
+        # CRF m's row r takes its backward message from chain m's row r, or from the short chain
+        # c whose end is r + W_m: index into the chains' (N * K) rows. With W_m = 0 that is the
+        # chain's end, where the message is 0, as in row K - 1 of every chain (the only end row
+        # that ``_retreat`` fills in: rows at or after a chain's end are read nowhere else)
+        pick = [m * self.K + r for m in range(len(crfs)) for r in range(self.K)]
+        for c, (m, e) in enumerate(self._chains[len(crfs):], len(crfs)):
+            pick[m * self.K + e - self.W[m]] = c * self.K + e - self.W[m] if self.W[m] else m * self.K + self.K - 1
         self._index = [torch.tensor(ep_index), torch.tensor([[r < w for r in range(self.K)] for w in self.W]),
                        torch.tensor([m for m, _ in self._chains]), torch.tensor([e for _, e in self._chains]),
-                       torch.arange(self.K)] + [torch.tensor([x[i] for x in short], dtype=torch.long) for i in range(3)]
+                       torch.tensor(pick)]
         self._on: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def init_state(self, device) -> torch.Tensor:
         return torch.zeros(2, len(self.crfs), self.K, self.C, device=device, dtype=self.crfs[0].trans.dtype)
+
+    def _retreat(self, ec: torch.Tensor, tc: torch.Tensor, ce: torch.Tensor) -> Optional[torch.Tensor]:
+        """The chains' backward messages, (N, K, B, C), in probability space: two small ops
+        per row where ``crf_retreat`` (log space) takes an exp over (N, B, C, C) and about ten.
+        With R (N, C) each row of the transitions' maximum, beta_r = R + log s_r up to a
+        constant per chain, row and session (the marginals' log_softmax drops it), where
+        s_r = exp(A - R) @ v and v = softmax(e_{r+1} + R) * s_{r+1}, or softmax(e_{r+1}) at
+        the chain's end (beta = 0 there). In float64; None when a sum fell below 2 ** -490 or
+        is NaN, as underflowed terms could then weigh more than rounding: the caller runs
+        ``_retreat_log`` instead (the same messages, slower)."""
+        N, B, K, C = ec.shape
+        if K == 1:
+            return ec.new_zeros(N, 1, B, C)
+        tc = tc.double()
+        R = tc.amax(-1)                                                  # (N, C) [from]
+        Et = torch.exp(tc - R[..., None]).transpose(1, 2)               # (N, C, C) [to, from], in (0, 1]
+        g = torch.softmax(ec + R[:, None, None], -1).unbind(2)         # float64, as R is
+        h = torch.softmax(ec[:, :, self.end_min:], -1, dtype=torch.float64).unbind(2)
+        s = torch.bmm(h[-1], Et)                                         # (N, B, C): row K - 2
+        sums = [s]
+        for r in range(K - 3, -1, -1):
+            v = g[r + 1] * s
+            if r + 1 >= self.end_min:       # a chain that ends at row r + 1 starts there
+                v = torch.where((ce <= r + 1)[:, None, None], h[r + 1 - self.end_min], v)
+            if r % 4 == 0:                  # sums only shrink (g sums to 1, exp(A - R) <= 1)
+                v = v / v.amax(-1, keepdim=True)
+            s = torch.bmm(v, Et)
+            sums.append(s)
+        S = torch.stack(sums[::-1], 1)                                   # (N, K - 1, B, C)
+        # v's maximum is at least the smallest s / C (softmax's maximum is >= 1 / C), so with
+        # every s >= 2 ** -490 the terms that underflowed (< 2 ** -1074 each, times at most C,
+        # C / v's maximum after a rescale) are under C**3 * 2 ** -94 of a sum: below rounding
+        if not bool(S.amin() >= 2.0 ** -490):
+            return None
+        return F.pad(S.log_() + R[:, None, None], (0, 0, 0, 0, 0, 1)).to(ec.dtype)
+
+    def _retreat_log(self, ec: torch.Tensor, tc: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """``_retreat`` in log space, ``crf_retreat`` row by row, as the offline
+        ``LookaheadCRF._beta`` runs it."""
+        C, K, tc = self.C, self.K, tc[:, None]                           # (N, 1, C, C)
+        betas = [ec.new_zeros(ec.shape[:2] + (C,))]
+        for r in range(K - 2, -1, -1):
+            b = crf_retreat(ec[:, :, r + 1] + betas[-1], tc)
+            # a chain that ends at or before row r has nothing after it there
+            betas.append(torch.where((ce > r)[:, None, None], b, torch.zeros_like(b)) if r >= self.end_min else b)
+        return torch.stack(betas[::-1], 1)                               # (N, K, B, C)
 
     def step(self, segs: Sequence[torch.Tensor], n: Sequence[int], emissions: torch.Tensor
              ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -926,7 +980,7 @@ class ChainBank:
         dev = emissions.device
         if str(dev) not in self._on:
             self._on[str(dev)] = tuple(t.to(dev) for t in self._index)
-        ep_index, cached, cm, ce, arange_k, short_m, short_r, short_c = self._on[str(dev)]
+        ep_index, cached, cm, ce, pick = self._on[str(dev)]
         ep = torch.cat([emissions, emissions.new_zeros(B, 1, C)], 1)[:, ep_index].transpose(0, 1)  # (M, B, K, C)
         seg = torch.stack(list(segs), 2)                                 # (2, M, B, K, C)
         cached = cached[:, None, :, None]                                # (M, 1, K, 1)
@@ -937,30 +991,26 @@ class ChainBank:
         trans = torch.stack([c.trans for c in self.crfs])                # (M, C, C)
         # -- forward messages: rows before W_m are cached (the last round's row r + 1), the rest
         # advance from the row before (the first from the last round's row 0, when W_m is 0)
-        young = min(n) <= K                       # some row r may be a session's first event
-        if young:
-            pos = torch.tensor(n, device=dev)[:, None] - K + arange_k[None]   # (B, K)
         old = seg[1]
-        alphas = [old[:, :, r] for r in range(self.W_min + 1)]          # rows -1 .. W_min - 1
+        a, fresh = old[:, :, self.W_min], []                              # row W_min - 1
         for r in range(self.W_min, K):
             er = e[:, :, r]
-            a = crf_advance(alphas[-1], er, trans[:, None])
-            if young:
-                a = torch.where((pos[:, r] == 0)[None, :, None], torch.log_softmax(er, -1), a)
-            alphas.append(torch.where(cached[:, :, r], old[:, :, r + 1], a) if r < K - 1 else a)
-        alpha = torch.stack(alphas[1:], 2)                               # (M, B, K, C)
+            a = crf_advance(a, er, trans[:, None])
+            if K - r in n:                        # row r is some session's first event
+                first = torch.tensor([k == K - r for k in n], device=dev)[None, :, None]
+                a = torch.where(first, torch.log_softmax(er, -1), a)
+            if r < K - 1:
+                a = torch.where(cached[:, :, r], old[:, :, r + 1], a)
+            fresh.append(a)
+        alpha = torch.cat([old[:, :, 1:self.W_min + 1], torch.stack(fresh, 2)], 2)   # (M, B, K, C)
         # -- backward messages: every chain at once, from the segment's end back
-        ec, tc = e[cm], trans[cm][:, None]                               # (N, B, K, C), (N, 1, C, C)
-        betas = [ec.new_zeros(ec.shape[:2] + (C,))]
-        for r in range(K - 2, -1, -1):
-            b = crf_retreat(ec[:, :, r + 1] + betas[-1], tc)
-            # a chain that ends at or before row r has nothing after it there
-            betas.append(torch.where((ce > r)[:, None, None], b, torch.zeros_like(b)) if r >= self.end_min else b)
-        chains = torch.stack(betas[::-1], 2)                             # (N, B, K, C)
-        beta = chains[:M]
-        if len(self._chains) > M:            # a short chain's end row r + W_m gives row r's message
-            beta = beta.clone()
-            beta[short_m, :, short_r] = chains[short_c, :, short_r]
+        ec, tc = e[cm], trans[cm]                                        # (N, B, K, C), (N, C, C)
+        chains = self._retreat(ec, tc, ce)
+        if chains is None:                        # a sum underflowed: the same in log space
+            chains = self._retreat_log(ec, tc, ce)
+        if len(self._chains) > M:
+            chains = chains.flatten(0, 1)[pick].view(M, K, B, C)
+        beta = chains.transpose(1, 2)                                    # (M, B, K, C)
         return list(torch.stack([e, alpha]).unbind(2)), torch.log_softmax(alpha + beta, -1)
 
 

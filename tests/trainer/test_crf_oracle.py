@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -129,3 +130,59 @@ def test_the_oracle_itself_on_a_hand_computed_case():
     a = np.zeros((C, C))
     a[0, 1] = np.log(3.0)                                   # paths 00, 01 (x3), 10, 11 -> y1=1: 4/6
     np.testing.assert_allclose(brute_marginals(e, a, 2)[1, 1], 4 / 6, atol=1e-12)
+
+
+def stepped_and_offline(scale: float, dtype: torch.dtype, lookahead: int = 16, seed: int = 0):
+    """The served mixture's CRFs, stepped together in one ``ChainBank`` (K = lookahead + 1
+    rows): a causal CRF (W = lookahead, no provisional rows) and one that reads the next event
+    (W = lookahead - 1, one provisional row, whose emissions change once that event is in),
+    over sessions that start in different rounds. Returns, per round, session and CRF, the rows
+    ``step`` gave and the offline ``LookaheadCRF.forward`` of the emissions seen so far."""
+    g = torch.Generator().manual_seed(seed)
+    C, lengths, start = 6, [30, 1, 5, 17, 22], [0, 3, 0, 8, 1]
+    crfs = [LookaheadCRF(C, lookahead).to(dtype), LookaheadCRF(C, lookahead - 1).to(dtype)]
+    with torch.no_grad():
+        for c in crfs:
+            c.trans.copy_(scale * torch.randn(C, C, generator=g, dtype=dtype))
+    bank = ChainBank(crfs, [0, 1])
+    assert bank.K == lookahead + 1
+    causal = [scale * torch.randn(n, C, generator=g, dtype=dtype) for n in lengths]
+    ahead = [scale * torch.randn(n, C, generator=g, dtype=dtype) for n in lengths]
+    provisional = [scale * torch.randn(n, C, generator=g, dtype=dtype) for n in lengths]
+    states, out = {}, []
+    for t in range(max(b + n for b, n in zip(start, lengths))):
+        rnd = [i for i, n in enumerate(lengths) if start[i] <= t < start[i] + n]
+        m = [t - start[i] for i in rnd]                                  # each one's newest event
+        # rows: the causal CRF's newest; the other's event before it (final now) and newest
+        # (provisional); before a session's start, a value that would show if it were read
+        em = torch.stack([torch.stack([causal[i][k], ahead[i][k - 1] if k else torch.full((C,), 50.0, dtype=dtype),
+                                       provisional[i][k]]) for i, k in zip(rnd, m)])
+        new, lm = bank.step([states.get(i, bank.init_state("cpu")) for i in rnd], [k + 1 for k in m], em)
+        states.update(zip(rnd, new))
+        for j, (i, k) in enumerate(zip(rnd, m)):
+            seen = [causal[i][:k + 1], torch.cat([ahead[i][:k], provisional[i][k:k + 1]])]
+            for c, (crf, e) in enumerate(zip(crfs, seen)):
+                want = crf(e[None], torch.tensor([k + 1]))[0].detach()
+                v = min(k + 1, bank.K)
+                out.append((lm[c, j, bank.K - v:].detach(), want[k + 1 - v:]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale, log_space", [(1.0, False), (30.0, False), (300.0, True)])
+@pytest.mark.parametrize("lookahead", [16, 1])
+def test_streamed_crfs_equal_the_offline_forward(lookahead, scale, log_space, dtype, monkeypatch):
+    """The live backward messages run in probability space (``ChainBank._retreat``) and fall
+    back to log space when a sum underflows: both give what the offline forward gives, at the
+    default lookahead 16 and at 1 (where the CRF reading ahead has no backward window). At
+    scale 30 the transitions and emissions span hundreds of nats, past what float32 sums of
+    probabilities could hold; at 300 even float64 underflows, and the fallback is what runs."""
+    fell_back = []
+    log_path = ChainBank._retreat_log
+    monkeypatch.setattr(ChainBank, "_retreat_log", lambda self, *a: fell_back.append(1) or log_path(self, *a))
+    rows = stepped_and_offline(scale, dtype, lookahead)
+    assert bool(fell_back) is log_space
+    tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    for got, want in rows:
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, **tol)
