@@ -115,6 +115,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "crf_lag16": {"model": {"lookahead": 16, "network_lookahead": 4}},
     # finals after 8 later events, the network reading 4: half the default's smoothing lag
     "crf_lag8": {"model": {"lookahead": 8, "network_lookahead": 4}},
+    # auto may make the CRF members' transitions stickier (delta on the diagonal), by held-out
+    # macro-F1 of the final labels
+    "crf_sticky": {"train": {"auto_crf_sticky": [0.0, 1.0, 2.0, 3.0, 4.0]}},
     "lookahead8": {"model": {"lookahead": 8, "network_lookahead": None}},
     "dropout4": {"model": {"dropout": 0.4}},                    # stronger regularisation
     "wd1e3": {"train": {"weight_decay": 1e-3}},

@@ -386,6 +386,13 @@ class TrainConfig:
     # top-1 macro-F1 (the smallest |tau| on ties; [0]: none). Moves labels towards rare steps,
     # which macro-F1 weighs as much as common ones (docs/ablation.md)
     auto_prior_taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # model.arch auto: the score of staying in the same step that the CRF members' transitions
+    # gain (added to their diagonal after CRFsuite's fit, for filtering and smoothing alike),
+    # the value from this grid whose mixture scores the best held-out top-1 macro-F1 on final
+    # labels (the smallest on ties; [0]: none). A CRF alone is best with its own transitions,
+    # but beside the BiLSTM a stickier chain mends the runs the network breaks up
+    # (docs/ablation.md)
+    auto_crf_sticky: tuple[float, ...] = (0.0,)
     # model.arch auto: 0 takes the member weights that score best on the pooled held-out
     # events; N > 0 takes the mean of the best weights on N bootstrap resamples of the
     # held-out sessions (bagged ensemble selection), less swayed by a few sessions
@@ -525,6 +532,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.auto_bags: must be >= 0 (0: the best weights on all held-out events)")
     if 0.0 not in t.auto_prior_taus or any(not 0 <= x <= 4 for x in t.auto_prior_taus):
         raise ConfigError("train.auto_prior_taus: values in [0, 4], 0 among them (0: no bias)")
+    if 0.0 not in t.auto_crf_sticky or any(not 0 <= x <= 20 for x in t.auto_crf_sticky):
+        raise ConfigError("train.auto_crf_sticky: values in [0, 20], 0 among them (0: the CRFs' own transitions)")
     if not 0 <= t.feature_dropout < 1:
         raise ConfigError("train.feature_dropout: must be in [0, 1)")
     if not 0 < t.max_edit_overhead <= 1:

@@ -56,6 +56,9 @@ class Validated:
     fit: FitResult | None = None          # the split plan's model; folds fit at the end
     seconds: float = 0.0
     depth_order: list[int] | None = None  # session (index into logits) of each depth-logit block
+    # a CRF's held-out logits with stickier transitions (``train.auto_crf_sticky``): delta ->
+    # this validation with those logits (the same fits, rows and epochs)
+    sticky: dict[float, "Validated"] = dataclasses.field(default_factory=dict)
 
     def at_depth(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The held-out logits and labels at depth k (``prefix_logits``' rows: every event
@@ -95,28 +98,58 @@ class Validated:
         return out
 
 
+def stickier(model: Tagger, delta: float) -> None:
+    """Add ``delta`` to the score of staying in the same step in a CRF's transitions
+    (``train.auto_crf_sticky``): its filtering and its smoothing alike read them."""
+    with torch.no_grad():
+        model.crf.trans.add_(delta * torch.eye(model.crf.trans.shape[0], dtype=model.crf.trans.dtype,
+                                               device=model.crf.trans.device))
+
+
+def _held_out(model: Tagger, held: Sequence[EncodedSession], device: str, streamable: bool, deltas: Sequence[float]
+              ) -> dict[float, tuple[list[np.ndarray], Any]]:
+    """A fit's held-out logits (and per-depth logits), with its own transitions (delta 0) and,
+    for a CRF, with each of ``deltas`` added to their diagonal; the fit is left as it was."""
+    out = {}
+    for d in [0.0, *deltas]:
+        if d:
+            saved = model.crf.trans.detach().clone()
+            stickier(model, d)
+        out[d] = session_logits(model, held, device), prefix_logits(model, held, device) if streamable else None
+        if d:
+            with torch.no_grad():
+                model.crf.trans.copy_(saved)
+    return out
+
+
 def validate(args: ModelConfig, train: Sequence[EncodedSession], val: Sequence[EncodedSession], cfg: Config,
-             *, progress: bool = False, fold_seed: int | None = None) -> Validated:
+             *, progress: bool = False, fold_seed: int | None = None, sticky: Sequence[float] = ()) -> Validated:
     """Fit and score on held-out sessions: on ``val`` when given (the split plan), else on
     ``cfg.train.val_folds`` session folds of ``train``, one model per fold with early stopping
     on its held-out part (the folds plan; ``final_fit`` then trains on every session). The
     folds are drawn with ``fold_seed`` (default ``cfg.train.seed``): candidates validated with
-    the same one hold out the same sessions, in the same order."""
+    the same one hold out the same sessions, in the same order. A CRF (``arch: crf``) is also
+    scored with each of ``sticky``'s stickier transitions (``Validated.sticky``; ``auto`` passes
+    ``train.auto_crf_sticky``)."""
     started = time.perf_counter()
     device = pick_device(cfg.train.device)
     streamable = args.lookahead is not None and cfg.train.prefix_calibration
+    deltas = [float(d) for d in sticky if d] if args.arch == "crf" else []
     if val or len(train) < 2:
         fit = fit_any(args, train, val, cfg, progress=progress)
         held = list(val) or list(train)
-        depth = prefix_logits(fit.model, held, device) if streamable else None
-        return Validated(args, cfg, session_logits(fit.model, held, device), [s.labels for s in held], depth,
-                         fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started,
-                         list(range(len(held))))
+        got = _held_out(fit.model, held, device, streamable, deltas)
+        v = Validated(args, cfg, got[0.0][0], [s.labels for s in held], got[0.0][1],
+                      fit.best_epoch, [fit.best_epoch], fit, time.perf_counter() - started,
+                      list(range(len(held))))
+        v.sticky = {d: dataclasses.replace(v, logits=got[d][0], depth_logits=got[d][1], sticky={}) for d in deltas}
+        return v
     k = max(2, min(cfg.train.val_folds, len(train)))
     order = np.random.default_rng(cfg.train.seed if fold_seed is None else fold_seed).permutation(len(train))
-    oof: list[np.ndarray | None] = [None] * len(train)
+    variants = [0.0, *deltas]
+    oof: dict[float, list[np.ndarray | None]] = {d: [None] * len(train) for d in variants}
     best: list[int] = []
-    depth_z: list[list[np.ndarray]] = []
+    depth_z: dict[float, list[list[np.ndarray]]] = {d: [] for d in variants}
     depth_y: list[list[np.ndarray]] = []
     for f in range(k):
         held_idx = order[f::k]
@@ -125,19 +158,31 @@ def validate(args: ModelConfig, train: Sequence[EncodedSession], val: Sequence[E
         held = [train[i] for i in held_idx]
         fit = fit_any(args, train_part, held, cfg, progress=progress, desc=f"fold {f + 1}/{k}")
         best.append(fit.best_epoch)
-        for i, logits in zip(held_idx, session_logits(fit.model, held, device)):
-            oof[i] = logits
-        if streamable:
-            z, y = prefix_logits(fit.model, held, device)
-            depth_z.append(z)
-            depth_y.append(y)
-    depth = None
-    if streamable:
-        depth = ([np.concatenate([z[d] for z in depth_z]) for d in range(len(depth_z[0]))],
-                 [np.concatenate([y[d] for y in depth_y]) for d in range(len(depth_y[0]))])
+        for d, (logits, zy) in _held_out(fit.model, held, device, streamable, deltas).items():
+            for i, z in zip(held_idx, logits):
+                oof[d][i] = z
+            if streamable:
+                depth_z[d].append(zy[0])
+                if d == 0.0:
+                    depth_y.append(zy[1])
+
+    def depth(d: float):
+        if not streamable:
+            return None
+        return ([np.concatenate([z[j] for z in depth_z[d]]) for j in range(len(depth_z[d][0]))],
+                [np.concatenate([y[j] for y in depth_y]) for j in range(len(depth_y[0]))])
     epochs = max(1, int(math.ceil(float(np.median(best)))))
-    return Validated(args, cfg, oof, [s.labels for s in train], depth, epochs, best, None,
-                     time.perf_counter() - started, [int(i) for f in range(k) for i in order[f::k]])
+    v = Validated(args, cfg, oof[0.0], [s.labels for s in train], depth(0.0), epochs, best, None,
+                  time.perf_counter() - started, [int(i) for f in range(k) for i in order[f::k]])
+    v.sticky = {d: dataclasses.replace(v, logits=oof[d], depth_logits=depth(d), sticky={}) for d in deltas}
+    return v
+
+
+def _sticky_fit(fit: FitResult, auto_info: dict[str, Any] | None) -> None:
+    """A final CRF fit given the stickier transitions ``auto`` chose (``choose_sticky``)."""
+    delta = ((auto_info or {}).get("crf_sticky") or {}).get("delta", 0.0)
+    if delta and fit.model.args.arch == "crf":
+        stickier(fit.model, delta)
 
 
 def final_fit(v: Validated, train: Sequence[EncodedSession], *, progress: bool = False,
@@ -360,8 +405,36 @@ def auto_table(info: dict[str, Any]) -> list[str]:
         lines.append(f"  time of day (data.time_of_day auto): {CLOCK_CANDIDATE} alone {f(clock[CLOCK_CANDIDATE])} "
                      f"against crf {f(clock['crf'])}, mean over k: "
                      + ("weighed above" if clock["kept"] else f"left out (the weights above are without {CLOCK_CANDIDATE})"))
+    if sticky := info.get("crf_sticky"):
+        lines.append("  CRF transitions + delta on staying in a step (train.auto_crf_sticky), final labels' "
+                     "macro-F1: " + ", ".join(f"{d} {f(r['macro_f1'])}" for d, r in sticky["final"].items())
+                     + f" -> {sticky['delta']:g}")
     lines.append(f"  -> {info['chosen']}" + (f" of {', '.join(info['members'])}" if info["chosen"] == "mixture" else ""))
     return lines
+
+
+def choose_sticky(results: dict[str, Validated], info: dict[str, Any],
+                  choose: Callable[[dict[str, Validated]], dict[str, Any]], deltas: Sequence[float]
+                  ) -> tuple[dict[str, Validated], dict[str, Any]]:
+    """``train.auto_crf_sticky``: the mixture chosen again (``choose``) with the CRF
+    candidates' held-out logits at each delta (``Validated.sticky``), and the delta whose
+    mixture scores the best held-out top-1 macro-F1 on final labels (then accuracy; the
+    smallest delta on ties). Returns those validations and that mixture's info, with
+    ``crf_sticky``: the delta and each one's final-label scores. ``info`` is delta 0's."""
+    tried = {0.0: (results, info)}
+    for d in deltas:
+        if d:
+            rs = {m: v.sticky.get(float(d), v) for m, v in results.items()}
+            tried[float(d)] = (rs, choose(rs))
+
+    def final(d: float) -> tuple[float, float]:
+        row = tried[d][1]["depths"][-1]
+        return row["macro_f1"], row["accuracy"]
+    best = max(tried, key=lambda d: (*final(d), -d))
+    rs, chosen = tried[best]
+    chosen = {**chosen, "crf_sticky": {"delta": best, "final": {
+        f"{d:g}": {"macro_f1": final(d)[0], "accuracy": final(d)[1]} for d in tried}}}
+    return rs, chosen
 
 
 def build_mixture(info: dict[str, Any], results: dict[str, Validated], fits: dict[str, FitResult]):
@@ -826,7 +899,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
                 acfg = cfg.replace(model=model, train={"seed": cfg.train.seed + i})
                 results[a if i == 0 else f"{a}.{i + 1}"] = validate(
                     model_args(p.encoder.spec(), len(p.label_map), acfg, read_clock=a == CLOCK_CANDIDATE),
-                    *sessions[a], acfg, progress=progress, fold_seed=cfg.train.seed)
+                    *sessions[a], acfg, progress=progress, fold_seed=cfg.train.seed,
+                    sticky=cfg.train.auto_crf_sticky if arch == "auto" else ())
         if arch == "auto" or len(results) > 1:
             def choose(rs: dict[str, Validated]) -> dict[str, Any]:
                 return choose_mixture(rs, p.label_map.labels, training_prior(p, len(p.label_map)),
@@ -836,6 +910,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             if clock is not None and not clock["kept"]:
                 results = {m: v for m, v in results.items() if seed_group(m) != CLOCK_CANDIDATE}
                 auto_info = choose(results)
+            if any(v.sticky for v in results.values()):
+                results, auto_info = choose_sticky(results, auto_info, choose, cfg.train.auto_crf_sticky)
             if clock is not None:
                 auto_info["clock"] = clock
             for line in auto_table(auto_info):
@@ -844,6 +920,8 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
         if arch == "mixture":
             fits = {a: final_fit(results[a], sessions[seed_group(a)][0], progress=progress, echo=echo)
                     for a in auto_info["members"]}
+            for f_ in fits.values():
+                _sticky_fit(f_, auto_info)
             model, cal_logits, depth_logits = build_mixture(auto_info, results, fits)
             layout = results[auto_info["members"][0]]     # whose held-out rows the mixture's follow
             cal_labels, depth_order = layout.labels, layout.depth_order
@@ -853,6 +931,7 @@ def train_prepared(p: Prepared, out_dir: str | Path, cfg: Config, *, progress: b
             v = results[arch]
             cfg = v.cfg
             fit = final_fit(v, sessions[seed_group(arch)][0], progress=progress, echo=echo)
+            _sticky_fit(fit, auto_info)
             cal_logits, cal_labels, depth_logits = v.logits, v.labels, v.depth_logits
             depth_order, layout = v.depth_order, v
     temperature, chosen = calibrate(cal_logits, cal_labels, cfg)

@@ -59,6 +59,13 @@ def test_a_causal_network_candidate_reads_no_later_event():
             from_dict({"model": {"auto_archs": ["bilstm", bad]}})
 
 
+def test_auto_crf_sticky_keeps_the_crfs_own_transitions_among_its_choices():
+    assert from_dict({"train": {"auto_crf_sticky": [0, 1.5, 3]}}).train.auto_crf_sticky == (0.0, 1.5, 3.0)
+    for bad in ([1.0, 2.0], [0.0, -1.0], [0.0, 50.0]):
+        with pytest.raises(ConfigError, match="train.auto_crf_sticky"):
+            from_dict({"train": {"auto_crf_sticky": bad}})
+
+
 def test_auto_bags_must_not_be_negative():
     assert from_dict({"train": {"auto_bags": 16}}).train.auto_bags == 16
     with pytest.raises(ConfigError, match="train.auto_bags"):

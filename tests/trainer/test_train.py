@@ -688,3 +688,71 @@ def test_with_the_time_of_day_on_auto_a_single_network_does_not_read_it(tmp_path
     assert len(clock) == 2 and sorted(loaded.model.args.lex_ignore) == sorted(clock.tolist())
     frame, _ = read_events(test)
     _assert_blind_to(loaded.model, loaded.encoder.transform_frame(frame, base_dir=loaded.base_dir)[1], clock)
+
+
+def test_auto_takes_the_crf_stickiness_whose_mixture_scores_best_on_held_out_final_labels():
+    """``train.auto_crf_sticky``: each delta's mixture is chosen again on the CRF candidate's
+    held-out logits at that delta, and the delta whose final labels score best is kept (the
+    smallest of two that tie); where no delta helps, the CRF's own transitions stay."""
+    from trainer.config import ModelConfig
+    from trainer.train import Validated, choose_mixture, choose_sticky
+    runs = np.repeat(np.arange(30) % 3, 10)                 # runs of 10 events
+    rng = np.random.default_rng(0)
+    noisy = np.where(rng.random(len(runs)) < 0.3, (runs + 1) % 3, runs)   # a CRF that breaks runs up
+
+    def member(pred, arch="crf"):
+        z = np.zeros((len(runs), 3))
+        z[np.arange(len(runs)), pred] = 2.0
+        return Validated(args=ModelConfig(arch=arch, n_labels=3, n_events=3, n_tokens=3, lookahead=None),
+                         cfg=from_dict({}), logits=[z], labels=[runs], depth_logits=None, epochs=1, best_epochs=[1])
+
+    def choose(rs):
+        return choose_mixture(rs, ["a", "b", "c"])
+
+    crf = member(noisy)
+    crf.sticky = {2.0: member(runs), 4.0: member(runs)}     # stickier: the runs mended, at 2 and 4 alike
+    results = {"bilstm": member(noisy, "bilstm"), "crf": crf}
+    chosen, info = choose_sticky(results, choose(results), choose, [0.0, 2.0, 4.0])
+    assert info["crf_sticky"]["delta"] == 2.0
+    assert set(info["crf_sticky"]["final"]) == {"0", "2", "4"}
+    assert info["crf_sticky"]["final"]["2"]["macro_f1"] == 1.0 > info["crf_sticky"]["final"]["0"]["macro_f1"]
+    assert chosen["crf"] is crf.sticky[2.0] and chosen["bilstm"] is results["bilstm"]
+    assert info["depths"][-1]["weights"]["crf"] > 0
+
+    crf.sticky = {2.0: member((runs + 1) % 3)}              # stickier and wrong: left alone
+    chosen, info = choose_sticky(results, choose(results), choose, [0.0, 2.0])
+    assert info["crf_sticky"]["delta"] == 0.0 and chosen["crf"] is crf
+
+
+def test_a_stickier_crf_member_is_served_with_exactly_the_delta_auto_chose(tmp_path):
+    """Trained with ``train.auto_crf_sticky: [0, 3]``, the served CRF member's transitions are
+    the same CRF's (``arch: crf``, same sessions, CRFsuite is deterministic) plus the chosen
+    delta on the diagonal and nothing else; the delta is the one whose held-out final labels
+    scored best, and the live replay's final labels still equal the offline ones."""
+    import json
+
+    from tagger.cli import main
+    from tests.helpers import TINY, make_log
+    from trainer.artifacts import load_artifact
+    from trainer.train import train
+    log = make_log(tmp_path, 40, 3)
+    base = from_dict(TINY).replace(data={"time_of_day": False}, train={"epochs": 3})
+    train(log, tmp_path / "auto", base.replace(model={"arch": "auto", "auto_archs": ["bilstm", "crf"]},
+                                               train={"auto_crf_sticky": [0.0, 3.0]}),
+          progress=False, echo=lambda *_: None)
+    train(log, tmp_path / "crf", base.replace(model={"arch": "crf"}), progress=False, echo=lambda *_: None)
+    info = json.loads((tmp_path / "auto" / "metrics.json").read_text())["auto"]
+    sticky = info["crf_sticky"]
+    assert set(sticky["final"]) == {"0", "3"}
+    scores = {float(d): (r["macro_f1"], r["accuracy"]) for d, r in sticky["final"].items()}
+    assert sticky["delta"] == max(scores, key=lambda d: (*scores[d], -d))
+    served = load_artifact(tmp_path / "auto").model
+    members = [m for m in getattr(served, "members", [served]) if m.args.arch == "crf"]
+    assert members, info["members"]
+    own = load_artifact(tmp_path / "crf").model.crf.trans.detach()
+    delta = sticky["delta"] * torch.eye(own.shape[0])
+    assert torch.allclose(members[0].crf.trans.detach(), own + delta, atol=1e-6)
+    test = make_log(tmp_path, 8, 11)
+    assert main(["-q", "evaluate", "--model", str(tmp_path / "auto"), "--data", str(test),
+                 "--json", str(tmp_path / "e.json"), "--streaming"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["streaming"]["final_equals_offline"] == 1.0
