@@ -390,8 +390,9 @@ class TrainConfig:
     # gain (added to their diagonal after CRFsuite's fit, for filtering and smoothing alike),
     # the value from this grid whose mixture scores the best held-out top-1 macro-F1 on final
     # labels (the smallest on ties; [0]: none). A CRF alone is best with its own transitions,
-    # but beside the BiLSTM a stickier chain mends the runs the network breaks up
-    # (docs/ablation.md)
+    # but beside the BiLSTM a stickier chain mends the runs the network breaks up. Opt-in:
+    # [0, 1, 2, 3, 4] lifted wf's lead over the CRF +-2 per fold and the window-focus logs'
+    # first labels, but the held-out choice lost on kasteren and placelab (docs/ablation.md)
     auto_crf_sticky: tuple[float, ...] = (0.0,)
     # model.arch auto: 0 takes the member weights that score best on the pooled held-out
     # events; N > 0 takes the mean of the best weights on N bootstrap resamples of the
