@@ -136,8 +136,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_crf_ahead": {"model": {"auto_archs": ["bilstm", "crf"]}},
     "crf_ahead2": {"model": {"crf_ahead": 2}},                  # the second CRF reads t+1, t+2
     "crf_ahead12": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead", "crf_ahead2"]}},  # both
-    # a fourth candidate: the BiLSTM reading no later event, for the labels on arrival
+    # the fourth candidate, the BiLSTM reading no later event for the labels on arrival: the
+    # default since 2026-12-07 (auto_causal names it as it was tried); no_causal: without it
     "auto_causal": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead", "bilstm_causal"]}},
+    "no_causal": {"model": {"auto_archs": ["bilstm", "crf", "crf_ahead"]}},
 }
 
 
