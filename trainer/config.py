@@ -155,9 +155,10 @@ class ModelConfig:
     arch: Literal["auto", "bilstm", "transformer", "tcn", "bilstm_attn", "ht_transformer", "crf",
                   "logreg"] = "auto"
     # crf_ahead: default since 2026-12-05; bilstm_causal (weighed for the labels on arrival
-    # only) since 2026-12-07: gen's edit overhead 0.108 -> 0.097 and first labels up on four
-    # of six logs, offline labels the same; it costs one more network to train, and about a
-    # quarter more tagging CPU per event where auto keeps it (docs/ablation.md, thirtieth session)
+    # only) since 2026-12-07: fewer revisions on gen (edit overhead 0.108 -> 0.097 and 0.109 ->
+    # 0.102 on two fold assignments), first labels up on gen, wf_hard and kasteren, down a
+    # little on placelab, offline labels the same; it costs one more network to train, and about
+    # a quarter more tagging CPU per event where auto keeps it (docs/ablation.md, thirtieth session)
     auto_archs: tuple[str, ...] = ("bilstm", "crf", "crf_ahead", "bilstm_causal")
     # late: one encoder and classifier per modality, logits summed
     fusion: Literal["concat", "gated", "sum", "cross_attention", "late"] = "concat"
