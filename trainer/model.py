@@ -1305,11 +1305,16 @@ class Mixture(nn.Module):
         self._wide_rows = {i: slice(self.wide_bank.v_off[k], self.wide_bank.v_off[k + 1]) for k, i in enumerate(order)}
         crfs = [self.members[i] for i in self._crf_members]
         self.chain_bank = ChainBank([m.crf for m in crfs], [m.enc_lookahead for m in crfs]) if crfs else None
-        # members that read fewer later events than the mixture: per member, how many of its
-        # final rows a session's state holds (the events between its lookahead and L)
-        # (and its own rows per session, L_i + 1)
-        self._held = {i: (L - m.args.lookahead, m.args.lookahead + 1)
-                      for i, m in enumerate(self.members) if m.args.lookahead < L}
+        # live, each member's rows are only those of the depths that weigh it: 0..R_i - 1, R_i
+        # one past the deepest depth with a non-zero weight (its rows at deeper depths would be
+        # multiplied by 0). A member that reads fewer later events than that (L_i + 1 < R_i)
+        # has its final rows of the events between held in the session's state, D_i of them;
+        # one weighed on arrival only (``bilstm_causal``) gives one row per session, holds none
+        reach = [1 + max((d for d, w in enumerate(args.depth_weights) if w[i] != 0), default=-1)
+                 for i in range(len(self.members))]
+        self._rows = {i: (r, m.args.lookahead + 1) for i, (r, m) in enumerate(zip(reach, self.members))
+                      if r < L + 1 or m.args.lookahead < L}
+        self._held = {i: r - v for i, (r, v) in self._rows.items() if r > v}
 
     @property
     def streamable(self) -> bool:
@@ -1349,7 +1354,7 @@ class Mixture(nn.Module):
             state["crf"] = self.chain_bank.init_state(device)
         if self._held:
             C = self.args.n_labels
-            state["held"] = {i: torch.zeros(d, C, device=device) for i, (d, _) in self._held.items()}
+            state["held"] = {i: torch.zeros(d, C, device=device) for i, d in self._held.items()}
         return state
 
     @torch.no_grad()
@@ -1379,37 +1384,55 @@ class Mixture(nn.Module):
                               wide[:, self._wide_rows[i]] if i in self._wide_rows else None)
             for ns, st in zip(new, ms):
                 ns["members"][i] = st
-            rows = torch.cat(outs)
-            if i in self._held:
-                rows = self._hold(i, states, new, n, rows)
-            rows_by_member[i] = rows
+            rows_by_member[i] = torch.cat(outs)
         # the whole round at once (row-wise ops, so each row is what it would be alone): rows
-        # of all sessions stacked, one log_softmax per member, the weights of each row's depth
+        # of all sessions stacked, one log_softmax per member, the weights of each row's depth,
+        # added member by member in the order ``forward`` sums them (so finals equal offline)
         sizes = [min(m, K) for m in n]
         depth = torch.tensor([d for v in sizes for d in range(v - 1, -1, -1)], device=self.weights.device)
         w = self.weights[depth]                                             # (rows, M); row r of a
-        mixed = sum(w[:, i:i + 1] * torch.log_softmax(rows, -1)             # session has v-1-r
-                    for i, rows in enumerate(rows_by_member))               # later events
+        mixed = None                                                        # session has v-1-r
+        for i, rows in enumerate(rows_by_member):                           # later events
+            if i not in self._rows:                                         # every depth
+                term = w[:, i:i + 1] * torch.log_softmax(rows, -1)
+                mixed = term if mixed is None else mixed + term
+                continue
+            rows, at = self._member_rows(i, states, new, n, rows)           # its depths only
+            term = w[at, i:i + 1] * torch.log_softmax(rows, -1)
+            mixed = (torch.zeros(len(depth), term.shape[-1], dtype=term.dtype, device=term.device)
+                     if mixed is None else mixed).index_add_(0, at, term)
         if self.bias is not None:
             mixed = mixed + self.bias[depth]
         return new, list(mixed.split(sizes))
 
-    def _hold(self, i: int, states: list[dict], new: list[dict], n: Sequence[int], rows: torch.Tensor
-              ) -> torch.Tensor:
-        """Member i reads L_i < L later events: its rows of the round (each session's last
-        min(n, L_i + 1) events) preceded by the final rows it gave the events L_i + 1 .. L
-        back, which the sessions' states hold; the held rows move on by one, taking the
-        event that became final for it now. Returns the member's rows as if it read L."""
-        (D, V), K, dev = self._held[i], self.L + 1, rows.device
-        have = last_rows(n, V, dev)                  # the member's rows, right-aligned in V slots
-        if have is not None:
-            rows = rows.new_zeros(len(n) * V, rows.shape[-1]).index_copy_(0, have, rows)
-        full = torch.cat([torch.stack([s["held"][i] for s in states]), rows.reshape(len(n), V, -1)], 1)
-        for ns, h in zip(new, full[:, 1:D + 1].unbind(0)):   # (rows before a session's start are
-            ns.setdefault("held", {})[i] = h                    # never read: see last_rows)
-        keep = last_rows(n, K, dev)
-        full = full.reshape(len(n) * K, -1)
-        return full if keep is None else full[keep]
+    def _member_rows(self, i: int, states: list[dict], new: list[dict], n: Sequence[int], rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member i's rows of the round at the depths that weigh it (each session's last
+        min(n, R) events, R from ``_rows``) and where they go among the round's rows. Its
+        ``step`` gave each session's last min(n, L_i + 1); where R is more, they are preceded
+        by the final rows it gave the events L_i + 1 .. R - 1 back, which the sessions' states
+        hold; the held rows move on by one, taking the event that became final for it now."""
+        (R, V), K, dev = self._rows[i], self.L + 1, rows.device
+        got = [min(m, V) for m in n]
+        if R <= V:                                   # the last R of its own rows
+            if R < V:
+                start = accumulate(got[:-1], initial=0)
+                rows = rows[torch.tensor([s + g - r for s, g, m in zip(start, got, n)
+                                          for r in range(min(m, R), 0, -1)], device=dev)]
+        else:
+            D = R - V
+            have = last_rows(n, V, dev)              # the member's rows, right-aligned in V slots
+            if have is not None:
+                rows = rows.new_zeros(len(n) * V, rows.shape[-1]).index_copy_(0, have, rows)
+            full = torch.cat([torch.stack([s["held"][i] for s in states]), rows.reshape(len(n), V, -1)], 1)
+            for ns, h in zip(new, full[:, 1:D + 1].unbind(0)):   # (rows before a session's start are
+                ns.setdefault("held", {})[i] = h                    # never read: see last_rows)
+            keep = last_rows(n, R, dev)
+            rows = full.reshape(len(n) * R, -1)
+            rows = rows if keep is None else rows[keep]
+        end = accumulate(min(m, K) for m in n)       # each session's rows end there in the round
+        at = torch.tensor([e - r for e, m in zip(end, n) for r in range(min(m, R), 0, -1)], device=dev)
+        return rows, at
 
 
 def checkpoint_args(model_args: dict[str, Any]) -> ModelConfig | MixtureConfig:

@@ -390,14 +390,16 @@ def served_in_rounds(model, sessions, start) -> dict:
     return outs
 
 
+@pytest.mark.parametrize("shallow", [False, True], ids=["weighed_everywhere", "some_weighed_shallow"])
 @pytest.mark.parametrize("L", [4, 1, 0])
-def test_a_mixtures_members_step_together_as_each_would_alone(L):
+def test_a_mixtures_members_step_together_as_each_would_alone(L, shallow):
     """The served mixture steps its members' wide paths as one (``WideBank``) and its CRF
     members' CRFs as one (``ChainBank``): members that read different numbers of events before
     and after an event (with L = 1 a member that reads the next event has no backward window
     left), in rounds that mix sessions at their start (fewer events than the lookahead) with
     sessions well past it, label every row as the members' own ``step`` would, mixed with the
-    weights of the row's depth."""
+    weights of the row's depth; also where the first member is weighed on arrival only and
+    another only to depth 1 (their rows at the other depths are left out, not computed)."""
     from trainer.model import Mixture, MixtureConfig
     torch.manual_seed(0)
     members = [build(make_args("bilstm", "concat", lookahead=L)),
@@ -410,6 +412,11 @@ def test_a_mixtures_members_step_together_as_each_would_alone(L):
                 torch.nn.init.normal_(p)
             torch.nn.init.normal_(m.wide.nums, std=0.3)
     weights = [[float(x) for x in torch.rand(len(members))] for _ in range(L + 1)]
+    if shallow:
+        for k in range(1, L + 1):
+            weights[k][0] = 0.0
+        for k in range(2, L + 1):
+            weights[k][2] = 0.0
     sessions = [session(n, 40 + i) for i, n in enumerate([12, 3, 9, 1, 15, 6])]
     start = [0, 2, 0, 5, 1, 3]                        # rounds mix young and old sessions
     mix = Mixture(MixtureConfig([m.args.to_args() for m in members], weights)).eval()
@@ -429,12 +436,15 @@ def test_a_mixtures_members_step_together_as_each_would_alone(L):
         assert torch.allclose(got, want, atol=1e-5), key
 
 
-def test_a_mixture_whose_network_reads_less_far_holds_its_final_rows():
+@pytest.mark.parametrize("reach,held", [(4, 2), (3, 1), (0, 0)], ids=["every_depth", "to_depth_3", "arrival_only"])
+def test_a_mixture_whose_network_reads_less_far_holds_its_final_rows(reach, held):
     """``model.network_lookahead``: the network member reads 2 later events, the CRF members
     (and so the mixture) 4. Streamed in rounds that mix young and old sessions, each row the
     mixture shows with k later events in mixes every member's row at depth min(k, its own
     lookahead) (past 2 the network's final row, held in the session's state) with the
-    weights of depth k, and a session's tail at its end is the offline output."""
+    weights of depth k, and a session's tail at its end is the offline output. A session
+    holds the network's final rows only as far back as a depth that weighs it: none when it
+    is weighed on arrival only (``bilstm_causal``)."""
     from trainer.model import Mixture, MixtureConfig
     torch.manual_seed(0)
     members = [build(make_args("bilstm", "concat", lookahead=2)),
@@ -443,6 +453,8 @@ def test_a_mixture_whose_network_reads_less_far_holds_its_final_rows():
     for m in members[1:]:
         torch.nn.init.normal_(m.crf.trans)
     weights = [[float(x) for x in torch.rand(3)] for _ in range(5)]
+    for k in range(reach + 1, 5):
+        weights[k][0] = 0.0
     mix = Mixture(MixtureConfig([m.args.to_args() for m in members], weights)).eval()
     for m, src in zip(mix.members, members):
         m.load_state_dict(src.state_dict())
@@ -460,6 +472,8 @@ def test_a_mixture_whose_network_reads_less_far_holds_its_final_rows():
                 seen[i, len(rows) - 1 - j, n - len(rows) + j] = row
         return seen
 
+    state = mix.init_state()
+    assert [len(h) for h in state.get("held", {}).values()] == ([held] if held else [])
     together = served(mix)
     alone = [served(m.eval()) for m in members]
     w = torch.tensor(weights)
