@@ -310,17 +310,18 @@ def gen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(gen_dir):
-    """A small BiLSTM (lookahead 3) trained on generated logs, shared by every test package."""
-    from tests.helpers import make_log, train_tiny
-    return train_tiny(make_log(gen_dir, 150, 11), gen_dir / "model_a")
+    """A small model (lookahead 3; ``auto`` over the default's candidates, so a mixture with
+    a member weighed on arrival only) trained on generated logs, shared by every test package."""
+    from tests.helpers import DEFAULT_ARCHS, make_log, train_tiny
+    return train_tiny(make_log(gen_dir, 150, 11), gen_dir / "model_a", model=DEFAULT_ARCHS)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_b(gen_dir):
     """A second model with different weights and lookahead, for hot-swap tests."""
-    from tests.helpers import make_log, train_tiny
+    from tests.helpers import DEFAULT_ARCHS, make_log, train_tiny
     return train_tiny(make_log(gen_dir, 150, 12), gen_dir / "model_b",
-                      model={"lookahead": 2, "hidden_dim": 48})
+                      model={"lookahead": 2, "hidden_dim": 48, **DEFAULT_ARCHS})
 
 
 @pytest.fixture(scope="session")
@@ -328,9 +329,9 @@ def tiny_model_relabelled(gen_dir):
     """Model A's recipe on the same log with one step merged into another and one renamed:
     a retrain with one step removed and one added (a shorter, shifted label list)."""
     from stream.tools.chaos import relabelled_log
-    from tests.helpers import make_log, train_tiny
+    from tests.helpers import DEFAULT_ARCHS, make_log, train_tiny
     log = relabelled_log(make_log(gen_dir, 150, 11), gen_dir / "gen_150_11_relabelled.csv")
-    return train_tiny(log, gen_dir / "model_relabelled")
+    return train_tiny(log, gen_dir / "model_relabelled", model=DEFAULT_ARCHS)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from trainer.evaluate import top1_scores
 from trainer.errors import ConfigError
 from trainer.loading import read_events
 
+# ``auto`` without the default's ``bilstm_causal`` (see tests/helpers.py: one network less per fit)
 TINY = {"model": {"hidden_dim": 16, "emb_event_dim": 16, "num_layers": 1, "lookahead": 2, "context": 16,
-                  "lex_dim": 16},
+                  "lex_dim": 16, "auto_archs": ["bilstm", "crf", "crf_ahead"]},
         "train": {"epochs": 4, "patience": 2, "batch_size": 8, "val_folds": 2}}
 
 
