@@ -1398,6 +1398,10 @@ class Mixture(nn.Module):
                 mixed = term if mixed is None else mixed + term
                 continue
             rows, at = self._member_rows(i, states, new, n, rows)           # its depths only
+            if at is None:                                                  # (which are all)
+                term = w[:, i:i + 1] * torch.log_softmax(rows, -1)
+                mixed = term if mixed is None else mixed + term
+                continue
             term = w[at, i:i + 1] * torch.log_softmax(rows, -1)
             mixed = (torch.zeros(len(depth), term.shape[-1], dtype=term.dtype, device=term.device)
                      if mixed is None else mixed).index_add_(0, at, term)
@@ -1408,7 +1412,8 @@ class Mixture(nn.Module):
     def _member_rows(self, i: int, states: list[dict], new: list[dict], n: Sequence[int], rows: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Member i's rows of the round at the depths that weigh it (each session's last
-        min(n, R) events, R from ``_rows``) and where they go among the round's rows. Its
+        min(n, R) events, R from ``_rows``) and where they go among the round's rows (None:
+        R is L + 1, so they are every row of the round, in order). Its
         ``step`` gave each session's last min(n, L_i + 1); where R is more, they are preceded
         by the final rows it gave the events L_i + 1 .. R - 1 back, which the sessions' states
         hold; the held rows move on by one, taking the event that became final for it now."""
@@ -1430,6 +1435,8 @@ class Mixture(nn.Module):
             keep = last_rows(n, R, dev)
             rows = full.reshape(len(n) * R, -1)
             rows = rows if keep is None else rows[keep]
+        if R == K:
+            return rows, None
         end = accumulate(min(m, K) for m in n)       # each session's rows end there in the round
         at = torch.tensor([e - r for e, m in zip(end, n) for r in range(min(m, R), 0, -1)], device=dev)
         return rows, at
