@@ -1393,12 +1393,9 @@ class Mixture(nn.Module):
         w = self.weights[depth]                                             # (rows, M); row r of a
         mixed = None                                                        # session has v-1-r
         for i, rows in enumerate(rows_by_member):                           # later events
-            if i not in self._rows:                                         # every depth
-                term = w[:, i:i + 1] * torch.log_softmax(rows, -1)
-                mixed = term if mixed is None else mixed + term
-                continue
-            rows, at = self._member_rows(i, states, new, n, rows)           # its depths only
-            if at is None:                                                  # (which are all)
+            # its rows at the depths that weigh it, and where they go (None: every row)
+            rows, at = self._member_rows(i, states, new, n, rows) if i in self._rows else (rows, None)
+            if at is None:
                 term = w[:, i:i + 1] * torch.log_softmax(rows, -1)
                 mixed = term if mixed is None else mixed + term
                 continue
@@ -1410,7 +1407,7 @@ class Mixture(nn.Module):
         return new, list(mixed.split(sizes))
 
     def _member_rows(self, i: int, states: list[dict], new: list[dict], n: Sequence[int], rows: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Member i's rows of the round at the depths that weigh it (each session's last
         min(n, R) events, R from ``_rows``) and where they go among the round's rows (None:
         R is L + 1, so they are every row of the round, in order). Its
