@@ -1415,9 +1415,9 @@ class Mixture(nn.Module):
         by the final rows it gave the events L_i + 1 .. R - 1 back, which the sessions' states
         hold; the held rows move on by one, taking the event that became final for it now."""
         (R, V), K, dev = self._rows[i], self.L + 1, rows.device
-        got = [min(m, V) for m in n]
         if R <= V:                                   # the last R of its own rows
             if R < V:
+                got = [min(m, V) for m in n]
                 start = accumulate(got[:-1], initial=0)
                 rows = rows[torch.tensor([s + g - r for s, g, m in zip(start, got, n)
                                           for r in range(min(m, R), 0, -1)], device=dev)]
