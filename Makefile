@@ -18,11 +18,16 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tagger demo
 
+# Two pytest workers (pytest-xdist); each test module stays on one worker. `make test
+# WORKERS=0` runs everything in one process.
+WORKERS ?= 2
+XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not integration"
 
 clean:
 	rm -rf $(VENV) runs .tagger
