@@ -196,6 +196,35 @@ def _reject_constant(name: str):
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+MAX_JSON_DEPTH = 64   # deeper nesting is refused as invalid_json, whatever the call stack
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether arrays/objects in ``text`` nest deeper than ``limit`` (strings skipped). The
+    decoder's own RecursionError depends on how deep the caller's stack already is, so the
+    same message could be ``invalid_json`` in the worker and ``not_object`` elsewhere."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
 def _describe(value: Any) -> str:
     """A short, safe description of a JSON value for an error message."""
     if isinstance(value, dict):   # no repr: it may be deep or huge
@@ -277,6 +306,8 @@ def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
         text = text[1:]
     if not text.strip():   # its own reason: usually a client bug, not a JSON syntax slip
         raise InvalidEvent("empty", f"the message value holds only whitespace ({len(raw)} bytes)")
+    if _nested_deeper_than(text, MAX_JSON_DEPTH):
+        raise InvalidEvent("invalid_json", f"not JSON: nested too deeply (over {MAX_JSON_DEPTH} levels)")
     try:
         obj = _DECODER.decode(text)
     except RecursionError:

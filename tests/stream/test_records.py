@@ -396,3 +396,30 @@ def test_schemas_ship_as_package_data():
         schema = load_schema(name)
         assert schema["$schema"].endswith("2020-12/schema")
     assert set(load_schema("label")["required"]) == set(LABEL_FIELDS)
+
+
+def test_deep_nesting_is_invalid_json_at_any_call_depth():
+    """The decoder's RecursionError depends on the caller's stack: the worker and a client
+    replaying its rules once disagreed on a deeply nested array (invalid_json vs not_object)."""
+    import sys
+
+    from stream.records import MAX_JSON_DEPTH, InvalidEvent, parse_event
+
+    deep = b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)
+
+    def at_depth(n):
+        if n:
+            return at_depth(n - 1)
+        with pytest.raises(InvalidEvent) as exc:
+            parse_event(deep)
+        return exc.value.reason
+
+    assert {at_depth(0), at_depth(sys.getrecursionlimit() // 2)} == {"invalid_json"}
+    shallow = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    with pytest.raises(InvalidEvent) as exc:
+        parse_event(shallow)
+    assert exc.value.reason == "not_object"
+    # brackets inside strings are not nesting
+    with pytest.raises(InvalidEvent) as exc:
+        parse_event(b'{"event_name": "' + b"[" * 200 + b'"}')
+    assert exc.value.reason == "missing_field"
