@@ -269,7 +269,7 @@ def _surrogate_field(obj: dict) -> str | None:
             json.dumps({k: v}, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             return k
-        except RecursionError:   # as deep as the decoder allowed: not our question here
+        except RecursionError:   # only for a caller already near the recursion limit: depth is checked first
             continue
     return None
 
@@ -310,7 +310,7 @@ def parse_event(raw: bytes, *, max_bytes: int = MAX_BYTES) -> EventIn:
         raise InvalidEvent("invalid_json", f"not JSON: nested too deeply (over {MAX_JSON_DEPTH} levels)")
     try:
         obj = _DECODER.decode(text)
-    except RecursionError:
+    except RecursionError:   # nesting is checked above; this is for a caller near the recursion limit
         raise InvalidEvent("invalid_json", "not JSON: nested too deeply") from None
     except ValueError as exc:   # JSONDecodeError, NaN/Infinity, integers over the digit limit
         raise InvalidEvent("invalid_json", f"not JSON: {exc}") from None

@@ -53,7 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_FIRST = ("tests/stream/test_chaos.py", "tests/stream/test_bench.py")
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         try:
             path = Path(item.path).resolve().relative_to(REPO_ROOT).as_posix()
